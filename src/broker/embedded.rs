@@ -1,0 +1,135 @@
+//! The embedded broker: librdkafka's in-process mock cluster.
+//!
+//! It speaks the real Kafka protocol (consumer groups, offset commits,
+//! idempotent producers) on loopback ports, starts in about a millisecond and
+//! dies with the process. Limits worth knowing: it keeps at most 5 MiB per
+//! partition and drops older records silently, it does not implement the
+//! CreateTopics admin request (topics are created through the mock API
+//! instead), and its transactions are accepted but not enforced.
+
+// The mock's group-rebalance delay is reachable only through librdkafka's C
+// API; this module is the one place kontext calls it.
+#![allow(unsafe_code)]
+
+use std::fmt;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer as _};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::error::{Error, Result};
+
+/// A running mock cluster. Clients connect through [`bootstrap_servers`](Self::bootstrap_servers).
+pub struct EmbeddedBroker {
+    // The mock cluster lives inside this client's handle and is destroyed with it.
+    owner: BaseProducer,
+    bootstrap_servers: String,
+    brokers: i32,
+}
+
+impl EmbeddedBroker {
+    /// Starts a mock cluster with `brokers` brokers.
+    pub fn start(brokers: i32) -> Result<Self> {
+        let owner: BaseProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", brokers.to_string())
+            .set("client.id", "kontext-embedded-broker")
+            // The owning client never sends anything; keep it quiet.
+            .set("log_level", "3")
+            .create()
+            .map_err(|source| Error::EmbeddedBroker {
+                operation: "start",
+                source,
+            })?;
+        let cluster = owner.client().mock_cluster().ok_or(Error::EmbeddedBroker {
+            operation: "start",
+            source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
+        })?;
+        let bootstrap_servers = cluster.bootstrap_servers();
+        drop(cluster);
+
+        // A new group waits 3 s by default before its first rebalance
+        // (Kafka's group.initial.rebalance.delay.ms); tests and demos would
+        // spend most of their time there.
+        let handle = owner.client().native_ptr();
+        // SAFETY: `handle` is the live handle of `owner`, which owns the mock
+        // cluster; the cluster pointer is checked for null and used only while
+        // `owner` is alive (this function borrows it).
+        unsafe {
+            let mock = rdkafka::bindings::rd_kafka_handle_mock_cluster(handle);
+            if !mock.is_null() {
+                rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(mock, 0);
+            }
+        }
+        tracing::debug!(%bootstrap_servers, brokers, "embedded broker started");
+        Ok(EmbeddedBroker {
+            owner,
+            bootstrap_servers,
+            brokers,
+        })
+    }
+
+    /// `bootstrap.servers` for clients of this cluster.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// Number of brokers in the cluster.
+    pub fn brokers(&self) -> i32 {
+        self.brokers
+    }
+
+    /// Creates a topic. Returns `Ok(false)` if it already existed.
+    /// The replication factor is capped at the number of brokers.
+    pub fn create_topic(&self, name: &str, partitions: i32, replication: i32) -> Result<bool> {
+        let cluster = self
+            .owner
+            .client()
+            .mock_cluster()
+            .ok_or(Error::EmbeddedBroker {
+                operation: "create topic",
+                source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
+            })?;
+        match cluster.create_topic(name, partitions, replication.clamp(1, self.brokers)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::TopicAlreadyExists) => {
+                Ok(false)
+            }
+            Err(source) => Err(Error::Provision {
+                topic: name.to_owned(),
+                reason: "the embedded broker refused to create it".into(),
+                source: Some(source),
+            }),
+        }
+    }
+
+    /// Takes one broker down (connections refused) or brings it back, to
+    /// test how a service behaves during an outage.
+    pub fn set_broker_up(&self, broker_id: i32, up: bool) -> Result<()> {
+        let cluster = self
+            .owner
+            .client()
+            .mock_cluster()
+            .ok_or(Error::EmbeddedBroker {
+                operation: "set broker state",
+                source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
+            })?;
+        let result = if up {
+            cluster.broker_up(broker_id)
+        } else {
+            cluster.broker_down(broker_id)
+        };
+        result.map_err(|source| Error::EmbeddedBroker {
+            operation: "set broker state",
+            source,
+        })
+    }
+}
+
+impl fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("brokers", &self.brokers)
+            .finish()
+    }
+}

@@ -1,0 +1,64 @@
+//! Which Kafka cluster kontext talks to: the embedded mock cluster (zero
+//! set-up, for demos and tests) or an external one.
+
+mod embedded;
+mod provision;
+
+use std::sync::Arc;
+
+pub use embedded::EmbeddedBroker;
+pub use provision::{ProvisionReport, provision_topics};
+
+use crate::config::KafkaSettings;
+use crate::error::Result;
+
+/// A Kafka cluster. Cloning shares the same cluster; an embedded cluster
+/// stops when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub enum Broker {
+    /// librdkafka's in-process mock cluster.
+    Embedded(Arc<EmbeddedBroker>),
+    /// A cluster reached through `bootstrap.servers`.
+    External {
+        /// `host:port,host:port`.
+        bootstrap_servers: String,
+    },
+}
+
+impl Broker {
+    /// Starts a one-broker embedded cluster.
+    pub fn embedded() -> Result<Broker> {
+        Ok(Broker::Embedded(Arc::new(EmbeddedBroker::start(1)?)))
+    }
+
+    /// An external cluster.
+    pub fn external(bootstrap_servers: impl Into<String>) -> Broker {
+        Broker::External {
+            bootstrap_servers: bootstrap_servers.into(),
+        }
+    }
+
+    /// The cluster the settings name, or a new embedded one when they name none.
+    pub fn from_settings(settings: &KafkaSettings) -> Result<Broker> {
+        match &settings.bootstrap_servers {
+            Some(servers) => Ok(Broker::external(servers.clone())),
+            None => Broker::embedded(),
+        }
+    }
+
+    /// `bootstrap.servers` for clients.
+    pub fn bootstrap_servers(&self) -> &str {
+        match self {
+            Broker::Embedded(b) => b.bootstrap_servers(),
+            Broker::External { bootstrap_servers } => bootstrap_servers,
+        }
+    }
+
+    /// The embedded cluster, if this is one.
+    pub fn as_embedded(&self) -> Option<&EmbeddedBroker> {
+        match self {
+            Broker::Embedded(b) => Some(b),
+            Broker::External { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! Kafka client settings: in code, from a file (TOML or JSON) and from
+//! environment variables, layered in that order.
+//!
+//! One section serves every deployment of a service: an API process that
+//! only produces and a worker that only consumes read the same settings and
+//! register only the role they need (see [`KontextBuilder`](crate::KontextBuilder)).
+//!
+//! ```toml
+//! [kafka]
+//! bootstrap_servers = "kafka-1:9092,kafka-2:9092"   # omit for the embedded broker
+//! client_id = "orders-api"
+//!
+//! [kafka.topics.orders]          # keyed by the model's topic name
+//! name = "orders-v2"              # physical name in this deployment
+//! group = "order-processing"
+//! partitions = 10
+//!
+//! [kafka.producer]
+//! linger_ms = 10
+//! compression = "lz4"
+//!
+//! [kafka.security]
+//! protocol = "sasl_ssl"
+//! sasl_mechanism = "SCRAM-SHA-512"
+//! sasl_username = "orders"
+//! sasl_password = "from-a-vault"
+//!
+//! [kafka.librdkafka]             # raw pass-through, wins over everything above
+//! "socket.keepalive.enable" = "true"
+//! ```
+//!
+//! Environment variables override the file: `KONTEXT_BOOTSTRAP_SERVERS`,
+//! `KONTEXT_PRODUCER__LINGER_MS`, `KONTEXT_TOPICS__ORDERS__NAME` (`__`
+//! separates levels).
+
+mod secret;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Json, Toml};
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+
+pub use secret::{Properties, Secret, is_sensitive_property};
+
+use crate::error::{Error, Result};
+
+/// Prefix of the environment variables that override settings.
+pub const ENV_PREFIX: &str = "KONTEXT_";
+
+/// Everything kontext needs to talk to Kafka. Every field has a default, so
+/// an empty file (or none) gives a working embedded setup.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Comma-separated `host:port` list. `None` starts the embedded broker.
+    pub bootstrap_servers: Option<String>,
+    /// `client.id` of every client and the `ce_source` header of every
+    /// message. Defaults to `kontext`.
+    pub client_id: Option<String>,
+    /// Whether to create the model's missing topics at start-up. Defaults to `true`.
+    pub provision_topics: Option<bool>,
+    /// Per-topic settings, keyed by the model's topic name.
+    pub topics: BTreeMap<String, TopicSettings>,
+    /// Producer settings.
+    pub producer: ProducerSettings,
+    /// Consumer settings shared by every poll service unless overridden.
+    pub consumer: ConsumerSettings,
+    /// Transport security and authentication.
+    pub security: SecuritySettings,
+    /// Raw librdkafka properties for every client; they win over the typed settings.
+    pub librdkafka: Properties,
+}
+
+/// Deployment settings of one topic of the model.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicSettings {
+    /// Physical topic name in this deployment; defaults to the model's name.
+    pub name: Option<String>,
+    /// Consumer group of this topic's consumers; defaults to `consumer.group_id`.
+    pub group: Option<String>,
+    /// Partitions to create the topic with; overrides the model.
+    pub partitions: Option<i32>,
+    /// Replication factor to create the topic with; overrides the model.
+    pub replication: Option<i32>,
+    /// Topic configs to create the topic with; merged over the model's.
+    pub configs: BTreeMap<String, String>,
+}
+
+impl TopicSettings {
+    /// Sets the physical topic name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the consumer group.
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Sets the partition count used for provisioning.
+    pub fn partitions(mut self, partitions: i32) -> Self {
+        self.partitions = Some(partitions);
+        self
+    }
+
+    /// Sets the replication factor used for provisioning.
+    pub fn replication(mut self, replication: i32) -> Self {
+        self.replication = Some(replication);
+        self
+    }
+}
+
+/// How many replicas must acknowledge a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "AcksRepr")]
+pub enum Acks {
+    /// All in-sync replicas (`acks=all`). The default, and required for idempotence.
+    #[default]
+    All,
+    /// The partition leader only (`acks=1`).
+    Leader,
+    /// No acknowledgement (`acks=0`); messages may be lost silently.
+    None,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AcksRepr {
+    Int(i64),
+    Str(String),
+}
+
+impl TryFrom<AcksRepr> for Acks {
+    type Error = String;
+    fn try_from(value: AcksRepr) -> std::result::Result<Self, String> {
+        match value {
+            AcksRepr::Int(-1) => Ok(Acks::All),
+            AcksRepr::Int(1) => Ok(Acks::Leader),
+            AcksRepr::Int(0) => Ok(Acks::None),
+            AcksRepr::Str(s) => match s.to_ascii_lowercase().as_str() {
+                "all" | "-1" => Ok(Acks::All),
+                "leader" | "1" => Ok(Acks::Leader),
+                "none" | "0" => Ok(Acks::None),
+                other => Err(format!(
+                    "unknown acks `{other}`; expected all, leader or none"
+                )),
+            },
+            AcksRepr::Int(n) => Err(format!("unknown acks `{n}`; expected -1, 1 or 0")),
+        }
+    }
+}
+
+impl Acks {
+    fn as_property(self) -> &'static str {
+        match self {
+            Acks::All => "all",
+            Acks::Leader => "1",
+            Acks::None => "0",
+        }
+    }
+}
+
+/// Compression codec of produced batches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// No compression (the default).
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4: cheap on CPU, a good default for busy topics.
+    Lz4,
+    /// Zstandard; needs a librdkafka built with zstd.
+    Zstd,
+}
+
+impl Compression {
+    fn as_property(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// Producer client settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProducerSettings {
+    /// Defaults to [`Acks::All`].
+    pub acks: Acks,
+    /// Idempotent producer (no duplicates or reordering from retries).
+    /// Defaults to `true`; needs `acks = all`.
+    pub idempotence: bool,
+    /// Defaults to [`Compression::None`].
+    pub compression: Compression,
+    /// How long to wait to fill a batch. Defaults to 5 ms.
+    pub linger_ms: u64,
+    /// Most bytes in one batch; `None` keeps librdkafka's default (1 MB).
+    pub batch_size: Option<u64>,
+    /// How long a message may wait for delivery, retries included, before it
+    /// fails; `None` keeps librdkafka's default (300 s).
+    pub message_timeout_ms: Option<u64>,
+    /// Raw librdkafka properties for the producer only.
+    pub librdkafka: Properties,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        ProducerSettings {
+            acks: Acks::All,
+            idempotence: true,
+            compression: Compression::None,
+            linger_ms: 5,
+            batch_size: None,
+            message_timeout_ms: None,
+            librdkafka: Properties::default(),
+        }
+    }
+}
+
+/// Where a consumer group without committed offsets starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    /// From the oldest retained record (the default: a new group sees every event).
+    #[default]
+    Earliest,
+    /// From new records only.
+    Latest,
+    /// Fail instead of guessing.
+    Error,
+}
+
+impl OffsetReset {
+    /// The librdkafka value.
+    pub fn as_property(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+            OffsetReset::Error => "error",
+        }
+    }
+}
+
+/// Consumer client settings shared by the poll services.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// Default consumer group; topics may set their own.
+    pub group_id: Option<String>,
+    /// Defaults to [`OffsetReset::Earliest`].
+    pub auto_offset_reset: OffsetReset,
+    /// `session.timeout.ms`; `None` keeps librdkafka's default (45 s).
+    pub session_timeout_ms: Option<u64>,
+    /// `heartbeat.interval.ms`; `None` keeps librdkafka's default (3 s).
+    pub heartbeat_interval_ms: Option<u64>,
+    /// `max.poll.interval.ms`; `None` keeps librdkafka's default (300 s).
+    pub max_poll_interval_ms: Option<u64>,
+    /// Raw librdkafka properties for consumers only.
+    pub librdkafka: Properties,
+}
+
+/// `security.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication.
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn as_property(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+/// Transport security and authentication. Passwords are [`Secret`]s.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecuritySettings {
+    /// `security.protocol`; `None` keeps plaintext.
+    pub protocol: Option<SecurityProtocol>,
+    /// `sasl.mechanism`: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER`...
+    pub sasl_mechanism: Option<String>,
+    /// `sasl.username`.
+    pub sasl_username: Option<String>,
+    /// `sasl.password`.
+    pub sasl_password: Option<Secret>,
+    /// `ssl.ca.location`.
+    pub ssl_ca_location: Option<String>,
+    /// `ssl.certificate.location`.
+    pub ssl_certificate_location: Option<String>,
+    /// `ssl.key.location`.
+    pub ssl_key_location: Option<String>,
+    /// `ssl.key.password`.
+    pub ssl_key_password: Option<Secret>,
+}
+
+/// Top-level keys, so only `KONTEXT_<known key>` variables are read as
+/// settings and other variables with the prefix (a test's broker address,
+/// say) are left alone.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "bootstrap_servers",
+    "client_id",
+    "provision_topics",
+    "topics",
+    "producer",
+    "consumer",
+    "security",
+    "librdkafka",
+];
+
+impl KafkaSettings {
+    /// Default settings: embedded broker, client id `kontext`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Settings from `KONTEXT_*` environment variables over the defaults.
+    pub fn from_env() -> Result<Self> {
+        Self::from_figment(&Figment::new().merge(env_provider()), "")
+    }
+
+    /// Settings from a TOML or JSON file (by extension), section `section`
+    /// (`""` for the whole file, `"kafka"` for a `[kafka]` table), with
+    /// `KONTEXT_*` environment variables on top. A missing file is an error.
+    pub fn from_file(path: impl AsRef<Path>, section: &str) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.is_file() {
+            return Err(Error::config(format!(
+                "settings file `{}` does not exist",
+                path.display()
+            )));
+        }
+        let file = match path.extension().and_then(|e| e.to_str()) {
+            Some("json") => Figment::from(Json::file(path)),
+            _ => Figment::from(Toml::file(path)),
+        };
+        let focused = if section.is_empty() {
+            file
+        } else {
+            file.focus(section)
+        };
+        Self::from_figment(&focused.merge(env_provider()), "")
+    }
+
+    /// Settings from a figment the application already assembles, e.g. one
+    /// that also holds its own configuration; `section` as in [`from_file`](Self::from_file).
+    pub fn from_figment(figment: &Figment, section: &str) -> Result<Self> {
+        let settings: KafkaSettings = if section.is_empty() {
+            figment.extract()
+        } else {
+            figment.extract_inner(section)
+        }
+        .map_err(|e| Error::Config {
+            message: e.to_string(),
+            source: Some(Box::new(e)),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks combinations librdkafka would reject later with a vaguer message.
+    pub fn validate(&self) -> Result<()> {
+        if self.producer.idempotence && self.producer.acks != Acks::All {
+            return Err(Error::config(
+                "`producer.idempotence = true` requires `producer.acks = \"all\"`",
+            ));
+        }
+        if let Some(servers) = &self.bootstrap_servers {
+            if servers.trim().is_empty() {
+                return Err(Error::config(
+                    "`bootstrap_servers` is empty; omit it to use the embedded broker",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the bootstrap servers (`host:port,host:port`).
+    pub fn bootstrap_servers(mut self, servers: impl Into<String>) -> Self {
+        self.bootstrap_servers = Some(servers.into());
+        self
+    }
+
+    /// Sets the client id.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// Turns topic provisioning at start-up on or off.
+    pub fn provision_topics(mut self, enabled: bool) -> Self {
+        self.provision_topics = Some(enabled);
+        self
+    }
+
+    /// Sets a raw librdkafka property for every client.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.librdkafka.set(key, value);
+        self
+    }
+
+    /// Edits the settings of the model topic `name`.
+    pub fn topic(
+        mut self,
+        name: impl Into<String>,
+        f: impl FnOnce(TopicSettings) -> TopicSettings,
+    ) -> Self {
+        let name = name.into();
+        let current = self.topics.remove(&name).unwrap_or_default();
+        self.topics.insert(name, f(current));
+        self
+    }
+
+    /// Edits the producer settings.
+    pub fn producer(mut self, f: impl FnOnce(&mut ProducerSettings)) -> Self {
+        f(&mut self.producer);
+        self
+    }
+
+    /// Edits the consumer settings.
+    pub fn consumer(mut self, f: impl FnOnce(&mut ConsumerSettings)) -> Self {
+        f(&mut self.consumer);
+        self
+    }
+
+    /// Edits the security settings.
+    pub fn security(mut self, f: impl FnOnce(&mut SecuritySettings)) -> Self {
+        f(&mut self.security);
+        self
+    }
+
+    /// The client id in effect.
+    pub fn effective_client_id(&self) -> &str {
+        self.client_id.as_deref().unwrap_or("kontext")
+    }
+
+    /// Whether provisioning runs at start-up.
+    pub fn provisioning_enabled(&self) -> bool {
+        self.provision_topics.unwrap_or(true)
+    }
+
+    /// Settings every client shares: servers, client id, security, raw properties.
+    pub(crate) fn client_config(&self, bootstrap_servers: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("client.id", self.effective_client_id());
+        let s = &self.security;
+        if let Some(p) = s.protocol {
+            config.set("security.protocol", p.as_property());
+        }
+        let optional = [
+            ("sasl.mechanism", s.sasl_mechanism.as_deref()),
+            ("sasl.username", s.sasl_username.as_deref()),
+            (
+                "sasl.password",
+                s.sasl_password.as_ref().map(Secret::expose),
+            ),
+            ("ssl.ca.location", s.ssl_ca_location.as_deref()),
+            (
+                "ssl.certificate.location",
+                s.ssl_certificate_location.as_deref(),
+            ),
+            ("ssl.key.location", s.ssl_key_location.as_deref()),
+            (
+                "ssl.key.password",
+                s.ssl_key_password.as_ref().map(Secret::expose),
+            ),
+        ];
+        for (key, value) in optional {
+            if let Some(value) = value {
+                config.set(key, value);
+            }
+        }
+        for (k, v) in self.librdkafka.iter() {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// The producer's client configuration.
+    pub(crate) fn producer_config(&self, bootstrap_servers: &str) -> ClientConfig {
+        let mut config = self.client_config(bootstrap_servers);
+        let p = &self.producer;
+        config
+            .set("acks", p.acks.as_property())
+            .set("enable.idempotence", p.idempotence.to_string())
+            .set("compression.type", p.compression.as_property())
+            .set("linger.ms", p.linger_ms.to_string());
+        if let Some(b) = p.batch_size {
+            config.set("batch.size", b.to_string());
+        }
+        if let Some(t) = p.message_timeout_ms {
+            config.set("message.timeout.ms", t.to_string());
+        }
+        // Raw properties apply last so they can override anything above.
+        for (k, v) in self.librdkafka.iter().chain(p.librdkafka.iter()) {
+            config.set(k, v);
+        }
+        config
+    }
+
+    /// The message timeout in effect, for callers that wait on deliveries.
+    pub(crate) fn message_timeout(&self) -> Duration {
+        Duration::from_millis(self.producer.message_timeout_ms.unwrap_or(300_000))
+    }
+}
+
+/// `KONTEXT_*` variables, `__` between levels, known top-level keys only.
+fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX)
+        .filter(|key| {
+            let first = key.as_str().split("__").next().unwrap_or_default();
+            TOP_LEVEL_KEYS.iter().any(|k| first.eq_ignore_ascii_case(k))
+        })
+        .split("__")
+}
+
+/// The properties of a client configuration with secrets redacted, for logs.
+pub(crate) fn redacted(config: &ClientConfig) -> Vec<(String, String)> {
+    config
+        .config_map()
+        .iter()
+        .map(|(k, v)| {
+            let shown = if is_sensitive_property(k) {
+                "<redacted>".to_owned()
+            } else {
+                v.to_string()
+            };
+            (k.to_string(), shown)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_safe() {
+        let s = KafkaSettings::new();
+        let c = s.producer_config("localhost:9092");
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("client.id"), Some("kontext"));
+        assert!(s.provisioning_enabled());
+    }
+
+    #[test]
+    fn raw_properties_win_and_are_redacted_in_logs() {
+        let s = KafkaSettings::new()
+            .set("linger.ms", "50")
+            .security(|sec| sec.sasl_password = Some("hunter2".into()))
+            .producer(|p| p.librdkafka.set("batch.num.messages", "500"));
+        let c = s.producer_config("b:9092");
+        assert_eq!(c.get("linger.ms"), Some("50"));
+        assert_eq!(c.get("batch.num.messages"), Some("500"));
+        assert_eq!(c.get("sasl.password"), Some("hunter2"));
+        let logged = format!("{:?}", redacted(&c));
+        assert!(!logged.contains("hunter2"), "{logged}");
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn idempotence_needs_acks_all() {
+        let s = KafkaSettings::new().producer(|p| p.acks = Acks::Leader);
+        let err = s.validate().unwrap_err();
+        assert!(err.to_string().contains("producer.acks"), "{err}");
+    }
+}

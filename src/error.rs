@@ -1,0 +1,229 @@
+//! The one public error type of kontext.
+//!
+//! Variants are named after the operation that failed and carry the topic or
+//! type involved, so a log line says what broke without a debugger.
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::codec::CodecError;
+use crate::model::ModelError;
+
+/// `Result` with kontext's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in kontext.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The model failed validation in [`ModelBuilder::build`](crate::ModelBuilder::build).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+
+    /// Settings could not be loaded or are inconsistent.
+    #[error("invalid kontext settings: {message}")]
+    Config {
+        /// What is wrong, naming the offending key.
+        message: String,
+        /// The loader's error, when loading from a file or the environment failed.
+        #[source]
+        source: Option<Box<figment::Error>>,
+    },
+
+    /// A message type was used that the model does not declare.
+    #[error(
+        "type `{type_name}` is not registered in the model; declare it with `ModelBuilder::topic::<{type_name}>()`"
+    )]
+    UnknownType {
+        /// `std::any::type_name` of the type.
+        type_name: &'static str,
+    },
+
+    /// A role (producer, consumers) was used that was not registered when kontext started.
+    #[error("the {role} role is not registered; call `KontextBuilder::{role}()` before `start()`")]
+    RoleNotRegistered {
+        /// `producer` or `consumers`.
+        role: &'static str,
+    },
+
+    /// The codec could not encode a message.
+    #[error("failed to encode `{type_name}` for topic `{topic}`")]
+    Encode {
+        /// Topic the message was meant for.
+        topic: String,
+        /// Type of the message.
+        type_name: &'static str,
+        /// The codec's error.
+        #[source]
+        source: CodecError,
+    },
+
+    /// The codec could not decode a record.
+    #[error("failed to decode `{type_name}` from {topic}[{partition}]@{offset}")]
+    Decode {
+        /// Topic of the record.
+        topic: String,
+        /// Partition of the record.
+        partition: i32,
+        /// Offset of the record.
+        offset: i64,
+        /// Type the record was decoded as.
+        type_name: &'static str,
+        /// The codec's error.
+        #[source]
+        source: CodecError,
+    },
+
+    /// The broker did not acknowledge a message.
+    #[error("failed to produce to topic `{topic}`")]
+    Produce {
+        /// Topic the message was meant for.
+        topic: String,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+
+    /// Flushing the producer's queue failed or timed out.
+    #[error("failed to flush the producer")]
+    Flush {
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+
+    /// A per-call header used a name kontext reserves for its standard headers.
+    #[error("header `{header}` on a message for topic `{topic}` is reserved by kontext")]
+    ReservedHeader {
+        /// Topic of the message.
+        topic: String,
+        /// The header name.
+        header: String,
+    },
+
+    /// A Kafka client could not be created from the settings.
+    #[error("failed to create the Kafka {role} client")]
+    Client {
+        /// `producer`, `consumer` or `admin`.
+        role: &'static str,
+        /// The client's error (often a rejected configuration property).
+        #[source]
+        source: KafkaError,
+    },
+
+    /// A topic could not be created or inspected during provisioning.
+    #[error("failed to provision topic `{topic}`: {reason}")]
+    Provision {
+        /// The topic.
+        topic: String,
+        /// What the broker answered.
+        reason: String,
+        /// The client's error, if there was one.
+        #[source]
+        source: Option<KafkaError>,
+    },
+
+    /// The embedded (in-process mock) broker could not be started or used.
+    #[error("embedded broker: {operation} failed")]
+    EmbeddedBroker {
+        /// What was attempted.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+}
+
+impl Error {
+    /// Whether trying the same operation again later may succeed: broker
+    /// unavailability, timeouts and full queues are retriable; a bad model, bad
+    /// settings or a message the codec rejects are not.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            Error::Produce { source, .. } | Error::Flush { source } => {
+                kafka_error_is_retriable(source)
+            }
+            Error::Provision {
+                source: Some(source),
+                ..
+            } => kafka_error_is_retriable(source),
+            _ => false,
+        }
+    }
+
+    /// The topic the failed operation concerned, if any.
+    pub fn topic(&self) -> Option<&str> {
+        match self {
+            Error::Encode { topic, .. }
+            | Error::Decode { topic, .. }
+            | Error::Produce { topic, .. }
+            | Error::ReservedHeader { topic, .. }
+            | Error::Provision { topic, .. } => Some(topic),
+            Error::Model(e) => e.topic(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Error::Config {
+            message: message.into(),
+            source: None,
+        }
+    }
+}
+
+/// Classifies librdkafka error codes: transient conditions a later attempt can
+/// get past, as opposed to errors that will fail the same way every time.
+pub(crate) fn kafka_error_is_retriable(err: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    match err.rdkafka_error_code() {
+        Some(code) => matches!(
+            code,
+            C::QueueFull
+                | C::MessageTimedOut
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::NetworkException
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::NotEnoughReplicas
+                | C::NotEnoughReplicasAfterAppend
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::CoordinatorLoadInProgress
+                | C::UnknownTopicOrPartition
+                | C::BrokerNotAvailable
+                | C::ReplicaNotAvailable
+                | C::ThrottlingQuotaExceeded
+                | C::Resolve
+        ),
+        // Canceled deliveries (client dropped) and the like: another client may succeed.
+        None => matches!(err, KafkaError::Canceled),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_outage_is_retriable_and_bad_input_is_not() {
+        let outage = Error::Produce {
+            topic: "orders".into(),
+            source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        };
+        assert!(outage.is_retriable());
+        assert_eq!(outage.topic(), Some("orders"));
+
+        let too_large = Error::Produce {
+            topic: "orders".into(),
+            source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+        };
+        assert!(!too_large.is_retriable());
+
+        let unknown = Error::UnknownType { type_name: "x::Y" };
+        assert!(!unknown.is_retriable());
+        assert!(unknown.to_string().contains("x::Y"));
+    }
+}

@@ -1,0 +1,35 @@
+//! The standard headers kontext writes on every message.
+//!
+//! They follow the CloudEvents Kafka protocol binding (binary content mode),
+//! so any CloudEvents-aware consumer, in any language, can read the id, type,
+//! source and time of a kontext message without knowing kontext.
+
+/// CloudEvents spec version; always `1.0`.
+pub const SPEC_VERSION: &str = "ce_specversion";
+/// Unique message id: a UUID v7, so ids sort by creation time.
+pub const MESSAGE_ID: &str = "ce_id";
+/// Type discriminator; tells apart types sharing one topic.
+pub const MESSAGE_TYPE: &str = "ce_type";
+/// The producing service: the client id.
+pub const SOURCE: &str = "ce_source";
+/// When the message was produced, RFC 3339 with milliseconds, UTC.
+pub const TIME: &str = "ce_time";
+/// Correlation id, when the caller gives one (a CloudEvents extension attribute).
+pub const CORRELATION_ID: &str = "ce_correlationid";
+/// Media type of the payload, from the topic's codec.
+pub const CONTENT_TYPE: &str = "content-type";
+
+/// Value of [`SPEC_VERSION`].
+pub const SPEC_VERSION_VALUE: &str = "1.0";
+
+/// Headers kontext owns; user headers with these names are rejected so a
+/// message can never carry two ids or two types.
+pub const RESERVED: &[&str] = &[
+    SPEC_VERSION,
+    MESSAGE_ID,
+    MESSAGE_TYPE,
+    SOURCE,
+    TIME,
+    CORRELATION_ID,
+    CONTENT_TYPE,
+];

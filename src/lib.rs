@@ -1,0 +1,54 @@
+//! kontext: declare Kafka topics next to your database model, then produce
+//! and consume typed messages with the guarantees teams otherwise hand-roll.
+//!
+//! ```no_run
+//! use kontext::prelude::*;
+//! # #[derive(serde::Serialize, serde::Deserialize)] struct OrderCreated { order_id: u64 }
+//!
+//! # async fn run() -> kontext::Result<()> {
+//! let model = Model::builder()
+//!     .topic::<OrderCreated>(|t| t.name("orders").partitions(6).key(|e| e.order_id))
+//!     .build()?;
+//! // No bootstrap servers configured: kontext starts its embedded broker.
+//! let kontext = Kontext::builder(model).producer().start().await?;
+//! let delivery = kontext.producer()?.produce(&OrderCreated { order_id: 7 }).await?;
+//! println!("stored at {}[{}]@{}", delivery.topic, delivery.partition, delivery.offset);
+//! # Ok(()) }
+//! ```
+//!
+//! Map of the crate, one module per concept:
+//! - [`model`]: `ModelBuilder`, topics, keys, headers, validation.
+//! - [`codec`]: how messages become bytes (`Json` by default).
+//! - [`config`]: Kafka settings from code, files and the environment.
+//! - [`broker`]: the embedded mock cluster or an external one; topic provisioning.
+//! - [`producer`]: typed, acknowledged produce and batch produce.
+//! - [`headers`]: the standard headers on every message.
+//! - [`runtime`]: `Kontext`, which starts and stops the roles a process registers.
+//! - [`error`]: the one `Error` type.
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod model;
+pub mod producer;
+pub mod runtime;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use broker::Broker;
+pub use codec::{Codec, Json};
+pub use config::KafkaSettings;
+pub use error::{Error, Result};
+pub use model::{Message, Model, ModelBuilder, TopicBuilder};
+pub use producer::{Delivery, Producer};
+pub use runtime::{Kontext, KontextBuilder};
+
+/// The names most services need: `use kontext::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Broker, Delivery, Error, KafkaSettings, Kontext, Message, Model, ModelBuilder, Producer,
+        Result,
+    };
+}

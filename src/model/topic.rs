@@ -1,0 +1,313 @@
+//! Declaring one message type: its topic, key, headers and codec.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use crate::codec::{Codec, Json};
+use crate::model::Message;
+use crate::model::name::{default_topic_name, short_type_name};
+
+/// Something that can be written as a message key.
+///
+/// Implemented for strings, byte vectors, UUIDs (hyphenated text) and
+/// integers (decimal text), and for `Option` of those (`None` means no key,
+/// so the partitioner spreads the messages).
+pub trait MessageKey {
+    /// Appends the key's bytes to `out`. Returns `false` when there is no key.
+    fn write_key(&self, out: &mut Vec<u8>) -> bool;
+}
+
+impl MessageKey for String {
+    fn write_key(&self, out: &mut Vec<u8>) -> bool {
+        out.extend_from_slice(self.as_bytes());
+        true
+    }
+}
+
+impl MessageKey for &'static str {
+    fn write_key(&self, out: &mut Vec<u8>) -> bool {
+        out.extend_from_slice(self.as_bytes());
+        true
+    }
+}
+
+impl MessageKey for Vec<u8> {
+    fn write_key(&self, out: &mut Vec<u8>) -> bool {
+        out.extend_from_slice(self);
+        true
+    }
+}
+
+impl MessageKey for uuid::Uuid {
+    fn write_key(&self, out: &mut Vec<u8>) -> bool {
+        let mut buf = uuid::Uuid::encode_buffer();
+        out.extend_from_slice(self.hyphenated().encode_lower(&mut buf).as_bytes());
+        true
+    }
+}
+
+impl<K: MessageKey> MessageKey for Option<K> {
+    fn write_key(&self, out: &mut Vec<u8>) -> bool {
+        match self {
+            Some(k) => k.write_key(out),
+            None => false,
+        }
+    }
+}
+
+macro_rules! int_keys {
+    ($($t:ty),*) => {$(
+        impl MessageKey for $t {
+            fn write_key(&self, out: &mut Vec<u8>) -> bool {
+                use std::io::Write;
+                // Writing to a Vec cannot fail.
+                let _ = write!(out, "{self}");
+                true
+            }
+        }
+    )*};
+}
+int_keys!(
+    u8, u16, u32, u64, u128, i8, i16, i32, i64, i128, usize, isize
+);
+
+pub(crate) type KeyFn<T> = Arc<dyn Fn(&T, &mut Vec<u8>) -> bool + Send + Sync>;
+pub(crate) type HeaderFn<T> = Arc<dyn Fn(&T) -> Option<String> + Send + Sync>;
+
+/// A header declared on a topic: fixed, or computed from each message.
+pub(crate) enum HeaderSource<T> {
+    Static(String),
+    Computed(HeaderFn<T>),
+}
+
+impl<T> Clone for HeaderSource<T> {
+    fn clone(&self) -> Self {
+        match self {
+            HeaderSource::Static(v) => HeaderSource::Static(v.clone()),
+            HeaderSource::Computed(f) => HeaderSource::Computed(Arc::clone(f)),
+        }
+    }
+}
+
+/// Topic-level settings used when kontext creates the topic. Several types
+/// may declare them for a shared topic; they must agree.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicProvisioning {
+    /// Number of partitions; `None` leaves it to the other declarations or to
+    /// the default of 1.
+    pub partitions: Option<i32>,
+    /// Replication factor; `None` means the broker's default.
+    pub replication: Option<i32>,
+    /// Topic configs such as `retention.ms` or `cleanup.policy`.
+    pub configs: BTreeMap<String, String>,
+}
+
+/// Declares how a message type maps to Kafka. Obtained in
+/// [`ModelBuilder::topic`](super::ModelBuilder::topic).
+pub struct TopicBuilder<T> {
+    pub(crate) name: Option<String>,
+    pub(crate) type_name: Option<String>,
+    pub(crate) provisioning: TopicProvisioning,
+    pub(crate) key: Option<KeyFn<T>>,
+    pub(crate) headers: Vec<(String, HeaderSource<T>)>,
+    pub(crate) codec: Arc<dyn Codec<T>>,
+}
+
+impl<T: Message> TopicBuilder<T> {
+    pub(crate) fn new() -> Self {
+        TopicBuilder {
+            name: None,
+            type_name: None,
+            provisioning: TopicProvisioning::default(),
+            key: None,
+            headers: Vec::new(),
+            codec: Arc::new(Json),
+        }
+    }
+
+    /// The topic name, e.g. `shipping.shipment.created`. Defaults to the
+    /// type's name in kebab case (`OrderCreated` gives `order-created`).
+    ///
+    /// This is the name in the model; settings may map it to another physical
+    /// name per deployment (`topics.<name>.name`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The type discriminator written to the `ce_type` header so several
+    /// types can share a topic (`OrderCreatedV1` and `OrderCreatedV2`, say).
+    /// Defaults to the type's name without its module path.
+    pub fn type_name(mut self, discriminator: impl Into<String>) -> Self {
+        self.type_name = Some(discriminator.into());
+        self
+    }
+
+    /// Partitions to create the topic with. Defaults to 1.
+    pub fn partitions(mut self, partitions: i32) -> Self {
+        self.provisioning.partitions = Some(partitions);
+        self
+    }
+
+    /// Replication factor to create the topic with. Defaults to the broker's
+    /// default (`default.replication.factor`).
+    pub fn replication(mut self, replication: i32) -> Self {
+        self.provisioning.replication = Some(replication);
+        self
+    }
+
+    /// A topic config applied when the topic is created, such as
+    /// `retention.ms` or `cleanup.policy`.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.provisioning.configs.insert(key.into(), value.into());
+        self
+    }
+
+    /// How to derive the message key, which decides the partition: messages
+    /// with one key stay in order. Without a key, messages are spread over
+    /// the partitions.
+    pub fn key<K, F>(mut self, f: F) -> Self
+    where
+        K: MessageKey,
+        F: Fn(&T) -> K + Send + Sync + 'static,
+    {
+        self.key = Some(Arc::new(move |value, out| f(value).write_key(out)));
+        self
+    }
+
+    /// A header with the same value on every message of this type.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers
+            .push((key.into(), HeaderSource::Static(value.into())));
+        self
+    }
+
+    /// A header computed from each message; `None` leaves it out.
+    pub fn header_with<F, V>(mut self, key: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(&T) -> V + Send + Sync + 'static,
+        V: Into<Option<String>>,
+    {
+        self.headers.push((
+            key.into(),
+            HeaderSource::Computed(Arc::new(move |value| f(value).into())),
+        ));
+        self
+    }
+
+    /// The codec for this type. Defaults to [`Json`].
+    pub fn codec(mut self, codec: impl Codec<T>) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+
+    pub(crate) fn freeze(self) -> TopicSpec<T> {
+        let rust_type = std::any::type_name::<T>();
+        TopicSpec {
+            topic: self
+                .name
+                .unwrap_or_else(|| default_topic_name(rust_type))
+                .into(),
+            type_name: self
+                .type_name
+                .unwrap_or_else(|| short_type_name(rust_type).to_owned()),
+            rust_type,
+            provisioning: self.provisioning,
+            key: self.key,
+            headers: self.headers,
+            codec: self.codec,
+        }
+    }
+}
+
+impl<T> fmt::Debug for TopicBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TopicBuilder")
+            .field("type", &std::any::type_name::<T>())
+            .field("name", &self.name)
+            .field("type_name", &self.type_name)
+            .field("provisioning", &self.provisioning)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The frozen declaration of one message type.
+pub struct TopicSpec<T> {
+    pub(crate) topic: Arc<str>,
+    pub(crate) type_name: String,
+    pub(crate) rust_type: &'static str,
+    pub(crate) provisioning: TopicProvisioning,
+    pub(crate) key: Option<KeyFn<T>>,
+    pub(crate) headers: Vec<(String, HeaderSource<T>)>,
+    pub(crate) codec: Arc<dyn Codec<T>>,
+}
+
+impl<T> Clone for TopicSpec<T> {
+    fn clone(&self) -> Self {
+        TopicSpec {
+            topic: Arc::clone(&self.topic),
+            type_name: self.type_name.clone(),
+            rust_type: self.rust_type,
+            provisioning: self.provisioning.clone(),
+            key: self.key.clone(),
+            headers: self.headers.clone(),
+            codec: Arc::clone(&self.codec),
+        }
+    }
+}
+
+impl<T> TopicSpec<T> {
+    /// The topic messages of this type go to.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub(crate) fn topic_arc(&self) -> Arc<str> {
+        Arc::clone(&self.topic)
+    }
+
+    /// The type discriminator written to every message.
+    pub fn type_name(&self) -> &str {
+        &self.type_name
+    }
+
+    /// `std::any::type_name` of the Rust type.
+    pub fn rust_type(&self) -> &'static str {
+        self.rust_type
+    }
+
+    /// Whether a key is derived from each message.
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Writes the key of `value` into `out`; `false` when the type has no key
+    /// or the key function returned none.
+    pub(crate) fn write_key(&self, value: &T, out: &mut Vec<u8>) -> bool {
+        match &self.key {
+            Some(f) => f(value, out),
+            None => false,
+        }
+    }
+
+    pub(crate) fn codec(&self) -> &dyn Codec<T> {
+        &*self.codec
+    }
+}
+
+impl<T> fmt::Debug for TopicSpec<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TopicSpec")
+            .field("topic", &self.topic)
+            .field("type_name", &self.type_name)
+            .field("rust_type", &self.rust_type)
+            .field("provisioning", &self.provisioning)
+            .field("has_key", &self.key.is_some())
+            .field(
+                "headers",
+                &self.headers.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
