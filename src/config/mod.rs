@@ -467,7 +467,7 @@ impl KafkaSettings {
     }
 
     /// Settings every client shares: servers, client id, security, raw properties.
-    pub(crate) fn client_config(&self, bootstrap_servers: &str) -> ClientConfig {
+    pub fn client_config(&self, bootstrap_servers: &str) -> ClientConfig {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", bootstrap_servers)
@@ -505,11 +505,15 @@ impl KafkaSettings {
         config
     }
 
-    /// The producer's client configuration.
-    pub(crate) fn producer_config(&self, bootstrap_servers: &str) -> ClientConfig {
+    /// The producer's client configuration, as kontext will create it.
+    /// Its `Debug` hides passwords; log it with care all the same.
+    pub fn producer_config(&self, bootstrap_servers: &str) -> ClientConfig {
         let mut config = self.client_config(bootstrap_servers);
         let p = &self.producer;
         config
+            // Java clients hash keys with murmur2; using the same partitioner
+            // puts a key on the same partition whichever language produced it.
+            .set("partitioner", "murmur2_random")
             .set("acks", p.acks.as_property())
             .set("enable.idempotence", p.idempotence.to_string())
             .set("compression.type", p.compression.as_property())

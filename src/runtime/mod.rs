@@ -98,12 +98,14 @@ impl KontextBuilder {
 /// A running kontext: the model, the broker and the registered roles.
 #[derive(Debug)]
 pub struct Kontext {
-    model: Arc<Model>,
-    settings: Arc<KafkaSettings>,
-    broker: Broker,
+    // Fields drop in order: clients first, the (possibly embedded) broker
+    // last, so no client outlives the cluster it talks to.
     producer: Option<Producer>,
     clients: ClientTracker,
+    model: Arc<Model>,
+    settings: Arc<KafkaSettings>,
     provisioned: Option<ProvisionReport>,
+    broker: Broker,
 }
 
 impl Kontext {

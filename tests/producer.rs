@@ -1,0 +1,318 @@
+//! Producing against the broker the environment names (embedded by default).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use kontext::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OrderCreated {
+    order_id: String,
+    seq: u32,
+    tenant: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OrderPaid {
+    order_id: String,
+    payment_id: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct NotInModel {
+    x: u8,
+}
+
+/// A type serde_json cannot encode: map keys must be strings.
+#[derive(Debug, Serialize, Deserialize)]
+struct Unencodable {
+    map: HashMap<(u8, u8), u8>,
+}
+
+async fn start(topic: &str, partitions: i32, client_id: &str) -> Kontext {
+    init_tracing();
+    let topic_for_paid = topic.to_owned();
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| {
+            t.name(topic)
+                .partitions(partitions)
+                .key(|e| e.order_id.clone())
+                .header("app", "shop")
+                .header_with("tenant", |e| e.tenant.clone())
+        })
+        .topic::<OrderPaid>(move |t| t.name(topic_for_paid).key(|e| e.order_id.clone()))
+        .topic::<Unencodable>(|t| t.name(format!("{topic}-bad")))
+        .build()
+        .unwrap();
+    Kontext::builder(model)
+        .settings(KafkaSettings::new().client_id(client_id))
+        .broker(broker())
+        .producer()
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Kafka's murmur2 (as in the Java client's `Utils.murmur2`), to check that
+/// keys land where a JVM producer would put them.
+fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    let seed: u32 = 0x9747_b28c;
+    let m: u32 = 0x5bd1_e995;
+    let len = key.len() as u32;
+    let mut h: u32 = seed ^ len;
+    let chunks = key.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(m);
+        k ^= k >> 24;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    match tail.len() {
+        3 => {
+            h ^= u32::from(tail[2]) << 16;
+            h ^= u32::from(tail[1]) << 8;
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(m);
+        }
+        2 => {
+            h ^= u32::from(tail[1]) << 8;
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(m);
+        }
+        1 => {
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(m);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    ((h & 0x7fff_ffff) % partitions as u32) as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_for_10k_messages_across_6_partitions() {
+    let topic = unique_name("orders");
+    let kontext = start(&topic, 6, "orders-api").await;
+    let producer = kontext.producer().unwrap();
+
+    let keys: Vec<String> = (0..60).map(|i| format!("order-{i}")).collect();
+    let mut next_seq: HashMap<&str, u32> = HashMap::new();
+    let events: Vec<OrderCreated> = (0..10_000)
+        .map(|i| {
+            let key = &keys[(i * 7919) % keys.len()];
+            let seq = next_seq.entry(key).or_default();
+            *seq += 1;
+            OrderCreated {
+                order_id: key.clone(),
+                seq: *seq,
+                tenant: "eu".into(),
+            }
+        })
+        .collect();
+
+    let deliveries = producer.produce_batch(&events).await.unwrap();
+    assert_eq!(deliveries.len(), 10_000);
+    // Deliveries come back in input order and say where each message went.
+    for (event, d) in events.iter().zip(&deliveries) {
+        assert_eq!(d.partition, java_partition(event.order_id.as_bytes(), 6), "{event:?}");
+    }
+
+    let records = read_topic(kontext.broker(), &topic, 10_000, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 10_000, "every message must arrive");
+
+    let mut partitions_used = std::collections::BTreeSet::new();
+    let mut last: HashMap<String, (i32, u32)> = HashMap::new();
+    for r in &records {
+        let event: OrderCreated = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
+        assert_eq!(r.key_str(), Some(event.order_id.as_str()));
+        partitions_used.insert(r.partition);
+        if let Some((partition, seq)) = last.get(&event.order_id) {
+            assert_eq!(*partition, r.partition, "key {} moved partitions", event.order_id);
+            assert_eq!(event.seq, seq + 1, "key {} out of order", event.order_id);
+        } else {
+            assert_eq!(event.seq, 1);
+        }
+        last.insert(event.order_id.clone(), (r.partition, event.seq));
+    }
+    assert_eq!(partitions_used.len(), 6, "60 keys should spread over all partitions");
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standard_model_and_call_headers_are_written() {
+    let topic = unique_name("orders");
+    let kontext = start(&topic, 2, "orders-api").await;
+    let producer = kontext.producer().unwrap();
+    let before = SystemTime::now();
+
+    let created = OrderCreated {
+        order_id: "o-1".into(),
+        seq: 1,
+        tenant: "eu-west".into(),
+    };
+    let d1 = producer
+        .produce(&created)
+        .correlation_id("req-42")
+        .header("trace-note", "hello")
+        .await
+        .unwrap();
+    let d2 = producer
+        .produce_owned(OrderPaid {
+            order_id: "o-1".into(),
+            payment_id: "p-9".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(&*d1.topic, topic.as_str());
+    assert_eq!(d1.partition, d2.partition, "same key, same partition");
+    assert!(d2.offset > d1.offset);
+
+    let records = read_topic(kontext.broker(), &topic, 2, READ_TIMEOUT).await.unwrap();
+    assert_eq!(records.len(), 2);
+    let (r1, r2) = (&records[0], &records[1]);
+
+    let id1 = uuid::Uuid::parse_str(r1.header("ce_id").unwrap()).unwrap();
+    assert_eq!(id1, d1.message_id);
+    assert_eq!(id1.get_version_num(), 7);
+    assert!(d2.message_id > d1.message_id, "v7 ids sort by creation time");
+    assert_eq!(r1.header("ce_specversion"), Some("1.0"));
+    assert_eq!(r1.header("ce_type"), Some("OrderCreated"));
+    assert_eq!(r2.header("ce_type"), Some("OrderPaid"));
+    assert_eq!(r1.header("ce_source"), Some("orders-api"));
+    assert_eq!(r1.header("content-type"), Some("application/json"));
+    assert_eq!(r1.header("ce_correlationid"), Some("req-42"));
+    assert_eq!(r2.header("ce_correlationid"), None);
+    assert_eq!(r1.header("app"), Some("shop"));
+    assert_eq!(r1.header("tenant"), Some("eu-west"));
+    assert_eq!(r1.header("trace-note"), Some("hello"));
+    assert_eq!(r2.header("app"), None, "model headers belong to their type");
+    assert_eq!(r1.key_str(), Some("o-1"));
+
+    let time = humantime::parse_rfc3339(r1.header("ce_time").unwrap()).unwrap();
+    let skew = time
+        .duration_since(before - Duration::from_secs(1))
+        .expect("ce_time is not before the call");
+    assert!(skew < Duration::from_secs(60));
+    let ts = r1.timestamp.unwrap();
+    let header_ms = time.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert_eq!(ts, header_ms, "record timestamp and ce_time agree");
+
+    let back: OrderCreated = serde_json::from_slice(r1.payload.as_deref().unwrap()).unwrap();
+    assert_eq!(back, created);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_calls_are_errors_not_panics_and_send_nothing() {
+    let topic = unique_name("orders");
+    let kontext = start(&topic, 1, "orders-api").await;
+    let producer = kontext.producer().unwrap();
+
+    let err = producer.produce(&NotInModel { x: 1 }).await.unwrap_err();
+    assert!(matches!(err, Error::UnknownType { type_name } if type_name.ends_with("NotInModel")));
+    assert!(!err.is_retriable());
+
+    let mut map = HashMap::new();
+    map.insert((1, 2), 3);
+    let err = producer.produce(&Unencodable { map }).await.unwrap_err();
+    assert!(matches!(&err, Error::Encode { topic: t, .. } if *t == format!("{topic}-bad")), "{err:?}");
+
+    let err = producer
+        .produce(&OrderPaid {
+            order_id: "o".into(),
+            payment_id: "p".into(),
+        })
+        .header("ce_type", "Forged")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::ReservedHeader { .. }), "{err:?}");
+
+    // An encoding failure inside a batch sends none of the batch.
+    let fine = OrderPaid {
+        order_id: "o".into(),
+        payment_id: "p".into(),
+    };
+    let batch = vec![fine.clone(), fine.clone()];
+    producer.produce_batch(&batch).await.unwrap();
+    let records = read_topic(kontext.broker(), &topic, 3, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 2, "only the valid batch arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_only_registration_holds_no_consumer() {
+    init_tracing();
+    let topic = unique_name("orders");
+    let model = Model::builder()
+        .topic::<OrderPaid>(|t| t.name(&topic))
+        .build()
+        .unwrap();
+    let broker = broker();
+    let api = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(api.clients().producers, 1);
+    assert_eq!(api.clients().consumers, 0);
+
+    // The same model without the producer role: no client at all, and
+    // asking for the producer is a clear error.
+    let worker = Kontext::builder(model).broker(broker).start().await.unwrap();
+    assert_eq!(worker.clients(), kontext::runtime::ClientCounts::default());
+    let err = worker.producer().unwrap_err();
+    assert!(matches!(err, Error::RoleNotRegistered { role: "producer" }));
+    assert!(err.to_string().contains("KontextBuilder::producer()"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployment_settings_rename_the_physical_topic() {
+    init_tracing();
+    let logical = "orders";
+    let physical = unique_name("orders-eu");
+    let model = Model::builder()
+        .topic::<OrderPaid>(|t| t.name(logical).key(|e| e.order_id.clone()))
+        .build()
+        .unwrap();
+    let mut topics = BTreeMap::new();
+    topics.insert(
+        logical.to_owned(),
+        kontext::config::TopicSettings::default().name(&physical).partitions(3),
+    );
+    let settings = KafkaSettings {
+        topics,
+        ..KafkaSettings::default()
+    };
+    let kontext = Kontext::builder(model)
+        .settings(settings)
+        .broker(broker())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let d = kontext
+        .producer()
+        .unwrap()
+        .produce(&OrderPaid {
+            order_id: "o-7".into(),
+            payment_id: "p".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(&*d.topic, physical.as_str());
+    assert_eq!(d.partition, java_partition(b"o-7", 3));
+    assert_eq!(kontext.provisioned().unwrap().created, vec![physical]);
+}
