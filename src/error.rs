@@ -117,9 +117,9 @@ pub enum Error {
         topic: String,
         /// What the broker answered.
         reason: String,
-        /// The client's error, if there was one.
+        /// The client's error, if there was one (boxed to keep `Error` small).
         #[source]
-        source: Option<KafkaError>,
+        source: Option<Box<KafkaError>>,
     },
 
     /// The embedded (in-process mock) broker could not be started or used.

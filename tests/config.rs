@@ -1,5 +1,6 @@
 //! Settings from a file plus environment overrides, as a deployment loads them.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+// figment::Jail closures return figment::Error, which is large; that is figment's API.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 
 use figment::Jail;
 use kontext::KafkaSettings;

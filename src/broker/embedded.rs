@@ -97,7 +97,7 @@ impl EmbeddedBroker {
             Err(source) => Err(Error::Provision {
                 topic: name.to_owned(),
                 reason: "the embedded broker refused to create it".into(),
-                source: Some(source),
+                source: Some(Box::new(source)),
             }),
         }
     }

@@ -82,7 +82,7 @@ pub async fn provision_topics(
                         .collect::<Vec<_>>()
                         .join(","),
                     reason: "the CreateTopics request failed".into(),
-                    source: Some(source),
+                    source: Some(Box::new(source)),
                 })?;
             for (topic, result) in model.topics().iter().zip(results) {
                 match result {
@@ -94,7 +94,7 @@ pub async fn provision_topics(
                         return Err(Error::Provision {
                             topic: name,
                             reason: format!("the broker answered {code}"),
-                            source: Some(rdkafka::error::KafkaError::AdminOp(code)),
+                            source: Some(Box::new(rdkafka::error::KafkaError::AdminOp(code))),
                         });
                     }
                 }
@@ -144,7 +144,7 @@ async fn check_partitions(
                 .map_err(|source| Error::Provision {
                     topic: name.clone(),
                     reason: "could not read its metadata".into(),
-                    source: Some(source),
+                    source: Some(Box::new(source)),
                 })?;
             if let Some(t) = metadata.topics().iter().find(|t| t.name() == name) {
                 let actual = i32::try_from(t.partitions().len()).unwrap_or(i32::MAX);
