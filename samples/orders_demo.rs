@@ -111,7 +111,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Read back with a plain rdkafka consumer group.
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", kontext.broker().bootstrap_servers())
-        .set("group.id", format!("orders-demo-{}", Uuid::now_v7().simple()))
+        .set(
+            "group.id",
+            format!("orders-demo-{}", Uuid::now_v7().simple()),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("session.timeout.ms", "6000")

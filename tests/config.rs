@@ -48,7 +48,10 @@ fn file_section_with_env_overrides_gives_client_settings() {
         jail.set_env("KONTEXT_TEST_BOOTSTRAP", "elsewhere:9092");
 
         let s = KafkaSettings::from_file("kontext.toml", "kafka").unwrap();
-        assert_eq!(s.bootstrap_servers.as_deref(), Some("kafka-1:9092,kafka-2:9092"));
+        assert_eq!(
+            s.bootstrap_servers.as_deref(),
+            Some("kafka-1:9092,kafka-2:9092")
+        );
         assert_eq!(s.producer.linger_ms, 25, "env wins over the file");
         assert_eq!(s.producer.compression, Compression::Lz4);
         assert_eq!(s.producer.acks, Acks::All, "default kept");

@@ -124,7 +124,11 @@ async fn per_key_order_holds_for_10k_messages_across_6_partitions() {
     assert_eq!(deliveries.len(), 10_000);
     // Deliveries come back in input order and say where each message went.
     for (event, d) in events.iter().zip(&deliveries) {
-        assert_eq!(d.partition, java_partition(event.order_id.as_bytes(), 6), "{event:?}");
+        assert_eq!(
+            d.partition,
+            java_partition(event.order_id.as_bytes(), 6),
+            "{event:?}"
+        );
     }
 
     let records = read_topic(kontext.broker(), &topic, 10_000, READ_TIMEOUT)
@@ -139,14 +143,22 @@ async fn per_key_order_holds_for_10k_messages_across_6_partitions() {
         assert_eq!(r.key_str(), Some(event.order_id.as_str()));
         partitions_used.insert(r.partition);
         if let Some((partition, seq)) = last.get(&event.order_id) {
-            assert_eq!(*partition, r.partition, "key {} moved partitions", event.order_id);
+            assert_eq!(
+                *partition, r.partition,
+                "key {} moved partitions",
+                event.order_id
+            );
             assert_eq!(event.seq, seq + 1, "key {} out of order", event.order_id);
         } else {
             assert_eq!(event.seq, 1);
         }
         last.insert(event.order_id.clone(), (r.partition, event.seq));
     }
-    assert_eq!(partitions_used.len(), 6, "60 keys should spread over all partitions");
+    assert_eq!(
+        partitions_used.len(),
+        6,
+        "60 keys should spread over all partitions"
+    );
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
@@ -179,14 +191,19 @@ async fn standard_model_and_call_headers_are_written() {
     assert_eq!(d1.partition, d2.partition, "same key, same partition");
     assert!(d2.offset > d1.offset);
 
-    let records = read_topic(kontext.broker(), &topic, 2, READ_TIMEOUT).await.unwrap();
+    let records = read_topic(kontext.broker(), &topic, 2, READ_TIMEOUT)
+        .await
+        .unwrap();
     assert_eq!(records.len(), 2);
     let (r1, r2) = (&records[0], &records[1]);
 
     let id1 = uuid::Uuid::parse_str(r1.header("ce_id").unwrap()).unwrap();
     assert_eq!(id1, d1.message_id);
     assert_eq!(id1.get_version_num(), 7);
-    assert!(d2.message_id > d1.message_id, "v7 ids sort by creation time");
+    assert!(
+        d2.message_id > d1.message_id,
+        "v7 ids sort by creation time"
+    );
     assert_eq!(r1.header("ce_specversion"), Some("1.0"));
     assert_eq!(r1.header("ce_type"), Some("OrderCreated"));
     assert_eq!(r2.header("ce_type"), Some("OrderPaid"));
@@ -206,7 +223,10 @@ async fn standard_model_and_call_headers_are_written() {
         .expect("ce_time is not before the call");
     assert!(skew < Duration::from_secs(60));
     let ts = r1.timestamp.unwrap();
-    let header_ms = time.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let header_ms = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     assert_eq!(ts, header_ms, "record timestamp and ce_time agree");
 
     let back: OrderCreated = serde_json::from_slice(r1.payload.as_deref().unwrap()).unwrap();
@@ -226,7 +246,10 @@ async fn bad_calls_are_errors_not_panics_and_send_nothing() {
     let mut map = HashMap::new();
     map.insert((1, 2), 3);
     let err = producer.produce(&Unencodable { map }).await.unwrap_err();
-    assert!(matches!(&err, Error::Encode { topic: t, .. } if *t == format!("{topic}-bad")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Encode { topic: t, .. } if *t == format!("{topic}-bad")),
+        "{err:?}"
+    );
 
     let err = producer
         .produce(&OrderPaid {
@@ -271,7 +294,11 @@ async fn producer_only_registration_holds_no_consumer() {
 
     // The same model without the producer role: no client at all, and
     // asking for the producer is a clear error.
-    let worker = Kontext::builder(model).broker(broker).start().await.unwrap();
+    let worker = Kontext::builder(model)
+        .broker(broker)
+        .start()
+        .await
+        .unwrap();
     assert_eq!(worker.clients(), kontext::runtime::ClientCounts::default());
     let err = worker.producer().unwrap_err();
     assert!(matches!(err, Error::RoleNotRegistered { role: "producer" }));
@@ -290,7 +317,9 @@ async fn deployment_settings_rename_the_physical_topic() {
     let mut topics = BTreeMap::new();
     topics.insert(
         logical.to_owned(),
-        kontext::config::TopicSettings::default().name(&physical).partitions(3),
+        kontext::config::TopicSettings::default()
+            .name(&physical)
+            .partitions(3),
     );
     let settings = KafkaSettings {
         topics,
@@ -315,4 +344,75 @@ async fn deployment_settings_rename_the_physical_topic() {
     assert_eq!(&*d.topic, physical.as_str());
     assert_eq!(d.partition, java_partition(b"o-7", 3));
     assert_eq!(kontext.provisioned().unwrap().created, vec![physical]);
+}
+
+/// The embedded broker can be taken down, which no external broker test can
+/// do cheaply: a message produced during an outage is delivered once the
+/// broker is back, and one that outlives its delivery timeout fails with a
+/// retriable error instead of hanging or panicking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_delays_or_fails_delivery_cleanly() {
+    init_tracing();
+    let broker = Broker::embedded().unwrap();
+    let topic = unique_name("orders");
+    let model = Model::builder()
+        .topic::<OrderPaid>(|t| t.name(&topic).key(|e| e.order_id.clone()))
+        .build()
+        .unwrap();
+    let kontext = Kontext::builder(model)
+        .settings(
+            KafkaSettings::new()
+                .producer(|p| p.message_timeout_ms = Some(3_000))
+                // Reconnect quickly once the broker is back.
+                .set("reconnect.backoff.ms", "20")
+                .set("reconnect.backoff.max.ms", "100"),
+        )
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let producer = kontext.producer().unwrap().clone();
+    let paid = |n: u32| OrderPaid {
+        order_id: "o-1".into(),
+        payment_id: format!("p-{n}"),
+    };
+    producer.produce(&paid(0)).await.unwrap();
+
+    let embedded = broker.as_embedded().unwrap();
+    embedded.set_broker_up(1, false).unwrap();
+    let err = producer.produce(&paid(1)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Produce { topic: t, .. } if *t == topic),
+        "{err:?}"
+    );
+    assert!(
+        err.is_retriable(),
+        "a timed-out delivery is worth retrying: {err:?}"
+    );
+
+    // Down again briefly, back before the timeout: the message gets through.
+    let during = {
+        let producer = producer.clone();
+        let msg = paid(2);
+        tokio::spawn(async move { producer.produce(&msg).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    embedded.set_broker_up(1, true).unwrap();
+    let d = during.await.unwrap().unwrap();
+    assert!(d.offset >= 1);
+
+    let records = read_topic(&broker, &topic, 2, READ_TIMEOUT).await.unwrap();
+    let payments: Vec<String> = records
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<OrderPaid>(r.payload.as_deref().unwrap())
+                .unwrap()
+                .payment_id
+        })
+        .collect();
+    assert!(
+        payments.contains(&"p-0".to_owned()) && payments.contains(&"p-2".to_owned()),
+        "{payments:?}"
+    );
 }

@@ -32,12 +32,18 @@ async fn provisioning_twice_creates_once_and_changes_nothing() {
     let settings = KafkaSettings::new();
 
     let first = provision_topics(&broker, &settings, &model).await.unwrap();
-    assert_eq!(first.created, vec![created_topic.clone(), delivered_topic.clone()]);
+    assert_eq!(
+        first.created,
+        vec![created_topic.clone(), delivered_topic.clone()]
+    );
     assert!(first.existing.is_empty());
 
     let second = provision_topics(&broker, &settings, &model).await.unwrap();
     assert!(second.created.is_empty(), "{second:?}");
-    assert_eq!(second.existing, vec![created_topic.clone(), delivered_topic.clone()]);
+    assert_eq!(
+        second.existing,
+        vec![created_topic.clone(), delivered_topic.clone()]
+    );
     assert!(second.partition_mismatches.is_empty(), "{second:?}");
 
     // The topics have the declared partitions: a record to partition 3 of the
