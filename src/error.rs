@@ -38,6 +38,13 @@ pub enum Error {
         type_name: &'static str,
     },
 
+    /// A type was looked up in the registry that no handler or stream consumes.
+    #[error("type `{type_name}` is not consumed by this process; register a handler or stream for it in `KontextBuilder::consumers`")]
+    NotConsumed {
+        /// `std::any::type_name` of the type.
+        type_name: &'static str,
+    },
+
     /// A role (producer, consumers) was used that was not registered when kontext started.
     #[error("the {role} role is not registered; call `KontextBuilder::{role}()` before `start()`")]
     RoleNotRegistered {

@@ -22,6 +22,9 @@
 //! - [`config`]: Kafka settings from code, files and the environment.
 //! - [`broker`]: the embedded mock cluster or an external one; topic provisioning.
 //! - [`producer`]: typed, acknowledged produce and batch produce.
+//! - [`consumer`]: poll services (shared and dedicated), handlers, streams,
+//!   buffers and backpressure, offsets, retries, dead letters.
+//! - [`registry`]: which poll service serves which type, and how it is doing.
 //! - [`headers`]: the standard headers on every message.
 //! - [`runtime`]: `Kontext`, which starts and stops the roles a process registers.
 //! - [`error`]: the one `Error` type.
@@ -29,10 +32,12 @@
 pub mod broker;
 pub mod codec;
 pub mod config;
+pub mod consumer;
 pub mod error;
 pub mod headers;
 pub mod model;
 pub mod producer;
+pub mod registry;
 pub mod runtime;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -40,6 +45,7 @@ pub mod testing;
 pub use broker::Broker;
 pub use codec::{Codec, Json};
 pub use config::KafkaSettings;
+pub use consumer::{Backpressure, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy};
 pub use error::{Error, Result};
 pub use model::{Message, Model, ModelBuilder, TopicBuilder};
 pub use producer::{Delivery, Producer};
@@ -48,7 +54,8 @@ pub use runtime::{Kontext, KontextBuilder};
 /// The names most services need: `use kontext::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Broker, Delivery, Error, KafkaSettings, Kontext, Message, Model, ModelBuilder, Producer,
-        Result,
+        Backpressure, Broker, Delivery, Error, Handler, HandlerError, KafkaSettings, Kontext,
+        Message, MessageContext, MessageStream, Model, ModelBuilder, Producer, Result,
+        RetryPolicy,
     };
 }

@@ -107,7 +107,8 @@ async fn per_key_order_holds_for_10k_messages_across_6_partitions() {
 
     let keys: Vec<String> = (0..60).map(|i| format!("order-{i}")).collect();
     let mut next_seq: HashMap<&str, u32> = HashMap::new();
-    let events: Vec<OrderCreated> = (0..10_000)
+    let total = scaled(10_000);
+    let events: Vec<OrderCreated> = (0..total)
         .map(|i| {
             let key = &keys[(i * 7919) % keys.len()];
             let seq = next_seq.entry(key).or_default();
@@ -121,7 +122,7 @@ async fn per_key_order_holds_for_10k_messages_across_6_partitions() {
         .collect();
 
     let deliveries = producer.produce_batch(&events).await.unwrap();
-    assert_eq!(deliveries.len(), 10_000);
+    assert_eq!(deliveries.len(), total);
     // Deliveries come back in input order and say where each message went.
     for (event, d) in events.iter().zip(&deliveries) {
         assert_eq!(
@@ -131,10 +132,10 @@ async fn per_key_order_holds_for_10k_messages_across_6_partitions() {
         );
     }
 
-    let records = read_topic(kontext.broker(), &topic, 10_000, READ_TIMEOUT)
+    let records = read_topic(kontext.broker(), &topic, total, READ_TIMEOUT)
         .await
         .unwrap();
-    assert_eq!(records.len(), 10_000, "every message must arrive");
+    assert_eq!(records.len(), total, "every message must arrive");
 
     let mut partitions_used = std::collections::BTreeSet::new();
     let mut last: HashMap<String, (i32, u32)> = HashMap::new();

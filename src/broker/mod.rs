@@ -7,7 +7,7 @@ mod provision;
 use std::sync::Arc;
 
 pub use embedded::EmbeddedBroker;
-pub use provision::{ProvisionReport, provision_topics};
+pub use provision::{ProvisionReport, TopicToCreate, provision, provision_topics};
 
 use crate::config::KafkaSettings;
 use crate::error::Result;
@@ -59,6 +59,19 @@ impl Broker {
         match self {
             Broker::Embedded(b) => Some(b),
             Broker::External { .. } => None,
+        }
+    }
+
+    /// Consumer properties this cluster needs under the user's settings. On
+    /// the embedded cluster, short session timeouts make group joins and
+    /// rebalances take about a second instead of tens of seconds.
+    pub(crate) fn consumer_defaults(&self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Broker::Embedded(_) => &[
+                ("session.timeout.ms", "2000"),
+                ("heartbeat.interval.ms", "500"),
+            ],
+            Broker::External { .. } => &[],
         }
     }
 }

@@ -6,6 +6,7 @@
 //! model, that is reported (and logged) rather than "fixed", because adding
 //! partitions moves keys to other partitions and breaks per-key order.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -15,7 +16,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::broker::Broker;
 use crate::config::KafkaSettings;
 use crate::error::{Error, Result};
-use crate::model::{Model, TopicDef};
+use crate::model::Model;
 
 /// What provisioning found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -31,20 +32,67 @@ pub struct ProvisionReport {
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A topic to create if missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicToCreate {
+    /// Name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: i32,
+    /// Replication factor; `None` means the broker's default.
+    pub replication: Option<i32>,
+    /// Topic configs.
+    pub configs: BTreeMap<String, String>,
+}
+
+impl TopicToCreate {
+    /// A topic with default replication and no configs.
+    pub fn new(name: impl Into<String>, partitions: i32) -> Self {
+        TopicToCreate {
+            name: name.into(),
+            partitions,
+            replication: None,
+            configs: BTreeMap::new(),
+        }
+    }
+}
+
 /// Creates every topic of `model` that does not exist yet.
 pub async fn provision_topics(
     broker: &Broker,
     settings: &KafkaSettings,
     model: &Model,
 ) -> Result<ProvisionReport> {
+    let topics: Vec<TopicToCreate> = model
+        .topics()
+        .iter()
+        .map(|t| TopicToCreate {
+            name: t.name().to_owned(),
+            partitions: t.partitions(),
+            replication: t.replication(),
+            configs: t.configs().clone(),
+        })
+        .collect();
+    provision(broker, settings, &topics).await
+}
+
+/// Creates every topic in `topics` that does not exist yet.
+pub async fn provision(
+    broker: &Broker,
+    settings: &KafkaSettings,
+    topics: &[TopicToCreate],
+) -> Result<ProvisionReport> {
     let mut report = ProvisionReport::default();
+    if topics.is_empty() {
+        return Ok(report);
+    }
     match broker {
         Broker::Embedded(embedded) => {
-            for topic in model.topics() {
+            for topic in topics {
                 let created = embedded.create_topic(
-                    topic.name(),
-                    topic.partitions(),
-                    topic.replication().unwrap_or(1),
+                    &topic.name,
+                    topic.partitions,
+                    topic.replication.unwrap_or(1),
                 )?;
                 record(&mut report, topic, created);
             }
@@ -57,13 +105,12 @@ pub async fn provision_topics(
                     role: "admin",
                     source,
                 })?;
-            let new_topics: Vec<NewTopic<'_>> = model
-                .topics()
+            let new_topics: Vec<NewTopic<'_>> = topics
                 .iter()
                 .map(|t| {
-                    let replication = TopicReplication::Fixed(t.replication().unwrap_or(-1));
-                    t.configs().iter().fold(
-                        NewTopic::new(t.name(), t.partitions(), replication),
+                    let replication = TopicReplication::Fixed(t.replication.unwrap_or(-1));
+                    t.configs.iter().fold(
+                        NewTopic::new(&t.name, t.partitions, replication),
                         |nt, (k, v)| nt.set(k, v),
                     )
                 })
@@ -75,16 +122,15 @@ pub async fn provision_topics(
                 .create_topics(&new_topics, &options)
                 .await
                 .map_err(|source| Error::Provision {
-                    topic: model
-                        .topics()
+                    topic: topics
                         .iter()
-                        .map(TopicDef::name)
+                        .map(|t| t.name.as_str())
                         .collect::<Vec<_>>()
                         .join(","),
                     reason: "the CreateTopics request failed".into(),
                     source: Some(Box::new(source)),
                 })?;
-            for (topic, result) in model.topics().iter().zip(results) {
+            for (topic, result) in topics.iter().zip(results) {
                 match result {
                     Ok(_) => record(&mut report, topic, true),
                     Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {
@@ -99,40 +145,35 @@ pub async fn provision_topics(
                     }
                 }
             }
-            check_partitions(admin, model, &mut report).await?;
+            check_partitions(admin, topics, &mut report).await?;
         }
     }
     Ok(report)
 }
 
-fn record(report: &mut ProvisionReport, topic: &TopicDef, created: bool) {
+fn record(report: &mut ProvisionReport, topic: &TopicToCreate, created: bool) {
     if created {
-        tracing::info!(
-            topic = topic.name(),
-            partitions = topic.partitions(),
-            "created topic"
-        );
-        report.created.push(topic.name().to_owned());
+        tracing::info!(topic = %topic.name, partitions = topic.partitions, "created topic");
+        report.created.push(topic.name.clone());
     } else {
-        tracing::debug!(topic = topic.name(), "topic already exists");
-        report.existing.push(topic.name().to_owned());
+        tracing::debug!(topic = %topic.name, "topic already exists");
+        report.existing.push(topic.name.clone());
     }
 }
 
 /// Compares existing topics' partition counts with the model.
 async fn check_partitions(
     admin: AdminClient<DefaultClientContext>,
-    model: &Model,
+    topics: &[TopicToCreate],
     report: &mut ProvisionReport,
 ) -> Result<()> {
     if report.existing.is_empty() {
         return Ok(());
     }
-    let expected: Vec<(String, i32)> = model
-        .topics()
+    let expected: Vec<(String, i32)> = topics
         .iter()
-        .filter(|t| report.existing.iter().any(|e| e == t.name()))
-        .map(|t| (t.name().to_owned(), t.partitions()))
+        .filter(|t| report.existing.contains(&t.name))
+        .map(|t| (t.name.clone(), t.partitions))
         .collect();
     // Metadata requests block the calling thread.
     let mismatches = tokio::task::spawn_blocking(move || {

@@ -270,6 +270,9 @@ pub struct ConsumerSettings {
     pub heartbeat_interval_ms: Option<u64>,
     /// `max.poll.interval.ms`; `None` keeps librdkafka's default (300 s).
     pub max_poll_interval_ms: Option<u64>,
+    /// Dead-letter topic of consumers that do not name their own; `None`
+    /// means `<topic>.dlq` per source topic.
+    pub dead_letter_topic: Option<String>,
     /// Raw librdkafka properties for consumers only.
     pub librdkafka: Properties,
 }

@@ -20,6 +20,7 @@ pub(crate) use topic::HeaderSource;
 pub use topic::{MessageKey, TopicBuilder, TopicProvisioning, TopicSpec};
 
 use crate::config::TopicSettings;
+use crate::consumer::ConsumerSpec;
 use crate::error::{Error, Result};
 
 /// A type kontext can carry: serde in both directions, shareable across
@@ -165,6 +166,17 @@ impl Model {
             })
     }
 
+    /// What the runtime needs to know of a type, by id.
+    pub(crate) fn type_info(&self, id: TypeId) -> Option<TypeInfo<'_>> {
+        let spec = self.by_type.get(&id)?;
+        Some(TypeInfo {
+            rust_type: spec.rust_type(),
+            topic: spec.topic(),
+            discriminator: spec.type_name(),
+            consumer: spec.consumer(),
+        })
+    }
+
     /// Number of declared types.
     pub fn len(&self) -> usize {
         self.by_type.len()
@@ -204,7 +216,8 @@ impl Model {
             .map(|(id, spec)| {
                 let mut provisioning = spec.provisioning().clone();
                 let mut topic = spec.topic().to_owned();
-                if let Some(s) = settings.get(spec.topic()) {
+                let topic_settings = settings.get(spec.topic());
+                if let Some(s) = topic_settings {
                     if let Some(name) = &s.name {
                         topic = name.clone();
                     }
@@ -214,7 +227,8 @@ impl Model {
                         .configs
                         .extend(s.configs.iter().map(|(k, v)| (k.clone(), v.clone())));
                 }
-                (id, spec.rebuilt(topic, provisioning))
+                let group = topic_settings.and_then(|s| s.group.as_deref());
+                (id, spec.rebuilt(topic, provisioning, group))
             })
             .collect();
         Ok(Model::from_specs(specs)?)
@@ -258,6 +272,11 @@ impl Model {
                     issues.push(invalid(format!(
                         "header `{name}` is reserved for kontext's standard headers"
                     )));
+                }
+            }
+            if let Some(c) = spec.consumer() {
+                for problem in c.problems() {
+                    issues.push(invalid(format!("consumer: {problem}")));
                 }
             }
             if let Some(p) = prov.partitions.filter(|p| *p < 1) {
@@ -364,6 +383,14 @@ impl fmt::Debug for Model {
     }
 }
 
+/// A declared type's topic, discriminator and consumer declaration.
+pub(crate) struct TypeInfo<'a> {
+    pub(crate) rust_type: &'static str,
+    pub(crate) topic: &'a str,
+    pub(crate) discriminator: &'a str,
+    pub(crate) consumer: Option<&'a ConsumerSpec>,
+}
+
 /// A [`TopicSpec`] with its type erased, so the model can hold many types.
 trait ErasedSpec: Send + Sync + 'static {
     fn topic(&self) -> &str;
@@ -371,8 +398,14 @@ trait ErasedSpec: Send + Sync + 'static {
     fn rust_type(&self) -> &'static str;
     fn provisioning(&self) -> &TopicProvisioning;
     fn header_names(&self) -> Vec<&str>;
+    fn consumer(&self) -> Option<&ConsumerSpec>;
     fn as_any(&self) -> &dyn Any;
-    fn rebuilt(&self, topic: String, provisioning: TopicProvisioning) -> Box<dyn ErasedSpec>;
+    fn rebuilt(
+        &self,
+        topic: String,
+        provisioning: TopicProvisioning,
+        group: Option<&str>,
+    ) -> Box<dyn ErasedSpec>;
 }
 
 impl<T: Message> ErasedSpec for TopicSpec<T> {
@@ -388,16 +421,31 @@ impl<T: Message> ErasedSpec for TopicSpec<T> {
     fn provisioning(&self) -> &TopicProvisioning {
         &self.provisioning
     }
+    fn consumer(&self) -> Option<&ConsumerSpec> {
+        self.consumer.as_ref()
+    }
     fn header_names(&self) -> Vec<&str> {
         self.headers.iter().map(|(name, _)| name.as_str()).collect()
     }
     fn as_any(&self) -> &dyn Any {
         self
     }
-    fn rebuilt(&self, topic: String, provisioning: TopicProvisioning) -> Box<dyn ErasedSpec> {
+    fn rebuilt(
+        &self,
+        topic: String,
+        provisioning: TopicProvisioning,
+        group: Option<&str>,
+    ) -> Box<dyn ErasedSpec> {
         let mut spec = self.clone();
         spec.topic = topic.into();
         spec.provisioning = provisioning;
+        // Deployment settings win over the code, as for topic names; a
+        // dedicated connection keeps the group it declares.
+        if let (Some(c), Some(g)) = (spec.consumer.as_mut(), group) {
+            if c.dedicated.is_none() {
+                c.group = Some(g.to_owned());
+            }
+        }
         Box::new(spec)
     }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::codec::{Codec, Json};
+use crate::consumer::{ConsumerBuilder, ConsumerSpec};
 use crate::model::Message;
 use crate::model::name::{default_topic_name, short_type_name};
 
@@ -112,6 +113,7 @@ pub struct TopicBuilder<T> {
     pub(crate) key: Option<KeyFn<T>>,
     pub(crate) headers: Vec<(String, HeaderSource<T>)>,
     pub(crate) codec: Arc<dyn Codec<T>>,
+    pub(crate) consumer: Option<ConsumerSpec>,
 }
 
 impl<T: Message> TopicBuilder<T> {
@@ -123,6 +125,7 @@ impl<T: Message> TopicBuilder<T> {
             key: None,
             headers: Vec::new(),
             codec: Arc::new(Json),
+            consumer: None,
         }
     }
 
@@ -202,6 +205,16 @@ impl<T: Message> TopicBuilder<T> {
         self
     }
 
+    /// Declares that this type is consumed, and how: group, buffer,
+    /// backpressure, retries, dead letters, dedicated poll service. The
+    /// handler itself is registered when kontext starts
+    /// ([`KontextBuilder::consumers`](crate::KontextBuilder::consumers)), so a
+    /// producer-only process shares the model without consuming.
+    pub fn consumer(mut self, f: impl FnOnce(ConsumerBuilder) -> ConsumerBuilder) -> Self {
+        self.consumer = Some(f(ConsumerBuilder::default()).spec);
+        self
+    }
+
     pub(crate) fn freeze(self) -> TopicSpec<T> {
         let rust_type = std::any::type_name::<T>();
         TopicSpec {
@@ -217,6 +230,7 @@ impl<T: Message> TopicBuilder<T> {
             key: self.key,
             headers: self.headers,
             codec: self.codec,
+            consumer: self.consumer,
         }
     }
 }
@@ -241,6 +255,7 @@ pub struct TopicSpec<T> {
     pub(crate) key: Option<KeyFn<T>>,
     pub(crate) headers: Vec<(String, HeaderSource<T>)>,
     pub(crate) codec: Arc<dyn Codec<T>>,
+    pub(crate) consumer: Option<ConsumerSpec>,
 }
 
 impl<T> Clone for TopicSpec<T> {
@@ -253,6 +268,7 @@ impl<T> Clone for TopicSpec<T> {
             key: self.key.clone(),
             headers: self.headers.clone(),
             codec: Arc::clone(&self.codec),
+            consumer: self.consumer.clone(),
         }
     }
 }
@@ -289,6 +305,11 @@ impl<T> TopicSpec<T> {
             Some(f) => f(value, out),
             None => false,
         }
+    }
+
+    /// The consumer declaration, if the type is consumed.
+    pub fn consumer(&self) -> Option<&ConsumerSpec> {
+        self.consumer.as_ref()
     }
 
     pub(crate) fn codec(&self) -> &dyn Codec<T> {

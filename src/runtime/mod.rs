@@ -12,9 +12,11 @@ pub use clients::{ClientCounts, ClientTracker};
 
 use crate::broker::{Broker, ProvisionReport, provision_topics};
 use crate::config::KafkaSettings;
+use crate::consumer::{ConsumerRuntime, Consumers, MessageStream};
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::{Message, Model};
 use crate::producer::Producer;
+use crate::registry::Registry;
 
 /// Configures which roles a process runs, then starts them.
 ///
@@ -28,6 +30,7 @@ pub struct KontextBuilder {
     settings: KafkaSettings,
     broker: Option<Broker>,
     producer: bool,
+    consumers: Consumers,
 }
 
 impl KontextBuilder {
@@ -47,6 +50,33 @@ impl KontextBuilder {
     /// Registers the producer role.
     pub fn producer(mut self) -> Self {
         self.producer = true;
+        self
+    }
+
+    /// Registers the consumer role: a handler or a stream for each type this
+    /// process consumes. Types without a registration are not consumed here,
+    /// even if the model declares a consumer for them.
+    ///
+    /// ```no_run
+    /// # use kontext::prelude::*;
+    /// # use kontext::consumer::{MessageContext, HandlerError};
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct OrderCreated { order_id: u64 }
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct OrderShipped { order_id: u64 }
+    /// # async fn run(model: Model) -> kontext::Result<()> {
+    /// async fn on_created(e: OrderCreated, ctx: MessageContext) -> Result<(), HandlerError> {
+    ///     println!("order {} at offset {}", e.order_id, ctx.offset());
+    ///     Ok(())
+    /// }
+    /// let kontext = Kontext::builder(model)
+    ///     .consumers(|c| {
+    ///         c.handler(on_created).stream::<OrderShipped>();
+    ///     })
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn consumers(mut self, f: impl FnOnce(&mut Consumers)) -> Self {
+        f(&mut self.consumers);
         self
     }
 
@@ -76,15 +106,34 @@ impl KontextBuilder {
         } else {
             None
         };
+        let registry = Registry::default();
+        let consumers = if self.consumers.is_empty() {
+            None
+        } else {
+            Some(
+                ConsumerRuntime::start(
+                    &model,
+                    &settings,
+                    &broker,
+                    self.consumers,
+                    &clients,
+                    &registry,
+                )
+                .await?,
+            )
+        };
         tracing::info!(
             bootstrap_servers = broker.bootstrap_servers(),
             embedded = broker.as_embedded().is_some(),
             client_id = settings.effective_client_id(),
             topics = model.topics().len(),
             producer = producer.is_some(),
+            poll_services = registry.services().len(),
             "kontext started"
         );
         Ok(Kontext {
+            consumers,
+            registry,
             model,
             settings: Arc::new(settings),
             broker,
@@ -100,6 +149,8 @@ impl KontextBuilder {
 pub struct Kontext {
     // Fields drop in order: clients first, the (possibly embedded) broker
     // last, so no client outlives the cluster it talks to.
+    consumers: Option<ConsumerRuntime>,
+    registry: Registry,
     producer: Option<Producer>,
     clients: ClientTracker,
     model: Arc<Model>,
@@ -116,6 +167,7 @@ impl Kontext {
             settings: KafkaSettings::default(),
             broker: None,
             producer: false,
+            consumers: Consumers::default(),
         }
     }
 
@@ -152,9 +204,51 @@ impl Kontext {
         self.provisioned.as_ref()
     }
 
-    /// Stops the registered roles: waits up to `timeout` for queued messages
-    /// to be delivered, then closes the clients.
-    pub async fn shutdown(self, timeout: Duration) -> Result<()> {
+    /// The keyed registry: which poll service serves each consumed type,
+    /// buffer fill, counters, service states.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Takes the [`MessageStream`] of `T`, registered with
+    /// `consumers(|c| c.stream::<T>())`. Only once.
+    pub fn stream<T: Message>(&self) -> Result<MessageStream<T>> {
+        self.consumers
+            .as_ref()
+            .ok_or(Error::RoleNotRegistered { role: "consumers" })?
+            .take_stream::<T>()
+    }
+
+    /// Starts the dedicated poll service of `T` if it was declared with
+    /// `start_immediately(false)`; does nothing if it already runs.
+    pub fn start_service<T: Message>(&self) -> Result<()> {
+        let shared = self
+            .registry
+            .shared_of(std::any::TypeId::of::<T>(), std::any::type_name::<T>())?;
+        shared.start();
+        Ok(())
+    }
+
+    /// Runs until `signal` completes (for example `tokio::signal::ctrl_c()`),
+    /// then shuts down gracefully within `timeout`.
+    pub async fn run_until<F>(self, signal: F, timeout: Duration) -> Result<()>
+    where
+        F: std::future::Future,
+    {
+        signal.await;
+        tracing::info!("shutdown requested");
+        self.shutdown(timeout).await
+    }
+
+    /// Stops the registered roles gracefully: consumers stop fetching, drain
+    /// their buffers through the handlers, commit and close (workers still
+    /// busy after `timeout` are cancelled; their messages are delivered
+    /// again later); then queued produced messages are flushed for up to
+    /// `timeout`. Never hangs.
+    pub async fn shutdown(mut self, timeout: Duration) -> Result<()> {
+        if let Some(c) = self.consumers.take() {
+            c.shutdown(timeout).await;
+        }
         if let Some(p) = &self.producer {
             p.flush(timeout).await?;
         }

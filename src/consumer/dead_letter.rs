@@ -1,0 +1,135 @@
+//! Publishing messages that cannot be handled to a dead-letter topic, with
+//! the original key, payload and headers plus headers that say where the
+//! message came from and why it failed.
+
+use std::time::{Duration, SystemTime};
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaSettings;
+use crate::consumer::context::Record;
+use crate::error::{Error, Result};
+use crate::runtime::client_context::TracingContext;
+use crate::runtime::clients::{ClientGuard, ClientKind, ClientTracker};
+
+/// Header names on dead-lettered records.
+pub mod dlq_headers {
+    /// Topic the message was consumed from.
+    pub const ORIGINAL_TOPIC: &str = "dlq-original-topic";
+    /// Its partition.
+    pub const ORIGINAL_PARTITION: &str = "dlq-original-partition";
+    /// Its offset.
+    pub const ORIGINAL_OFFSET: &str = "dlq-original-offset";
+    /// What went wrong: `decode`, `unknown-type`, `missing-type`, `tombstone`,
+    /// `handler`, `panic`, `retries-exhausted`.
+    pub const REASON: &str = "dlq-reason";
+    /// The error text.
+    pub const ERROR: &str = "dlq-error";
+    /// Handler attempts made (0 if the handler never ran).
+    pub const ATTEMPTS: &str = "dlq-attempts";
+    /// When it was dead-lettered, RFC 3339 UTC.
+    pub const FAILED_AT: &str = "dlq-failed-at";
+    /// The consumer group that gave up on it.
+    pub const GROUP: &str = "dlq-group";
+}
+
+/// A failure to record on a dead-lettered message.
+pub(crate) struct Failure<'a> {
+    pub(crate) reason: &'a str,
+    pub(crate) error: String,
+    pub(crate) attempts: u32,
+}
+
+pub(crate) struct DeadLetters {
+    producer: FutureProducer<TracingContext>,
+    _guard: ClientGuard,
+}
+
+impl DeadLetters {
+    pub(crate) fn new(
+        settings: &KafkaSettings,
+        bootstrap_servers: &str,
+        clients: &ClientTracker,
+    ) -> Result<DeadLetters> {
+        let producer = settings
+            .producer_config(bootstrap_servers)
+            .create_with_context(TracingContext { role: "dead-letter producer" })
+            .map_err(|source| Error::Client {
+                role: "dead-letter producer",
+                source,
+            })?;
+        Ok(DeadLetters {
+            producer,
+            _guard: clients.track(ClientKind::Producer),
+        })
+    }
+
+    /// Publishes `record` to `topic`, retrying with backoff until the broker
+    /// takes it or `cancel` fires. Returns whether it was published: a record
+    /// that was not must not be acknowledged.
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        group: &str,
+        record: &Record,
+        failure: &Failure<'_>,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let partition = record.partition.to_string();
+            let offset = record.offset.to_string();
+            let attempts = failure.attempts.to_string();
+            let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            let mut headers = record.headers.clone().unwrap_or_else(OwnedHeaders::new);
+            for (key, value) in [
+                (dlq_headers::ORIGINAL_TOPIC, &*record.topic),
+                (dlq_headers::ORIGINAL_PARTITION, partition.as_str()),
+                (dlq_headers::ORIGINAL_OFFSET, offset.as_str()),
+                (dlq_headers::REASON, failure.reason),
+                (dlq_headers::ERROR, failure.error.as_str()),
+                (dlq_headers::ATTEMPTS, attempts.as_str()),
+                (dlq_headers::FAILED_AT, failed_at.as_str()),
+                (dlq_headers::GROUP, group),
+            ] {
+                headers = headers.insert(Header {
+                    key,
+                    value: Some(value),
+                });
+            }
+            let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+            if let Some(k) = &record.key {
+                out = out.key(k.as_slice());
+            }
+            if let Some(p) = &record.payload {
+                out = out.payload(p.as_slice());
+            }
+            let sent = tokio::select! {
+                r = self.producer.send(out, Duration::from_secs(5)) => r,
+                () = cancel.cancelled() => return false,
+            };
+            match sent {
+                Ok(_) => {
+                    tracing::warn!(
+                        dead_letter_topic = topic,
+                        source = ?record,
+                        reason = failure.reason,
+                        error = %failure.error,
+                        "message dead-lettered"
+                    );
+                    return true;
+                }
+                Err((e, _)) => {
+                    tracing::error!(dead_letter_topic = topic, source = ?record, error = %e, "dead-letter publish failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = cancel.cancelled() => return false,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}

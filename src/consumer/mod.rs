@@ -1,0 +1,572 @@
+//! The consumer runtime: shared and dedicated poll services, typed handlers
+//! and streams, bounded buffers with backpressure, at-least-once offsets,
+//! retries and dead letters.
+//!
+//! Flow of one record: a poll service's thread polls it, routes it by topic
+//! and `ce_type` header to its type's bounded buffer (pausing partitions
+//! when the buffer is full), the type's async worker decodes it and runs the
+//! handler (retrying, or dead-lettering), and reports the offset back to the
+//! poll thread, which stores it only when every earlier offset of the
+//! partition is finished too.
+
+pub(crate) mod buffer;
+mod context;
+mod dead_letter;
+mod handler;
+mod offsets;
+pub(crate) mod poll;
+mod spec;
+mod stream;
+mod worker;
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use context::MessageContext;
+pub use dead_letter::dlq_headers;
+pub use handler::{Handler, HandlerError};
+pub use poll::ServiceState;
+pub use spec::{
+    Backpressure, ConsumerBuilder, ConsumerSpec, DEFAULT_MAX_BUFFERED, DedicatedBuilder,
+    DedicatedSpec, RetryPolicy,
+};
+pub use stream::{MessageStream, Received};
+
+use crate::broker::{Broker, TopicToCreate, provision};
+use crate::config::{ConsumerSettings, KafkaSettings, OffsetReset};
+use crate::error::{Error, Result};
+use crate::model::{Message, Model};
+use crate::registry::{Registry, TypeEntry};
+use crate::runtime::clients::{ClientKind, ClientTracker};
+use buffer::TypeBuffer;
+use dead_letter::DeadLetters;
+use poll::{PollPlan, ServiceShared, Slot};
+use worker::{ActiveWorker, Dispatch, Outcome, WorkerEnv};
+
+/// The consumers a process registers: a handler or a stream per type.
+/// Obtained in [`KontextBuilder::consumers`](crate::KontextBuilder::consumers).
+#[derive(Default)]
+pub struct Consumers {
+    registrations: Vec<Box<dyn Registration>>,
+}
+
+impl Consumers {
+    /// Handles every message of `T` with `handler`: an
+    /// `async fn(T, MessageContext) -> Result<(), HandlerError>` or a type
+    /// implementing [`Handler<T>`].
+    pub fn handler<T: Message>(&mut self, handler: impl Handler<T>) -> &mut Self {
+        self.registrations.push(Box::new(HandlerRegistration {
+            handler,
+            _type: PhantomData::<fn() -> T>,
+        }));
+        self
+    }
+
+    /// Consumes `T` as a [`MessageStream`], taken after start with
+    /// [`Kontext::stream`](crate::Kontext::stream).
+    pub fn stream<T: Message>(&mut self) -> &mut Self {
+        self.registrations.push(Box::new(StreamRegistration {
+            _type: PhantomData::<fn() -> T>,
+        }));
+        self
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.registrations.is_empty()
+    }
+}
+
+impl fmt::Debug for Consumers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.registrations.iter().map(|r| r.rust_type()))
+            .finish()
+    }
+}
+
+/// What a registration needs to start its worker.
+struct SpawnArgs<'a> {
+    model: &'a Model,
+    env: WorkerEnv,
+    active: ActiveWorker,
+    buffer: Arc<TypeBuffer>,
+    retry: RetryPolicy,
+    dead_letter_topic: String,
+    tasks: &'a TaskTracker,
+}
+
+trait Registration: Send {
+    fn message_type_id(&self) -> TypeId;
+    fn rust_type(&self) -> &'static str;
+    fn is_stream(&self) -> bool;
+    /// Spawns the worker; a stream registration returns its `MessageStream<T>`.
+    fn spawn(self: Box<Self>, args: SpawnArgs<'_>) -> Result<Option<Box<dyn Any + Send>>>;
+}
+
+struct HandlerRegistration<T, H> {
+    handler: H,
+    _type: PhantomData<fn() -> T>,
+}
+
+struct HandlerDispatch<H>(H);
+
+impl<T: Message, H: Handler<T>> Dispatch<T> for HandlerDispatch<H> {
+    async fn dispatch(&self, message: T, ctx: MessageContext) -> Outcome {
+        match self.0.handle(message, ctx).await {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Failed(e),
+        }
+    }
+}
+
+impl<T: Message, H: Handler<T>> Registration for HandlerRegistration<T, H> {
+    fn message_type_id(&self) -> TypeId {
+        TypeId::of::<T>()
+    }
+    fn rust_type(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+    fn is_stream(&self) -> bool {
+        false
+    }
+    fn spawn(self: Box<Self>, a: SpawnArgs<'_>) -> Result<Option<Box<dyn Any + Send>>> {
+        let spec = a.model.spec::<T>()?.clone();
+        a.tasks.spawn(worker::run(
+            a.active,
+            a.env,
+            a.buffer,
+            spec,
+            a.retry,
+            a.dead_letter_topic,
+            HandlerDispatch(self.handler),
+        ));
+        Ok(None)
+    }
+}
+
+struct StreamRegistration<T> {
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: Message> Registration for StreamRegistration<T> {
+    fn message_type_id(&self) -> TypeId {
+        TypeId::of::<T>()
+    }
+    fn rust_type(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+    fn is_stream(&self) -> bool {
+        true
+    }
+    fn spawn(self: Box<Self>, a: SpawnArgs<'_>) -> Result<Option<Box<dyn Any + Send>>> {
+        let spec = a.model.spec::<T>()?.clone();
+        let (sink, stream) = stream::channel::<T>();
+        a.tasks.spawn(worker::run(
+            a.active,
+            a.env,
+            a.buffer,
+            spec,
+            a.retry,
+            a.dead_letter_topic,
+            sink,
+        ));
+        Ok(Some(Box::new(stream)))
+    }
+}
+
+/// A running poll service: its shared state and its thread.
+struct RunningService {
+    shared: Arc<ServiceShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Everything the consumer role started; stopped by [`shutdown`](Self::shutdown).
+pub(crate) struct ConsumerRuntime {
+    services: Vec<RunningService>,
+    streams: std::sync::Mutex<HashMap<TypeId, Box<dyn Any + Send>>>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+/// One type's place in a planned poll service.
+struct PlannedType {
+    registration: Box<dyn Registration>,
+    topic: Arc<str>,
+    discriminator: String,
+    spec: ConsumerSpec,
+    dead_letter_topic: String,
+}
+
+struct PlannedService {
+    name: String,
+    group: String,
+    dedicated: Option<ConsumerSettings>,
+    start_immediately: bool,
+    offset_reset: Option<(OffsetReset, &'static str)>,
+    types: Vec<PlannedType>,
+}
+
+impl ConsumerRuntime {
+    pub(crate) async fn start(
+        model: &Arc<Model>,
+        settings: &KafkaSettings,
+        broker: &Broker,
+        consumers: Consumers,
+        clients: &ClientTracker,
+        registry: &Registry,
+    ) -> Result<ConsumerRuntime> {
+        let services = plan(model, settings, consumers)?;
+
+        if settings.provisioning_enabled() {
+            let mut dlqs: BTreeMap<String, i32> = BTreeMap::new();
+            for s in &services {
+                for t in &s.types {
+                    let partitions = model
+                        .topics()
+                        .iter()
+                        .find(|d| d.name() == &*t.topic)
+                        .map(|d| d.partitions())
+                        .unwrap_or(1);
+                    let entry = dlqs.entry(t.dead_letter_topic.clone()).or_insert(1);
+                    *entry = (*entry).max(partitions);
+                }
+            }
+            let topics: Vec<TopicToCreate> = dlqs
+                .into_iter()
+                .map(|(name, partitions)| TopicToCreate::new(name, partitions))
+                .collect();
+            provision(broker, settings, &topics).await?;
+        }
+
+        let dead_letters = Arc::new(DeadLetters::new(
+            settings,
+            broker.bootstrap_servers(),
+            clients,
+        )?);
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let mut running = Vec::new();
+        let mut streams: HashMap<TypeId, Box<dyn Any + Send>> = HashMap::new();
+
+        for planned in services {
+            let shared = ServiceShared::new(
+                planned.name.clone(),
+                planned.group.clone(),
+                planned.dedicated.is_some(),
+                planned.start_immediately,
+            );
+            registry.add_service(Arc::clone(&shared));
+            let env = WorkerEnv {
+                shared: Arc::clone(&shared),
+                dead_letters: Arc::clone(&dead_letters),
+                cancel: cancel.clone(),
+            };
+            let config = consumer_config(
+                settings,
+                broker,
+                &planned.group,
+                planned.dedicated.as_ref(),
+                planned.offset_reset.map(|(r, _)| r),
+            );
+            tracing::debug!(service = %planned.name, config = ?crate::config::redacted(&config), "creating poll service");
+
+            let mut slots = Vec::new();
+            let mut dead_letter_topics = HashMap::new();
+            for t in planned.types {
+                let buffer = TypeBuffer::new(t.spec.max_buffered(), t.spec.backpressure());
+                dead_letter_topics
+                    .entry(Arc::clone(&t.topic))
+                    .or_insert_with(|| t.dead_letter_topic.clone());
+                registry.add_type(
+                    t.registration.message_type_id(),
+                    TypeEntry {
+                        rust_type: t.registration.rust_type(),
+                        topic: t.topic.to_string(),
+                        discriminator: t.discriminator.clone(),
+                        service: planned.name.clone(),
+                        stream: t.registration.is_stream(),
+                        backpressure: t.spec.backpressure(),
+                        dead_letter_topic: t.dead_letter_topic.clone(),
+                        buffer: Arc::clone(&buffer),
+                    },
+                );
+                let type_id = t.registration.message_type_id();
+                let stream = t.registration.spawn(SpawnArgs {
+                    model,
+                    env: env.clone(),
+                    active: ActiveWorker::new(Arc::clone(&shared)),
+                    buffer: Arc::clone(&buffer),
+                    retry: t.spec.retry(),
+                    dead_letter_topic: t.dead_letter_topic,
+                    tasks: &tasks,
+                })?;
+                if let Some(s) = stream {
+                    streams.insert(type_id, s);
+                }
+                slots.push(Slot {
+                    topic: t.topic,
+                    discriminator: t.discriminator,
+                    buffer,
+                });
+            }
+            let rejects = TypeBuffer::new(DEFAULT_MAX_BUFFERED, Backpressure::Apply);
+            tasks.spawn(worker::run_rejects(
+                ActiveWorker::new(Arc::clone(&shared)),
+                env,
+                Arc::clone(&rejects),
+                dead_letter_topics,
+            ));
+            let poll_plan = PollPlan {
+                shared: Arc::clone(&shared),
+                config,
+                slots,
+                rejects,
+                guard: clients.track(ClientKind::Consumer),
+            };
+            let thread = std::thread::Builder::new()
+                .name(thread_name(&planned.name))
+                .spawn(move || poll::run(poll_plan))
+                .map_err(|e| Error::config(format!("could not start a poll thread: {e}")))?;
+            running.push(RunningService {
+                shared,
+                thread: Some(thread),
+            });
+        }
+        tasks.close();
+        Ok(ConsumerRuntime {
+            services: running,
+            streams: std::sync::Mutex::new(streams),
+            tasks,
+            cancel,
+        })
+    }
+
+    /// Takes the stream of `T`; only once.
+    pub(crate) fn take_stream<T: Message>(&self) -> Result<MessageStream<T>> {
+        let mut streams = poll::lock(&self.streams);
+        let boxed = streams.remove(&TypeId::of::<T>()).ok_or_else(|| {
+            Error::config(format!(
+                "no stream of `{}` to take: register it with `consumers(|c| c.stream::<{}>())`, and take it once",
+                std::any::type_name::<T>(),
+                crate::model::name::short_type_name(std::any::type_name::<T>()),
+            ))
+        })?;
+        boxed
+            .downcast::<MessageStream<T>>()
+            .map(|b| *b)
+            .map_err(|_| Error::config("stream registered with another type"))
+    }
+
+    /// Stops fetching, lets workers drain their buffers for up to `timeout`,
+    /// commits and closes every consumer. Never hangs: after `timeout`,
+    /// workers are cancelled (their unfinished messages are redelivered
+    /// later) and threads get a few seconds more to close.
+    pub(crate) async fn shutdown(mut self, timeout: Duration) {
+        for s in &self.services {
+            s.shared.drain();
+        }
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && !self.all_threads_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !self.all_threads_finished() {
+            tracing::warn!("consumers did not drain in time; cancelling handlers");
+            self.cancel.cancel();
+            for s in &self.services {
+                s.shared.stop_now();
+            }
+            let grace = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < grace && !self.all_threads_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        for s in &mut self.services {
+            if let Some(t) = s.thread.take() {
+                if t.is_finished() {
+                    let _ = t.join();
+                } else {
+                    tracing::error!(service = %s.shared.name, "poll thread did not stop; leaving it detached");
+                }
+            }
+        }
+    }
+
+    fn all_threads_finished(&self) -> bool {
+        self.services
+            .iter()
+            .all(|s| s.thread.as_ref().is_none_or(|t| t.is_finished()))
+    }
+}
+
+impl Drop for ConsumerRuntime {
+    /// Dropped without `shutdown`: stop at once, like a crash would, except
+    /// that offsets already stored are still committed by librdkafka's close.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        for s in &self.services {
+            s.shared.stop_now();
+        }
+    }
+}
+
+impl fmt::Debug for ConsumerRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConsumerRuntime")
+            .field(
+                "services",
+                &self.services.iter().map(|s| &s.shared.name).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Linux keeps 15 bytes of a thread name; keep the distinctive end.
+fn thread_name(service: &str) -> String {
+    let name = format!("kx-{service}");
+    if name.len() <= 15 {
+        name
+    } else {
+        let tail: String = service.chars().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("kx-{tail}")
+    }
+}
+
+/// Groups the registrations into poll services: one per dedicated type, and
+/// one shared service per consumer group for the rest.
+fn plan(model: &Model, settings: &KafkaSettings, consumers: Consumers) -> Result<Vec<PlannedService>> {
+    let default_group = settings
+        .consumer
+        .group_id
+        .clone()
+        .unwrap_or_else(|| settings.effective_client_id().to_owned());
+    let mut seen: HashMap<TypeId, &'static str> = HashMap::new();
+    let mut services: Vec<PlannedService> = Vec::new();
+    for registration in consumers.registrations {
+        let id = registration.message_type_id();
+        if seen.insert(id, registration.rust_type()).is_some() {
+            return Err(Error::config(format!(
+                "`{}` has two consumers registered; register one handler or stream per type",
+                registration.rust_type()
+            )));
+        }
+        let info = model.type_info(id).ok_or(Error::UnknownType {
+            type_name: registration.rust_type(),
+        })?;
+        let spec = info.consumer.cloned().unwrap_or_default();
+        let topic: Arc<str> = Arc::from(info.topic);
+        let dead_letter_topic = spec
+            .dead_letter_topic
+            .clone()
+            .or_else(|| settings.consumer.dead_letter_topic.clone())
+            .unwrap_or_else(|| format!("{topic}.dlq"));
+        let planned = PlannedType {
+            registration,
+            topic,
+            discriminator: info.discriminator.to_owned(),
+            spec,
+            dead_letter_topic,
+        };
+        let reset = planned.spec.auto_offset_reset.map(|r| (r, info.rust_type));
+        match &planned.spec.dedicated {
+            Some(d) => {
+                let group = d.settings.group_id.clone().unwrap_or_default();
+                services.push(PlannedService {
+                    name: format!(
+                        "dedicated-{}",
+                        crate::model::name::short_type_name(info.rust_type)
+                    ),
+                    group,
+                    dedicated: Some(d.settings.clone()),
+                    start_immediately: d.start_immediately,
+                    offset_reset: reset,
+                    types: vec![planned],
+                });
+            }
+            None => {
+                let group = planned.spec.group.clone().unwrap_or_else(|| default_group.clone());
+                let name = format!("shared-{group}");
+                match services.iter_mut().find(|s| s.dedicated.is_none() && s.group == group) {
+                    Some(s) => {
+                        if let (Some((a, at)), Some((b, bt))) = (s.offset_reset, reset) {
+                            if a != b {
+                                return Err(Error::config(format!(
+                                    "`{at}` and `{bt}` share the poll service of group `{group}` but declare different auto_offset_reset ({a:?} vs {b:?}); make them agree or give one a dedicated connection"
+                                )));
+                            }
+                        }
+                        s.offset_reset = s.offset_reset.or(reset);
+                        s.types.push(planned);
+                    }
+                    None => services.push(PlannedService {
+                        name,
+                        group,
+                        dedicated: None,
+                        start_immediately: true,
+                        offset_reset: reset,
+                        types: vec![planned],
+                    }),
+                }
+            }
+        }
+    }
+    Ok(services)
+}
+
+/// The client configuration of a poll service: common settings, the broker's
+/// needs, the shared consumer section, the dedicated overrides, then the
+/// properties kontext's offset handling depends on.
+fn consumer_config(
+    settings: &KafkaSettings,
+    broker: &Broker,
+    group: &str,
+    dedicated: Option<&ConsumerSettings>,
+    offset_reset: Option<OffsetReset>,
+) -> ClientConfig {
+    let mut config = settings.client_config(broker.bootstrap_servers());
+    for (k, v) in broker.consumer_defaults() {
+        config.set(*k, *v);
+    }
+    apply_consumer_settings(&mut config, &settings.consumer);
+    if let Some(d) = dedicated {
+        apply_consumer_settings(&mut config, d);
+    }
+    if let Some(r) = offset_reset {
+        config.set("auto.offset.reset", r.as_property());
+    }
+    config
+        .set("group.id", group)
+        // Offsets are stored by kontext once messages are finished; librdkafka
+        // commits what is stored in the background.
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("enable.partition.eof", "false");
+    config
+}
+
+fn apply_consumer_settings(config: &mut ClientConfig, s: &ConsumerSettings) {
+    config.set("auto.offset.reset", s.auto_offset_reset.as_property());
+    let optional = [
+        ("session.timeout.ms", s.session_timeout_ms),
+        ("heartbeat.interval.ms", s.heartbeat_interval_ms),
+        ("max.poll.interval.ms", s.max_poll_interval_ms),
+    ];
+    for (k, v) in optional {
+        if let Some(v) = v {
+            config.set(k, v.to_string());
+        }
+    }
+    for (k, v) in s.librdkafka.iter() {
+        config.set(k, v);
+    }
+}

@@ -1,0 +1,176 @@
+//! Which offset may be stored for commit: the one after the longest run of
+//! finished messages from the start of what was dispatched. A message that
+//! finishes early never lets the commit pass an earlier one still running,
+//! so several handlers (types sharing a partition today, key-parallel
+//! workers later) can complete out of order without losing anything.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Dispatched offsets of one partition and whether each has finished.
+#[derive(Debug, Default)]
+pub(crate) struct PartitionOffsets {
+    in_flight: VecDeque<(i64, bool)>,
+    /// Next offset to consume after everything finished so far.
+    committable: Option<i64>,
+    /// What was last handed to librdkafka's offset store.
+    stored: Option<i64>,
+}
+
+impl PartitionOffsets {
+    /// Records that `offset` was handed to a handler (or dropped).
+    pub(crate) fn dispatched(&mut self, offset: i64) {
+        if let Some(&(last, _)) = self.in_flight.back() {
+            if offset <= last {
+                // Refetched after a seek: forget the later entries; their
+                // late acknowledgements are then ignored.
+                self.in_flight.retain(|(o, _)| *o < offset);
+            }
+        }
+        self.in_flight.push_back((offset, false));
+    }
+
+    /// Records that `offset` finished. Unknown offsets are ignored.
+    pub(crate) fn finished(&mut self, offset: i64) {
+        let Some(&(front, _)) = self.in_flight.front() else {
+            return;
+        };
+        // Offsets are increasing, usually contiguous: try the direct index first.
+        let guess = usize::try_from(offset - front).ok();
+        let index = match guess {
+            Some(i) if self.in_flight.get(i).is_some_and(|(o, _)| *o == offset) => Some(i),
+            _ => self.in_flight.binary_search_by_key(&offset, |(o, _)| *o).ok(),
+        };
+        if let Some(i) = index {
+            self.in_flight[i].1 = true;
+        }
+        while let Some(&(o, true)) = self.in_flight.front() {
+            self.committable = Some(o + 1);
+            self.in_flight.pop_front();
+        }
+    }
+
+    /// The offset to store, if it moved since the last call.
+    pub(crate) fn take_committable(&mut self) -> Option<i64> {
+        match self.committable {
+            Some(c) if self.stored != Some(c) => {
+                self.stored = Some(c);
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
+    /// Messages dispatched and not finished.
+    pub(crate) fn pending(&self) -> usize {
+        self.in_flight.iter().filter(|(_, done)| !done).count()
+    }
+}
+
+/// Offsets of every partition a poll service owns.
+#[derive(Debug, Default)]
+pub(crate) struct OffsetTracker {
+    partitions: HashMap<(Arc<str>, i32), PartitionOffsets>,
+}
+
+impl OffsetTracker {
+    pub(crate) fn dispatched(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
+        self.partitions
+            .entry((Arc::clone(topic), partition))
+            .or_default()
+            .dispatched(offset);
+    }
+
+    pub(crate) fn finished(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&(Arc::clone(topic), partition)) {
+            p.finished(offset);
+        }
+    }
+
+    /// `(topic, partition, offset)` to store, for every partition that moved.
+    pub(crate) fn take_committable(&mut self) -> Vec<(Arc<str>, i32, i64)> {
+        self.partitions
+            .iter_mut()
+            .filter_map(|((t, p), o)| o.take_committable().map(|c| (Arc::clone(t), *p, c)))
+            .collect()
+    }
+
+    /// Forgets a partition (revoked): its late acknowledgements are ignored.
+    pub(crate) fn forget(&mut self, topic: &str, partition: i32) {
+        self.partitions
+            .retain(|(t, p), _| !(&**t == topic && *p == partition));
+    }
+
+    /// Messages dispatched and not finished, over all partitions.
+    pub(crate) fn pending(&self) -> usize {
+        self.partitions.values().map(PartitionOffsets::pending).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_order_completion_never_passes_an_unfinished_offset() {
+        let mut p = PartitionOffsets::default();
+        for o in 10..15 {
+            p.dispatched(o);
+        }
+        p.finished(12);
+        p.finished(13);
+        assert_eq!(p.take_committable(), None, "10 is still running");
+        p.finished(10);
+        assert_eq!(p.take_committable(), Some(11));
+        assert_eq!(p.take_committable(), None, "unchanged since last store");
+        p.finished(11);
+        assert_eq!(p.take_committable(), Some(14), "11, 12, 13 done; 14 running");
+        p.finished(14);
+        assert_eq!(p.take_committable(), Some(15));
+        assert_eq!(p.pending(), 0);
+    }
+
+    #[test]
+    fn gaps_in_offsets_are_fine() {
+        // Compacted topics and transaction markers leave gaps.
+        let mut p = PartitionOffsets::default();
+        for o in [3, 7, 8, 20] {
+            p.dispatched(o);
+        }
+        p.finished(20);
+        p.finished(7);
+        p.finished(3);
+        assert_eq!(p.take_committable(), Some(8));
+        p.finished(8);
+        assert_eq!(p.take_committable(), Some(21));
+    }
+
+    #[test]
+    fn refetch_and_unknown_acks_are_ignored_safely() {
+        let mut p = PartitionOffsets::default();
+        for o in 0..5 {
+            p.dispatched(o);
+        }
+        p.finished(0);
+        // Refetched from 2 (a seek): 2..5 are dispatched again.
+        p.dispatched(2);
+        p.finished(99);
+        p.finished(1);
+        assert_eq!(p.take_committable(), Some(2));
+        p.finished(2);
+        assert_eq!(p.take_committable(), Some(3));
+    }
+
+    #[test]
+    fn tracker_forgets_revoked_partitions() {
+        let mut t = OffsetTracker::default();
+        let topic: Arc<str> = "orders".into();
+        t.dispatched(&topic, 0, 5);
+        t.dispatched(&topic, 1, 9);
+        t.forget("orders", 0);
+        t.finished(&topic, 0, 5);
+        t.finished(&topic, 1, 9);
+        assert_eq!(t.take_committable(), vec![(topic, 1, 10)]);
+        assert_eq!(t.pending(), 0);
+    }
+}

@@ -1,0 +1,218 @@
+//! The keyed registry: the one place that says which poll service, buffer
+//! and handler serve a message type, and how each poll service is doing.
+
+use std::any::TypeId;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use dashmap::DashMap;
+
+use crate::consumer::poll::{ServiceShared, lock};
+use crate::consumer::{Backpressure, ServiceState};
+use crate::error::{Error, Result};
+
+/// Registered consumer types and poll services. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Registry {
+    types: Arc<DashMap<TypeId, TypeEntry>>,
+    services: Arc<DashMap<String, Arc<ServiceShared>>>,
+}
+
+pub(crate) struct TypeEntry {
+    pub(crate) rust_type: &'static str,
+    pub(crate) topic: String,
+    pub(crate) discriminator: String,
+    pub(crate) service: String,
+    pub(crate) stream: bool,
+    pub(crate) backpressure: Backpressure,
+    pub(crate) dead_letter_topic: String,
+    pub(crate) buffer: Arc<crate::consumer::buffer::TypeBuffer>,
+}
+
+/// A consumed type and its buffer's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TypeStatus {
+    /// `std::any::type_name` of the type.
+    pub rust_type: &'static str,
+    /// Its topic.
+    pub topic: String,
+    /// Its `ce_type` discriminator.
+    pub discriminator: String,
+    /// Name of the poll service that serves it.
+    pub service: String,
+    /// Consumed as a stream rather than by a handler.
+    pub stream: bool,
+    /// Backpressure mode.
+    pub backpressure: Backpressure,
+    /// Dead-letter topic.
+    pub dead_letter_topic: String,
+    /// Messages waiting in the buffer.
+    pub buffered: usize,
+    /// Buffer capacity.
+    pub capacity: usize,
+    /// Whether its partitions are paused because the buffer is full.
+    pub paused: bool,
+    /// Messages that entered the buffer (dropped ones included).
+    pub received: u64,
+    /// Messages handled (or deliberately skipped).
+    pub handled: u64,
+    /// Failed handler attempts.
+    pub failed: u64,
+    /// Retries scheduled.
+    pub retried: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+    /// Messages dropped by `DropOldest`/`DropNewest`.
+    pub dropped: u64,
+}
+
+/// A poll service and its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServiceStatus {
+    /// `shared-<group>` or `dedicated-<Type>`.
+    pub name: String,
+    /// Its consumer group.
+    pub group_id: String,
+    /// Whether it is a dedicated connection.
+    pub dedicated: bool,
+    /// Lifecycle state.
+    pub state: ServiceState,
+    /// Partitions paused by backpressure.
+    pub paused_partitions: Vec<(String, i32)>,
+    /// Types it serves.
+    pub types: Vec<&'static str>,
+    /// Time since its loop last polled; `None` before the first poll.
+    pub since_last_poll: Option<Duration>,
+}
+
+impl ServiceStatus {
+    /// Alive and polling recently (or waiting for an explicit start).
+    pub fn is_healthy(&self) -> bool {
+        match self.state {
+            ServiceState::Waiting => true,
+            ServiceState::Running => self
+                .since_last_poll
+                .is_none_or(|d| d < Duration::from_secs(10)),
+            _ => false,
+        }
+    }
+}
+
+impl Registry {
+    pub(crate) fn add_service(&self, shared: Arc<ServiceShared>) {
+        self.services.insert(shared.name.clone(), shared);
+    }
+
+    pub(crate) fn add_type(&self, id: TypeId, entry: TypeEntry) {
+        self.types.insert(id, entry);
+    }
+
+    /// The status of the type `T`, or [`Error::NotConsumed`].
+    pub fn type_status<T: 'static>(&self) -> Result<TypeStatus> {
+        self.types
+            .get(&TypeId::of::<T>())
+            .map(|e| status_of(&e))
+            .ok_or(Error::NotConsumed {
+                type_name: std::any::type_name::<T>(),
+            })
+    }
+
+    /// The poll service that serves `T`, or [`Error::NotConsumed`].
+    pub fn service_of<T: 'static>(&self) -> Result<ServiceStatus> {
+        let name = self
+            .types
+            .get(&TypeId::of::<T>())
+            .map(|e| e.service.clone())
+            .ok_or(Error::NotConsumed {
+                type_name: std::any::type_name::<T>(),
+            })?;
+        self.service(&name).ok_or(Error::NotConsumed {
+            type_name: std::any::type_name::<T>(),
+        })
+    }
+
+    /// A poll service by name.
+    pub fn service(&self, name: &str) -> Option<ServiceStatus> {
+        let shared = self.services.get(name)?;
+        let mut types: Vec<&'static str> = self
+            .types
+            .iter()
+            .filter(|e| e.service == name)
+            .map(|e| e.rust_type)
+            .collect();
+        types.sort_unstable();
+        Some(ServiceStatus {
+            name: shared.name.clone(),
+            group_id: shared.group_id.clone(),
+            dedicated: shared.dedicated,
+            state: shared.state(),
+            paused_partitions: lock(&shared.paused).clone(),
+            types,
+            since_last_poll: shared.since_last_poll(),
+        })
+    }
+
+    /// Every poll service, by name.
+    pub fn services(&self) -> Vec<ServiceStatus> {
+        let mut names: Vec<String> = self.services.iter().map(|s| s.key().clone()).collect();
+        names.sort();
+        names.iter().filter_map(|n| self.service(n)).collect()
+    }
+
+    /// Every consumed type, by type name.
+    pub fn types(&self) -> Vec<TypeStatus> {
+        let mut out: Vec<TypeStatus> = self.types.iter().map(|e| status_of(&e)).collect();
+        out.sort_by_key(|t| t.rust_type);
+        out
+    }
+
+    /// Whether every poll service is alive and polling.
+    pub fn is_healthy(&self) -> bool {
+        self.services().iter().all(ServiceStatus::is_healthy)
+    }
+
+    pub(crate) fn shared_of(&self, id: TypeId, type_name: &'static str) -> Result<Arc<ServiceShared>> {
+        let name = self
+            .types
+            .get(&id)
+            .map(|e| e.service.clone())
+            .ok_or(Error::NotConsumed { type_name })?;
+        self.services
+            .get(&name)
+            .map(|s| Arc::clone(&s))
+            .ok_or(Error::NotConsumed { type_name })
+    }
+}
+
+fn status_of(e: &TypeEntry) -> TypeStatus {
+    let s = &e.buffer.stats;
+    TypeStatus {
+        rust_type: e.rust_type,
+        topic: e.topic.clone(),
+        discriminator: e.discriminator.clone(),
+        service: e.service.clone(),
+        stream: e.stream,
+        backpressure: e.backpressure,
+        dead_letter_topic: e.dead_letter_topic.clone(),
+        buffered: e.buffer.len(),
+        capacity: e.buffer.capacity(),
+        paused: s.paused.load(Ordering::Relaxed),
+        received: s.received.load(Ordering::Relaxed),
+        handled: s.handled.load(Ordering::Relaxed),
+        failed: s.failed.load(Ordering::Relaxed),
+        retried: s.retried.load(Ordering::Relaxed),
+        dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+        dropped: s.dropped.load(Ordering::Relaxed),
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("services", &self.services())
+            .finish()
+    }
+}
