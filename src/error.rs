@@ -39,7 +39,9 @@ pub enum Error {
     },
 
     /// A type was looked up in the registry that no handler or stream consumes.
-    #[error("type `{type_name}` is not consumed by this process; register a handler or stream for it in `KontextBuilder::consumers`")]
+    #[error(
+        "type `{type_name}` is not consumed by this process; register a handler or stream for it in `KontextBuilder::consumers`"
+    )]
     NotConsumed {
         /// `std::any::type_name` of the type.
         type_name: &'static str,

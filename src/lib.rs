@@ -45,7 +45,9 @@ pub mod testing;
 pub use broker::Broker;
 pub use codec::{Codec, Json};
 pub use config::KafkaSettings;
-pub use consumer::{Backpressure, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy};
+pub use consumer::{
+    Backpressure, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy,
+};
 pub use error::{Error, Result};
 pub use model::{Message, Model, ModelBuilder, TopicBuilder};
 pub use producer::{Delivery, Producer};
@@ -55,7 +57,6 @@ pub use runtime::{Kontext, KontextBuilder};
 pub mod prelude {
     pub use crate::{
         Backpressure, Broker, Delivery, Error, Handler, HandlerError, KafkaSettings, Kontext,
-        Message, MessageContext, MessageStream, Model, ModelBuilder, Producer, Result,
-        RetryPolicy,
+        Message, MessageContext, MessageStream, Model, ModelBuilder, Producer, Result, RetryPolicy,
     };
 }

@@ -55,7 +55,9 @@ impl DeadLetters {
     ) -> Result<DeadLetters> {
         let producer = settings
             .producer_config(bootstrap_servers)
-            .create_with_context(TracingContext { role: "dead-letter producer" })
+            .create_with_context(TracingContext {
+                role: "dead-letter producer",
+            })
             .map_err(|source| Error::Client {
                 role: "dead-letter producer",
                 source,

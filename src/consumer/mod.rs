@@ -425,7 +425,11 @@ impl fmt::Debug for ConsumerRuntime {
         f.debug_struct("ConsumerRuntime")
             .field(
                 "services",
-                &self.services.iter().map(|s| &s.shared.name).collect::<Vec<_>>(),
+                &self
+                    .services
+                    .iter()
+                    .map(|s| &s.shared.name)
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -437,14 +441,25 @@ fn thread_name(service: &str) -> String {
     if name.len() <= 15 {
         name
     } else {
-        let tail: String = service.chars().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = service
+            .chars()
+            .rev()
+            .take(12)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         format!("kx-{tail}")
     }
 }
 
 /// Groups the registrations into poll services: one per dedicated type, and
 /// one shared service per consumer group for the rest.
-fn plan(model: &Model, settings: &KafkaSettings, consumers: Consumers) -> Result<Vec<PlannedService>> {
+fn plan(
+    model: &Model,
+    settings: &KafkaSettings,
+    consumers: Consumers,
+) -> Result<Vec<PlannedService>> {
     let default_group = settings
         .consumer
         .group_id
@@ -494,9 +509,16 @@ fn plan(model: &Model, settings: &KafkaSettings, consumers: Consumers) -> Result
                 });
             }
             None => {
-                let group = planned.spec.group.clone().unwrap_or_else(|| default_group.clone());
+                let group = planned
+                    .spec
+                    .group
+                    .clone()
+                    .unwrap_or_else(|| default_group.clone());
                 let name = format!("shared-{group}");
-                match services.iter_mut().find(|s| s.dedicated.is_none() && s.group == group) {
+                match services
+                    .iter_mut()
+                    .find(|s| s.dedicated.is_none() && s.group == group)
+                {
                     Some(s) => {
                         if let (Some((a, at)), Some((b, bt))) = (s.offset_reset, reset) {
                             if a != b {

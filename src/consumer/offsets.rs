@@ -39,7 +39,10 @@ impl PartitionOffsets {
         let guess = usize::try_from(offset - front).ok();
         let index = match guess {
             Some(i) if self.in_flight.get(i).is_some_and(|(o, _)| *o == offset) => Some(i),
-            _ => self.in_flight.binary_search_by_key(&offset, |(o, _)| *o).ok(),
+            _ => self
+                .in_flight
+                .binary_search_by_key(&offset, |(o, _)| *o)
+                .ok(),
         };
         if let Some(i) = index {
             self.in_flight[i].1 = true;
@@ -103,7 +106,10 @@ impl OffsetTracker {
 
     /// Messages dispatched and not finished, over all partitions.
     pub(crate) fn pending(&self) -> usize {
-        self.partitions.values().map(PartitionOffsets::pending).sum()
+        self.partitions
+            .values()
+            .map(PartitionOffsets::pending)
+            .sum()
     }
 }
 
@@ -124,7 +130,11 @@ mod tests {
         assert_eq!(p.take_committable(), Some(11));
         assert_eq!(p.take_committable(), None, "unchanged since last store");
         p.finished(11);
-        assert_eq!(p.take_committable(), Some(14), "11, 12, 13 done; 14 running");
+        assert_eq!(
+            p.take_committable(),
+            Some(14),
+            "11, 12, 13 done; 14 running"
+        );
         p.finished(14);
         assert_eq!(p.take_committable(), Some(15));
         assert_eq!(p.pending(), 0);

@@ -17,7 +17,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, ClientContext, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::consumer::buffer::{Offer, TypeBuffer};
 use crate::consumer::context::Record;
@@ -54,9 +54,7 @@ impl Rejection {
     pub(crate) fn reason(&self) -> String {
         match self {
             Rejection::Tombstone => "tombstone (record without payload)".into(),
-            Rejection::MissingType => {
-                "no ce_type header, and several types share the topic".into()
-            }
+            Rejection::MissingType => "no ce_type header, and several types share the topic".into(),
             Rejection::UnknownType(t) => format!("unknown type `{t}` for this topic"),
         }
     }
@@ -80,6 +78,7 @@ pub(crate) struct ServiceShared {
     pub(crate) dedicated: bool,
     pub(crate) state: Mutex<ServiceState>,
     pub(crate) paused: Mutex<Vec<(String, i32)>>,
+    pub(crate) assigned: Mutex<Vec<(String, i32)>>,
     pub(crate) acks: Sender<Ack>,
     ack_rx: Receiver<Ack>,
     stop: AtomicU8,
@@ -103,6 +102,7 @@ impl ServiceShared {
                 ServiceState::Waiting
             }),
             paused: Mutex::new(Vec::new()),
+            assigned: Mutex::new(Vec::new()),
             acks,
             ack_rx,
             stop: AtomicU8::new(RUN),
@@ -249,6 +249,7 @@ impl ConsumerContext for PollContext {
                     .assignment
                     .retain(|(t, p)| !(&**t == e.topic() && *p == e.partition()));
             }
+            state.publish_paused(&self.shared);
             tracing::info!(service = %self.shared.name, revoked = tpl.count(), "partitions revoked");
         }
     }
@@ -292,12 +293,20 @@ impl LoopState {
     }
 
     fn store_offsets(&mut self, consumer: &BaseConsumer<PollContext>) {
-        for (topic, partition, offset) in self.tracker.take_committable() {
-            if let Err(e) = consumer.store_offset(&topic, partition, offset) {
-                // The partition was revoked meanwhile; its next owner starts
-                // from the last commit, which is at-least-once.
-                tracing::debug!(%topic, partition, offset, error = %e, "offset not stored");
-            }
+        let ready = self.tracker.take_committable();
+        if ready.is_empty() {
+            return;
+        }
+        // `store_offsets` takes the next offset to consume, as committed.
+        // (The single-partition `store_offset` would add one to it.)
+        let mut tpl = TopicPartitionList::with_capacity(ready.len());
+        for (topic, partition, offset) in &ready {
+            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        }
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // A partition was revoked meanwhile; its next owner starts from
+            // the last commit, which is at-least-once.
+            tracing::debug!(error = %e, "offsets not stored");
         }
     }
 
@@ -318,7 +327,9 @@ impl LoopState {
         for (i, s) in self.slot_state.iter().enumerate() {
             if s.paused {
                 for (t, p) in &self.assignment {
-                    if *t == self.slots[i].topic && !paused.iter().any(|(pt, pp)| pt == &**t && pp == p) {
+                    if *t == self.slots[i].topic
+                        && !paused.iter().any(|(pt, pp)| pt == &**t && pp == p)
+                    {
                         paused.push((t.to_string(), *p));
                     }
                 }
@@ -326,10 +337,21 @@ impl LoopState {
         }
         paused.sort();
         *lock(&shared.paused) = paused;
+        let mut assigned: Vec<(String, i32)> = self
+            .assignment
+            .iter()
+            .map(|(t, p)| (t.to_string(), *p))
+            .collect();
+        assigned.sort();
+        *lock(&shared.assigned) = assigned;
     }
 
     /// Routes one record: the type from the topic and `ce_type` header.
-    fn route(&self, route: &Route, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<usize, Rejection> {
+    fn route(
+        &self,
+        route: &Route,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<usize, Rejection> {
         if m.payload().is_none() {
             return Err(Rejection::Tombstone);
         }
@@ -540,7 +562,11 @@ impl LoopState {
             Offer::Full(record) => {
                 self.slot_state[i].overflow.push_back(record);
                 self.slot_state[i].paused = true;
-                self.slots[i].buffer.stats.paused.store(true, Ordering::Relaxed);
+                self.slots[i]
+                    .buffer
+                    .stats
+                    .paused
+                    .store(true, Ordering::Relaxed);
                 let tpl = self.partitions_of(i);
                 if let Err(e) = consumer.pause(&tpl) {
                     tracing::warn!(service = %shared.name, error = %e, "could not pause partitions");

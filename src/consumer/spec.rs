@@ -270,7 +270,10 @@ impl ConsumerSpec {
         }
         if let Some(d) = &self.dedicated {
             match d.settings.group_id.as_deref() {
-                None => out.push("a dedicated consumer needs a group: `.dedicated(|d| d.group(\"...\"))`".to_owned()),
+                None => out.push(
+                    "a dedicated consumer needs a group: `.dedicated(|d| d.group(\"...\"))`"
+                        .to_owned(),
+                ),
                 Some(g) if g.trim().is_empty() => {
                     out.push("the dedicated consumer group is empty".to_owned())
                 }

@@ -84,7 +84,16 @@ pub(crate) async fn run<T, D>(
             break;
         }
         let record = Arc::new(record);
-        let finished = handle(&env, &buffer, &spec, retry, &dead_letter_topic, &dispatch, &record).await;
+        let finished = handle(
+            &env,
+            &buffer,
+            &spec,
+            retry,
+            &dead_letter_topic,
+            &dispatch,
+            &record,
+        )
+        .await;
         if !finished {
             break;
         }
@@ -120,7 +129,13 @@ where
         };
         let ok = env
             .dead_letters
-            .publish(dead_letter_topic, &env.shared.group_id, record, &failure, &env.cancel)
+            .publish(
+                dead_letter_topic,
+                &env.shared.group_id,
+                record,
+                &failure,
+                &env.cancel,
+            )
             .await;
         if ok {
             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -175,7 +190,11 @@ where
             }
             Action::DeadLetter => return dead_letter(reason, error, attempt).await,
             _ if attempt >= retry.max_attempts => {
-                let reason = if reason == "panic" { "panic" } else { "retries-exhausted" };
+                let reason = if reason == "panic" {
+                    "panic"
+                } else {
+                    "retries-exhausted"
+                };
                 return dead_letter(reason, error, attempt).await;
             }
             Action::RetryAfter(d) => d,

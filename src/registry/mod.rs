@@ -80,6 +80,8 @@ pub struct ServiceStatus {
     pub dedicated: bool,
     /// Lifecycle state.
     pub state: ServiceState,
+    /// Partitions assigned to it by its group.
+    pub assigned_partitions: Vec<(String, i32)>,
     /// Partitions paused by backpressure.
     pub paused_partitions: Vec<(String, i32)>,
     /// Types it serves.
@@ -149,6 +151,7 @@ impl Registry {
             group_id: shared.group_id.clone(),
             dedicated: shared.dedicated,
             state: shared.state(),
+            assigned_partitions: lock(&shared.assigned).clone(),
             paused_partitions: lock(&shared.paused).clone(),
             types,
             since_last_poll: shared.since_last_poll(),
@@ -174,7 +177,11 @@ impl Registry {
         self.services().iter().all(ServiceStatus::is_healthy)
     }
 
-    pub(crate) fn shared_of(&self, id: TypeId, type_name: &'static str) -> Result<Arc<ServiceShared>> {
+    pub(crate) fn shared_of(
+        &self,
+        id: TypeId,
+        type_name: &'static str,
+    ) -> Result<Arc<ServiceShared>> {
         let name = self
             .types
             .get(&id)

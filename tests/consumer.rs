@@ -1,0 +1,1088 @@
+//! The consumer runtime against the broker the environment names.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use kontext::consumer::dlq_headers;
+use kontext::prelude::*;
+use kontext::testing::RecordedMessage;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OrderCreated {
+    order: u32,
+    seq: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OrderPaid {
+    order: u32,
+    seq: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Alert {
+    n: u32,
+}
+
+/// What handlers saw: `(key, seq, partition, offset)` per type name.
+#[derive(Clone, Default)]
+struct Seen {
+    inner: Arc<Mutex<Vec<(&'static str, u32, u32, i32, i64)>>>,
+}
+
+impl Seen {
+    fn push(&self, kind: &'static str, key: u32, seq: u32, ctx: &MessageContext) {
+        self.inner
+            .lock()
+            .unwrap()
+            .push((kind, key, seq, ctx.partition(), ctx.offset()));
+    }
+    fn count(&self, kind: &str) -> usize {
+        self.inner
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.0 == kind)
+            .count()
+    }
+    fn all(&self) -> Vec<(&'static str, u32, u32, i32, i64)> {
+        self.inner.lock().unwrap().clone()
+    }
+    async fn wait_for(&self, kind: &str, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.count(kind) >= n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}
+
+fn orders_model(
+    topic: &str,
+    alerts: &str,
+    partitions: i32,
+    f: impl Fn(kontext::consumer::ConsumerBuilder) -> kontext::consumer::ConsumerBuilder + Clone,
+) -> Model {
+    let (f1, f2, f3) = (f.clone(), f.clone(), f);
+    Model::builder()
+        .topic::<OrderCreated>(|t| {
+            t.name(topic)
+                .partitions(partitions)
+                .key(|e| e.order)
+                .consumer(f1)
+        })
+        .topic::<OrderPaid>(|t| t.name(topic).key(|e| e.order).consumer(f2))
+        .topic::<Alert>(|t| t.name(alerts).partitions(2).key(|e| e.n).consumer(f3))
+        .build()
+        .unwrap()
+}
+
+async fn producer_for(model: &Model, broker: &Broker) -> Kontext {
+    Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap()
+}
+
+fn settings(group: &str) -> KafkaSettings {
+    KafkaSettings::new().consumer(|c| c.group_id = Some(group.to_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = (
+        unique_name("orders"),
+        unique_name("alerts"),
+        unique_name("g"),
+    );
+    let model = orders_model(&topic, &alerts, 3, |c| c);
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+
+    let n = scaled(10_000) as u32;
+    let per_type = n / 3;
+    let created: Vec<OrderCreated> = (0..per_type)
+        .map(|i| OrderCreated {
+            order: i % 50,
+            seq: i,
+        })
+        .collect();
+    let paid: Vec<OrderPaid> = (0..per_type)
+        .map(|i| OrderPaid {
+            order: i % 50,
+            seq: i,
+        })
+        .collect();
+    let alerts_v: Vec<Alert> = (0..per_type).map(|n| Alert { n }).collect();
+    p.produce_batch(&created).await.unwrap();
+    p.produce_batch(&paid).await.unwrap();
+    p.produce_batch(&alerts_v).await.unwrap();
+
+    let seen = Seen::default();
+    let (s1, s2, s3) = (seen.clone(), seen.clone(), seen.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let s = s1.clone();
+                async move {
+                    assert_eq!(ctx.message_type(), Some("OrderCreated"));
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            })
+            .handler(move |e: OrderPaid, ctx: MessageContext| {
+                let s = s2.clone();
+                async move {
+                    s.push("paid", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            })
+            .handler(move |e: Alert, ctx: MessageContext| {
+                let s = s3.clone();
+                async move {
+                    s.push("alert", e.n, e.n, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+
+    for kind in ["created", "paid", "alert"] {
+        assert!(
+            seen.wait_for(kind, per_type as usize, READ_TIMEOUT).await,
+            "{kind}: {}",
+            seen.count(kind)
+        );
+    }
+    // One shared poll service (one Kafka consumer) serves all three types.
+    let services = consumer.registry().services();
+    assert_eq!(services.len(), 1, "{services:?}");
+    assert_eq!(consumer.clients().consumers, 1);
+    assert_eq!(services[0].types.len(), 3);
+    assert_eq!(services[0].group_id, group);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let all = seen.all();
+    for kind in ["created", "paid", "alert"] {
+        let seqs: BTreeSet<u32> = all.iter().filter(|e| e.0 == kind).map(|e| e.2).collect();
+        assert_eq!(
+            seqs.len(),
+            per_type as usize,
+            "{kind}: no duplicates, none lost"
+        );
+        assert_eq!(
+            all.iter().filter(|e| e.0 == kind).count(),
+            per_type as usize
+        );
+    }
+    // Per key, handlers saw messages in produced order.
+    let mut last: HashMap<(&str, u32), u32> = HashMap::new();
+    for (kind, key, seq, _, _) in &all {
+        if let Some(prev) = last.insert((kind, *key), *seq) {
+            assert!(*seq > prev, "{kind} key {key}: {seq} after {prev}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_type_pauses_alone_and_the_others_keep_flowing() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = (
+        unique_name("orders"),
+        unique_name("alerts"),
+        unique_name("g"),
+    );
+    let model = orders_model(&topic, &alerts, 2, |c| {
+        c.max_buffered(10).backpressure(Backpressure::Apply)
+    });
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+
+    let gate = Arc::new(Semaphore::new(0));
+    let seen = Seen::default();
+    let (s1, s3, g1) = (seen.clone(), seen.clone(), gate.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let (s, g) = (s1.clone(), g1.clone());
+                async move {
+                    // Blocks until the test opens the gate.
+                    g.acquire().await.unwrap().forget();
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            })
+            .handler(move |e: Alert, ctx: MessageContext| {
+                let s = s3.clone();
+                async move {
+                    s.push("alert", e.n, e.n, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+
+    let stuck: Vec<OrderCreated> = (0..200)
+        .map(|i| OrderCreated {
+            order: i % 4,
+            seq: i,
+        })
+        .collect();
+    p.produce_batch(&stuck).await.unwrap();
+    // Wait until the blocked type's buffer is full and its partitions paused.
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let st = consumer.registry().type_status::<OrderCreated>().unwrap();
+        // Full once, then the stalled handler took one: paused with the rest held.
+        if st.paused && st.buffered + 1 >= st.capacity {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never paused: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let service = consumer.registry().service_of::<OrderCreated>().unwrap();
+    assert!(!service.paused_partitions.is_empty());
+    assert!(
+        service.paused_partitions.iter().all(|(t, _)| *t == topic),
+        "{service:?}"
+    );
+
+    // Alerts share the poll service and keep flowing while OrderCreated is stuck.
+    let alerts_v: Vec<Alert> = (0..300).map(|n| Alert { n }).collect();
+    p.produce_batch(&alerts_v).await.unwrap();
+    assert!(
+        seen.wait_for("alert", 300, Duration::from_secs(30)).await,
+        "alerts: {}",
+        seen.count("alert")
+    );
+    assert_eq!(seen.count("created"), 0);
+    assert!(consumer.registry().is_healthy());
+
+    // Open the gate: every stuck message arrives exactly once, in order.
+    gate.add_permits(10_000);
+    assert!(
+        seen.wait_for("created", 200, READ_TIMEOUT).await,
+        "created: {}",
+        seen.count("created")
+    );
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let seqs: Vec<u32> = seen
+        .all()
+        .iter()
+        .filter(|e| e.0 == "created")
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(seqs.len(), 200);
+    let mut per_key: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for s in &seqs {
+        per_key.entry(s % 4).or_default().push(*s);
+    }
+    for (k, v) in per_key {
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "key {k} out of order: {v:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedicated_type_flows_while_the_shared_service_is_blocked() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = (
+        unique_name("orders"),
+        unique_name("alerts"),
+        unique_name("g"),
+    );
+    let dedicated_group = unique_name("alerts-dedicated");
+    let dg = dedicated_group.clone();
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| {
+            t.name(&topic)
+                .key(|e| e.order)
+                .consumer(|c| c.max_buffered(5))
+        })
+        .topic::<Alert>(move |t| {
+            t.name(&alerts)
+                .key(|e| e.n)
+                .consumer(move |c| c.dedicated(|d| d.group(dg).max_buffered(3)))
+        })
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let seen = Seen::default();
+    let (s1, s2, g1) = (seen.clone(), seen.clone(), gate.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let (s, g) = (s1.clone(), g1.clone());
+                async move {
+                    g.acquire().await.unwrap().forget();
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            })
+            .handler(move |e: Alert, ctx: MessageContext| {
+                let s = s2.clone();
+                async move {
+                    s.push("alert", e.n, e.n, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+
+    let services = consumer.registry().services();
+    assert_eq!(services.len(), 2, "{services:?}");
+    assert_eq!(consumer.clients().consumers, 2);
+    let alert_service = consumer.registry().service_of::<Alert>().unwrap();
+    assert!(alert_service.dedicated);
+    assert_eq!(alert_service.group_id, dedicated_group);
+    assert_eq!(
+        consumer.registry().type_status::<Alert>().unwrap().capacity,
+        3
+    );
+
+    let stuck: Vec<OrderCreated> = (0..50).map(|i| OrderCreated { order: i, seq: i }).collect();
+    p.produce_batch(&stuck).await.unwrap();
+    let alerts_v: Vec<Alert> = (0..100).map(|n| Alert { n }).collect();
+    p.produce_batch(&alerts_v).await.unwrap();
+    assert!(
+        seen.wait_for("alert", 100, Duration::from_secs(30)).await,
+        "alerts: {}",
+        seen.count("alert")
+    );
+    assert_eq!(seen.count("created"), 0, "the shared service is blocked");
+    gate.add_permits(1000);
+    assert!(seen.wait_for("created", 50, READ_TIMEOUT).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+async fn drop_mode_keeps(mode: Backpressure) -> (Vec<u32>, u64) {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    // One partition so the arrival order is the produce order.
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| {
+            t.name(&topic)
+                .key(|e| e.order)
+                .consumer(move |c| c.max_buffered(5).backpressure(mode))
+        })
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let seen = Seen::default();
+    let (s1, g1) = (seen.clone(), gate.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let (s, g) = (s1.clone(), g1.clone());
+                async move {
+                    g.acquire().await.unwrap().forget();
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    // The first message is taken by the (stalled) handler before the rest arrive.
+    let p = producer.producer().unwrap();
+    p.produce(&OrderCreated { order: 0, seq: 0 }).await.unwrap();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while consumer
+        .registry()
+        .type_status::<OrderCreated>()
+        .unwrap()
+        .received
+        < 1
+    {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rest: Vec<OrderCreated> = (1..20).map(|seq| OrderCreated { order: 0, seq }).collect();
+    p.produce_batch(&rest).await.unwrap();
+    while consumer
+        .registry()
+        .type_status::<OrderCreated>()
+        .unwrap()
+        .dropped
+        < 14
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            consumer.registry().type_status::<OrderCreated>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gate.add_permits(100);
+    assert!(seen.wait_for("created", 6, READ_TIMEOUT).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = consumer.registry().type_status::<OrderCreated>().unwrap();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let seqs = seen.all().iter().map(|e| e.2).collect();
+    (seqs, status.dropped)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_newest_keeps_the_first_messages_and_counts_drops() {
+    let (seqs, dropped) = drop_mode_keeps(Backpressure::DropNewest).await;
+    assert_eq!(seqs, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(dropped, 14);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_keeps_the_latest_messages_and_counts_drops() {
+    let (seqs, dropped) = drop_mode_keeps(Backpressure::DropOldest).await;
+    assert_eq!(seqs, vec![0, 15, 16, 17, 18, 19]);
+    assert_eq!(dropped, 14);
+}
+
+/// Starts a consumer of `OrderCreated` in `group` that records what it sees.
+async fn recording_consumer(
+    model: &Model,
+    broker: &Broker,
+    group: &str,
+    seen: &Seen,
+    delay: Duration,
+) -> Kontext {
+    let s = seen.clone();
+    Kontext::builder(model.clone())
+        .settings(settings(group).consumer(|c| c.librdkafka.set("auto.commit.interval.ms", "100")))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let s = s.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn crash_or_shutdown(graceful: bool) -> (Vec<u32>, Vec<u32>, u32) {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(3).key(|e| e.order))
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let total = scaled(2_000) as u32;
+    let events: Vec<OrderCreated> = (0..total)
+        .map(|seq| OrderCreated {
+            order: seq % 30,
+            seq,
+        })
+        .collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&events)
+        .await
+        .unwrap();
+
+    let first = Seen::default();
+    let a = recording_consumer(&model, &broker, &group, &first, Duration::from_millis(1)).await;
+    assert!(
+        first
+            .wait_for("created", (total / 4) as usize, READ_TIMEOUT)
+            .await
+    );
+    if graceful {
+        a.shutdown(Duration::from_secs(10)).await.unwrap();
+    } else {
+        drop(a);
+    }
+
+    let second = Seen::default();
+    let b = recording_consumer(&model, &broker, &group, &second, Duration::ZERO).await;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let mut union: BTreeSet<u32> = first.all().iter().map(|e| e.2).collect();
+        union.extend(second.all().iter().map(|e| e.2));
+        if union.len() == total as usize || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    // Read at the end: after a crash, a handler already running may still
+    // finish (its offset is then never committed and the message comes again).
+    let before: Vec<u32> = first.all().iter().map(|e| e.2).collect();
+    let after: Vec<u32> = second.all().iter().map(|e| e.2).collect();
+    (before, after, total)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_consumer_loses_nothing() {
+    let (before, after, total) = crash_or_shutdown(false).await;
+    let union: BTreeSet<u32> = before.iter().chain(&after).copied().collect();
+    assert_eq!(
+        union.len(),
+        total as usize,
+        "every message handled at least once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gracefully_stopped_consumer_hands_over_without_duplicates() {
+    let (before, after, total) = crash_or_shutdown(true).await;
+    let a: BTreeSet<u32> = before.iter().copied().collect();
+    let b: BTreeSet<u32> = after.iter().copied().collect();
+    assert_eq!(a.len(), before.len(), "no duplicates in the first run");
+    assert_eq!(a.intersection(&b).count(), 0, "nothing handled twice");
+    assert_eq!(a.len() + b.len(), total as usize, "nothing lost");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_partitions_and_one_takes_over() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(6).key(|e| e.order))
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+    let seen_a = Seen::default();
+    let seen_b = Seen::default();
+    let a = recording_consumer(&model, &broker, &group, &seen_a, Duration::ZERO).await;
+    let b = recording_consumer(&model, &broker, &group, &seen_b, Duration::ZERO).await;
+    // Wait for the group to settle with both members.
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let na = a.registry().services()[0].assigned_partitions.len();
+        let nb = b.registry().services()[0].assigned_partitions.len();
+        if na > 0 && nb > 0 && na + nb == 6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "group never settled: {na} + {nb}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let first: Vec<OrderCreated> = (0..600)
+        .map(|seq| OrderCreated {
+            order: seq % 60,
+            seq,
+        })
+        .collect();
+    p.produce_batch(&first).await.unwrap();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while seen_a.count("created") + seen_b.count("created") < 600 {
+        assert!(
+            Instant::now() < deadline,
+            "{} + {}",
+            seen_a.count("created"),
+            seen_b.count("created")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pa: BTreeSet<i32> = seen_a.all().iter().map(|e| e.3).collect();
+    let pb: BTreeSet<i32> = seen_b.all().iter().map(|e| e.3).collect();
+    assert!(
+        !pa.is_empty() && !pb.is_empty(),
+        "both instances got partitions: {pa:?} {pb:?}"
+    );
+    assert!(pa.is_disjoint(&pb), "{pa:?} {pb:?}");
+
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    let second: Vec<OrderCreated> = (600..1200)
+        .map(|seq| OrderCreated {
+            order: seq % 60,
+            seq,
+        })
+        .collect();
+    p.produce_batch(&second).await.unwrap();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let handled: BTreeSet<u32> = seen_a
+            .all()
+            .iter()
+            .chain(seen_b.all().iter())
+            .map(|e| e.2)
+            .collect();
+        if handled.len() == 1200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 1200 handled",
+            handled.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pa_after: BTreeSet<i32> = seen_a
+        .all()
+        .iter()
+        .filter(|e| e.2 >= 600)
+        .map(|e| e.3)
+        .collect();
+    assert_eq!(pa_after.len(), 6, "the survivor owns every partition");
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Job {
+    id: u32,
+    fail_times: u32,
+    mode: String,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_retry_then_dead_letter_with_headers_and_the_loop_survives() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group, dlq) = (
+        unique_name("jobs"),
+        unique_name("g"),
+        unique_name("jobs-dlq"),
+    );
+    let dlq2 = dlq.clone();
+    let model = Model::builder()
+        .topic::<Job>(move |t| {
+            t.name(&topic).key(|j| j.id).consumer(move |c| {
+                c.dead_letter_topic(dlq2).retry(RetryPolicy {
+                    max_attempts: 3,
+                    initial_backoff: Duration::from_millis(10),
+                    max_backoff: Duration::from_millis(50),
+                })
+            })
+        })
+        .build()
+        .unwrap();
+    let topic = model.topic_of::<Job>().unwrap().to_owned();
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+
+    let attempts: Arc<Mutex<HashMap<u32, Vec<u32>>>> = Arc::default();
+    let done: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let (at, dn) = (attempts.clone(), done.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |job: Job, ctx: MessageContext| {
+                let (at, dn) = (at.clone(), dn.clone());
+                async move {
+                    at.lock()
+                        .unwrap()
+                        .entry(job.id)
+                        .or_default()
+                        .push(ctx.attempt());
+                    match job.mode.as_str() {
+                        "panic" => panic!("job {} exploded", job.id),
+                        "fatal" => return Err(HandlerError::dead_letter("not fixable")),
+                        "skip" => return Err(HandlerError::skip("not for us")),
+                        _ => {}
+                    }
+                    if ctx.attempt() <= job.fail_times {
+                        return Err(
+                            std::io::Error::other(format!("flaky {}", ctx.attempt())).into()
+                        );
+                    }
+                    dn.lock().unwrap().push(job.id);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+
+    let job = |id, fail_times, mode: &str| Job {
+        id,
+        fail_times,
+        mode: mode.into(),
+    };
+    p.produce(&job(1, 2, "")).await.unwrap(); // succeeds on attempt 3
+    p.produce(&job(2, 5, "")).await.unwrap(); // exhausts 3 attempts -> DLQ
+    p.produce(&job(3, 0, "panic")).await.unwrap(); // panics every time -> DLQ
+    p.produce(&job(4, 0, "fatal")).await.unwrap(); // DLQ at once
+    p.produce(&job(5, 0, "skip")).await.unwrap(); // skipped, not dead-lettered
+
+    // Raw records the codec or the router cannot accept.
+    let raw = rdkafka_producer(&broker);
+    send_raw(&raw, &topic, Some(b"{not json"), Some("Job")).await;
+    send_raw(&raw, &topic, Some(br#"{"id":9}"#), Some("SomethingElse")).await;
+    send_raw(&raw, &topic, None, Some("Job")).await;
+    p.produce(&job(6, 0, "")).await.unwrap(); // the loop is still alive
+
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while !done.lock().unwrap().contains(&6) {
+        assert!(Instant::now() < deadline, "job 6 never handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let records = read_topic(&broker, &dlq, 6, READ_TIMEOUT).await.unwrap();
+    assert_eq!(records.len(), 6, "{records:#?}");
+    // Unroutable records are dead-lettered by the poll service's own worker,
+    // so only the per-type order is fixed; index by reason.
+    let by_reason: BTreeMap<&str, &RecordedMessage> = records
+        .iter()
+        .map(|r| (r.header(dlq_headers::REASON).unwrap(), r))
+        .collect();
+    let reasons: Vec<&str> = by_reason.keys().copied().collect();
+    assert_eq!(
+        reasons,
+        [
+            "decode",
+            "handler",
+            "panic",
+            "retries-exhausted",
+            "tombstone",
+            "unknown-type"
+        ]
+    );
+    let exhausted = by_reason["retries-exhausted"];
+    assert_eq!(
+        exhausted.header(dlq_headers::ORIGINAL_TOPIC),
+        Some(topic.as_str())
+    );
+    assert_eq!(exhausted.header(dlq_headers::ATTEMPTS), Some("3"));
+    assert_eq!(exhausted.header(dlq_headers::GROUP), Some(group.as_str()));
+    assert!(
+        exhausted
+            .header(dlq_headers::ERROR)
+            .unwrap()
+            .contains("flaky 3")
+    );
+    assert!(
+        exhausted
+            .header(dlq_headers::ORIGINAL_OFFSET)
+            .unwrap()
+            .parse::<i64>()
+            .is_ok()
+    );
+    assert!(humantime::parse_rfc3339(exhausted.header(dlq_headers::FAILED_AT).unwrap()).is_ok());
+    assert_eq!(
+        exhausted.header("ce_type"),
+        Some("Job"),
+        "original headers kept"
+    );
+    assert_eq!(exhausted.key_str(), Some("2"));
+    assert!(
+        by_reason["panic"]
+            .header(dlq_headers::ERROR)
+            .unwrap()
+            .contains("job 3 exploded")
+    );
+    assert_eq!(
+        by_reason["decode"].payload.as_deref(),
+        Some(&b"{not json"[..])
+    );
+    assert!(by_reason["tombstone"].payload.is_none());
+    assert!(
+        by_reason["unknown-type"]
+            .header(dlq_headers::ERROR)
+            .unwrap()
+            .contains("SomethingElse")
+    );
+    assert_eq!(
+        by_reason["handler"].header(dlq_headers::ATTEMPTS),
+        Some("1")
+    );
+
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts[&1], vec![1, 2, 3]);
+    assert_eq!(attempts[&2], vec![1, 2, 3]);
+    assert_eq!(attempts[&3], vec![1, 2, 3]);
+    assert_eq!(attempts[&4], vec![1]);
+    assert_eq!(attempts[&5], vec![1]);
+    assert_eq!(*done.lock().unwrap(), vec![1, 6]);
+    let st = consumer.registry().type_status::<Job>().unwrap();
+    assert_eq!(
+        st.dead_lettered, 4,
+        "retries-exhausted, panic, handler, decode"
+    );
+    assert!(consumer.registry().is_healthy());
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+fn rdkafka_producer(broker: &Broker) -> rdkafka::producer::FutureProducer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap()
+}
+
+async fn send_raw(
+    p: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    payload: Option<&[u8]>,
+    kind: Option<&str>,
+) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let mut headers = OwnedHeaders::new();
+    if let Some(k) = kind {
+        headers = headers.insert(Header {
+            key: "ce_type",
+            value: Some(k),
+        });
+    }
+    let mut record: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+        rdkafka::producer::FutureRecord::to(topic)
+            .headers(headers)
+            .key(&b"raw"[..]);
+    if let Some(p) = payload {
+        record = record.payload(p);
+    }
+    p.send(record, Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_deliver_in_order_and_redeliver_unacknowledged_messages() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| {
+            t.name(&topic).key(|e| e.order).consumer(|c| {
+                c.retry(RetryPolicy {
+                    max_attempts: 3,
+                    initial_backoff: Duration::from_millis(5),
+                    max_backoff: Duration::from_millis(5),
+                })
+            })
+        })
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let events: Vec<OrderCreated> = (0..20).map(|seq| OrderCreated { order: 1, seq }).collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&events)
+        .await
+        .unwrap();
+
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(|c| {
+            c.stream::<OrderCreated>();
+        })
+        .start()
+        .await
+        .unwrap();
+    let mut stream = consumer.stream::<OrderCreated>().unwrap();
+    assert!(
+        consumer.stream::<OrderCreated>().is_err(),
+        "a stream is taken once"
+    );
+    let mut got = Vec::new();
+    let mut dropped_once = false;
+    while got.len() < 20 {
+        let item = tokio::time::timeout(READ_TIMEOUT, stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if item.message.seq == 7 && !dropped_once {
+            // Dropped unacknowledged: delivered again as the next attempt.
+            dropped_once = true;
+            drop(item);
+            continue;
+        }
+        if item.message.seq == 7 {
+            assert_eq!(item.context.attempt(), 2);
+        }
+        got.push(item.message.seq);
+        item.ack();
+    }
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_settings_reach_the_broker_and_waiting_services_wait() {
+    init_tracing();
+    let broker = broker();
+    let topic = unique_name("alerts");
+    let group = unique_name("alerts-dedicated");
+    let g = group.clone();
+    let model = Model::builder()
+        .topic::<Alert>(move |t| {
+            t.name(&topic).key(|e| e.n).consumer(move |c| {
+                c.dedicated(|d| {
+                    d.group(g)
+                        .start_immediately(false)
+                        .set("fetch.wait.max.ms", "50")
+                })
+            })
+        })
+        .build()
+        .unwrap();
+    let topic = model.topic_of::<Alert>().unwrap().to_owned();
+    let producer = producer_for(&model, &broker).await;
+    let events: Vec<Alert> = (0..10).map(|n| Alert { n }).collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&events)
+        .await
+        .unwrap();
+
+    let seen = Seen::default();
+    let s = seen.clone();
+    let consumer = Kontext::builder(model)
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: Alert, ctx: MessageContext| {
+                let s = s.clone();
+                async move {
+                    s.push("alert", e.n, e.n, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let status = consumer.registry().service_of::<Alert>().unwrap();
+    assert_eq!(status.state, kontext::consumer::ServiceState::Waiting);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(seen.count("alert"), 0, "nothing consumed before start");
+
+    consumer.start_service::<Alert>().unwrap();
+    assert!(seen.wait_for("alert", 10, READ_TIMEOUT).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    // The broker knows the dedicated group, with its offsets committed.
+    let committed = committed_offsets(&broker, &group, &topic).await;
+    let offsets: Vec<i64> = seen.all().iter().map(|e| e.4).collect();
+    assert_eq!(
+        committed.values().sum::<i64>(),
+        10,
+        "{committed:?} after handling offsets {offsets:?}"
+    );
+}
+
+/// Committed offsets of `group` on every partition of `topic`, read with a
+/// plain client. The `TopicPartitionList` is dropped before its consumer.
+async fn committed_offsets(broker: &Broker, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let servers = broker.bootstrap_servers().to_owned();
+    let (group, topic) = (group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .set("group.id", &group)
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition(&topic, p.id());
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        let out = committed
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                e.offset()
+                    .to_raw()
+                    .filter(|o| *o >= 0)
+                    .map(|o| (e.partition(), o))
+            })
+            .collect();
+        drop(committed);
+        drop(consumer);
+        out
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_errors_are_clear() {
+    init_tracing();
+    let topic = unique_name("orders");
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic))
+        .topic::<OrderPaid>(|t| t.name(&topic))
+        .build()
+        .unwrap();
+    let kontext = Kontext::builder(model.clone())
+        .broker(broker())
+        .consumers(|c| {
+            c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap();
+    let err = kontext.registry().service_of::<OrderPaid>().unwrap_err();
+    assert!(matches!(err, Error::NotConsumed { .. }), "{err}");
+    assert!(err.to_string().contains("OrderPaid"));
+    kontext.shutdown(Duration::from_secs(5)).await.unwrap();
+
+    let err = Kontext::builder(model)
+        .broker(broker())
+        .consumers(|c| {
+            c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) })
+                .stream::<OrderCreated>();
+        })
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("two consumers"), "{err}");
+
+    let err = Kontext::builder(Model::builder().build().unwrap())
+        .broker(broker())
+        .consumers(|c| {
+            c.stream::<Alert>();
+        })
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownType { .. }), "{err}");
+}
