@@ -2,20 +2,18 @@
 //!
 //! The order events of an online shop (created, paid, shipped; keyed by order
 //! id so each order's events stay in order) declared in a kontext model,
-//! produced through kontext and read back with a plain rdkafka consumer.
+//! produced through kontext and consumed by typed handlers on kontext's
+//! shared poll service, which check that each order's events arrive in order.
 //!
 //! With no settings it runs on kontext's embedded broker. Point it at a real
 //! cluster with `KONTEXT_BOOTSTRAP_SERVERS=host:9092`; any other setting can
 //! come from `KONTEXT_*` variables too (see `kontext::config`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kontext::headers;
 use kontext::prelude::*;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message as _};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -41,9 +39,67 @@ struct OrderShipped {
 /// The orders bounded context: one topic, three event types told apart by
 /// their type header, all keyed by order id.
 fn orders(m: &mut ModelBuilder) {
-    m.topic::<OrderCreated>(|t| t.name("orders").partitions(6).key(|e| e.order_id));
-    m.topic::<OrderPaid>(|t| t.name("orders").key(|e| e.order_id));
-    m.topic::<OrderShipped>(|t| t.name("orders").key(|e| e.order_id));
+    m.topic::<OrderCreated>(|t| {
+        t.name("orders")
+            .partitions(6)
+            .key(|e| e.order_id)
+            .consumer(|c| c.max_buffered(500))
+    });
+    m.topic::<OrderPaid>(|t| t.name("orders").key(|e| e.order_id).consumer(|c| c));
+    m.topic::<OrderShipped>(|t| t.name("orders").key(|e| e.order_id).consumer(|c| c));
+}
+
+/// What the handlers saw: per partition, per type, and each order's stage.
+#[derive(Default)]
+struct Tally {
+    per_partition: BTreeMap<i32, usize>,
+    per_type: BTreeMap<&'static str, usize>,
+    stage: HashMap<Uuid, usize>,
+    out_of_order: usize,
+    total: usize,
+}
+
+impl Tally {
+    fn record(&mut self, kind: &'static str, stage: usize, order: Uuid, ctx: &MessageContext) {
+        *self.per_partition.entry(ctx.partition()).or_default() += 1;
+        *self.per_type.entry(kind).or_default() += 1;
+        let seen = self.stage.entry(order).or_insert(0);
+        if *seen != stage {
+            self.out_of_order += 1;
+        }
+        *seen += 1;
+        self.total += 1;
+    }
+}
+
+/// One handler per type, as a struct holding its dependencies.
+struct Track {
+    tally: Arc<Mutex<Tally>>,
+}
+
+impl Handler<OrderCreated> for Track {
+    async fn handle(&self, e: OrderCreated, ctx: MessageContext) -> Result<(), HandlerError> {
+        lock(&self.tally).record("OrderCreated", 0, e.order_id, &ctx);
+        Ok(())
+    }
+}
+
+impl Handler<OrderPaid> for Track {
+    async fn handle(&self, e: OrderPaid, ctx: MessageContext) -> Result<(), HandlerError> {
+        lock(&self.tally).record("OrderPaid", 1, e.order_id, &ctx);
+        Ok(())
+    }
+}
+
+impl Handler<OrderShipped> for Track {
+    async fn handle(&self, e: OrderShipped, ctx: MessageContext) -> Result<(), HandlerError> {
+        lock(&self.tally).record("OrderShipped", 2, e.order_id, &ctx);
+        Ok(())
+    }
+}
+
+fn lock(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 const ORDERS: usize = 1_000;
@@ -59,9 +115,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let model = Model::builder().configure(orders).build()?;
     let settings = KafkaSettings::from_env()?.client_id("orders-demo");
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let track = || Track {
+        tally: Arc::clone(&tally),
+    };
+    let (t1, t2, t3) = (track(), track(), track());
     let kontext = Kontext::builder(model)
         .settings(settings)
         .producer()
+        .consumers(|c| {
+            c.handler::<OrderCreated>(t1)
+                .handler::<OrderPaid>(t2)
+                .handler::<OrderShipped>(t3);
+        })
         .start()
         .await?;
     let topic = kontext
@@ -108,51 +174,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     produced += producer.produce_batch(&shipped).await?.len();
     let produce_elapsed = started.elapsed();
 
-    // Read back with a plain rdkafka consumer group.
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kontext.broker().bootstrap_servers())
-        .set(
-            "group.id",
-            format!("orders-demo-{}", Uuid::now_v7().simple()),
-        )
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("session.timeout.ms", "6000")
-        .create()?;
-    consumer.subscribe(&[&topic])?;
-
-    let mut per_partition: BTreeMap<i32, usize> = BTreeMap::new();
-    let mut per_type: BTreeMap<String, usize> = BTreeMap::new();
-    let mut stage: HashMap<Vec<u8>, usize> = HashMap::new();
-    let mut out_of_order = 0;
-    let mut consumed = 0;
+    // The handlers run on kontext's shared poll service; wait for them.
     let read_started = Instant::now();
-    while consumed < produced {
-        let Some(message) = next_message(&consumer, Duration::from_secs(30)).await? else {
-            return Err(format!("only {consumed} of {produced} events arrived within 30 s").into());
-        };
-        consumed += 1;
-        *per_partition.entry(message.partition()).or_default() += 1;
-        let kind = message
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == headers::MESSAGE_TYPE))
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_else(|| "<no type header>".into());
-        let expected_stage = match kind.as_str() {
-            "OrderCreated" => 0,
-            "OrderPaid" => 1,
-            _ => 2,
-        };
-        let key = message.key().unwrap_or_default().to_vec();
-        let seen = stage.entry(key).or_insert(0);
-        if *seen != expected_stage {
-            out_of_order += 1;
+    while lock(&tally).total < produced {
+        if read_started.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "only {} of {produced} events handled within 60 s",
+                lock(&tally).total
+            )
+            .into());
         }
-        *seen += 1;
-        *per_type.entry(kind).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let read_elapsed = read_started.elapsed();
+    let services = kontext.registry().services();
+    kontext.shutdown(Duration::from_secs(10)).await?;
+    let tally = lock(&tally);
 
     println!("topic: {topic}");
     println!(
@@ -160,27 +197,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         produce_elapsed,
         produced as f64 / produce_elapsed.as_secs_f64()
     );
-    println!("consumed: {consumed} in {read_elapsed:.2?}");
-    println!("per partition: {per_partition:?}");
-    println!("per type: {per_type:?}");
-    println!("orders whose events arrived out of order: {out_of_order}");
+    println!(
+        "handled: {} (last one {read_elapsed:.2?} after the produce finished)",
+        tally.total
+    );
+    println!(
+        "poll services: {:?}",
+        services.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+    println!("per partition: {:?}", tally.per_partition);
+    println!("per type: {:?}", tally.per_type);
+    println!(
+        "orders whose events arrived out of order: {}",
+        tally.out_of_order
+    );
     println!("total elapsed: {:.2?}", started.elapsed());
-
-    drop(consumer);
-    kontext.shutdown(Duration::from_secs(10)).await?;
-    if out_of_order > 0 {
+    if tally.out_of_order > 0 {
         return Err("per-key order was violated".into());
     }
     Ok(())
-}
-
-/// `StreamConsumer::recv` with a timeout; `None` when nothing arrived in time.
-async fn next_message(
-    consumer: &StreamConsumer,
-    timeout: Duration,
-) -> Result<Option<rdkafka::message::BorrowedMessage<'_>>, rdkafka::error::KafkaError> {
-    match tokio::time::timeout(timeout, consumer.recv()).await {
-        Ok(result) => result.map(Some),
-        Err(_) => Ok(None),
-    }
 }

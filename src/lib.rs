@@ -60,3 +60,8 @@ pub mod prelude {
         Message, MessageContext, MessageStream, Model, ModelBuilder, Producer, Result, RetryPolicy,
     };
 }
+
+/// Compiles the examples of `DEDICATED_CONNECTIONS.md` as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../DEDICATED_CONNECTIONS.md")]
+pub struct DedicatedConnectionsDoc;

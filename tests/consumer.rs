@@ -32,10 +32,13 @@ struct Alert {
     n: u32,
 }
 
-/// What handlers saw: `(key, seq, partition, offset)` per type name.
+/// One handled message: `(type, key, seq, partition, offset)`.
+type Handled = (&'static str, u32, u32, i32, i64);
+
+/// What handlers saw, in handling order.
 #[derive(Clone, Default)]
 struct Seen {
-    inner: Arc<Mutex<Vec<(&'static str, u32, u32, i32, i64)>>>,
+    inner: Arc<Mutex<Vec<Handled>>>,
 }
 
 impl Seen {
@@ -53,7 +56,7 @@ impl Seen {
             .filter(|e| e.0 == kind)
             .count()
     }
-    fn all(&self) -> Vec<(&'static str, u32, u32, i32, i64)> {
+    fn all(&self) -> Vec<Handled> {
         self.inner.lock().unwrap().clone()
     }
     async fn wait_for(&self, kind: &str, n: usize, timeout: Duration) -> bool {
@@ -1085,4 +1088,68 @@ async fn registry_errors_are_clear() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::UnknownType { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_across_retries() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| {
+            t.name(&topic).partitions(3).key(|e| e.order).consumer(|c| {
+                c.retry(RetryPolicy {
+                    max_attempts: 5,
+                    initial_backoff: Duration::from_millis(1),
+                    max_backoff: Duration::from_millis(5),
+                })
+            })
+        })
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let events: Vec<OrderCreated> = (0..300)
+        .map(|seq| OrderCreated {
+            order: seq % 7,
+            seq,
+        })
+        .collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&events)
+        .await
+        .unwrap();
+
+    let seen = Seen::default();
+    let s = seen.clone();
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let s = s.clone();
+                async move {
+                    // Every fifth message fails twice before it succeeds.
+                    if e.seq % 5 == 0 && ctx.attempt() < 3 {
+                        return Err(HandlerError::retry("transient"));
+                    }
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(seen.wait_for("created", 300, READ_TIMEOUT).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let mut per_key: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (_, key, seq, _, _) in seen.all() {
+        per_key.entry(key).or_default().push(seq);
+    }
+    for (key, seqs) in per_key {
+        let expected: Vec<u32> = (0..300).filter(|s| s % 7 == key).collect();
+        assert_eq!(seqs, expected, "key {key}");
+    }
 }

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::Header;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -85,7 +85,7 @@ impl DeadLetters {
             let offset = record.offset.to_string();
             let attempts = failure.attempts.to_string();
             let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-            let mut headers = record.headers.clone().unwrap_or_else(OwnedHeaders::new);
+            let mut headers = record.headers.clone().unwrap_or_default();
             for (key, value) in [
                 (dlq_headers::ORIGINAL_TOPIC, &*record.topic),
                 (dlq_headers::ORIGINAL_PARTITION, partition.as_str()),
