@@ -49,9 +49,17 @@ pub use consumer::{
     Backpressure, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy,
 };
 pub use error::{Error, Result};
-pub use model::{Message, Model, ModelBuilder, TopicBuilder};
+pub use model::{Message, Model, ModelBuilder, Topic, TopicBuilder};
+/// `#[derive(Topic)]`: see the [`Topic`](trait@Topic) trait.
+pub use kontext_macros::Topic;
 pub use producer::{Delivery, Producer};
 pub use runtime::{Kontext, KontextBuilder};
+
+/// What generated code needs, so users need not depend on it themselves.
+#[doc(hidden)]
+pub mod __private {
+    pub use inventory;
+}
 
 /// The names most services need: `use kontext::prelude::*;`.
 pub mod prelude {

@@ -3,6 +3,7 @@
 //! [`ModelBuilder::build`], then frozen in a [`Model`] that producers and
 //! consumers share.
 
+mod derive;
 mod error;
 pub mod name;
 mod topic;
@@ -15,6 +16,9 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use derive::Topic;
+#[doc(hidden)]
+pub use derive::DerivedTopic;
 pub use error::{ModelError, ModelIssue};
 pub(crate) use topic::HeaderSource;
 pub use topic::{MessageKey, TopicBuilder, TopicProvisioning, TopicSpec};
@@ -62,7 +66,9 @@ impl ModelBuilder {
         &mut self,
         f: impl FnOnce(TopicBuilder<T>) -> TopicBuilder<T>,
     ) -> &mut Self {
-        let spec = f(TopicBuilder::new()).freeze();
+        let mut builder = TopicBuilder::new();
+        derive::apply_derived(&mut builder);
+        let spec = f(builder).freeze();
         self.specs.push((TypeId::of::<T>(), Box::new(spec)));
         self
     }
@@ -425,7 +431,12 @@ impl<T: Message> ErasedSpec for TopicSpec<T> {
         self.consumer.as_ref()
     }
     fn header_names(&self) -> Vec<&str> {
-        self.headers.iter().map(|(name, _)| name.as_str()).collect()
+        // Derived header fields are named by the derive, which checks them.
+        self.headers
+            .iter()
+            .filter(|(_, source)| !matches!(source, HeaderSource::Derived(_)))
+            .map(|(name, _)| name.as_str())
+            .collect()
     }
     fn as_any(&self) -> &dyn Any {
         self

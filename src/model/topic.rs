@@ -75,11 +75,14 @@ int_keys!(
 
 pub(crate) type KeyFn<T> = Arc<dyn Fn(&T, &mut Vec<u8>) -> bool + Send + Sync>;
 pub(crate) type HeaderFn<T> = Arc<dyn Fn(&T) -> Option<String> + Send + Sync>;
+pub(crate) type HeadersFn<T> = Arc<dyn Fn(&T, &mut Vec<(&'static str, String)>) + Send + Sync>;
 
 /// A header declared on a topic: fixed, or computed from each message.
 pub(crate) enum HeaderSource<T> {
     Static(String),
     Computed(HeaderFn<T>),
+    /// The header fields of a derived type (its entry has an empty name).
+    Derived(HeadersFn<T>),
 }
 
 impl<T> Clone for HeaderSource<T> {
@@ -87,6 +90,7 @@ impl<T> Clone for HeaderSource<T> {
         match self {
             HeaderSource::Static(v) => HeaderSource::Static(v.clone()),
             HeaderSource::Computed(f) => HeaderSource::Computed(Arc::clone(f)),
+            HeaderSource::Derived(f) => HeaderSource::Derived(Arc::clone(f)),
         }
     }
 }

@@ -257,6 +257,13 @@ impl Producer {
                         h = h.insert(header(name, &v));
                     }
                 }
+                HeaderSource::Derived(f) => {
+                    let mut fields = Vec::new();
+                    f(message, &mut fields);
+                    for (name, v) in &fields {
+                        h = h.insert(header(name, v));
+                    }
+                }
             }
         }
         for (name, v) in &options.headers {
