@@ -49,9 +49,9 @@ pub use consumer::{
     Backpressure, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy,
 };
 pub use error::{Error, Result};
-pub use model::{Message, Model, ModelBuilder, Topic, TopicBuilder};
 /// `#[derive(Topic)]`: see the [`Topic`](trait@Topic) trait.
 pub use kontext_macros::Topic;
+pub use model::{Message, Model, ModelBuilder, Topic, TopicBuilder};
 pub use producer::{Delivery, Producer};
 pub use runtime::{Kontext, KontextBuilder};
 

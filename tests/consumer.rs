@@ -1153,3 +1153,102 @@ async fn per_key_order_holds_across_retries() {
         assert_eq!(seqs, expected, "key {key}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_sharing_a_topic_are_handled_in_partition_order() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = (
+        unique_name("orders"),
+        unique_name("alerts"),
+        unique_name("g"),
+    );
+    let model = orders_model(&topic, &alerts, 2, |c| c);
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+    // Created then paid for every order, interleaved across orders.
+    for order in 0..100u32 {
+        p.produce(&OrderCreated { order, seq: 0 }).await.unwrap();
+        p.produce(&OrderPaid { order, seq: 1 }).await.unwrap();
+    }
+    let seen = Seen::default();
+    let (s1, s2) = (seen.clone(), seen.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let s = s1.clone();
+                async move {
+                    // A slower handler for the first type must not let the
+                    // second type overtake it on the same partition.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            })
+            .handler(move |e: OrderPaid, ctx: MessageContext| {
+                let s = s2.clone();
+                async move {
+                    s.push("paid", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+            // Alert is in the model but not consumed here.
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(seen.wait_for("paid", 100, READ_TIMEOUT).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let all = seen.all();
+    for order in 0..100u32 {
+        let kinds: Vec<&str> = all.iter().filter(|e| e.1 == order).map(|e| e.0).collect();
+        assert_eq!(kinds, ["created", "paid"], "order {order}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_types_consumed_elsewhere_are_skipped_not_dead_lettered() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = (
+        unique_name("orders"),
+        unique_name("alerts"),
+        unique_name("g"),
+    );
+    let model = orders_model(&topic, &alerts, 1, |c| c);
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+    for order in 0..20u32 {
+        p.produce(&OrderPaid { order, seq: 0 }).await.unwrap();
+        p.produce(&OrderCreated { order, seq: 1 }).await.unwrap();
+    }
+    let seen = Seen::default();
+    let s = seen.clone();
+    // This process consumes only OrderCreated; OrderPaid is someone else's.
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let s = s.clone();
+                async move {
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(seen.wait_for("created", 20, READ_TIMEOUT).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(dlq.is_empty(), "{dlq:?}");
+    // Everything was committed, skipped records included.
+    let committed = committed_offsets(&broker, &group, &topic).await;
+    assert_eq!(committed.values().sum::<i64>(), 40, "{committed:?}");
+}

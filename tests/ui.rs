@@ -9,11 +9,12 @@ const PINNED: &str = "rustc 1.95.";
 
 #[test]
 fn derive_topic() {
-    let version = std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
+    let version =
+        std::process::Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into()))
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
     if !version.starts_with(PINNED) {
         eprintln!("skipping: UI snapshots are pinned to {PINNED}x, this is {version}");
         return;

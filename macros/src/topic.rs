@@ -57,7 +57,10 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             None
         }
         Data::Union(u) => {
-            errors.at(u.union_token.span, "`#[derive(Topic)]` supports structs only");
+            errors.at(
+                u.union_token.span,
+                "`#[derive(Topic)]` supports structs only",
+            );
             None
         }
     };
@@ -160,19 +163,27 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         Some(Fields::Named(f)) => f.named.iter().collect(),
         Some(Fields::Unnamed(f)) => {
             if attrs.key.is_some() || !attrs.headers.is_empty() {
-                errors.at(f.span(), "key and header fields need a struct with named fields");
+                errors.at(
+                    f.span(),
+                    "key and header fields need a struct with named fields",
+                );
             }
             Vec::new()
         }
         _ => Vec::new(),
     };
     for field in &named {
-        let Some(field_ident) = &field.ident else { continue };
+        let Some(field_ident) = &field.ident else {
+            continue;
+        };
         for attr in field.attrs.iter().filter(|a| a.path().is_ident("topic")) {
             let result = attr.parse_nested_meta(|meta| {
                 if meta.path.is_ident("key") {
                     if attrs.key.is_some() {
-                        errors.at(meta.path.span(), "duplicate `key`: the message key is already set");
+                        errors.at(
+                            meta.path.span(),
+                            "duplicate `key`: the message key is already set",
+                        );
                     } else {
                         attrs.key = Some(field_ident.clone());
                     }
@@ -202,12 +213,18 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
     if fields.is_some() {
         if let Some(k) = &attrs.key {
             if !field_exists(k) {
-                errors.at(k.span(), format!("no field `{k}` on `{ident}` to use as the key"));
+                errors.at(
+                    k.span(),
+                    format!("no field `{k}` on `{ident}` to use as the key"),
+                );
             }
         }
         for (f, _) in &attrs.headers {
             if !field_exists(f) {
-                errors.at(f.span(), format!("no field `{f}` on `{ident}` to copy into a header"));
+                errors.at(
+                    f.span(),
+                    format!("no field `{f}` on `{ident}` to copy into a header"),
+                );
             }
         }
     }
@@ -249,9 +266,10 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
             false
         }),
     };
-    let header_pushes = attrs.headers.iter().map(|(f, n)| {
-        quote!(out.push((#n, ::std::string::ToString::to_string(&self.#f)));)
-    });
+    let header_pushes = attrs
+        .headers
+        .iter()
+        .map(|(f, n)| quote!(out.push((#n, ::std::string::ToString::to_string(&self.#f)));));
 
     Ok(quote! {
         #[automatically_derived]

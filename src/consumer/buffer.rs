@@ -1,6 +1,8 @@
-//! The bounded buffer of one type between its poll thread and its async
-//! worker: a crossbeam channel for the records (the poll thread never
-//! blocks on it) and a tokio `Notify` to wake the worker.
+//! The bounded buffer of one lane (one topic of a poll service, with every
+//! type on it) between the poll thread and the lane's async worker: a
+//! crossbeam channel for the records (the poll thread never blocks on it)
+//! and a tokio `Notify` to wake the worker. One lane per topic keeps the
+//! records of a partition in order even when several types share it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,16 +13,15 @@ use tokio::sync::Notify;
 use crate::consumer::Backpressure;
 use crate::consumer::context::Record;
 
-/// Counters of one type's buffer, readable from the registry.
+/// Counters of one type, readable from the registry.
 #[derive(Debug, Default)]
-pub(crate) struct BufferStats {
+pub(crate) struct TypeStats {
     pub(crate) received: AtomicU64,
     pub(crate) handled: AtomicU64,
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) dropped: AtomicU64,
-    pub(crate) paused: AtomicBool,
 }
 
 /// Result of offering a record to a full or non-full buffer.
@@ -43,7 +44,9 @@ pub(crate) struct TypeBuffer {
     notify: Notify,
     mode: Backpressure,
     capacity: usize,
-    pub(crate) stats: BufferStats,
+    /// Whether the lane's partitions are paused because it is full.
+    pub(crate) paused: AtomicBool,
+    dropped: AtomicU64,
 }
 
 impl TypeBuffer {
@@ -55,7 +58,8 @@ impl TypeBuffer {
             notify: Notify::new(),
             mode,
             capacity: capacity.max(1),
-            stats: BufferStats::default(),
+            paused: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
         })
     }
 
@@ -85,12 +89,8 @@ impl TypeBuffer {
             }
         };
         match &outcome {
-            Offer::Accepted => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
-                self.notify.notify_one();
-            }
+            Offer::Accepted => self.notify.notify_one(),
             Offer::Dropped(..) => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
                 self.count_drop();
                 self.notify.notify_one();
             }
@@ -100,7 +100,7 @@ impl TypeBuffer {
     }
 
     fn count_drop(&self) {
-        let n = self.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         // First drop and then every thousandth, so a flood cannot flood the log.
         if n == 1 || n % 1000 == 0 {
             tracing::warn!(dropped = n, mode = ?self.mode, "buffer full: message dropped");

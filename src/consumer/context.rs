@@ -20,6 +20,8 @@ pub(crate) struct Record {
     pub(crate) payload: Option<Vec<u8>>,
     pub(crate) headers: Option<OwnedHeaders>,
     pub(crate) timestamp: Option<i64>,
+    /// Which type of its lane the record is (when `rejection` is `None`).
+    pub(crate) type_index: usize,
     /// Set when the record could not be routed to a type.
     pub(crate) rejection: Option<Rejection>,
 }
@@ -34,6 +36,7 @@ impl Record {
             payload: m.payload().map(<[u8]>::to_vec),
             headers: m.headers().map(|h| h.detach()),
             timestamp: m.timestamp().to_millis(),
+            type_index: 0,
             rejection: None,
         }
     }

@@ -47,10 +47,10 @@ use crate::error::{Error, Result};
 use crate::model::{Message, Model};
 use crate::registry::{Registry, TypeEntry};
 use crate::runtime::clients::{ClientKind, ClientTracker};
-use buffer::TypeBuffer;
+use buffer::{TypeBuffer, TypeStats};
 use dead_letter::DeadLetters;
-use poll::{PollPlan, ServiceShared, Slot};
-use worker::{ActiveWorker, Dispatch, Outcome, WorkerEnv};
+use poll::{Lane, PollPlan, ServiceShared};
+use worker::{ActiveWorker, Dispatch, Outcome, TypeWorker, Typed, WorkerEnv};
 
 /// The consumers a process registers: a handler or a stream per type.
 /// Obtained in [`KontextBuilder::consumers`](crate::KontextBuilder::consumers).
@@ -93,23 +93,22 @@ impl fmt::Debug for Consumers {
     }
 }
 
-/// What a registration needs to start its worker.
-struct SpawnArgs<'a> {
+/// What a registration needs to build its type's worker.
+struct WorkerArgs<'a> {
     model: &'a Model,
-    env: WorkerEnv,
-    active: ActiveWorker,
-    buffer: Arc<TypeBuffer>,
     retry: RetryPolicy,
     dead_letter_topic: String,
-    tasks: &'a TaskTracker,
+    stats: Arc<TypeStats>,
 }
+
+/// A type's worker, and its stream for stream registrations.
+type Built = (Box<dyn TypeWorker>, Option<Box<dyn Any + Send>>);
 
 trait Registration: Send {
     fn message_type_id(&self) -> TypeId;
     fn rust_type(&self) -> &'static str;
     fn is_stream(&self) -> bool;
-    /// Spawns the worker; a stream registration returns its `MessageStream<T>`.
-    fn spawn(self: Box<Self>, args: SpawnArgs<'_>) -> Result<Option<Box<dyn Any + Send>>>;
+    fn build(self: Box<Self>, args: WorkerArgs<'_>) -> Result<Built>;
 }
 
 struct HandlerRegistration<T, H> {
@@ -138,18 +137,15 @@ impl<T: Message, H: Handler<T>> Registration for HandlerRegistration<T, H> {
     fn is_stream(&self) -> bool {
         false
     }
-    fn spawn(self: Box<Self>, a: SpawnArgs<'_>) -> Result<Option<Box<dyn Any + Send>>> {
-        let spec = a.model.spec::<T>()?.clone();
-        a.tasks.spawn(worker::run(
-            a.active,
-            a.env,
-            a.buffer,
-            spec,
-            a.retry,
-            a.dead_letter_topic,
-            HandlerDispatch(self.handler),
-        ));
-        Ok(None)
+    fn build(self: Box<Self>, a: WorkerArgs<'_>) -> Result<Built> {
+        let worker = Typed {
+            spec: a.model.spec::<T>()?.clone(),
+            retry: a.retry,
+            dead_letter_topic: a.dead_letter_topic,
+            dispatch: HandlerDispatch(self.handler),
+            stats: a.stats,
+        };
+        Ok((Box::new(worker), None))
     }
 }
 
@@ -167,19 +163,16 @@ impl<T: Message> Registration for StreamRegistration<T> {
     fn is_stream(&self) -> bool {
         true
     }
-    fn spawn(self: Box<Self>, a: SpawnArgs<'_>) -> Result<Option<Box<dyn Any + Send>>> {
-        let spec = a.model.spec::<T>()?.clone();
+    fn build(self: Box<Self>, a: WorkerArgs<'_>) -> Result<Built> {
         let (sink, stream) = stream::channel::<T>();
-        a.tasks.spawn(worker::run(
-            a.active,
-            a.env,
-            a.buffer,
-            spec,
-            a.retry,
-            a.dead_letter_topic,
-            sink,
-        ));
-        Ok(Some(Box::new(stream)))
+        let worker = Typed {
+            spec: a.model.spec::<T>()?.clone(),
+            retry: a.retry,
+            dead_letter_topic: a.dead_letter_topic,
+            dispatch: sink,
+            stats: a.stats,
+        };
+        Ok((Box::new(worker), Some(Box::new(stream))))
     }
 }
 
@@ -279,57 +272,70 @@ impl ConsumerRuntime {
             );
             tracing::debug!(service = %planned.name, config = ?crate::config::redacted(&config), "creating poll service");
 
-            let mut slots = Vec::new();
-            let mut dead_letter_topics = HashMap::new();
-            for t in planned.types {
-                let buffer = TypeBuffer::new(t.spec.max_buffered(), t.spec.backpressure());
-                dead_letter_topics
-                    .entry(Arc::clone(&t.topic))
-                    .or_insert_with(|| t.dead_letter_topic.clone());
-                registry.add_type(
-                    t.registration.message_type_id(),
-                    TypeEntry {
-                        rust_type: t.registration.rust_type(),
-                        topic: t.topic.to_string(),
-                        discriminator: t.discriminator.clone(),
-                        service: planned.name.clone(),
-                        stream: t.registration.is_stream(),
-                        backpressure: t.spec.backpressure(),
-                        dead_letter_topic: t.dead_letter_topic.clone(),
-                        buffer: Arc::clone(&buffer),
-                    },
-                );
-                let type_id = t.registration.message_type_id();
-                let stream = t.registration.spawn(SpawnArgs {
-                    model,
-                    env: env.clone(),
-                    active: ActiveWorker::new(Arc::clone(&shared)),
-                    buffer: Arc::clone(&buffer),
-                    retry: t.spec.retry(),
-                    dead_letter_topic: t.dead_letter_topic,
-                    tasks: &tasks,
-                })?;
-                if let Some(s) = stream {
-                    streams.insert(type_id, s);
+            let mut lanes = Vec::new();
+            for lane_types in by_topic(planned.types) {
+                let topic = Arc::clone(&lane_types[0].topic);
+                let (capacity, mode) = lane_settings(&lane_types)?;
+                let buffer = TypeBuffer::new(capacity, mode);
+                let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
+                let consumed: Vec<String> =
+                    lane_types.iter().map(|t| t.discriminator.clone()).collect();
+                let others: Vec<String> = model
+                    .topics()
+                    .iter()
+                    .filter(|d| d.name() == &*topic)
+                    .flat_map(|d| d.types().iter().map(|(disc, _)| disc.clone()))
+                    .filter(|d| !consumed.contains(d))
+                    .collect();
+                let mut workers: Vec<Box<dyn TypeWorker>> = Vec::new();
+                let mut types = Vec::new();
+                for t in lane_types {
+                    let stats = Arc::new(TypeStats::default());
+                    let type_id = t.registration.message_type_id();
+                    registry.add_type(
+                        type_id,
+                        TypeEntry {
+                            rust_type: t.registration.rust_type(),
+                            topic: t.topic.to_string(),
+                            discriminator: t.discriminator.clone(),
+                            service: planned.name.clone(),
+                            stream: t.registration.is_stream(),
+                            backpressure: mode,
+                            dead_letter_topic: t.dead_letter_topic.clone(),
+                            buffer: Arc::clone(&buffer),
+                            stats: Arc::clone(&stats),
+                        },
+                    );
+                    let (worker, stream) = t.registration.build(WorkerArgs {
+                        model,
+                        retry: t.spec.retry(),
+                        dead_letter_topic: t.dead_letter_topic,
+                        stats: Arc::clone(&stats),
+                    })?;
+                    if let Some(s) = stream {
+                        streams.insert(type_id, s);
+                    }
+                    workers.push(worker);
+                    types.push((t.discriminator, stats));
                 }
-                slots.push(Slot {
-                    topic: t.topic,
-                    discriminator: t.discriminator,
+                tasks.spawn(worker::run_lane(
+                    ActiveWorker::new(Arc::clone(&shared)),
+                    env.clone(),
+                    Arc::clone(&buffer),
+                    workers,
+                    lane_dead_letters,
+                ));
+                lanes.push(Lane {
+                    topic,
                     buffer,
+                    types,
+                    others,
                 });
             }
-            let rejects = TypeBuffer::new(DEFAULT_MAX_BUFFERED, Backpressure::Apply);
-            tasks.spawn(worker::run_rejects(
-                ActiveWorker::new(Arc::clone(&shared)),
-                env,
-                Arc::clone(&rejects),
-                dead_letter_topics,
-            ));
             let poll_plan = PollPlan {
                 shared: Arc::clone(&shared),
                 config,
-                slots,
-                rejects,
+                lanes,
                 guard: clients.track(ClientKind::Consumer),
             };
             let thread = std::thread::Builder::new()
@@ -433,6 +439,43 @@ impl fmt::Debug for ConsumerRuntime {
             )
             .finish()
     }
+}
+
+/// Groups a service's types by topic, in declaration order: one lane each.
+fn by_topic(types: Vec<PlannedType>) -> Vec<Vec<PlannedType>> {
+    let mut lanes: Vec<Vec<PlannedType>> = Vec::new();
+    for t in types {
+        match lanes.iter_mut().find(|l| l[0].topic == t.topic) {
+            Some(lane) => lane.push(t),
+            None => lanes.push(vec![t]),
+        }
+    }
+    lanes
+}
+
+/// Types sharing a topic share its buffer (so a partition stays in order):
+/// the largest `max_buffered` applies, and their backpressure modes must agree.
+fn lane_settings(types: &[PlannedType]) -> Result<(usize, Backpressure)> {
+    let capacity = types
+        .iter()
+        .map(|t| t.spec.max_buffered())
+        .max()
+        .unwrap_or(DEFAULT_MAX_BUFFERED);
+    let first = &types[0];
+    if let Some(other) = types
+        .iter()
+        .find(|t| t.spec.backpressure() != first.spec.backpressure())
+    {
+        return Err(Error::config(format!(
+            "`{}` and `{}` share topic `{}` and so its buffer, but declare different backpressure modes ({:?} vs {:?})",
+            first.registration.rust_type(),
+            other.registration.rust_type(),
+            first.topic,
+            first.spec.backpressure(),
+            other.spec.backpressure()
+        )));
+    }
+    Ok((capacity, first.spec.backpressure()))
 }
 
 /// Linux keeps 15 bytes of a thread name; keep the distinctive end.

@@ -19,7 +19,7 @@ use rdkafka::message::{Headers, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use crate::consumer::buffer::{Offer, TypeBuffer};
+use crate::consumer::buffer::{Offer, TypeBuffer, TypeStats};
 use crate::consumer::context::Record;
 use crate::consumer::offsets::OffsetTracker;
 use crate::headers;
@@ -171,40 +171,45 @@ impl ServiceShared {
     }
 }
 
-/// A type served by a poll service.
-pub(crate) struct Slot {
+/// One topic of a poll service: its buffer and the types consumed from it.
+pub(crate) struct Lane {
     pub(crate) topic: Arc<str>,
-    pub(crate) discriminator: String,
     pub(crate) buffer: Arc<TypeBuffer>,
+    /// Discriminators of the types this service consumes from the topic, with
+    /// their counters; a record's `type_index` points in here.
+    pub(crate) types: Vec<(String, Arc<TypeStats>)>,
+    /// Discriminators of the model's other types on the topic, consumed
+    /// elsewhere (a dedicated connection, another process): skipped here.
+    pub(crate) others: Vec<String>,
 }
 
 /// Everything a poll thread needs to start.
 pub(crate) struct PollPlan {
     pub(crate) shared: Arc<ServiceShared>,
     pub(crate) config: ClientConfig,
-    pub(crate) slots: Vec<Slot>,
-    /// Receives records that cannot be routed, for dead-lettering.
-    pub(crate) rejects: Arc<TypeBuffer>,
+    pub(crate) lanes: Vec<Lane>,
     pub(crate) guard: ClientGuard,
 }
 
-struct SlotState {
+struct LaneState {
     overflow: VecDeque<Record>,
     paused: bool,
 }
 
-struct Route {
-    topic: Arc<str>,
-    /// Indexes into `slots` of the types on this topic.
-    slots: Vec<usize>,
+/// Where the router sends a record.
+enum Routed {
+    /// To type `i` of the lane.
+    Type(usize),
+    /// A type of the model this service does not consume: finished at once.
+    Skip,
+    /// Cannot be handled: to the lane's worker for dead-lettering, in order.
+    Reject(Rejection),
 }
 
 struct LoopState {
-    slots: Vec<Slot>,
-    slot_state: Vec<SlotState>,
-    rejects: Arc<TypeBuffer>,
-    reject_overflow: VecDeque<Record>,
-    routes: HashMap<String, Route>,
+    lanes: Vec<Lane>,
+    lane_state: Vec<LaneState>,
+    routes: HashMap<String, usize>,
     tracker: OffsetTracker,
     assignment: Vec<(Arc<str>, i32)>,
 }
@@ -238,13 +243,10 @@ impl ConsumerContext for PollContext {
             commit_sync(consumer, &self.shared.name);
             for e in tpl.elements() {
                 state.tracker.forget(e.topic(), e.partition());
-                for s in &mut state.slot_state {
+                for s in &mut state.lane_state {
                     s.overflow
                         .retain(|r| !(&*r.topic == e.topic() && r.partition == e.partition()));
                 }
-                state
-                    .reject_overflow
-                    .retain(|r| !(&*r.topic == e.topic() && r.partition == e.partition()));
                 state
                     .assignment
                     .retain(|(t, p)| !(&**t == e.topic() && *p == e.partition()));
@@ -259,14 +261,14 @@ impl ConsumerContext for PollContext {
             Rebalance::Assign(tpl) => {
                 let mut state = lock(&self.state);
                 for e in tpl.elements() {
-                    if let Some(route) = state.routes.get(e.topic()) {
-                        let topic = Arc::clone(&route.topic);
+                    if let Some(&lane) = state.routes.get(e.topic()) {
+                        let topic = Arc::clone(&state.lanes[lane].topic);
                         state.assignment.push((topic, e.partition()));
                     }
                 }
-                // A type still paused keeps its new partitions paused too.
-                let paused: Vec<usize> = (0..state.slots.len())
-                    .filter(|i| state.slot_state[*i].paused)
+                // A lane still paused keeps its new partitions paused too.
+                let paused: Vec<usize> = (0..state.lanes.len())
+                    .filter(|i| state.lane_state[*i].paused)
                     .collect();
                 for i in paused {
                     let tpl = state.partitions_of(i);
@@ -310,9 +312,9 @@ impl LoopState {
         }
     }
 
-    /// Assigned partitions of slot `i`'s topic.
+    /// Assigned partitions of lane `i`'s topic.
     fn partitions_of(&self, i: usize) -> TopicPartitionList {
-        let topic = &self.slots[i].topic;
+        let topic = &self.lanes[i].topic;
         let mut tpl = TopicPartitionList::new();
         for (t, p) in &self.assignment {
             if t == topic {
@@ -324,12 +326,10 @@ impl LoopState {
 
     fn publish_paused(&self, shared: &ServiceShared) {
         let mut paused: Vec<(String, i32)> = Vec::new();
-        for (i, s) in self.slot_state.iter().enumerate() {
+        for (i, s) in self.lane_state.iter().enumerate() {
             if s.paused {
                 for (t, p) in &self.assignment {
-                    if *t == self.slots[i].topic
-                        && !paused.iter().any(|(pt, pp)| pt == &**t && pp == p)
-                    {
+                    if *t == self.lanes[i].topic {
                         paused.push((t.to_string(), *p));
                     }
                 }
@@ -346,14 +346,10 @@ impl LoopState {
         *lock(&shared.assigned) = assigned;
     }
 
-    /// Routes one record: the type from the topic and `ce_type` header.
-    fn route(
-        &self,
-        route: &Route,
-        m: &rdkafka::message::BorrowedMessage<'_>,
-    ) -> Result<usize, Rejection> {
+    /// Routes one record of lane `lane` by its `ce_type` header.
+    fn route(&self, lane: &Lane, m: &rdkafka::message::BorrowedMessage<'_>) -> Routed {
         if m.payload().is_none() {
-            return Err(Rejection::Tombstone);
+            return Routed::Reject(Rejection::Tombstone);
         }
         let declared = m.headers().and_then(|h| {
             h.iter()
@@ -361,16 +357,21 @@ impl LoopState {
                 .map(|h| h.value.unwrap_or_default())
         });
         match declared {
-            Some(t) => route
-                .slots
-                .iter()
-                .copied()
-                .find(|i| self.slots[*i].discriminator.as_bytes() == t)
-                .ok_or_else(|| Rejection::UnknownType(String::from_utf8_lossy(t).into_owned())),
+            Some(t) => {
+                if let Some(i) = lane.types.iter().position(|(d, _)| d.as_bytes() == t) {
+                    Routed::Type(i)
+                } else if lane.others.iter().any(|d| d.as_bytes() == t) {
+                    Routed::Skip
+                } else {
+                    Routed::Reject(Rejection::UnknownType(
+                        String::from_utf8_lossy(t).into_owned(),
+                    ))
+                }
+            }
             // Records from producers that do not write kontext's headers are
             // accepted when the topic carries a single type.
-            None if route.slots.len() == 1 => Ok(route.slots[0]),
-            None => Err(Rejection::MissingType),
+            None if lane.types.len() == 1 && lane.others.is_empty() => Routed::Type(0),
+            None => Routed::Reject(Rejection::MissingType),
         }
     }
 }
@@ -403,8 +404,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
     let PollPlan {
         shared,
         config,
-        slots,
-        rejects,
+        lanes,
         guard,
     } = plan;
 
@@ -423,30 +423,22 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         }
     }
 
-    let mut routes: HashMap<String, Route> = HashMap::new();
-    for (i, slot) in slots.iter().enumerate() {
-        routes
-            .entry(slot.topic.to_string())
-            .or_insert_with(|| Route {
-                topic: Arc::clone(&slot.topic),
-                slots: Vec::new(),
-            })
-            .slots
-            .push(i);
-    }
-    let topics: Vec<String> = routes.keys().cloned().collect();
-    let slot_state = slots
+    let routes: HashMap<String, usize> = lanes
         .iter()
-        .map(|_| SlotState {
+        .enumerate()
+        .map(|(i, lane)| (lane.topic.to_string(), i))
+        .collect();
+    let topics: Vec<String> = lanes.iter().map(|l| l.topic.to_string()).collect();
+    let lane_state = lanes
+        .iter()
+        .map(|_| LaneState {
             overflow: VecDeque::new(),
             paused: false,
         })
         .collect();
     let state = Arc::new(Mutex::new(LoopState {
-        slots,
-        slot_state,
-        rejects,
-        reject_overflow: VecDeque::new(),
+        lanes,
+        lane_state,
         routes,
         tracker: OffsetTracker::default(),
         assignment: Vec::new(),
@@ -479,10 +471,9 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
                 let _ = consumer.pause(&assignment);
             }
             let st = lock(&state);
-            for s in &st.slots {
-                s.buffer.wake();
+            for lane in &st.lanes {
+                lane.buffer.wake();
             }
-            st.rejects.wake();
         }
         if drain_started.is_some() && shared.workers_active.load(Ordering::SeqCst) == 0 {
             break;
@@ -493,17 +484,25 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         let mut st = lock(&state);
         match polled {
             Some(Ok(m)) if drain_started.is_none() => {
-                if let Some(route) = st.routes.get(m.topic()) {
-                    let topic = Arc::clone(&route.topic);
-                    let routed = st.route(route, &m);
-                    let mut record = Record::copy_from(topic, &m);
-                    st.tracker
-                        .dispatched(&record.topic, record.partition, record.offset);
+                if let Some(&lane) = st.routes.get(m.topic()) {
+                    let routed = st.route(&st.lanes[lane], &m);
+                    let topic = Arc::clone(&st.lanes[lane].topic);
+                    st.tracker.dispatched(&topic, m.partition(), m.offset());
                     match routed {
-                        Ok(i) => st.deliver(i, record, &consumer, &shared),
-                        Err(rejection) => {
+                        Routed::Skip => st.tracker.finished(&topic, m.partition(), m.offset()),
+                        Routed::Type(i) => {
+                            let mut record = Record::copy_from(topic, &m);
+                            record.type_index = i;
+                            st.lanes[lane].types[i]
+                                .1
+                                .received
+                                .fetch_add(1, Ordering::Relaxed);
+                            st.deliver(lane, record, &consumer, &shared);
+                        }
+                        Routed::Reject(rejection) => {
+                            let mut record = Record::copy_from(topic, &m);
                             record.rejection = Some(rejection);
-                            st.deliver_reject(record, &consumer, &shared);
+                            st.deliver(lane, record, &consumer, &shared);
                         }
                     }
                 }
@@ -548,124 +547,83 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
 impl LoopState {
     fn deliver(
         &mut self,
-        i: usize,
+        lane: usize,
         record: Record,
         consumer: &BaseConsumer<PollContext>,
         shared: &ServiceShared,
     ) {
-        if self.slot_state[i].paused {
-            self.slot_state[i].overflow.push_back(record);
+        if self.lane_state[lane].paused {
+            self.lane_state[lane].overflow.push_back(record);
             return;
         }
-        match self.slots[i].buffer.offer(record) {
+        match self.lanes[lane].buffer.offer(record) {
             Offer::Accepted => {}
             Offer::Full(record) => {
-                self.slot_state[i].overflow.push_back(record);
-                self.slot_state[i].paused = true;
-                self.slots[i]
+                self.lane_state[lane].overflow.push_back(record);
+                self.lane_state[lane].paused = true;
+                self.lanes[lane]
                     .buffer
-                    .stats
                     .paused
                     .store(true, Ordering::Relaxed);
-                let tpl = self.partitions_of(i);
+                let tpl = self.partitions_of(lane);
                 if let Err(e) = consumer.pause(&tpl) {
                     tracing::warn!(service = %shared.name, error = %e, "could not pause partitions");
                 }
-                tracing::debug!(service = %shared.name, topic = %self.slots[i].topic, "buffer full: partitions paused");
+                tracing::debug!(service = %shared.name, topic = %self.lanes[lane].topic, "buffer full: partitions paused");
                 self.publish_paused(shared);
             }
             Offer::Dropped(a, b) => {
                 for r in std::iter::once(a).chain(b) {
-                    self.tracker.finished(&r.topic, r.partition, r.offset);
+                    self.dropped(lane, &r);
                 }
             }
         }
     }
 
-    fn deliver_reject(
-        &mut self,
-        record: Record,
-        consumer: &BaseConsumer<PollContext>,
-        shared: &ServiceShared,
-    ) {
-        if !self.reject_overflow.is_empty() {
-            self.reject_overflow.push_back(record);
-            return;
-        }
-        if let Offer::Full(record) = self.rejects.offer(record) {
-            // The dead-letter worker is behind (its broker is down, say):
-            // hold the record and stop fetching until it catches up.
-            self.reject_overflow.push_back(record);
-            if let Ok(a) = consumer.assignment() {
-                let _ = consumer.pause(&a);
+    /// A record discarded by a drop mode: counted, and its offset finished.
+    fn dropped(&mut self, lane: usize, r: &Record) {
+        if r.rejection.is_none() {
+            if let Some((_, stats)) = self.lanes[lane].types.get(r.type_index) {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            tracing::warn!(service = %shared.name, "dead-letter buffer full: all partitions paused");
         }
+        self.tracker.finished(&r.topic, r.partition, r.offset);
     }
 
-    /// Moves held records into buffers that drained below their low mark and
-    /// resumes the partitions no paused type still needs.
+    /// Moves held records into lanes that drained below their low mark and
+    /// resumes their partitions once nothing is held.
     fn resume_drained(&mut self, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
         let mut changed = false;
-        for i in 0..self.slots.len() {
-            if !self.slot_state[i].paused {
+        for i in 0..self.lanes.len() {
+            if !self.lane_state[i].paused {
                 continue;
             }
-            let buffer = Arc::clone(&self.slots[i].buffer);
+            let buffer = Arc::clone(&self.lanes[i].buffer);
             if buffer.len() > buffer.low_mark() {
                 continue;
             }
-            while let Some(r) = self.slot_state[i].overflow.pop_front() {
+            while let Some(r) = self.lane_state[i].overflow.pop_front() {
                 match buffer.offer(r) {
                     Offer::Accepted => {}
                     Offer::Full(r) => {
-                        self.slot_state[i].overflow.push_front(r);
+                        self.lane_state[i].overflow.push_front(r);
                         break;
                     }
                     Offer::Dropped(a, b) => {
                         for r in std::iter::once(a).chain(b) {
-                            self.tracker.finished(&r.topic, r.partition, r.offset);
+                            self.dropped(i, &r);
                         }
                     }
                 }
             }
-            if self.slot_state[i].overflow.is_empty() {
-                self.slot_state[i].paused = false;
-                buffer.stats.paused.store(false, Ordering::Relaxed);
+            if self.lane_state[i].overflow.is_empty() {
+                self.lane_state[i].paused = false;
+                buffer.paused.store(false, Ordering::Relaxed);
                 changed = true;
-                // Partitions of a topic shared with a type still paused stay paused.
-                let still: Vec<&Arc<str>> = (0..self.slots.len())
-                    .filter(|j| self.slot_state[*j].paused)
-                    .map(|j| &self.slots[j].topic)
-                    .collect();
-                if !still.contains(&&self.slots[i].topic) {
-                    let tpl = self.partitions_of(i);
-                    if let Err(e) = consumer.resume(&tpl) {
-                        tracing::warn!(service = %shared.name, error = %e, "could not resume partitions");
-                    }
+                let tpl = self.partitions_of(i);
+                if let Err(e) = consumer.resume(&tpl) {
+                    tracing::warn!(service = %shared.name, error = %e, "could not resume partitions");
                 }
-            }
-        }
-        if !self.reject_overflow.is_empty() && self.rejects.len() <= self.rejects.low_mark() {
-            while let Some(r) = self.reject_overflow.pop_front() {
-                if let Offer::Full(r) = self.rejects.offer(r) {
-                    self.reject_overflow.push_front(r);
-                    break;
-                }
-            }
-            if self.reject_overflow.is_empty() {
-                // Resume everything no type keeps paused.
-                let paused_topics: Vec<Arc<str>> = (0..self.slots.len())
-                    .filter(|j| self.slot_state[*j].paused)
-                    .map(|j| Arc::clone(&self.slots[j].topic))
-                    .collect();
-                let mut tpl = TopicPartitionList::new();
-                for (t, p) in &self.assignment {
-                    if !paused_topics.contains(t) {
-                        tpl.add_partition(t, *p);
-                    }
-                }
-                let _ = consumer.resume(&tpl);
             }
         }
         if changed {

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::FutureExt as _;
+use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::buffer::TypeBuffer;
+use crate::consumer::buffer::{TypeBuffer, TypeStats};
 use crate::consumer::context::Record;
 use crate::consumer::dead_letter::{DeadLetters, Failure};
 use crate::consumer::handler::{Action, HandlerError};
@@ -56,19 +57,45 @@ pub(crate) struct WorkerEnv {
     pub(crate) cancel: CancellationToken,
 }
 
-/// Runs until the service drains (buffer empty) or is cancelled.
-pub(crate) async fn run<T, D>(
+/// One consumed type of a lane: decodes, dispatches, retries, dead-letters.
+pub(crate) trait TypeWorker: Send + Sync {
+    /// Handles one record to the end; `false` if it was not finished
+    /// (cancelled, or its stream is gone) and must not be acknowledged.
+    fn handle<'a>(&'a self, env: &'a WorkerEnv, record: &'a Arc<Record>) -> BoxFuture<'a, bool>;
+}
+
+pub(crate) struct Typed<T, D> {
+    pub(crate) spec: TopicSpec<T>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) dead_letter_topic: String,
+    pub(crate) dispatch: D,
+    pub(crate) stats: Arc<TypeStats>,
+}
+
+impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
+    fn handle<'a>(&'a self, env: &'a WorkerEnv, record: &'a Arc<Record>) -> BoxFuture<'a, bool> {
+        Box::pin(handle(
+            env,
+            &self.stats,
+            &self.spec,
+            self.retry,
+            &self.dead_letter_topic,
+            &self.dispatch,
+            record,
+        ))
+    }
+}
+
+/// Runs one lane until its service drains (buffer empty) or is cancelled:
+/// records in buffer order, so a partition's records are handled in order
+/// whatever their types.
+pub(crate) async fn run_lane(
     active: ActiveWorker,
     env: WorkerEnv,
     buffer: Arc<TypeBuffer>,
-    spec: TopicSpec<T>,
-    retry: RetryPolicy,
+    types: Vec<Box<dyn TypeWorker>>,
     dead_letter_topic: String,
-    dispatch: D,
-) where
-    T: Message,
-    D: Dispatch<T>,
-{
+) {
     let _active = active;
     loop {
         let Some(record) = buffer.try_take() else {
@@ -84,16 +111,12 @@ pub(crate) async fn run<T, D>(
             break;
         }
         let record = Arc::new(record);
-        let finished = handle(
-            &env,
-            &buffer,
-            &spec,
-            retry,
-            &dead_letter_topic,
-            &dispatch,
-            &record,
-        )
-        .await;
+        let finished = match (&record.rejection, types.get(record.type_index)) {
+            (Some(rejection), _) => reject(&env, &dead_letter_topic, &record, rejection).await,
+            (None, Some(worker)) => worker.handle(&env, &record).await,
+            // The router only sets indexes of this lane's types.
+            (None, None) => true,
+        };
         if !finished {
             break;
         }
@@ -105,11 +128,28 @@ pub(crate) async fn run<T, D>(
     }
 }
 
+/// Dead-letters a record the router could not give to a type.
+async fn reject(env: &WorkerEnv, topic: &str, record: &Record, rejection: &Rejection) -> bool {
+    let reason = match rejection {
+        Rejection::Tombstone => "tombstone",
+        Rejection::MissingType => "missing-type",
+        Rejection::UnknownType(_) => "unknown-type",
+    };
+    let failure = Failure {
+        reason,
+        error: rejection.reason(),
+        attempts: 0,
+    };
+    env.dead_letters
+        .publish(topic, &env.shared.group_id, record, &failure, &env.cancel)
+        .await
+}
+
 /// Handles one record to the end. `false` means it was not finished
 /// (cancelled, or its stream is gone) and must not be acknowledged.
 async fn handle<T, D>(
     env: &WorkerEnv,
-    buffer: &TypeBuffer,
+    stats: &TypeStats,
     spec: &TopicSpec<T>,
     retry: RetryPolicy,
     dead_letter_topic: &str,
@@ -120,7 +160,6 @@ where
     T: Message,
     D: Dispatch<T>,
 {
-    let stats = &buffer.stats;
     let dead_letter = |reason: &'static str, error: String, attempts: u32| async move {
         let failure = Failure {
             reason,
@@ -206,54 +245,6 @@ where
             () = env.cancel.cancelled() => return false,
         }
         attempt += 1;
-    }
-}
-
-/// Dead-letters the records its poll service could not route to a type.
-pub(crate) async fn run_rejects(
-    active: ActiveWorker,
-    env: WorkerEnv,
-    buffer: Arc<TypeBuffer>,
-    dead_letter_topics: std::collections::HashMap<Arc<str>, String>,
-) {
-    let _active = active;
-    loop {
-        let Some(record) = buffer.try_take() else {
-            if env.shared.is_stopping() {
-                break;
-            }
-            tokio::select! {
-                () = buffer.wait() => continue,
-                () = env.cancel.cancelled() => break,
-            }
-        };
-        let (reason, error) = match &record.rejection {
-            Some(r @ Rejection::Tombstone) => ("tombstone", r.reason()),
-            Some(r @ Rejection::MissingType) => ("missing-type", r.reason()),
-            Some(r @ Rejection::UnknownType(_)) => ("unknown-type", r.reason()),
-            None => ("unroutable", "no type accepts this record".to_owned()),
-        };
-        let Some(topic) = dead_letter_topics.get(&record.topic) else {
-            continue;
-        };
-        let failure = Failure {
-            reason,
-            error,
-            attempts: 0,
-        };
-        let published = env
-            .dead_letters
-            .publish(topic, &env.shared.group_id, &record, &failure, &env.cancel)
-            .await;
-        if !published {
-            break;
-        }
-        buffer.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        let _ = env.shared.acks.send(Ack {
-            topic: Arc::clone(&record.topic),
-            partition: record.partition,
-            offset: record.offset,
-        });
     }
 }
 

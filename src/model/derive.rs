@@ -89,7 +89,9 @@ fn apply<T: Topic>(builder: &mut dyn Any) {
     b.provisioning.partitions = T::PARTITIONS;
     b.provisioning.replication = T::REPLICATION;
     if T::HAS_KEY {
-        b.key = Some(Arc::new(|value: &T, out: &mut Vec<u8>| value.write_key(out)));
+        b.key = Some(Arc::new(|value: &T, out: &mut Vec<u8>| {
+            value.write_key(out)
+        }));
     }
     b.headers
         .push((String::new(), HeaderSource::Derived(Arc::new(T::headers))));

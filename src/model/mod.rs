@@ -16,9 +16,9 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use derive::Topic;
 #[doc(hidden)]
 pub use derive::DerivedTopic;
+pub use derive::Topic;
 pub use error::{ModelError, ModelIssue};
 pub(crate) use topic::HeaderSource;
 pub use topic::{MessageKey, TopicBuilder, TopicProvisioning, TopicSpec};

@@ -27,7 +27,9 @@ pub(crate) struct TypeEntry {
     pub(crate) stream: bool,
     pub(crate) backpressure: Backpressure,
     pub(crate) dead_letter_topic: String,
+    /// The buffer of the type's lane (shared with types on the same topic).
     pub(crate) buffer: Arc<crate::consumer::buffer::TypeBuffer>,
+    pub(crate) stats: Arc<crate::consumer::buffer::TypeStats>,
 }
 
 /// A consumed type and its buffer's counters.
@@ -48,7 +50,8 @@ pub struct TypeStatus {
     pub backpressure: Backpressure,
     /// Dead-letter topic.
     pub dead_letter_topic: String,
-    /// Messages waiting in the buffer.
+    /// Messages waiting in the buffer. Types sharing a topic share its
+    /// buffer, so a partition is handled in order whatever the types.
     pub buffered: usize,
     /// Buffer capacity.
     pub capacity: usize,
@@ -195,7 +198,7 @@ impl Registry {
 }
 
 fn status_of(e: &TypeEntry) -> TypeStatus {
-    let s = &e.buffer.stats;
+    let s = &e.stats;
     TypeStatus {
         rust_type: e.rust_type,
         topic: e.topic.clone(),
@@ -206,7 +209,7 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         dead_letter_topic: e.dead_letter_topic.clone(),
         buffered: e.buffer.len(),
         capacity: e.buffer.capacity(),
-        paused: s.paused.load(Ordering::Relaxed),
+        paused: e.buffer.paused.load(Ordering::Relaxed),
         received: s.received.load(Ordering::Relaxed),
         handled: s.handled.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),
