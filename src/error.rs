@@ -131,6 +131,16 @@ pub enum Error {
         source: Option<Box<KafkaError>>,
     },
 
+    /// A database operation of the outbox, inbox or unit of work failed.
+    #[error("database: {operation} failed")]
+    Database {
+        /// What was attempted.
+        operation: &'static str,
+        /// sea-orm's error.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+
     /// The embedded (in-process mock) broker could not be started or used.
     #[error("embedded broker: {operation} failed")]
     EmbeddedBroker {
@@ -155,6 +165,14 @@ impl Error {
                 source: Some(source),
                 ..
             } => kafka_error_is_retriable(source),
+            // Connection trouble and lock conflicts pass; constraint and
+            // syntax errors do not.
+            Error::Database { source, .. } => matches!(
+                source,
+                sea_orm::DbErr::Conn(_)
+                    | sea_orm::DbErr::ConnectionAcquire(_)
+                    | sea_orm::DbErr::Exec(_)
+            ) && source.sql_err().is_none(),
             _ => false,
         }
     }

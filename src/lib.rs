@@ -25,6 +25,9 @@
 //! - [`consumer`]: poll services (shared and dedicated), handlers, streams,
 //!   buffers and backpressure, offsets, retries, dead letters.
 //! - [`registry`]: which poll service serves which type, and how it is doing.
+//! - [`outbox`]: messages written in the caller's database transaction and
+//!   relayed after commit.
+//! - [`db`]: kontext's tables as sea-orm entities and migrations.
 //! - [`headers`]: the standard headers on every message.
 //! - [`runtime`]: `Kontext`, which starts and stops the roles a process registers.
 //! - [`error`]: the one `Error` type.
@@ -33,9 +36,11 @@ pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod consumer;
+pub mod db;
 pub mod error;
 pub mod headers;
 pub mod model;
+pub mod outbox;
 pub mod producer;
 pub mod registry;
 pub mod runtime;

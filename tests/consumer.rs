@@ -11,7 +11,7 @@ use common::*;
 use futures::StreamExt;
 use kontext::consumer::dlq_headers;
 use kontext::prelude::*;
-use kontext::testing::RecordedMessage;
+
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 

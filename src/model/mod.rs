@@ -21,7 +21,7 @@ pub use derive::DerivedTopic;
 pub use derive::Topic;
 pub use error::{ModelError, ModelIssue};
 pub(crate) use topic::HeaderSource;
-pub use topic::{MessageKey, TopicBuilder, TopicProvisioning, TopicSpec};
+pub use topic::{MessageKey, ProducerBuilder, TopicBuilder, TopicProvisioning, TopicSpec};
 
 use crate::config::TopicSettings;
 use crate::consumer::ConsumerSpec;

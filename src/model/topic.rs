@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::codec::{Codec, Json};
 use crate::consumer::{ConsumerBuilder, ConsumerSpec};
+use crate::outbox::OutboxMode;
 use crate::model::Message;
 use crate::model::name::{default_topic_name, short_type_name};
 
@@ -118,6 +119,22 @@ pub struct TopicBuilder<T> {
     pub(crate) headers: Vec<(String, HeaderSource<T>)>,
     pub(crate) codec: Arc<dyn Codec<T>>,
     pub(crate) consumer: Option<ConsumerSpec>,
+    pub(crate) outbox_mode: OutboxMode,
+}
+
+/// Producer-side settings of a type; obtained in [`TopicBuilder::producer`].
+#[derive(Debug, Clone, Default)]
+pub struct ProducerBuilder {
+    outbox_mode: OutboxMode,
+}
+
+impl ProducerBuilder {
+    /// How messages written to the outbox leave it. Defaults to
+    /// [`OutboxMode::Background`].
+    pub fn outbox(mut self, mode: OutboxMode) -> Self {
+        self.outbox_mode = mode;
+        self
+    }
 }
 
 impl<T: Message> TopicBuilder<T> {
@@ -130,7 +147,14 @@ impl<T: Message> TopicBuilder<T> {
             headers: Vec::new(),
             codec: Arc::new(Json),
             consumer: None,
+            outbox_mode: OutboxMode::Background,
         }
+    }
+
+    /// Producer-side settings: `t.producer(|p| p.outbox(OutboxMode::ImmediateWithFallback))`.
+    pub fn producer(mut self, f: impl FnOnce(ProducerBuilder) -> ProducerBuilder) -> Self {
+        self.outbox_mode = f(ProducerBuilder::default()).outbox_mode;
+        self
     }
 
     /// The topic name, e.g. `shipping.shipment.created`. Defaults to the
@@ -235,6 +259,7 @@ impl<T: Message> TopicBuilder<T> {
             headers: self.headers,
             codec: self.codec,
             consumer: self.consumer,
+            outbox_mode: self.outbox_mode,
         }
     }
 }
@@ -260,6 +285,7 @@ pub struct TopicSpec<T> {
     pub(crate) headers: Vec<(String, HeaderSource<T>)>,
     pub(crate) codec: Arc<dyn Codec<T>>,
     pub(crate) consumer: Option<ConsumerSpec>,
+    pub(crate) outbox_mode: OutboxMode,
 }
 
 impl<T> Clone for TopicSpec<T> {
@@ -273,6 +299,7 @@ impl<T> Clone for TopicSpec<T> {
             headers: self.headers.clone(),
             codec: Arc::clone(&self.codec),
             consumer: self.consumer.clone(),
+            outbox_mode: self.outbox_mode,
         }
     }
 }
@@ -309,6 +336,11 @@ impl<T> TopicSpec<T> {
             Some(f) => f(value, out),
             None => false,
         }
+    }
+
+    /// How outbox messages of this type are sent.
+    pub fn outbox_mode(&self) -> OutboxMode {
+        self.outbox_mode
     }
 
     /// The consumer declaration, if the type is consumed.

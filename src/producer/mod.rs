@@ -198,93 +198,139 @@ impl Producer {
         await_delivery(&mut future, spec, encoded.message_id).await
     }
 
-    /// Whether a failed enqueue should be retried: librdkafka's local queue
-    /// is full and the call has not waited longer than a delivery may take.
-    fn may_wait(&self, e: &KafkaError, started: Instant) -> bool {
-        e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
-            && started.elapsed() < self.inner.queue_timeout
-    }
-
-    /// Encodes a message and builds its key and headers.
     fn prepare<T: Message>(
         &self,
         spec: &TopicSpec<T>,
         message: &T,
         options: &CallOptions,
     ) -> Result<(Encoded, OwnedHeaders)> {
-        let mut payload = Vec::with_capacity(256);
-        spec.codec()
-            .encode(message, &mut payload)
-            .map_err(|source| Error::Encode {
-                topic: spec.topic().to_owned(),
-                type_name: spec.rust_type(),
-                source,
-            })?;
-
-        let key = match &options.key {
-            Some(k) => Some(k.clone()),
-            None => {
-                let mut k = Vec::new();
-                spec.write_key(message, &mut k).then_some(k)
-            }
-        };
-
-        let message_id = Uuid::now_v7();
-        let now = SystemTime::now();
-        let timestamp = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-            .unwrap_or(0);
-        let mut id_buf = Uuid::encode_buffer();
-        let id_text = message_id.hyphenated().encode_lower(&mut id_buf);
-        let time_text = humantime::format_rfc3339_millis(now).to_string();
-
-        let mut h = OwnedHeaders::new_with_capacity(7 + spec.headers.len() + options.headers.len())
-            .insert(header(headers::SPEC_VERSION, headers::SPEC_VERSION_VALUE))
-            .insert(header(headers::MESSAGE_ID, id_text))
-            .insert(header(headers::MESSAGE_TYPE, spec.type_name()))
-            .insert(header(headers::SOURCE, &self.inner.source))
-            .insert(header(headers::TIME, &time_text))
-            .insert(header(headers::CONTENT_TYPE, spec.codec().content_type()));
-        if let Some(c) = &options.correlation_id {
-            h = h.insert(header(headers::CORRELATION_ID, c));
-        }
-        for (name, source) in &spec.headers {
-            match source {
-                HeaderSource::Static(v) => h = h.insert(header(name, v)),
-                HeaderSource::Computed(f) => {
-                    if let Some(v) = f(message) {
-                        h = h.insert(header(name, &v));
-                    }
-                }
-                HeaderSource::Derived(f) => {
-                    let mut fields = Vec::new();
-                    f(message, &mut fields);
-                    for (name, v) in &fields {
-                        h = h.insert(header(name, v));
-                    }
-                }
-            }
-        }
-        for (name, v) in &options.headers {
-            if headers::RESERVED.contains(&name.as_str()) {
-                return Err(Error::ReservedHeader {
-                    topic: spec.topic().to_owned(),
-                    header: name.clone(),
-                });
-            }
-            h = h.insert(header(name, v));
-        }
-        Ok((
-            Encoded {
-                payload,
-                key,
-                timestamp,
-                message_id,
-            },
-            h,
-        ))
+        let capacity = 7 + spec.headers.len() + options.headers.len();
+        prepare(
+            spec,
+            message,
+            options,
+            &self.inner.source,
+            OwnedHeaders::new_with_capacity(capacity),
+        )
     }
+
+    /// The client, for the outbox relay.
+    pub(crate) fn client(&self) -> &FutureProducer<TracingContext> {
+        &self.inner.client
+    }
+
+    /// The `ce_source` of every message.
+    pub(crate) fn source(&self) -> &str {
+        &self.inner.source
+    }
+
+    /// Whether a failed enqueue should be retried: librdkafka's local queue
+    /// is full and the call has not waited longer than a delivery may take.
+    fn may_wait(&self, e: &KafkaError, started: Instant) -> bool {
+        e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+            && started.elapsed() < self.inner.queue_timeout
+    }
+}
+
+/// Where the standard and declared headers of a message are written: the
+/// client's header list when producing, a plain list for the outbox.
+pub(crate) trait HeaderSink: Sized {
+    fn with(self, key: &str, value: &str) -> Self;
+}
+
+impl HeaderSink for OwnedHeaders {
+    fn with(self, key: &str, value: &str) -> Self {
+        self.insert(header(key, value))
+    }
+}
+
+impl HeaderSink for Vec<(String, String)> {
+    fn with(mut self, key: &str, value: &str) -> Self {
+        self.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// Encodes a message and builds its key and headers (into `h`).
+pub(crate) fn prepare<T: Message, H: HeaderSink>(
+    spec: &TopicSpec<T>,
+    message: &T,
+    options: &CallOptions,
+    source: &str,
+    mut h: H,
+) -> Result<(Encoded, H)> {
+    let mut payload = Vec::with_capacity(256);
+    spec.codec()
+        .encode(message, &mut payload)
+        .map_err(|source| Error::Encode {
+            topic: spec.topic().to_owned(),
+            type_name: spec.rust_type(),
+            source,
+        })?;
+
+    let key = match &options.key {
+        Some(k) => Some(k.clone()),
+        None => {
+            let mut k = Vec::new();
+            spec.write_key(message, &mut k).then_some(k)
+        }
+    };
+
+    let message_id = Uuid::now_v7();
+    let now = SystemTime::now();
+    let timestamp = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    let mut id_buf = Uuid::encode_buffer();
+    let id_text = message_id.hyphenated().encode_lower(&mut id_buf);
+    let time_text = humantime::format_rfc3339_millis(now).to_string();
+
+    h = h
+        .with(headers::SPEC_VERSION, headers::SPEC_VERSION_VALUE)
+        .with(headers::MESSAGE_ID, id_text)
+        .with(headers::MESSAGE_TYPE, spec.type_name())
+        .with(headers::SOURCE, source)
+        .with(headers::TIME, &time_text)
+        .with(headers::CONTENT_TYPE, spec.codec().content_type());
+    if let Some(c) = &options.correlation_id {
+        h = h.with(headers::CORRELATION_ID, c);
+    }
+    for (name, source) in &spec.headers {
+        match source {
+            HeaderSource::Static(v) => h = h.with(name, v),
+            HeaderSource::Computed(f) => {
+                if let Some(v) = f(message) {
+                    h = h.with(name, &v);
+                }
+            }
+            HeaderSource::Derived(f) => {
+                let mut fields = Vec::new();
+                f(message, &mut fields);
+                for (name, v) in &fields {
+                    h = h.with(name, v);
+                }
+            }
+        }
+    }
+    for (name, v) in &options.headers {
+        if headers::RESERVED.contains(&name.as_str()) {
+            return Err(Error::ReservedHeader {
+                topic: spec.topic().to_owned(),
+                header: name.clone(),
+            });
+        }
+        h = h.with(name, v);
+    }
+    Ok((
+        Encoded {
+            payload,
+            key,
+            timestamp,
+            message_id,
+        },
+        h,
+    ))
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
@@ -322,11 +368,11 @@ async fn await_delivery<T>(
 }
 
 /// An encoded message ready to hand to librdkafka (which copies it).
-struct Encoded {
-    payload: Vec<u8>,
-    key: Option<Vec<u8>>,
-    timestamp: i64,
-    message_id: Uuid,
+pub(crate) struct Encoded {
+    pub(crate) payload: Vec<u8>,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) timestamp: i64,
+    pub(crate) message_id: Uuid,
 }
 
 impl Encoded {
@@ -348,7 +394,7 @@ enum MessageRef<'a, T> {
 }
 
 #[derive(Default)]
-struct CallOptions {
+pub(crate) struct CallOptions {
     key: Option<Vec<u8>>,
     correlation_id: Option<String>,
     headers: Vec<(String, String)>,

@@ -16,7 +16,11 @@ use crate::consumer::{ConsumerRuntime, Consumers, MessageStream};
 use crate::error::{Error, Result};
 use crate::model::{Message, Model};
 use crate::producer::Producer;
+use crate::outbox::{Outbox, OutboxSettings};
 use crate::registry::Registry;
+use sea_orm::DatabaseConnection;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Configures which roles a process runs, then starts them.
 ///
@@ -31,9 +35,35 @@ pub struct KontextBuilder {
     broker: Option<Broker>,
     producer: bool,
     consumers: Consumers,
+    database: Option<DatabaseConnection>,
+    outbox: OutboxSettings,
+    migrate: bool,
 }
 
 impl KontextBuilder {
+    /// Uses this database for the outbox, the inbox and consumer units of
+    /// work. Registers the outbox (and with it the producer role, which its
+    /// relay uses). kontext's tables are migrated at start unless
+    /// [`migrate(false)`](Self::migrate) (see [`crate::db`] to compose
+    /// them with the application's migrator instead).
+    pub fn database(mut self, db: DatabaseConnection) -> Self {
+        self.database = Some(db);
+        self.producer = true;
+        self
+    }
+
+    /// Outbox and relay settings (defaults: [`OutboxSettings::default`]).
+    pub fn outbox_settings(mut self, settings: OutboxSettings) -> Self {
+        self.outbox = settings;
+        self
+    }
+
+    /// Whether to create kontext's tables at start. Defaults to `true`.
+    pub fn migrate(mut self, yes: bool) -> Self {
+        self.migrate = yes;
+        self
+    }
+
     /// Uses these settings (defaults: embedded broker, client id `kontext`).
     pub fn settings(mut self, settings: KafkaSettings) -> Self {
         self.settings = settings;
@@ -106,6 +136,24 @@ impl KontextBuilder {
         } else {
             None
         };
+        let tasks = TaskTracker::new();
+        let cancel = CancellationToken::new();
+        let outbox = match (&self.database, &producer) {
+            (Some(db), Some(producer)) => {
+                if self.migrate {
+                    crate::db::migrate(db).await?;
+                }
+                let outbox = Outbox::new(
+                    Arc::clone(&model),
+                    db.clone(),
+                    producer.clone(),
+                    self.outbox.clone(),
+                );
+                outbox.start_relay(&tasks, cancel.clone()).await?;
+                Some(outbox)
+            }
+            _ => None,
+        };
         let registry = Registry::default();
         let consumers = if self.consumers.is_empty() {
             None
@@ -133,6 +181,9 @@ impl KontextBuilder {
         );
         Ok(Kontext {
             consumers,
+            outbox,
+            tasks,
+            cancel,
             registry,
             model,
             settings: Arc::new(settings),
@@ -144,12 +195,24 @@ impl KontextBuilder {
     }
 }
 
+impl Drop for Kontext {
+    /// Without `shutdown`, background tasks stop at once (like a crash):
+    /// the relay stops after its current pass, unsent rows stay for the next start.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 /// A running kontext: the model, the broker and the registered roles.
 #[derive(Debug)]
 pub struct Kontext {
     // Fields drop in order: clients first, the (possibly embedded) broker
     // last, so no client outlives the cluster it talks to.
     consumers: Option<ConsumerRuntime>,
+    outbox: Option<Outbox>,
+    /// Background tasks of the outbox (relay) and inbox (cleanup).
+    tasks: TaskTracker,
+    cancel: CancellationToken,
     registry: Registry,
     producer: Option<Producer>,
     clients: ClientTracker,
@@ -168,7 +231,18 @@ impl Kontext {
             broker: None,
             producer: false,
             consumers: Consumers::default(),
+            database: None,
+            outbox: OutboxSettings::default(),
+            migrate: true,
         }
+    }
+
+    /// The outbox, or [`Error::RoleNotRegistered`] without a database
+    /// ([`KontextBuilder::database`]).
+    pub fn outbox(&self) -> Result<&Outbox> {
+        self.outbox
+            .as_ref()
+            .ok_or(Error::RoleNotRegistered { role: "database" })
     }
 
     /// The producer, or [`Error::RoleNotRegistered`] if this process did not
@@ -248,6 +322,16 @@ impl Kontext {
     pub async fn shutdown(mut self, timeout: Duration) -> Result<()> {
         if let Some(c) = self.consumers.take() {
             c.shutdown(timeout).await;
+        }
+        // The relay finishes its current pass (what handlers just wrote
+        // included, once woken) and stops.
+        if let Some(o) = &self.outbox {
+            o.wake();
+        }
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(timeout, self.tasks.wait()).await.is_err() {
+            tracing::warn!("outbox relay did not stop in time");
         }
         if let Some(p) = &self.producer {
             p.flush(timeout).await?;

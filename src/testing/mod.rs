@@ -32,10 +32,38 @@ pub fn broker_from_env() -> Result<Broker> {
     }
 }
 
-/// `DATABASE_URL`, or an in-memory SQLite database when it is unset.
-pub fn database_url() -> String {
+/// `DATABASE_URL`, or `None` for the embedded default (SQLite).
+pub fn database_url() -> Option<String> {
     std::env::var("DATABASE_URL")
         .ok()
         .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| "sqlite::memory:".to_owned())
+}
+
+/// A database of its own for one test: a new database on the PostgreSQL
+/// server of `DATABASE_URL`, or a new SQLite file in the temp directory when
+/// it is unset. Tables are not created; kontext migrates them at start.
+pub async fn database() -> Result<sea_orm::DatabaseConnection> {
+    use sea_orm::ConnectionTrait;
+    match database_url() {
+        Some(url) if url.starts_with("postgres") => {
+            let name = unique_name("kontext_test").replace('-', "_");
+            let admin = crate::db::connect(&url).await?;
+            admin
+                .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+                .await
+                .map_err(|source| crate::Error::Database {
+                    operation: "create a test database",
+                    source,
+                })?;
+            drop(admin);
+            let base = url.split('?').next().unwrap_or(&url);
+            let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+            crate::db::connect(&format!("{server}/{name}")).await
+        }
+        Some(url) => crate::db::connect(&url).await,
+        None => {
+            let path = std::env::temp_dir().join(format!("{}.db", unique_name("kontext")));
+            crate::db::connect(&format!("sqlite://{}?mode=rwc", path.display())).await
+        }
+    }
 }

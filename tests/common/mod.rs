@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kontext::Broker;
 #[allow(unused_imports)]
-pub use kontext::testing::{read_topic, unique_name};
+pub use kontext::testing::{RecordedMessage, read_topic, unique_name};
 
 /// Installs a subscriber that writes through the test harness (shown for
 /// failing tests only). `RUST_LOG` filters it.

@@ -1,0 +1,143 @@
+//! The migrations of kontext's tables.
+
+use sea_orm_migration::prelude::*;
+
+/// kontext's migrations, in order, to append to an application's migrator.
+pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+    vec![Box::new(CreateTables)]
+}
+
+#[derive(Iden)]
+enum Outbox {
+    #[iden = "kontext_outbox"]
+    Table,
+    Seq,
+    MessageId,
+    Topic,
+    Shard,
+    Key,
+    Headers,
+    Payload,
+    MessageType,
+    CreatedAt,
+    Attempts,
+    NextAttemptAt,
+    LastError,
+    State,
+}
+
+#[derive(Iden)]
+enum Lease {
+    #[iden = "kontext_outbox_lease"]
+    Table,
+    Shard,
+    Owner,
+    ExpiresAt,
+}
+
+#[derive(Iden)]
+enum Inbox {
+    #[iden = "kontext_inbox"]
+    Table,
+    Consumer,
+    DedupKey,
+    MessageId,
+    ProcessedAt,
+    ExpiresAt,
+}
+
+struct CreateTables;
+
+impl MigrationName for CreateTables {
+    fn name(&self) -> &str {
+        "m20261123_000001_kontext_create_tables"
+    }
+}
+
+// The trait's signature elides `SchemaManager`'s lifetime; match it.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for CreateTables {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(Outbox::Table)
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(Outbox::Seq)
+                        .big_integer()
+                        .not_null()
+                        .auto_increment()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(Outbox::MessageId).string_len(36).not_null().unique_key())
+                .col(ColumnDef::new(Outbox::Topic).string_len(249).not_null())
+                .col(ColumnDef::new(Outbox::Shard).integer().not_null())
+                .col(ColumnDef::new(Outbox::Key).binary().null())
+                .col(ColumnDef::new(Outbox::Headers).text().not_null())
+                .col(ColumnDef::new(Outbox::Payload).binary().null())
+                .col(ColumnDef::new(Outbox::MessageType).string().not_null())
+                .col(ColumnDef::new(Outbox::CreatedAt).big_integer().not_null())
+                .col(ColumnDef::new(Outbox::Attempts).integer().not_null().default(0))
+                .col(ColumnDef::new(Outbox::NextAttemptAt).big_integer().not_null().default(0))
+                .col(ColumnDef::new(Outbox::LastError).text().null())
+                .col(ColumnDef::new(Outbox::State).small_integer().not_null().default(0))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .name("kontext_outbox_relay")
+                .table(Outbox::Table)
+                .col(Outbox::State)
+                .col(Outbox::Shard)
+                .col(Outbox::Seq)
+                .if_not_exists()
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(Lease::Table)
+                .if_not_exists()
+                .col(ColumnDef::new(Lease::Shard).integer().not_null().primary_key())
+                .col(ColumnDef::new(Lease::Owner).string().null())
+                .col(ColumnDef::new(Lease::ExpiresAt).big_integer().not_null().default(0))
+                .to_owned(),
+        )
+        .await?;
+        m.create_table(
+            Table::create()
+                .table(Inbox::Table)
+                .if_not_exists()
+                .col(ColumnDef::new(Inbox::Consumer).string().not_null())
+                .col(ColumnDef::new(Inbox::DedupKey).string().not_null())
+                .col(ColumnDef::new(Inbox::MessageId).string_len(36).null())
+                .col(ColumnDef::new(Inbox::ProcessedAt).big_integer().not_null())
+                .col(ColumnDef::new(Inbox::ExpiresAt).big_integer().not_null())
+                .primary_key(Index::create().col(Inbox::Consumer).col(Inbox::DedupKey))
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .name("kontext_inbox_expiry")
+                .table(Inbox::Table)
+                .col(Inbox::ExpiresAt)
+                .if_not_exists()
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        for t in [
+            Table::drop().table(Inbox::Table).if_exists().to_owned(),
+            Table::drop().table(Lease::Table).if_exists().to_owned(),
+            Table::drop().table(Outbox::Table).if_exists().to_owned(),
+        ] {
+            m.drop_table(t).await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,402 @@
+//! The transactional outbox: messages are written into `kontext_outbox` in
+//! the caller's own database transaction, so they exist if and only if the
+//! business change committed; a relay publishes them afterwards.
+//!
+//! ```no_run
+//! # use kontext::prelude::*;
+//! # #[derive(serde::Serialize, serde::Deserialize)] struct ShipmentCreated { id: u64 }
+//! # async fn run(kontext: Kontext) -> kontext::Result<()> {
+//! let outbox = kontext.outbox()?;
+//! let mut tx = outbox.begin().await?;
+//! // ... business writes through `&*tx` (a sea-orm `DatabaseTransaction`) ...
+//! tx.publish(&ShipmentCreated { id: 7 }).await?;
+//! tx.commit().await?; // commits, then wakes the relay at once
+//! # Ok(()) }
+//! ```
+//!
+//! Or, inside a transaction the application already manages:
+//! `outbox.publish(&txn, &event).await?` (the relay then finds the row within
+//! its polling interval, or sooner if `outbox.wake()` is called after commit).
+//!
+//! **Relay.** Rows are spread over shards by a hash of their key; a relay
+//! publishes a shard only while it holds that shard's lease
+//! (`kontext_outbox_lease`, an atomic conditional update that works the same
+//! on PostgreSQL and SQLite), so several service instances can relay at once,
+//! each row is sent by one of them, and a key's rows go out in the order they
+//! were written. Sent rows are **deleted** once the broker acknowledged them:
+//! the table stays as small as the backlog, which keeps claiming fast; the
+//! broker is the record of what was sent. A row that keeps failing moves to
+//! the failed state after `max_attempts`, with its last error, stays visible
+//! (`failed()`), and is sent again on `retry_failed()`; the rows behind it
+//! go on. While a row waits for its next attempt, later rows with the same
+//! key wait too.
+
+mod relay;
+
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::db::now_ms;
+use crate::db::outbox_entity as row;
+use crate::error::{Error, Result};
+use crate::model::{Message, Model};
+use crate::producer::{CallOptions, Producer, prepare};
+
+/// How a type's messages leave the outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutboxMode {
+    /// Only the relay sends (the default).
+    #[default]
+    Background,
+    /// [`OutboxTransaction::commit`] sends right after the commit and
+    /// deletes the row on acknowledgement; anything it cannot send is left
+    /// to the relay. The immediate send takes the row's shard lease, like a
+    /// relay, so no relay sends the row too; if a relay holds the lease, or
+    /// an earlier row of the same key is still waiting, the row is left to
+    /// the relay (which was woken), so order and single sending hold.
+    ImmediateWithFallback,
+}
+
+/// Outbox and relay settings.
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// Shards the rows are spread over by key; the unit of relay leases.
+    /// Defaults to 16. Changing it while rows are pending may reorder them.
+    pub shards: i32,
+    /// Rows per relay batch. Defaults to 1000.
+    pub batch_size: u64,
+    /// How often the relay looks for rows it was not woken for (written by
+    /// other processes, or before a restart). Defaults to 1 s.
+    pub poll_interval: Duration,
+    /// How long a relay owns a shard without renewing. Defaults to 30 s.
+    pub lease_ttl: Duration,
+    /// Attempts before a row moves to the failed state. Defaults to 10.
+    pub max_attempts: i32,
+    /// Pause after the first failed attempt, doubling up to `max_backoff`.
+    /// Defaults to 100 ms.
+    pub initial_backoff: Duration,
+    /// Longest pause between attempts. Defaults to 60 s.
+    pub max_backoff: Duration,
+    /// Whether this process runs a relay. Defaults to `true`.
+    pub run_relay: bool,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        OutboxSettings {
+            shards: 16,
+            batch_size: 1000,
+            poll_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(30),
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(60),
+            run_relay: true,
+        }
+    }
+}
+
+impl OutboxSettings {
+    fn backoff_ms(&self, attempts: i32) -> i64 {
+        let exp = u32::try_from(attempts.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
+        let d = self
+            .initial_backoff
+            .saturating_mul(1u32 << exp)
+            .min(self.max_backoff);
+        i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+    }
+}
+
+/// A message that used up its attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedMessage {
+    /// Its `ce_id`.
+    pub message_id: String,
+    /// Its topic.
+    pub topic: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// The last error.
+    pub last_error: Option<String>,
+}
+
+/// Writes messages into the outbox and owns the relay. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    model: Arc<Model>,
+    db: DatabaseConnection,
+    producer: Producer,
+    settings: OutboxSettings,
+    wake: Notify,
+    relay_id: String,
+}
+
+impl Outbox {
+    pub(crate) fn new(
+        model: Arc<Model>,
+        db: DatabaseConnection,
+        producer: Producer,
+        settings: OutboxSettings,
+    ) -> Outbox {
+        Outbox {
+            inner: Arc::new(Inner {
+                model,
+                db,
+                producer,
+                settings,
+                wake: Notify::new(),
+                relay_id: Uuid::now_v7().to_string(),
+            }),
+        }
+    }
+
+    /// Starts the relay (if enabled) on `tasks`, stopped by `cancel`.
+    pub(crate) async fn start_relay(&self, tasks: &TaskTracker, cancel: CancellationToken) -> Result<()> {
+        if !self.inner.settings.run_relay {
+            return Ok(());
+        }
+        relay::ensure_leases(&self.inner).await?;
+        tasks.spawn(relay::run(Arc::clone(&self.inner), cancel));
+        Ok(())
+    }
+
+    /// Writes `message` into the outbox through `conn`: pass the caller's
+    /// transaction so the message commits or rolls back with its business
+    /// rows. Returns the message id (`ce_id`).
+    pub async fn publish<C, T>(&self, conn: &C, message: &T) -> Result<Uuid>
+    where
+        C: ConnectionTrait,
+        T: Message,
+    {
+        Ok(self.insert(conn, message).await?.0)
+    }
+
+    async fn insert<C, T>(&self, conn: &C, message: &T) -> Result<(Uuid, i64, OutboxMode)>
+    where
+        C: ConnectionTrait,
+        T: Message,
+    {
+        let spec = self.inner.model.spec::<T>()?;
+        let (encoded, headers) = prepare(
+            spec,
+            message,
+            &CallOptions::default(),
+            self.inner.producer.source(),
+            Vec::new(),
+        )?;
+        let headers_json = serde_json::to_string(&headers).map_err(|e| Error::Encode {
+            topic: spec.topic().to_owned(),
+            type_name: spec.rust_type(),
+            source: e.into(),
+        })?;
+        let shard = shard_of(
+            encoded.key.as_deref().unwrap_or(encoded.message_id.as_bytes()),
+            self.inner.settings.shards,
+        );
+        let now = now_ms();
+        let inserted = row::ActiveModel {
+            message_id: Set(encoded.message_id.to_string()),
+            topic: Set(spec.topic().to_owned()),
+            shard: Set(shard),
+            key: Set(encoded.key),
+            headers: Set(headers_json),
+            payload: Set(Some(encoded.payload)),
+            message_type: Set(spec.type_name().to_owned()),
+            created_at: Set(now),
+            attempts: Set(0),
+            next_attempt_at: Set(0),
+            last_error: Set(None),
+            state: Set(row::PENDING),
+            ..Default::default()
+        }
+        .insert(conn)
+        .await
+        .map_err(|source| Error::Database {
+            operation: "insert into the outbox",
+            source,
+        })?;
+        Ok((encoded.message_id, inserted.seq, spec.outbox_mode()))
+    }
+
+    /// Begins a transaction on the outbox's database whose commit wakes the
+    /// relay (and sends immediate-mode messages at once).
+    pub async fn begin(&self) -> Result<OutboxTransaction> {
+        let txn = self.inner.db.begin().await.map_err(|source| Error::Database {
+            operation: "begin a transaction",
+            source,
+        })?;
+        Ok(OutboxTransaction {
+            txn,
+            outbox: self.clone(),
+            immediate: Vec::new(),
+        })
+    }
+
+    /// Nudges the relay to look for rows now (after committing a
+    /// transaction that [`publish`](Self::publish) wrote to).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Rows waiting to be sent (failed ones excluded).
+    pub async fn pending(&self) -> Result<u64> {
+        row::Entity::find()
+            .filter(row::Column::State.eq(row::PENDING))
+            .count(&self.inner.db)
+            .await
+            .map_err(|source| Error::Database {
+                operation: "count pending outbox rows",
+                source,
+            })
+    }
+
+    /// Rows that used up their attempts, oldest first.
+    pub async fn failed(&self) -> Result<Vec<FailedMessage>> {
+        let rows = row::Entity::find()
+            .filter(row::Column::State.eq(row::FAILED))
+            .order_by_asc(row::Column::Seq)
+            .all(&self.inner.db)
+            .await
+            .map_err(|source| Error::Database {
+                operation: "read failed outbox rows",
+                source,
+            })?;
+        Ok(rows
+            .into_iter()
+            .map(|r| FailedMessage {
+                message_id: r.message_id,
+                topic: r.topic,
+                attempts: r.attempts,
+                last_error: r.last_error,
+            })
+            .collect())
+    }
+
+    /// Makes every failed row pending again with fresh attempts. Returns how many.
+    pub async fn retry_failed(&self) -> Result<u64> {
+        let res = row::Entity::update_many()
+            .col_expr(row::Column::State, row::PENDING.into())
+            .col_expr(row::Column::Attempts, 0.into())
+            .col_expr(row::Column::NextAttemptAt, 0i64.into())
+            .filter(row::Column::State.eq(row::FAILED))
+            .exec(&self.inner.db)
+            .await
+            .map_err(|source| Error::Database {
+                operation: "retry failed outbox rows",
+                source,
+            })?;
+        self.wake();
+        Ok(res.rows_affected)
+    }
+}
+
+impl fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outbox")
+            .field("relay_id", &self.inner.relay_id)
+            .field("settings", &self.inner.settings)
+            .finish()
+    }
+}
+
+/// A database transaction whose commit also hands its outbox messages on.
+/// Dereferences to the sea-orm [`DatabaseTransaction`] for business writes.
+/// Dropping it without `commit` rolls everything back.
+pub struct OutboxTransaction {
+    txn: DatabaseTransaction,
+    outbox: Outbox,
+    immediate: Vec<i64>,
+}
+
+impl OutboxTransaction {
+    /// Writes `message` into the outbox within this transaction.
+    pub async fn publish<T: Message>(&mut self, message: &T) -> Result<Uuid> {
+        let (id, seq, mode) = self.outbox.insert(&self.txn, message).await?;
+        if mode == OutboxMode::ImmediateWithFallback {
+            self.immediate.push(seq);
+        }
+        Ok(id)
+    }
+
+    /// Commits, then sends immediate-mode messages and wakes the relay.
+    /// Once the commit succeeded, the messages are safe: a failed immediate
+    /// send is left to the relay and not reported as an error.
+    pub async fn commit(self) -> Result<()> {
+        self.txn.commit().await.map_err(|source| Error::Database {
+            operation: "commit",
+            source,
+        })?;
+        if !self.immediate.is_empty() {
+            relay::send_immediately(&self.outbox.inner, &self.immediate).await;
+        }
+        self.outbox.wake();
+        Ok(())
+    }
+
+    /// Rolls back: neither the business rows nor the messages persist.
+    pub async fn rollback(self) -> Result<()> {
+        self.txn.rollback().await.map_err(|source| Error::Database {
+            operation: "roll back",
+            source,
+        })
+    }
+}
+
+impl Deref for OutboxTransaction {
+    type Target = DatabaseTransaction;
+    fn deref(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
+}
+
+impl fmt::Debug for OutboxTransaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboxTransaction")
+            .field("immediate", &self.immediate.len())
+            .finish()
+    }
+}
+
+/// FNV-1a: a stable hash (unlike `std`'s), so a key maps to the same shard
+/// in every process and release.
+fn shard_of(key: &[u8], shards: i32) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    i32::try_from(h % u32::try_from(shards.max(1)).unwrap_or(1)).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_stable_and_in_range() {
+        assert_eq!(shard_of(b"order-1", 16), shard_of(b"order-1", 16));
+        for k in 0..1000u32 {
+            let s = shard_of(k.to_string().as_bytes(), 16);
+            assert!((0..16).contains(&s));
+        }
+        let settings = OutboxSettings::default();
+        assert_eq!(settings.backoff_ms(1), 100);
+        assert_eq!(settings.backoff_ms(2), 200);
+        assert_eq!(settings.backoff_ms(30), 60_000);
+    }
+}

@@ -1,0 +1,331 @@
+//! The transactional outbox, on SQLite (default) or on PostgreSQL when
+//! `DATABASE_URL` is set, against the broker the environment names.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kontext::outbox::{OutboxMode, OutboxSettings};
+use kontext::prelude::*;
+use sea_orm::{ConnectionTrait, DatabaseConnection};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ShipmentCreated {
+    shipment: u32,
+    seq: u32,
+    note: String,
+}
+
+fn model(topic: &str, partitions: i32, mode: OutboxMode) -> Model {
+    Model::builder()
+        .topic::<ShipmentCreated>(|t| {
+            t.name(topic)
+                .partitions(partitions)
+                .key(|e| e.shipment)
+                .producer(|p| p.outbox(mode))
+        })
+        .build()
+        .unwrap()
+}
+
+async fn start(model: &Model, broker: &Broker, db: &DatabaseConnection, settings: OutboxSettings) -> Kontext {
+    Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(settings)
+        .start()
+        .await
+        .unwrap()
+}
+
+fn fast() -> OutboxSettings {
+    OutboxSettings {
+        poll_interval: Duration::from_millis(100),
+        ..OutboxSettings::default()
+    }
+}
+
+fn no_relay() -> OutboxSettings {
+    OutboxSettings {
+        run_relay: false,
+        ..fast()
+    }
+}
+
+async fn business_table(db: &DatabaseConnection) {
+    db.execute_unprepared("CREATE TABLE IF NOT EXISTS shipment (id INTEGER PRIMARY KEY, note TEXT NOT NULL)")
+        .await
+        .unwrap();
+}
+
+async fn count_shipments(db: &DatabaseConnection) -> i64 {
+    let row = db
+        .query_one(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM shipment",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+fn decode(records: &[RecordedMessage]) -> Vec<ShipmentCreated> {
+    records
+        .iter()
+        .map(|r| serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap())
+        .collect()
+}
+
+async fn wait_pending_zero(kontext: &Kontext) {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while kontext.outbox().unwrap().pending().await.unwrap() > 0 {
+        assert!(Instant::now() < deadline, "outbox never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_exactly_its_messages() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let kontext = start(&model(&topic, 2, OutboxMode::Background), &broker, &db, fast()).await;
+    business_table(&db).await;
+    let outbox = kontext.outbox().unwrap();
+
+    let mut tx = outbox.begin().await.unwrap();
+    tx.execute_unprepared("INSERT INTO shipment (id, note) VALUES (1, 'rolled back')").await.unwrap();
+    tx.publish(&ShipmentCreated { shipment: 1, seq: 0, note: "rolled back".into() }).await.unwrap();
+    tx.rollback().await.unwrap();
+
+    let mut tx = outbox.begin().await.unwrap();
+    tx.execute_unprepared("INSERT INTO shipment (id, note) VALUES (2, 'committed')").await.unwrap();
+    for seq in 0..3 {
+        tx.publish(&ShipmentCreated { shipment: 2, seq, note: "committed".into() }).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    // Dropped without commit: rolled back too.
+    {
+        let mut tx = outbox.begin().await.unwrap();
+        tx.publish(&ShipmentCreated { shipment: 3, seq: 0, note: "dropped".into() }).await.unwrap();
+    }
+
+    wait_pending_zero(&kontext).await;
+    let records = read_topic(&broker, &topic, 4, Duration::from_secs(5)).await.unwrap();
+    let got = decode(&records);
+    assert_eq!(got.iter().map(|e| (e.shipment, e.seq)).collect::<Vec<_>>(), vec![(2, 0), (2, 1), (2, 2)]);
+    assert_eq!(count_shipments(&db).await, 1);
+    // Standard headers travel through the outbox.
+    assert_eq!(records[0].header("ce_type"), Some("ShipmentCreated"));
+    assert!(uuid::Uuid::parse_str(records[0].header("ce_id").unwrap()).is_ok());
+    assert_eq!(records[0].key_str(), Some("2"));
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_messages_survive_a_crash_before_the_relay_sent_them() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 3, OutboxMode::Background);
+
+    // The first instance commits and "crashes" before any relay sends.
+    let first = start(&model, &broker, &db, no_relay()).await;
+    let outbox = first.outbox().unwrap();
+    for shipment in 0..20 {
+        let mut tx = outbox.begin().await.unwrap();
+        for seq in 0..5 {
+            tx.publish(&ShipmentCreated { shipment, seq, note: String::new() }).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(outbox.pending().await.unwrap(), 100);
+    drop(first);
+    assert!(read_topic(&broker, &topic, 1, Duration::from_secs(1)).await.unwrap().is_empty());
+
+    // A new instance's relay sends every committed message, once, in key order.
+    let second = start(&model, &broker, &db, fast()).await;
+    wait_pending_zero(&second).await;
+    let records = read_topic(&broker, &topic, 100, READ_TIMEOUT).await.unwrap();
+    assert_eq!(records.len(), 100);
+    assert_per_key_order(&decode(&records), 5);
+    second.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Every `(shipment, seq)` appears once, and each shipment's seqs in order.
+fn assert_per_key_order(events: &[ShipmentCreated], per_key: u32) {
+    let mut per: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for e in events {
+        per.entry(e.shipment).or_default().push(e.seq);
+    }
+    for (k, seqs) in per {
+        assert_eq!(seqs, (0..per_key).collect::<Vec<_>>(), "shipment {k}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_send_each_message_once_in_key_order() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 6, OutboxMode::Background);
+    let keys = 100u32;
+    let per_key = (scaled(10_000) as u32) / keys;
+
+    let writer = start(&model, &broker, &db, no_relay()).await;
+    let outbox = writer.outbox().unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    for seq in 0..per_key {
+        for shipment in 0..keys {
+            tx.publish(&ShipmentCreated { shipment, seq, note: String::new() }).await.unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+
+    let small_batches = OutboxSettings {
+        batch_size: 200,
+        ..fast()
+    };
+    let a = start(&model, &broker, &db, small_batches.clone()).await;
+    let b = start(&model, &broker, &db, small_batches).await;
+    wait_pending_zero(&a).await;
+    let total = (keys * per_key) as usize;
+    let records = read_topic(&broker, &topic, total + 1, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(records.len(), total, "each message published once");
+    let ids: BTreeSet<&str> = records.iter().map(|r| r.header("ce_id").unwrap()).collect();
+    assert_eq!(ids.len(), total);
+    assert_per_key_order(&decode(&records), per_key);
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    drop(writer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_written_during_a_broker_outage_go_out_in_order_when_it_returns() {
+    init_tracing();
+    // Needs a broker the test can take down: the embedded one.
+    let broker = Broker::embedded().unwrap();
+    let db = kontext::testing::database().await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 2, OutboxMode::Background);
+    let kontext = Kontext::builder(model)
+        .settings(
+            KafkaSettings::new()
+                .producer(|p| p.message_timeout_ms = Some(1_000))
+                .set("reconnect.backoff.max.ms", "100"),
+        )
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            max_attempts: 1_000,
+            ..fast()
+        })
+        .start()
+        .await
+        .unwrap();
+    broker.as_embedded().unwrap().set_broker_up(1, false).unwrap();
+    let outbox = kontext.outbox().unwrap();
+    for seq in 0..30 {
+        let mut tx = outbox.begin().await.unwrap();
+        tx.publish(&ShipmentCreated { shipment: seq % 3, seq: seq / 3, note: String::new() }).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(outbox.pending().await.unwrap(), 30, "rows accumulate while the broker is down");
+    broker.as_embedded().unwrap().set_broker_up(1, true).unwrap();
+    wait_pending_zero(&kontext).await;
+    let records = read_topic(&broker, &topic, 31, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(records.len(), 30);
+    assert_per_key_order(&decode(&records), 10);
+    assert!(outbox.failed().await.unwrap().is_empty());
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_row_fails_after_bounded_attempts_and_the_rest_go_on() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let kontext = start(
+        &model(&topic, 1, OutboxMode::Background),
+        &broker,
+        &db,
+        OutboxSettings {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(20),
+            ..fast()
+        },
+    )
+    .await;
+    let outbox = kontext.outbox().unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    tx.publish(&ShipmentCreated { shipment: 1, seq: 0, note: String::new() }).await.unwrap();
+    // Larger than the broker accepts (message.max.bytes is 1 MB).
+    let poison_id = tx
+        .publish(&ShipmentCreated { shipment: 2, seq: 0, note: "x".repeat(2_000_000) })
+        .await
+        .unwrap();
+    tx.publish(&ShipmentCreated { shipment: 3, seq: 0, note: String::new() }).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let failed = loop {
+        let failed = outbox.failed().await.unwrap();
+        if !failed.is_empty() && outbox.pending().await.unwrap() == 0 {
+            break failed;
+        }
+        assert!(Instant::now() < deadline, "poison row never failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].message_id, poison_id.to_string());
+    assert_eq!(failed[0].attempts, 3);
+    assert!(failed[0].last_error.as_deref().unwrap().to_lowercase().contains("size"), "{failed:?}");
+    let records = read_topic(&broker, &topic, 3, Duration::from_secs(3)).await.unwrap();
+    let shipments: Vec<u32> = decode(&records).iter().map(|e| e.shipment).collect();
+    assert_eq!(shipments, vec![1, 3], "the rest was sent");
+
+    // Failed rows are visible and retryable (this one fails again).
+    assert_eq!(outbox.retry_failed().await.unwrap(), 1);
+    assert_eq!(outbox.failed().await.unwrap().len(), 0);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_mode_sends_at_commit_once() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 2, OutboxMode::ImmediateWithFallback);
+    // A relay runs too: it must not send the immediate messages again.
+    let kontext = start(&model, &broker, &db, fast()).await;
+    let outbox = kontext.outbox().unwrap();
+    for seq in 0..20 {
+        let mut tx = outbox.begin().await.unwrap();
+        tx.publish(&ShipmentCreated { shipment: seq % 2, seq: seq / 2, note: String::new() }).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    wait_pending_zero(&kontext).await;
+    let records = read_topic(&broker, &topic, 21, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(records.len(), 20, "sent once");
+    assert_per_key_order(&decode(&records), 10);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    // Without a relay, immediate mode alone empties the outbox at commit.
+    let topic2 = unique_name("shipping.shipment.created");
+    let only_immediate = start(&self::model(&topic2, 1, OutboxMode::ImmediateWithFallback), &broker, &db, no_relay()).await;
+    let mut tx = only_immediate.outbox().unwrap().begin().await.unwrap();
+    tx.publish(&ShipmentCreated { shipment: 9, seq: 0, note: String::new() }).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(only_immediate.outbox().unwrap().pending().await.unwrap(), 0);
+    assert_eq!(read_topic(&broker, &topic2, 1, READ_TIMEOUT).await.unwrap().len(), 1);
+}
