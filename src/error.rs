@@ -167,12 +167,14 @@ impl Error {
             } => kafka_error_is_retriable(source),
             // Connection trouble and lock conflicts pass; constraint and
             // syntax errors do not.
-            Error::Database { source, .. } => matches!(
-                source,
-                sea_orm::DbErr::Conn(_)
-                    | sea_orm::DbErr::ConnectionAcquire(_)
-                    | sea_orm::DbErr::Exec(_)
-            ) && source.sql_err().is_none(),
+            Error::Database { source, .. } => {
+                matches!(
+                    source,
+                    sea_orm::DbErr::Conn(_)
+                        | sea_orm::DbErr::ConnectionAcquire(_)
+                        | sea_orm::DbErr::Exec(_)
+                ) && source.sql_err().is_none()
+            }
             _ => false,
         }
     }

@@ -27,6 +27,7 @@
 //! - [`registry`]: which poll service serves which type, and how it is doing.
 //! - [`outbox`]: messages written in the caller's database transaction and
 //!   relayed after commit.
+//! - [`inbox`]: de-duplication of consumed messages in the handler's transaction.
 //! - [`db`]: kontext's tables as sea-orm entities and migrations.
 //! - [`headers`]: the standard headers on every message.
 //! - [`runtime`]: `Kontext`, which starts and stops the roles a process registers.
@@ -39,6 +40,7 @@ pub mod consumer;
 pub mod db;
 pub mod error;
 pub mod headers;
+pub mod inbox;
 pub mod model;
 pub mod outbox;
 pub mod producer;
@@ -52,6 +54,7 @@ pub use codec::{Codec, Json};
 pub use config::KafkaSettings;
 pub use consumer::{
     Backpressure, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy,
+    TransactionalHandler, UnitOfWork,
 };
 pub use error::{Error, Result};
 /// `#[derive(Topic)]`: see the [`Topic`](trait@Topic) trait.
@@ -71,6 +74,7 @@ pub mod prelude {
     pub use crate::{
         Backpressure, Broker, Delivery, Error, Handler, HandlerError, KafkaSettings, Kontext,
         Message, MessageContext, MessageStream, Model, ModelBuilder, Producer, Result, RetryPolicy,
+        Topic, TransactionalHandler, UnitOfWork,
     };
 }
 

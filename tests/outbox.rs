@@ -32,7 +32,12 @@ fn model(topic: &str, partitions: i32, mode: OutboxMode) -> Model {
         .unwrap()
 }
 
-async fn start(model: &Model, broker: &Broker, db: &DatabaseConnection, settings: OutboxSettings) -> Kontext {
+async fn start(
+    model: &Model,
+    broker: &Broker,
+    db: &DatabaseConnection,
+    settings: OutboxSettings,
+) -> Kontext {
     Kontext::builder(model.clone())
         .broker(broker.clone())
         .database(db.clone())
@@ -57,9 +62,11 @@ fn no_relay() -> OutboxSettings {
 }
 
 async fn business_table(db: &DatabaseConnection) {
-    db.execute_unprepared("CREATE TABLE IF NOT EXISTS shipment (id INTEGER PRIMARY KEY, note TEXT NOT NULL)")
-        .await
-        .unwrap();
+    db.execute_unprepared(
+        "CREATE TABLE IF NOT EXISTS shipment (id INTEGER PRIMARY KEY, note TEXT NOT NULL)",
+    )
+    .await
+    .unwrap();
 }
 
 async fn count_shipments(db: &DatabaseConnection) -> i64 {
@@ -94,32 +101,65 @@ async fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_exactly
     init_tracing();
     let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
     let topic = unique_name("shipping.shipment.created");
-    let kontext = start(&model(&topic, 2, OutboxMode::Background), &broker, &db, fast()).await;
+    let kontext = start(
+        &model(&topic, 2, OutboxMode::Background),
+        &broker,
+        &db,
+        fast(),
+    )
+    .await;
     business_table(&db).await;
     let outbox = kontext.outbox().unwrap();
 
     let mut tx = outbox.begin().await.unwrap();
-    tx.execute_unprepared("INSERT INTO shipment (id, note) VALUES (1, 'rolled back')").await.unwrap();
-    tx.publish(&ShipmentCreated { shipment: 1, seq: 0, note: "rolled back".into() }).await.unwrap();
+    tx.execute_unprepared("INSERT INTO shipment (id, note) VALUES (1, 'rolled back')")
+        .await
+        .unwrap();
+    tx.publish(&ShipmentCreated {
+        shipment: 1,
+        seq: 0,
+        note: "rolled back".into(),
+    })
+    .await
+    .unwrap();
     tx.rollback().await.unwrap();
 
     let mut tx = outbox.begin().await.unwrap();
-    tx.execute_unprepared("INSERT INTO shipment (id, note) VALUES (2, 'committed')").await.unwrap();
+    tx.execute_unprepared("INSERT INTO shipment (id, note) VALUES (2, 'committed')")
+        .await
+        .unwrap();
     for seq in 0..3 {
-        tx.publish(&ShipmentCreated { shipment: 2, seq, note: "committed".into() }).await.unwrap();
+        tx.publish(&ShipmentCreated {
+            shipment: 2,
+            seq,
+            note: "committed".into(),
+        })
+        .await
+        .unwrap();
     }
     tx.commit().await.unwrap();
 
     // Dropped without commit: rolled back too.
     {
         let mut tx = outbox.begin().await.unwrap();
-        tx.publish(&ShipmentCreated { shipment: 3, seq: 0, note: "dropped".into() }).await.unwrap();
+        tx.publish(&ShipmentCreated {
+            shipment: 3,
+            seq: 0,
+            note: "dropped".into(),
+        })
+        .await
+        .unwrap();
     }
 
     wait_pending_zero(&kontext).await;
-    let records = read_topic(&broker, &topic, 4, Duration::from_secs(5)).await.unwrap();
+    let records = read_topic(&broker, &topic, 4, Duration::from_secs(5))
+        .await
+        .unwrap();
     let got = decode(&records);
-    assert_eq!(got.iter().map(|e| (e.shipment, e.seq)).collect::<Vec<_>>(), vec![(2, 0), (2, 1), (2, 2)]);
+    assert_eq!(
+        got.iter().map(|e| (e.shipment, e.seq)).collect::<Vec<_>>(),
+        vec![(2, 0), (2, 1), (2, 2)]
+    );
     assert_eq!(count_shipments(&db).await, 1);
     // Standard headers travel through the outbox.
     assert_eq!(records[0].header("ce_type"), Some("ShipmentCreated"));
@@ -141,18 +181,31 @@ async fn committed_messages_survive_a_crash_before_the_relay_sent_them() {
     for shipment in 0..20 {
         let mut tx = outbox.begin().await.unwrap();
         for seq in 0..5 {
-            tx.publish(&ShipmentCreated { shipment, seq, note: String::new() }).await.unwrap();
+            tx.publish(&ShipmentCreated {
+                shipment,
+                seq,
+                note: String::new(),
+            })
+            .await
+            .unwrap();
         }
         tx.commit().await.unwrap();
     }
     assert_eq!(outbox.pending().await.unwrap(), 100);
     drop(first);
-    assert!(read_topic(&broker, &topic, 1, Duration::from_secs(1)).await.unwrap().is_empty());
+    assert!(
+        read_topic(&broker, &topic, 1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A new instance's relay sends every committed message, once, in key order.
     let second = start(&model, &broker, &db, fast()).await;
     wait_pending_zero(&second).await;
-    let records = read_topic(&broker, &topic, 100, READ_TIMEOUT).await.unwrap();
+    let records = read_topic(&broker, &topic, 100, READ_TIMEOUT)
+        .await
+        .unwrap();
     assert_eq!(records.len(), 100);
     assert_per_key_order(&decode(&records), 5);
     second.shutdown(Duration::from_secs(10)).await.unwrap();
@@ -183,7 +236,13 @@ async fn two_relays_send_each_message_once_in_key_order() {
     let mut tx = outbox.begin().await.unwrap();
     for seq in 0..per_key {
         for shipment in 0..keys {
-            tx.publish(&ShipmentCreated { shipment, seq, note: String::new() }).await.unwrap();
+            tx.publish(&ShipmentCreated {
+                shipment,
+                seq,
+                note: String::new(),
+            })
+            .await
+            .unwrap();
         }
     }
     tx.commit().await.unwrap();
@@ -196,7 +255,9 @@ async fn two_relays_send_each_message_once_in_key_order() {
     let b = start(&model, &broker, &db, small_batches).await;
     wait_pending_zero(&a).await;
     let total = (keys * per_key) as usize;
-    let records = read_topic(&broker, &topic, total + 1, Duration::from_secs(5)).await.unwrap();
+    let records = read_topic(&broker, &topic, total + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(records.len(), total, "each message published once");
     let ids: BTreeSet<&str> = records.iter().map(|r| r.header("ce_id").unwrap()).collect();
     assert_eq!(ids.len(), total);
@@ -231,18 +292,38 @@ async fn rows_written_during_a_broker_outage_go_out_in_order_when_it_returns() {
         .start()
         .await
         .unwrap();
-    broker.as_embedded().unwrap().set_broker_up(1, false).unwrap();
+    broker
+        .as_embedded()
+        .unwrap()
+        .set_broker_up(1, false)
+        .unwrap();
     let outbox = kontext.outbox().unwrap();
     for seq in 0..30 {
         let mut tx = outbox.begin().await.unwrap();
-        tx.publish(&ShipmentCreated { shipment: seq % 3, seq: seq / 3, note: String::new() }).await.unwrap();
+        tx.publish(&ShipmentCreated {
+            shipment: seq % 3,
+            seq: seq / 3,
+            note: String::new(),
+        })
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(outbox.pending().await.unwrap(), 30, "rows accumulate while the broker is down");
-    broker.as_embedded().unwrap().set_broker_up(1, true).unwrap();
+    assert_eq!(
+        outbox.pending().await.unwrap(),
+        30,
+        "rows accumulate while the broker is down"
+    );
+    broker
+        .as_embedded()
+        .unwrap()
+        .set_broker_up(1, true)
+        .unwrap();
     wait_pending_zero(&kontext).await;
-    let records = read_topic(&broker, &topic, 31, Duration::from_secs(5)).await.unwrap();
+    let records = read_topic(&broker, &topic, 31, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(records.len(), 30);
     assert_per_key_order(&decode(&records), 10);
     assert!(outbox.failed().await.unwrap().is_empty());
@@ -268,13 +349,29 @@ async fn a_poison_row_fails_after_bounded_attempts_and_the_rest_go_on() {
     .await;
     let outbox = kontext.outbox().unwrap();
     let mut tx = outbox.begin().await.unwrap();
-    tx.publish(&ShipmentCreated { shipment: 1, seq: 0, note: String::new() }).await.unwrap();
+    tx.publish(&ShipmentCreated {
+        shipment: 1,
+        seq: 0,
+        note: String::new(),
+    })
+    .await
+    .unwrap();
     // Larger than the broker accepts (message.max.bytes is 1 MB).
     let poison_id = tx
-        .publish(&ShipmentCreated { shipment: 2, seq: 0, note: "x".repeat(2_000_000) })
+        .publish(&ShipmentCreated {
+            shipment: 2,
+            seq: 0,
+            note: "x".repeat(2_000_000),
+        })
         .await
         .unwrap();
-    tx.publish(&ShipmentCreated { shipment: 3, seq: 0, note: String::new() }).await.unwrap();
+    tx.publish(&ShipmentCreated {
+        shipment: 3,
+        seq: 0,
+        note: String::new(),
+    })
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
 
     let deadline = Instant::now() + READ_TIMEOUT;
@@ -289,8 +386,18 @@ async fn a_poison_row_fails_after_bounded_attempts_and_the_rest_go_on() {
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].message_id, poison_id.to_string());
     assert_eq!(failed[0].attempts, 3);
-    assert!(failed[0].last_error.as_deref().unwrap().to_lowercase().contains("size"), "{failed:?}");
-    let records = read_topic(&broker, &topic, 3, Duration::from_secs(3)).await.unwrap();
+    assert!(
+        failed[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .to_lowercase()
+            .contains("size"),
+        "{failed:?}"
+    );
+    let records = read_topic(&broker, &topic, 3, Duration::from_secs(3))
+        .await
+        .unwrap();
     let shipments: Vec<u32> = decode(&records).iter().map(|e| e.shipment).collect();
     assert_eq!(shipments, vec![1, 3], "the rest was sent");
 
@@ -311,21 +418,47 @@ async fn immediate_mode_sends_at_commit_once() {
     let outbox = kontext.outbox().unwrap();
     for seq in 0..20 {
         let mut tx = outbox.begin().await.unwrap();
-        tx.publish(&ShipmentCreated { shipment: seq % 2, seq: seq / 2, note: String::new() }).await.unwrap();
+        tx.publish(&ShipmentCreated {
+            shipment: seq % 2,
+            seq: seq / 2,
+            note: String::new(),
+        })
+        .await
+        .unwrap();
         tx.commit().await.unwrap();
     }
     wait_pending_zero(&kontext).await;
-    let records = read_topic(&broker, &topic, 21, Duration::from_secs(5)).await.unwrap();
+    let records = read_topic(&broker, &topic, 21, Duration::from_secs(5))
+        .await
+        .unwrap();
     assert_eq!(records.len(), 20, "sent once");
     assert_per_key_order(&decode(&records), 10);
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 
     // Without a relay, immediate mode alone empties the outbox at commit.
     let topic2 = unique_name("shipping.shipment.created");
-    let only_immediate = start(&self::model(&topic2, 1, OutboxMode::ImmediateWithFallback), &broker, &db, no_relay()).await;
+    let only_immediate = start(
+        &self::model(&topic2, 1, OutboxMode::ImmediateWithFallback),
+        &broker,
+        &db,
+        no_relay(),
+    )
+    .await;
     let mut tx = only_immediate.outbox().unwrap().begin().await.unwrap();
-    tx.publish(&ShipmentCreated { shipment: 9, seq: 0, note: String::new() }).await.unwrap();
+    tx.publish(&ShipmentCreated {
+        shipment: 9,
+        seq: 0,
+        note: String::new(),
+    })
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(only_immediate.outbox().unwrap().pending().await.unwrap(), 0);
-    assert_eq!(read_topic(&broker, &topic2, 1, READ_TIMEOUT).await.unwrap().len(), 1);
+    assert_eq!(
+        read_topic(&broker, &topic2, 1, READ_TIMEOUT)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }

@@ -22,6 +22,7 @@ pub(crate) struct TypeStats {
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) dropped: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
 }
 
 /// Result of offering a record to a full or non-full buffer.

@@ -17,6 +17,7 @@ mod offsets;
 pub(crate) mod poll;
 mod spec;
 mod stream;
+mod uow;
 mod worker;
 
 use std::any::{Any, TypeId};
@@ -40,11 +41,14 @@ pub use spec::{
     DedicatedSpec, RetryPolicy,
 };
 pub use stream::{MessageStream, Received};
+pub use uow::{TransactionalHandler, UnitOfWork};
 
 use crate::broker::{Broker, TopicToCreate, provision};
 use crate::config::{ConsumerSettings, KafkaSettings, OffsetReset};
 use crate::error::{Error, Result};
+use crate::inbox::Inbox;
 use crate::model::{Message, Model};
+use crate::outbox::Outbox;
 use crate::registry::{Registry, TypeEntry};
 use crate::runtime::clients::{ClientKind, ClientTracker};
 use buffer::{TypeBuffer, TypeStats};
@@ -65,6 +69,22 @@ impl Consumers {
     /// implementing [`Handler<T>`].
     pub fn handler<T: Message>(&mut self, handler: impl Handler<T>) -> &mut Self {
         self.registrations.push(Box::new(HandlerRegistration {
+            handler,
+            _type: PhantomData::<fn() -> T>,
+        }));
+        self
+    }
+
+    /// Handles every message of `T` in a [`UnitOfWork`]: a database
+    /// transaction that also holds the type's inbox row (if it declares an
+    /// inbox) and any outbox messages the handler publishes; committed when
+    /// the handler returns `Ok`, before the offset is stored. Needs
+    /// [`KontextBuilder::database`](crate::KontextBuilder::database).
+    pub fn transactional<T: Message>(
+        &mut self,
+        handler: impl TransactionalHandler<T>,
+    ) -> &mut Self {
+        self.registrations.push(Box::new(TransactionalRegistration {
             handler,
             _type: PhantomData::<fn() -> T>,
         }));
@@ -99,6 +119,20 @@ struct WorkerArgs<'a> {
     retry: RetryPolicy,
     dead_letter_topic: String,
     stats: Arc<TypeStats>,
+    outbox: Option<&'a Outbox>,
+    inbox: Option<Inbox>,
+}
+
+impl WorkerArgs<'_> {
+    /// An inbox needs the transaction of a transactional handler.
+    fn refuse_inbox(&self, rust_type: &'static str) -> Result<()> {
+        match &self.inbox {
+            Some(_) => Err(Error::config(format!(
+                "`{rust_type}` declares an inbox but is consumed without a unit of work; register it with `consumers(|c| c.transactional(...))`"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A type's worker, and its stream for stream registrations.
@@ -138,11 +172,52 @@ impl<T: Message, H: Handler<T>> Registration for HandlerRegistration<T, H> {
         false
     }
     fn build(self: Box<Self>, a: WorkerArgs<'_>) -> Result<Built> {
+        a.refuse_inbox(self.rust_type())?;
         let worker = Typed {
             spec: a.model.spec::<T>()?.clone(),
             retry: a.retry,
             dead_letter_topic: a.dead_letter_topic,
             dispatch: HandlerDispatch(self.handler),
+            stats: a.stats,
+        };
+        Ok((Box::new(worker), None))
+    }
+}
+
+struct TransactionalRegistration<T, H> {
+    handler: H,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: Message, H: TransactionalHandler<T>> Registration for TransactionalRegistration<T, H> {
+    fn message_type_id(&self) -> TypeId {
+        TypeId::of::<T>()
+    }
+    fn rust_type(&self) -> &'static str {
+        std::any::type_name::<T>()
+    }
+    fn is_stream(&self) -> bool {
+        false
+    }
+    fn build(self: Box<Self>, a: WorkerArgs<'_>) -> Result<Built> {
+        let outbox = a.outbox.cloned().ok_or_else(|| {
+            Error::config(format!(
+                "`{}` has a transactional handler but kontext has no database; call `KontextBuilder::database`",
+                self.rust_type()
+            ))
+        })?;
+        if let Some(inbox) = &a.inbox {
+            inbox.check_type(TypeId::of::<T>(), self.rust_type())?;
+        }
+        let worker = Typed {
+            spec: a.model.spec::<T>()?.clone(),
+            retry: a.retry,
+            dead_letter_topic: a.dead_letter_topic,
+            dispatch: uow::TransactionalDispatch {
+                handler: self.handler,
+                outbox,
+                inbox: a.inbox,
+            },
             stats: a.stats,
         };
         Ok((Box::new(worker), None))
@@ -164,6 +239,7 @@ impl<T: Message> Registration for StreamRegistration<T> {
         true
     }
     fn build(self: Box<Self>, a: WorkerArgs<'_>) -> Result<Built> {
+        a.refuse_inbox(self.rust_type())?;
         let (sink, stream) = stream::channel::<T>();
         let worker = Typed {
             spec: a.model.spec::<T>()?.clone(),
@@ -216,6 +292,7 @@ impl ConsumerRuntime {
         consumers: Consumers,
         clients: &ClientTracker,
         registry: &Registry,
+        outbox: Option<&Outbox>,
     ) -> Result<ConsumerRuntime> {
         let services = plan(model, settings, consumers)?;
 
@@ -249,6 +326,7 @@ impl ConsumerRuntime {
         let cancel = CancellationToken::new();
         let mut running = Vec::new();
         let mut streams: HashMap<TypeId, Box<dyn Any + Send>> = HashMap::new();
+        let mut cleanup_every: Option<Duration> = None;
 
         for planned in services {
             let shared = ServiceShared::new(
@@ -306,11 +384,26 @@ impl ConsumerRuntime {
                             stats: Arc::clone(&stats),
                         },
                     );
+                    let inbox = t.spec.inbox.clone().map(|spec| {
+                        let name = spec
+                            .consumer_name
+                            .clone()
+                            .unwrap_or_else(|| format!("{}/{}", planned.group, t.discriminator));
+                        Inbox::new(name, spec)
+                    });
+                    if let Some(i) = &inbox {
+                        cleanup_every =
+                            Some(cleanup_every.map_or(i.cleanup_interval(), |c: Duration| {
+                                c.min(i.cleanup_interval())
+                            }));
+                    }
                     let (worker, stream) = t.registration.build(WorkerArgs {
                         model,
                         retry: t.spec.retry(),
                         dead_letter_topic: t.dead_letter_topic,
                         stats: Arc::clone(&stats),
+                        outbox,
+                        inbox,
                     })?;
                     if let Some(s) = stream {
                         streams.insert(type_id, s);
@@ -346,6 +439,13 @@ impl ConsumerRuntime {
                 shared,
                 thread: Some(thread),
             });
+        }
+        if let (Some(every), Some(o)) = (cleanup_every, outbox) {
+            tasks.spawn(crate::inbox::cleanup(
+                o.database().clone(),
+                every,
+                cancel.clone(),
+            ));
         }
         tasks.close();
         Ok(ConsumerRuntime {

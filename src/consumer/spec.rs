@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::config::{ConsumerSettings, OffsetReset};
+use crate::inbox::{InboxBuilder, InboxSpec};
 
 /// What a poll service does when a type's buffer is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -82,6 +83,7 @@ pub struct ConsumerSpec {
     pub(crate) retry: RetryPolicy,
     pub(crate) dead_letter_topic: Option<String>,
     pub(crate) dedicated: Option<DedicatedSpec>,
+    pub(crate) inbox: Option<InboxSpec>,
 }
 
 impl ConsumerBuilder {
@@ -123,6 +125,14 @@ impl ConsumerBuilder {
     /// `consumer.dead_letter_topic` in the settings, then to `<topic>.dlq`.
     pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
         self.spec.dead_letter_topic = Some(topic.into());
+        self
+    }
+
+    /// De-duplicates this type with the inbox: a message already processed
+    /// is acknowledged without running the handler again. Needs a
+    /// transactional handler, whose transaction the inbox row joins.
+    pub fn inbox(mut self, f: impl FnOnce(InboxBuilder) -> InboxBuilder) -> Self {
+        self.spec.inbox = Some(f(InboxBuilder::default()).build());
         self
     }
 

@@ -22,6 +22,8 @@ use crate::model::{Message, TopicSpec};
 /// What became of a dispatched message.
 pub(crate) enum Outcome {
     Done,
+    /// Already processed (inbox): acknowledged without handling.
+    Duplicate,
     Failed(HandlerError),
     /// The receiving side is gone (a dropped stream): stop without acknowledging.
     Abandon,
@@ -214,6 +216,10 @@ where
         let (action, error, reason) = match outcome {
             Ok(Outcome::Done) => {
                 stats.handled.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            Ok(Outcome::Duplicate) => {
+                stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 return true;
             }
             Ok(Outcome::Abandon) => return false,

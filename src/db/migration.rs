@@ -70,7 +70,12 @@ impl MigrationTrait for CreateTables {
                         .auto_increment()
                         .primary_key(),
                 )
-                .col(ColumnDef::new(Outbox::MessageId).string_len(36).not_null().unique_key())
+                .col(
+                    ColumnDef::new(Outbox::MessageId)
+                        .string_len(36)
+                        .not_null()
+                        .unique_key(),
+                )
                 .col(ColumnDef::new(Outbox::Topic).string_len(249).not_null())
                 .col(ColumnDef::new(Outbox::Shard).integer().not_null())
                 .col(ColumnDef::new(Outbox::Key).binary().null())
@@ -78,10 +83,25 @@ impl MigrationTrait for CreateTables {
                 .col(ColumnDef::new(Outbox::Payload).binary().null())
                 .col(ColumnDef::new(Outbox::MessageType).string().not_null())
                 .col(ColumnDef::new(Outbox::CreatedAt).big_integer().not_null())
-                .col(ColumnDef::new(Outbox::Attempts).integer().not_null().default(0))
-                .col(ColumnDef::new(Outbox::NextAttemptAt).big_integer().not_null().default(0))
+                .col(
+                    ColumnDef::new(Outbox::Attempts)
+                        .integer()
+                        .not_null()
+                        .default(0),
+                )
+                .col(
+                    ColumnDef::new(Outbox::NextAttemptAt)
+                        .big_integer()
+                        .not_null()
+                        .default(0),
+                )
                 .col(ColumnDef::new(Outbox::LastError).text().null())
-                .col(ColumnDef::new(Outbox::State).small_integer().not_null().default(0))
+                .col(
+                    ColumnDef::new(Outbox::State)
+                        .small_integer()
+                        .not_null()
+                        .default(0),
+                )
                 .to_owned(),
         )
         .await?;
@@ -100,9 +120,19 @@ impl MigrationTrait for CreateTables {
             Table::create()
                 .table(Lease::Table)
                 .if_not_exists()
-                .col(ColumnDef::new(Lease::Shard).integer().not_null().primary_key())
+                .col(
+                    ColumnDef::new(Lease::Shard)
+                        .integer()
+                        .not_null()
+                        .primary_key(),
+                )
                 .col(ColumnDef::new(Lease::Owner).string().null())
-                .col(ColumnDef::new(Lease::ExpiresAt).big_integer().not_null().default(0))
+                .col(
+                    ColumnDef::new(Lease::ExpiresAt)
+                        .big_integer()
+                        .not_null()
+                        .default(0),
+                )
                 .to_owned(),
         )
         .await?;

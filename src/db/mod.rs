@@ -51,18 +51,22 @@ use sea_orm::sea_query::IntoIden as _;
 
 /// Creates or updates kontext's tables.
 pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
-    Migrator::up(db, None).await.map_err(|source| Error::Database {
-        operation: "migrate kontext's tables",
-        source,
-    })
+    Migrator::up(db, None)
+        .await
+        .map_err(|source| Error::Database {
+            operation: "migrate kontext's tables",
+            source,
+        })
 }
 
 /// Connects to `url` (`sqlite://...`, `postgres://...`).
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
-    Database::connect(url).await.map_err(|source| Error::Database {
-        operation: "connect",
-        source,
-    })
+    Database::connect(url)
+        .await
+        .map_err(|source| Error::Database {
+            operation: "connect",
+            source,
+        })
 }
 
 /// Milliseconds since the Unix epoch.

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use crate::codec::{Codec, Json};
 use crate::consumer::{ConsumerBuilder, ConsumerSpec};
-use crate::outbox::OutboxMode;
 use crate::model::Message;
 use crate::model::name::{default_topic_name, short_type_name};
+use crate::outbox::OutboxMode;
 
 /// Something that can be written as a message key.
 ///

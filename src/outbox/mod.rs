@@ -166,7 +166,11 @@ impl Outbox {
     }
 
     /// Starts the relay (if enabled) on `tasks`, stopped by `cancel`.
-    pub(crate) async fn start_relay(&self, tasks: &TaskTracker, cancel: CancellationToken) -> Result<()> {
+    pub(crate) async fn start_relay(
+        &self,
+        tasks: &TaskTracker,
+        cancel: CancellationToken,
+    ) -> Result<()> {
         if !self.inner.settings.run_relay {
             return Ok(());
         }
@@ -205,7 +209,10 @@ impl Outbox {
             source: e.into(),
         })?;
         let shard = shard_of(
-            encoded.key.as_deref().unwrap_or(encoded.message_id.as_bytes()),
+            encoded
+                .key
+                .as_deref()
+                .unwrap_or(encoded.message_id.as_bytes()),
             self.inner.settings.shards,
         );
         let now = now_ms();
@@ -236,15 +243,25 @@ impl Outbox {
     /// Begins a transaction on the outbox's database whose commit wakes the
     /// relay (and sends immediate-mode messages at once).
     pub async fn begin(&self) -> Result<OutboxTransaction> {
-        let txn = self.inner.db.begin().await.map_err(|source| Error::Database {
-            operation: "begin a transaction",
-            source,
-        })?;
+        let txn = self
+            .inner
+            .db
+            .begin()
+            .await
+            .map_err(|source| Error::Database {
+                operation: "begin a transaction",
+                source,
+            })?;
         Ok(OutboxTransaction {
             txn,
             outbox: self.clone(),
             immediate: Vec::new(),
         })
+    }
+
+    /// The database the outbox writes to.
+    pub fn database(&self) -> &DatabaseConnection {
+        &self.inner.db
     }
 
     /// Nudges the relay to look for rows now (after committing a

@@ -9,7 +9,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sea_orm::sea_query::{Expr, OnConflict};
-use sea_orm::{ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set};
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+};
 use tokio_util::sync::CancellationToken;
 
 use super::Inner;
@@ -30,7 +32,11 @@ pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
         })
         .collect();
     let result = lease::Entity::insert_many(rows)
-        .on_conflict(OnConflict::column(lease::Column::Shard).do_nothing().to_owned())
+        .on_conflict(
+            OnConflict::column(lease::Column::Shard)
+                .do_nothing()
+                .to_owned(),
+        )
         .exec(&inner.db)
         .await;
     match result {
@@ -45,7 +51,10 @@ async fn acquire(inner: &Inner, shard: i32, owner: &str) -> Result<bool> {
     let ttl = i64::try_from(inner.settings.lease_ttl.as_millis()).unwrap_or(i64::MAX);
     let res = lease::Entity::update_many()
         .col_expr(lease::Column::Owner, Expr::value(owner))
-        .col_expr(lease::Column::ExpiresAt, Expr::value(now.saturating_add(ttl)))
+        .col_expr(
+            lease::Column::ExpiresAt,
+            Expr::value(now.saturating_add(ttl)),
+        )
         .filter(lease::Column::Shard.eq(shard))
         .filter(
             Condition::any()

@@ -69,6 +69,8 @@ pub struct TypeStatus {
     pub dead_lettered: u64,
     /// Messages dropped by `DropOldest`/`DropNewest`.
     pub dropped: u64,
+    /// Redelivered messages the inbox recognised and acknowledged unhandled.
+    pub duplicates: u64,
 }
 
 /// A poll service and its state.
@@ -216,6 +218,7 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         retried: s.retried.load(Ordering::Relaxed),
         dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
         dropped: s.dropped.load(Ordering::Relaxed),
+        duplicates: s.duplicates.load(Ordering::Relaxed),
     }
 }
 

@@ -15,8 +15,8 @@ use crate::config::KafkaSettings;
 use crate::consumer::{ConsumerRuntime, Consumers, MessageStream};
 use crate::error::{Error, Result};
 use crate::model::{Message, Model};
-use crate::producer::Producer;
 use crate::outbox::{Outbox, OutboxSettings};
+use crate::producer::Producer;
 use crate::registry::Registry;
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
@@ -166,6 +166,7 @@ impl KontextBuilder {
                     self.consumers,
                     &clients,
                     &registry,
+                    outbox.as_ref(),
                 )
                 .await?,
             )
@@ -330,7 +331,10 @@ impl Kontext {
         }
         self.cancel.cancel();
         self.tasks.close();
-        if tokio::time::timeout(timeout, self.tasks.wait()).await.is_err() {
+        if tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("outbox relay did not stop in time");
         }
         if let Some(p) = &self.producer {

@@ -1,0 +1,385 @@
+//! Inbox de-duplication and the consumer unit of work, on SQLite (default)
+//! or PostgreSQL (`DATABASE_URL`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kontext::outbox::OutboxSettings;
+use kontext::prelude::*;
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct ShipmentCreated {
+    shipment_id: String,
+    user: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct UserActivityRecorded {
+    user: u32,
+    shipment_id: String,
+}
+
+fn model(topic: &str, followups: &str, by_field: bool) -> Model {
+    Model::builder()
+        .topic::<ShipmentCreated>(|t| {
+            t.name(topic)
+                .key(|e| e.shipment_id.clone())
+                .consumer(move |c| {
+                    c.retry(RetryPolicy {
+                        max_attempts: 3,
+                        initial_backoff: Duration::from_millis(10),
+                        max_backoff: Duration::from_millis(20),
+                    })
+                    .inbox(move |i| {
+                        if by_field {
+                            i.key_by(|e: &ShipmentCreated| e.shipment_id.clone())
+                        } else {
+                            i
+                        }
+                    })
+                })
+        })
+        .topic::<UserActivityRecorded>(|t| t.name(followups).key(|e| e.user))
+        .build()
+        .unwrap()
+}
+
+async fn activity_table(db: &DatabaseConnection) {
+    db.execute_unprepared(
+        "CREATE TABLE IF NOT EXISTS user_activity (shipment_id TEXT NOT NULL, user_id INTEGER NOT NULL)",
+    )
+    .await
+    .unwrap();
+}
+
+async fn activity_rows(db: &DatabaseConnection) -> i64 {
+    let row = db
+        .query_one(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM user_activity",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+/// Starts a consumer whose handler records activity and publishes a
+/// follow-up through the outbox, failing its first `fail_first` attempts
+/// after it wrote.
+async fn consumer(
+    model: &Model,
+    broker: &Broker,
+    db: &DatabaseConnection,
+    group: &str,
+    calls: Arc<AtomicU32>,
+    fail_first: u32,
+) -> Kontext {
+    Kontext::builder(model.clone())
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.to_owned())))
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            poll_interval: Duration::from_millis(100),
+            ..OutboxSettings::default()
+        })
+        .consumers(move |c| {
+            c.transactional(
+                move |e: ShipmentCreated, ctx: MessageContext, uow: UnitOfWork| {
+                    let calls = Arc::clone(&calls);
+                    async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        let backend = uow.get_database_backend();
+                        uow.execute(Statement::from_sql_and_values(
+                            backend,
+                            if backend == sea_orm::DbBackend::Postgres {
+                                "INSERT INTO user_activity (shipment_id, user_id) VALUES ($1, $2)"
+                            } else {
+                                "INSERT INTO user_activity (shipment_id, user_id) VALUES (?, ?)"
+                            },
+                            [e.shipment_id.clone().into(), (e.user as i32).into()],
+                        ))
+                        .await?;
+                        uow.publish(&UserActivityRecorded {
+                            user: e.user,
+                            shipment_id: e.shipment_id.clone(),
+                        })
+                        .await
+                        .map_err(HandlerError::retry)?;
+                        if ctx.attempt() <= fail_first {
+                            return Err(HandlerError::retry("failing after the writes"));
+                        }
+                        Ok(())
+                    }
+                },
+            );
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn wait_until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends a copy of `record` (same key, payload and headers, so the same
+/// message id): what a redelivery looks like to the consumer.
+async fn redeliver(broker: &Broker, record: &RecordedMessage) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    let mut headers = OwnedHeaders::new();
+    for (k, v) in &record.headers {
+        headers = headers.insert(Header {
+            key: k,
+            value: v.as_deref(),
+        });
+    }
+    let mut out: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+        rdkafka::producer::FutureRecord::to(&record.topic).headers(headers);
+    if let Some(k) = &record.key {
+        out = out.key(k.as_slice());
+    }
+    if let Some(p) = &record.payload {
+        out = out.payload(p.as_slice());
+    }
+    producer.send(out, Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_message_has_no_second_effect() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let (topic, followups, group) = (
+        unique_name("shipping.shipment.created"),
+        unique_name("identity.activity"),
+        unique_name("identity-api"),
+    );
+    let model = model(&topic, &followups, false);
+    let calls = Arc::new(AtomicU32::new(0));
+    let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
+    activity_table(&db).await;
+
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    producer
+        .producer()
+        .unwrap()
+        .produce(&ShipmentCreated {
+            shipment_id: "s-1".into(),
+            user: 7,
+        })
+        .await
+        .unwrap();
+    wait_until("the first handling", async || {
+        calls.load(Ordering::SeqCst) == 1
+    })
+    .await;
+
+    let original = read_topic(&broker, &topic, 1, READ_TIMEOUT).await.unwrap();
+    redeliver(&broker, &original[0]).await;
+    wait_until("the duplicate to be acknowledged", async || {
+        kontext
+            .registry()
+            .type_status::<ShipmentCreated>()
+            .unwrap()
+            .duplicates
+            == 1
+    })
+    .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the handler did not run again"
+    );
+    assert_eq!(activity_rows(&db).await, 1);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+    let followed = read_topic(&broker, &followups, 2, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(followed.len(), 1, "one follow-up event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unit_of_work_rolls_back_business_rows_and_messages() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let (topic, followups, group) = (
+        unique_name("shipping.shipment.created"),
+        unique_name("identity.activity"),
+        unique_name("identity-api"),
+    );
+    let model = model(&topic, &followups, false);
+    let calls = Arc::new(AtomicU32::new(0));
+    // Fails twice after writing, succeeds on the third attempt.
+    let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 2).await;
+    activity_table(&db).await;
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    for i in 0..5 {
+        producer
+            .producer()
+            .unwrap()
+            .produce(&ShipmentCreated {
+                shipment_id: format!("s-{i}"),
+                user: i,
+            })
+            .await
+            .unwrap();
+    }
+    wait_until("five handlings", async || {
+        kontext
+            .registry()
+            .type_status::<ShipmentCreated>()
+            .unwrap()
+            .handled
+            == 5
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 15, "three attempts each");
+    assert_eq!(
+        activity_rows(&db).await,
+        5,
+        "only the committed attempts' rows"
+    );
+    let followed = read_topic(&broker, &followups, 6, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(followed.len(), 5, "only the committed attempts' messages");
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_of_work_that_never_succeeds_leaves_nothing_behind() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let (topic, followups, group) = (
+        unique_name("shipping.shipment.created"),
+        unique_name("identity.activity"),
+        unique_name("identity-api"),
+    );
+    let model = model(&topic, &followups, false);
+    let calls = Arc::new(AtomicU32::new(0));
+    let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), u32::MAX).await;
+    activity_table(&db).await;
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    producer
+        .producer()
+        .unwrap()
+        .produce(&ShipmentCreated {
+            shipment_id: "s-9".into(),
+            user: 9,
+        })
+        .await
+        .unwrap();
+    let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(
+        dlq[0].header(kontext::consumer::dlq_headers::REASON),
+        Some("retries-exhausted")
+    );
+    assert_eq!(activity_rows(&db).await, 0);
+    assert_eq!(kontext.outbox().unwrap().pending().await.unwrap(), 0);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        read_topic(&broker, &followups, 1, Duration::from_secs(2))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chosen_fields_deduplicate_different_message_ids() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let (topic, followups, group) = (
+        unique_name("shipping.shipment.created"),
+        unique_name("identity.activity"),
+        unique_name("identity-api"),
+    );
+    let model = model(&topic, &followups, true);
+    let calls = Arc::new(AtomicU32::new(0));
+    let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
+    activity_table(&db).await;
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let p = producer.producer().unwrap();
+    // The same shipment published twice (two message ids), then another one.
+    p.produce(&ShipmentCreated {
+        shipment_id: "s-1".into(),
+        user: 1,
+    })
+    .await
+    .unwrap();
+    p.produce(&ShipmentCreated {
+        shipment_id: "s-1".into(),
+        user: 1,
+    })
+    .await
+    .unwrap();
+    p.produce(&ShipmentCreated {
+        shipment_id: "s-2".into(),
+        user: 2,
+    })
+    .await
+    .unwrap();
+    wait_until("all three", async || {
+        let st = kontext.registry().type_status::<ShipmentCreated>().unwrap();
+        st.handled + st.duplicates == 3
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(activity_rows(&db).await, 2);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_needs_a_unit_of_work() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let model = model(&unique_name("t"), &unique_name("f"), false);
+    let err = Kontext::builder(model)
+        .broker(broker)
+        .database(db)
+        .consumers(|c| {
+            c.handler(|_: ShipmentCreated, _: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("c.transactional"), "{err}");
+}
