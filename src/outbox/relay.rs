@@ -115,6 +115,13 @@ pub(super) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
             () = cancel.cancelled() => break,
         }
     }
+    // A last pass sends what was committed up to the stop (for example by
+    // consumers' units of work drained during a graceful shutdown).
+    match tokio::time::timeout(inner.settings.lease_ttl, pass(&inner)).await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "final outbox relay pass failed"),
+        Err(_) => tracing::warn!("final outbox relay pass timed out"),
+        Ok(Ok(_)) => {}
+    }
     for shard in 0..inner.settings.shards {
         release(&inner, shard, &inner.relay_id).await;
     }

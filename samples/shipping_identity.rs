@@ -1,0 +1,241 @@
+//! Run with `cargo run -p kontext-samples --bin shipping-identity`
+//!
+//! Seed 002's flow, effectively once end to end:
+//! - the **shipping** service creates a shipment row and a
+//!   `ShipmentCreatedEvent` in one database transaction (transactional
+//!   outbox); its relay publishes the event after the commit;
+//! - the **identity** service consumes it with an inbox, writes a
+//!   user-activity row and publishes a `UserActivityRecorded` follow-up
+//!   through its own outbox, all in one unit of work committed before the
+//!   offset is stored. One event is delivered twice to show the inbox.
+//!
+//! SQLite files in the temp directory by default (one per service); set
+//! `DATABASE_URL=postgres://...` to run both on PostgreSQL. The broker is
+//! the embedded one unless `KONTEXT_BOOTSTRAP_SERVERS` is set.
+
+use std::time::{Duration, Instant};
+
+use kontext::prelude::*;
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, Topic)]
+#[topic(name = "shipping.shipment.created", key = shipment_id, partitions = 3)]
+struct ShipmentCreatedEvent {
+    shipment_id: String,
+    user_id: i64,
+    #[topic(header = "x-warehouse")]
+    warehouse: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Topic)]
+#[topic(name = "identity.user-activity.recorded", key = user_id, partitions = 3)]
+struct UserActivityRecorded {
+    user_id: i64,
+    activity: String,
+}
+
+/// Both services share the event types; each registers only its role.
+fn model() -> kontext::Result<Model> {
+    let mut m = ModelBuilder::new();
+    m.topic::<ShipmentCreatedEvent>(|t| {
+        t.consumer(|c| {
+            c.group("identity-api-shipmentcreated-consumer")
+                // De-duplicate by shipment: a shipment announced twice (a
+                // retried publish has a new message id) takes effect once.
+                .inbox(|i| {
+                    i.consumer_name("identity-api")
+                        .key_by(|e: &ShipmentCreatedEvent| e.shipment_id.clone())
+                })
+        })
+    });
+    m.topic::<UserActivityRecorded>(|t| t);
+    Ok(m.build()?)
+}
+
+const SHIPMENTS: i64 = 200;
+
+async fn database(service: &str) -> kontext::Result<DatabaseConnection> {
+    let url = match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            let path = std::env::temp_dir().join(format!(
+                "kontext-{service}-{}.db",
+                uuid::Uuid::now_v7().simple()
+            ));
+            format!("sqlite://{}?mode=rwc", path.display())
+        }
+    };
+    kontext::db::connect(&url).await
+}
+
+fn sql(backend: DbBackend, sqlite: &str) -> String {
+    // Positional parameters are `$n` on PostgreSQL and `?` on SQLite.
+    if backend == DbBackend::Postgres {
+        let mut n = 0;
+        sqlite
+            .chars()
+            .map(|c| {
+                if c == '?' {
+                    n += 1;
+                    format!("${n}")
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        sqlite.to_owned()
+    }
+}
+
+async fn count(db: &DatabaseConnection, table: &str) -> Result<i64, Box<dyn std::error::Error>> {
+    let row = db
+        .query_one(Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT COUNT(*) AS n FROM {table}"),
+        ))
+        .await?
+        .ok_or("no count")?;
+    Ok(row.try_get::<i64>("", "n")?)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let settings = KafkaSettings::from_env()?;
+    let broker = Broker::from_settings(&settings)?;
+    let shipping_db = database("shipping").await?;
+    let identity_db = database("identity").await?;
+    for (db, ddl) in [
+        (
+            &shipping_db,
+            "CREATE TABLE IF NOT EXISTS shipment (id TEXT PRIMARY KEY, user_id BIGINT NOT NULL)",
+        ),
+        (
+            &identity_db,
+            "CREATE TABLE IF NOT EXISTS user_activity (user_id BIGINT NOT NULL, activity TEXT NOT NULL)",
+        ),
+    ] {
+        db.execute_unprepared(ddl).await?;
+    }
+
+    // The identity service: consumes with inbox + unit of work.
+    let identity = Kontext::builder(model()?)
+        .settings(settings.clone().client_id("identity-api"))
+        .broker(broker.clone())
+        .database(identity_db.clone())
+        .consumers(|c| {
+            c.transactional(
+                |e: ShipmentCreatedEvent, _ctx: MessageContext, uow: UnitOfWork| async move {
+                    let activity = format!("shipment {} created", e.shipment_id);
+                    uow.execute(Statement::from_sql_and_values(
+                        uow.get_database_backend(),
+                        sql(
+                            uow.get_database_backend(),
+                            "INSERT INTO user_activity (user_id, activity) VALUES (?, ?)",
+                        ),
+                        [e.user_id.into(), activity.clone().into()],
+                    ))
+                    .await?;
+                    uow.publish(&UserActivityRecorded {
+                        user_id: e.user_id,
+                        activity,
+                    })
+                    .await
+                    .map_err(HandlerError::retry)?;
+                    Ok(())
+                },
+            );
+        })
+        .start()
+        .await?;
+
+    // The shipping service: business row and event in one transaction.
+    let shipping = Kontext::builder(model()?)
+        .settings(settings.clone().client_id("shipping-api"))
+        .broker(broker.clone())
+        .database(shipping_db.clone())
+        .start()
+        .await?;
+    let started = Instant::now();
+    let outbox = shipping.outbox()?;
+    let backend = shipping_db.get_database_backend();
+    for i in 0..SHIPMENTS {
+        let shipment_id = format!("shp-{i:05}");
+        let mut tx = outbox.begin().await?;
+        tx.execute(Statement::from_sql_and_values(
+            backend,
+            sql(backend, "INSERT INTO shipment (id, user_id) VALUES (?, ?)"),
+            [shipment_id.clone().into(), (i % 20).into()],
+        ))
+        .await?;
+        tx.publish(&ShipmentCreatedEvent {
+            shipment_id,
+            user_id: i % 20,
+            warehouse: "ams-1".into(),
+        })
+        .await?;
+        tx.commit().await?;
+    }
+    // A shipment whose transaction rolls back: neither row nor event exists.
+    let mut tx = outbox.begin().await?;
+    tx.publish(&ShipmentCreatedEvent {
+        shipment_id: "shp-rolled-back".into(),
+        user_id: 0,
+        warehouse: "ams-1".into(),
+    })
+    .await?;
+    tx.rollback().await?;
+
+    // The shipping service announces the first shipment again (a retried
+    // publish): identity's inbox recognises it.
+    let mut tx = outbox.begin().await?;
+    tx.publish(&ShipmentCreatedEvent {
+        shipment_id: "shp-00000".into(),
+        user_id: 0,
+        warehouse: "ams-1".into(),
+    })
+    .await?;
+    tx.commit().await?;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = || {
+        identity
+            .registry()
+            .type_status::<ShipmentCreatedEvent>()
+            .map(|s| s.handled + s.duplicates)
+            .unwrap_or(0)
+    };
+    while done() < SHIPMENTS as u64 + 1 {
+        if Instant::now() > deadline {
+            return Err(format!("only {} of {} events handled", done(), SHIPMENTS + 1).into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = started.elapsed();
+    let status = identity.registry().type_status::<ShipmentCreatedEvent>()?;
+    identity.shutdown(Duration::from_secs(10)).await?;
+    shipping.shutdown(Duration::from_secs(10)).await?;
+
+    println!(
+        "shipping stored: {} shipments, {} outbox rows still pending",
+        count(&shipping_db, "shipment").await?,
+        count(&shipping_db, "kontext_outbox").await?
+    );
+    println!(
+        "identity stored: {} user-activity rows, {} inbox rows, {} follow-up events still in its outbox",
+        count(&identity_db, "user_activity").await?,
+        count(&identity_db, "kontext_inbox").await?,
+        count(&identity_db, "kontext_outbox").await?
+    );
+    println!(
+        "identity handled {} events ({} duplicates acknowledged) in {elapsed:.2?} from first commit to last handling",
+        status.handled, status.duplicates
+    );
+    Ok(())
+}
