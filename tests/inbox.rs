@@ -383,3 +383,70 @@ async fn an_inbox_needs_a_unit_of_work() {
         .unwrap_err();
     assert!(err.to_string().contains("c.transactional"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_inbox_rows_are_cleaned_up() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let (topic, group) = (unique_name("t"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<ShipmentCreated>(|t| {
+            t.name(&topic).consumer(|c| {
+                c.inbox(|i| {
+                    i.retention(Duration::from_millis(1))
+                        .cleanup_interval(Duration::from_millis(50))
+                })
+            })
+        })
+        .build()
+        .unwrap();
+    let kontext = Kontext::builder(model.clone())
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.clone())))
+        .broker(broker.clone())
+        .database(db.clone())
+        .consumers(|c| {
+            c.transactional(
+                |_: ShipmentCreated, _: MessageContext, _: UnitOfWork| async { Ok(()) },
+            );
+        })
+        .start()
+        .await
+        .unwrap();
+    let producer = Kontext::builder(model)
+        .broker(broker)
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    producer
+        .producer()
+        .unwrap()
+        .produce(&ShipmentCreated {
+            shipment_id: "s".into(),
+            user: 1,
+        })
+        .await
+        .unwrap();
+    wait_until("the handling", async || {
+        kontext
+            .registry()
+            .type_status::<ShipmentCreated>()
+            .unwrap()
+            .handled
+            == 1
+    })
+    .await;
+    let count_inbox = async || {
+        let row = db
+            .query_one(Statement::from_string(
+                db.get_database_backend(),
+                "SELECT COUNT(*) AS n FROM kontext_inbox",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get::<i64>("", "n").unwrap()
+    };
+    wait_until("the expired row to go", async || count_inbox().await == 0).await;
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -1,0 +1,551 @@
+//! Run with `cargo run --release -p kontext-bench` (`-- --quick` for a short run)
+//!
+//! kontext against a hand-written raw rdkafka equivalent, in the same
+//! process, on the same broker, with the same payloads and client settings;
+//! rounds alternate which side goes first so machine noise hits both. For
+//! each side it reports throughput and process CPU time (user + system) per
+//! message, min/median/max over the rounds, and the ratio kontext/raw.
+//!
+//! Embedded mock cluster by default; `KONTEXT_BOOTSTRAP_SERVERS=host:port`
+//! for a real broker. `DATABASE_URL` runs the outbox scenario on PostgreSQL
+//! too. See BENCHMARKS.md for what each scenario measures.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cpu_time::ProcessTime;
+use kontext::outbox::OutboxSettings;
+use kontext::prelude::*;
+use kontext::testing::unique_name;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
+use sea_orm::ConnectionTrait;
+use serde::{Deserialize, Serialize};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A ~200-byte JSON order event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OrderPlaced {
+    id: u64,
+    order_id: String,
+    customer_id: String,
+    amount_cents: u64,
+    currency: String,
+    items: Vec<String>,
+    channel: String,
+}
+
+fn events(n: u64) -> Vec<OrderPlaced> {
+    (0..n)
+        .map(|id| OrderPlaced {
+            id,
+            order_id: format!("ord-{:08}", id % 5_000),
+            customer_id: format!("cus-{:06}", id % 977),
+            amount_cents: 1_000 + id % 90_000,
+            currency: "EUR".into(),
+            items: vec!["sku-12345".into(), "sku-67890".into(), "sku-24680".into()],
+            channel: "web-checkout-eu-west".into(),
+        })
+        .collect()
+}
+
+/// One measured run of one side.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    secs: f64,
+    cpu_secs: f64,
+    messages: u64,
+}
+
+impl Sample {
+    fn rate(&self) -> f64 {
+        self.messages as f64 / self.secs
+    }
+    fn cpu_us(&self) -> f64 {
+        self.cpu_secs * 1e6 / self.messages as f64
+    }
+}
+
+async fn measure<F, Fut>(f: F) -> Result<Sample, BoxError>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = Result<u64, BoxError>>,
+{
+    let (wall, cpu) = (Instant::now(), ProcessTime::now());
+    let messages = f().await?;
+    Ok(Sample {
+        secs: wall.elapsed().as_secs_f64(),
+        cpu_secs: cpu.elapsed().as_secs_f64(),
+        messages,
+    })
+}
+
+fn stats(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    (values[0], values[n / 2], values[n - 1])
+}
+
+fn report(name: &str, raw: &[Sample], kontext: &[Sample]) {
+    let rate = |s: &[Sample]| stats(&mut s.iter().map(Sample::rate).collect::<Vec<_>>());
+    let cpu = |s: &[Sample]| stats(&mut s.iter().map(Sample::cpu_us).collect::<Vec<_>>());
+    let (r_rate, k_rate) = (rate(raw), rate(kontext));
+    let (r_cpu, k_cpu) = (cpu(raw), cpu(kontext));
+    println!(
+        "| {name} | {:.0} ({:.0}-{:.0}) | {:.0} ({:.0}-{:.0}) | {:.2} | {:.2} ({:.2}-{:.2}) | {:.2} ({:.2}-{:.2}) | {:.2} |",
+        r_rate.1,
+        r_rate.0,
+        r_rate.2,
+        k_rate.1,
+        k_rate.0,
+        k_rate.2,
+        k_rate.1 / r_rate.1,
+        r_cpu.1,
+        r_cpu.0,
+        r_cpu.2,
+        k_cpu.1,
+        k_cpu.0,
+        k_cpu.2,
+        k_cpu.1 / r_cpu.1,
+    );
+}
+
+struct Bench {
+    broker: Broker,
+    settings: KafkaSettings,
+    embedded: bool,
+}
+
+impl Bench {
+    fn model(
+        &self,
+        topic: &str,
+        partitions: i32,
+        dedicated: Option<&str>,
+    ) -> Result<Model, BoxError> {
+        let dedicated = dedicated.map(str::to_owned);
+        Ok(Model::builder()
+            .topic::<OrderPlaced>(move |t| {
+                t.name(topic)
+                    .partitions(partitions)
+                    .key(|e| e.order_id.clone())
+                    .consumer(move |c| match dedicated {
+                        Some(g) => c.dedicated(|d| d.group(g).max_buffered(10_000)),
+                        None => c.max_buffered(10_000),
+                    })
+            })
+            .build()?)
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BoxError> {
+        let model = self.model(topic, partitions, None)?;
+        kontext::broker::provision_topics(&self.broker, &self.settings, &model).await?;
+        Ok(())
+    }
+
+    /// The raw side's consumer settings: the same as kontext's poll service.
+    fn raw_consumer_config(&self, group: &str) -> ClientConfig {
+        let mut c = self.settings.client_config(self.broker.bootstrap_servers());
+        if self.embedded {
+            c.set("session.timeout.ms", "2000")
+                .set("heartbeat.interval.ms", "500")
+                .set("fetch.wait.max.ms", "10");
+        }
+        c.set("group.id", group)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .set("enable.partition.eof", "false");
+        c
+    }
+}
+
+/// Raw rdkafka produce: serde_json encode, key, send, await every delivery.
+async fn raw_produce(
+    producer: &FutureProducer,
+    topic: &str,
+    events: &[OrderPlaced],
+) -> Result<u64, BoxError> {
+    let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
+    let mut done = 0;
+    for e in events {
+        let payload = serde_json::to_vec(e)?;
+        let mut record = FutureRecord::to(topic)
+            .key(e.order_id.as_str())
+            .payload(payload.as_slice());
+        loop {
+            match producer.send_result(record) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((err, back))
+                    if err.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) =>
+                {
+                    record = back;
+                    if let Some(f) = pending.get_mut(done) {
+                        let _ = std::pin::Pin::new(f).await;
+                        done += 1;
+                    }
+                }
+                Err((err, _)) => return Err(err.into()),
+            }
+        }
+    }
+    for f in pending {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    Ok(events.len() as u64)
+}
+
+async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxError> {
+    let events = Arc::new(events(n));
+    let (mut raw, mut batch) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // 32 partitions keep each under the mock's 5 MiB per partition.
+        let (raw_topic, k_topic) = (unique_name("bench-raw"), unique_name("bench-kx"));
+        b.create_topic(&raw_topic, 32).await?;
+        b.create_topic(&k_topic, 32).await?;
+        let producer: FutureProducer = b
+            .settings
+            .producer_config(b.broker.bootstrap_servers())
+            .create()?;
+        let kontext = Kontext::builder(b.model(&k_topic, 32, None)?)
+            .settings(b.settings.clone().provision_topics(false))
+            .broker(b.broker.clone())
+            .producer()
+            .start()
+            .await?;
+        let k = kontext.producer()?;
+        let run_raw = || raw_produce(&producer, &raw_topic, &events);
+        let run_k = || async { Ok(k.produce_batch(events.iter()).await?.len() as u64) };
+        if round % 2 == 0 {
+            raw.push(measure(run_raw).await?);
+            batch.push(measure(run_k).await?);
+        } else {
+            batch.push(measure(run_k).await?);
+            raw.push(measure(run_raw).await?);
+        }
+        kontext.shutdown(Duration::from_secs(10)).await?;
+    }
+    report(&format!("produce {n} (batch)"), &raw, &batch);
+    Ok(())
+}
+
+/// Raw consumer loop: decode, store offset after the work; until `n`.
+fn raw_consume(config: ClientConfig, topic: &str, n: u64) -> Result<u64, BoxError> {
+    let consumer: BaseConsumer = config.create()?;
+    consumer.subscribe(&[topic])?;
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while got < n && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let e: OrderPlaced = serde_json::from_slice(m.payload().unwrap_or_default())?;
+                std::hint::black_box(&e);
+                consumer.store_offset_from_message(&m)?;
+                got += 1;
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    Ok(got)
+}
+
+async fn kontext_consume(b: &Bench, topic: &str, n: u64, dedicated: bool) -> Result<u64, BoxError> {
+    let group = unique_name("bench-g");
+    let model = b.model(topic, 6, dedicated.then_some(group.as_str()))?;
+    let count = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&count);
+    let kontext = Kontext::builder(model)
+        .settings(
+            b.settings
+                .clone()
+                .provision_topics(false)
+                .consumer(|s| s.group_id = Some(group.clone())),
+        )
+        .broker(b.broker.clone())
+        .consumers(move |cs| {
+            cs.handler(move |e: OrderPlaced, _ctx: MessageContext| {
+                let c = Arc::clone(&c);
+                async move {
+                    std::hint::black_box(&e);
+                    c.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while count.load(Ordering::Relaxed) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let got = count.load(Ordering::Relaxed);
+    kontext.shutdown(Duration::from_secs(10)).await?;
+    Ok(got)
+}
+
+async fn scenario_consume(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxError> {
+    // One backlog, lz4-compressed so 6 partitions stay under the mock's
+    // 5 MiB each; every run reads it with its own group.
+    let topic = unique_name("bench-consume");
+    b.create_topic(&topic, 6).await?;
+    let producer: FutureProducer = b
+        .settings
+        .clone()
+        .producer(|p| p.compression = kontext::config::Compression::Lz4)
+        .producer_config(b.broker.bootstrap_servers())
+        .create()?;
+    raw_produce(&producer, &topic, &events(n)).await?;
+    drop(producer);
+
+    let (mut raw, mut shared, mut dedicated) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let run_raw = || async {
+            let config = b.raw_consumer_config(&unique_name("bench-g"));
+            let t = topic.clone();
+            tokio::task::spawn_blocking(move || raw_consume(config, &t, n)).await?
+        };
+        let order: [u8; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for side in order {
+            let s = match side {
+                0 => measure(run_raw).await?,
+                1 => measure(|| kontext_consume(b, &topic, n, false)).await?,
+                _ => measure(|| kontext_consume(b, &topic, n, true)).await?,
+            };
+            if s.messages != n {
+                return Err(
+                    format!("consume read {} of {n}: records were lost", s.messages).into(),
+                );
+            }
+            [&mut raw, &mut shared, &mut dedicated][side as usize].push(s);
+        }
+    }
+    report(&format!("consume {n}, shared poll service"), &raw, &shared);
+    report(
+        &format!("consume {n}, dedicated poll service"),
+        &raw,
+        &dedicated,
+    );
+    Ok(())
+}
+
+async fn scenario_outbox(
+    b: &Bench,
+    label: &str,
+    url: Option<&str>,
+    n: u64,
+    writers: u64,
+) -> Result<(), BoxError> {
+    let db = match url {
+        Some(u) => kontext::db::connect(u).await?,
+        None => kontext::testing::database().await?,
+    };
+    db.execute_unprepared(
+        "CREATE TABLE IF NOT EXISTS bench_order (id BIGINT PRIMARY KEY, amount BIGINT NOT NULL)",
+    )
+    .await?;
+    db.execute_unprepared("DELETE FROM bench_order").await?;
+    let topic = unique_name("bench-outbox");
+    let kontext = Kontext::builder(b.model(&topic, 32, None)?)
+        .settings(b.settings.clone())
+        .broker(b.broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            poll_interval: Duration::from_millis(50),
+            ..OutboxSettings::default()
+        })
+        .start()
+        .await?;
+    let events = Arc::new(events(n));
+    let sample = measure(|| async {
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let outbox = kontext.outbox()?.clone();
+            let events = Arc::clone(&events);
+            tasks.push(tokio::spawn(async move {
+                for e in events.iter().skip(w as usize).step_by(writers as usize) {
+                    let mut tx = outbox.begin().await?;
+                    let backend = tx.get_database_backend();
+                    let sql = if backend == sea_orm::DbBackend::Postgres {
+                        "INSERT INTO bench_order (id, amount) VALUES ($1, $2)"
+                    } else {
+                        "INSERT INTO bench_order (id, amount) VALUES (?, ?)"
+                    };
+                    tx.execute(sea_orm::Statement::from_sql_and_values(
+                        backend,
+                        sql,
+                        [(e.id as i64).into(), (e.amount_cents as i64).into()],
+                    ))
+                    .await?;
+                    tx.publish(e).await?;
+                    tx.commit().await?;
+                }
+                Ok::<(), BoxError>(())
+            }));
+        }
+        for t in tasks {
+            t.await??;
+        }
+        let outbox = kontext.outbox()?;
+        while outbox.pending().await? > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(n)
+    })
+    .await?;
+    kontext.shutdown(Duration::from_secs(10)).await?;
+    println!(
+        "| outbox on {label}: {n} transactions (1 business row + 1 message), {writers} writers, to acknowledged delivery | {:.0} msg/s | {:.1} µs CPU/msg |",
+        sample.rate(),
+        sample.cpu_us()
+    );
+    Ok(())
+}
+
+/// Peak resident memory while a slow handler works through a backlog much
+/// larger than its buffer.
+async fn scenario_memory(b: &Bench, n: u64) -> Result<(), BoxError> {
+    #[derive(Serialize, Deserialize)]
+    struct Tick {
+        n: u64,
+    }
+    let topic = unique_name("bench-memory");
+    let model = Model::builder()
+        .topic::<Tick>(|t| {
+            t.name(&topic)
+                .partitions(12)
+                .key(|e| e.n % 1000)
+                .consumer(|c| c.max_buffered(1_000))
+        })
+        .build()?;
+    kontext::broker::provision_topics(&b.broker, &b.settings, &model).await?;
+    let producer: FutureProducer = b
+        .settings
+        .clone()
+        .producer(|p| p.compression = kontext::config::Compression::Lz4)
+        .producer_config(b.broker.bootstrap_servers())
+        .create()?;
+    let ticks: Vec<u64> = (0..n).collect();
+    for chunk in ticks.chunks(100_000) {
+        let mut pending = Vec::new();
+        for i in chunk {
+            let payload = serde_json::to_vec(&Tick { n: *i })?;
+            let key = (i % 1000).to_string();
+            loop {
+                match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload)) {
+                    Ok(f) => {
+                        pending.push(f);
+                        break;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            }
+        }
+        for f in pending {
+            f.await?.map_err(|(e, _)| e)?;
+        }
+    }
+    drop(producer);
+    let before = rss_kib();
+    let handled = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&handled);
+    let kontext = Kontext::builder(model)
+        .settings(
+            b.settings
+                .clone()
+                .provision_topics(false)
+                .consumer(|c| c.group_id = Some(unique_name("bench-mem"))),
+        )
+        .broker(b.broker.clone())
+        .consumers(move |c| {
+            c.handler(move |_: Tick, _: MessageContext| {
+                let h = Arc::clone(&h);
+                async move {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                    h.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await?;
+    let mut peak = before;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        peak = peak.max(rss_kib());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = kontext.registry().type_status::<Tick>()?;
+    kontext.shutdown(Duration::from_secs(2)).await?;
+    println!(
+        "| memory: backlog {n} small messages, buffer 1000, slow handler, 15 s | RSS before consuming {} MiB, peak while consuming {} MiB (+{} MiB) | handled {}, buffered {}/{} |",
+        before / 1024,
+        peak / 1024,
+        peak.saturating_sub(before) / 1024,
+        handled.load(Ordering::Relaxed),
+        status.buffered,
+        status.capacity
+    );
+    Ok(())
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let settings = KafkaSettings::from_env()?;
+    let broker = Broker::from_settings(&settings)?;
+    let embedded = broker.as_embedded().is_some();
+    let b = Bench {
+        broker,
+        settings,
+        embedded,
+    };
+    let (n, rounds) = if quick { (20_000, 3) } else { (200_000, 3) };
+    println!(
+        "kontext-bench: {} broker, {n} messages, {rounds} rounds, {} cores",
+        if embedded {
+            "embedded (mock)"
+        } else {
+            "external"
+        },
+        std::thread::available_parallelism().map_or(0, |p| p.get())
+    );
+    println!();
+    println!(
+        "| scenario | raw msg/s median (min-max) | kontext msg/s median (min-max) | throughput ratio | raw µs CPU/msg | kontext µs CPU/msg | CPU ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    scenario_produce(&b, n, rounds).await?;
+    scenario_consume(&b, n, rounds).await?;
+    println!();
+    println!("| scenario | result | |");
+    println!("|---|---|---|");
+    let tx = if quick { 500 } else { 3_000 };
+    scenario_outbox(&b, "SQLite", None, tx, 1).await?;
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        scenario_outbox(&b, "PostgreSQL", Some(&url), tx * 3, 8).await?;
+    }
+    scenario_memory(&b, if quick { 100_000 } else { 1_000_000 }).await?;
+    Ok(())
+}
