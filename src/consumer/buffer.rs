@@ -90,7 +90,14 @@ impl TypeBuffer {
             }
         };
         match &outcome {
-            Offer::Accepted => self.notify.notify_one(),
+            // The worker waits only after finding the buffer empty, so only
+            // the record that makes it non-empty needs to wake it: a busy
+            // worker is not woken (and rescheduled) once per record.
+            Offer::Accepted => {
+                if self.rx.len() <= 1 {
+                    self.notify.notify_one();
+                }
+            }
             Offer::Dropped(..) => {
                 self.count_drop();
                 self.notify.notify_one();
