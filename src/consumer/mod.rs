@@ -60,7 +60,26 @@ use worker::{ActiveWorker, Dispatch, Outcome, TypeWorker, Typed, WorkerEnv};
 /// Obtained in [`KontextBuilder::consumers`](crate::KontextBuilder::consumers).
 #[derive(Default)]
 pub struct Consumers {
-    registrations: Vec<Box<dyn Registration>>,
+    registrations: Vec<Registered>,
+}
+
+/// A registration with what the runtime needs to know before building it.
+struct Registered {
+    type_id: TypeId,
+    rust_type: &'static str,
+    stream: bool,
+    build: Box<dyn Registration>,
+}
+
+impl Registered {
+    fn of<T: Message>(stream: bool, build: impl Registration + 'static) -> Self {
+        Registered {
+            type_id: TypeId::of::<T>(),
+            rust_type: std::any::type_name::<T>(),
+            stream,
+            build: Box::new(build),
+        }
+    }
 }
 
 impl Consumers {
@@ -68,10 +87,13 @@ impl Consumers {
     /// `async fn(T, MessageContext) -> Result<(), HandlerError>` or a type
     /// implementing [`Handler<T>`].
     pub fn handler<T: Message>(&mut self, handler: impl Handler<T>) -> &mut Self {
-        self.registrations.push(Box::new(HandlerRegistration {
-            handler,
-            _type: PhantomData::<fn() -> T>,
-        }));
+        self.registrations.push(Registered::of::<T>(
+            false,
+            HandlerRegistration {
+                handler,
+                _type: PhantomData::<fn() -> T>,
+            },
+        ));
         self
     }
 
@@ -84,19 +106,25 @@ impl Consumers {
         &mut self,
         handler: impl TransactionalHandler<T>,
     ) -> &mut Self {
-        self.registrations.push(Box::new(TransactionalRegistration {
-            handler,
-            _type: PhantomData::<fn() -> T>,
-        }));
+        self.registrations.push(Registered::of::<T>(
+            false,
+            TransactionalRegistration {
+                handler,
+                _type: PhantomData::<fn() -> T>,
+            },
+        ));
         self
     }
 
     /// Consumes `T` as a [`MessageStream`], taken after start with
     /// [`Kontext::stream`](crate::Kontext::stream).
     pub fn stream<T: Message>(&mut self) -> &mut Self {
-        self.registrations.push(Box::new(StreamRegistration {
-            _type: PhantomData::<fn() -> T>,
-        }));
+        self.registrations.push(Registered::of::<T>(
+            true,
+            StreamRegistration {
+                _type: PhantomData::<fn() -> T>,
+            },
+        ));
         self
     }
 
@@ -108,7 +136,7 @@ impl Consumers {
 impl fmt::Debug for Consumers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list()
-            .entries(self.registrations.iter().map(|r| r.rust_type()))
+            .entries(self.registrations.iter().map(|r| r.rust_type))
             .finish()
     }
 }
@@ -124,6 +152,17 @@ struct WorkerArgs<'a> {
 }
 
 impl WorkerArgs<'_> {
+    /// The worker of `T` around `dispatch`.
+    fn typed<T: Message, D: Dispatch<T>>(self, dispatch: D) -> Result<Typed<T, D>> {
+        Ok(Typed {
+            spec: self.model.spec::<T>()?.clone(),
+            retry: self.retry,
+            dead_letter_topic: self.dead_letter_topic,
+            dispatch,
+            stats: self.stats,
+        })
+    }
+
     /// An inbox needs the transaction of a transactional handler.
     fn refuse_inbox(&self, rust_type: &'static str) -> Result<()> {
         match &self.inbox {
@@ -139,9 +178,6 @@ impl WorkerArgs<'_> {
 type Built = (Box<dyn TypeWorker>, Option<Box<dyn Any + Send>>);
 
 trait Registration: Send {
-    fn message_type_id(&self) -> TypeId;
-    fn rust_type(&self) -> &'static str;
-    fn is_stream(&self) -> bool;
     fn build(self: Box<Self>, args: WorkerArgs<'_>) -> Result<Built>;
 }
 
@@ -162,25 +198,9 @@ impl<T: Message, H: Handler<T>> Dispatch<T> for HandlerDispatch<H> {
 }
 
 impl<T: Message, H: Handler<T>> Registration for HandlerRegistration<T, H> {
-    fn message_type_id(&self) -> TypeId {
-        TypeId::of::<T>()
-    }
-    fn rust_type(&self) -> &'static str {
-        std::any::type_name::<T>()
-    }
-    fn is_stream(&self) -> bool {
-        false
-    }
     fn build(self: Box<Self>, a: WorkerArgs<'_>) -> Result<Built> {
-        a.refuse_inbox(self.rust_type())?;
-        let worker = Typed {
-            spec: a.model.spec::<T>()?.clone(),
-            retry: a.retry,
-            dead_letter_topic: a.dead_letter_topic,
-            dispatch: HandlerDispatch(self.handler),
-            stats: a.stats,
-        };
-        Ok((Box::new(worker), None))
+        a.refuse_inbox(std::any::type_name::<T>())?;
+        Ok((Box::new(a.typed(HandlerDispatch(self.handler))?), None))
     }
 }
 
@@ -190,37 +210,23 @@ struct TransactionalRegistration<T, H> {
 }
 
 impl<T: Message, H: TransactionalHandler<T>> Registration for TransactionalRegistration<T, H> {
-    fn message_type_id(&self) -> TypeId {
-        TypeId::of::<T>()
-    }
-    fn rust_type(&self) -> &'static str {
-        std::any::type_name::<T>()
-    }
-    fn is_stream(&self) -> bool {
-        false
-    }
-    fn build(self: Box<Self>, a: WorkerArgs<'_>) -> Result<Built> {
+    fn build(self: Box<Self>, mut a: WorkerArgs<'_>) -> Result<Built> {
+        let rust_type = std::any::type_name::<T>();
         let outbox = a.outbox.cloned().ok_or_else(|| {
             Error::config(format!(
-                "`{}` has a transactional handler but kontext has no database; call `KontextBuilder::database`",
-                self.rust_type()
+                "`{rust_type}` has a transactional handler but kontext has no database; call `KontextBuilder::database`"
             ))
         })?;
-        if let Some(inbox) = &a.inbox {
-            inbox.check_type(TypeId::of::<T>(), self.rust_type())?;
+        let inbox = a.inbox.take();
+        if let Some(inbox) = &inbox {
+            inbox.check_type(TypeId::of::<T>(), rust_type)?;
         }
-        let worker = Typed {
-            spec: a.model.spec::<T>()?.clone(),
-            retry: a.retry,
-            dead_letter_topic: a.dead_letter_topic,
-            dispatch: uow::TransactionalDispatch {
-                handler: self.handler,
-                outbox,
-                inbox: a.inbox,
-            },
-            stats: a.stats,
+        let dispatch = uow::TransactionalDispatch {
+            handler: self.handler,
+            outbox,
+            inbox,
         };
-        Ok((Box::new(worker), None))
+        Ok((Box::new(a.typed(dispatch)?), None))
     }
 }
 
@@ -229,26 +235,10 @@ struct StreamRegistration<T> {
 }
 
 impl<T: Message> Registration for StreamRegistration<T> {
-    fn message_type_id(&self) -> TypeId {
-        TypeId::of::<T>()
-    }
-    fn rust_type(&self) -> &'static str {
-        std::any::type_name::<T>()
-    }
-    fn is_stream(&self) -> bool {
-        true
-    }
     fn build(self: Box<Self>, a: WorkerArgs<'_>) -> Result<Built> {
-        a.refuse_inbox(self.rust_type())?;
+        a.refuse_inbox(std::any::type_name::<T>())?;
         let (sink, stream) = stream::channel::<T>();
-        let worker = Typed {
-            spec: a.model.spec::<T>()?.clone(),
-            retry: a.retry,
-            dead_letter_topic: a.dead_letter_topic,
-            dispatch: sink,
-            stats: a.stats,
-        };
-        Ok((Box::new(worker), Some(Box::new(stream))))
+        Ok((Box::new(a.typed(sink)?), Some(Box::new(stream))))
     }
 }
 
@@ -268,7 +258,7 @@ pub(crate) struct ConsumerRuntime {
 
 /// One type's place in a planned poll service.
 struct PlannedType {
-    registration: Box<dyn Registration>,
+    registration: Registered,
     topic: Arc<str>,
     discriminator: String,
     spec: ConsumerSpec,
@@ -369,15 +359,15 @@ impl ConsumerRuntime {
                 let mut types = Vec::new();
                 for t in lane_types {
                     let stats = Arc::new(TypeStats::default());
-                    let type_id = t.registration.message_type_id();
+                    let type_id = t.registration.type_id;
                     registry.add_type(
                         type_id,
                         TypeEntry {
-                            rust_type: t.registration.rust_type(),
+                            rust_type: t.registration.rust_type,
                             topic: t.topic.to_string(),
                             discriminator: t.discriminator.clone(),
                             service: planned.name.clone(),
-                            stream: t.registration.is_stream(),
+                            stream: t.registration.stream,
                             backpressure: mode,
                             dead_letter_topic: t.dead_letter_topic.clone(),
                             buffer: Arc::clone(&buffer),
@@ -397,7 +387,7 @@ impl ConsumerRuntime {
                                 c.min(i.cleanup_interval())
                             }));
                     }
-                    let (worker, stream) = t.registration.build(WorkerArgs {
+                    let (worker, stream) = t.registration.build.build(WorkerArgs {
                         model,
                         retry: t.spec.retry(),
                         dead_letter_topic: t.dead_letter_topic,
@@ -568,8 +558,8 @@ fn lane_settings(types: &[PlannedType]) -> Result<(usize, Backpressure)> {
     {
         return Err(Error::config(format!(
             "`{}` and `{}` share topic `{}` and so its buffer, but declare different backpressure modes ({:?} vs {:?})",
-            first.registration.rust_type(),
-            other.registration.rust_type(),
+            first.registration.rust_type,
+            other.registration.rust_type,
             first.topic,
             first.spec.backpressure(),
             other.spec.backpressure()
@@ -611,15 +601,15 @@ fn plan(
     let mut seen: HashMap<TypeId, &'static str> = HashMap::new();
     let mut services: Vec<PlannedService> = Vec::new();
     for registration in consumers.registrations {
-        let id = registration.message_type_id();
-        if seen.insert(id, registration.rust_type()).is_some() {
+        let id = registration.type_id;
+        if seen.insert(id, registration.rust_type).is_some() {
             return Err(Error::config(format!(
                 "`{}` has two consumers registered; register one handler or stream per type",
-                registration.rust_type()
+                registration.rust_type
             )));
         }
         let info = model.type_info(id).ok_or(Error::UnknownType {
-            type_name: registration.rust_type(),
+            type_name: registration.rust_type,
         })?;
         let spec = info.consumer.cloned().unwrap_or_default();
         let topic: Arc<str> = Arc::from(info.topic);
