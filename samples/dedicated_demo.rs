@@ -127,6 +127,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     let producer = kontext.producer()?;
 
+    // Let every poll service join its group first, so the latencies below
+    // measure steady state rather than group joins.
+    let joined = Instant::now();
+    while kontext
+        .registry()
+        .services()
+        .iter()
+        .any(|s| s.assigned_partitions.is_empty())
+        && joined.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
     // The bulk backlog lands first; alerts and regular events trickle in after.
     let started = Instant::now();
     let bulk: Vec<BulkEvent> = (0..BULK)
