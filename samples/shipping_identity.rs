@@ -111,18 +111,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let broker = Broker::from_settings(&settings)?;
     let shipping_db = database("shipping").await?;
     let identity_db = database("identity").await?;
-    for (db, ddl) in [
+    // The demo's own tables, emptied so a rerun on the same PostgreSQL
+    // database starts clean; shipment ids carry a per-run prefix so the
+    // identity inbox of an earlier run does not take them for duplicates.
+    for (db, ddl, clear) in [
         (
             &shipping_db,
-            "CREATE TABLE IF NOT EXISTS shipment (id TEXT PRIMARY KEY, user_id BIGINT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS demo_shipment (id TEXT PRIMARY KEY, user_id BIGINT NOT NULL)",
+            "DELETE FROM demo_shipment",
         ),
         (
             &identity_db,
-            "CREATE TABLE IF NOT EXISTS user_activity (user_id BIGINT NOT NULL, activity TEXT NOT NULL)",
+            "CREATE TABLE IF NOT EXISTS demo_user_activity (user_id BIGINT NOT NULL, activity TEXT NOT NULL)",
+            "DELETE FROM demo_user_activity",
         ),
     ] {
         db.execute_unprepared(ddl).await?;
+        db.execute_unprepared(clear).await?;
     }
+    let run = uuid::Uuid::now_v7().simple().to_string()[24..].to_owned();
 
     // The identity service: consumes with inbox + unit of work.
     let identity = Kontext::builder(model()?)
@@ -137,7 +144,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         uow.get_database_backend(),
                         sql(
                             uow.get_database_backend(),
-                            "INSERT INTO user_activity (user_id, activity) VALUES (?, ?)",
+                            "INSERT INTO demo_user_activity (user_id, activity) VALUES (?, ?)",
                         ),
                         [e.user_id.into(), activity.clone().into()],
                     ))
@@ -166,11 +173,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let outbox = shipping.outbox()?;
     let backend = shipping_db.get_database_backend();
     for i in 0..SHIPMENTS {
-        let shipment_id = format!("shp-{i:05}");
+        let shipment_id = format!("shp-{run}-{i:05}");
         let mut tx = outbox.begin().await?;
         tx.execute(Statement::from_sql_and_values(
             backend,
-            sql(backend, "INSERT INTO shipment (id, user_id) VALUES (?, ?)"),
+            sql(
+                backend,
+                "INSERT INTO demo_shipment (id, user_id) VALUES (?, ?)",
+            ),
             [shipment_id.clone().into(), (i % 20).into()],
         ))
         .await?;
@@ -185,7 +195,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // A shipment whose transaction rolls back: neither row nor event exists.
     let mut tx = outbox.begin().await?;
     tx.publish(&ShipmentCreatedEvent {
-        shipment_id: "shp-rolled-back".into(),
+        shipment_id: format!("shp-{run}-rolled-back"),
         user_id: 0,
         warehouse: "ams-1".into(),
     })
@@ -196,7 +206,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // publish): identity's inbox recognises it.
     let mut tx = outbox.begin().await?;
     tx.publish(&ShipmentCreatedEvent {
-        shipment_id: "shp-00000".into(),
+        shipment_id: format!("shp-{run}-00000"),
         user_id: 0,
         warehouse: "ams-1".into(),
     })
@@ -224,13 +234,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     println!(
         "shipping stored: {} shipments, {} outbox rows still pending",
-        count(&shipping_db, "shipment").await?,
+        count(&shipping_db, "demo_shipment").await?,
         count(&shipping_db, "kontext_outbox").await?
     );
     println!(
         "identity stored: {} user-activity rows, {} inbox rows, {} follow-up events still in its outbox",
-        count(&identity_db, "user_activity").await?,
-        count(&identity_db, "kontext_inbox").await?,
+        count(&identity_db, "demo_user_activity").await?,
+        count(
+            &identity_db,
+            &format!("kontext_inbox WHERE dedup_key LIKE 'shp-{run}-%'")
+        )
+        .await?,
         count(&identity_db, "kontext_outbox").await?
     );
     println!(
