@@ -10,8 +10,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClientKind {
     Producer,
-    // Created by the consumer runtime's poll services.
-    #[allow(dead_code)]
     Consumer,
 }
 
