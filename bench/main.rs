@@ -166,18 +166,27 @@ impl Bench {
     }
 }
 
+fn order_key(e: &OrderPlaced, out: &mut String) {
+    out.push_str(&e.order_id);
+}
+
 /// Raw rdkafka produce: serde_json encode, key, send, await every delivery.
-async fn raw_produce(
+async fn raw_produce<T: Serialize>(
     producer: &FutureProducer,
     topic: &str,
-    events: &[OrderPlaced],
+    events: &[T],
+    key: impl Fn(&T, &mut String),
 ) -> Result<u64, BoxError> {
     let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
     let mut done = 0;
+    // One reused key buffer: the raw side pays a copy, as kontext does.
+    let mut key_buf = String::new();
     for e in events {
         let payload = serde_json::to_vec(e)?;
+        key_buf.clear();
+        key(e, &mut key_buf);
         let mut record = FutureRecord::to(topic)
-            .key(e.order_id.as_str())
+            .key(key_buf.as_str())
             .payload(payload.as_slice());
         loop {
             match producer.send_result(record) {
@@ -223,7 +232,7 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
             .start()
             .await?;
         let k = kontext.producer()?;
-        let run_raw = || raw_produce(&producer, &raw_topic, &events);
+        let run_raw = || raw_produce(&producer, &raw_topic, &events, order_key);
         let run_k = || async { Ok(k.produce_batch(events.iter()).await?.len() as u64) };
         if round % 2 == 0 {
             raw.push(measure(run_raw).await?);
@@ -304,7 +313,7 @@ async fn scenario_consume(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
         .producer(|p| p.compression = kontext::config::Compression::Lz4)
         .producer_config(b.broker.bootstrap_servers())
         .create()?;
-    raw_produce(&producer, &topic, &events(n)).await?;
+    raw_produce(&producer, &topic, &events(n), order_key).await?;
     drop(producer);
 
     let (mut raw, mut shared, mut dedicated) = (Vec::new(), Vec::new(), Vec::new());
@@ -434,25 +443,14 @@ async fn scenario_memory(b: &Bench, n: u64) -> Result<(), BoxError> {
         .producer(|p| p.compression = kontext::config::Compression::Lz4)
         .producer_config(b.broker.bootstrap_servers())
         .create()?;
-    let ticks: Vec<u64> = (0..n).collect();
+    let ticks: Vec<Tick> = (0..n).map(|n| Tick { n }).collect();
+    // In chunks, so the pending deliveries stay small.
     for chunk in ticks.chunks(100_000) {
-        let mut pending = Vec::new();
-        for i in chunk {
-            let payload = serde_json::to_vec(&Tick { n: *i })?;
-            let key = (i % 1000).to_string();
-            loop {
-                match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload)) {
-                    Ok(f) => {
-                        pending.push(f);
-                        break;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-                }
-            }
-        }
-        for f in pending {
-            f.await?.map_err(|(e, _)| e)?;
-        }
+        raw_produce(&producer, &topic, chunk, |t, k| {
+            use std::fmt::Write;
+            let _ = write!(k, "{}", t.n % 1000);
+        })
+        .await?;
     }
     drop(producer);
     let before = rss_kib();

@@ -59,6 +59,28 @@ impl Seen {
     fn all(&self) -> Vec<Handled> {
         self.inner.lock().unwrap().clone()
     }
+    /// A handler that records `kind` with the `(key, seq)` that `parts`
+    /// reads; with a gate, it first waits for one of its permits.
+    fn handler<T: Message>(
+        &self,
+        kind: &'static str,
+        parts: fn(&T) -> (u32, u32),
+        gate: Option<Arc<Semaphore>>,
+    ) -> impl Handler<T> {
+        let seen = self.clone();
+        move |e: T, ctx: MessageContext| {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            async move {
+                if let Some(g) = gate {
+                    g.acquire().await.unwrap().forget();
+                }
+                let (key, seq) = parts(&e);
+                seen.push(kind, key, seq, &ctx);
+                Ok(())
+            }
+        }
+    }
+
     async fn wait_for(&self, kind: &str, n: usize, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
@@ -150,20 +172,8 @@ async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
                     Ok(())
                 }
             })
-            .handler(move |e: OrderPaid, ctx: MessageContext| {
-                let s = s2.clone();
-                async move {
-                    s.push("paid", e.order, e.seq, &ctx);
-                    Ok(())
-                }
-            })
-            .handler(move |e: Alert, ctx: MessageContext| {
-                let s = s3.clone();
-                async move {
-                    s.push("alert", e.n, e.n, &ctx);
-                    Ok(())
-                }
-            });
+            .handler(s2.handler::<OrderPaid>("paid", |e| (e.order, e.seq), None))
+            .handler(s3.handler::<Alert>("alert", |e| (e.n, e.n), None));
         })
         .start()
         .await
@@ -228,22 +238,8 @@ async fn a_blocked_type_pauses_alone_and_the_others_keep_flowing() {
         .settings(settings(&group))
         .broker(broker)
         .consumers(move |c| {
-            c.handler(move |e: OrderCreated, ctx: MessageContext| {
-                let (s, g) = (s1.clone(), g1.clone());
-                async move {
-                    // Blocks until the test opens the gate.
-                    g.acquire().await.unwrap().forget();
-                    s.push("created", e.order, e.seq, &ctx);
-                    Ok(())
-                }
-            })
-            .handler(move |e: Alert, ctx: MessageContext| {
-                let s = s3.clone();
-                async move {
-                    s.push("alert", e.n, e.n, &ctx);
-                    Ok(())
-                }
-            });
+            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), Some(g1)))
+                .handler(s3.handler::<Alert>("alert", |e| (e.n, e.n), None));
         })
         .start()
         .await
@@ -345,21 +341,8 @@ async fn a_dedicated_type_flows_while_the_shared_service_is_blocked() {
         .settings(settings(&group))
         .broker(broker)
         .consumers(move |c| {
-            c.handler(move |e: OrderCreated, ctx: MessageContext| {
-                let (s, g) = (s1.clone(), g1.clone());
-                async move {
-                    g.acquire().await.unwrap().forget();
-                    s.push("created", e.order, e.seq, &ctx);
-                    Ok(())
-                }
-            })
-            .handler(move |e: Alert, ctx: MessageContext| {
-                let s = s2.clone();
-                async move {
-                    s.push("alert", e.n, e.n, &ctx);
-                    Ok(())
-                }
-            });
+            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), Some(g1)))
+                .handler(s2.handler::<Alert>("alert", |e| (e.n, e.n), None));
         })
         .start()
         .await
@@ -412,14 +395,7 @@ async fn drop_mode_keeps(mode: Backpressure) -> (Vec<u32>, u64) {
         .settings(settings(&group))
         .broker(broker)
         .consumers(move |c| {
-            c.handler(move |e: OrderCreated, ctx: MessageContext| {
-                let (s, g) = (s1.clone(), g1.clone());
-                async move {
-                    g.acquire().await.unwrap().forget();
-                    s.push("created", e.order, e.seq, &ctx);
-                    Ok(())
-                }
-            });
+            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), Some(g1)));
         })
         .start()
         .await
@@ -976,13 +952,7 @@ async fn dedicated_settings_reach_the_broker_and_waiting_services_wait() {
     let consumer = Kontext::builder(model)
         .broker(broker.clone())
         .consumers(move |c| {
-            c.handler(move |e: Alert, ctx: MessageContext| {
-                let s = s.clone();
-                async move {
-                    s.push("alert", e.n, e.n, &ctx);
-                    Ok(())
-                }
-            });
+            c.handler(s.handler::<Alert>("alert", |e| (e.n, e.n), None));
         })
         .start()
         .await
@@ -1187,13 +1157,7 @@ async fn types_sharing_a_topic_are_handled_in_partition_order() {
                     Ok(())
                 }
             })
-            .handler(move |e: OrderPaid, ctx: MessageContext| {
-                let s = s2.clone();
-                async move {
-                    s.push("paid", e.order, e.seq, &ctx);
-                    Ok(())
-                }
-            });
+            .handler(s2.handler::<OrderPaid>("paid", |e| (e.order, e.seq), None));
             // Alert is in the model but not consumed here.
         })
         .start()
@@ -1231,13 +1195,7 @@ async fn model_types_consumed_elsewhere_are_skipped_not_dead_lettered() {
         .settings(settings(&group))
         .broker(broker.clone())
         .consumers(move |c| {
-            c.handler(move |e: OrderCreated, ctx: MessageContext| {
-                let s = s.clone();
-                async move {
-                    s.push("created", e.order, e.seq, &ctx);
-                    Ok(())
-                }
-            });
+            c.handler(s.handler::<OrderCreated>("created", |e| (e.order, e.seq), None));
         })
         .start()
         .await
