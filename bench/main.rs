@@ -510,7 +510,15 @@ fn rss_kib() -> u64 {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only produce,consume` runs a subset (for profiling one path).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.split(',').map(str::to_owned).collect());
+    let run = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
     let settings = KafkaSettings::from_env()?;
     let broker = Broker::from_settings(&settings)?;
     let embedded = broker.as_embedded().is_some();
@@ -534,16 +542,24 @@ async fn main() -> Result<(), BoxError> {
         "| scenario | raw msg/s median (min-max) | kontext msg/s median (min-max) | throughput ratio | raw µs CPU/msg | kontext µs CPU/msg | CPU ratio |"
     );
     println!("|---|---|---|---|---|---|---|");
-    scenario_produce(&b, n, rounds).await?;
-    scenario_consume(&b, n, rounds).await?;
+    if run("produce") {
+        scenario_produce(&b, n, rounds).await?;
+    }
+    if run("consume") {
+        scenario_consume(&b, n, rounds).await?;
+    }
     println!();
     println!("| scenario | result | |");
     println!("|---|---|---|");
     let tx = if quick { 500 } else { 3_000 };
-    scenario_outbox(&b, "SQLite", None, tx, 1).await?;
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        scenario_outbox(&b, "PostgreSQL", Some(&url), tx * 3, 8).await?;
+    if run("outbox") {
+        scenario_outbox(&b, "SQLite", None, tx, 1).await?;
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            scenario_outbox(&b, "PostgreSQL", Some(&url), tx * 3, 8).await?;
+        }
     }
-    scenario_memory(&b, if quick { 100_000 } else { 1_000_000 }).await?;
+    if run("memory") {
+        scenario_memory(&b, if quick { 100_000 } else { 1_000_000 }).await?;
+    }
     Ok(())
 }

@@ -1,17 +1,25 @@
 //! The bounded buffer of one lane (one topic of a poll service, with every
-//! type on it) between the poll thread and the lane's async worker: a
-//! crossbeam channel for the records (the poll thread never blocks on it)
-//! and a tokio `Notify` to wake the worker. One lane per topic keeps the
-//! records of a partition in order even when several types share it.
+//! type on it) between the poll thread and the lane's async worker. One lane
+//! per topic keeps the records of a partition in order even when several
+//! types share it.
+//!
+//! Built for batches, because a hand-off per record costs more than the
+//! record: the poll thread appends everything one poll round fetched under
+//! one lock and wakes the worker only if it found the queue empty; the
+//! worker takes a chunk at a time and reports progress through one atomic
+//! (`done`, the sequence number of the last record it finished) instead of a
+//! message per record. Records are numbered in delivery order, so the poll
+//! thread turns `done` back into offsets without any per-record traffic.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use tokio::sync::Notify;
 
 use crate::consumer::Backpressure;
 use crate::consumer::context::Record;
+use crate::consumer::poll::lock;
 
 /// Counters of one type, readable from the registry.
 #[derive(Debug, Default)]
@@ -25,116 +33,43 @@ pub(crate) struct TypeStats {
     pub(crate) duplicates: AtomicU64,
 }
 
-/// Result of offering a record to a full or non-full buffer.
-pub(crate) enum Offer {
-    /// Buffered.
-    Accepted,
-    /// Full under [`Backpressure::Apply`]: the record is handed back to keep
-    /// until there is room.
-    Full(Record),
-    /// A record was discarded to make room (or the incoming one was): its
-    /// offset counts as finished. The second record is only ever set if the
-    /// buffer refilled between making room and sending, which the single
-    /// poll thread rules out; it is reported rather than lost all the same.
-    Dropped(Record, Option<Record>),
-}
-
-pub(crate) struct TypeBuffer {
-    tx: Sender<Record>,
-    rx: Receiver<Record>,
+pub(crate) struct LaneBuffer {
+    queue: Mutex<VecDeque<Record>>,
     notify: Notify,
-    mode: Backpressure,
+    pub(crate) mode: Backpressure,
     capacity: usize,
+    /// Records pushed and not yet finished or dropped.
+    in_lane: AtomicUsize,
+    /// Sequence number of the last record finished or dropped; the worker
+    /// finishes records in sequence order, so everything up to it is done.
+    done: AtomicU64,
     /// Whether the lane's partitions are paused because it is full.
     pub(crate) paused: AtomicBool,
     dropped: AtomicU64,
 }
 
-impl TypeBuffer {
-    pub(crate) fn new(capacity: usize, mode: Backpressure) -> Arc<TypeBuffer> {
-        let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
-        Arc::new(TypeBuffer {
-            tx,
-            rx,
+impl LaneBuffer {
+    pub(crate) fn new(capacity: usize, mode: Backpressure) -> Arc<LaneBuffer> {
+        Arc::new(LaneBuffer {
+            queue: Mutex::new(VecDeque::new()),
             notify: Notify::new(),
             mode,
             capacity: capacity.max(1),
+            in_lane: AtomicUsize::new(0),
+            done: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         })
     }
 
-    /// Called by the poll thread; never blocks.
-    pub(crate) fn offer(&self, record: Record) -> Offer {
-        let outcome = match self.tx.try_send(record) {
-            Ok(()) => Offer::Accepted,
-            Err(TrySendError::Full(record)) | Err(TrySendError::Disconnected(record)) => {
-                match self.mode {
-                    Backpressure::Apply => return Offer::Full(record),
-                    Backpressure::DropNewest => Offer::Dropped(record, None),
-                    Backpressure::DropOldest => match self.rx.try_recv() {
-                        Ok(oldest) => match self.tx.try_send(record) {
-                            Ok(()) => Offer::Dropped(oldest, None),
-                            Err(e) => {
-                                self.count_drop();
-                                Offer::Dropped(oldest, Some(e.into_inner()))
-                            }
-                        },
-                        // The worker emptied it meanwhile.
-                        Err(_) => match self.tx.try_send(record) {
-                            Ok(()) => Offer::Accepted,
-                            Err(e) => Offer::Dropped(e.into_inner(), None),
-                        },
-                    },
-                }
-            }
-        };
-        match &outcome {
-            // The worker waits only after finding the buffer empty, so only
-            // the record that makes it non-empty needs to wake it: a busy
-            // worker is not woken (and rescheduled) once per record.
-            Offer::Accepted => {
-                if self.rx.len() <= 1 {
-                    self.notify.notify_one();
-                }
-            }
-            Offer::Dropped(..) => {
-                self.count_drop();
-                self.notify.notify_one();
-            }
-            Offer::Full(_) => {}
-        }
-        outcome
-    }
-
-    fn count_drop(&self) {
-        let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        // First drop and then every thousandth, so a flood cannot flood the log.
-        if n == 1 || n % 1000 == 0 {
-            tracing::warn!(dropped = n, mode = ?self.mode, "buffer full: message dropped");
-        }
-    }
-
-    /// Next record for the worker, without waiting.
-    pub(crate) fn try_take(&self) -> Option<Record> {
-        match self.rx.try_recv() {
-            Ok(r) => Some(r),
-            Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => None,
-        }
-    }
-
-    /// Waits until something may have been buffered.
-    pub(crate) async fn wait(&self) {
-        self.notify.notified().await;
-    }
-
-    /// Wakes the worker without a record (shutdown).
-    pub(crate) fn wake(&self) {
-        self.notify.notify_one();
-    }
-
+    /// Records delivered and not finished: waiting, or being handled.
     pub(crate) fn len(&self) -> usize {
-        self.rx.len()
+        self.in_lane.load(Ordering::Acquire)
+    }
+
+    /// Room left before the lane holds `capacity` records.
+    pub(crate) fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.len())
     }
 
     pub(crate) fn capacity(&self) -> usize {
@@ -144,5 +79,73 @@ impl TypeBuffer {
     /// Fill level below which paused partitions resume.
     pub(crate) fn low_mark(&self) -> usize {
         self.capacity / 2
+    }
+
+    /// Sequence number of the last finished record.
+    pub(crate) fn done(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Appends records (already numbered, in order) for the worker. Called
+    /// by the poll thread only; never blocks on the worker.
+    pub(crate) fn push(&self, records: impl Iterator<Item = Record>) {
+        let mut q = lock(&self.queue);
+        let was_empty = q.is_empty();
+        let before = q.len();
+        q.extend(records);
+        let added = q.len() - before;
+        self.in_lane.fetch_add(added, Ordering::AcqRel);
+        drop(q);
+        // The worker waits only after finding the queue empty, so only a
+        // push onto an empty queue needs to wake it: a busy worker is not
+        // rescheduled once per record.
+        if was_empty && added > 0 {
+            self.notify.notify_one();
+        }
+    }
+
+    /// `DropOldest`: removes up to `n` of the oldest records still waiting
+    /// (a record the worker already took is handled).
+    pub(crate) fn drop_oldest(&self, n: usize) -> Vec<Record> {
+        let mut q = lock(&self.queue);
+        let n = n.min(q.len());
+        let dropped: Vec<Record> = q.drain(..n).collect();
+        self.in_lane.fetch_sub(dropped.len(), Ordering::AcqRel);
+        dropped
+    }
+
+    /// Counts `n` discarded records, logging the first and every thousandth.
+    pub(crate) fn count_drops(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let before = self.dropped.fetch_add(n, Ordering::Relaxed);
+        let after = before + n;
+        if before == 0 || after / 1000 > before / 1000 {
+            tracing::warn!(dropped = after, mode = ?self.mode, "buffer full: messages dropped");
+        }
+    }
+
+    /// Moves up to `max` waiting records into `into`, without waiting.
+    pub(crate) fn take(&self, into: &mut VecDeque<Record>, max: usize) {
+        let mut q = lock(&self.queue);
+        let n = max.min(q.len());
+        into.extend(q.drain(..n));
+    }
+
+    /// The worker finished every record up to `seq`.
+    pub(crate) fn finished(&self, seq: u64) {
+        self.done.store(seq, Ordering::Release);
+        self.in_lane.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Waits until something may have been pushed.
+    pub(crate) async fn wait(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Wakes the worker without a record (shutdown).
+    pub(crate) fn wake(&self) {
+        self.notify.notify_one();
     }
 }

@@ -16,6 +16,8 @@ pub(crate) struct Record {
     pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
+    /// Position in its lane's delivery order (set when it enters the lane).
+    pub(crate) seq: u64,
     pub(crate) key: Option<Vec<u8>>,
     pub(crate) payload: Option<Vec<u8>>,
     pub(crate) headers: Option<OwnedHeaders>,
@@ -32,6 +34,7 @@ impl Record {
             topic,
             partition: m.partition(),
             offset: m.offset(),
+            seq: 0,
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
             headers: m.headers().map(|h| h.detach()),

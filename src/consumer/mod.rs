@@ -51,7 +51,7 @@ use crate::model::{Message, Model};
 use crate::outbox::Outbox;
 use crate::registry::{Registry, TypeEntry};
 use crate::runtime::clients::{ClientKind, ClientTracker};
-use buffer::{TypeBuffer, TypeStats};
+use buffer::{LaneBuffer, TypeStats};
 use dead_letter::DeadLetters;
 use poll::{Lane, PollPlan, ServiceShared};
 use worker::{ActiveWorker, Dispatch, Outcome, TypeWorker, Typed, WorkerEnv};
@@ -344,7 +344,7 @@ impl ConsumerRuntime {
             for lane_types in by_topic(planned.types) {
                 let topic = Arc::clone(&lane_types[0].topic);
                 let (capacity, mode) = lane_settings(&lane_types)?;
-                let buffer = TypeBuffer::new(capacity, mode);
+                let buffer = LaneBuffer::new(capacity, mode);
                 let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
                 let consumed: Vec<String> =
                     lane_types.iter().map(|t| t.discriminator.clone()).collect();

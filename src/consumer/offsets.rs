@@ -4,8 +4,14 @@
 //! so several handlers (types sharing a partition today, key-parallel
 //! workers later) can complete out of order without losing anything.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+
+/// A partition of a poll service: its lane (topic) index and partition
+/// number. Integers, not the topic name, so the per-record bookkeeping never
+/// hashes a string.
+pub(crate) type PartitionKey = (usize, i32);
 
 /// Dispatched offsets of one partition and whether each has finished.
 #[derive(Debug, Default)]
@@ -73,35 +79,31 @@ impl PartitionOffsets {
 /// Offsets of every partition a poll service owns.
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
-    partitions: HashMap<(Arc<str>, i32), PartitionOffsets>,
+    partitions: FxHashMap<PartitionKey, PartitionOffsets>,
 }
 
 impl OffsetTracker {
-    pub(crate) fn dispatched(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
-        self.partitions
-            .entry((Arc::clone(topic), partition))
-            .or_default()
-            .dispatched(offset);
+    pub(crate) fn dispatched(&mut self, key: PartitionKey, offset: i64) {
+        self.partitions.entry(key).or_default().dispatched(offset);
     }
 
-    pub(crate) fn finished(&mut self, topic: &Arc<str>, partition: i32, offset: i64) {
-        if let Some(p) = self.partitions.get_mut(&(Arc::clone(topic), partition)) {
+    pub(crate) fn finished(&mut self, key: PartitionKey, offset: i64) {
+        if let Some(p) = self.partitions.get_mut(&key) {
             p.finished(offset);
         }
     }
 
-    /// `(topic, partition, offset)` to store, for every partition that moved.
-    pub(crate) fn take_committable(&mut self) -> Vec<(Arc<str>, i32, i64)> {
+    /// `(partition, offset)` to store, for every partition that moved.
+    pub(crate) fn take_committable(&mut self) -> Vec<(PartitionKey, i64)> {
         self.partitions
             .iter_mut()
-            .filter_map(|((t, p), o)| o.take_committable().map(|c| (Arc::clone(t), *p, c)))
+            .filter_map(|(k, o)| o.take_committable().map(|c| (*k, c)))
             .collect()
     }
 
     /// Forgets a partition (revoked): its late acknowledgements are ignored.
-    pub(crate) fn forget(&mut self, topic: &str, partition: i32) {
-        self.partitions
-            .retain(|(t, p), _| !(&**t == topic && *p == partition));
+    pub(crate) fn forget(&mut self, key: PartitionKey) {
+        self.partitions.remove(&key);
     }
 
     /// Messages dispatched and not finished, over all partitions.
@@ -174,13 +176,12 @@ mod tests {
     #[test]
     fn tracker_forgets_revoked_partitions() {
         let mut t = OffsetTracker::default();
-        let topic: Arc<str> = "orders".into();
-        t.dispatched(&topic, 0, 5);
-        t.dispatched(&topic, 1, 9);
-        t.forget("orders", 0);
-        t.finished(&topic, 0, 5);
-        t.finished(&topic, 1, 9);
-        assert_eq!(t.take_committable(), vec![(topic, 1, 10)]);
+        t.dispatched((0, 0), 5);
+        t.dispatched((0, 1), 9);
+        t.forget((0, 0));
+        t.finished((0, 0), 5);
+        t.finished((0, 1), 9);
+        assert_eq!(t.take_committable(), vec![((0, 1), 10)]);
         assert_eq!(t.pending(), 0);
     }
 }

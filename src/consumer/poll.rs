@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
-use crate::consumer::buffer::{Offer, TypeBuffer, TypeStats};
+use crate::consumer::Backpressure;
+use crate::consumer::buffer::{LaneBuffer, TypeStats};
 use crate::consumer::context::Record;
 use crate::consumer::offsets::OffsetTracker;
 use crate::headers;
@@ -60,13 +60,6 @@ impl Rejection {
     }
 }
 
-/// A finished message, reported by a worker to its poll thread.
-pub(crate) struct Ack {
-    pub(crate) topic: Arc<str>,
-    pub(crate) partition: i32,
-    pub(crate) offset: i64,
-}
-
 const RUN: u8 = 0;
 const DRAIN: u8 = 1;
 const STOP_NOW: u8 = 2;
@@ -79,8 +72,6 @@ pub(crate) struct ServiceShared {
     pub(crate) state: Mutex<ServiceState>,
     pub(crate) paused: Mutex<Vec<(String, i32)>>,
     pub(crate) assigned: Mutex<Vec<(String, i32)>>,
-    pub(crate) acks: Sender<Ack>,
-    ack_rx: Receiver<Ack>,
     stop: AtomicU8,
     started: (Mutex<bool>, Condvar),
     pub(crate) workers_active: AtomicUsize,
@@ -91,7 +82,6 @@ pub(crate) struct ServiceShared {
 
 impl ServiceShared {
     pub(crate) fn new(name: String, group_id: String, dedicated: bool, start: bool) -> Arc<Self> {
-        let (acks, ack_rx) = crossbeam_channel::unbounded();
         Arc::new(ServiceShared {
             name,
             group_id,
@@ -103,8 +93,6 @@ impl ServiceShared {
             }),
             paused: Mutex::new(Vec::new()),
             assigned: Mutex::new(Vec::new()),
-            acks,
-            ack_rx,
             stop: AtomicU8::new(RUN),
             started: (Mutex::new(start), Condvar::new()),
             workers_active: AtomicUsize::new(0),
@@ -174,7 +162,7 @@ impl ServiceShared {
 /// One topic of a poll service: its buffer and the types consumed from it.
 pub(crate) struct Lane {
     pub(crate) topic: Arc<str>,
-    pub(crate) buffer: Arc<TypeBuffer>,
+    pub(crate) buffer: Arc<LaneBuffer>,
     /// Discriminators of the types this service consumes from the topic, with
     /// their counters; a record's `type_index` points in here.
     pub(crate) types: Vec<(String, Arc<TypeStats>)>,
@@ -191,9 +179,18 @@ pub(crate) struct PollPlan {
     pub(crate) guard: ClientGuard,
 }
 
+#[derive(Default)]
 struct LaneState {
+    /// Records routed in the current poll round, handed over together.
+    pending: Vec<Record>,
+    /// Records held while the lane is paused (`Backpressure::Apply`).
     overflow: VecDeque<Record>,
     paused: bool,
+    /// Sequence number given to the last record pushed into the lane.
+    last_seq: u64,
+    /// `(seq, partition, offset)` of the records in the lane, in order: the
+    /// worker's `done` sequence number maps back to offsets through it.
+    log: VecDeque<(u64, i32, i64)>,
 }
 
 /// Where the router sends a record.
@@ -238,14 +235,15 @@ impl ConsumerContext for PollContext {
             let mut state = lock(&self.state);
             // Everything finished so far is committed before the partitions go,
             // so the next owner starts right after it.
-            state.absorb_acks(&self.shared.ack_rx);
+            state.absorb_done();
             state.store_offsets(consumer);
             commit_sync(consumer, &self.shared.name);
             for e in tpl.elements() {
-                state.tracker.forget(e.topic(), e.partition());
-                for s in &mut state.lane_state {
-                    s.overflow
-                        .retain(|r| !(&*r.topic == e.topic() && r.partition == e.partition()));
+                if let Some(&lane) = state.routes.get(e.topic()) {
+                    state.tracker.forget((lane, e.partition()));
+                    let s = &mut state.lane_state[lane];
+                    s.overflow.retain(|r| r.partition != e.partition());
+                    s.pending.retain(|r| r.partition != e.partition());
                 }
                 state
                     .assignment
@@ -288,9 +286,18 @@ impl ConsumerContext for PollContext {
 }
 
 impl LoopState {
-    fn absorb_acks(&mut self, acks: &Receiver<Ack>) {
-        while let Ok(ack) = acks.try_recv() {
-            self.tracker.finished(&ack.topic, ack.partition, ack.offset);
+    /// Marks finished every record the lanes' workers got through.
+    fn absorb_done(&mut self) {
+        for (i, lane) in self.lanes.iter().enumerate() {
+            let done = lane.buffer.done();
+            let log = &mut self.lane_state[i].log;
+            while let Some(&(seq, partition, offset)) = log.front() {
+                if seq > done {
+                    break;
+                }
+                log.pop_front();
+                self.tracker.finished((i, partition), offset);
+            }
         }
     }
 
@@ -302,8 +309,9 @@ impl LoopState {
         // `store_offsets` takes the next offset to consume, as committed.
         // (The single-partition `store_offset` would add one to it.)
         let mut tpl = TopicPartitionList::with_capacity(ready.len());
-        for (topic, partition, offset) in &ready {
-            let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+        for ((lane, partition), offset) in ready {
+            let topic = &self.lanes[lane].topic;
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
         }
         if let Err(e) = consumer.store_offsets(&tpl) {
             // A partition was revoked meanwhile; its next owner starts from
@@ -396,6 +404,8 @@ pub(crate) fn run(plan: PollPlan) {
 }
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// Most records taken in one poll round before they are handed over.
+const MAX_ROUND: usize = 256;
 /// Stored offsets are handed to librdkafka this often; its background
 /// auto-commit then sends them.
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
@@ -429,13 +439,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         .map(|(i, lane)| (lane.topic.to_string(), i))
         .collect();
     let topics: Vec<String> = lanes.iter().map(|l| l.topic.to_string()).collect();
-    let lane_state = lanes
-        .iter()
-        .map(|_| LaneState {
-            overflow: VecDeque::new(),
-            paused: false,
-        })
-        .collect();
+    let lane_state = lanes.iter().map(|_| LaneState::default()).collect();
     let state = Arc::new(Mutex::new(LoopState {
         lanes,
         lane_state,
@@ -479,46 +483,32 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             break;
         }
 
-        let polled = consumer.poll(POLL_TIMEOUT);
+        // One round: wait for the first record, then take whatever else is
+        // ready without waiting, and hand each lane its share at once.
+        let mut timeout = POLL_TIMEOUT;
+        for _ in 0..MAX_ROUND {
+            let Some(polled) = consumer.poll(timeout) else {
+                break;
+            };
+            timeout = Duration::ZERO;
+            match polled {
+                Ok(m) if drain_started.is_none() => lock(&state).accept(&m),
+                // Draining: records fetched before the pause are not
+                // dispatched; they were never stored, so they are delivered
+                // again later.
+                Ok(_) => {}
+                Err(e) => {
+                    if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
+                        return Err(format!("fatal consumer error: {e}"));
+                    }
+                    tracing::warn!(service = %shared.name, error = %e, "poll error");
+                }
+            }
+        }
         shared.mark_polled();
         let mut st = lock(&state);
-        match polled {
-            Some(Ok(m)) if drain_started.is_none() => {
-                if let Some(&lane) = st.routes.get(m.topic()) {
-                    let routed = st.route(&st.lanes[lane], &m);
-                    let topic = Arc::clone(&st.lanes[lane].topic);
-                    st.tracker.dispatched(&topic, m.partition(), m.offset());
-                    match routed {
-                        Routed::Skip => st.tracker.finished(&topic, m.partition(), m.offset()),
-                        Routed::Type(i) => {
-                            let mut record = Record::copy_from(topic, &m);
-                            record.type_index = i;
-                            st.lanes[lane].types[i]
-                                .1
-                                .received
-                                .fetch_add(1, Ordering::Relaxed);
-                            st.deliver(lane, record, &consumer, &shared);
-                        }
-                        Routed::Reject(rejection) => {
-                            let mut record = Record::copy_from(topic, &m);
-                            record.rejection = Some(rejection);
-                            st.deliver(lane, record, &consumer, &shared);
-                        }
-                    }
-                }
-            }
-            // Draining: records fetched before the pause are not dispatched;
-            // they were never stored, so they are delivered again later.
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
-                    return Err(format!("fatal consumer error: {e}"));
-                }
-                tracing::warn!(service = %shared.name, error = %e, "poll error");
-            }
-            None => {}
-        }
-        st.absorb_acks(&shared.ack_rx);
+        st.flush(&consumer, &shared);
+        st.absorb_done();
         st.resume_drained(&consumer, &shared);
         if last_store.elapsed() >= STORE_INTERVAL {
             st.store_offsets(&consumer);
@@ -529,7 +519,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
     // Final commit of everything finished, then close.
     {
         let mut st = lock(&state);
-        st.absorb_acks(&shared.ack_rx);
+        st.absorb_done();
         st.store_offsets(&consumer);
         if st.tracker.pending() > 0 {
             tracing::info!(service = %shared.name, unfinished = st.tracker.pending(), "stopping with unfinished messages; they will be delivered again");
@@ -545,49 +535,127 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
 }
 
 impl LoopState {
-    fn deliver(
-        &mut self,
-        lane: usize,
-        record: Record,
-        consumer: &BaseConsumer<PollContext>,
-        shared: &ServiceShared,
-    ) {
-        if self.lane_state[lane].paused {
-            self.lane_state[lane].overflow.push_back(record);
-            return;
-        }
-        match self.lanes[lane].buffer.offer(record) {
-            Offer::Accepted => {}
-            Offer::Full(record) => {
-                self.lane_state[lane].overflow.push_back(record);
-                self.lane_state[lane].paused = true;
-                self.lanes[lane]
-                    .buffer
-                    .paused
-                    .store(true, Ordering::Relaxed);
-                let tpl = self.partitions_of(lane);
-                if let Err(e) = consumer.pause(&tpl) {
-                    tracing::warn!(service = %shared.name, error = %e, "could not pause partitions");
-                }
-                tracing::debug!(service = %shared.name, topic = %self.lanes[lane].topic, "buffer full: partitions paused");
-                self.publish_paused(shared);
+    /// Routes one polled record into its lane's pending batch.
+    fn accept(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        // A service with one topic needs no lookup (and no UTF-8 check of
+        // the topic name per record).
+        let lane = if self.lanes.len() == 1 {
+            0
+        } else {
+            match self.routes.get(m.topic()) {
+                Some(&lane) => lane,
+                None => return,
             }
-            Offer::Dropped(a, b) => {
-                for r in std::iter::once(a).chain(b) {
-                    self.dropped(lane, &r);
-                }
+        };
+        let key = (lane, m.partition());
+        self.tracker.dispatched(key, m.offset());
+        let topic = Arc::clone(&self.lanes[lane].topic);
+        match self.route(&self.lanes[lane], m) {
+            Routed::Skip => self.tracker.finished(key, m.offset()),
+            Routed::Type(i) => {
+                let mut record = Record::copy_from(topic, m);
+                record.type_index = i;
+                self.lanes[lane].types[i]
+                    .1
+                    .received
+                    .fetch_add(1, Ordering::Relaxed);
+                self.lane_state[lane].pending.push(record);
+            }
+            Routed::Reject(rejection) => {
+                let mut record = Record::copy_from(topic, m);
+                record.rejection = Some(rejection);
+                self.lane_state[lane].pending.push(record);
             }
         }
     }
 
-    /// A record discarded by a drop mode: counted, and its offset finished.
-    fn dropped(&mut self, lane: usize, r: &Record) {
-        if r.rejection.is_none() {
-            if let Some((_, stats)) = self.lanes[lane].types.get(r.type_index) {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Hands every lane the records routed to it this round.
+    fn flush(&mut self, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
+        for lane in 0..self.lanes.len() {
+            if self.lane_state[lane].pending.is_empty() {
+                continue;
+            }
+            let mut batch = std::mem::take(&mut self.lane_state[lane].pending);
+            if self.lane_state[lane].paused {
+                self.lane_state[lane].overflow.extend(batch.drain(..));
+            } else {
+                self.admit(lane, &mut batch, consumer, shared);
+            }
+            // Keep the allocation for the next round.
+            self.lane_state[lane].pending = batch;
+        }
+    }
+
+    /// Puts a batch into lane `lane` as its backpressure mode allows.
+    fn admit(
+        &mut self,
+        lane: usize,
+        batch: &mut Vec<Record>,
+        consumer: &BaseConsumer<PollContext>,
+        shared: &ServiceShared,
+    ) {
+        let buffer = Arc::clone(&self.lanes[lane].buffer);
+        let fits = buffer.room().min(batch.len());
+        match buffer.mode {
+            Backpressure::Apply => {
+                let rest: Vec<Record> = batch.drain(fits..).collect();
+                self.push(lane, batch.drain(..));
+                if !rest.is_empty() {
+                    self.lane_state[lane].overflow.extend(rest);
+                    self.pause(lane, consumer, shared);
+                }
+            }
+            Backpressure::DropNewest => {
+                let rest: Vec<Record> = batch.drain(fits..).collect();
+                self.push(lane, batch.drain(..));
+                self.dropped(lane, &rest);
+            }
+            Backpressure::DropOldest => {
+                self.push(lane, batch.drain(..));
+                let excess = buffer.len().saturating_sub(buffer.capacity());
+                let dropped = buffer.drop_oldest(excess);
+                self.dropped(lane, &dropped);
             }
         }
-        self.tracker.finished(&r.topic, r.partition, r.offset);
+    }
+
+    /// Numbers records, logs their offsets and appends them to the lane.
+    fn push(&mut self, lane: usize, records: impl Iterator<Item = Record>) {
+        let state = &mut self.lane_state[lane];
+        let numbered = records.map(|mut r| {
+            state.last_seq += 1;
+            r.seq = state.last_seq;
+            state.log.push_back((r.seq, r.partition, r.offset));
+            r
+        });
+        self.lanes[lane].buffer.push(numbered);
+    }
+
+    fn pause(&mut self, lane: usize, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
+        self.lane_state[lane].paused = true;
+        self.lanes[lane]
+            .buffer
+            .paused
+            .store(true, Ordering::Relaxed);
+        let tpl = self.partitions_of(lane);
+        if let Err(e) = consumer.pause(&tpl) {
+            tracing::warn!(service = %shared.name, error = %e, "could not pause partitions");
+        }
+        tracing::debug!(service = %shared.name, topic = %self.lanes[lane].topic, "buffer full: partitions paused");
+        self.publish_paused(shared);
+    }
+
+    /// Records discarded by a drop mode: counted, and their offsets finished.
+    fn dropped(&mut self, lane: usize, records: &[Record]) {
+        for r in records {
+            if r.rejection.is_none() {
+                if let Some((_, stats)) = self.lanes[lane].types.get(r.type_index) {
+                    stats.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.tracker.finished((lane, r.partition), r.offset);
+        }
+        self.lanes[lane].buffer.count_drops(records.len() as u64);
     }
 
     /// Moves held records into lanes that drained below their low mark and
@@ -602,20 +670,10 @@ impl LoopState {
             if buffer.len() > buffer.low_mark() {
                 continue;
             }
-            while let Some(r) = self.lane_state[i].overflow.pop_front() {
-                match buffer.offer(r) {
-                    Offer::Accepted => {}
-                    Offer::Full(r) => {
-                        self.lane_state[i].overflow.push_front(r);
-                        break;
-                    }
-                    Offer::Dropped(a, b) => {
-                        for r in std::iter::once(a).chain(b) {
-                            self.dropped(i, &r);
-                        }
-                    }
-                }
-            }
+            let mut held = std::mem::take(&mut self.lane_state[i].overflow);
+            let fits = buffer.room().min(held.len());
+            self.push(i, held.drain(..fits));
+            self.lane_state[i].overflow = held;
             if self.lane_state[i].overflow.is_empty() {
                 self.lane_state[i].paused = false;
                 buffer.paused.store(false, Ordering::Relaxed);

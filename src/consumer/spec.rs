@@ -96,8 +96,9 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Most messages of this type buffered between the poll loop and the
-    /// handler. Defaults to 1000.
+    /// Most messages of this type between the poll loop and the end of
+    /// their handling: waiting in the buffer or being handled. When it is
+    /// reached the backpressure mode applies. Defaults to 1000.
     pub fn max_buffered(mut self, n: usize) -> Self {
         self.spec.max_buffered = Some(n);
         self

@@ -11,11 +11,13 @@ use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::buffer::{TypeBuffer, TypeStats};
+use std::collections::VecDeque;
+
+use crate::consumer::buffer::{LaneBuffer, TypeStats};
 use crate::consumer::context::Record;
 use crate::consumer::dead_letter::{DeadLetters, Failure};
 use crate::consumer::handler::{Action, HandlerError};
-use crate::consumer::poll::{Ack, Rejection, ServiceShared};
+use crate::consumer::poll::{Rejection, ServiceShared};
 use crate::consumer::{MessageContext, RetryPolicy};
 use crate::model::{Message, TopicSpec};
 
@@ -61,9 +63,17 @@ pub(crate) struct WorkerEnv {
 
 /// One consumed type of a lane: decodes, dispatches, retries, dead-letters.
 pub(crate) trait TypeWorker: Send + Sync {
-    /// Handles one record to the end; `false` if it was not finished
-    /// (cancelled, or its stream is gone) and must not be acknowledged.
-    fn handle<'a>(&'a self, env: &'a WorkerEnv, record: &'a Arc<Record>) -> BoxFuture<'a, bool>;
+    /// Handles the first `n` records of `batch` (all of this type) in order,
+    /// reporting each finished one to the lane; `false` if one was not
+    /// finished (cancelled, or its stream is gone): it and the rest are not
+    /// acknowledged. One boxed future per run of records, not per record.
+    fn handle_run<'a>(
+        &'a self,
+        env: &'a WorkerEnv,
+        lane: &'a LaneBuffer,
+        batch: &'a mut VecDeque<Record>,
+        n: usize,
+    ) -> BoxFuture<'a, bool>;
 }
 
 pub(crate) struct Typed<T, D> {
@@ -75,18 +85,45 @@ pub(crate) struct Typed<T, D> {
 }
 
 impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
-    fn handle<'a>(&'a self, env: &'a WorkerEnv, record: &'a Arc<Record>) -> BoxFuture<'a, bool> {
-        Box::pin(handle(
-            env,
-            &self.stats,
-            &self.spec,
-            self.retry,
-            &self.dead_letter_topic,
-            &self.dispatch,
-            record,
-        ))
+    fn handle_run<'a>(
+        &'a self,
+        env: &'a WorkerEnv,
+        lane: &'a LaneBuffer,
+        batch: &'a mut VecDeque<Record>,
+        n: usize,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            for _ in 0..n {
+                if env.cancel.is_cancelled() {
+                    return false;
+                }
+                let Some(record) = batch.pop_front() else {
+                    break;
+                };
+                let seq = record.seq;
+                let record = Arc::new(record);
+                let finished = handle(
+                    env,
+                    &self.stats,
+                    &self.spec,
+                    self.retry,
+                    &self.dead_letter_topic,
+                    &self.dispatch,
+                    &record,
+                )
+                .await;
+                if !finished {
+                    return false;
+                }
+                lane.finished(seq);
+            }
+            true
+        })
     }
 }
+
+/// Records a worker takes from its lane at a time.
+const TAKE: usize = 128;
 
 /// Runs one lane until its service drains (buffer empty) or is cancelled:
 /// records in buffer order, so a partition's records are handled in order
@@ -94,13 +131,17 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
 pub(crate) async fn run_lane(
     active: ActiveWorker,
     env: WorkerEnv,
-    buffer: Arc<TypeBuffer>,
+    buffer: Arc<LaneBuffer>,
     types: Vec<Box<dyn TypeWorker>>,
     dead_letter_topic: String,
 ) {
     let _active = active;
+    let mut batch: VecDeque<Record> = VecDeque::with_capacity(TAKE);
     loop {
-        let Some(record) = buffer.try_take() else {
+        if batch.is_empty() {
+            buffer.take(&mut batch, TAKE);
+        }
+        let Some(front) = batch.front() else {
             if env.shared.is_stopping() {
                 break;
             }
@@ -112,21 +153,35 @@ pub(crate) async fn run_lane(
         if env.cancel.is_cancelled() {
             break;
         }
-        let record = Arc::new(record);
-        let finished = match (&record.rejection, types.get(record.type_index)) {
-            (Some(rejection), _) => reject(&env, &dead_letter_topic, &record, rejection).await,
-            (None, Some(worker)) => worker.handle(&env, &record).await,
-            // The router only sets indexes of this lane's types.
-            (None, None) => true,
+        let finished = match (front.rejection.is_some(), types.get(front.type_index)) {
+            (false, Some(worker)) => {
+                let index = front.type_index;
+                let run = batch
+                    .iter()
+                    .take_while(|r| r.rejection.is_none() && r.type_index == index)
+                    .count();
+                worker.handle_run(&env, &buffer, &mut batch, run).await
+            }
+            _ => match batch.pop_front() {
+                Some(record) => {
+                    let finished = match &record.rejection {
+                        Some(rejection) => {
+                            reject(&env, &dead_letter_topic, &record, rejection).await
+                        }
+                        // The router only sets indexes of this lane's types.
+                        None => true,
+                    };
+                    if finished {
+                        buffer.finished(record.seq);
+                    }
+                    finished
+                }
+                None => true,
+            },
         };
         if !finished {
             break;
         }
-        let _ = env.shared.acks.send(Ack {
-            topic: Arc::clone(&record.topic),
-            partition: record.partition,
-            offset: record.offset,
-        });
     }
 }
 

@@ -28,7 +28,7 @@ pub(crate) struct TypeEntry {
     pub(crate) backpressure: Backpressure,
     pub(crate) dead_letter_topic: String,
     /// The buffer of the type's lane (shared with types on the same topic).
-    pub(crate) buffer: Arc<crate::consumer::buffer::TypeBuffer>,
+    pub(crate) buffer: Arc<crate::consumer::buffer::LaneBuffer>,
     pub(crate) stats: Arc<crate::consumer::buffer::TypeStats>,
 }
 
@@ -50,8 +50,9 @@ pub struct TypeStatus {
     pub backpressure: Backpressure,
     /// Dead-letter topic.
     pub dead_letter_topic: String,
-    /// Messages waiting in the buffer. Types sharing a topic share its
-    /// buffer, so a partition is handled in order whatever the types.
+    /// Messages in the buffer, waiting or being handled (at most
+    /// `capacity`). Types sharing a topic share its buffer, so a partition
+    /// is handled in order whatever the types.
     pub buffered: usize,
     /// Buffer capacity.
     pub capacity: usize,
