@@ -510,6 +510,11 @@ fn rss_kib() -> u64 {
 
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
+    // `RUST_LOG=kontext=info` shows what the runtime does; silent by default.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only produce,consume` runs a subset (for profiling one path).

@@ -13,7 +13,8 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -33,7 +34,37 @@ pub(crate) struct TypeStats {
     pub(crate) duplicates: AtomicU64,
 }
 
+/// Lets a poll thread whose lanes are all full sleep until a worker makes
+/// room, instead of pausing partitions: a pause makes librdkafka discard
+/// what it prefetched for them, and resuming fetches it all again.
+#[derive(Default)]
+pub(crate) struct Room {
+    waiting: AtomicBool,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Room {
+    /// Sleeps up to `timeout` unless `full()`, checked under the lock, is
+    /// already false; a worker making room wakes it.
+    pub(crate) fn wait_while(&self, timeout: Duration, full: impl Fn() -> bool) {
+        let guard = lock(&self.lock);
+        self.waiting.store(true, Ordering::SeqCst);
+        if full() {
+            let _ = self.cv.wait_timeout(guard, timeout);
+        }
+        self.waiting.store(false, Ordering::SeqCst);
+    }
+
+    /// Wakes the poll thread if it waits (shutdown, or room was made).
+    pub(crate) fn wake(&self) {
+        let _guard = lock(&self.lock);
+        self.cv.notify_all();
+    }
+}
+
 pub(crate) struct LaneBuffer {
+    room: Arc<Room>,
     queue: Mutex<VecDeque<Record>>,
     notify: Notify,
     pub(crate) mode: Backpressure,
@@ -49,8 +80,9 @@ pub(crate) struct LaneBuffer {
 }
 
 impl LaneBuffer {
-    pub(crate) fn new(capacity: usize, mode: Backpressure) -> Arc<LaneBuffer> {
+    pub(crate) fn new(capacity: usize, mode: Backpressure, room: Arc<Room>) -> Arc<LaneBuffer> {
         Arc::new(LaneBuffer {
+            room,
             queue: Mutex::new(VecDeque::new()),
             notify: Notify::new(),
             mode,
@@ -65,6 +97,12 @@ impl LaneBuffer {
     /// Records delivered and not finished: waiting, or being handled.
     pub(crate) fn len(&self) -> usize {
         self.in_lane.load(Ordering::Acquire)
+    }
+
+    /// Whether the lane is full under `Backpressure::Apply` (the drop modes
+    /// are never full: they make room).
+    pub(crate) fn is_full(&self) -> bool {
+        self.mode == Backpressure::Apply && self.room() == 0
     }
 
     /// Room left before the lane holds `capacity` records.
@@ -136,7 +174,11 @@ impl LaneBuffer {
     /// The worker finished every record up to `seq`.
     pub(crate) fn finished(&self, seq: u64) {
         self.done.store(seq, Ordering::Release);
-        self.in_lane.fetch_sub(1, Ordering::AcqRel);
+        let before = self.in_lane.fetch_sub(1, Ordering::AcqRel);
+        // Wake a waiting poll thread once, when the lane drains to its low mark.
+        if before == self.low_mark() + 1 && self.room.waiting.load(Ordering::SeqCst) {
+            self.room.wake();
+        }
     }
 
     /// Waits until something may have been pushed.

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use rdkafka::message::Header;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
 
@@ -85,7 +85,10 @@ impl DeadLetters {
             let offset = record.offset.to_string();
             let attempts = failure.attempts.to_string();
             let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-            let mut headers = record.headers.clone().unwrap_or_default();
+            let mut headers = OwnedHeaders::new();
+            for (key, value) in record.headers() {
+                headers = headers.insert(Header { key, value });
+            }
             for (key, value) in [
                 (dlq_headers::ORIGINAL_TOPIC, &*record.topic),
                 (dlq_headers::ORIGINAL_PARTITION, partition.as_str()),
@@ -102,11 +105,11 @@ impl DeadLetters {
                 });
             }
             let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-            if let Some(k) = &record.key {
-                out = out.key(k.as_slice());
+            if let Some(k) = record.key() {
+                out = out.key(k);
             }
-            if let Some(p) = &record.payload {
-                out = out.payload(p.as_slice());
+            if let Some(p) = record.payload() {
+                out = out.payload(p);
             }
             let sent = tokio::select! {
                 r = self.producer.send(out, Duration::from_secs(5)) => r,

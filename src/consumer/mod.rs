@@ -344,7 +344,7 @@ impl ConsumerRuntime {
             for lane_types in by_topic(planned.types) {
                 let topic = Arc::clone(&lane_types[0].topic);
                 let (capacity, mode) = lane_settings(&lane_types)?;
-                let buffer = LaneBuffer::new(capacity, mode);
+                let buffer = LaneBuffer::new(capacity, mode, Arc::clone(&shared.room));
                 let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
                 let consumed: Vec<String> =
                     lane_types.iter().map(|t| t.discriminator.clone()).collect();

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message as _};
@@ -19,7 +21,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::consumer::Backpressure;
-use crate::consumer::buffer::{LaneBuffer, TypeStats};
+use crate::consumer::buffer::{LaneBuffer, Room, TypeStats};
 use crate::consumer::context::Record;
 use crate::consumer::offsets::OffsetTracker;
 use crate::headers;
@@ -75,6 +77,8 @@ pub(crate) struct ServiceShared {
     stop: AtomicU8,
     started: (Mutex<bool>, Condvar),
     pub(crate) workers_active: AtomicUsize,
+    /// Where the poll thread waits while every lane is full.
+    pub(crate) room: Arc<Room>,
     /// Milliseconds since `epoch` of the last completed poll, for health.
     last_poll_ms: AtomicU64,
     epoch: Instant,
@@ -96,6 +100,7 @@ impl ServiceShared {
             stop: AtomicU8::new(RUN),
             started: (Mutex::new(start), Condvar::new()),
             workers_active: AtomicUsize::new(0),
+            room: Arc::new(Room::default()),
             last_poll_ms: AtomicU64::new(0),
             epoch: Instant::now(),
         })
@@ -141,6 +146,7 @@ impl ServiceShared {
     fn wake_waiting(&self) {
         let (_, cv) = &self.started;
         cv.notify_all();
+        self.room.wake();
     }
 
     /// How long since the poll loop last completed a poll; `None` if it never polled.
@@ -183,6 +189,10 @@ pub(crate) struct PollPlan {
 struct LaneState {
     /// Records routed in the current poll round, handed over together.
     pending: Vec<Record>,
+    /// Where this round's records copy their bytes (see [`Record`]).
+    arena: BytesMut,
+    /// Records of each type routed this round, added to the counters once.
+    received: Vec<u64>,
     /// Records held while the lane is paused (`Backpressure::Apply`).
     overflow: VecDeque<Record>,
     paused: bool,
@@ -404,8 +414,14 @@ pub(crate) fn run(plan: PollPlan) {
 }
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// Longest a poll thread waits, its lanes all full, before it polls again
+/// (then a record for a full lane pauses its partitions).
+const FULL_WAIT: Duration = Duration::from_secs(1);
 /// Most records taken in one poll round before they are handed over.
 const MAX_ROUND: usize = 256;
+/// A lane's arena grows by this much when less than `ARENA_MIN` is left.
+const ARENA_CHUNK: usize = 64 * 1024;
+const ARENA_MIN: usize = 4 * 1024;
 /// Stored offsets are handed to librdkafka this often; its background
 /// auto-commit then sends them.
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
@@ -439,7 +455,13 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         .map(|(i, lane)| (lane.topic.to_string(), i))
         .collect();
     let topics: Vec<String> = lanes.iter().map(|l| l.topic.to_string()).collect();
-    let lane_state = lanes.iter().map(|_| LaneState::default()).collect();
+    let lane_state = lanes
+        .iter()
+        .map(|l| LaneState {
+            received: vec![0; l.types.len()],
+            ..LaneState::default()
+        })
+        .collect();
     let state = Arc::new(Mutex::new(LoopState {
         lanes,
         lane_state,
@@ -483,6 +505,22 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             break;
         }
 
+        // Every lane full: stop polling until a worker makes room.
+        // librdkafka keeps what it prefetched and stops fetching by itself,
+        // as it does for a raw consumer busy with its records; a pause would
+        // discard the prefetched records and fetch them again on resume.
+        // Bounded, so rebalances and shutdown are still served.
+        if drain_started.is_none() {
+            let blocked = || lock(&state).all_blocked();
+            let since = Instant::now();
+            while blocked() && since.elapsed() < FULL_WAIT && !shared.is_stopping() {
+                shared.room.wait_while(POLL_TIMEOUT, blocked);
+                shared.mark_polled();
+                lock(&state).refill(&consumer, &shared);
+            }
+            lock(&state).pause_blocked(&consumer, &shared);
+        }
+
         // One round: wait for the first record, then take whatever else is
         // ready without waiting, and hand each lane its share at once.
         let mut timeout = POLL_TIMEOUT;
@@ -507,9 +545,9 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         }
         shared.mark_polled();
         let mut st = lock(&state);
-        st.flush(&consumer, &shared);
+        st.flush();
         st.absorb_done();
-        st.resume_drained(&consumer, &shared);
+        st.refill(&consumer, &shared);
         if last_store.elapsed() >= STORE_INTERVAL {
             st.store_offsets(&consumer);
             last_store = Instant::now();
@@ -553,33 +591,52 @@ impl LoopState {
         match self.route(&self.lanes[lane], m) {
             Routed::Skip => self.tracker.finished(key, m.offset()),
             Routed::Type(i) => {
-                let mut record = Record::copy_from(topic, m);
+                let state = &mut self.lane_state[lane];
+                if state.arena.capacity() - state.arena.len() < ARENA_MIN {
+                    state.arena.reserve(ARENA_CHUNK);
+                }
+                let mut record = Record::copy_from(topic, m, &mut state.arena);
                 record.type_index = i;
-                self.lanes[lane].types[i]
-                    .1
-                    .received
-                    .fetch_add(1, Ordering::Relaxed);
-                self.lane_state[lane].pending.push(record);
+                if let Some(n) = state.received.get_mut(i) {
+                    *n += 1;
+                }
+                state.pending.push(record);
             }
             Routed::Reject(rejection) => {
-                let mut record = Record::copy_from(topic, m);
+                let state = &mut self.lane_state[lane];
+                let mut record = Record::copy_from(topic, m, &mut state.arena);
                 record.rejection = Some(rejection);
-                self.lane_state[lane].pending.push(record);
+                state.pending.push(record);
             }
         }
     }
 
     /// Hands every lane the records routed to it this round.
-    fn flush(&mut self, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
+    fn flush(&mut self) {
         for lane in 0..self.lanes.len() {
             if self.lane_state[lane].pending.is_empty() {
                 continue;
             }
-            let mut batch = std::mem::take(&mut self.lane_state[lane].pending);
-            if self.lane_state[lane].paused {
+            let state = &mut self.lane_state[lane];
+            let mut batch = std::mem::take(&mut state.pending);
+            // Seal the round: every record gets its slice of one buffer.
+            let round = state.arena.split().freeze();
+            for r in &mut batch {
+                let end = r.end();
+                r.seal(&round, end);
+            }
+            for (i, n) in state.received.iter_mut().enumerate() {
+                if *n > 0 {
+                    if let Some((_, stats)) = self.lanes[lane].types.get(i) {
+                        stats.received.fetch_add(*n, Ordering::Relaxed);
+                    }
+                    *n = 0;
+                }
+            }
+            if self.lane_state[lane].paused || !self.lane_state[lane].overflow.is_empty() {
                 self.lane_state[lane].overflow.extend(batch.drain(..));
             } else {
-                self.admit(lane, &mut batch, consumer, shared);
+                self.admit(lane, &mut batch);
             }
             // Keep the allocation for the next round.
             self.lane_state[lane].pending = batch;
@@ -587,23 +644,15 @@ impl LoopState {
     }
 
     /// Puts a batch into lane `lane` as its backpressure mode allows.
-    fn admit(
-        &mut self,
-        lane: usize,
-        batch: &mut Vec<Record>,
-        consumer: &BaseConsumer<PollContext>,
-        shared: &ServiceShared,
-    ) {
+    fn admit(&mut self, lane: usize, batch: &mut Vec<Record>) {
         let buffer = Arc::clone(&self.lanes[lane].buffer);
         let fits = buffer.room().min(batch.len());
         match buffer.mode {
             Backpressure::Apply => {
-                let rest: Vec<Record> = batch.drain(fits..).collect();
+                // What does not fit is held; `pause_blocked` decides
+                // whether the lane's partitions must pause.
+                self.lane_state[lane].overflow.extend(batch.drain(fits..));
                 self.push(lane, batch.drain(..));
-                if !rest.is_empty() {
-                    self.lane_state[lane].overflow.extend(rest);
-                    self.pause(lane, consumer, shared);
-                }
             }
             Backpressure::DropNewest => {
                 let rest: Vec<Record> = batch.drain(fits..).collect();
@@ -658,23 +707,55 @@ impl LoopState {
         self.lanes[lane].buffer.count_drops(records.len() as u64);
     }
 
-    /// Moves held records into lanes that drained below their low mark and
-    /// resumes their partitions once nothing is held.
-    fn resume_drained(&mut self, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
+    /// Whether no lane can take records now: each is paused, holding
+    /// records, or full under `Backpressure::Apply`.
+    fn all_blocked(&self) -> bool {
+        !self.lanes.is_empty()
+            && self
+                .lanes
+                .iter()
+                .zip(&self.lane_state)
+                .all(|(l, s)| s.paused || !s.overflow.is_empty() || l.buffer.is_full())
+    }
+
+    /// Pauses the partitions of lanes holding records they have no room
+    /// for, so the other lanes of the service keep flowing; when every lane
+    /// is blocked the poll thread waits instead, unless a lane holds more
+    /// than its capacity again (a stalled handler).
+    fn pause_blocked(&mut self, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
+        let all_blocked = self.all_blocked();
+        for lane in 0..self.lanes.len() {
+            let state = &self.lane_state[lane];
+            let held = state.overflow.len();
+            if !state.paused
+                && held > 0
+                && (!all_blocked || held > self.lanes[lane].buffer.capacity())
+            {
+                self.pause(lane, consumer, shared);
+            }
+        }
+    }
+
+    /// Moves held records into lanes with room; resumes a paused lane once
+    /// it holds nothing and has drained to its low mark.
+    fn refill(&mut self, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
         let mut changed = false;
         for i in 0..self.lanes.len() {
-            if !self.lane_state[i].paused {
+            let buffer = Arc::clone(&self.lanes[i].buffer);
+            let paused = self.lane_state[i].paused;
+            if self.lane_state[i].overflow.is_empty() && !paused {
                 continue;
             }
-            let buffer = Arc::clone(&self.lanes[i].buffer);
-            if buffer.len() > buffer.low_mark() {
+            // A paused lane refills only below its low mark, so it does not
+            // pause and resume for every few records.
+            if paused && buffer.len() > buffer.low_mark() {
                 continue;
             }
             let mut held = std::mem::take(&mut self.lane_state[i].overflow);
             let fits = buffer.room().min(held.len());
             self.push(i, held.drain(..fits));
             self.lane_state[i].overflow = held;
-            if self.lane_state[i].overflow.is_empty() {
+            if paused && self.lane_state[i].overflow.is_empty() {
                 self.lane_state[i].paused = false;
                 buffer.paused.store(false, Ordering::Relaxed);
                 changed = true;

@@ -116,6 +116,10 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                     return false;
                 }
                 lane.finished(seq);
+                // A busy lane never waits on anything; without this it would
+                // hold its runtime thread (and the timers and tasks queued
+                // behind it) for as long as records keep coming.
+                tokio::task::consume_budget().await;
             }
             true
         })
@@ -241,7 +245,7 @@ where
 
     let mut attempt = 1;
     loop {
-        let payload = record.payload.as_deref().unwrap_or_default();
+        let payload = record.payload().unwrap_or_default();
         let message = match spec.codec().decode(payload) {
             Ok(m) => m,
             Err(e) => {
