@@ -114,15 +114,27 @@ impl Producer {
     {
         let spec = self.inner.model.spec::<T>()?;
         let options = CallOptions::default();
-        let prepared: Vec<(Encoded, OwnedHeaders)> = messages
-            .into_iter()
-            .map(|m| self.prepare(spec, m, &options))
+        let messages: Vec<&T> = messages.into_iter().collect();
+        // Payloads first, so an encoding error sends nothing; headers are
+        // built as each message is sent rather than held for the whole batch.
+        let prepared: Vec<Encoded> = messages
+            .iter()
+            .map(|m| encode(spec, *m, &options))
             .collect::<Result<_>>()?;
 
         let mut pending: Vec<(DeliveryFuture, Uuid)> = Vec::with_capacity(prepared.len());
         let mut first_unawaited = 0;
         let mut results: Vec<Delivery> = Vec::with_capacity(prepared.len());
-        for (encoded, headers) in prepared {
+        let capacity = 7 + spec.headers.len();
+        for (message, encoded) in messages.iter().zip(prepared) {
+            let headers = write_headers(
+                spec,
+                *message,
+                &options,
+                &self.inner.source,
+                &encoded,
+                OwnedHeaders::new_with_capacity(capacity),
+            )?;
             let started = Instant::now();
             let mut record = encoded.record(spec.topic(), headers);
             let future = loop {
@@ -257,8 +269,19 @@ pub(crate) fn prepare<T: Message, H: HeaderSink>(
     message: &T,
     options: &CallOptions,
     source: &str,
-    mut h: H,
+    h: H,
 ) -> Result<(Encoded, H)> {
+    let encoded = encode(spec, message, options)?;
+    let h = write_headers(spec, message, options, source, &encoded, h)?;
+    Ok((encoded, h))
+}
+
+/// Encodes a message's payload and key and gives it an id and a timestamp.
+pub(crate) fn encode<T: Message>(
+    spec: &TopicSpec<T>,
+    message: &T,
+    options: &CallOptions,
+) -> Result<Encoded> {
     let mut payload = Vec::with_capacity(256);
     spec.codec()
         .encode(message, &mut payload)
@@ -276,23 +299,45 @@ pub(crate) fn prepare<T: Message, H: HeaderSink>(
         }
     };
 
-    let message_id = Uuid::now_v7();
-    let now = SystemTime::now();
-    let timestamp = now
+    let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0);
-    let mut id_buf = Uuid::encode_buffer();
-    let id_text = message_id.hyphenated().encode_lower(&mut id_buf);
-    let time_text = humantime::format_rfc3339_millis(now).to_string();
+    Ok(Encoded {
+        payload,
+        key,
+        timestamp,
+        message_id: Uuid::now_v7(),
+    })
+}
 
+/// Writes the standard, declared and per-call headers of an encoded message.
+pub(crate) fn write_headers<T: Message, H: HeaderSink>(
+    spec: &TopicSpec<T>,
+    message: &T,
+    options: &CallOptions,
+    source: &str,
+    encoded: &Encoded,
+    mut h: H,
+) -> Result<H> {
+    let mut id_buf = Uuid::encode_buffer();
+    let id_text = encoded.message_id.hyphenated().encode_lower(&mut id_buf);
     h = h
         .with(headers::SPEC_VERSION, headers::SPEC_VERSION_VALUE)
         .with(headers::MESSAGE_ID, id_text)
         .with(headers::MESSAGE_TYPE, spec.type_name())
-        .with(headers::SOURCE, source)
-        .with(headers::TIME, &time_text)
-        .with(headers::CONTENT_TYPE, spec.codec().content_type());
+        .with(headers::SOURCE, source);
+    h = TIME_TEXT.with_borrow_mut(|cache| {
+        // Many messages share a millisecond: format its RFC 3339 text once.
+        if cache.0 != encoded.timestamp || cache.1.is_empty() {
+            let at = SystemTime::UNIX_EPOCH
+                + Duration::from_millis(u64::try_from(encoded.timestamp).unwrap_or(0));
+            cache.0 = encoded.timestamp;
+            cache.1 = humantime::format_rfc3339_millis(at).to_string();
+        }
+        h.with(headers::TIME, &cache.1)
+    });
+    h = h.with(headers::CONTENT_TYPE, spec.codec().content_type());
     if let Some(c) = &options.correlation_id {
         h = h.with(headers::CORRELATION_ID, c);
     }
@@ -322,15 +367,12 @@ pub(crate) fn prepare<T: Message, H: HeaderSink>(
         }
         h = h.with(name, v);
     }
-    Ok((
-        Encoded {
-            payload,
-            key,
-            timestamp,
-            message_id,
-        },
-        h,
-    ))
+    Ok(h)
+}
+
+thread_local! {
+    /// The last `ce_time` text formatted on this thread, by millisecond.
+    static TIME_TEXT: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((0, String::new())) };
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
