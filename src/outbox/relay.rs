@@ -5,12 +5,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{StreamExt as _, stream};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
-    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, Condition, ConnectionTrait as _, DbBackend, EntityTrait, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -128,33 +130,74 @@ pub(super) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     tracing::debug!(relay = %inner.relay_id, "outbox relay stopped");
 }
 
+/// Shards relayed at once on PostgreSQL: a shard's database round trips
+/// overlap another's wait for broker acknowledgements. SQLite has one
+/// writer, so it relays one shard at a time.
+const CONCURRENT_SHARDS: usize = 4;
+
 /// One pass over every shard this relay can lease. Returns rows sent.
 async fn pass(inner: &Inner) -> Result<usize> {
     let shards = inner.settings.shards;
     // Start at a different shard each pass so relays spread over shards.
     let start = i32::try_from(now_ms().rem_euclid(i64::from(shards.max(1)))).unwrap_or(0);
+    let concurrency = match inner.db.get_database_backend() {
+        DbBackend::Sqlite => 1,
+        _ => CONCURRENT_SHARDS,
+    };
+    // Only shards with something to send: an idle shard would cost a lease
+    // round trip and a query per pass for nothing.
+    let waiting: HashSet<i32> = row::Entity::find()
+        .select_only()
+        .column(row::Column::Shard)
+        .distinct()
+        .filter(row::Column::State.eq(row::PENDING))
+        .into_tuple::<i32>()
+        .all(&inner.db)
+        .await
+        .map_err(db_err("find outbox shards with pending rows"))?
+        .into_iter()
+        .collect();
+    let order = (0..shards)
+        .map(|i| (start + i) % shards)
+        .filter(|shard| waiting.contains(shard));
+    let mut results =
+        stream::iter(order.map(|shard| relay_shard(inner, shard))).buffer_unordered(concurrency);
     let mut sent = 0;
-    for i in 0..shards {
-        let shard = (start + i) % shards;
-        if !acquire(inner, shard, &inner.relay_id).await? {
-            continue;
-        }
-        let result = async {
-            let mut total = 0;
-            loop {
-                let (n, full) = relay_batch(inner, shard).await?;
-                total += n;
-                if !full || n == 0 || !acquire(inner, shard, &inner.relay_id).await? {
-                    break;
-                }
+    let mut first_error = None;
+    while let Some(result) = results.next().await {
+        match result {
+            Ok(n) => sent += n,
+            Err(e) => {
+                first_error.get_or_insert(e);
             }
-            Ok::<usize, Error>(total)
         }
-        .await;
-        release(inner, shard, &inner.relay_id).await;
-        sent += result?;
     }
-    Ok(sent)
+    match first_error {
+        // Rows sent by other shards were deleted; report the failure.
+        Some(e) => Err(e),
+        None => Ok(sent),
+    }
+}
+
+/// Relays one shard while this relay holds its lease.
+async fn relay_shard(inner: &Inner, shard: i32) -> Result<usize> {
+    if !acquire(inner, shard, &inner.relay_id).await? {
+        return Ok(0);
+    }
+    let result = async {
+        let mut total = 0;
+        loop {
+            let (n, full) = relay_batch(inner, shard).await?;
+            total += n;
+            if !full || n == 0 || !acquire(inner, shard, &inner.relay_id).await? {
+                break;
+            }
+        }
+        Ok::<usize, Error>(total)
+    }
+    .await;
+    release(inner, shard, &inner.relay_id).await;
+    result
 }
 
 /// Publishes the next batch of `shard`. Returns rows sent and whether the
