@@ -20,6 +20,7 @@ use crate::headers;
 /// per poll round, and the record holds a reference-counted slice of it:
 /// one allocation per round instead of several per record (which the
 /// worker's thread would then free, the costliest pattern for malloc).
+#[derive(Clone)]
 pub(crate) struct Record {
     pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
@@ -169,12 +170,12 @@ impl fmt::Debug for Record {
 /// Everything about a consumed message except its decoded value.
 #[derive(Clone)]
 pub struct MessageContext {
-    record: Arc<Record>,
+    record: Record,
     attempt: u32,
 }
 
 impl MessageContext {
-    pub(crate) fn new(record: Arc<Record>, attempt: u32) -> Self {
+    pub(crate) fn new(record: Record, attempt: u32) -> Self {
         MessageContext { record, attempt }
     }
 

@@ -101,7 +101,6 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                     break;
                 };
                 let seq = record.seq;
-                let record = Arc::new(record);
                 let finished = handle(
                     env,
                     &self.stats,
@@ -215,7 +214,7 @@ async fn handle<T, D>(
     retry: RetryPolicy,
     dead_letter_topic: &str,
     dispatch: &D,
-    record: &Arc<Record>,
+    record: &Record,
 ) -> bool
 where
     T: Message,
@@ -258,7 +257,8 @@ where
                 .await;
             }
         };
-        let ctx = MessageContext::new(Arc::clone(record), attempt);
+        // A clone costs two reference counts (topic name, round buffer).
+        let ctx = MessageContext::new(record.clone(), attempt);
         let span = tracing::debug_span!(
             "kontext.handle",
             topic = %record.topic,
