@@ -10,7 +10,7 @@
 //! for a real broker. `DATABASE_URL` runs the outbox scenario on PostgreSQL
 //! too. See BENCHMARKS.md for what each scenario measures.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -253,17 +253,19 @@ async fn raw_produce_with<T: Serialize>(
 
 async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxError> {
     let events = Arc::new(events(n));
-    let (mut raw, mut raw_h, mut batch) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut raw_h, mut batch, mut single) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         // 32 partitions keep each under the mock's 5 MiB per partition.
-        let (raw_topic, raw_h_topic, k_topic) = (
+        let (raw_topic, raw_h_topic, k_topic, k1_topic) = (
             unique_name("bench-raw"),
             unique_name("bench-rawh"),
             unique_name("bench-kx"),
+            unique_name("bench-kx1"),
         );
-        b.create_topic(&raw_topic, 32).await?;
-        b.create_topic(&raw_h_topic, 32).await?;
-        b.create_topic(&k_topic, 32).await?;
+        for t in [&raw_topic, &raw_h_topic, &k_topic, &k1_topic] {
+            b.create_topic(t, 32).await?;
+        }
         let producer: FutureProducer = b
             .settings
             .producer_config(b.broker.bootstrap_servers())
@@ -275,7 +277,19 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
             .start()
             .await?;
         let k = kontext.producer()?;
-        let order: [u8; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        // Its own topic for the one-call-per-message run.
+        let kontext1 = Kontext::builder(b.model(&k1_topic, 32, None)?)
+            .settings(b.settings.clone().provision_topics(false))
+            .broker(b.broker.clone())
+            .producer()
+            .start()
+            .await?;
+        let k1 = kontext1.producer()?;
+        let order: [u8; 4] = if round % 2 == 0 {
+            [0, 1, 2, 3]
+        } else {
+            [3, 2, 1, 0]
+        };
         for side in order {
             match side {
                 0 => raw.push(
@@ -285,15 +299,28 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
                     measure(|| raw_produce_with(&producer, &raw_h_topic, &events, order_key, true))
                         .await?,
                 ),
-                _ => batch.push(
+                2 => batch.push(
                     measure(|| async { Ok(k.produce_batch(events.iter()).await?.len() as u64) })
                         .await?,
+                ),
+                _ => single.push(
+                    measure(|| async {
+                        let calls = events.iter().map(|e| k1.produce(e).into_future());
+                        Ok(futures::future::try_join_all(calls).await?.len() as u64)
+                    })
+                    .await?,
                 ),
             }
         }
         kontext.shutdown(Duration::from_secs(10)).await?;
+        kontext1.shutdown(Duration::from_secs(10)).await?;
     }
     report(&format!("produce {n}, raw without headers"), &raw, &batch);
+    report(
+        &format!("produce {n} one call per message, raw with the same 6 headers"),
+        &raw_h,
+        &single,
+    );
     report(
         &format!("produce {n}, raw with the same 6 headers"),
         &raw_h,

@@ -46,6 +46,10 @@ struct Inner {
     source: String,
     /// How long a call waits for room in librdkafka's full local queue.
     queue_timeout: Duration,
+    /// One permit per message librdkafka's local queue holds: single
+    /// `produce` calls queue here, in order, when it is full, instead of
+    /// each retrying on a timer.
+    room: tokio::sync::Semaphore,
     _guard: ClientGuard,
 }
 
@@ -57,6 +61,10 @@ impl Producer {
         clients: &ClientTracker,
     ) -> Result<Producer> {
         let config = settings.producer_config(bootstrap_servers);
+        let queue_capacity = config
+            .get("queue.buffering.max.messages")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(DEFAULT_QUEUE_MESSAGES);
         tracing::debug!(config = ?redacted(&config), "creating producer");
         let client = config
             .create_with_context(TracingContext { role: "producer" })
@@ -70,6 +78,9 @@ impl Producer {
                 model,
                 source: settings.effective_client_id().to_owned(),
                 queue_timeout: settings.message_timeout(),
+                room: tokio::sync::Semaphore::new(
+                    queue_capacity.min(tokio::sync::Semaphore::MAX_PERMITS),
+                ),
                 _guard: clients.track(ClientKind::Producer),
             }),
         })
@@ -190,6 +201,8 @@ impl Producer {
     async fn send_one<T: Message>(&self, message: &T, options: &CallOptions) -> Result<Delivery> {
         let spec = self.inner.model.spec::<T>()?;
         let (encoded, headers) = self.prepare(spec, message, options)?;
+        // Held until the delivery is known. The semaphore is never closed.
+        let _permit = self.inner.room.acquire().await.ok();
         let started = Instant::now();
         let mut record = encoded.record(spec.topic(), headers);
         let mut future = loop {
@@ -381,6 +394,9 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
         value: Some(value),
     }
 }
+
+/// librdkafka's default `queue.buffering.max.messages`.
+const DEFAULT_QUEUE_MESSAGES: usize = 100_000;
 
 /// Pause before retrying an enqueue into a full local queue.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(1);
