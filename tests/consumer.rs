@@ -308,6 +308,90 @@ async fn a_blocked_type_pauses_alone_and_the_others_keep_flowing() {
     }
 }
 
+/// A service whose only lane is full stops polling rather than pausing:
+/// nothing beyond the buffer is held, and once the handler moves again every
+/// message arrives in order, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_single_topic_service_holds_no_more_than_its_buffer() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| {
+            t.name(&topic)
+                .partitions(3)
+                .key(|e| e.order)
+                .consumer(|c| c.max_buffered(10))
+        })
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let seen = Seen::default();
+    let (s1, g1) = (seen.clone(), gate.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(move |c| {
+            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), Some(g1)));
+        })
+        .start()
+        .await
+        .unwrap();
+    let n = scaled(300) as u32;
+    let events: Vec<OrderCreated> = (0..n)
+        .map(|i| OrderCreated {
+            order: i % 5,
+            seq: i,
+        })
+        .collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&events)
+        .await
+        .unwrap();
+
+    // Full, and stays within its capacity while the handler is stalled.
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let st = consumer.registry().type_status::<OrderCreated>().unwrap();
+        assert!(st.buffered <= st.capacity, "{st:?}");
+        if st.buffered == st.capacity {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never filled: {st:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for _ in 0..50 {
+        let st = consumer.registry().type_status::<OrderCreated>().unwrap();
+        assert!(st.buffered <= st.capacity, "{st:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seen.count("created"), 0);
+
+    gate.add_permits(100_000);
+    assert!(
+        seen.wait_for("created", n as usize, READ_TIMEOUT).await,
+        "created: {}",
+        seen.count("created")
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let all = seen.all();
+    assert_eq!(all.len(), n as usize, "each message exactly once");
+    let mut per_key: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for e in &all {
+        per_key.entry(e.1).or_default().push(e.2);
+    }
+    for (k, v) in per_key {
+        assert!(
+            v.windows(2).all(|w| w[0] < w[1]),
+            "key {k} out of order: {v:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dedicated_type_flows_while_the_shared_service_is_blocked() {
     init_tracing();

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use std::ops::Range;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers, Message as _};
 use uuid::Uuid;
 
 use crate::consumer::poll::Rejection;
@@ -31,7 +31,7 @@ pub(crate) struct Record {
     /// Which type of its lane the record is (when `rejection` is `None`).
     pub(crate) type_index: usize,
     /// Set when the record could not be routed to a type.
-    pub(crate) rejection: Option<Rejection>,
+    pub(crate) rejection: Option<Box<Rejection>>,
     /// Key, payload and encoded headers, back to back.
     data: Bytes,
     /// Where `data` starts in the arena until the round is sealed.
@@ -46,6 +46,7 @@ impl Record {
     pub(crate) fn copy_from(
         topic: Arc<str>,
         m: &BorrowedMessage<'_>,
+        headers: Option<&BorrowedHeaders>,
         arena: &mut BytesMut,
     ) -> Record {
         let start = arena.len();
@@ -57,7 +58,7 @@ impl Record {
         };
         let key = m.key().map(|k| put(k, arena));
         let payload = m.payload().map(|p| put(p, arena));
-        let headers = m.headers().map(|h| {
+        let headers = headers.map(|h| {
             let from = (arena.len() - start) as u32;
             for h in h.iter() {
                 encode_header(arena, h.key, h.value);

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::{BorrowedHeaders, Headers, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
@@ -365,11 +365,16 @@ impl LoopState {
     }
 
     /// Routes one record of lane `lane` by its `ce_type` header.
-    fn route(&self, lane: &Lane, m: &rdkafka::message::BorrowedMessage<'_>) -> Routed {
+    fn route(
+        &self,
+        lane: &Lane,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        headers: Option<&BorrowedHeaders>,
+    ) -> Routed {
         if m.payload().is_none() {
             return Routed::Reject(Rejection::Tombstone);
         }
-        let declared = m.headers().and_then(|h| {
+        let declared = headers.and_then(|h| {
             h.iter()
                 .find(|h| h.key == headers::MESSAGE_TYPE)
                 .map(|h| h.value.unwrap_or_default())
@@ -588,14 +593,16 @@ impl LoopState {
         let key = (lane, m.partition());
         self.tracker.dispatched(key, m.offset());
         let topic = Arc::clone(&self.lanes[lane].topic);
-        match self.route(&self.lanes[lane], m) {
+        // Once per record: librdkafka parses the headers on each call.
+        let headers = m.headers();
+        match self.route(&self.lanes[lane], m, headers) {
             Routed::Skip => self.tracker.finished(key, m.offset()),
             Routed::Type(i) => {
                 let state = &mut self.lane_state[lane];
                 if state.arena.capacity() - state.arena.len() < ARENA_MIN {
                     state.arena.reserve(ARENA_CHUNK);
                 }
-                let mut record = Record::copy_from(topic, m, &mut state.arena);
+                let mut record = Record::copy_from(topic, m, headers, &mut state.arena);
                 record.type_index = i;
                 if let Some(n) = state.received.get_mut(i) {
                     *n += 1;
@@ -604,8 +611,8 @@ impl LoopState {
             }
             Routed::Reject(rejection) => {
                 let state = &mut self.lane_state[lane];
-                let mut record = Record::copy_from(topic, m, &mut state.arena);
-                record.rejection = Some(rejection);
+                let mut record = Record::copy_from(topic, m, headers, &mut state.arena);
+                record.rejection = Some(Box::new(rejection));
                 state.pending.push(record);
             }
         }
