@@ -191,3 +191,48 @@ impl LaneBuffer {
         self.notify.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lane(capacity: usize, mode: Backpressure) -> Arc<LaneBuffer> {
+        LaneBuffer::new(capacity, mode, Arc::new(Room::default()))
+    }
+
+    #[test]
+    fn counts_records_until_the_worker_finishes_them() {
+        let b = lane(4, Backpressure::Apply);
+        b.push((1..=3).map(|seq| Record::test(0, seq as i64 + 10, seq)));
+        assert_eq!((b.len(), b.room(), b.is_full()), (3, 1, false));
+
+        // Taken by the worker: still in the lane until finished.
+        let mut taken = VecDeque::new();
+        b.take(&mut taken, 2);
+        assert_eq!(taken.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(b.len(), 3);
+
+        b.push(std::iter::once(Record::test(0, 14, 4)));
+        assert!(b.is_full());
+        b.finished(1);
+        b.finished(2);
+        assert_eq!((b.len(), b.done()), (2, 2));
+        assert!(!b.is_full());
+    }
+
+    #[test]
+    fn drop_oldest_takes_only_waiting_records() {
+        let b = lane(2, Backpressure::DropOldest);
+        b.push((1..=2).map(|seq| Record::test(0, seq as i64, seq)));
+        let mut taken = VecDeque::new();
+        b.take(&mut taken, 1);
+        b.push((3..=4).map(|seq| Record::test(0, seq as i64, seq)));
+        // Four in the lane, room for two: the worker holds 1, so 2 and 3 go.
+        let dropped = b.drop_oldest(b.len() - b.capacity());
+        assert_eq!(dropped.iter().map(|r| r.seq).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(b.len(), 2);
+        // A drop mode is never full: it makes room instead.
+        b.push(std::iter::once(Record::test(0, 5, 5)));
+        assert!(!b.is_full());
+    }
+}

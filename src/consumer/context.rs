@@ -81,9 +81,31 @@ impl Record {
         }
     }
 
+    /// A record without bytes, for unit tests of the buffer and tracker.
+    #[cfg(test)]
+    pub(crate) fn test(partition: i32, offset: i64, seq: u64) -> Record {
+        Record {
+            topic: Arc::from("t"),
+            partition,
+            offset,
+            seq,
+            timestamp: None,
+            type_index: 0,
+            rejection: None,
+            data: Bytes::new(),
+            start: 0,
+            key: None,
+            payload: None,
+            headers: None,
+        }
+    }
+
     /// Attaches this record's bytes from its round's sealed arena.
     pub(crate) fn seal(&mut self, round: &Bytes, end: usize) {
-        self.data = round.slice(self.start..end);
+        // Always within the round (both offsets were taken from it); clamped
+        // all the same, as `slice` panics out of range.
+        let end = end.min(round.len());
+        self.data = round.slice(self.start.min(end)..end);
     }
 
     /// Where this record's bytes end in the arena.
