@@ -126,6 +126,28 @@ fn settings(group: &str) -> KafkaSettings {
     KafkaSettings::new().consumer(|c| c.group_id = Some(group.to_owned()))
 }
 
+/// A consumer of `OrderCreated` whose handler waits for a permit of the
+/// returned semaphore before recording each message.
+async fn gated_consumer(
+    model: Model,
+    broker: Broker,
+    group: &str,
+) -> (Kontext, Seen, Arc<Semaphore>) {
+    let gate = Arc::new(Semaphore::new(0));
+    let seen = Seen::default();
+    let (s1, g1) = (seen.clone(), gate.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(group))
+        .broker(broker)
+        .consumers(move |c| {
+            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), Some(g1)));
+        })
+        .start()
+        .await
+        .unwrap();
+    (consumer, seen, gate)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
     init_tracing();
@@ -326,18 +348,7 @@ async fn a_full_single_topic_service_holds_no_more_than_its_buffer() {
         .build()
         .unwrap();
     let producer = producer_for(&model, &broker).await;
-    let gate = Arc::new(Semaphore::new(0));
-    let seen = Seen::default();
-    let (s1, g1) = (seen.clone(), gate.clone());
-    let consumer = Kontext::builder(model)
-        .settings(settings(&group))
-        .broker(broker)
-        .consumers(move |c| {
-            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), Some(g1)));
-        })
-        .start()
-        .await
-        .unwrap();
+    let (consumer, seen, gate) = gated_consumer(model, broker, &group).await;
     let n = scaled(300) as u32;
     let events: Vec<OrderCreated> = (0..n)
         .map(|i| OrderCreated {
@@ -472,18 +483,7 @@ async fn drop_mode_keeps(mode: Backpressure) -> (Vec<u32>, u64) {
         .build()
         .unwrap();
     let producer = producer_for(&model, &broker).await;
-    let gate = Arc::new(Semaphore::new(0));
-    let seen = Seen::default();
-    let (s1, g1) = (seen.clone(), gate.clone());
-    let consumer = Kontext::builder(model)
-        .settings(settings(&group))
-        .broker(broker)
-        .consumers(move |c| {
-            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), Some(g1)));
-        })
-        .start()
-        .await
-        .unwrap();
+    let (consumer, seen, gate) = gated_consumer(model, broker, &group).await;
     // The first message is taken by the (stalled) handler before the rest arrive.
     let p = producer.producer().unwrap();
     p.produce(&OrderCreated { order: 0, seq: 0 }).await.unwrap();
