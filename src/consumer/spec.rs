@@ -9,10 +9,13 @@ use crate::inbox::{InboxBuilder, InboxSpec};
 /// What a poll service does when a type's buffer is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Backpressure {
-    /// Pause the type's partitions until its buffer drains to the low mark
-    /// (half the buffer). Nothing is dropped; the poll loop keeps polling, so
-    /// other types keep flowing and the group membership stays alive. The
-    /// default.
+    /// Stop taking the type's records until its buffer drains to the low
+    /// mark (half the buffer). Nothing is dropped. If other topics of the
+    /// poll service still flow, the type's partitions are paused and polling
+    /// goes on; if every lane is full, the poll thread waits for room
+    /// (bounded, so the group membership stays alive) rather than pausing,
+    /// which would make librdkafka discard and refetch its prefetched
+    /// records. The default.
     #[default]
     Apply,
     /// Discard the oldest buffered message to make room. Counted and logged;
