@@ -26,6 +26,25 @@ struct UserActivityRecorded {
     shipment_id: String,
 }
 
+/// Unique names of the shipment topic, the follow-up topic and the group.
+fn names() -> (String, String, String) {
+    (
+        unique_name("shipping.shipment.created"),
+        unique_name("identity.activity"),
+        unique_name("identity-api"),
+    )
+}
+
+/// A producer-only instance of `model`.
+async fn producer(model: &Model, broker: &Broker) -> Kontext {
+    Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap()
+}
+
 fn model(topic: &str, followups: &str, by_field: bool) -> Model {
     Model::builder()
         .topic::<ShipmentCreated>(|t| {
@@ -164,22 +183,13 @@ async fn redeliver(broker: &Broker, record: &RecordedMessage) {
 async fn a_redelivered_message_has_no_second_effect() {
     init_tracing();
     let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
-    let (topic, followups, group) = (
-        unique_name("shipping.shipment.created"),
-        unique_name("identity.activity"),
-        unique_name("identity-api"),
-    );
+    let (topic, followups, group) = names();
     let model = model(&topic, &followups, false);
     let calls = Arc::new(AtomicU32::new(0));
     let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
     activity_table(&db).await;
 
-    let producer = Kontext::builder(model.clone())
-        .broker(broker.clone())
-        .producer()
-        .start()
-        .await
-        .unwrap();
+    let producer = producer(&model, &broker).await;
     producer
         .producer()
         .unwrap()
@@ -222,22 +232,13 @@ async fn a_redelivered_message_has_no_second_effect() {
 async fn a_failed_unit_of_work_rolls_back_business_rows_and_messages() {
     init_tracing();
     let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
-    let (topic, followups, group) = (
-        unique_name("shipping.shipment.created"),
-        unique_name("identity.activity"),
-        unique_name("identity-api"),
-    );
+    let (topic, followups, group) = names();
     let model = model(&topic, &followups, false);
     let calls = Arc::new(AtomicU32::new(0));
     // Fails twice after writing, succeeds on the third attempt.
     let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 2).await;
     activity_table(&db).await;
-    let producer = Kontext::builder(model.clone())
-        .broker(broker.clone())
-        .producer()
-        .start()
-        .await
-        .unwrap();
+    let producer = producer(&model, &broker).await;
     for i in 0..5 {
         producer
             .producer()
@@ -275,21 +276,12 @@ async fn a_failed_unit_of_work_rolls_back_business_rows_and_messages() {
 async fn a_unit_of_work_that_never_succeeds_leaves_nothing_behind() {
     init_tracing();
     let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
-    let (topic, followups, group) = (
-        unique_name("shipping.shipment.created"),
-        unique_name("identity.activity"),
-        unique_name("identity-api"),
-    );
+    let (topic, followups, group) = names();
     let model = model(&topic, &followups, false);
     let calls = Arc::new(AtomicU32::new(0));
     let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), u32::MAX).await;
     activity_table(&db).await;
-    let producer = Kontext::builder(model.clone())
-        .broker(broker.clone())
-        .producer()
-        .start()
-        .await
-        .unwrap();
+    let producer = producer(&model, &broker).await;
     producer
         .producer()
         .unwrap()
@@ -322,21 +314,12 @@ async fn a_unit_of_work_that_never_succeeds_leaves_nothing_behind() {
 async fn chosen_fields_deduplicate_different_message_ids() {
     init_tracing();
     let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
-    let (topic, followups, group) = (
-        unique_name("shipping.shipment.created"),
-        unique_name("identity.activity"),
-        unique_name("identity-api"),
-    );
+    let (topic, followups, group) = names();
     let model = model(&topic, &followups, true);
     let calls = Arc::new(AtomicU32::new(0));
     let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
     activity_table(&db).await;
-    let producer = Kontext::builder(model.clone())
-        .broker(broker.clone())
-        .producer()
-        .start()
-        .await
-        .unwrap();
+    let producer = producer(&model, &broker).await;
     let p = producer.producer().unwrap();
     // The same shipment published twice (two message ids), then another one.
     p.produce(&ShipmentCreated {
