@@ -24,6 +24,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::util::Timeout;
 use sea_orm::ConnectionTrait;
 use serde::{Deserialize, Serialize};
 
@@ -97,6 +98,9 @@ fn stats(values: &mut [f64]) -> (f64, f64, f64) {
 }
 
 fn report(name: &str, raw: &[Sample], kontext: &[Sample]) {
+    if raw.is_empty() || kontext.is_empty() {
+        return;
+    }
     let rate = |s: &[Sample]| stats(&mut s.iter().map(Sample::rate).collect::<Vec<_>>());
     let cpu = |s: &[Sample]| stats(&mut s.iter().map(Sample::cpu_us).collect::<Vec<_>>());
     let (r_rate, k_rate) = (rate(raw), rate(kontext));
@@ -138,7 +142,7 @@ impl Bench {
             .topic::<OrderPlaced>(move |t| {
                 t.name(topic)
                     .partitions(partitions)
-                    .key(|e| e.order_id.clone())
+                    .key_ref(|e| &e.order_id)
                     .consumer(move |c| match dedicated {
                         Some(g) => c.dedicated(|d| d.group(g).max_buffered(10_000)),
                         None => c.max_buffered(10_000),
@@ -206,24 +210,7 @@ async fn raw_produce_with<T: Serialize>(
             .key(key_buf.as_str())
             .payload(payload.as_slice());
         if headers {
-            let id = uuid::Uuid::now_v7().to_string();
-            let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
-            let h = [
-                ("ce_specversion", "1.0"),
-                ("ce_id", id.as_str()),
-                ("ce_type", "order-placed"),
-                ("ce_source", "kontext"),
-                ("ce_time", time.as_str()),
-                ("content-type", "application/json"),
-            ]
-            .into_iter()
-            .fold(OwnedHeaders::new_with_capacity(6), |h, (key, v)| {
-                h.insert(Header {
-                    key,
-                    value: Some(v),
-                })
-            });
-            record = record.headers(h);
+            record = record.headers(ce_headers());
         }
         loop {
             match producer.send_result(record) {
@@ -251,19 +238,75 @@ async fn raw_produce_with<T: Serialize>(
     Ok(events.len() as u64)
 }
 
+/// Whether a side of a scenario runs: all do, unless `KONTEXT_BENCH_SIDES`
+/// names some (`KONTEXT_BENCH_SIDES=raw,dedicated`, for profiling one side).
+fn wanted(side: &str) -> bool {
+    std::env::var("KONTEXT_BENCH_SIDES")
+        .ok()
+        .is_none_or(|s| s.split(',').any(|x| x == side))
+}
+
+/// The six CloudEvents headers kontext writes, built the obvious way by hand.
+fn ce_headers() -> OwnedHeaders {
+    let id = uuid::Uuid::now_v7().to_string();
+    let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    [
+        ("ce_specversion", "1.0"),
+        ("ce_id", id.as_str()),
+        ("ce_type", "order-placed"),
+        ("ce_source", "kontext"),
+        ("ce_time", time.as_str()),
+        ("content-type", "application/json"),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new_with_capacity(6), |h, (key, v)| {
+        h.insert(Header {
+            key,
+            value: Some(v),
+        })
+    })
+}
+
+/// Raw rdkafka, one call per message: what a service awaiting each send
+/// writes. `FutureProducer::send` per message (it waits for queue room
+/// itself), the same headers, every future joined: the like-for-like
+/// baseline for kontext's one `produce` call per message.
+async fn raw_produce_each(
+    producer: &FutureProducer,
+    topic: &str,
+    events: &[OrderPlaced],
+) -> Result<u64, BoxError> {
+    let calls = events.iter().map(|e| async move {
+        let payload = serde_json::to_vec(e)?;
+        let record = FutureRecord::to(topic)
+            .key(e.order_id.as_str())
+            .payload(payload.as_slice())
+            .headers(ce_headers());
+        // The delivery (partition, offset) is what a caller gets back, as
+        // kontext's `produce` returns its own.
+        let delivery = producer
+            .send(record, Timeout::Never)
+            .await
+            .map_err(|(e, _)| e)?;
+        Ok::<_, BoxError>(delivery)
+    });
+    Ok(futures::future::try_join_all(calls).await?.len() as u64)
+}
+
 async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxError> {
     let events = Arc::new(events(n));
-    let (mut raw, mut raw_h, mut batch, mut single) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut raw_h, mut raw_each, mut batch, mut single) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         // 32 partitions keep each under the mock's 5 MiB per partition.
-        let (raw_topic, raw_h_topic, k_topic, k1_topic) = (
+        let (raw_topic, raw_h_topic, raw1_topic, k_topic, k1_topic) = (
             unique_name("bench-raw"),
             unique_name("bench-rawh"),
+            unique_name("bench-raw1"),
             unique_name("bench-kx"),
             unique_name("bench-kx1"),
         );
-        for t in [&raw_topic, &raw_h_topic, &k_topic, &k1_topic] {
+        for t in [&raw_topic, &raw_h_topic, &raw1_topic, &k_topic, &k1_topic] {
             b.create_topic(t, 32).await?;
         }
         let producer: FutureProducer = b
@@ -285,12 +328,13 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
             .start()
             .await?;
         let k1 = kontext1.producer()?;
-        let order: [u8; 4] = if round % 2 == 0 {
-            [0, 1, 2, 3]
+        let order: [u8; 5] = if round % 2 == 0 {
+            [0, 1, 2, 3, 4]
         } else {
-            [3, 2, 1, 0]
+            [4, 3, 2, 1, 0]
         };
-        for side in order {
+        let names = ["raw", "raw-headers", "batch", "single", "raw-each"];
+        for side in order.into_iter().filter(|s| wanted(names[*s as usize])) {
             match side {
                 0 => raw.push(
                     measure(|| raw_produce(&producer, &raw_topic, &events, order_key)).await?,
@@ -303,6 +347,8 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
                     measure(|| async { Ok(k.produce_batch(events.iter()).await?.len() as u64) })
                         .await?,
                 ),
+                4 => raw_each
+                    .push(measure(|| raw_produce_each(&producer, &raw1_topic, &events)).await?),
                 _ => single.push(
                     measure(|| async {
                         let calls = events.iter().map(|e| k1.produce(e).into_future());
@@ -326,8 +372,8 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
         &batch,
     );
     report(
-        &format!("produce {n} (one call per message), raw with the same 6 headers"),
-        &raw_h,
+        &format!("produce {n} (one call per message), raw: one send per message, same headers"),
+        &raw_each,
         &single,
     );
     Ok(())
@@ -343,6 +389,8 @@ struct Window {
     count: AtomicU64,
     first: std::sync::OnceLock<(Instant, ProcessTime)>,
     last: std::sync::OnceLock<(Instant, ProcessTime)>,
+    /// Notified once the last message is in.
+    done: tokio::sync::Notify,
 }
 
 impl Window {
@@ -354,8 +402,24 @@ impl Window {
         }
         if k == n {
             let _ = self.last.set((Instant::now(), ProcessTime::now()));
+            self.done.notify_one();
         }
         k >= n
+    }
+
+    /// With `KONTEXT_BENCH_VERBOSE`: when the window opened and closed,
+    /// counted from the consumer's creation.
+    fn report_start(&self, begun: Instant) {
+        if std::env::var_os("KONTEXT_BENCH_VERBOSE").is_none() {
+            return;
+        }
+        if let (Some((first, _)), Some((last, _))) = (self.first.get(), self.last.get()) {
+            eprintln!(
+                "first message handled {:?} after start, last {:?}",
+                *first - begun,
+                *last - begun
+            );
+        }
     }
 
     fn sample(&self) -> Result<Sample, BoxError> {
@@ -377,6 +441,7 @@ impl Window {
 
 /// Raw consumer loop: decode, store offset after the work; until `n`.
 fn raw_consume(config: ClientConfig, topic: &str, n: u64) -> Result<Sample, BoxError> {
+    let begun = Instant::now();
     let consumer: BaseConsumer = config.create()?;
     consumer.subscribe(&[topic])?;
     let window = Window::default();
@@ -395,6 +460,7 @@ fn raw_consume(config: ClientConfig, topic: &str, n: u64) -> Result<Sample, BoxE
             None => {}
         }
     }
+    window.report_start(begun);
     window.sample()
 }
 
@@ -408,6 +474,7 @@ async fn kontext_consume(
     let model = b.model(topic, 6, dedicated.then_some(group.as_str()))?;
     let window = Arc::new(Window::default());
     let w = Arc::clone(&window);
+    let begun = Instant::now();
     let kontext = Kontext::builder(model)
         .settings(
             b.settings
@@ -428,11 +495,11 @@ async fn kontext_consume(
         })
         .start()
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while window.last.get().is_none() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Woken by the last message, not a polling timer: a timer waking every
+    // few ms during the window would be charged to kontext's side only.
+    let _ = tokio::time::timeout(Duration::from_secs(300), window.done.notified()).await;
     kontext.shutdown(Duration::from_secs(10)).await?;
+    window.report_start(begun);
     window.sample()
 }
 
@@ -450,10 +517,11 @@ async fn scenario_consume(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
     raw_produce(&producer, &topic, &events(n), order_key).await?;
     drop(producer);
 
+    let wanted = |side: u8| wanted(["raw", "shared", "dedicated"][side as usize]);
     let (mut raw, mut shared, mut dedicated) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let order: [u8; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
-        for side in order {
+        for side in order.into_iter().filter(|s| wanted(*s)) {
             let s = match side {
                 0 => {
                     let config = b.raw_consumer_config(&unique_name("bench-g"));
@@ -463,6 +531,14 @@ async fn scenario_consume(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
                 1 => kontext_consume(b, &topic, n, false).await?,
                 _ => kontext_consume(b, &topic, n, true).await?,
             };
+            if std::env::var_os("KONTEXT_BENCH_VERBOSE").is_some() {
+                eprintln!(
+                    "consume {}: {:.0} msg/s, {:.2} µs CPU/msg",
+                    ["raw", "shared", "dedicated"][side as usize],
+                    s.rate(),
+                    s.cpu_us()
+                );
+            }
             [&mut raw, &mut shared, &mut dedicated][side as usize].push(s);
         }
     }
@@ -855,12 +931,13 @@ async fn main() -> Result<(), BoxError> {
     };
     let (n, rounds) = if quick { (20_000, 3) } else { (200_000, 3) };
     println!(
-        "kontext-bench: {} broker, {n} messages, {rounds} rounds, {} cores",
+        "kontext-bench: {} broker, {n} messages, {rounds} rounds ({} for consume), {} cores",
         if embedded {
             "embedded (mock)"
         } else {
             "external"
         },
+        rounds + 2,
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
     println!();
@@ -872,7 +949,8 @@ async fn main() -> Result<(), BoxError> {
         scenario_produce(&b, n, rounds).await?;
     }
     if run("consume") {
-        scenario_consume(&b, n, rounds).await?;
+        // Consume swings most from run to run (see BENCHMARKS.md): more rounds.
+        scenario_consume(&b, n, rounds + 2).await?;
     }
     println!();
     println!("| scenario | result | |");

@@ -113,6 +113,15 @@ fn orders_model(
         .unwrap()
 }
 
+/// Fresh names for `orders_model`'s two topics and a consumer group.
+fn order_names() -> (String, String, String) {
+    (
+        unique_name("orders"),
+        unique_name("alerts"),
+        unique_name("g"),
+    )
+}
+
 async fn producer_for(model: &Model, broker: &Broker) -> Kontext {
     Kontext::builder(model.clone())
         .broker(broker.clone())
@@ -152,11 +161,7 @@ async fn gated_consumer(
 async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
     init_tracing();
     let broker = broker();
-    let (topic, alerts, group) = (
-        unique_name("orders"),
-        unique_name("alerts"),
-        unique_name("g"),
-    );
+    let (topic, alerts, group) = order_names();
     let model = orders_model(&topic, &alerts, 3, |c| c);
     let producer = producer_for(&model, &broker).await;
     let p = producer.producer().unwrap();
@@ -212,6 +217,8 @@ async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
     let services = consumer.registry().services();
     assert_eq!(services.len(), 1, "{services:?}");
     assert_eq!(consumer.clients().consumers, 1);
+    // The dead-letter producer is made on the first dead letter only.
+    assert_eq!(consumer.clients().producers, 0);
     assert_eq!(services[0].types.len(), 3);
     assert_eq!(services[0].group_id, group);
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
@@ -242,11 +249,7 @@ async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
 async fn a_blocked_type_pauses_alone_and_the_others_keep_flowing() {
     init_tracing();
     let broker = broker();
-    let (topic, alerts, group) = (
-        unique_name("orders"),
-        unique_name("alerts"),
-        unique_name("g"),
-    );
+    let (topic, alerts, group) = order_names();
     let model = orders_model(&topic, &alerts, 2, |c| {
         c.max_buffered(10).backpressure(Backpressure::Apply)
     });
@@ -407,11 +410,7 @@ async fn a_full_single_topic_service_holds_no_more_than_its_buffer() {
 async fn a_dedicated_type_flows_while_the_shared_service_is_blocked() {
     init_tracing();
     let broker = broker();
-    let (topic, alerts, group) = (
-        unique_name("orders"),
-        unique_name("alerts"),
-        unique_name("g"),
-    );
+    let (topic, alerts, group) = order_names();
     let dedicated_group = unique_name("alerts-dedicated");
     let dg = dedicated_group.clone();
     let model = Model::builder()
@@ -800,6 +799,7 @@ async fn failures_retry_then_dead_letter_with_headers_and_the_loop_survives() {
         .start()
         .await
         .unwrap();
+    assert_eq!(consumer.clients().producers, 0, "nothing dead-lettered yet");
 
     let job = |id, fail_times, mode: &str| Job {
         id,
@@ -904,6 +904,11 @@ async fn failures_retry_then_dead_letter_with_headers_and_the_loop_survives() {
     assert_eq!(
         st.dead_lettered, 4,
         "retries-exhausted, panic, handler, decode"
+    );
+    assert_eq!(
+        consumer.clients().producers,
+        1,
+        "one dead-letter producer, made when first needed"
     );
     assert!(consumer.registry().is_healthy());
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
@@ -1213,11 +1218,7 @@ async fn per_key_order_holds_across_retries() {
 async fn types_sharing_a_topic_are_handled_in_partition_order() {
     init_tracing();
     let broker = broker();
-    let (topic, alerts, group) = (
-        unique_name("orders"),
-        unique_name("alerts"),
-        unique_name("g"),
-    );
+    let (topic, alerts, group) = order_names();
     let model = orders_model(&topic, &alerts, 2, |c| c);
     let producer = producer_for(&model, &broker).await;
     let p = producer.producer().unwrap();
@@ -1261,11 +1262,7 @@ async fn types_sharing_a_topic_are_handled_in_partition_order() {
 async fn model_types_consumed_elsewhere_are_skipped_not_dead_lettered() {
     init_tracing();
     let broker = broker();
-    let (topic, alerts, group) = (
-        unique_name("orders"),
-        unique_name("alerts"),
-        unique_name("g"),
-    );
+    let (topic, alerts, group) = order_names();
     let model = orders_model(&topic, &alerts, 1, |c| c);
     let producer = producer_for(&model, &broker).await;
     let p = producer.producer().unwrap();
@@ -1294,4 +1291,67 @@ async fn model_types_consumed_elsewhere_are_skipped_not_dead_lettered() {
     // Everything was committed, skipped records included.
     let committed = committed_offsets(&broker, &group, &topic).await;
     assert_eq!(committed.values().sum::<i64>(), 40, "{committed:?}");
+}
+
+/// Handlers may keep their context (log it later, hand it to another task):
+/// it still reads the key and headers of its own message after the handler
+/// has returned and the consumer has moved on, whether or not the handler
+/// read them first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_context_kept_past_its_handler_still_reads_its_own_key_and_headers() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = order_names();
+    let model = orders_model(&topic, &alerts, 1, |c| c);
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+    for n in 0..40u32 {
+        p.produce(&Alert { n })
+            .correlation_id(format!("corr-{n}"))
+            .header("x-n", n.to_string())
+            .await
+            .unwrap();
+    }
+    type Kept = Arc<Mutex<Vec<(u32, Option<String>, MessageContext)>>>;
+    let kept: Kept = Arc::default();
+    let k = Arc::clone(&kept);
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |a: Alert, ctx: MessageContext| {
+                let k = Arc::clone(&k);
+                async move {
+                    // Every third handler reads a header before keeping the context.
+                    let read = (a.n % 3 == 0).then(|| ctx.header_str("x-n").map(str::to_owned));
+                    k.lock().unwrap().push((a.n, read.flatten(), ctx));
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while kept.lock().unwrap().len() < 40 {
+        assert!(Instant::now() < deadline, "not every alert was handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    // Read after the consumer is gone.
+    let kept = std::mem::take(&mut *kept.lock().unwrap());
+    for (n, read, ctx) in &kept {
+        let n_text = n.to_string();
+        assert_eq!(ctx.topic(), alerts);
+        assert_eq!(ctx.key_str(), Some(n_text.as_str()), "key of alert {n}");
+        assert_eq!(ctx.header_str("x-n"), Some(n_text.as_str()));
+        assert_eq!(ctx.correlation_id(), Some(format!("corr-{n}").as_str()));
+        assert_eq!(ctx.message_type(), Some("Alert"));
+        assert!(ctx.message_id().is_some());
+        if n % 3 == 0 {
+            assert_eq!(read.as_deref(), Some(n_text.as_str()));
+        }
+    }
+    let ids: BTreeSet<_> = kept.iter().map(|(_, _, c)| c.message_id()).collect();
+    assert_eq!(ids.len(), 40, "every context keeps its own message id");
 }

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture;
 use std::time::{Duration, SystemTime};
 
 use common::*;
@@ -35,13 +36,17 @@ struct Unencodable {
 }
 
 async fn start(topic: &str, partitions: i32, client_id: &str) -> Kontext {
+    start_with(topic, partitions, KafkaSettings::new().client_id(client_id)).await
+}
+
+async fn start_with(topic: &str, partitions: i32, settings: KafkaSettings) -> Kontext {
     init_tracing();
     let topic_for_paid = topic.to_owned();
     let model = Model::builder()
         .topic::<OrderCreated>(|t| {
             t.name(topic)
                 .partitions(partitions)
-                .key(|e| e.order_id.clone())
+                .key_ref(|e| &e.order_id)
                 .header("app", "shop")
                 .header_with("tenant", |e| e.tenant.clone())
         })
@@ -50,7 +55,7 @@ async fn start(topic: &str, partitions: i32, client_id: &str) -> Kontext {
         .build()
         .unwrap();
     Kontext::builder(model)
-        .settings(KafkaSettings::new().client_id(client_id))
+        .settings(settings)
         .broker(broker())
         .producer()
         .start()
@@ -160,6 +165,53 @@ async fn per_key_order_holds_for_10k_messages_across_6_partitions() {
         6,
         "60 keys should spread over all partitions"
     );
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_calls_wait_for_queue_room_and_keep_their_call_order() {
+    let topic = unique_name("orders");
+    // Room for 16 messages in librdkafka's queue: most calls below wait.
+    let settings = KafkaSettings::new().client_id("orders-api").producer(|p| {
+        p.librdkafka.set("queue.buffering.max.messages", "16");
+    });
+    let kontext = start_with(&topic, 3, settings).await;
+    let producer = kontext.producer().unwrap();
+
+    let total = scaled(2_000);
+    let events: Vec<OrderCreated> = (0..total)
+        .map(|i| OrderCreated {
+            order_id: format!("order-{}", i % 5),
+            seq: (i / 5 + 1) as u32,
+            tenant: "eu".into(),
+        })
+        .collect();
+    // Every call is started before the first acknowledgement comes back.
+    let calls = events.iter().map(|e| producer.produce(e).into_future());
+    let deliveries = futures::future::try_join_all(calls).await.unwrap();
+
+    // Calls got queue room in the order they were made: per key, offsets
+    // follow the calls.
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (event, d) in events.iter().zip(&deliveries) {
+        if let Some(before) = last.insert(&event.order_id, d.offset) {
+            assert!(d.offset > before, "{event:?} overtook an earlier call");
+        }
+    }
+    let records = read_topic(kontext.broker(), &topic, total, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(records.len(), total, "every message arrives");
+    let sent: std::collections::BTreeSet<String> = deliveries
+        .iter()
+        .map(|d| d.message_id.to_string())
+        .collect();
+    let arrived: std::collections::BTreeSet<String> = records
+        .iter()
+        .filter_map(|r| r.header("ce_id").map(str::to_owned))
+        .collect();
+    assert_eq!(sent.len(), total);
+    assert_eq!(arrived, sent, "each message exactly once");
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::consumer::Backpressure;
-use crate::consumer::context::Record;
+use crate::consumer::context::{Polled, Record};
 use crate::consumer::poll::lock;
 
 /// Counters of one type, readable from the registry.
@@ -64,6 +64,11 @@ impl Room {
 }
 
 pub(crate) struct LaneBuffer {
+    /// Messages the worker finished with, for the poll thread to destroy.
+    retired: Mutex<Vec<Polled>>,
+    /// The lane's topic: records do not carry it, so the poll thread never
+    /// touches a reference count the workers also touch.
+    pub(crate) topic: Arc<str>,
     room: Arc<Room>,
     queue: Mutex<VecDeque<Record>>,
     notify: Notify,
@@ -80,8 +85,15 @@ pub(crate) struct LaneBuffer {
 }
 
 impl LaneBuffer {
-    pub(crate) fn new(capacity: usize, mode: Backpressure, room: Arc<Room>) -> Arc<LaneBuffer> {
+    pub(crate) fn new(
+        topic: Arc<str>,
+        capacity: usize,
+        mode: Backpressure,
+        room: Arc<Room>,
+    ) -> Arc<LaneBuffer> {
         Arc::new(LaneBuffer {
+            retired: Mutex::new(Vec::new()),
+            topic,
             room,
             queue: Mutex::new(VecDeque::new()),
             notify: Notify::new(),
@@ -164,11 +176,36 @@ impl LaneBuffer {
         }
     }
 
+    /// Drops every waiting record (the service is stopping).
+    pub(crate) fn clear(&self) {
+        let dropped = std::mem::take(&mut *lock(&self.queue));
+        self.in_lane.fetch_sub(dropped.len(), Ordering::AcqRel);
+        self.drop_retired(&mut Vec::new());
+    }
+
+    /// The worker hands back messages it finished with (emptying `from`).
+    pub(crate) fn retire(&self, from: &mut Vec<Polled>) {
+        lock(&self.retired).append(from);
+    }
+
+    /// Destroys the retired messages, on the calling (poll) thread; `spare`
+    /// is an empty vector whose allocation is traded for the lane's.
+    pub(crate) fn drop_retired(&self, spare: &mut Vec<Polled>) {
+        std::mem::swap(&mut *lock(&self.retired), spare);
+        spare.clear();
+    }
+
     /// Moves up to `max` waiting records into `into`, without waiting.
     pub(crate) fn take(&self, into: &mut VecDeque<Record>, max: usize) {
         let mut q = lock(&self.queue);
-        let n = max.min(q.len());
-        into.extend(q.drain(..n));
+        if into.is_empty() && q.len() <= max {
+            // The usual case, a worker keeping up: trade queues instead of
+            // moving each record.
+            std::mem::swap(&mut *q, into);
+        } else {
+            let n = max.min(q.len());
+            into.extend(q.drain(..n));
+        }
     }
 
     /// The worker finished every record up to `seq`.
@@ -197,7 +234,7 @@ mod tests {
     use super::*;
 
     fn lane(capacity: usize, mode: Backpressure) -> Arc<LaneBuffer> {
-        LaneBuffer::new(capacity, mode, Arc::new(Room::default()))
+        LaneBuffer::new(Arc::from("t"), capacity, mode, Arc::new(Room::default()))
     }
 
     #[test]

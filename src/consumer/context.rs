@@ -1,28 +1,52 @@
 //! A consumed record and what a handler may know about it.
+//!
+//! A record is not copied out of librdkafka: the message the poll thread got
+//! goes to the worker as it is, is decoded in place, and goes back to the
+//! poll thread to be destroyed once its handler is done. Its headers are
+//! read (which makes librdkafka parse them, its costliest step per record)
+//! only when something asks: the router on a topic that carries several
+//! types, a handler through its [`MessageContext`], a dead letter.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use std::ops::Range;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use rdkafka::message::{BorrowedHeaders, BorrowedMessage, Headers, Message as _};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use uuid::Uuid;
 
-use crate::consumer::poll::Rejection;
+use crate::consumer::buffer::LaneBuffer;
+use crate::consumer::poll::{Rejection, lock};
 use crate::headers;
 
-/// A record copied out of librdkafka on the poll thread, so it can cross to
-/// the async workers.
+/// A librdkafka message kept past the poll call that returned it.
 ///
-/// Key, payload and headers are copied into the lane's arena, one buffer
-/// per poll round, and the record holds a reference-counted slice of it:
-/// one allocation per round instead of several per record (which the
-/// worker's thread would then free, the costliest pattern for malloc).
-#[derive(Clone)]
+/// `BorrowedMessage` borrows the consumer only so that the consumer outlives
+/// it. The poll service upholds that itself: it drops its consumer only
+/// after every record is gone (its workers have stopped, its lanes and its
+/// own queues are empty) and leaks the consumer rather than drop it early
+/// (see `poll::release`). Messages never reach user code: a handler's
+/// context gets a copy of what it reads.
+pub(crate) struct Polled(BorrowedMessage<'static>);
+
+impl Polled {
+    /// # Safety
+    /// The consumer `m` came from must outlive the returned value.
+    #[allow(unsafe_code)]
+    pub(crate) unsafe fn new(m: BorrowedMessage<'_>) -> Polled {
+        // SAFETY: only the lifetime changes; the caller keeps the consumer
+        // alive for as long as the message.
+        Polled(unsafe { std::mem::transmute::<BorrowedMessage<'_>, BorrowedMessage<'static>>(m) })
+    }
+
+    pub(crate) fn message(&self) -> &BorrowedMessage<'static> {
+        &self.0
+    }
+}
+
+/// A polled record on its way from the poll thread to its lane's worker.
 pub(crate) struct Record {
-    pub(crate) topic: Arc<str>,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
     /// Position in its lane's delivery order (set when it enters the lane).
@@ -32,110 +56,57 @@ pub(crate) struct Record {
     pub(crate) type_index: usize,
     /// Set when the record could not be routed to a type.
     pub(crate) rejection: Option<Box<Rejection>>,
-    /// Key, payload and encoded headers, back to back.
-    data: Bytes,
-    /// Where `data` starts in the arena until the round is sealed.
-    start: usize,
-    key: Option<Range<u32>>,
-    payload: Option<Range<u32>>,
-    headers: Option<Range<u32>>,
+    /// The message itself; `None` only in unit tests, and while a handler's
+    /// context holds it.
+    polled: Option<Polled>,
 }
 
 impl Record {
-    /// Copies `m` into `arena`; [`seal`](Self::seal) attaches the bytes.
-    pub(crate) fn copy_from(
-        topic: Arc<str>,
-        m: &BorrowedMessage<'_>,
-        headers: Option<&BorrowedHeaders>,
-        arena: &mut BytesMut,
-    ) -> Record {
-        let start = arena.len();
-        let put = |bytes: &[u8], arena: &mut BytesMut| {
-            let from = arena.len() - start;
-            arena.put_slice(bytes);
-            // A Kafka record is far below 4 GiB.
-            (from as u32)..((arena.len() - start) as u32)
-        };
-        let key = m.key().map(|k| put(k, arena));
-        let payload = m.payload().map(|p| put(p, arena));
-        let headers = headers.map(|h| {
-            let from = (arena.len() - start) as u32;
-            for h in h.iter() {
-                encode_header(arena, h.key, h.value);
-            }
-            from..((arena.len() - start) as u32)
-        });
+    pub(crate) fn new(polled: Polled) -> Record {
+        let m = polled.message();
         Record {
-            topic,
             partition: m.partition(),
             offset: m.offset(),
             seq: 0,
             timestamp: m.timestamp().to_millis(),
             type_index: 0,
             rejection: None,
-            data: Bytes::new(),
-            start,
-            key,
-            payload,
-            headers,
+            polled: Some(polled),
         }
     }
 
-    /// A record without bytes, for unit tests of the buffer and tracker.
+    /// A record without a message, for unit tests of the buffer and tracker.
     #[cfg(test)]
     pub(crate) fn test(partition: i32, offset: i64, seq: u64) -> Record {
         Record {
-            topic: Arc::from("t"),
             partition,
             offset,
             seq,
             timestamp: None,
             type_index: 0,
             rejection: None,
-            data: Bytes::new(),
-            start: 0,
-            key: None,
-            payload: None,
-            headers: None,
+            polled: None,
         }
     }
 
-    /// Attaches this record's bytes from its round's sealed arena.
-    pub(crate) fn seal(&mut self, round: &Bytes, end: usize) {
-        // Always within the round (both offsets were taken from it); clamped
-        // all the same, as `slice` panics out of range.
-        let end = end.min(round.len());
-        self.data = round.slice(self.start.min(end)..end);
-    }
-
-    /// Where this record's bytes end in the arena.
-    pub(crate) fn end(&self) -> usize {
-        let len = [&self.key, &self.payload, &self.headers]
-            .iter()
-            .filter_map(|r| r.as_ref().map(|r| r.end as usize))
-            .max()
-            .unwrap_or(0);
-        self.start + len
-    }
-
-    fn part(&self, range: &Option<Range<u32>>) -> Option<&[u8]> {
-        let r = range.as_ref()?;
-        self.data.get(r.start as usize..r.end as usize)
+    fn message(&self) -> Option<&BorrowedMessage<'static>> {
+        self.polled.as_ref().map(Polled::message)
     }
 
     pub(crate) fn key(&self) -> Option<&[u8]> {
-        self.part(&self.key)
+        self.message()?.key()
     }
 
     pub(crate) fn payload(&self) -> Option<&[u8]> {
-        self.part(&self.payload)
+        self.message()?.payload()
     }
 
-    /// Headers in wire order.
-    pub(crate) fn headers(&self) -> HeaderIter<'_> {
-        HeaderIter {
-            rest: self.part(&self.headers).unwrap_or_default(),
-        }
+    /// Headers in wire order (librdkafka parses them on the first call).
+    pub(crate) fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
+        self.message()
+            .and_then(|m| m.headers())
+            .into_iter()
+            .flat_map(|h| h.iter().map(|h| (h.key, h.value)))
     }
 
     pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
@@ -145,21 +116,187 @@ impl Record {
     }
 }
 
-/// Header encoding in the arena: name length (u32), name, value length
-/// (i32, -1 for a null value), value; native endian, never leaves the process.
-fn encode_header(arena: &mut BytesMut, name: &str, value: Option<&[u8]>) {
-    arena.put_u32_ne(name.len() as u32);
-    arena.put_slice(name.as_bytes());
-    match value {
-        Some(v) => {
-            arena.put_i32_ne(v.len() as i32);
-            arena.put_slice(v);
-        }
-        None => arena.put_i32_ne(-1),
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}]@{}", self.partition, self.offset)
     }
 }
 
-/// Iterates the headers a [`Record`] carries.
+/// What a handler's context shares with its clones: the message while the
+/// handler runs, and a copy of its key and headers made on first use.
+#[derive(Default)]
+pub(crate) struct Shared {
+    polled: Mutex<Option<Polled>>,
+    copied: OnceLock<Copied>,
+}
+
+/// Key and headers copied out of a message.
+#[derive(Default)]
+struct Copied {
+    /// Key, then the encoded headers, back to back.
+    data: Vec<u8>,
+    key: Option<Range<u32>>,
+    headers: Range<u32>,
+}
+
+impl Copied {
+    fn of(m: Option<&BorrowedMessage<'static>>) -> Copied {
+        let mut c = Copied::default();
+        let Some(m) = m else {
+            return c;
+        };
+        if let Some(k) = m.key() {
+            c.data.extend_from_slice(k);
+            c.key = Some(0..k.len() as u32);
+        }
+        let from = c.data.len() as u32;
+        if let Some(h) = m.headers() {
+            for h in h.iter() {
+                encode_header(&mut c.data, h.key, h.value);
+            }
+        }
+        c.headers = from..c.data.len() as u32;
+        c
+    }
+
+    fn key(&self) -> Option<&[u8]> {
+        let r = self.key.as_ref()?;
+        self.data.get(r.start as usize..r.end as usize)
+    }
+
+    fn headers(&self) -> HeaderIter<'_> {
+        let r = &self.headers;
+        HeaderIter {
+            rest: self
+                .data
+                .get(r.start as usize..r.end as usize)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// A lane worker's keeper of messages: lends a record's message to a
+/// handler's context and takes it back, and collects finished messages to
+/// hand back to the poll thread.
+///
+/// One [`Shared`] is reused from record to record while no handler keeps its
+/// context; a context kept past its handler gets a copy of the key and
+/// headers, and the message comes back all the same.
+///
+/// Finished messages are destroyed by the poll thread, not the worker:
+/// measured, freeing librdkafka's allocations on the thread that polls them
+/// costs a good deal less CPU than freeing them on a runtime thread.
+#[derive(Default)]
+pub(crate) struct Lender {
+    spare: Option<Arc<Shared>>,
+    finished: Vec<Polled>,
+}
+
+impl Lender {
+    /// Moves `record`'s message into a shared cell for a context.
+    pub(crate) fn lend(&mut self, record: &mut Record) -> Lent {
+        let mut shared = self.spare.take().unwrap_or_default();
+        match Arc::get_mut(&mut shared) {
+            Some(s) => {
+                *s.polled.get_mut().unwrap_or_else(|e| e.into_inner()) = record.polled.take();
+                s.copied = OnceLock::new();
+            }
+            // Not spare after all (cannot happen: spares are unshared).
+            None => {
+                shared = Arc::new(Shared {
+                    polled: Mutex::new(record.polled.take()),
+                    copied: OnceLock::new(),
+                })
+            }
+        }
+        Lent(Some(shared))
+    }
+
+    /// Keeps a finished record's message for [`hand_back`](Self::hand_back).
+    pub(crate) fn retire(&mut self, mut record: Record) {
+        if let Some(polled) = record.polled.take() {
+            self.finished.push(polled);
+        }
+    }
+
+    /// Gives the retired messages to the lane, for the poll thread to drop.
+    pub(crate) fn hand_back(&mut self, lane: &LaneBuffer) {
+        if !self.finished.is_empty() {
+            lane.retire(&mut self.finished);
+        }
+    }
+
+    /// Gives the message back to `record` once the handler is done.
+    pub(crate) fn take_back(&mut self, mut lent: Lent, record: &mut Record) {
+        let Some(mut shared) = lent.0.take() else {
+            return;
+        };
+        match Arc::get_mut(&mut shared) {
+            // The usual case: nobody kept the context.
+            Some(s) => {
+                record.polled = s.polled.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+                self.spare = Some(shared);
+            }
+            // A context outlives its handler: it keeps a copy, not the message.
+            None => record.polled = shared.reclaim(),
+        }
+    }
+}
+
+/// A record's message lent to a handler's context.
+///
+/// Normally given back with [`Lender::take_back`]. If the handler's future
+/// is dropped before it finishes (its task aborted, its runtime shut down),
+/// the message is reclaimed and destroyed here all the same: a context the
+/// handler kept elsewhere must never hold a message that could outlive its
+/// consumer.
+pub(crate) struct Lent(Option<Arc<Shared>>);
+
+impl Lent {
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.0.clone().unwrap_or_default()
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            drop(shared.reclaim());
+        }
+    }
+}
+
+impl Shared {
+    /// Takes the message back, leaving contexts that share it a copy of
+    /// its key and headers.
+    fn reclaim(&self) -> Option<Polled> {
+        self.copied();
+        lock(&self.polled).take()
+    }
+
+    fn copied(&self) -> &Copied {
+        // Once the message is taken back the copy exists, so the closure
+        // only ever runs while the message is here.
+        self.copied
+            .get_or_init(|| Copied::of(lock(&self.polled).as_ref().map(Polled::message)))
+    }
+}
+
+/// Header encoding in a [`Copied`]: name length (u32), name, value length
+/// (i32, -1 for a null value), value; native endian, never leaves the process.
+fn encode_header(out: &mut Vec<u8>, name: &str, value: Option<&[u8]>) {
+    out.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+    out.extend_from_slice(name.as_bytes());
+    match value {
+        Some(v) => {
+            out.extend_from_slice(&(v.len() as i32).to_ne_bytes());
+            out.extend_from_slice(v);
+        }
+        None => out.extend_from_slice(&(-1i32).to_ne_bytes()),
+    }
+}
+
+/// Iterates the headers of a [`Copied`].
 pub(crate) struct HeaderIter<'a> {
     rest: &'a [u8],
 }
@@ -184,42 +321,50 @@ impl<'a> Iterator for HeaderIter<'a> {
     }
 }
 
-impl fmt::Debug for Record {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}[{}]@{}", self.topic, self.partition, self.offset)
-    }
-}
-
 /// Everything about a consumed message except its decoded value.
+///
+/// Cheap to clone. Key and headers are copied out of the record the first
+/// time one is read; a context that never reads them costs no copy.
 #[derive(Clone)]
 pub struct MessageContext {
-    record: Record,
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
     attempt: u32,
+    shared: Arc<Shared>,
 }
 
 impl MessageContext {
-    pub(crate) fn new(record: Record, attempt: u32) -> Self {
-        MessageContext { record, attempt }
+    pub(crate) fn new(topic: Arc<str>, record: &Record, shared: Arc<Shared>, attempt: u32) -> Self {
+        MessageContext {
+            topic,
+            partition: record.partition,
+            offset: record.offset,
+            timestamp: record.timestamp,
+            attempt,
+            shared,
+        }
     }
 
     /// Topic the message came from.
     pub fn topic(&self) -> &str {
-        &self.record.topic
+        &self.topic
     }
 
     /// Partition the message came from.
     pub fn partition(&self) -> i32 {
-        self.record.partition
+        self.partition
     }
 
     /// Offset of the message in its partition.
     pub fn offset(&self) -> i64 {
-        self.record.offset
+        self.offset
     }
 
     /// The key bytes.
     pub fn key(&self) -> Option<&[u8]> {
-        self.record.key()
+        self.shared.copied().key()
     }
 
     /// The key as UTF-8, if it is.
@@ -229,7 +374,9 @@ impl MessageContext {
 
     /// The value of the first header named `name`.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.record.header(name)
+        self.headers()
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v)
     }
 
     /// The first header named `name` as UTF-8, if it is.
@@ -239,7 +386,7 @@ impl MessageContext {
 
     /// All headers in wire order.
     pub fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
-        self.record.headers()
+        self.shared.copied().headers()
     }
 
     /// The message id (`ce_id`), if the producer set a valid one.
@@ -260,7 +407,7 @@ impl MessageContext {
 
     /// The record timestamp.
     pub fn timestamp(&self) -> Option<SystemTime> {
-        let ms = u64::try_from(self.record.timestamp?).ok()?;
+        let ms = u64::try_from(self.timestamp?).ok()?;
         SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))
     }
 
@@ -288,8 +435,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn headers_round_trip_through_the_arena_encoding() {
-        let mut arena = BytesMut::new();
+    fn headers_round_trip_through_the_copy_encoding() {
+        let mut arena = Vec::new();
         encode_header(&mut arena, "ce_type", Some(b"order.created"));
         encode_header(&mut arena, "empty", Some(b""));
         encode_header(&mut arena, "null", None);

@@ -2,8 +2,10 @@
 //! the original key, payload and headers plus headers that say where the
 //! message came from and why it failed.
 
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use rdkafka::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio_util::sync::CancellationToken;
@@ -42,10 +44,21 @@ pub(crate) struct Failure<'a> {
     pub(crate) attempts: u32,
 }
 
+/// The dead-letter producer of a consumer runtime.
+///
+/// Created on the first dead letter, not at start: most services never
+/// dead-letter, and an idle librdkafka producer is not free (a connection,
+/// threads, and its polling thread wakes every 100 ms, measured at about 1%
+/// of a core). Its settings are checked at start all the same.
 pub(crate) struct DeadLetters {
-    producer: FutureProducer<TracingContext>,
-    _guard: ClientGuard,
+    config: ClientConfig,
+    clients: ClientTracker,
+    producer: OnceLock<(FutureProducer<TracingContext>, ClientGuard)>,
+    /// One creation at a time.
+    creating: Mutex<()>,
 }
+
+const ROLE: &str = "dead-letter producer";
 
 impl DeadLetters {
     pub(crate) fn new(
@@ -53,19 +66,36 @@ impl DeadLetters {
         bootstrap_servers: &str,
         clients: &ClientTracker,
     ) -> Result<DeadLetters> {
-        let producer = settings
-            .producer_config(bootstrap_servers)
-            .create_with_context(TracingContext {
-                role: "dead-letter producer",
-            })
-            .map_err(|source| Error::Client {
-                role: "dead-letter producer",
-                source,
-            })?;
+        let config = settings.producer_config(bootstrap_servers);
+        // Rejects unknown properties and bad values now, without a client.
+        config
+            .create_native_config()
+            .map_err(|source| Error::Client { role: ROLE, source })?;
         Ok(DeadLetters {
-            producer,
-            _guard: clients.track(ClientKind::Producer),
+            config,
+            clients: clients.clone(),
+            producer: OnceLock::new(),
+            creating: Mutex::new(()),
         })
+    }
+
+    /// The producer, created on first use.
+    fn producer(&self) -> Result<&FutureProducer<TracingContext>> {
+        if let Some((p, _)) = self.producer.get() {
+            return Ok(p);
+        }
+        let _one = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((p, _)) = self.producer.get() {
+            return Ok(p);
+        }
+        let created: FutureProducer<TracingContext> = self
+            .config
+            .create_with_context(TracingContext { role: ROLE })
+            .map_err(|source| Error::Client { role: ROLE, source })?;
+        let (p, _) = self
+            .producer
+            .get_or_init(|| (created, self.clients.track(ClientKind::Producer)));
+        Ok(p)
     }
 
     /// Publishes `record` to `topic`, retrying with backoff until the broker
@@ -75,6 +105,7 @@ impl DeadLetters {
         &self,
         topic: &str,
         group: &str,
+        source: &str,
         record: &Record,
         failure: &Failure<'_>,
         cancel: &CancellationToken,
@@ -90,7 +121,7 @@ impl DeadLetters {
                 headers = headers.insert(Header { key, value });
             }
             for (key, value) in [
-                (dlq_headers::ORIGINAL_TOPIC, &*record.topic),
+                (dlq_headers::ORIGINAL_TOPIC, source),
                 (dlq_headers::ORIGINAL_PARTITION, partition.as_str()),
                 (dlq_headers::ORIGINAL_OFFSET, offset.as_str()),
                 (dlq_headers::REASON, failure.reason),
@@ -111,23 +142,27 @@ impl DeadLetters {
             if let Some(p) = record.payload() {
                 out = out.payload(p);
             }
-            let sent = tokio::select! {
-                r = self.producer.send(out, Duration::from_secs(5)) => r,
-                () = cancel.cancelled() => return false,
+            let sent = match self.producer() {
+                Ok(producer) => tokio::select! {
+                    r = producer.send(out, Duration::from_secs(5)) => r.map_err(|(e, _)| e.to_string()),
+                    () = cancel.cancelled() => return false,
+                },
+                Err(e) => Err(e.to_string()),
             };
             match sent {
                 Ok(_) => {
                     tracing::warn!(
                         dead_letter_topic = topic,
-                        source = ?record,
+                        source,
+                        record = ?record,
                         reason = failure.reason,
                         error = %failure.error,
                         "message dead-lettered"
                     );
                     return true;
                 }
-                Err((e, _)) => {
-                    tracing::error!(dead_letter_topic = topic, source = ?record, error = %e, "dead-letter publish failed; retrying");
+                Err(e) => {
+                    tracing::error!(dead_letter_topic = topic, source, record = ?record, error = %e, "dead-letter publish failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
                         () = cancel.cancelled() => return false,

@@ -189,11 +189,12 @@ struct HandlerRegistration<T, H> {
 struct HandlerDispatch<H>(H);
 
 impl<T: Message, H: Handler<T>> Dispatch<T> for HandlerDispatch<H> {
-    async fn dispatch(&self, message: T, ctx: MessageContext) -> Outcome {
-        match self.0.handle(message, ctx).await {
+    // Not an async fn: a plain map moves the handler's future one time fewer.
+    fn dispatch(&self, message: T, ctx: MessageContext) -> impl Future<Output = Outcome> + Send {
+        futures::FutureExt::map(self.0.handle(message, ctx), |result| match result {
             Ok(()) => Outcome::Done,
             Err(e) => Outcome::Failed(e),
-        }
+        })
     }
 }
 
@@ -344,7 +345,8 @@ impl ConsumerRuntime {
             for lane_types in by_topic(planned.types) {
                 let topic = Arc::clone(&lane_types[0].topic);
                 let (capacity, mode) = lane_settings(&lane_types)?;
-                let buffer = LaneBuffer::new(capacity, mode, Arc::clone(&shared.room));
+                let buffer =
+                    LaneBuffer::new(Arc::clone(&topic), capacity, mode, Arc::clone(&shared.room));
                 let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
                 let consumed: Vec<String> =
                     lane_types.iter().map(|t| t.discriminator.clone()).collect();

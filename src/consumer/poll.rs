@@ -8,21 +8,20 @@
 //! so it is never contended.
 
 use std::collections::{HashMap, VecDeque};
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedHeaders, Headers, Message as _};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::consumer::Backpressure;
 use crate::consumer::buffer::{LaneBuffer, Room, TypeStats};
-use crate::consumer::context::Record;
+use crate::consumer::context::{Polled, Record};
 use crate::consumer::offsets::OffsetTracker;
 use crate::headers;
 use crate::runtime::client_context::TracingContext;
@@ -189,10 +188,10 @@ pub(crate) struct PollPlan {
 struct LaneState {
     /// Records routed in the current poll round, handed over together.
     pending: Vec<Record>,
-    /// Where this round's records copy their bytes (see [`Record`]).
-    arena: BytesMut,
     /// Records of each type routed this round, added to the counters once.
     received: Vec<u64>,
+    /// The vector traded for the lane's retired messages each round.
+    retired: Vec<Polled>,
     /// Records held while the lane is paused (`Backpressure::Apply`).
     overflow: VecDeque<Record>,
     paused: bool,
@@ -296,6 +295,13 @@ impl ConsumerContext for PollContext {
 }
 
 impl LoopState {
+    /// Destroys the messages the workers finished with (see `Lender`).
+    fn drop_retired(&mut self) {
+        for (lane, state) in self.lanes.iter().zip(&mut self.lane_state) {
+            lane.buffer.drop_retired(&mut state.retired);
+        }
+    }
+
     /// Marks finished every record the lanes' workers got through.
     fn absorb_done(&mut self) {
         for (i, lane) in self.lanes.iter().enumerate() {
@@ -364,17 +370,19 @@ impl LoopState {
         *lock(&shared.assigned) = assigned;
     }
 
-    /// Routes one record of lane `lane` by its `ce_type` header.
-    fn route(
-        &self,
-        lane: &Lane,
-        m: &rdkafka::message::BorrowedMessage<'_>,
-        headers: Option<&BorrowedHeaders>,
-    ) -> Routed {
+    /// Routes one record of lane `lane` by its `ce_type` header. A topic
+    /// carrying one type needs no header: its records go to that type
+    /// (reading headers is librdkafka's costliest step per record; the
+    /// worker still recognises a record of another type when it does not
+    /// decode).
+    fn route(&self, lane: &Lane, m: &BorrowedMessage<'_>) -> Routed {
         if m.payload().is_none() {
             return Routed::Reject(Rejection::Tombstone);
         }
-        let declared = headers.and_then(|h| {
+        if lane.types.len() == 1 && lane.others.is_empty() {
+            return Routed::Type(0);
+        }
+        let declared = m.headers().and_then(|h| {
             h.iter()
                 .find(|h| h.key == headers::MESSAGE_TYPE)
                 .map(|h| h.value.unwrap_or_default())
@@ -391,9 +399,6 @@ impl LoopState {
                     ))
                 }
             }
-            // Records from producers that do not write kontext's headers are
-            // accepted when the topic carries a single type.
-            None if lane.types.len() == 1 && lane.others.is_empty() => Routed::Type(0),
             None => Routed::Reject(Rejection::MissingType),
         }
     }
@@ -424,9 +429,9 @@ const POLL_TIMEOUT: Duration = Duration::from_millis(50);
 const FULL_WAIT: Duration = Duration::from_secs(1);
 /// Most records taken in one poll round before they are handed over.
 const MAX_ROUND: usize = 256;
-/// A lane's arena grows by this much when less than `ARENA_MIN` is left.
-const ARENA_CHUNK: usize = 64 * 1024;
-const ARENA_MIN: usize = 4 * 1024;
+/// How long a stopping poll thread waits for its workers to let go of their
+/// records before it closes the consumer.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// Stored offsets are handed to librdkafka this often; its background
 /// auto-commit then sends them.
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
@@ -482,6 +487,8 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
     let consumer: BaseConsumer<PollContext> = config
         .create_with_context(context)
         .map_err(|e| format!("could not create the consumer: {e}"))?;
+    // From here on, however the loop ends, the consumer outlives every record.
+    let consumer = Holder::new(consumer, guard, Arc::clone(&shared), Arc::clone(&state));
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topic_refs)
@@ -521,7 +528,9 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             while blocked() && since.elapsed() < FULL_WAIT && !shared.is_stopping() {
                 shared.room.wait_while(POLL_TIMEOUT, blocked);
                 shared.mark_polled();
-                lock(&state).refill(&consumer, &shared);
+                let mut st = lock(&state);
+                st.drop_retired();
+                st.refill(&consumer, &shared);
             }
             lock(&state).pause_blocked(&consumer, &shared);
         }
@@ -535,7 +544,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             };
             timeout = Duration::ZERO;
             match polled {
-                Ok(m) if drain_started.is_none() => lock(&state).accept(&m),
+                Ok(m) if drain_started.is_none() => lock(&state).accept(m),
                 // Draining: records fetched before the pause are not
                 // dispatched; they were never stored, so they are delivered
                 // again later.
@@ -550,6 +559,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         }
         shared.mark_polled();
         let mut st = lock(&state);
+        st.drop_retired();
         st.flush();
         st.absorb_done();
         st.refill(&consumer, &shared);
@@ -572,14 +582,94 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         commit_sync(&consumer, &shared.name);
     }
     drop(consumer);
-    drop(guard);
     tracing::info!(service = %shared.name, "poll service stopped");
     Ok(())
 }
 
+/// Owns a poll service's consumer and lets go of it only once no record
+/// holds one of its messages (see [`Polled`]), on every way out of the poll
+/// loop: a clean stop, an error, a panic.
+struct Holder {
+    consumer: ManuallyDrop<BaseConsumer<PollContext>>,
+    guard: ManuallyDrop<ClientGuard>,
+    shared: Arc<ServiceShared>,
+    state: Arc<Mutex<LoopState>>,
+}
+
+impl Holder {
+    fn new(
+        consumer: BaseConsumer<PollContext>,
+        guard: ClientGuard,
+        shared: Arc<ServiceShared>,
+        state: Arc<Mutex<LoopState>>,
+    ) -> Self {
+        Holder {
+            consumer: ManuallyDrop::new(consumer),
+            guard: ManuallyDrop::new(guard),
+            shared,
+            state,
+        }
+    }
+}
+
+impl std::ops::Deref for Holder {
+    type Target = BaseConsumer<PollContext>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.consumer
+    }
+}
+
+impl Drop for Holder {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        if release(&self.shared, &self.state) {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe {
+                ManuallyDrop::drop(&mut self.consumer);
+                ManuallyDrop::drop(&mut self.guard);
+            }
+        } else {
+            // A handler that ignores cancellation still holds a message:
+            // closing the consumer under it would free that message's memory.
+            // Left open instead; its uncommitted work is redelivered.
+            tracing::error!(service = %self.shared.name, "handlers still running after the stop; the consumer is left open");
+        }
+    }
+}
+
+/// Drops every record the service still holds and waits for its workers to
+/// stop; `true` once no record is left anywhere. Records not handled were
+/// never stored, so they are delivered again.
+fn release(shared: &ServiceShared, state: &Mutex<LoopState>) -> bool {
+    shared.stop_now();
+    {
+        let mut st = lock(state);
+        for s in &mut st.lane_state {
+            s.pending.clear();
+            s.overflow.clear();
+        }
+        for lane in &st.lanes {
+            lane.buffer.clear();
+            lane.buffer.wake();
+        }
+    }
+    // A worker lets go of its records when it stops: after the record in
+    // hand, once stopping with an empty buffer.
+    let since = Instant::now();
+    while shared.workers_active.load(Ordering::SeqCst) > 0 {
+        if since.elapsed() >= RELEASE_WAIT {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 impl LoopState {
     /// Routes one polled record into its lane's pending batch.
-    fn accept(&mut self, m: &rdkafka::message::BorrowedMessage<'_>) {
+    #[allow(unsafe_code)]
+    fn accept(&mut self, m: BorrowedMessage<'_>) {
         // A service with one topic needs no lookup (and no UTF-8 check of
         // the topic name per record).
         let lane = if self.lanes.len() == 1 {
@@ -592,30 +682,27 @@ impl LoopState {
         };
         let key = (lane, m.partition());
         self.tracker.dispatched(key, m.offset());
-        let topic = Arc::clone(&self.lanes[lane].topic);
-        // Once per record: librdkafka parses the headers on each call.
-        let headers = m.headers();
-        match self.route(&self.lanes[lane], m, headers) {
-            Routed::Skip => self.tracker.finished(key, m.offset()),
+        let routed = self.route(&self.lanes[lane], &m);
+        let state = &mut self.lane_state[lane];
+        let (type_index, rejection) = match routed {
+            Routed::Skip => {
+                self.tracker.finished(key, m.offset());
+                return;
+            }
             Routed::Type(i) => {
-                let state = &mut self.lane_state[lane];
-                if state.arena.capacity() - state.arena.len() < ARENA_MIN {
-                    state.arena.reserve(ARENA_CHUNK);
-                }
-                let mut record = Record::copy_from(topic, m, headers, &mut state.arena);
-                record.type_index = i;
                 if let Some(n) = state.received.get_mut(i) {
                     *n += 1;
                 }
-                state.pending.push(record);
+                (i, None)
             }
-            Routed::Reject(rejection) => {
-                let state = &mut self.lane_state[lane];
-                let mut record = Record::copy_from(topic, m, headers, &mut state.arena);
-                record.rejection = Some(Box::new(rejection));
-                state.pending.push(record);
-            }
-        }
+            Routed::Reject(rejection) => (0, Some(Box::new(rejection))),
+        };
+        // SAFETY: the consumer is in a `Holder`, which drops it only after
+        // every record is gone.
+        let mut record = Record::new(unsafe { Polled::new(m) });
+        record.type_index = type_index;
+        record.rejection = rejection;
+        state.pending.push(record);
     }
 
     /// Hands every lane the records routed to it this round.
@@ -626,12 +713,6 @@ impl LoopState {
             }
             let state = &mut self.lane_state[lane];
             let mut batch = std::mem::take(&mut state.pending);
-            // Seal the round: every record gets its slice of one buffer.
-            let round = state.arena.split().freeze();
-            for r in &mut batch {
-                let end = r.end();
-                r.seal(&round, end);
-            }
             for (i, n) in state.received.iter_mut().enumerate() {
                 if *n > 0 {
                     if let Some((_, stats)) = self.lanes[lane].types.get(i) {
@@ -689,16 +770,18 @@ impl LoopState {
 
     fn pause(&mut self, lane: usize, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
         self.lane_state[lane].paused = true;
-        self.lanes[lane]
-            .buffer
-            .paused
-            .store(true, Ordering::Relaxed);
         let tpl = self.partitions_of(lane);
         if let Err(e) = consumer.pause(&tpl) {
             tracing::warn!(service = %shared.name, error = %e, "could not pause partitions");
         }
         tracing::debug!(service = %shared.name, topic = %self.lanes[lane].topic, "buffer full: partitions paused");
         self.publish_paused(shared);
+        // Last, so whoever sees the type paused also sees its partitions
+        // listed as paused in the service's status.
+        self.lanes[lane]
+            .buffer
+            .paused
+            .store(true, Ordering::Release);
     }
 
     /// Records discarded by a drop mode: counted, and their offsets finished.

@@ -4,21 +4,24 @@
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
-use futures::FutureExt as _;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use std::collections::VecDeque;
 
+use crate::codec::CodecError;
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
-use crate::consumer::context::Record;
+use crate::consumer::context::{Lender, Lent, Record};
 use crate::consumer::dead_letter::{DeadLetters, Failure};
 use crate::consumer::handler::{Action, HandlerError};
 use crate::consumer::poll::{Rejection, ServiceShared};
 use crate::consumer::{MessageContext, RetryPolicy};
+use crate::headers;
 use crate::model::{Message, TopicSpec};
 
 /// What became of a dispatched message.
@@ -73,6 +76,7 @@ pub(crate) trait TypeWorker: Send + Sync {
         lane: &'a LaneBuffer,
         batch: &'a mut VecDeque<Record>,
         n: usize,
+        lender: &'a mut Lender,
     ) -> BoxFuture<'a, bool>;
 }
 
@@ -91,40 +95,179 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
         lane: &'a LaneBuffer,
         batch: &'a mut VecDeque<Record>,
         n: usize,
+        lender: &'a mut Lender,
     ) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             for _ in 0..n {
                 if env.cancel.is_cancelled() {
                     return false;
                 }
-                let Some(record) = batch.pop_front() else {
+                let Some(mut record) = batch.pop_front() else {
                     break;
                 };
-                let seq = record.seq;
-                let finished = handle(
-                    env,
-                    &self.stats,
-                    &self.spec,
-                    self.retry,
-                    &self.dead_letter_topic,
-                    &self.dispatch,
-                    &record,
-                )
-                .await;
+                // Handled here rather than in an async fn of its own: every
+                // `.await` of an async fn moves the callee's whole future into
+                // the caller's, once per record.
+                let mut attempt = 1;
+                let finished = loop {
+                    let result = match self.start(&lane.topic, &mut record, lender, attempt) {
+                        Ok((dispatched, lent)) => {
+                            let outcome = dispatched.await;
+                            lender.take_back(lent, &mut record);
+                            self.outcome(outcome, attempt)
+                        }
+                        Err(failure) => Err(failure),
+                    };
+                    let failure = match result {
+                        Ok(finished) => break finished,
+                        Err(failure) => failure,
+                    };
+                    // Rare and large (a timer, a produce): boxed, so the
+                    // per-record future stays small.
+                    let next = Box::pin(after_failure(
+                        env,
+                        &self.stats,
+                        self.retry,
+                        (&self.dead_letter_topic, &lane.topic),
+                        &record,
+                        failure,
+                    ))
+                    .await;
+                    match next {
+                        Next::Retry => attempt += 1,
+                        Next::Finished(finished) => break finished,
+                    }
+                };
                 if !finished {
                     return false;
                 }
-                lane.finished(seq);
+                lane.finished(record.seq);
+                let seq = record.seq;
+                lender.retire(record);
                 // A busy lane may never wait on anything; without this it
                 // would hold its runtime thread (and the timers and tasks
                 // queued behind it) for as long as records keep coming.
                 // Not every record: each yield can wake an idle thread.
                 if seq % YIELD_EVERY == 0 {
+                    lender.hand_back(lane);
                     tokio::task::yield_now().await;
                 }
             }
+            lender.hand_back(lane);
             true
         })
+    }
+}
+
+impl<T: Message, D: Dispatch<T>> Typed<T, D> {
+    /// Decodes a record and starts its dispatch (the caller awaits it, then
+    /// takes the record's message back from the returned cell); `Err` when
+    /// it does not decode.
+    #[allow(clippy::type_complexity)]
+    fn start(
+        &self,
+        topic: &Arc<str>,
+        record: &mut Record,
+        lender: &mut Lender,
+        attempt: u32,
+    ) -> Result<(Guarded<impl Future<Output = Outcome> + Send + '_>, Lent), Failed> {
+        let decoded = self
+            .spec
+            .codec()
+            .decode(record.payload().unwrap_or_default());
+        match decoded {
+            Ok(message) => {
+                let lent = lender.lend(record);
+                let ctx = MessageContext::new(Arc::clone(topic), record, lent.shared(), attempt);
+                let span = tracing::debug_span!(
+                    "kontext.handle",
+                    topic = %topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    r#type = self.spec.type_name(),
+                    attempt
+                );
+                let dispatched = Guarded {
+                    future: self.dispatch.dispatch(message, ctx),
+                    span,
+                };
+                Ok((dispatched, lent))
+            }
+            Err(e) => Err(self.undecodable(record, &e, attempt)),
+        }
+    }
+
+    /// Why a record does not decode. On a topic of one type the router does
+    /// not read headers, so a record of another type is recognised here, by
+    /// its `ce_type`, rather than reported as a decoding error.
+    fn undecodable(&self, record: &Record, error: &CodecError, attempt: u32) -> Failed {
+        // Not retried: the same bytes will not decode next time.
+        match record.header(headers::MESSAGE_TYPE) {
+            Some(t) if t != self.spec.type_name().as_bytes() => Failed {
+                reason: "unknown-type",
+                error: Rejection::UnknownType(String::from_utf8_lossy(t).into_owned()).reason(),
+                attempts: 0,
+                action: Action::DeadLetter,
+            },
+            _ => Failed {
+                reason: "decode",
+                error: format!("cannot decode as `{}`: {error}", self.spec.rust_type()),
+                attempts: attempt - 1,
+                action: Action::DeadLetter,
+            },
+        }
+    }
+
+    /// What a finished dispatch means: `Ok(false)` when the message was not
+    /// finished (its stream is gone), `Err` when the attempt failed.
+    fn outcome(&self, outcome: std::thread::Result<Outcome>, attempt: u32) -> Result<bool, Failed> {
+        match outcome {
+            Ok(Outcome::Done) => {
+                self.stats.handled.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            Ok(Outcome::Duplicate) => {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            Ok(Outcome::Abandon) => Ok(false),
+            Ok(Outcome::Failed(e)) => Err(Failed {
+                reason: "handler",
+                error: e.to_string(),
+                attempts: attempt,
+                action: e.action,
+            }),
+            Err(panic) => Err(Failed {
+                reason: "panic",
+                error: panic_text(&panic),
+                attempts: attempt,
+                action: Action::Retry,
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A handler's future run inside its span, a panic turned into an
+    /// error: one wrapper instead of two, so the future moves once less.
+    struct Guarded<F> {
+        #[pin]
+        future: F,
+        span: tracing::Span,
+    }
+}
+
+impl<F: Future> Future for Guarded<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| this.future.poll(cx))) {
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
     }
 }
 
@@ -146,6 +289,7 @@ pub(crate) async fn run_lane(
 ) {
     let _active = active;
     let mut batch: VecDeque<Record> = VecDeque::with_capacity(TAKE);
+    let mut lender = Lender::default();
     loop {
         if batch.is_empty() {
             buffer.take(&mut batch, TAKE);
@@ -169,19 +313,29 @@ pub(crate) async fn run_lane(
                     .iter()
                     .take_while(|r| r.rejection.is_none() && r.type_index == index)
                     .count();
-                worker.handle_run(&env, &buffer, &mut batch, run).await
+                worker
+                    .handle_run(&env, &buffer, &mut batch, run, &mut lender)
+                    .await
             }
             _ => match batch.pop_front() {
                 Some(record) => {
                     let finished = match &record.rejection {
                         Some(rejection) => {
-                            reject(&env, &dead_letter_topic, &record, rejection).await
+                            reject(
+                                &env,
+                                (&dead_letter_topic, &buffer.topic),
+                                &record,
+                                rejection,
+                            )
+                            .await
                         }
                         // The router only sets indexes of this lane's types.
                         None => true,
                     };
                     if finished {
                         buffer.finished(record.seq);
+                        lender.retire(record);
+                        lender.hand_back(&buffer);
                     }
                     finished
                 }
@@ -195,7 +349,13 @@ pub(crate) async fn run_lane(
 }
 
 /// Dead-letters a record the router could not give to a type.
-async fn reject(env: &WorkerEnv, topic: &str, record: &Record, rejection: &Rejection) -> bool {
+/// `topics`: the dead-letter topic and the record's own.
+async fn reject(
+    env: &WorkerEnv,
+    (topic, source): (&str, &str),
+    record: &Record,
+    rejection: &Rejection,
+) -> bool {
     let reason = match rejection {
         Rejection::Tombstone => "tombstone",
         Rejection::MissingType => "missing-type",
@@ -207,115 +367,96 @@ async fn reject(env: &WorkerEnv, topic: &str, record: &Record, rejection: &Rejec
         attempts: 0,
     };
     env.dead_letters
-        .publish(topic, &env.shared.group_id, record, &failure, &env.cancel)
+        .publish(
+            topic,
+            &env.shared.group_id,
+            source,
+            record,
+            &failure,
+            &env.cancel,
+        )
         .await
 }
 
-/// Handles one record to the end. `false` means it was not finished
-/// (cancelled, or its stream is gone) and must not be acknowledged.
-async fn handle<T, D>(
+/// A failed attempt, and what the handler asked for.
+struct Failed {
+    reason: &'static str,
+    error: String,
+    attempts: u32,
+    action: Action,
+}
+
+/// What to do after a failed attempt.
+enum Next {
+    Retry,
+    Finished(bool),
+}
+
+/// Counts a failure and then retries after the policy's pause, skips, or
+/// dead-letters, as the handler asked and the retry budget allows.
+/// `topics`: the dead-letter topic and the record's own.
+async fn after_failure(
     env: &WorkerEnv,
     stats: &TypeStats,
-    spec: &TopicSpec<T>,
     retry: RetryPolicy,
-    dead_letter_topic: &str,
-    dispatch: &D,
+    (dead_letter_topic, source): (&str, &str),
     record: &Record,
-) -> bool
-where
-    T: Message,
-    D: Dispatch<T>,
-{
-    let dead_letter = |reason: &'static str, error: String, attempts: u32| async move {
-        let failure = Failure {
-            reason,
-            error,
-            attempts,
-        };
-        let ok = env
-            .dead_letters
-            .publish(
-                dead_letter_topic,
-                &env.shared.group_id,
-                record,
-                &failure,
-                &env.cancel,
-            )
-            .await;
-        if ok {
-            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    mut failure: Failed,
+) -> Next {
+    // A record of another type is not this type's failure: the router would
+    // have rejected it had it read the headers, and rejections count nowhere.
+    let ours = failure.reason != "unknown-type";
+    if ours {
+        stats.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    let attempt = failure.attempts;
+    if matches!(failure.reason, "handler" | "panic") {
+        tracing::warn!(source, record = ?record, attempt, error = %failure.error, reason = failure.reason, "handler failed");
+    }
+    let pause = match failure.action {
+        Action::Skip => {
+            stats.handled.fetch_add(1, Ordering::Relaxed);
+            return Next::Finished(true);
         }
-        ok
+        Action::DeadLetter => None,
+        _ if attempt >= retry.max_attempts => {
+            if failure.reason != "panic" {
+                failure.reason = "retries-exhausted";
+            }
+            None
+        }
+        Action::RetryAfter(d) => Some(d),
+        Action::Retry => Some(retry.backoff(attempt)),
     };
-
-    let mut attempt = 1;
-    loop {
-        let payload = record.payload().unwrap_or_default();
-        let message = match spec.codec().decode(payload) {
-            Ok(m) => m,
-            Err(e) => {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                return dead_letter(
-                    "decode",
-                    format!("cannot decode as `{}`: {e}", spec.rust_type()),
-                    attempt - 1,
+    match pause {
+        Some(pause) => {
+            stats.retried.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => Next::Retry,
+                () = env.cancel.cancelled() => Next::Finished(false),
+            }
+        }
+        None => {
+            let ok = env
+                .dead_letters
+                .publish(
+                    dead_letter_topic,
+                    &env.shared.group_id,
+                    source,
+                    record,
+                    &Failure {
+                        reason: failure.reason,
+                        error: failure.error,
+                        attempts: failure.attempts,
+                    },
+                    &env.cancel,
                 )
                 .await;
+            if ok && ours {
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             }
-        };
-        // A clone costs two reference counts (topic name, round buffer).
-        let ctx = MessageContext::new(record.clone(), attempt);
-        let span = tracing::debug_span!(
-            "kontext.handle",
-            topic = %record.topic,
-            partition = record.partition,
-            offset = record.offset,
-            r#type = spec.type_name(),
-            attempt
-        );
-        let outcome = tracing::Instrument::instrument(
-            AssertUnwindSafe(dispatch.dispatch(message, ctx)).catch_unwind(),
-            span,
-        )
-        .await;
-        let (action, error, reason) = match outcome {
-            Ok(Outcome::Done) => {
-                stats.handled.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            Ok(Outcome::Duplicate) => {
-                stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            Ok(Outcome::Abandon) => return false,
-            Ok(Outcome::Failed(e)) => (e.action, e.to_string(), "handler"),
-            Err(panic) => (Action::Retry, panic_text(&panic), "panic"),
-        };
-        stats.failed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(source = ?record, attempt, %error, reason, "handler failed");
-        let pause = match action {
-            Action::Skip => {
-                stats.handled.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            Action::DeadLetter => return dead_letter(reason, error, attempt).await,
-            _ if attempt >= retry.max_attempts => {
-                let reason = if reason == "panic" {
-                    "panic"
-                } else {
-                    "retries-exhausted"
-                };
-                return dead_letter(reason, error, attempt).await;
-            }
-            Action::RetryAfter(d) => d,
-            Action::Retry => retry.backoff(attempt),
-        };
-        stats.retried.fetch_add(1, Ordering::Relaxed);
-        tokio::select! {
-            () = tokio::time::sleep(pause) => {}
-            () = env.cancel.cancelled() => return false,
+            Next::Finished(ok)
         }
-        attempt += 1;
     }
 }
 

@@ -9,7 +9,9 @@ pub mod name;
 mod topic;
 
 use std::any::{Any, TypeId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -140,7 +142,8 @@ impl TopicDef {
 
 /// A validated, frozen model. Cheap to share behind an `Arc`.
 pub struct Model {
-    by_type: HashMap<TypeId, Arc<dyn ErasedSpec>>,
+    /// Looked up on every produce: a TypeId is already a hash, Fx is enough.
+    by_type: FxHashMap<TypeId, Arc<dyn ErasedSpec>>,
     /// Declaration order of the types, so everything derived is deterministic.
     order: Vec<TypeId>,
     topics: Vec<TopicDef>,
@@ -242,7 +245,7 @@ impl Model {
 
     fn from_specs(specs: Vec<(TypeId, Box<dyn ErasedSpec>)>) -> Result<Model, ModelError> {
         let mut issues = Vec::new();
-        let mut by_type: HashMap<TypeId, Arc<dyn ErasedSpec>> = HashMap::new();
+        let mut by_type: FxHashMap<TypeId, Arc<dyn ErasedSpec>> = FxHashMap::default();
         let mut topics: Vec<TopicDef> = Vec::new();
         let mut order = Vec::new();
 

@@ -27,6 +27,20 @@ impl MessageKey for String {
     }
 }
 
+impl MessageKey for str {
+    fn write_key(&self, out: &mut Vec<u8>) -> bool {
+        out.extend_from_slice(self.as_bytes());
+        true
+    }
+}
+
+impl MessageKey for [u8] {
+    fn write_key(&self, out: &mut Vec<u8>) -> bool {
+        out.extend_from_slice(self);
+        true
+    }
+}
+
 impl MessageKey for &'static str {
     fn write_key(&self, out: &mut Vec<u8>) -> bool {
         out.extend_from_slice(self.as_bytes());
@@ -202,6 +216,18 @@ impl<T: Message> TopicBuilder<T> {
     where
         K: MessageKey,
         F: Fn(&T) -> K + Send + Sync + 'static,
+    {
+        self.key = Some(Arc::new(move |value, out| f(value).write_key(out)));
+        self
+    }
+
+    /// Like [`key`](Self::key), for a key the message holds:
+    /// `.key_ref(|e| &e.order_id)` reads it in place instead of cloning it
+    /// for every message produced.
+    pub fn key_ref<K, F>(mut self, f: F) -> Self
+    where
+        K: MessageKey + ?Sized,
+        F: Fn(&T) -> &K + Send + Sync + 'static,
     {
         self.key = Some(Arc::new(move |value, out| f(value).write_key(out)));
         self

@@ -209,20 +209,19 @@ impl Outbox {
             source: e.into(),
         })?;
         let shard = shard_of(
-            encoded
-                .key
-                .as_deref()
-                .unwrap_or(encoded.message_id.as_bytes()),
+            encoded.key().unwrap_or(encoded.message_id.as_bytes()),
             self.inner.settings.shards,
         );
+        let message_id = encoded.message_id;
+        let (payload, key) = encoded.into_parts();
         let now = now_ms();
         let inserted = row::ActiveModel {
-            message_id: Set(encoded.message_id.to_string()),
+            message_id: Set(message_id.to_string()),
             topic: Set(spec.topic().to_owned()),
             shard: Set(shard),
-            key: Set(encoded.key),
+            key: Set(key),
             headers: Set(headers_json),
-            payload: Set(Some(encoded.payload)),
+            payload: Set(Some(payload)),
             message_type: Set(spec.type_name().to_owned()),
             created_at: Set(now),
             attempts: Set(0),
@@ -237,7 +236,7 @@ impl Outbox {
             operation: "insert into the outbox",
             source,
         })?;
-        Ok((encoded.message_id, inserted.seq, spec.outbox_mode()))
+        Ok((message_id, inserted.seq, spec.outbox_mode()))
     }
 
     /// Begins a transaction on the outbox's database whose commit wakes the

@@ -2,15 +2,20 @@
 //! model, await the broker's acknowledgement.
 
 use std::fmt;
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::channel::oneshot::Canceled;
 use futures::future::BoxFuture;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::SemaphorePermit;
 use uuid::Uuid;
 
 use crate::config::{KafkaSettings, redacted};
@@ -46,9 +51,9 @@ struct Inner {
     source: String,
     /// How long a call waits for room in librdkafka's full local queue.
     queue_timeout: Duration,
-    /// One permit per message librdkafka's local queue holds: single
-    /// `produce` calls queue here, in order, when it is full, instead of
-    /// each retrying on a timer.
+    /// Room in librdkafka's local queue for single `produce` calls (see
+    /// [`room_for_calls`]): calls wait here, in order, when it is full,
+    /// instead of each retrying on a timer.
     room: tokio::sync::Semaphore,
     _guard: ClientGuard,
 }
@@ -61,10 +66,16 @@ impl Producer {
         clients: &ClientTracker,
     ) -> Result<Producer> {
         let config = settings.producer_config(bootstrap_servers);
-        let queue_capacity = config
-            .get("queue.buffering.max.messages")
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(DEFAULT_QUEUE_MESSAGES);
+        let setting = |name: &str, default: usize| {
+            config
+                .get(name)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(default)
+        };
+        let room = room_for_calls(
+            setting("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES),
+            setting("batch.num.messages", DEFAULT_BATCH_MESSAGES),
+        );
         tracing::debug!(config = ?redacted(&config), "creating producer");
         let client = config
             .create_with_context(TracingContext { role: "producer" })
@@ -78,9 +89,7 @@ impl Producer {
                 model,
                 source: settings.effective_client_id().to_owned(),
                 queue_timeout: settings.message_timeout(),
-                room: tokio::sync::Semaphore::new(
-                    queue_capacity.min(tokio::sync::Semaphore::MAX_PERMITS),
-                ),
+                room: tokio::sync::Semaphore::new(room),
                 _guard: clients.track(ClientKind::Producer),
             }),
         })
@@ -93,6 +102,12 @@ impl Producer {
     ///
     /// Cancellation: dropping the future after the message was queued does
     /// not recall it; it is still delivered.
+    ///
+    /// Ordering: concurrent calls take room in librdkafka's local queue in
+    /// the order they are first polled, waiting in line while it is full,
+    /// so messages with one key keep that order. (A `produce_batch` or the
+    /// outbox relay filling the same queue at the same time can make a
+    /// waiting call retry, and lose its place.)
     pub fn produce<'a, T: Message>(&'a self, message: &'a T) -> Produce<'a, T> {
         Produce {
             producer: self,
@@ -105,7 +120,7 @@ impl Producer {
     pub fn produce_owned<T: Message>(&self, message: T) -> Produce<'_, T> {
         Produce {
             producer: self,
-            message: MessageRef::Owned(message),
+            message: MessageRef::Owned(Box::new(message)),
             options: CallOptions::default(),
         }
     }
@@ -165,10 +180,7 @@ impl Producer {
                         }
                     }
                     Err((source, _)) => {
-                        return Err(Error::Produce {
-                            topic: spec.topic().to_owned(),
-                            source,
-                        });
+                        return Err(produce_failed(spec, source));
                     }
                 }
             };
@@ -198,29 +210,44 @@ impl Producer {
         self.inner.client.in_flight_count()
     }
 
-    async fn send_one<T: Message>(&self, message: &T, options: &CallOptions) -> Result<Delivery> {
-        let spec = self.inner.model.spec::<T>()?;
-        let (encoded, headers) = self.prepare(spec, message, options)?;
-        // Held until the delivery is known. The semaphore is never closed.
-        let _permit = self.inner.room.acquire().await.ok();
+    /// Waits for room in librdkafka's local queue, then enqueues. The slow
+    /// path of a produce call, boxed by its caller so that the common
+    /// future stays small. `permit` is the room already taken, if any.
+    async fn send_when_room<'a, T: Message>(
+        &'a self,
+        spec: &'a TopicSpec<T>,
+        encoded: Encoded,
+        headers: Option<OwnedHeaders>,
+        permit: Option<SemaphorePermit<'a>>,
+    ) -> Result<InFlight<'a, T>> {
+        // The semaphore is never closed, so `ok()` only drops an error that
+        // cannot happen.
+        let permit = match permit {
+            Some(p) => Some(p),
+            None => self.inner.room.acquire().await.ok(),
+        };
         let started = Instant::now();
         let mut record = encoded.record(spec.topic(), headers);
-        let mut future = loop {
+        let delivery = loop {
             match self.inner.client.send_result(record) {
                 Ok(f) => break f,
                 Err((e, r)) if self.may_wait(&e, started) => {
+                    // Full although we hold room: the outbox relay shares
+                    // this client's queue.
                     record = r;
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
                 }
                 Err((source, _)) => {
-                    return Err(Error::Produce {
-                        topic: spec.topic().to_owned(),
-                        source,
-                    });
+                    return Err(produce_failed(spec, source));
                 }
             }
         };
-        await_delivery(&mut future, spec, encoded.message_id).await
+        Ok(InFlight {
+            delivery,
+            _permit: permit,
+            message_id: encoded.message_id,
+            spec,
+        })
     }
 
     fn prepare<T: Message>(
@@ -252,8 +279,7 @@ impl Producer {
     /// Whether a failed enqueue should be retried: librdkafka's local queue
     /// is full and the call has not waited longer than a delivery may take.
     fn may_wait(&self, e: &KafkaError, started: Instant) -> bool {
-        e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
-            && started.elapsed() < self.inner.queue_timeout
+        queue_full(e) && started.elapsed() < self.inner.queue_timeout
     }
 }
 
@@ -295,30 +321,36 @@ pub(crate) fn encode<T: Message>(
     message: &T,
     options: &CallOptions,
 ) -> Result<Encoded> {
-    let mut payload = Vec::with_capacity(256);
+    // Payload and key share one allocation: one malloc per message fewer.
+    let mut data = Vec::with_capacity(256);
     spec.codec()
-        .encode(message, &mut payload)
+        .encode(message, &mut data)
         .map_err(|source| Error::Encode {
             topic: spec.topic().to_owned(),
             type_name: spec.rust_type(),
             source,
         })?;
-
-    let key = match &options.key {
-        Some(k) => Some(k.clone()),
-        None => {
-            let mut k = Vec::new();
-            spec.write_key(message, &mut k).then_some(k)
+    let payload_len = data.len();
+    let has_key = match &options.key {
+        Some(k) => {
+            data.extend_from_slice(k);
+            true
         }
+        None => spec.write_key(message, &mut data),
     };
+    if !has_key {
+        // A key writer that declined may have written part of one.
+        data.truncate(payload_len);
+    }
 
     let timestamp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0);
     Ok(Encoded {
-        payload,
-        key,
+        data,
+        payload_len,
+        has_key,
         timestamp,
         message_id: Uuid::now_v7(),
     })
@@ -395,8 +427,34 @@ fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     }
 }
 
+fn produce_failed<T>(spec: &TopicSpec<T>, source: KafkaError) -> Error {
+    Error::Produce {
+        topic: spec.topic().to_owned(),
+        source,
+    }
+}
+
+/// librdkafka's local queue has no room.
+fn queue_full(e: &KafkaError) -> bool {
+    e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+}
+
 /// librdkafka's default `queue.buffering.max.messages`.
 const DEFAULT_QUEUE_MESSAGES: usize = 100_000;
+
+/// librdkafka's default `batch.num.messages`.
+const DEFAULT_BATCH_MESSAGES: usize = 10_000;
+
+/// How many single `produce` calls may hold room in librdkafka's queue.
+///
+/// Less than the queue holds: librdkafka reports a batch's deliveries
+/// before it frees their room, so a call that starts as soon as an earlier
+/// one is acknowledged could meet a full queue, retry, and be overtaken.
+/// Holding back one batch (at most half the queue) keeps calls in order.
+fn room_for_calls(queue: usize, batch: usize) -> usize {
+    let held_back = batch.min(queue / 2);
+    (queue - held_back).clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
+}
 
 /// Pause before retrying an enqueue into a full local queue.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(1);
@@ -406,41 +464,66 @@ async fn await_delivery<T>(
     spec: &TopicSpec<T>,
     message_id: Uuid,
 ) -> Result<Delivery> {
-    match future.await {
+    delivered(future.await, spec, message_id)
+}
+
+/// What a delivery report means for the caller.
+fn delivered<T>(
+    report: std::result::Result<OwnedDeliveryResult, Canceled>,
+    spec: &TopicSpec<T>,
+    message_id: Uuid,
+) -> Result<Delivery> {
+    match report {
         Ok(Ok(d)) => Ok(Delivery {
             topic: spec.topic_arc(),
             partition: d.partition,
             offset: d.offset,
             message_id,
         }),
-        Ok(Err((source, _))) => Err(Error::Produce {
-            topic: spec.topic().to_owned(),
-            source,
-        }),
+        Ok(Err((source, _))) => Err(produce_failed(spec, source)),
         // The client went away before reporting: the message's fate is unknown.
-        Err(_) => Err(Error::Produce {
-            topic: spec.topic().to_owned(),
-            source: KafkaError::Canceled,
-        }),
+        Err(_) => Err(produce_failed(spec, KafkaError::Canceled)),
     }
 }
 
 /// An encoded message ready to hand to librdkafka (which copies it).
 pub(crate) struct Encoded {
-    pub(crate) payload: Vec<u8>,
-    pub(crate) key: Option<Vec<u8>>,
+    /// The payload, then the key when there is one.
+    data: Vec<u8>,
+    payload_len: usize,
+    has_key: bool,
     pub(crate) timestamp: i64,
     pub(crate) message_id: Uuid,
 }
 
 impl Encoded {
-    fn record<'a>(&'a self, topic: &'a str, headers: OwnedHeaders) -> FutureRecord<'a, [u8], [u8]> {
-        let record = FutureRecord::to(topic)
-            .payload(self.payload.as_slice())
-            .headers(headers)
+    pub(crate) fn payload(&self) -> &[u8] {
+        self.data.get(..self.payload_len).unwrap_or_default()
+    }
+
+    pub(crate) fn key(&self) -> Option<&[u8]> {
+        self.has_key
+            .then(|| self.data.get(self.payload_len..))
+            .flatten()
+    }
+
+    /// Payload and key as separate buffers (for the outbox row).
+    pub(crate) fn into_parts(mut self) -> (Vec<u8>, Option<Vec<u8>>) {
+        let key = self.data.split_off(self.payload_len.min(self.data.len()));
+        (self.data, self.has_key.then_some(key))
+    }
+
+    fn record<'a>(
+        &'a self,
+        topic: &'a str,
+        headers: impl Into<Option<OwnedHeaders>>,
+    ) -> FutureRecord<'a, [u8], [u8]> {
+        let mut record = FutureRecord::to(topic)
+            .payload(self.payload())
             .timestamp(self.timestamp);
-        match &self.key {
-            Some(k) => record.key(k.as_slice()),
+        record.headers = headers.into();
+        match self.key() {
+            Some(k) => record.key(k),
             None => record,
         }
     }
@@ -448,7 +531,8 @@ impl Encoded {
 
 enum MessageRef<'a, T> {
     Borrowed(&'a T),
-    Owned(T),
+    /// Boxed so that the size of a produce future does not depend on `T`.
+    Owned(Box<T>),
 }
 
 #[derive(Default)]
@@ -490,16 +574,129 @@ impl<T: Message> Produce<'_, T> {
 
 impl<'a, T: Message> IntoFuture for Produce<'a, T> {
     type Output = Result<Delivery>;
-    type IntoFuture = BoxFuture<'a, Result<Delivery>>;
+    type IntoFuture = ProduceFuture<'a, T>;
 
     fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let message = match &self.message {
-                MessageRef::Borrowed(m) => *m,
-                MessageRef::Owned(m) => m,
-            };
-            self.producer.send_one(message, &self.options).await
-        })
+        ProduceFuture {
+            state: State::Start(self),
+        }
+    }
+}
+
+impl<'a, T: Message> Produce<'a, T> {
+    /// Encodes the message and hands it to librdkafka when its queue has
+    /// room; otherwise returns the boxed wait for room.
+    fn start(self) -> Result<State<'a, T>> {
+        let producer = self.producer;
+        let message: &T = match &self.message {
+            MessageRef::Borrowed(m) => m,
+            MessageRef::Owned(m) => m,
+        };
+        let spec = producer.inner.model.spec::<T>()?;
+        let (encoded, headers) = producer.prepare(spec, message, &self.options)?;
+        // While there is room (so no call waits before this one) the
+        // message goes out now, without a future for the semaphore.
+        let Ok(permit) = producer.inner.room.try_acquire() else {
+            let wait = producer.send_when_room(spec, encoded, Some(headers), None);
+            return Ok(State::Waiting(Box::pin(wait)));
+        };
+        let record = encoded.record(spec.topic(), headers);
+        match producer.inner.client.send_result(record) {
+            Ok(delivery) => Ok(State::InFlight(InFlight {
+                delivery,
+                _permit: Some(permit),
+                message_id: encoded.message_id,
+                spec,
+            })),
+            Err((e, record)) if queue_full(&e) => {
+                let headers = record.headers;
+                let wait = producer.send_when_room(spec, encoded, headers, Some(permit));
+                Ok(State::Waiting(Box::pin(wait)))
+            }
+            Err((source, _)) => Err(produce_failed(spec, source)),
+        }
+    }
+}
+
+/// The future of a [`Produce`] request: resolves when the broker has the
+/// message (or could not take it).
+///
+/// Not boxed, and small whatever the message type: the message is encoded
+/// and queued on the first poll, after which the future holds only what it
+/// needs to wait for the acknowledgement.
+#[must_use = "futures do nothing unless polled"]
+pub struct ProduceFuture<'a, T> {
+    state: State<'a, T>,
+}
+
+enum State<'a, T> {
+    /// Not polled yet.
+    Start(Produce<'a, T>),
+    /// librdkafka's queue was full: waiting for room.
+    Waiting(BoxFuture<'a, Result<InFlight<'a, T>>>),
+    /// Queued; waiting for the broker's acknowledgement.
+    InFlight(InFlight<'a, T>),
+    Finished,
+}
+
+/// A message librdkafka has, and the room it takes in its queue.
+struct InFlight<'a, T> {
+    delivery: DeliveryFuture,
+    /// Released when the delivery is known.
+    _permit: Option<SemaphorePermit<'a>>,
+    message_id: Uuid,
+    spec: &'a TopicSpec<T>,
+}
+
+impl<T: Message> Future for ProduceFuture<'_, T> {
+    type Output = Result<Delivery>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // Every field is `Unpin` (the message is behind a reference or a box).
+        let this = self.get_mut();
+        loop {
+            match std::mem::replace(&mut this.state, State::Finished) {
+                State::Start(request) => match request.start() {
+                    Ok(next) => this.state = next,
+                    Err(e) => return Poll::Ready(Err(e)),
+                },
+                State::Waiting(mut wait) => match wait.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        this.state = State::Waiting(wait);
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(in_flight)) => this.state = State::InFlight(in_flight),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                },
+                State::InFlight(mut in_flight) => {
+                    return match Pin::new(&mut in_flight.delivery).poll(cx) {
+                        Poll::Pending => {
+                            this.state = State::InFlight(in_flight);
+                            Poll::Pending
+                        }
+                        Poll::Ready(result) => {
+                            Poll::Ready(delivered(result, in_flight.spec, in_flight.message_id))
+                        }
+                    };
+                }
+                State::Finished => panic!("a produce future was polled after it completed"),
+            }
+        }
+    }
+}
+
+impl<T> fmt::Debug for ProduceFuture<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Start(_) => "not started",
+            State::Waiting(_) => "waiting for queue room",
+            State::InFlight(_) => "awaiting acknowledgement",
+            State::Finished => "finished",
+        };
+        f.debug_struct("ProduceFuture")
+            .field("type", &std::any::type_name::<T>())
+            .field("state", &state)
+            .finish()
     }
 }
 
@@ -518,5 +715,18 @@ impl fmt::Debug for Producer {
             .field("source", &self.inner.source)
             .field("in_flight", &self.in_flight())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::room_for_calls;
+
+    #[test]
+    fn single_calls_leave_a_batch_of_room_in_the_queue() {
+        assert_eq!(room_for_calls(100_000, 10_000), 90_000);
+        assert_eq!(room_for_calls(16, 10_000), 8);
+        assert_eq!(room_for_calls(1, 10_000), 1);
+        assert_eq!(room_for_calls(0, 10_000), 1);
     }
 }

@@ -212,7 +212,7 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         dead_letter_topic: e.dead_letter_topic.clone(),
         buffered: e.buffer.len(),
         capacity: e.buffer.capacity(),
-        paused: e.buffer.paused.load(Ordering::Relaxed),
+        paused: e.buffer.paused.load(Ordering::Acquire),
         received: s.received.load(Ordering::Relaxed),
         handled: s.handled.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),
