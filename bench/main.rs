@@ -6,8 +6,9 @@
 //! each side it reports throughput and process CPU time (user + system) per
 //! message, min/median/max over the rounds, and the ratio kontext/raw.
 //!
-//! Embedded mock cluster by default; `KONTEXT_BOOTSTRAP_SERVERS=host:port`
-//! for a real broker. `DATABASE_URL` runs the outbox scenario on PostgreSQL
+//! Embedded mock cluster by default, run in a child process so that the
+//! CPU measured is the clients' (`--in-process-mock` keeps it in this one);
+//! `KONTEXT_BOOTSTRAP_SERVERS=host:port` for a real broker. `DATABASE_URL` runs the outbox scenario on PostgreSQL
 //! too. See BENCHMARKS.md for what each scenario measures.
 
 use std::future::{Future, IntoFuture};
@@ -127,7 +128,103 @@ fn report(name: &str, raw: &[Sample], kontext: &[Sample]) {
 struct Bench {
     broker: Broker,
     settings: KafkaSettings,
+    /// The broker is librdkafka's mock cluster (in this process or a child).
     embedded: bool,
+    /// The mock cluster's own process, when it runs in one (the default).
+    mock: Option<MockProcess>,
+}
+
+/// librdkafka's mock cluster in a child process (this binary, run with
+/// `--mock-broker`), so the process CPU time measured here is the clients'
+/// alone: in-process, the mock's own work (which swings with its fetch
+/// pacing) is charged to whichever side is running, and its stored records
+/// count in the memory scenario's resident size. The mock answers no
+/// CreateTopics request; topics are created by a line on the child's stdin.
+struct MockProcess {
+    child: std::process::Child,
+    io: std::sync::Mutex<(
+        std::process::ChildStdin,
+        std::io::BufReader<std::process::ChildStdout>,
+    )>,
+}
+
+impl MockProcess {
+    /// Starts the child and returns it with its bootstrap servers.
+    fn start() -> Result<(MockProcess, String), BoxError> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("--mock-broker")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("mock broker process: no pipes".into());
+        };
+        let mut stdout = std::io::BufReader::new(stdout);
+        let mut servers = String::new();
+        stdout.read_line(&mut servers)?;
+        let servers = servers.trim().to_owned();
+        if servers.is_empty() {
+            return Err("the mock broker process did not start".into());
+        }
+        let mock = MockProcess {
+            child,
+            io: std::sync::Mutex::new((stdin, stdout)),
+        };
+        Ok((mock, servers))
+    }
+
+    fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BoxError> {
+        use std::io::{BufRead, Write};
+        let mut io = self.io.lock().map_err(|_| "mock broker pipe poisoned")?;
+        writeln!(io.0, "create {topic} {partitions}")?;
+        io.0.flush()?;
+        let mut answer = String::new();
+        io.1.read_line(&mut answer)?;
+        match answer.trim() {
+            "ok" => Ok(()),
+            other => Err(format!("mock broker: creating {topic}: {other}").into()),
+        }
+    }
+}
+
+impl Drop for MockProcess {
+    fn drop(&mut self) {
+        // Closing stdin ends the child's command loop; kill in case it hangs.
+        if let Ok(mut io) = self.io.lock() {
+            let _ = std::io::Write::flush(&mut io.0);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side of [`MockProcess`]: starts the mock cluster, prints its
+/// bootstrap servers, then creates topics as stdin asks until stdin closes.
+fn mock_broker_child() -> Result<(), BoxError> {
+    use std::io::{BufRead, Write};
+    let broker = kontext::broker::EmbeddedBroker::start(1)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", broker.bootstrap_servers())?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let answer = match parts.as_slice() {
+            ["create", topic, partitions] => match partitions.parse::<i32>() {
+                Ok(p) => match broker.create_topic(topic, p, 1) {
+                    Ok(_) => "ok".to_owned(),
+                    Err(e) => format!("error: {e}"),
+                },
+                Err(e) => format!("error: partitions {partitions:?}: {e}"),
+            },
+            _ => format!("error: unknown command {line:?}"),
+        };
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 impl Bench {
@@ -153,7 +250,21 @@ impl Bench {
 
     async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), BoxError> {
         let model = self.model(topic, partitions, None)?;
-        kontext::broker::provision_topics(&self.broker, &self.settings, &model).await?;
+        self.provision(&model).await
+    }
+
+    /// Creates the model's topics (through the mock's process when it has one).
+    async fn provision(&self, model: &Model) -> Result<(), BoxError> {
+        match &self.mock {
+            Some(mock) => {
+                for t in model.topics() {
+                    mock.create_topic(t.name(), t.partitions())?;
+                }
+            }
+            None => {
+                kontext::broker::provision_topics(&self.broker, &self.settings, model).await?;
+            }
+        }
         Ok(())
     }
 
@@ -568,6 +679,7 @@ async fn scenario_outbox(
     .await?;
     db.execute_unprepared("DELETE FROM bench_order").await?;
     let topic = unique_name("bench-outbox");
+    b.create_topic(&topic, 32).await?;
     let kontext = Kontext::builder(b.model(&topic, 32, None)?)
         .settings(b.settings.clone())
         .broker(b.broker.clone())
@@ -724,6 +836,7 @@ async fn scenario_isolation(b: &Bench, fast_count: u64) -> Result<(), BoxError> 
                     })
             })
             .build()?;
+        b.provision(&model).await?;
         let latencies = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
         let l = Arc::clone(&latencies);
         let with_slow = mode != "alone";
@@ -833,7 +946,7 @@ async fn scenario_memory(b: &Bench, n: u64) -> Result<(), BoxError> {
                 .consumer(|c| c.max_buffered(1_000))
         })
         .build()?;
-    kontext::broker::provision_topics(&b.broker, &b.settings, &model).await?;
+    b.provision(&model).await?;
     let producer: FutureProducer = b
         .settings
         .clone()
@@ -913,6 +1026,9 @@ async fn main() -> Result<(), BoxError> {
         .with_writer(std::io::stderr)
         .init();
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--mock-broker") {
+        return mock_broker_child();
+    }
     let quick = args.iter().any(|a| a == "--quick");
     // `--only produce,consume` runs a subset (for profiling one path).
     let only: Option<Vec<String>> = args
@@ -922,20 +1038,39 @@ async fn main() -> Result<(), BoxError> {
         .map(|v| v.split(',').map(str::to_owned).collect());
     let run = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|s| s == name));
     let settings = KafkaSettings::from_env()?;
-    let broker = Broker::from_settings(&settings)?;
-    let embedded = broker.as_embedded().is_some();
-    let b = Bench {
-        broker,
-        settings,
-        embedded,
+    let in_process = args.iter().any(|a| a == "--in-process-mock");
+    let b = if settings.bootstrap_servers.is_none() && !in_process {
+        let (mock, servers) = MockProcess::start()?;
+        // What kontext sets itself on its embedded broker (see
+        // `Broker::consumer_defaults`), for both sides alike; kontext does
+        // not provision, the mock cannot (topics are made by the child).
+        let settings = settings.provision_topics(false).consumer(|c| {
+            c.session_timeout_ms = Some(2000);
+            c.heartbeat_interval_ms = Some(500);
+            c.librdkafka.set("fetch.wait.max.ms", "10");
+        });
+        Bench {
+            broker: Broker::external(servers),
+            settings,
+            embedded: true,
+            mock: Some(mock),
+        }
+    } else {
+        let broker = Broker::from_settings(&settings)?;
+        Bench {
+            embedded: broker.as_embedded().is_some(),
+            broker,
+            settings,
+            mock: None,
+        }
     };
     let (n, rounds) = if quick { (20_000, 3) } else { (200_000, 3) };
     println!(
         "kontext-bench: {} broker, {n} messages, {rounds} rounds ({} for consume), {} cores",
-        if embedded {
-            "embedded (mock)"
-        } else {
-            "external"
+        match (&b.mock, b.embedded) {
+            (Some(_), _) => "embedded (mock, in its own process)",
+            (None, true) => "embedded (mock, in this process)",
+            (None, false) => "external",
         },
         rounds + 2,
         std::thread::available_parallelism().map_or(0, |p| p.get())
