@@ -41,17 +41,23 @@ impl PartitionOffsets {
         let Some(&(front, _)) = self.in_flight.front() else {
             return;
         };
-        // Offsets are increasing, usually contiguous: try the direct index first.
-        let guess = usize::try_from(offset - front).ok();
-        let index = match guess {
-            Some(i) if self.in_flight.get(i).is_some_and(|(o, _)| *o == offset) => Some(i),
-            _ => self
-                .in_flight
-                .binary_search_by_key(&offset, |(o, _)| *o)
-                .ok(),
-        };
-        if let Some(i) = index {
-            self.in_flight[i].1 = true;
+        if front == offset {
+            // The usual case: messages finish in the order they came.
+            self.in_flight.pop_front();
+            self.committable = Some(offset + 1);
+        } else {
+            // Offsets are increasing, usually contiguous: try the direct index first.
+            let guess = usize::try_from(offset - front).ok();
+            let index = match guess {
+                Some(i) if self.in_flight.get(i).is_some_and(|(o, _)| *o == offset) => Some(i),
+                _ => self
+                    .in_flight
+                    .binary_search_by_key(&offset, |(o, _)| *o)
+                    .ok(),
+            };
+            if let Some(i) = index {
+                self.in_flight[i].1 = true;
+            }
         }
         while let Some(&(o, true)) = self.in_flight.front() {
             self.committable = Some(o + 1);
@@ -91,6 +97,12 @@ impl OffsetTracker {
         if let Some(p) = self.partitions.get_mut(&key) {
             p.finished(offset);
         }
+    }
+
+    /// One partition's offsets, to mark a run of them finished with one
+    /// lookup; `None` if it is not tracked (revoked).
+    pub(crate) fn partition_mut(&mut self, key: PartitionKey) -> Option<&mut PartitionOffsets> {
+        self.partitions.get_mut(&key)
     }
 
     /// `(partition, offset)` to store, for every partition that moved.

@@ -307,12 +307,21 @@ impl LoopState {
         for (i, lane) in self.lanes.iter().enumerate() {
             let done = lane.buffer.done();
             let log = &mut self.lane_state[i].log;
-            while let Some(&(seq, partition, offset)) = log.front() {
+            // A fetch hands over long runs of one partition: one lookup a run.
+            while let Some(&(seq, partition, _)) = log.front() {
                 if seq > done {
                     break;
                 }
-                log.pop_front();
-                self.tracker.finished((i, partition), offset);
+                let mut offsets = self.tracker.partition_mut((i, partition));
+                while let Some(&(seq, p, offset)) = log.front() {
+                    if seq > done || p != partition {
+                        break;
+                    }
+                    log.pop_front();
+                    if let Some(o) = &mut offsets {
+                        o.finished(offset);
+                    }
+                }
             }
         }
     }

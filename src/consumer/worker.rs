@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use crate::codec::CodecError;
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
-use crate::consumer::context::{Lender, Lent, Record};
+use crate::consumer::context::{Lender, Record};
 use crate::consumer::dead_letter::{DeadLetters, Failure};
 use crate::consumer::handler::{Action, HandlerError};
 use crate::consumer::poll::{Rejection, ServiceShared};
@@ -110,13 +110,31 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 // the caller's, once per record.
                 let mut attempt = 1;
                 let finished = loop {
-                    let result = match self.start(&lane.topic, &mut record, lender, attempt) {
-                        Ok((dispatched, lent)) => {
-                            let outcome = dispatched.await;
+                    // Decoded, wrapped and awaited in one expression, so the
+                    // handler's future is built where it is polled instead of
+                    // being moved through return values.
+                    let decoded = self
+                        .spec
+                        .codec()
+                        .decode(record.payload().unwrap_or_default());
+                    let result = match decoded {
+                        Ok(message) => {
+                            let lent = lender.lend(&mut record);
+                            let ctx = MessageContext::new(
+                                Arc::clone(&lane.topic),
+                                &record,
+                                lent.shared(),
+                                attempt,
+                            );
+                            let outcome = Guarded {
+                                span: self.span(&lane.topic, &record, attempt),
+                                future: self.dispatch.dispatch(message, ctx),
+                            }
+                            .await;
                             lender.take_back(lent, &mut record);
                             self.outcome(outcome, attempt)
                         }
-                        Err(failure) => Err(failure),
+                        Err(e) => Err(self.undecodable(&record, &e, attempt)),
                     };
                     let failure = match result {
                         Ok(finished) => break finished,
@@ -160,41 +178,16 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
 }
 
 impl<T: Message, D: Dispatch<T>> Typed<T, D> {
-    /// Decodes a record and starts its dispatch (the caller awaits it, then
-    /// takes the record's message back from the returned cell); `Err` when
-    /// it does not decode.
-    #[allow(clippy::type_complexity)]
-    fn start(
-        &self,
-        topic: &Arc<str>,
-        record: &mut Record,
-        lender: &mut Lender,
-        attempt: u32,
-    ) -> Result<(Guarded<impl Future<Output = Outcome> + Send + '_>, Lent), Failed> {
-        let decoded = self
-            .spec
-            .codec()
-            .decode(record.payload().unwrap_or_default());
-        match decoded {
-            Ok(message) => {
-                let lent = lender.lend(record);
-                let ctx = MessageContext::new(Arc::clone(topic), record, lent.shared(), attempt);
-                let span = tracing::debug_span!(
-                    "kontext.handle",
-                    topic = %topic,
-                    partition = record.partition,
-                    offset = record.offset,
-                    r#type = self.spec.type_name(),
-                    attempt
-                );
-                let dispatched = Guarded {
-                    future: self.dispatch.dispatch(message, ctx),
-                    span,
-                };
-                Ok((dispatched, lent))
-            }
-            Err(e) => Err(self.undecodable(record, &e, attempt)),
-        }
+    /// The span a handler runs in.
+    fn span(&self, topic: &str, record: &Record, attempt: u32) -> tracing::Span {
+        tracing::debug_span!(
+            "kontext.handle",
+            topic = %topic,
+            partition = record.partition,
+            offset = record.offset,
+            r#type = self.spec.type_name(),
+            attempt
+        )
     }
 
     /// Why a record does not decode. On a topic of one type the router does
