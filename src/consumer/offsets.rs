@@ -6,8 +6,6 @@
 
 use std::collections::VecDeque;
 
-use rustc_hash::FxHashMap;
-
 /// A partition of a poll service: its lane (topic) index and partition
 /// number. Integers, not the topic name, so the per-record bookkeeping never
 /// hashes a string.
@@ -82,46 +80,78 @@ impl PartitionOffsets {
     }
 }
 
-/// Offsets of every partition a poll service owns.
+/// Offsets of every partition a poll service owns, indexed by lane and
+/// partition number (both small and dense), so the per-record bookkeeping is
+/// two bounds-checked indexes rather than a hash lookup.
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
-    partitions: FxHashMap<PartitionKey, PartitionOffsets>,
+    lanes: Vec<Vec<Option<PartitionOffsets>>>,
 }
 
 impl OffsetTracker {
-    pub(crate) fn dispatched(&mut self, key: PartitionKey, offset: i64) {
-        self.partitions.entry(key).or_default().dispatched(offset);
+    pub(crate) fn dispatched(&mut self, (lane, partition): PartitionKey, offset: i64) {
+        // Consumed records always carry a partition number >= 0.
+        let Ok(p) = usize::try_from(partition) else {
+            return;
+        };
+        if self.lanes.len() <= lane {
+            self.lanes.resize_with(lane + 1, Vec::new);
+        }
+        let partitions = &mut self.lanes[lane];
+        if partitions.len() <= p {
+            partitions.resize_with(p + 1, || None);
+        }
+        partitions[p]
+            .get_or_insert_with(PartitionOffsets::default)
+            .dispatched(offset);
     }
 
     pub(crate) fn finished(&mut self, key: PartitionKey, offset: i64) {
-        if let Some(p) = self.partitions.get_mut(&key) {
+        if let Some(p) = self.partition_mut(key) {
             p.finished(offset);
         }
     }
 
     /// One partition's offsets, to mark a run of them finished with one
     /// lookup; `None` if it is not tracked (revoked).
-    pub(crate) fn partition_mut(&mut self, key: PartitionKey) -> Option<&mut PartitionOffsets> {
-        self.partitions.get_mut(&key)
+    pub(crate) fn partition_mut(
+        &mut self,
+        (lane, partition): PartitionKey,
+    ) -> Option<&mut PartitionOffsets> {
+        let p = usize::try_from(partition).ok()?;
+        self.lanes.get_mut(lane)?.get_mut(p)?.as_mut()
     }
 
     /// `(partition, offset)` to store, for every partition that moved.
     pub(crate) fn take_committable(&mut self) -> Vec<(PartitionKey, i64)> {
-        self.partitions
-            .iter_mut()
-            .filter_map(|(k, o)| o.take_committable().map(|c| (*k, c)))
-            .collect()
+        let mut ready = Vec::new();
+        for (lane, partitions) in self.lanes.iter_mut().enumerate() {
+            for (p, offsets) in partitions.iter_mut().enumerate() {
+                let Some(offsets) = offsets else { continue };
+                if let (Some(c), Ok(p)) = (offsets.take_committable(), i32::try_from(p)) {
+                    ready.push(((lane, p), c));
+                }
+            }
+        }
+        ready
     }
 
     /// Forgets a partition (revoked): its late acknowledgements are ignored.
-    pub(crate) fn forget(&mut self, key: PartitionKey) {
-        self.partitions.remove(&key);
+    pub(crate) fn forget(&mut self, (lane, partition): PartitionKey) {
+        let slot = usize::try_from(partition)
+            .ok()
+            .and_then(|p| self.lanes.get_mut(lane)?.get_mut(p));
+        if let Some(slot) = slot {
+            *slot = None;
+        }
     }
 
     /// Messages dispatched and not finished, over all partitions.
     pub(crate) fn pending(&self) -> usize {
-        self.partitions
-            .values()
+        self.lanes
+            .iter()
+            .flatten()
+            .flatten()
             .map(PartitionOffsets::pending)
             .sum()
     }
