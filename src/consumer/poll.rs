@@ -142,6 +142,14 @@ impl ServiceShared {
         self.stop.load(Ordering::SeqCst) != RUN
     }
 
+    /// Whether workers must stop after the record in hand: set with every
+    /// cancellation of the runtime's workers, and when the poll loop ends.
+    /// One relaxed load, cheap enough to ask before every record (a
+    /// cancellation token's check takes a lock).
+    pub(crate) fn must_stop_now(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) == STOP_NOW
+    }
+
     fn wake_waiting(&self) {
         let (_, cv) = &self.started;
         cv.notify_all();

@@ -99,7 +99,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
     ) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             for _ in 0..n {
-                if env.cancel.is_cancelled() {
+                if env.shared.must_stop_now() {
                     return false;
                 }
                 let Some(mut record) = batch.pop_front() else {
