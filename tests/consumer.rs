@@ -131,6 +131,36 @@ async fn producer_for(model: &Model, broker: &Broker) -> Kontext {
         .unwrap()
 }
 
+/// Where the `orders_model` tests start: fresh names, the model over them
+/// with `consumer` applied to every type, and a producer-only instance.
+struct Orders {
+    broker: Broker,
+    topic: String,
+    alerts: String,
+    group: String,
+    model: Model,
+    producer: Kontext,
+}
+
+async fn orders(
+    partitions: i32,
+    consumer: impl Fn(kontext::consumer::ConsumerBuilder) -> kontext::consumer::ConsumerBuilder + Clone,
+) -> Orders {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = order_names();
+    let model = orders_model(&topic, &alerts, partitions, consumer);
+    let producer = producer_for(&model, &broker).await;
+    Orders {
+        broker,
+        topic,
+        alerts,
+        group,
+        model,
+        producer,
+    }
+}
+
 fn settings(group: &str) -> KafkaSettings {
     KafkaSettings::new().consumer(|c| c.group_id = Some(group.to_owned()))
 }
@@ -159,11 +189,13 @@ async fn gated_consumer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
-    init_tracing();
-    let broker = broker();
-    let (topic, alerts, group) = order_names();
-    let model = orders_model(&topic, &alerts, 3, |c| c);
-    let producer = producer_for(&model, &broker).await;
+    let Orders {
+        broker,
+        group,
+        model,
+        producer,
+        ..
+    } = orders(3, |c| c).await;
     let p = producer.producer().unwrap();
 
     let n = scaled(10_000) as u32;
@@ -247,13 +279,14 @@ async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocked_type_pauses_alone_and_the_others_keep_flowing() {
-    init_tracing();
-    let broker = broker();
-    let (topic, alerts, group) = order_names();
-    let model = orders_model(&topic, &alerts, 2, |c| {
-        c.max_buffered(10).backpressure(Backpressure::Apply)
-    });
-    let producer = producer_for(&model, &broker).await;
+    let Orders {
+        broker,
+        topic,
+        group,
+        model,
+        producer,
+        ..
+    } = orders(2, |c| c.max_buffered(10).backpressure(Backpressure::Apply)).await;
     let p = producer.producer().unwrap();
 
     let gate = Arc::new(Semaphore::new(0));
@@ -1216,11 +1249,13 @@ async fn per_key_order_holds_across_retries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn types_sharing_a_topic_are_handled_in_partition_order() {
-    init_tracing();
-    let broker = broker();
-    let (topic, alerts, group) = order_names();
-    let model = orders_model(&topic, &alerts, 2, |c| c);
-    let producer = producer_for(&model, &broker).await;
+    let Orders {
+        broker,
+        group,
+        model,
+        producer,
+        ..
+    } = orders(2, |c| c).await;
     let p = producer.producer().unwrap();
     // Created then paid for every order, interleaved across orders.
     for order in 0..100u32 {
@@ -1260,11 +1295,14 @@ async fn types_sharing_a_topic_are_handled_in_partition_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_types_consumed_elsewhere_are_skipped_not_dead_lettered() {
-    init_tracing();
-    let broker = broker();
-    let (topic, alerts, group) = order_names();
-    let model = orders_model(&topic, &alerts, 1, |c| c);
-    let producer = producer_for(&model, &broker).await;
+    let Orders {
+        broker,
+        topic,
+        group,
+        model,
+        producer,
+        ..
+    } = orders(1, |c| c).await;
     let p = producer.producer().unwrap();
     for order in 0..20u32 {
         p.produce(&OrderPaid { order, seq: 0 }).await.unwrap();
@@ -1299,11 +1337,14 @@ async fn model_types_consumed_elsewhere_are_skipped_not_dead_lettered() {
 /// read them first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_context_kept_past_its_handler_still_reads_its_own_key_and_headers() {
-    init_tracing();
-    let broker = broker();
-    let (topic, alerts, group) = order_names();
-    let model = orders_model(&topic, &alerts, 1, |c| c);
-    let producer = producer_for(&model, &broker).await;
+    let Orders {
+        broker,
+        alerts,
+        group,
+        model,
+        producer,
+        ..
+    } = orders(1, |c| c).await;
     let p = producer.producer().unwrap();
     for n in 0..40u32 {
         p.produce(&Alert { n })
