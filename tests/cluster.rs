@@ -1,0 +1,242 @@
+//! Tests that need a real three-node Apache Kafka cluster
+//! (`scripts/kafka start --nodes 3`): replication and leader failover.
+//! `KONTEXT_TEST_CLUSTER` names its bootstrap servers; unset, each test
+//! prints why it is skipped and passes. Tests that kill a node hold one lock,
+//! so only one failover happens at a time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kontext::prelude::*;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde::{Deserialize, Serialize};
+
+const CLUSTER_ENV: &str = "KONTEXT_TEST_CLUSTER";
+static FAILOVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Tick {
+    key: String,
+    seq: u32,
+}
+
+fn cluster(test: &str) -> Option<String> {
+    match std::env::var(CLUSTER_ENV) {
+        Ok(s) if !s.trim().is_empty() => Some(s),
+        _ => {
+            eprintln!("{test}: skipped, {CLUSTER_ENV} is unset (scripts/kafka start --nodes 3)");
+            None
+        }
+    }
+}
+
+/// Runs `scripts/kafka <args> --nodes 3`: the script started the nodes and
+/// holds their PIDs, so it is what kills and restarts them.
+fn kafka_script(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka");
+    let status = Command::new(script)
+        .args(args)
+        .args(["--nodes", "3"])
+        .status()
+        .expect("run scripts/kafka");
+    assert!(status.success(), "scripts/kafka {args:?} failed: {status}");
+}
+
+fn admin_consumer(servers: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("group.id", unique_name("cluster-probe"))
+        .create()
+        .unwrap()
+}
+
+/// Leader and replica count of each partition of `topic`.
+fn partitions(servers: &str, topic: &str) -> Vec<(i32, i32, usize)> {
+    let c = admin_consumer(servers);
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    md.topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| {
+            t.partitions()
+                .iter()
+                .map(|p| (p.id(), p.leader(), p.replicas().len()))
+        })
+        .collect()
+}
+
+/// The partitions once every one of the three has a leader: a topic just
+/// created reaches each broker's metadata a moment later.
+async fn led_partitions(servers: &str, topic: &str) -> Vec<(i32, i32, usize)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let parts = partitions(servers, topic);
+        if parts.len() == 3 && parts.iter().all(|(_, leader, _)| *leader >= 0) {
+            return parts;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leaders for {topic}: {parts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Records stored in `topic`: the sum of the partitions' high watermarks
+/// (no transactions, so every offset is a record).
+fn stored_records(servers: &str, topic: &str, parts: &[(i32, i32, usize)]) -> i64 {
+    let c = admin_consumer(servers);
+    parts
+        .iter()
+        .map(|(p, _, _)| {
+            let (low, high) = c
+                .fetch_watermarks(topic, *p, Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum()
+}
+
+async fn start(servers: &str, topic: &str) -> Kontext {
+    init_tracing();
+    let model = Model::builder()
+        .topic::<Tick>(|t| {
+            t.name(topic)
+                .partitions(3)
+                .replication(3)
+                .key_ref(|e| &e.key)
+        })
+        .build()
+        .unwrap();
+    Kontext::builder(model)
+        .settings(KafkaSettings::new().client_id("cluster-test"))
+        .broker(Broker::external(servers))
+        .producer()
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_creates_replicated_topics() {
+    let Some(servers) = cluster("provisioning_creates_replicated_topics") else {
+        return;
+    };
+    let topic = unique_name("replicated");
+    let kontext = start(&servers, &topic).await;
+    let parts = led_partitions(&servers, &topic).await;
+    for (p, _, replicas) in &parts {
+        assert_eq!(*replicas, 3, "partition {p} should have 3 replicas");
+    }
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_survives_leader_failover_exactly_once_in_key_order() {
+    let Some(servers) = cluster("produce_survives_leader_failover") else {
+        return;
+    };
+    let _one_failover_at_a_time = FAILOVER.lock().await;
+    let topic = unique_name("failover");
+    let kontext = start(&servers, &topic).await;
+    let producer = kontext.producer().unwrap();
+
+    const TOTAL: usize = 50_000;
+    const KEYS: usize = 100;
+    const CHUNK: usize = 500;
+    let mut next: HashMap<usize, u32> = HashMap::new();
+    let events: Vec<Tick> = (0..TOTAL)
+        .map(|i| {
+            let k = (i * 7919) % KEYS;
+            let seq = next.entry(k).or_default();
+            *seq += 1;
+            Tick {
+                key: format!("key-{k}"),
+                seq: *seq,
+            }
+        })
+        .collect();
+
+    let acked = Arc::new(AtomicUsize::new(0));
+    let producing = {
+        let acked = acked.clone();
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            let mut longest = Duration::ZERO;
+            for chunk in events.chunks(CHUNK) {
+                let t = Instant::now();
+                let deliveries = producer.produce_batch(chunk).await.unwrap();
+                assert_eq!(deliveries.len(), chunk.len());
+                longest = longest.max(t.elapsed());
+                acked.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+            longest
+        })
+    };
+
+    let parts = led_partitions(&servers, &topic).await;
+    let leader = parts
+        .iter()
+        .find(|(p, _, _)| *p == 0)
+        .map(|(_, l, _)| *l)
+        .unwrap();
+    wait_until("10k acknowledged", Duration::from_secs(120), || {
+        acked.load(Ordering::SeqCst) >= 10_000
+    })
+    .await;
+    let id = leader.to_string();
+    kafka_script(&["kill-node", &id]);
+    let killed_at = acked.load(Ordering::SeqCst);
+    wait_until(
+        "produce to go on after the kill",
+        Duration::from_secs(180),
+        || acked.load(Ordering::SeqCst) >= (killed_at + 10_000).min(TOTAL),
+    )
+    .await;
+    kafka_script(&["start-node", &id]);
+    let longest_batch = tokio::time::timeout(Duration::from_secs(300), producing)
+        .await
+        .expect("produce finishes")
+        .unwrap();
+    eprintln!(
+        "killed node {id} (leader of partition 0); longest {CHUNK}-message batch: {longest_batch:?}"
+    );
+
+    // Exactly once: the partitions hold TOTAL records, no more.
+    let stored = stored_records(&servers, &topic, &parts);
+    assert_eq!(stored, TOTAL as i64, "records stored on the topic");
+    let records = read_topic(kontext.broker(), &topic, TOTAL, Duration::from_secs(180))
+        .await
+        .unwrap();
+    assert_eq!(
+        records.len(),
+        TOTAL,
+        "every acknowledged message is readable"
+    );
+    let mut last: HashMap<String, u32> = HashMap::new();
+    for r in &records {
+        let t: Tick = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
+        let prev = last.insert(t.key.clone(), t.seq).unwrap_or(0);
+        assert_eq!(t.seq, prev + 1, "key {} out of order or duplicated", t.key);
+    }
+    assert_eq!(last.len(), KEYS);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
