@@ -198,7 +198,7 @@ async fn three_types_over_two_topics_reach_their_handlers_exactly_once() {
     } = orders(3, |c| c).await;
     let p = producer.producer().unwrap();
 
-    let n = scaled(10_000) as u32;
+    let n = 10_000u32;
     let per_type = n / 3;
     let created: Vec<OrderCreated> = (0..per_type)
         .map(|i| OrderCreated {
@@ -385,7 +385,7 @@ async fn a_full_single_topic_service_holds_no_more_than_its_buffer() {
         .unwrap();
     let producer = producer_for(&model, &broker).await;
     let (consumer, seen, gate) = gated_consumer(model, broker, &group).await;
-    let n = scaled(300) as u32;
+    let n = 300u32;
     let events: Vec<OrderCreated> = (0..n)
         .map(|i| OrderCreated {
             order: i % 5,
@@ -607,7 +607,7 @@ async fn crash_or_shutdown(graceful: bool) -> (Vec<u32>, Vec<u32>, u32) {
         .build()
         .unwrap();
     let producer = producer_for(&model, &broker).await;
-    let total = scaled(2_000) as u32;
+    let total = 2_000u32;
     let events: Vec<OrderCreated> = (0..total)
         .map(|seq| OrderCreated {
             order: seq % 30,

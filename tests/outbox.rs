@@ -229,7 +229,7 @@ async fn two_relays_send_each_message_once_in_key_order() {
     let topic = unique_name("shipping.shipment.created");
     let model = model(&topic, 6, OutboxMode::Background);
     let keys = 100u32;
-    let per_key = (scaled(10_000) as u32) / keys;
+    let per_key = 10_000u32 / keys;
 
     let writer = start(&model, &broker, &db, no_relay()).await;
     let outbox = writer.outbox().unwrap();

@@ -112,7 +112,7 @@ async fn per_key_order_holds_for_10k_messages_across_6_partitions() {
 
     let keys: Vec<String> = (0..60).map(|i| format!("order-{i}")).collect();
     let mut next_seq: HashMap<&str, u32> = HashMap::new();
-    let total = scaled(10_000);
+    let total = 10_000;
     let events: Vec<OrderCreated> = (0..total)
         .map(|i| {
             let key = &keys[(i * 7919) % keys.len()];
@@ -178,7 +178,7 @@ async fn single_calls_wait_for_queue_room_and_keep_their_call_order() {
     let kontext = start_with(&topic, 3, settings).await;
     let producer = kontext.producer().unwrap();
 
-    let total = scaled(2_000);
+    let total = 2_000;
     let events: Vec<OrderCreated> = (0..total)
         .map(|i| OrderCreated {
             order_id: format!("order-{}", i % 5),

@@ -42,11 +42,5 @@ pub fn broker_kind() -> BrokerKind {
     }
 }
 
-/// A message count for a broker-behaviour test: the same on the embedded
-/// broker and on Apache Kafka (the 1/10 scale that Tansu needed is gone).
-pub fn scaled(n: usize) -> usize {
-    n
-}
-
 /// Generous: the real broker in CI shares two cores with the build.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
