@@ -410,6 +410,53 @@ async fn a_poison_row_fails_after_bounded_attempts_and_the_rest_go_on() {
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// Issue 14, defect 2: concurrent immediate commits of one process shared
+/// one lease owner, so they did not exclude each other or the relay, and a
+/// row read before its lease was taken could be sent again after the relay
+/// had sent and deleted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_immediate_commits_send_each_row_once_in_key_order() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 3, OutboxMode::ImmediateWithFallback);
+    let kontext = start(&model, &broker, &db, fast()).await;
+    let (writers, per_key) = (8u32, 40u32);
+    let mut tasks = tokio::task::JoinSet::new();
+    for shipment in 0..writers {
+        let outbox = kontext.outbox().unwrap().clone();
+        // One key per writer, so each key's commit order is its seq order;
+        // eight keys over 16 shards share shards, so commits contend.
+        tasks.spawn(async move {
+            for seq in 0..per_key {
+                let mut tx = outbox.begin().await.unwrap();
+                tx.publish(&ShipmentCreated {
+                    shipment,
+                    seq,
+                    note: String::new(),
+                })
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.unwrap();
+    }
+    wait_pending_zero(&kontext).await;
+    let expected = usize::try_from(writers * per_key).unwrap();
+    let records = read_topic(&broker, &topic, expected + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let events = decode(&records);
+    let distinct: BTreeSet<(u32, u32)> = events.iter().map(|e| (e.shipment, e.seq)).collect();
+    assert_eq!(distinct.len(), expected, "nothing lost");
+    assert_eq!(events.len(), expected, "nothing sent twice");
+    assert_per_key_order(&events, per_key);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn immediate_mode_sends_at_commit_once() {
     init_tracing();

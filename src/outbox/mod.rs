@@ -190,7 +190,7 @@ impl Outbox {
         Ok(self.insert(conn, message).await?.0)
     }
 
-    async fn insert<C, T>(&self, conn: &C, message: &T) -> Result<(Uuid, i64, OutboxMode)>
+    async fn insert<C, T>(&self, conn: &C, message: &T) -> Result<(Uuid, i64, i32, OutboxMode)>
     where
         C: ConnectionTrait,
         T: Message,
@@ -236,7 +236,7 @@ impl Outbox {
             operation: "insert into the outbox",
             source,
         })?;
-        Ok((message_id, inserted.seq, spec.outbox_mode()))
+        Ok((message_id, inserted.seq, shard, spec.outbox_mode()))
     }
 
     /// Begins a transaction on the outbox's database whose commit wakes the
@@ -336,15 +336,16 @@ impl fmt::Debug for Outbox {
 pub struct OutboxTransaction {
     txn: DatabaseTransaction,
     outbox: Outbox,
-    immediate: Vec<i64>,
+    /// Immediate-mode rows written here: (seq, shard).
+    immediate: Vec<(i64, i32)>,
 }
 
 impl OutboxTransaction {
     /// Writes `message` into the outbox within this transaction.
     pub async fn publish<T: Message>(&mut self, message: &T) -> Result<Uuid> {
-        let (id, seq, mode) = self.outbox.insert(&self.txn, message).await?;
+        let (id, seq, shard, mode) = self.outbox.insert(&self.txn, message).await?;
         if mode == OutboxMode::ImmediateWithFallback {
-            self.immediate.push(seq);
+            self.immediate.push((seq, shard));
         }
         Ok(id)
     }

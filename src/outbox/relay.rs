@@ -333,27 +333,35 @@ async fn record_failure(inner: &Inner, r: &row::Model, error: String) -> Result<
 
 /// Sends freshly committed rows at once, each under its shard's lease;
 /// whatever cannot go now is left to the relay.
-pub(super) async fn send_immediately(inner: &Inner, seqs: &[i64]) {
-    let owner = format!("{}:immediate", inner.relay_id);
-    for &seq in seqs {
-        if let Err(e) = send_one(inner, seq, &owner).await {
+///
+/// Every commit leases under an owner of its own, so concurrent commits of
+/// one process exclude each other as they exclude relays: a shared owner
+/// would let them all "hold" a shard at once.
+pub(super) async fn send_immediately(inner: &Inner, rows: &[(i64, i32)]) {
+    let owner = format!("{}:immediate:{}", inner.relay_id, uuid::Uuid::now_v7());
+    for &(seq, shard) in rows {
+        if let Err(e) = send_one(inner, seq, shard, &owner).await {
             tracing::debug!(seq, error = %e, "immediate send skipped; the relay will send it");
         }
     }
 }
 
-async fn send_one(inner: &Inner, seq: i64, owner: &str) -> Result<()> {
-    let Some(r) = row::Entity::find_by_id(seq)
-        .one(&inner.db)
-        .await
-        .map_err(db_err("read an outbox row"))?
-    else {
-        return Ok(());
-    };
-    if !acquire(inner, r.shard, owner).await? {
+async fn send_one(inner: &Inner, seq: i64, shard: i32, owner: &str) -> Result<()> {
+    if !acquire(inner, shard, owner).await? {
         return Ok(());
     }
     let result = async {
+        // Read under the lease: a relay that sent the row deleted it before
+        // releasing, so a row still here has not been sent. (Read before the
+        // lease, it could be a copy the relay sent in the meantime.)
+        let Some(r) = row::Entity::find_by_id(seq)
+            .filter(row::Column::State.eq(row::PENDING))
+            .one(&inner.db)
+            .await
+            .map_err(db_err("read an outbox row"))?
+        else {
+            return Ok(());
+        };
         if let Some(k) = &r.key {
             let earlier = row::Entity::find()
                 .filter(row::Column::Shard.eq(r.shard))
@@ -381,6 +389,6 @@ async fn send_one(inner: &Inner, seq: i64, owner: &str) -> Result<()> {
         Ok(())
     }
     .await;
-    release(inner, r.shard, owner).await;
+    release(inner, shard, owner).await;
     result
 }
