@@ -240,3 +240,165 @@ async fn produce_survives_leader_failover_exactly_once_in_key_order() {
     assert_eq!(last.len(), KEYS);
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A consumer group keeps going while the leader of partition 0 is killed
+/// and comes back: every message is handled at least once, none is skipped,
+/// each key's first deliveries come in the order it was produced, and once
+/// the consumer stopped, the group's committed offsets are the end of every
+/// partition. Redeliveries are allowed (the broker may lose the last commit
+/// with the node); the test prints how many there were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_group_keeps_going_across_a_leader_failover() {
+    let Some(servers) = cluster("a_consumer_group_keeps_going_across_a_leader_failover") else {
+        return;
+    };
+    let _one_failover_at_a_time = FAILOVER.lock().await;
+    let topic = unique_name("failover-consume");
+    let group = unique_name("failover-group");
+    const TOTAL: u32 = 30_000;
+    const KEYS: u32 = 60;
+
+    // Provisions the topic; the consumer joins before anything is produced.
+    let producing = start(&servers, &topic).await;
+    let parts = led_partitions(&servers, &topic).await;
+
+    let handled: Arc<std::sync::Mutex<Vec<Tick>>> = Arc::default();
+    let model = Model::builder()
+        .topic::<Tick>(|t| {
+            t.name(&topic)
+                .partitions(3)
+                .replication(3)
+                .key_ref(|e| &e.key)
+                .consumer(|c| c)
+        })
+        .build()
+        .unwrap();
+    let sink = handled.clone();
+    let consumer = Kontext::builder(model)
+        .settings(
+            KafkaSettings::new()
+                .client_id("cluster-consumer")
+                .consumer(|c| c.group_id = Some(group.clone())),
+        )
+        .broker(Broker::external(&servers))
+        .consumers(move |c| {
+            c.handler(move |t: Tick, _ctx: MessageContext| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(t);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    // Produced while the node dies and returns, so the consumer fetches and
+    // commits across the failover rather than after it.
+    let producer = producing.producer().unwrap().clone();
+    let feeding = tokio::spawn(async move {
+        let events: Vec<Tick> = (0..TOTAL)
+            .map(|i| Tick {
+                key: format!("key-{}", i % KEYS),
+                seq: i / KEYS + 1,
+            })
+            .collect();
+        for chunk in events.chunks(500) {
+            producer.produce_batch(chunk).await.unwrap();
+        }
+    });
+    let count = || handled.lock().unwrap().len();
+    wait_until("5k handled", Duration::from_secs(120), || count() >= 5_000).await;
+
+    let leader = parts
+        .iter()
+        .find(|(p, _, _)| *p == 0)
+        .map(|(_, l, _)| *l)
+        .unwrap();
+    let id = leader.to_string();
+    kafka_script(&["kill-node", &id]);
+    let killed_at = count();
+    let distinct = |h: &[Tick]| {
+        h.iter()
+            .map(|t| (t.key.clone(), t.seq))
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    wait_until(
+        "every message handled with the node down",
+        Duration::from_secs(180),
+        || distinct(&handled.lock().unwrap()) >= TOTAL as usize,
+    )
+    .await;
+    kafka_script(&["start-node", &id]);
+    tokio::time::timeout(Duration::from_secs(60), feeding)
+        .await
+        .expect("produce finishes")
+        .unwrap();
+    consumer.shutdown(Duration::from_secs(30)).await.unwrap();
+
+    let handled = handled.lock().unwrap().clone();
+    let mut first_max: HashMap<String, u32> = HashMap::new();
+    let mut redelivered = 0usize;
+    for t in &handled {
+        let max = first_max.entry(t.key.clone()).or_insert(0);
+        if t.seq <= *max {
+            redelivered += 1;
+        } else {
+            assert_eq!(t.seq, *max + 1, "key {} skipped a message", t.key);
+            *max = t.seq;
+        }
+    }
+    assert_eq!(first_max.len(), KEYS as usize);
+    assert!(
+        first_max.values().all(|m| *m == TOTAL / KEYS),
+        "{first_max:?}"
+    );
+    eprintln!(
+        "killed node {id} (leader of partition 0) after {killed_at} handled; {} deliveries for {TOTAL} messages, {redelivered} redelivered",
+        handled.len()
+    );
+
+    // Everything handled is committed: the group's offsets are the ends.
+    let committed = committed_offsets(&servers, &group, &topic, &parts);
+    let ends: Vec<(i32, i64)> = {
+        let c = admin_consumer(&servers);
+        parts
+            .iter()
+            .map(|(p, _, _)| {
+                let (_, high) = c
+                    .fetch_watermarks(&topic, *p, Duration::from_secs(10))
+                    .unwrap();
+                (*p, high)
+            })
+            .collect()
+    };
+    assert_eq!(committed, ends, "committed offsets after shutdown");
+    producing.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// The offsets `group` committed on each of `parts`, by partition.
+fn committed_offsets(
+    servers: &str,
+    group: &str,
+    topic: &str,
+    parts: &[(i32, i32, usize)],
+) -> Vec<(i32, i64)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", servers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for (p, _, _) in parts {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(30)).unwrap();
+    let out = committed
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+        .collect();
+    drop(committed);
+    out
+}

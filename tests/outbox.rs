@@ -512,3 +512,95 @@ async fn immediate_mode_sends_at_commit_once() {
         1
     );
 }
+
+const CHILD_DB: &str = "KONTEXT_CHILD_DATABASE_URL";
+const CHILD_TOPIC: &str = "KONTEXT_CHILD_TOPIC";
+const CHILD_GO: &str = "KONTEXT_CHILD_GO_FILE";
+
+/// Issue 14, defect 6: replicas that start together on a fresh PostgreSQL
+/// database raced in kontext's migrations and most of them died at start.
+/// Four processes start at once (released together by a file); each must
+/// start and write a row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_instances_starting_together_on_a_fresh_database_all_start() {
+    init_tracing();
+    let url = kontext::testing::fresh_database_url().await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let go = std::env::temp_dir().join(unique_name("kontext-go"));
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<std::process::Child> = (0..4)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "instance_child_process", "--ignored", "--quiet"])
+                .env(CHILD_DB, &url)
+                .env(CHILD_TOPIC, &topic)
+                .env(CHILD_GO, &go)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::fs::write(&go, b"go").unwrap();
+    let outputs = tokio::task::spawn_blocking(move || {
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let _ = std::fs::remove_file(&go);
+    for (i, out) in outputs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "instance {i} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let db = kontext::db::connect(&url).await.unwrap();
+    let rows = db
+        .query_one(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM kontext_outbox",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+        .try_get::<i64>("", "n")
+        .unwrap();
+    assert_eq!(rows, 4, "each instance wrote its row");
+}
+
+/// The body of one instance of the test above, run in a process of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of four_instances_starting_together_on_a_fresh_database_all_start"]
+async fn instance_child_process() {
+    let url = std::env::var(CHILD_DB).expect("started by its parent test");
+    let topic = std::env::var(CHILD_TOPIC).unwrap();
+    let go = std::path::PathBuf::from(std::env::var(CHILD_GO).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !go.exists() {
+        assert!(Instant::now() < deadline, "never released");
+        std::thread::yield_now();
+    }
+    let db = kontext::db::connect(&url).await.unwrap();
+    let kontext = Kontext::builder(model(&topic, 1, OutboxMode::Background))
+        .broker(broker())
+        .database(db)
+        .outbox_settings(no_relay())
+        .start()
+        .await
+        .unwrap();
+    let mut tx = kontext.outbox().unwrap().begin().await.unwrap();
+    tx.publish(&ShipmentCreated {
+        shipment: std::process::id(),
+        seq: 0,
+        note: String::new(),
+    })
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -88,3 +88,68 @@ async fn provisioning_can_be_turned_off() {
         .unwrap();
     assert!(kontext.provisioned().is_none());
 }
+
+/// An existing topic is left as it is, and every declared difference is
+/// reported: partitions, replication and configs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_topic_that_differs_is_reported_and_left_unchanged() {
+    init_tracing();
+    if !external() {
+        eprintln!("skipped: the embedded cluster cannot describe topic configs");
+        return;
+    }
+    let topic = unique_name("shipping.shipment.created");
+    let broker = broker();
+    let settings = KafkaSettings::new();
+    let original = Model::builder()
+        .topic::<ShipmentCreated>(|t| {
+            t.name(&topic)
+                .partitions(2)
+                .replication(1)
+                .config("retention.ms", "3600000")
+                .config("cleanup.policy", "delete")
+        })
+        .build()
+        .unwrap();
+    let first = provision_topics(&broker, &settings, &original)
+        .await
+        .unwrap();
+    assert_eq!(first.created, vec![topic.clone()]);
+
+    let same = provision_topics(&broker, &settings, &original)
+        .await
+        .unwrap();
+    assert!(same.config_mismatches.is_empty(), "{same:?}");
+    assert!(same.partition_mismatches.is_empty(), "{same:?}");
+
+    let changed = Model::builder()
+        .topic::<ShipmentCreated>(|t| {
+            t.name(&topic)
+                .partitions(3)
+                .replication(1)
+                .config("retention.ms", "7200000")
+                .config("cleanup.policy", "delete")
+        })
+        .build()
+        .unwrap();
+    let report = provision_topics(&broker, &settings, &changed)
+        .await
+        .unwrap();
+    assert_eq!(report.existing, vec![topic.clone()]);
+    assert_eq!(report.partition_mismatches, vec![(topic.clone(), 3, 2)]);
+    assert_eq!(
+        report.config_mismatches,
+        vec![kontext::broker::ConfigMismatch {
+            topic: topic.clone(),
+            setting: "retention.ms".into(),
+            declared: "7200000".into(),
+            actual: Some("3600000".into()),
+        }]
+    );
+    // Left unchanged: asking with the original model again finds no difference.
+    let again = provision_topics(&broker, &settings, &original)
+        .await
+        .unwrap();
+    assert!(again.config_mismatches.is_empty(), "{again:?}");
+    assert!(again.partition_mismatches.is_empty(), "{again:?}");
+}

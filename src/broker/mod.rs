@@ -7,7 +7,7 @@ mod provision;
 use std::sync::Arc;
 
 pub use embedded::EmbeddedBroker;
-pub use provision::{ProvisionReport, TopicToCreate, provision, provision_topics};
+pub use provision::{ConfigMismatch, ProvisionReport, TopicToCreate, provision, provision_topics};
 
 use crate::config::KafkaSettings;
 use crate::error::Result;

@@ -2,14 +2,16 @@
 //!
 //! Real brokers get an admin CreateTopics request; the embedded cluster does
 //! not implement it, so its topics are created through the mock API. An
-//! existing topic is never altered: if its partition count differs from the
-//! model, that is reported (and logged) rather than "fixed", because adding
-//! partitions moves keys to other partitions and breaks per-key order.
+//! existing topic is never altered: if its partition count, replication
+//! factor or a declared config differs from the model, that is reported (and
+//! logged) rather than "fixed": adding partitions moves keys to other
+//! partitions and breaks per-key order, and a config another team set on a
+//! shared topic is theirs to change.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -28,6 +30,23 @@ pub struct ProvisionReport {
     /// Existing topics whose partition count differs from the model:
     /// `(topic, declared, actual)`.
     pub partition_mismatches: Vec<(String, i32, i32)>,
+    /// Existing topics whose replication factor or a declared topic config
+    /// differs from the model (real brokers only; the embedded cluster
+    /// cannot describe configs).
+    pub config_mismatches: Vec<ConfigMismatch>,
+}
+
+/// A declared setting an existing topic does not have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigMismatch {
+    /// The topic.
+    pub topic: String,
+    /// The setting: a topic config name, or `replication.factor`.
+    pub setting: String,
+    /// What the model declares.
+    pub declared: String,
+    /// What the broker has; `None` if it does not report the setting.
+    pub actual: Option<String>,
 }
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -145,6 +164,7 @@ pub async fn provision(
                     }
                 }
             }
+            check_configs(&admin, topics, &options, &mut report).await?;
             check_partitions(admin, topics, &mut report).await?;
         }
     }
@@ -170,15 +190,15 @@ async fn check_partitions(
     if report.existing.is_empty() {
         return Ok(());
     }
-    let expected: Vec<(String, i32)> = topics
+    let expected: Vec<(String, i32, Option<i32>)> = topics
         .iter()
         .filter(|t| report.existing.contains(&t.name))
-        .map(|t| (t.name.clone(), t.partitions))
+        .map(|t| (t.name.clone(), t.partitions, t.replication))
         .collect();
     // Metadata requests block the calling thread.
     let mismatches = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        for (name, declared) in expected {
+        let (mut out, mut replication) = (Vec::new(), Vec::new());
+        for (name, declared, declared_replication) in expected {
             let metadata = admin
                 .inner()
                 .fetch_metadata(Some(&name), ADMIN_TIMEOUT)
@@ -196,11 +216,22 @@ async fn check_partitions(
                         actual,
                         "existing topic has a different partition count than the model; left unchanged"
                     );
-                    out.push((name, declared, actual));
+                    out.push((name.clone(), declared, actual));
+                }
+                let replicas = t.partitions().first().map(|p| p.replicas().len());
+                if let (Some(want), Some(have)) = (declared_replication, replicas) {
+                    if usize::try_from(want).ok() != Some(have) {
+                        replication.push(mismatch(
+                            &name,
+                            "replication.factor",
+                            &want.to_string(),
+                            Some(have.to_string()),
+                        ));
+                    }
                 }
             }
         }
-        Ok::<_, Error>(out)
+        Ok::<_, Error>((out, replication))
     })
     .await
     .map_err(|e| Error::Provision {
@@ -208,6 +239,72 @@ async fn check_partitions(
         reason: format!("metadata check did not finish: {e}"),
         source: None,
     })??;
-    report.partition_mismatches = mismatches;
+    report.partition_mismatches = mismatches.0;
+    report.config_mismatches.extend(mismatches.1);
+    Ok(())
+}
+
+fn mismatch(topic: &str, setting: &str, declared: &str, actual: Option<String>) -> ConfigMismatch {
+    tracing::warn!(
+        topic,
+        setting,
+        declared,
+        actual = actual.as_deref().unwrap_or("(not reported)"),
+        "existing topic differs from the model; left unchanged"
+    );
+    ConfigMismatch {
+        topic: topic.to_owned(),
+        setting: setting.to_owned(),
+        declared: declared.to_owned(),
+        actual,
+    }
+}
+
+/// Compares the configs the model declares for existing topics with what
+/// the broker reports (DescribeConfigs).
+async fn check_configs(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[TopicToCreate],
+    options: &AdminOptions,
+    report: &mut ProvisionReport,
+) -> Result<()> {
+    let declared: Vec<&TopicToCreate> = topics
+        .iter()
+        .filter(|t| report.existing.contains(&t.name) && !t.configs.is_empty())
+        .collect();
+    if declared.is_empty() {
+        return Ok(());
+    }
+    let specifiers: Vec<ResourceSpecifier<'_>> = declared
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(&t.name))
+        .collect();
+    let described = admin
+        .describe_configs(&specifiers, options)
+        .await
+        .map_err(|source| Error::Provision {
+            topic: declared
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            reason: "the DescribeConfigs request failed".into(),
+            source: Some(Box::new(source)),
+        })?;
+    for (topic, result) in declared.iter().zip(described) {
+        let resource = result.map_err(|code| Error::Provision {
+            topic: topic.name.clone(),
+            reason: format!("describing its configs, the broker answered {code}"),
+            source: Some(Box::new(rdkafka::error::KafkaError::AdminOp(code))),
+        })?;
+        for (key, want) in &topic.configs {
+            let have = resource.get(key).and_then(|e| e.value.clone());
+            if have.as_deref() != Some(want.as_str()) {
+                report
+                    .config_mismatches
+                    .push(mismatch(&topic.name, key, want, have));
+            }
+        }
+    }
     Ok(())
 }

@@ -25,7 +25,10 @@ pub mod outbox_entity;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sea_orm::{Database, DatabaseConnection, DbErr, SqlErr};
+use sea_orm::{
+    ConnectionTrait as _, Database, DatabaseConnection, DbBackend, DbErr, SqlErr, Statement,
+    TransactionTrait as _,
+};
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 pub use migration::migrations;
@@ -49,14 +52,44 @@ impl MigratorTrait for Migrator {
 
 use sea_orm::sea_query::IntoIden as _;
 
+/// The PostgreSQL advisory lock that serializes kontext's migrations
+/// (an arbitrary constant: "kontext" in ASCII).
+const MIGRATION_LOCK: i64 = 0x006b_6f6e_7465_7874;
+
 /// Creates or updates kontext's tables.
+///
+/// Replicas starting together on a fresh database race in their migrations
+/// (on PostgreSQL `CREATE TABLE IF NOT EXISTS` is not atomic and the loser
+/// fails on `pg_type_typname_nsp_index`; on SQLite two processes both record
+/// the migration's version), so the migrations run in one transaction that
+/// first takes a lock: a transaction-scoped advisory lock on PostgreSQL, the
+/// database's write lock on SQLite (taken by a write as the transaction's
+/// first statement). The lock ends with the transaction, so a crashed
+/// instance cannot leave it held.
 pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
-    Migrator::up(db, None)
+    let err = |source| Error::Database {
+        operation: "migrate kontext's tables",
+        source,
+    };
+    let backend = db.get_database_backend();
+    let lock = match backend {
+        DbBackend::Postgres => format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"),
+        DbBackend::Sqlite => {
+            db.execute_unprepared(
+                "CREATE TABLE IF NOT EXISTS kontext_migration_lock (id INTEGER PRIMARY KEY)",
+            )
+            .await
+            .map_err(err)?;
+            "INSERT OR REPLACE INTO kontext_migration_lock (id) VALUES (1)".to_owned()
+        }
+        DbBackend::MySql => return Migrator::up(db, None).await.map_err(err),
+    };
+    let txn = db.begin().await.map_err(err)?;
+    txn.execute(Statement::from_string(backend, lock))
         .await
-        .map_err(|source| Error::Database {
-            operation: "migrate kontext's tables",
-            source,
-        })
+        .map_err(err)?;
+    Migrator::up(&txn, None).await.map_err(err)?;
+    txn.commit().await.map_err(err)
 }
 
 /// Connects to `url` (`sqlite://...`, `postgres://...`).

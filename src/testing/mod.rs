@@ -43,6 +43,12 @@ pub fn database_url() -> Option<String> {
 /// server of `DATABASE_URL`, or a new SQLite file in the temp directory when
 /// it is unset. Tables are not created; kontext migrates them at start.
 pub async fn database() -> Result<sea_orm::DatabaseConnection> {
+    crate::db::connect(&fresh_database_url().await?).await
+}
+
+/// The URL of a new, empty database, made as [`database`] makes it: for
+/// tests that hand it to other processes.
+pub async fn fresh_database_url() -> Result<String> {
     use sea_orm::ConnectionTrait;
     match database_url() {
         Some(url) if url.starts_with("postgres") => {
@@ -58,12 +64,12 @@ pub async fn database() -> Result<sea_orm::DatabaseConnection> {
             drop(admin);
             let base = url.split('?').next().unwrap_or(&url);
             let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
-            crate::db::connect(&format!("{server}/{name}")).await
+            Ok(format!("{server}/{name}"))
         }
-        Some(url) => crate::db::connect(&url).await,
+        Some(url) => Ok(url),
         None => {
             let path = std::env::temp_dir().join(format!("{}.db", unique_name("kontext")));
-            crate::db::connect(&format!("sqlite://{}?mode=rwc", path.display())).await
+            Ok(format!("sqlite://{}?mode=rwc", path.display()))
         }
     }
 }
