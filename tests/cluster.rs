@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
+use kontext::broker::provision_topics;
 use kontext::prelude::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -136,17 +137,65 @@ async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> boo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn provisioning_creates_replicated_topics() {
+async fn provisioning_creates_replicated_topics_with_their_configs_and_reports_differences() {
     let Some(servers) = cluster("provisioning_creates_replicated_topics") else {
         return;
     };
+    init_tracing();
     let topic = unique_name("replicated");
-    let kontext = start(&servers, &topic).await;
+    let declared = |replication: i32, retention: &str| {
+        let retention = retention.to_owned();
+        let topic = topic.clone();
+        Model::builder()
+            .topic::<Tick>(move |t| {
+                t.name(&topic)
+                    .partitions(3)
+                    .replication(replication)
+                    .config("retention.ms", retention)
+                    .config("min.insync.replicas", "2")
+                    .key_ref(|e| &e.key)
+            })
+            .build()
+            .unwrap()
+    };
+    let broker = Broker::external(&servers);
+    let settings = KafkaSettings::new();
+    let created = provision_topics(&broker, &settings, &declared(3, "3600000"))
+        .await
+        .unwrap();
+    assert_eq!(created.created, vec![topic.clone()]);
     let parts = led_partitions(&servers, &topic).await;
     for (p, _, replicas) in &parts {
         assert_eq!(*replicas, 3, "partition {p} should have 3 replicas");
     }
-    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+    // The configs are the model's: provisioning again finds no difference.
+    let same = provision_topics(&broker, &settings, &declared(3, "3600000"))
+        .await
+        .unwrap();
+    assert_eq!(same.existing, vec![topic.clone()]);
+    assert!(same.config_mismatches.is_empty(), "{same:?}");
+
+    let differs = provision_topics(&broker, &settings, &declared(2, "7200000"))
+        .await
+        .unwrap();
+    let mut found: Vec<(String, String, Option<String>)> = differs
+        .config_mismatches
+        .iter()
+        .map(|m| (m.setting.clone(), m.declared.clone(), m.actual.clone()))
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            ("replication.factor".into(), "2".into(), Some("3".into())),
+            (
+                "retention.ms".into(),
+                "7200000".into(),
+                Some("3600000".into())
+            ),
+        ]
+    );
+    assert!(differs.partition_mismatches.is_empty(), "{differs:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
