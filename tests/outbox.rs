@@ -604,3 +604,67 @@ async fn instance_child_process() {
     tx.commit().await.unwrap();
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Issue 14, defect 5: a relay batch read the first `batch_size` pending
+/// rows of a shard; when they all belonged to a key in backoff, the pass
+/// ended and the keys behind them starved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_in_backoff_holds_back_only_its_own_rows() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 1, OutboxMode::Background);
+    // One shard, so both keys share the relay's batches.
+    let one_shard = |run_relay| OutboxSettings {
+        shards: 1,
+        batch_size: 50,
+        run_relay,
+        ..fast()
+    };
+    let writer = start(&model, &broker, &db, one_shard(false)).await;
+    let mut tx = writer.outbox().unwrap().begin().await.unwrap();
+    for (shipment, count) in [(1u32, 120u32), (2, 5)] {
+        for seq in 0..count {
+            tx.publish(&ShipmentCreated {
+                shipment,
+                seq,
+                note: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    writer.shutdown(Duration::from_secs(10)).await.unwrap();
+    // Shipment 1's first row failed once and waits an hour for its retry.
+    let in_an_hour = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000;
+    db.execute_unprepared(&format!(
+        "UPDATE kontext_outbox SET attempts = 1, next_attempt_at = {in_an_hour} \
+         WHERE seq = (SELECT MIN(seq) FROM kontext_outbox)"
+    ))
+    .await
+    .unwrap();
+
+    let relay = start(&model, &broker, &db, one_shard(true)).await;
+    let records = read_topic(&broker, &topic, 5, READ_TIMEOUT).await.unwrap();
+    let events = decode(&records);
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.shipment, e.seq))
+            .collect::<Vec<_>>(),
+        (0..5).map(|seq| (2, seq)).collect::<Vec<_>>(),
+        "shipment 2 went out, in order, and nothing of shipment 1"
+    );
+    // Shipment 1 stays held: all its rows wait behind the first.
+    assert_eq!(relay.outbox().unwrap().pending().await.unwrap(), 120);
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    let after = read_topic(&broker, &topic, 6, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 5, "shipment 1 was not sent out of order");
+}

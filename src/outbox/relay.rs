@@ -203,9 +203,36 @@ async fn relay_shard(inner: &Inner, shard: i32) -> Result<usize> {
 /// Publishes the next batch of `shard`. Returns rows sent and whether the
 /// batch was full (so more may wait).
 async fn relay_batch(inner: &Inner, shard: i32) -> Result<(usize, bool)> {
-    let rows = row::Entity::find()
+    let now = now_ms();
+    // Keys with a row waiting for its next attempt are left out of the batch
+    // altogether, so they hold back only their own later rows: read as part
+    // of the batch, a backlog of one such key could fill every batch and
+    // starve the keys behind it. Usually there are none, and this is one
+    // indexed query.
+    let backing_off: Vec<Option<Vec<u8>>> = row::Entity::find()
+        .select_only()
+        .column(row::Column::Key)
+        .distinct()
         .filter(row::Column::Shard.eq(shard))
         .filter(row::Column::State.eq(row::PENDING))
+        .filter(row::Column::NextAttemptAt.gt(now))
+        .into_tuple::<Option<Vec<u8>>>()
+        .all(&inner.db)
+        .await
+        .map_err(db_err("find outbox keys in backoff"))?;
+    let held: Vec<Vec<u8>> = backing_off.into_iter().flatten().collect();
+    let mut query = row::Entity::find()
+        .filter(row::Column::Shard.eq(shard))
+        .filter(row::Column::State.eq(row::PENDING))
+        .filter(row::Column::NextAttemptAt.lte(now));
+    if !held.is_empty() {
+        query = query.filter(
+            Condition::any()
+                .add(row::Column::Key.is_null())
+                .add(row::Column::Key.is_not_in(held)),
+        );
+    }
+    let rows = query
         .order_by_asc(row::Column::Seq)
         .limit(inner.settings.batch_size)
         .all(&inner.db)
@@ -215,8 +242,8 @@ async fn relay_batch(inner: &Inner, shard: i32) -> Result<(usize, bool)> {
     if rows.is_empty() {
         return Ok((0, false));
     }
-    let now = now_ms();
-    // A key whose earlier row cannot go now holds back its later rows.
+    // A key whose earlier row could not be handed to the producer holds
+    // back its later rows of this batch.
     let mut blocked: HashSet<Vec<u8>> = HashSet::new();
     let mut in_flight: Vec<(&row::Model, DeliveryFuture)> = Vec::with_capacity(rows.len());
     let mut failed: Vec<(&row::Model, String)> = Vec::new();
@@ -225,12 +252,6 @@ async fn relay_batch(inner: &Inner, shard: i32) -> Result<(usize, bool)> {
             if blocked.contains(k) {
                 continue;
             }
-        }
-        if r.next_attempt_at > now {
-            if let Some(k) = &r.key {
-                blocked.insert(k.clone());
-            }
-            continue;
         }
         match enqueue(inner, r, &mut in_flight).await {
             Ok(f) => in_flight.push((r, f)),
