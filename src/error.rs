@@ -141,6 +141,21 @@ pub enum Error {
         source: sea_orm::DbErr,
     },
 
+    /// A unit of work's transaction was aborted by PostgreSQL before kontext
+    /// could commit it: a statement failed inside the handler and the handler
+    /// went on (for example it ignored a duplicate-key error). PostgreSQL
+    /// would answer the `COMMIT` with a rollback and no error, so kontext
+    /// checks first and treats the message as failed.
+    #[error(
+        "the unit of work's transaction was aborted by a statement that failed inside the handler \
+         (the handler went on after its error); nothing was committed (PostgreSQL: {source})"
+    )]
+    TransactionAborted {
+        /// PostgreSQL's answer to kontext's check.
+        #[source]
+        source: sea_orm::DbErr,
+    },
+
     /// The embedded (in-process mock) broker could not be started or used.
     #[error("embedded broker: {operation} failed")]
     EmbeddedBroker {

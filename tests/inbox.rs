@@ -433,3 +433,164 @@ async fn expired_inbox_rows_are_cleaned_up() {
     wait_until("the expired row to go", async || count_inbox().await == 0).await;
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A handler that records its activity row, then, on the attempts
+/// `swallow` selects, inserts a row that exists and ignores the error
+/// ("insert, ignore the duplicate").
+async fn swallowing_consumer(
+    model: &Model,
+    broker: &Broker,
+    db: &DatabaseConnection,
+    group: &str,
+    calls: Arc<AtomicU32>,
+    swallow: fn(u32) -> bool,
+) -> Kontext {
+    Kontext::builder(model.clone())
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.to_owned())))
+        .broker(broker.clone())
+        .database(db.clone())
+        .consumers(move |c| {
+            c.transactional(
+                move |e: ShipmentCreated, ctx: MessageContext, uow: UnitOfWork| {
+                    let calls = Arc::clone(&calls);
+                    async move {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        uow.execute_unprepared(&format!(
+                            "INSERT INTO user_activity (shipment_id, user_id) VALUES ('{}', {})",
+                            e.shipment_id, e.user
+                        ))
+                        .await?;
+                        if swallow(ctx.attempt()) {
+                            // Fails with a unique violation; the error is dropped.
+                            let _ = uow
+                                .execute_unprepared("INSERT INTO taken (id) VALUES (1)")
+                                .await;
+                        }
+                        Ok(())
+                    }
+                },
+            );
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+/// PostgreSQL aborts a transaction whose statement failed and answers its
+/// COMMIT with a rollback and no error; SQLite has no such state.
+async fn postgres_with_taken_row(db: &DatabaseConnection) -> bool {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        eprintln!(
+            "skipped: aborted transactions are PostgreSQL's (DATABASE_URL is not PostgreSQL)"
+        );
+        return false;
+    }
+    db.execute_unprepared("CREATE TABLE taken (id INTEGER PRIMARY KEY)")
+        .await
+        .unwrap();
+    db.execute_unprepared("INSERT INTO taken (id) VALUES (1)")
+        .await
+        .unwrap();
+    activity_table(db).await;
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_swallows_a_failed_statement_is_retried_not_acknowledged() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    if !postgres_with_taken_row(&db).await {
+        return;
+    }
+    let (topic, followups, group) = names();
+    let model = model(&topic, &followups, false);
+    let calls = Arc::new(AtomicU32::new(0));
+    // The first attempt swallows the failure; the second one is clean.
+    let kontext =
+        swallowing_consumer(&model, &broker, &db, &group, Arc::clone(&calls), |a| a == 1).await;
+    let producer = producer(&model, &broker).await;
+    producer
+        .producer()
+        .unwrap()
+        .produce(&ShipmentCreated {
+            shipment_id: "s-1".into(),
+            user: 1,
+        })
+        .await
+        .unwrap();
+    wait_until("the handling", async || {
+        kontext
+            .registry()
+            .type_status::<ShipmentCreated>()
+            .unwrap()
+            .handled
+            == 1
+    })
+    .await;
+    let st = kontext.registry().type_status::<ShipmentCreated>().unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "called again after the abort"
+    );
+    assert_eq!(st.retried, 1, "the aborted attempt counts as a failure");
+    assert_eq!(activity_rows(&db).await, 1, "the clean attempt's row, once");
+
+    // The inbox row was committed with it: a redelivery has no effect.
+    let original = read_topic(&broker, &topic, 1, READ_TIMEOUT).await.unwrap();
+    redeliver(&broker, &original[0]).await;
+    wait_until("the duplicate", async || {
+        kontext
+            .registry()
+            .type_status::<ShipmentCreated>()
+            .unwrap()
+            .duplicates
+            == 1
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(activity_rows(&db).await, 1);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_always_swallows_a_failed_statement_is_dead_lettered_naming_the_abort() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    if !postgres_with_taken_row(&db).await {
+        return;
+    }
+    let (topic, followups, group) = names();
+    let model = model(&topic, &followups, false);
+    let calls = Arc::new(AtomicU32::new(0));
+    let kontext =
+        swallowing_consumer(&model, &broker, &db, &group, Arc::clone(&calls), |_| true).await;
+    let producer = producer(&model, &broker).await;
+    producer
+        .producer()
+        .unwrap()
+        .produce(&ShipmentCreated {
+            shipment_id: "s-2".into(),
+            user: 2,
+        })
+        .await
+        .unwrap();
+    let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), 1);
+    let error = dlq[0]
+        .header(kontext::consumer::dlq_headers::ERROR)
+        .unwrap();
+    assert!(error.contains("transaction was aborted"), "{error}");
+    assert!(error.contains("current transaction is aborted"), "{error}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the model's three attempts"
+    );
+    assert_eq!(activity_rows(&db).await, 0, "nothing committed");
+    let st = kontext.registry().type_status::<ShipmentCreated>().unwrap();
+    assert_eq!((st.handled, st.dead_lettered), (0, 1));
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}

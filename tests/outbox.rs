@@ -668,3 +668,99 @@ async fn a_key_in_backoff_holds_back_only_its_own_rows() {
         .unwrap();
     assert_eq!(after.len(), 5, "shipment 1 was not sent out of order");
 }
+
+/// The outbox's lease row of `shard`: (owner, generation).
+async fn lease_of(db: &DatabaseConnection, shard: i32) -> (Option<String>, i64) {
+    let row = db
+        .query_one(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            format!("SELECT owner, generation FROM kontext_outbox_lease WHERE shard = {shard}"),
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        row.try_get::<Option<String>>("", "owner").unwrap(),
+        row.try_get::<i64>("", "generation").unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relays_and_a_broker_stall_longer_than_the_lease_send_each_row_once() {
+    init_tracing();
+    // Needs a broker the test can take down: the embedded one.
+    let broker = Broker::embedded().unwrap();
+    let db = kontext::testing::database().await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 2, OutboxMode::Background);
+    // One shard, so both relays contend for every row; a lease of 1 s
+    // against an application producer that waits 10 s for a delivery.
+    let settings = OutboxSettings {
+        shards: 1,
+        lease_ttl: Duration::from_secs(1),
+        poll_interval: Duration::from_millis(50),
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        max_attempts: 1_000,
+        ..OutboxSettings::default()
+    };
+    let relay = async |run_relay: bool| {
+        Kontext::builder(model.clone())
+            .settings(
+                KafkaSettings::new()
+                    .producer(|p| p.message_timeout_ms = Some(10_000))
+                    .set("reconnect.backoff.max.ms", "100"),
+            )
+            .broker(broker.clone())
+            .database(db.clone())
+            .outbox_settings(OutboxSettings {
+                run_relay,
+                ..settings.clone()
+            })
+            .start()
+            .await
+            .unwrap()
+    };
+    let writer = relay(false).await;
+    let (keys, per_key) = (10u32, 10u32);
+    let mut tx = writer.outbox().unwrap().begin().await.unwrap();
+    for seq in 0..per_key {
+        for shipment in 0..keys {
+            tx.publish(&ShipmentCreated {
+                shipment,
+                seq,
+                note: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    let (_, generation_before) = lease_of(&db, 0).await;
+
+    let embedded = broker.as_embedded().unwrap();
+    embedded.set_broker_up(1, false).unwrap();
+    let a = relay(true).await;
+    let b = relay(true).await;
+    // The fault: a stall three leases long, with both relays trying.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    embedded.set_broker_up(1, true).unwrap();
+    wait_pending_zero(&a).await;
+
+    let total = (keys * per_key) as usize;
+    let records = read_topic(&broker, &topic, total + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = records.iter().map(|r| r.header("ce_id").unwrap()).collect();
+    assert_eq!(ids.len(), total, "nothing lost");
+    assert_eq!(records.len(), total, "nothing sent twice");
+    assert_per_key_order(&decode(&records), per_key);
+    let (_, generation_after) = lease_of(&db, 0).await;
+    assert!(
+        generation_after >= generation_before + 2,
+        "the shard's lease changed hands during the stall ({generation_before} -> {generation_after})"
+    );
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    drop(writer);
+}

@@ -534,6 +534,36 @@ impl KafkaSettings {
         config
     }
 
+    /// These settings for the outbox relay's producer: the same, with the
+    /// message timeout capped at `cap` (the relay must know that every
+    /// message it hands over is settled before its lease can expire), and
+    /// that timeout. Raw `message.timeout.ms` / `delivery.timeout.ms`
+    /// properties count as the configured value and are capped too.
+    pub(crate) fn with_message_timeout_cap(&self, cap: Duration) -> (KafkaSettings, Duration) {
+        const RAW: [&str; 2] = ["message.timeout.ms", "delivery.timeout.ms"];
+        let mut s = self.clone();
+        let raw = RAW.iter().find_map(|k| {
+            s.producer
+                .librdkafka
+                .get(k)
+                .or_else(|| s.librdkafka.get(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        });
+        for k in RAW {
+            s.librdkafka.remove(k);
+            s.producer.librdkafka.remove(k);
+        }
+        // 0 means "no timeout" to librdkafka.
+        let configured = match raw.or(s.producer.message_timeout_ms).unwrap_or(300_000) {
+            0 => cap,
+            ms => Duration::from_millis(ms).min(cap),
+        };
+        let timeout = configured.max(Duration::from_millis(1));
+        s.producer.message_timeout_ms =
+            Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        (s, timeout)
+    }
+
     /// The message timeout in effect, for callers that wait on deliveries.
     pub(crate) fn message_timeout(&self) -> Duration {
         Duration::from_millis(self.producer.message_timeout_ms.unwrap_or(300_000))

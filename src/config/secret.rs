@@ -91,6 +91,11 @@ impl Properties {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+
+    /// Removes a property; returns its value.
+    pub(crate) fn remove(&mut self, key: &str) -> Option<String> {
+        self.0.remove(key)
+    }
 }
 
 impl fmt::Debug for Properties {

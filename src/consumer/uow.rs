@@ -11,12 +11,12 @@ use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sea_orm::{DatabaseTransaction, TransactionTrait};
+use sea_orm::{ConnectionTrait as _, DatabaseTransaction, DbBackend, TransactionTrait};
 use uuid::Uuid;
 
 use crate::consumer::worker::{Dispatch, Outcome};
 use crate::consumer::{HandlerError, MessageContext};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::inbox::{Inbox, Recorded};
 use crate::model::Message;
 use crate::outbox::Outbox;
@@ -105,7 +105,9 @@ impl<T: Message, H: TransactionalHandler<T>> Dispatch<T> for TransactionalDispat
             {
                 Ok(Recorded::New) => {}
                 Ok(Recorded::Duplicate) => {
-                    tracing::info!(consumer = %inbox.consumer, topic = ctx.topic(), offset = ctx.offset(), "duplicate message: already processed, acknowledged");
+                    // Counted in the registry (`duplicates`); after a crash there
+                    // can be thousands, so not logged above debug.
+                    tracing::debug!(consumer = %inbox.consumer, topic = ctx.topic(), offset = ctx.offset(), "duplicate message: already processed, acknowledged");
                     let _ = txn.rollback().await;
                     return Outcome::Duplicate;
                 }
@@ -128,6 +130,14 @@ impl<T: Message, H: TransactionalHandler<T>> Dispatch<T> for TransactionalDispat
                 "the handler kept its UnitOfWork after returning; it cannot be committed",
             ));
         };
+        // PostgreSQL answers COMMIT of an aborted transaction with a silent
+        // rollback; one statement first tells the two apart (SQLSTATE 25P02
+        // "current transaction is aborted"). SQLite has no such state.
+        if txn.get_database_backend() == DbBackend::Postgres {
+            if let Err(source) = txn.execute_unprepared("SELECT 1").await {
+                return Outcome::Failed(HandlerError::retry(Error::TransactionAborted { source }));
+            }
+        }
         if let Err(e) = txn.commit().await {
             return Outcome::Failed(HandlerError::retry(e));
         }

@@ -4,7 +4,7 @@ use sea_orm_migration::prelude::*;
 
 /// kontext's migrations, in order, to append to an application's migrator.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(CreateTables)]
+    vec![Box::new(CreateTables), Box::new(LeaseGeneration)]
 }
 
 #[derive(Iden)]
@@ -33,6 +33,7 @@ enum Lease {
     Shard,
     Owner,
     ExpiresAt,
+    Generation,
 }
 
 #[derive(Iden)]
@@ -169,5 +170,48 @@ impl MigrationTrait for CreateTables {
             m.drop_table(t).await?;
         }
         Ok(())
+    }
+}
+
+/// Fenced leases: a generation that grows on every takeover.
+struct LeaseGeneration;
+
+impl MigrationName for LeaseGeneration {
+    fn name(&self) -> &str {
+        "m20261202_000001_kontext_lease_generation"
+    }
+}
+
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for LeaseGeneration {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        // SQLite has no `ADD COLUMN IF NOT EXISTS`; migrations run under a
+        // lock (`db::migrate`), so checking first is safe.
+        if m.has_column("kontext_outbox_lease", "generation").await? {
+            return Ok(());
+        }
+        m.alter_table(
+            Table::alter()
+                .table(Lease::Table)
+                .add_column(
+                    ColumnDef::new(Lease::Generation)
+                        .big_integer()
+                        .not_null()
+                        .default(0),
+                )
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.alter_table(
+            Table::alter()
+                .table(Lease::Table)
+                .drop_column(Lease::Generation)
+                .to_owned(),
+        )
+        .await
     }
 }

@@ -23,7 +23,11 @@
 //! (`kontext_outbox_lease`, an atomic conditional update that works the same
 //! on PostgreSQL and SQLite), so several service instances can relay at once,
 //! each row is sent by one of them, and a key's rows go out in the order they
-//! were written. Sent rows are **deleted** once the broker acknowledged them:
+//! were written. Leases are fenced (see `lease`): a generation that changes
+//! on every takeover guards every delete and update, expiry follows the
+//! database's clock, the relay renews on a heartbeat while a batch is in
+//! flight, and it hands a message to Kafka only while the lease outlasts
+//! that message's send timeout (`lease_ttl / 2` at most). Sent rows are **deleted** once the broker acknowledged them:
 //! the table stays as small as the backlog, which keeps claiming fast; the
 //! broker is the record of what was sent. A row that keeps failing moves to
 //! the failed state after `max_attempts`, with its last error, stays visible
@@ -31,6 +35,7 @@
 //! go on. While a row waits for its next attempt, later rows with the same
 //! key wait too.
 
+mod lease;
 mod relay;
 
 use std::fmt;
@@ -90,6 +95,10 @@ pub struct OutboxSettings {
     pub max_backoff: Duration,
     /// Whether this process runs a relay. Defaults to `true`.
     pub run_relay: bool,
+    /// How long [`OutboxTransaction::commit`] waits for immediate-mode
+    /// deliveries before it returns with them still pending (they go out
+    /// once, in the background or through the relay). Defaults to 5 s.
+    pub immediate_timeout: Duration,
 }
 
 impl Default for OutboxSettings {
@@ -103,11 +112,35 @@ impl Default for OutboxSettings {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(60),
             run_relay: true,
+            immediate_timeout: Duration::from_secs(5),
         }
     }
 }
 
 impl OutboxSettings {
+    /// The longest a relay's message may take to be delivered or fail: half
+    /// the lease, so it is settled before the lease can pass to another
+    /// relay (the relay's producer is created with this `message.timeout.ms`
+    /// when the configured one is longer).
+    pub fn send_timeout_cap(&self) -> Duration {
+        self.lease_ttl / 2
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.lease_ttl < Duration::from_millis(200) {
+            return Err(Error::config(format!(
+                "outbox `lease_ttl` must be at least 200 ms (it is {:?}): a relay renews it while it sends",
+                self.lease_ttl
+            )));
+        }
+        if self.shards < 1 || self.batch_size < 1 {
+            return Err(Error::config(
+                "outbox `shards` and `batch_size` must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     fn backoff_ms(&self, attempts: i32) -> i64 {
         let exp = u32::try_from(attempts.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
         let d = self
@@ -140,42 +173,53 @@ pub struct Outbox {
 pub(crate) struct Inner {
     model: Arc<Model>,
     db: DatabaseConnection,
+    /// Encodes rows (headers, source) as the application's producer would.
     producer: Producer,
+    /// Sends rows: its message timeout is `send_timeout`.
+    relay_producer: Producer,
+    send_timeout: Duration,
     settings: OutboxSettings,
     wake: Notify,
     relay_id: String,
+    /// Owns the relay and immediate sends that outlive their commit.
+    tasks: TaskTracker,
 }
 
 impl Outbox {
+    /// `relay_producer` must deliver or fail every message within
+    /// `send_timeout`, at most [`OutboxSettings::send_timeout_cap`].
     pub(crate) fn new(
         model: Arc<Model>,
         db: DatabaseConnection,
-        producer: Producer,
+        (producer, relay_producer, send_timeout): (Producer, Producer, Duration),
         settings: OutboxSettings,
+        tasks: TaskTracker,
     ) -> Outbox {
         Outbox {
             inner: Arc::new(Inner {
                 model,
                 db,
                 producer,
+                relay_producer,
+                send_timeout: send_timeout.min(settings.send_timeout_cap()),
                 settings,
                 wake: Notify::new(),
                 relay_id: Uuid::now_v7().to_string(),
+                tasks,
             }),
         }
     }
 
-    /// Starts the relay (if enabled) on `tasks`, stopped by `cancel`.
-    pub(crate) async fn start_relay(
-        &self,
-        tasks: &TaskTracker,
-        cancel: CancellationToken,
-    ) -> Result<()> {
+    /// Creates the lease rows and starts the relay (if enabled), stopped by
+    /// `cancel`.
+    pub(crate) async fn start_relay(&self, cancel: CancellationToken) -> Result<()> {
+        relay::ensure_leases(&self.inner).await?;
         if !self.inner.settings.run_relay {
             return Ok(());
         }
-        relay::ensure_leases(&self.inner).await?;
-        tasks.spawn(relay::run(Arc::clone(&self.inner), cancel));
+        self.inner
+            .tasks
+            .spawn(relay::run(Arc::clone(&self.inner), cancel));
         Ok(())
     }
 
@@ -255,6 +299,7 @@ impl Outbox {
             txn,
             outbox: self.clone(),
             immediate: Vec::new(),
+            published: 0,
         })
     }
 
@@ -338,31 +383,53 @@ pub struct OutboxTransaction {
     outbox: Outbox,
     /// Immediate-mode rows written here: (seq, shard).
     immediate: Vec<(i64, i32)>,
+    /// Messages written here.
+    published: usize,
+}
+
+/// What [`OutboxTransaction::commit`] did with the transaction's messages.
+/// All of them are safe in the database once it returns `Ok`; this says
+/// which are already on Kafka.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Immediate-mode messages Kafka acknowledged before `commit` returned.
+    pub delivered: usize,
+    /// Messages not yet acknowledged: every background-mode one, and
+    /// immediate-mode ones left to the relay (a relay held the shard, an
+    /// earlier row of the key was waiting, the broker did not answer within
+    /// [`OutboxSettings::immediate_timeout`]). Each goes out once.
+    pub pending: usize,
 }
 
 impl OutboxTransaction {
     /// Writes `message` into the outbox within this transaction.
     pub async fn publish<T: Message>(&mut self, message: &T) -> Result<Uuid> {
         let (id, seq, shard, mode) = self.outbox.insert(&self.txn, message).await?;
+        self.published += 1;
         if mode == OutboxMode::ImmediateWithFallback {
             self.immediate.push((seq, shard));
         }
         Ok(id)
     }
 
-    /// Commits, then sends immediate-mode messages and wakes the relay.
-    /// Once the commit succeeded, the messages are safe: a failed immediate
-    /// send is left to the relay and not reported as an error.
-    pub async fn commit(self) -> Result<()> {
+    /// Commits, then sends immediate-mode messages (waiting at most
+    /// [`OutboxSettings::immediate_timeout`]) and wakes the relay. Once the
+    /// commit succeeded the messages are safe: an immediate send that fails
+    /// or takes longer is left pending, not reported as an error.
+    pub async fn commit(self) -> Result<Committed> {
         self.txn.commit().await.map_err(|source| Error::Database {
             operation: "commit",
             source,
         })?;
+        let mut pending = self.published - self.immediate.len();
         if !self.immediate.is_empty() {
-            relay::send_immediately(&self.outbox.inner, &self.immediate).await;
+            pending += relay::send_immediately(&self.outbox.inner, &self.immediate).await;
         }
         self.outbox.wake();
-        Ok(())
+        Ok(Committed {
+            delivered: self.published - pending,
+            pending,
+        })
     }
 
     /// Rolls back: neither the business rows nor the messages persist.

@@ -2,8 +2,9 @@
 //! deletes what the broker acknowledged, records failures with backoff.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, stream};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -17,7 +18,8 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use super::Inner;
-use crate::db::{lease_entity as lease, now_ms, outbox_entity as row};
+use super::lease::{self, Lease, db_now};
+use crate::db::{lease_entity as lease_row, now_ms, outbox_entity as row};
 use crate::error::{Error, Result};
 
 fn db_err(operation: &'static str) -> impl FnOnce(sea_orm::DbErr) -> Error {
@@ -26,16 +28,17 @@ fn db_err(operation: &'static str) -> impl FnOnce(sea_orm::DbErr) -> Error {
 
 /// Creates the lease rows of every shard (idempotent).
 pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
-    let rows: Vec<lease::ActiveModel> = (0..inner.settings.shards)
-        .map(|shard| lease::ActiveModel {
+    let rows: Vec<lease_row::ActiveModel> = (0..inner.settings.shards)
+        .map(|shard| lease_row::ActiveModel {
             shard: Set(shard),
             owner: Set(None),
             expires_at: Set(0),
+            generation: Set(0),
         })
         .collect();
-    let result = lease::Entity::insert_many(rows)
+    let result = lease_row::Entity::insert_many(rows)
         .on_conflict(
-            OnConflict::column(lease::Column::Shard)
+            OnConflict::column(lease_row::Column::Shard)
                 .do_nothing()
                 .to_owned(),
         )
@@ -44,42 +47,6 @@ pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
     match result {
         Ok(_) | Err(sea_orm::DbErr::RecordNotInserted) => Ok(()),
         Err(e) => Err(db_err("create outbox leases")(e)),
-    }
-}
-
-/// Takes (or renews) the lease of `shard` for `owner`.
-async fn acquire(inner: &Inner, shard: i32, owner: &str) -> Result<bool> {
-    let now = now_ms();
-    let ttl = i64::try_from(inner.settings.lease_ttl.as_millis()).unwrap_or(i64::MAX);
-    let res = lease::Entity::update_many()
-        .col_expr(lease::Column::Owner, Expr::value(owner))
-        .col_expr(
-            lease::Column::ExpiresAt,
-            Expr::value(now.saturating_add(ttl)),
-        )
-        .filter(lease::Column::Shard.eq(shard))
-        .filter(
-            Condition::any()
-                .add(lease::Column::Owner.eq(owner))
-                .add(lease::Column::ExpiresAt.lt(now)),
-        )
-        .exec(&inner.db)
-        .await
-        .map_err(db_err("take an outbox lease"))?;
-    Ok(res.rows_affected == 1)
-}
-
-async fn release(inner: &Inner, shard: i32, owner: &str) {
-    let res = lease::Entity::update_many()
-        .col_expr(lease::Column::Owner, Expr::value(Option::<String>::None))
-        .col_expr(lease::Column::ExpiresAt, Expr::value(0i64))
-        .filter(lease::Column::Shard.eq(shard))
-        .filter(lease::Column::Owner.eq(owner))
-        .exec(&inner.db)
-        .await;
-    if let Err(e) = res {
-        // It expires by itself after the lease TTL.
-        tracing::debug!(shard, error = %e, "could not release an outbox lease");
     }
 }
 
@@ -124,9 +91,7 @@ pub(super) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
         Err(_) => tracing::warn!("final outbox relay pass timed out"),
         Ok(Ok(_)) => {}
     }
-    for shard in 0..inner.settings.shards {
-        release(&inner, shard, &inner.relay_id).await;
-    }
+    // Every shard's lease was released as its work ended (or expires).
     tracing::debug!(relay = %inner.relay_id, "outbox relay stopped");
 }
 
@@ -181,29 +146,48 @@ async fn pass(inner: &Inner) -> Result<usize> {
 
 /// Relays one shard while this relay holds its lease.
 async fn relay_shard(inner: &Inner, shard: i32) -> Result<usize> {
-    if !acquire(inner, shard, &inner.relay_id).await? {
+    let ttl = inner.settings.lease_ttl;
+    let Some(mut held) = lease::acquire(&inner.db, shard, &inner.relay_id, ttl).await? else {
         return Ok(0);
-    }
+    };
     let result = async {
         let mut total = 0;
         loop {
-            let (n, full) = relay_batch(inner, shard).await?;
-            total += n;
-            if !full || n == 0 || !acquire(inner, shard, &inner.relay_id).await? {
+            let batch = relay_batch(inner, &mut held).await?;
+            total += batch.sent;
+            if batch.lost {
+                tracing::warn!(
+                    shard,
+                    "outbox lease taken over while a batch was in flight; its unsettled rows are left to the new holder"
+                );
+                return Ok(total);
+            }
+            if !batch.full || batch.sent == 0 || !lease::renew(&inner.db, &mut held, ttl).await? {
                 break;
             }
         }
         Ok::<usize, Error>(total)
     }
     .await;
-    release(inner, shard, &inner.relay_id).await;
+    lease::release(&inner.db, &held).await;
     result
 }
 
-/// Publishes the next batch of `shard`. Returns rows sent and whether the
-/// batch was full (so more may wait).
-async fn relay_batch(inner: &Inner, shard: i32) -> Result<(usize, bool)> {
-    let now = now_ms();
+/// What one batch did.
+struct Batch {
+    /// Rows delivered and deleted.
+    sent: usize,
+    /// Whether the batch was full (more may wait).
+    full: bool,
+    /// Whether the lease was lost on the way.
+    lost: bool,
+}
+
+/// Publishes the next batch of `held`'s shard, renewing the lease on a
+/// heartbeat while deliveries are awaited.
+async fn relay_batch(inner: &Inner, held: &mut Lease) -> Result<Batch> {
+    let shard = held.shard;
+    let backend = inner.db.get_database_backend();
     // Keys with a row waiting for its next attempt are left out of the batch
     // altogether, so they hold back only their own later rows: read as part
     // of the batch, a backlog of one such key could fill every batch and
@@ -215,21 +199,21 @@ async fn relay_batch(inner: &Inner, shard: i32) -> Result<(usize, bool)> {
         .distinct()
         .filter(row::Column::Shard.eq(shard))
         .filter(row::Column::State.eq(row::PENDING))
-        .filter(row::Column::NextAttemptAt.gt(now))
+        .filter(Expr::col(row::Column::NextAttemptAt).gt(db_now(backend)))
         .into_tuple::<Option<Vec<u8>>>()
         .all(&inner.db)
         .await
         .map_err(db_err("find outbox keys in backoff"))?;
-    let held: Vec<Vec<u8>> = backing_off.into_iter().flatten().collect();
+    let held_keys: Vec<Vec<u8>> = backing_off.into_iter().flatten().collect();
     let mut query = row::Entity::find()
         .filter(row::Column::Shard.eq(shard))
         .filter(row::Column::State.eq(row::PENDING))
-        .filter(row::Column::NextAttemptAt.lte(now));
-    if !held.is_empty() {
+        .filter(Expr::col(row::Column::NextAttemptAt).lte(db_now(backend)));
+    if !held_keys.is_empty() {
         query = query.filter(
             Condition::any()
                 .add(row::Column::Key.is_null())
-                .add(row::Column::Key.is_not_in(held)),
+                .add(row::Column::Key.is_not_in(held_keys)),
         );
     }
     let rows = query
@@ -240,49 +224,177 @@ async fn relay_batch(inner: &Inner, shard: i32) -> Result<(usize, bool)> {
         .map_err(db_err("read the outbox"))?;
     let full = rows.len() as u64 >= inner.settings.batch_size;
     if rows.is_empty() {
-        return Ok((0, false));
+        return Ok(Batch {
+            sent: 0,
+            full: false,
+            lost: false,
+        });
     }
-    // A key whose earlier row could not be handed to the producer holds
-    // back its later rows of this batch.
-    let mut blocked: HashSet<Vec<u8>> = HashSet::new();
-    let mut in_flight: Vec<(&row::Model, DeliveryFuture)> = Vec::with_capacity(rows.len());
-    let mut failed: Vec<(&row::Model, String)> = Vec::new();
-    for r in &rows {
-        if let Some(k) = &r.key {
-            if blocked.contains(k) {
-                continue;
+
+    // Hand the rows over and await their deliveries while a heartbeat keeps
+    // the lease; the sender reads the lease's state through `watch`.
+    let ttl = inner.settings.lease_ttl;
+    let watch = Watch {
+        lost: AtomicBool::new(false),
+        renewed: Mutex::new(held.renewed()),
+    };
+    let outcomes = {
+        let work = send_rows(inner, &rows, &watch);
+        tokio::pin!(work);
+        let mut beat = tokio::time::interval(heartbeat(ttl));
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        beat.tick().await;
+        loop {
+            tokio::select! {
+                outcomes = &mut work => break outcomes,
+                _ = beat.tick() => {
+                    if watch.lost.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    match lease::renew(&inner.db, held, ttl).await {
+                        Ok(true) => watch.renewed(held.renewed()),
+                        Ok(false) => watch.lost.store(true, Ordering::Relaxed),
+                        // Unknown: `may_send` stops new sends once the last
+                        // renewal is too old.
+                        Err(e) => tracing::warn!(shard, error = %e, "could not renew an outbox lease"),
+                    }
+                }
             }
         }
+    };
+    let lost = watch.lost.load(Ordering::Relaxed);
+    settle(inner, held, &rows, outcomes, full, lost).await
+}
+
+/// The lease as the sending half of a batch sees it.
+struct Watch {
+    lost: AtomicBool,
+    /// When the last successful renewal was sent.
+    renewed: Mutex<Instant>,
+}
+
+impl Watch {
+    fn renewed(&self, at: Instant) {
+        *self
+            .renewed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = at;
+    }
+
+    /// See [`Lease::may_send`].
+    fn may_send(&self, ttl: Duration, send_timeout: Duration) -> bool {
+        let renewed = *self
+            .renewed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        !self.lost.load(Ordering::Relaxed) && renewed.elapsed() + send_timeout < ttl
+    }
+}
+
+/// How often a relay renews a lease while a batch is in flight.
+fn heartbeat(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_millis(10))
+}
+
+/// What became of one row of a batch.
+enum Sent {
+    Delivered,
+    Failed(String),
+    /// Not handed over: an earlier row of its key failed, or the lease
+    /// could no longer vouch for a delivery.
+    Skipped,
+}
+
+/// Hands `rows` to the producer in order and awaits every delivery.
+async fn send_rows(inner: &Inner, rows: &[row::Model], watch: &Watch) -> Vec<Sent> {
+    let (ttl, send_timeout) = (inner.settings.lease_ttl, inner.send_timeout);
+    let mut outcomes: Vec<Sent> = rows.iter().map(|_| Sent::Skipped).collect();
+    // A key whose earlier row could not be handed over holds back its later
+    // rows of this batch.
+    let mut blocked: HashSet<&[u8]> = HashSet::new();
+    let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        if !watch.may_send(ttl, send_timeout) {
+            break;
+        }
+        if r.key.as_deref().is_some_and(|k| blocked.contains(k)) {
+            continue;
+        }
         match enqueue(inner, r, &mut in_flight).await {
-            Ok(f) => in_flight.push((r, f)),
+            Ok(f) => in_flight.push((i, f)),
             Err(e) => {
                 if let Some(k) = &r.key {
-                    blocked.insert(k.clone());
+                    blocked.insert(k.as_slice());
+                }
+                outcomes[i] = Sent::Failed(e);
+            }
+        }
+    }
+    for (i, f) in in_flight {
+        outcomes[i] = match f.await {
+            Ok(Ok(_)) => Sent::Delivered,
+            Ok(Err((e, _))) => Sent::Failed(e.to_string()),
+            Err(_) => Sent::Failed("the producer went away before acknowledging".into()),
+        };
+    }
+    outcomes
+}
+
+/// Deletes the delivered rows and records the failed ones, only while the
+/// lease is still ours.
+///
+/// When a row fails, the later rows of its key that were delivered in the
+/// same batch are **kept** (and so sent again after it): the key's last
+/// record on the topic is then its latest row, at the cost of duplicates
+/// (bounded by the batch) on a path that already failed.
+async fn settle(
+    inner: &Inner,
+    held: &Lease,
+    rows: &[row::Model],
+    outcomes: Vec<Sent>,
+    full: bool,
+    mut lost: bool,
+) -> Result<Batch> {
+    let mut failed_keys: HashSet<&[u8]> = HashSet::new();
+    let mut done: Vec<i64> = Vec::with_capacity(rows.len());
+    let mut failed: Vec<(&row::Model, String)> = Vec::new();
+    for (r, outcome) in rows.iter().zip(outcomes) {
+        let key_failed = r.key.as_deref().is_some_and(|k| failed_keys.contains(k));
+        match outcome {
+            Sent::Delivered if !key_failed => done.push(r.seq),
+            Sent::Delivered | Sent::Skipped => {}
+            Sent::Failed(e) => {
+                if let Some(k) = &r.key {
+                    failed_keys.insert(k.as_slice());
                 }
                 failed.push((r, e));
             }
         }
     }
-    let mut done: Vec<i64> = Vec::with_capacity(in_flight.len());
-    for (r, f) in in_flight {
-        match f.await {
-            Ok(Ok(_)) => done.push(r.seq),
-            Ok(Err((e, _))) => failed.push((r, e.to_string())),
-            Err(_) => failed.push((r, "the producer went away before acknowledging".into())),
-        }
-    }
-    let sent = done.len();
+    let mut sent = 0;
     for chunk in done.chunks(500) {
-        row::Entity::delete_many()
+        let res = row::Entity::delete_many()
             .filter(row::Column::Seq.is_in(chunk.iter().copied()))
+            .filter(lease::fence(held))
             .exec(&inner.db)
             .await
             .map_err(db_err("delete sent outbox rows"))?;
+        sent += usize::try_from(res.rows_affected).unwrap_or(usize::MAX);
+        if res.rows_affected < chunk.len() as u64 {
+            // Taken over: the rest is the new holder's to settle.
+            lost = true;
+            break;
+        }
     }
-    for (r, error) in failed {
-        record_failure(inner, r, error).await?;
+    if !lost {
+        for (r, error) in failed {
+            if !record_failure(inner, held, r, error).await? {
+                lost = true;
+                break;
+            }
+        }
     }
-    Ok((sent, full))
+    Ok(Batch { sent, full, lost })
 }
 
 /// Hands one row to the producer, waiting for room if its queue is full
@@ -290,7 +402,7 @@ async fn relay_batch(inner: &Inner, shard: i32) -> Result<(usize, bool)> {
 async fn enqueue(
     inner: &Inner,
     r: &row::Model,
-    in_flight: &mut Vec<(&row::Model, DeliveryFuture)>,
+    in_flight: &mut [(usize, DeliveryFuture)],
 ) -> std::result::Result<DeliveryFuture, String> {
     let pairs: Vec<(String, String)> =
         serde_json::from_str(&r.headers).map_err(|e| format!("unreadable headers: {e}"))?;
@@ -310,7 +422,7 @@ async fn enqueue(
     if let Some(p) = &r.payload {
         record = record.payload(p.as_slice());
     }
-    let client = inner.producer.client();
+    let client = inner.relay_producer.client();
     loop {
         match client.send_result(record) {
             Ok(f) => return Ok(f),
@@ -328,7 +440,14 @@ async fn enqueue(
     }
 }
 
-async fn record_failure(inner: &Inner, r: &row::Model, error: String) -> Result<()> {
+/// Counts a failed attempt of `r` (fenced by the lease). `Ok(false)`: the
+/// lease was taken over, nothing recorded.
+async fn record_failure(
+    inner: &Inner,
+    held: &Lease,
+    r: &row::Model,
+    error: String,
+) -> Result<bool> {
     let attempts = r.attempts.saturating_add(1);
     let state = if attempts >= inner.settings.max_attempts {
         tracing::error!(message_id = %r.message_id, topic = %r.topic, attempts, %error, "outbox message failed for good; see Outbox::failed");
@@ -337,51 +456,73 @@ async fn record_failure(inner: &Inner, r: &row::Model, error: String) -> Result<
         tracing::warn!(message_id = %r.message_id, topic = %r.topic, attempts, %error, "outbox message not sent; will retry");
         row::PENDING
     };
-    row::Entity::update_many()
+    let backend = inner.db.get_database_backend();
+    let res = row::Entity::update_many()
         .col_expr(row::Column::Attempts, Expr::value(attempts))
         .col_expr(row::Column::LastError, Expr::value(Some(error)))
         .col_expr(
             row::Column::NextAttemptAt,
-            Expr::value(now_ms().saturating_add(inner.settings.backoff_ms(attempts))),
+            db_now(backend).add(inner.settings.backoff_ms(attempts)),
         )
         .col_expr(row::Column::State, Expr::value(state))
         .filter(row::Column::Seq.eq(r.seq))
+        .filter(lease::fence(held))
         .exec(&inner.db)
         .await
         .map_err(db_err("record an outbox failure"))?;
-    Ok(())
+    Ok(res.rows_affected == 1)
 }
 
-/// Sends freshly committed rows at once, each under its shard's lease;
-/// whatever cannot go now is left to the relay.
+/// Sends freshly committed rows at once, each under its shard's lease,
+/// waiting at most `settings.immediate_timeout` in all. Returns how many
+/// rows are still pending (left to the relay, or delivered but not yet
+/// acknowledged).
 ///
 /// Every commit leases under an owner of its own, so concurrent commits of
 /// one process exclude each other as they exclude relays: a shared owner
 /// would let them all "hold" a shard at once.
-pub(super) async fn send_immediately(inner: &Inner, rows: &[(i64, i32)]) {
+pub(super) async fn send_immediately(inner: &Arc<Inner>, rows: &[(i64, i32)]) -> usize {
     let owner = format!("{}:immediate:{}", inner.relay_id, uuid::Uuid::now_v7());
+    let deadline = tokio::time::Instant::now() + inner.settings.immediate_timeout;
+    let mut pending = 0;
     for &(seq, shard) in rows {
-        if let Err(e) = send_one(inner, seq, shard, &owner).await {
-            tracing::debug!(seq, error = %e, "immediate send skipped; the relay will send it");
+        match send_one(inner, seq, shard, &owner, deadline).await {
+            Ok(true) => {}
+            Ok(false) => pending += 1,
+            Err(e) => {
+                pending += 1;
+                tracing::debug!(seq, error = %e, "immediate send skipped; the relay will send it");
+            }
         }
     }
+    pending
 }
 
-async fn send_one(inner: &Inner, seq: i64, shard: i32, owner: &str) -> Result<()> {
-    if !acquire(inner, shard, owner).await? {
-        return Ok(());
-    }
-    let result = async {
-        // Read under the lease: a relay that sent the row deleted it before
-        // releasing, so a row still here has not been sent. (Read before the
-        // lease, it could be a copy the relay sent in the meantime.)
+/// Sends one row under its shard's lease. `Ok(true)` once it is delivered
+/// and deleted; `Ok(false)` if it was left to the relay or is still in
+/// flight at `deadline` (then a task owned by the outbox settles it).
+async fn send_one(
+    inner: &Arc<Inner>,
+    seq: i64,
+    shard: i32,
+    owner: &str,
+    deadline: tokio::time::Instant,
+) -> Result<bool> {
+    let ttl = inner.settings.lease_ttl;
+    let Some(held) = lease::acquire(&inner.db, shard, owner, ttl).await? else {
+        return Ok(false);
+    };
+    // Read under the lease: a relay that sent the row deleted it before
+    // releasing, so a row still here has not been sent. (Read before the
+    // lease, it could be a copy the relay sent in the meantime.)
+    let found = async {
         let Some(r) = row::Entity::find_by_id(seq)
             .filter(row::Column::State.eq(row::PENDING))
             .one(&inner.db)
             .await
             .map_err(db_err("read an outbox row"))?
         else {
-            return Ok(());
+            return Ok(None);
         };
         if let Some(k) = &r.key {
             let earlier = row::Entity::find()
@@ -393,23 +534,59 @@ async fn send_one(inner: &Inner, seq: i64, shard: i32, owner: &str) -> Result<()
                 .await
                 .map_err(db_err("check earlier outbox rows"))?;
             if earlier > 0 {
-                return Ok(());
+                return Ok(None);
             }
         }
-        let mut none = Vec::new();
-        let delivered = match enqueue(inner, &r, &mut none).await {
-            Ok(f) => matches!(f.await, Ok(Ok(_))),
-            Err(_) => false,
-        };
-        if delivered {
-            row::Entity::delete_by_id(r.seq)
-                .exec(&inner.db)
-                .await
-                .map_err(db_err("delete a sent outbox row"))?;
-        }
-        Ok(())
+        Ok::<_, Error>(Some(r))
     }
     .await;
-    release(inner, shard, owner).await;
-    result
+    let r = match found {
+        Ok(Some(r)) if held.may_send(ttl, inner.send_timeout) => r,
+        other => {
+            lease::release(&inner.db, &held).await;
+            return other.map(|_| false);
+        }
+    };
+    let delivery = match enqueue(inner, &r, &mut []).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(seq, error = %e, "immediate send failed; the relay will retry");
+            lease::release(&inner.db, &held).await;
+            return Ok(false);
+        }
+    };
+    let settle_one = {
+        let inner = Arc::clone(inner);
+        async move {
+            let delivered = matches!(delivery.await, Ok(Ok(_)));
+            let result = if delivered {
+                row::Entity::delete_by_id(seq)
+                    .filter(lease::fence(&held))
+                    .exec(&inner.db)
+                    .await
+                    .map(|_| ())
+                    .map_err(db_err("delete a sent outbox row"))
+            } else {
+                Ok(())
+            };
+            // Released only now: until the delivery is settled no relay
+            // may read the row, or it would send it a second time.
+            lease::release(&inner.db, &held).await;
+            result.map(|()| delivered)
+        }
+    };
+    let mut settle_one = Box::pin(settle_one);
+    match tokio::time::timeout_at(deadline, &mut settle_one).await {
+        Ok(result) => result,
+        Err(_) => {
+            // The caller stops waiting; the delivery is settled in the
+            // background (bounded by the relay producer's send timeout).
+            inner.tasks.spawn(async move {
+                if let Err(e) = settle_one.await {
+                    tracing::warn!(seq, error = %e, "settling an immediate outbox send failed; the relay will send the row");
+                }
+            });
+            Ok(false)
+        }
+    }
 }

@@ -143,13 +143,26 @@ impl KontextBuilder {
                 if self.migrate {
                     crate::db::migrate(db).await?;
                 }
+                self.outbox.validate()?;
+                // The relay's own client: its message timeout must stay
+                // below the lease (see `outbox::lease`), whatever the
+                // application's producer allows.
+                let (relay_settings, send_timeout) =
+                    settings.with_message_timeout_cap(self.outbox.send_timeout_cap());
+                let relay_producer = Producer::new(
+                    &relay_settings,
+                    broker.bootstrap_servers(),
+                    Arc::clone(&model),
+                    &clients,
+                )?;
                 let outbox = Outbox::new(
                     Arc::clone(&model),
                     db.clone(),
-                    producer.clone(),
+                    (producer.clone(), relay_producer, send_timeout),
                     self.outbox.clone(),
+                    tasks.clone(),
                 );
-                outbox.start_relay(&tasks, cancel.clone()).await?;
+                outbox.start_relay(cancel.clone()).await?;
                 Some(outbox)
             }
             _ => None,
