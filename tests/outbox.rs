@@ -764,3 +764,246 @@ async fn two_relays_and_a_broker_stall_longer_than_the_lease_send_each_row_once(
     b.shutdown(Duration::from_secs(10)).await.unwrap();
     drop(writer);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_one_key_go_out_in_commit_order_not_insert_order() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 2, OutboxMode::Background);
+    let kontext = start(&model, &broker, &db, fast()).await;
+    let outbox = kontext.outbox().unwrap().clone();
+    let event = |seq| ShipmentCreated {
+        shipment: 7,
+        seq,
+        note: String::new(),
+    };
+    // T1 publishes K#0 and stays open.
+    let mut t1 = outbox.begin().await.unwrap();
+    t1.publish(&event(0)).await.unwrap();
+    // T2 publishes K#1 and commits (on PostgreSQL it waits for T1's turn).
+    let t1_committed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t2 = {
+        let (outbox, t1_committed) = (outbox.clone(), t1_committed.clone());
+        tokio::spawn(async move {
+            let mut t2 = outbox.begin().await.unwrap();
+            t2.publish(&event(1)).await.unwrap();
+            t2.commit().await.unwrap();
+            t1_committed.load(std::sync::atomic::Ordering::SeqCst)
+        })
+    };
+    // Give T2 every chance to overtake: if it can commit, let the relay
+    // send its row before T1 commits.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !t2.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if t2.is_finished() {
+        let _ = read_topic(&broker, &topic, 1, READ_TIMEOUT).await.unwrap();
+    }
+    t1_committed.store(true, std::sync::atomic::Ordering::SeqCst);
+    t1.commit().await.unwrap();
+    let t2_after_t1 = t2.await.unwrap();
+    wait_pending_zero(&kontext).await;
+    let records = read_topic(&broker, &topic, 3, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let seqs: Vec<u32> = decode(&records).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, vec![0, 1], "the key's rows in commit order");
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        assert!(t2_after_t1, "T2 waited for T1 (serialized at publish)");
+    }
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immediate_commit_during_a_broker_outage_returns_within_its_bound_and_sends_once() {
+    init_tracing();
+    // Needs a broker the test can take down: the embedded one.
+    let broker = Broker::embedded().unwrap();
+    let db = kontext::testing::database().await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 2, OutboxMode::ImmediateWithFallback);
+    let kontext = Kontext::builder(model)
+        .settings(
+            KafkaSettings::new()
+                .producer(|p| p.message_timeout_ms = Some(60_000))
+                .set("reconnect.backoff.max.ms", "100"),
+        )
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            immediate_timeout: Duration::from_millis(500),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            max_attempts: 1_000,
+            ..fast()
+        })
+        .start()
+        .await
+        .unwrap();
+    let embedded = broker.as_embedded().unwrap();
+    embedded.set_broker_up(1, false).unwrap();
+    let outbox = kontext.outbox().unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    tx.publish(&ShipmentCreated {
+        shipment: 1,
+        seq: 0,
+        note: String::new(),
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let committed = tx.commit().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(
+        (committed.delivered, committed.pending),
+        (0, 1),
+        "the commit returns with its message pending"
+    );
+    // A bound, not a measurement: without one the call waits for the
+    // producer's 60 s message timeout.
+    assert!(waited < Duration::from_secs(10), "commit took {waited:?}");
+    embedded.set_broker_up(1, true).unwrap();
+    wait_pending_zero(&kontext).await;
+    let records = read_topic(&broker, &topic, 2, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1, "sent once after the broker returned");
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+const CHILD_BOOTSTRAP: &str = "KONTEXT_TEST_CHILD_BOOTSTRAP";
+const CHILD_INDEX: &str = "KONTEXT_TEST_CHILD_INDEX";
+/// Processes of the test below, each a writer and a relay.
+const INSTANCES: u32 = 4;
+/// Keys per instance, rows per key.
+const KEYS_PER_INSTANCE: u32 = 50;
+const ROWS_PER_KEY: u32 = 250;
+
+/// Four service instances in four processes against one PostgreSQL
+/// database, each writing 12,500 rows (50 keys of its own) while relaying
+/// with the others: every message on the topic exactly once, every key in
+/// order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_relay_processes_send_50k_rows_exactly_once_in_key_order() {
+    init_tracing();
+    if kontext::testing::database_url().is_none_or(|u| !u.starts_with("postgres")) {
+        eprintln!("skipped: four processes writing at once need PostgreSQL (DATABASE_URL)");
+        return;
+    }
+    let broker = broker();
+    let url = kontext::testing::fresh_database_url().await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    // Provisions the topic (the children do not).
+    let setup = Kontext::builder(model(&topic, 8, OutboxMode::Background))
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let go = std::env::temp_dir().join(unique_name("kontext-go"));
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<std::process::Child> = (0..INSTANCES)
+        .map(|i| {
+            std::process::Command::new(&exe)
+                .args(["--exact", "relay_child_process", "--ignored", "--quiet"])
+                .env(CHILD_DB, &url)
+                .env(CHILD_TOPIC, &topic)
+                .env(CHILD_GO, &go)
+                .env(CHILD_INDEX, i.to_string())
+                .env(CHILD_BOOTSTRAP, broker.bootstrap_servers())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let started = Instant::now();
+    std::fs::write(&go, b"go").unwrap();
+    let outputs = tokio::task::spawn_blocking(move || {
+        children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let elapsed = started.elapsed();
+    let _ = std::fs::remove_file(&go);
+    for (i, out) in outputs.iter().enumerate() {
+        assert!(
+            out.status.success(),
+            "instance {i} failed: {}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let total = (INSTANCES * KEYS_PER_INSTANCE * ROWS_PER_KEY) as usize;
+    let records = read_topic(&broker, &topic, total + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = records.iter().map(|r| r.header("ce_id").unwrap()).collect();
+    assert_eq!(ids.len(), total, "nothing lost");
+    assert_eq!(records.len(), total, "nothing sent twice");
+    assert_per_key_order(&decode(&records), ROWS_PER_KEY);
+    eprintln!(
+        "{total} rows written and relayed by {INSTANCES} processes in {:.1} s: {:.0} msg/s",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+    drop(setup);
+}
+
+/// One instance of the test above, run in a process of its own: five
+/// writers, ten keys each, one row per key per transaction, and a relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of four_relay_processes_send_50k_rows_exactly_once_in_key_order"]
+async fn relay_child_process() {
+    let url = std::env::var(CHILD_DB).expect("started by its parent test");
+    let topic = std::env::var(CHILD_TOPIC).unwrap();
+    let go = std::path::PathBuf::from(std::env::var(CHILD_GO).unwrap());
+    let index: u32 = std::env::var(CHILD_INDEX).unwrap().parse().unwrap();
+    let bootstrap = std::env::var(CHILD_BOOTSTRAP).unwrap();
+    let db = kontext::db::connect(&url).await.unwrap();
+    let kontext = Kontext::builder(model(&topic, 8, OutboxMode::Background))
+        .settings(KafkaSettings::new().provision_topics(false))
+        .broker(Broker::external(bootstrap))
+        .database(db)
+        .outbox_settings(fast())
+        .start()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !go.exists() {
+        assert!(Instant::now() < deadline, "never released");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..5u32 {
+        let outbox = kontext.outbox().unwrap().clone();
+        writers.spawn(async move {
+            let first = index * KEYS_PER_INSTANCE + w * 10;
+            for seq in 0..ROWS_PER_KEY {
+                let mut tx = outbox.begin().await.unwrap();
+                for shipment in first..first + 10 {
+                    tx.publish(&ShipmentCreated {
+                        shipment,
+                        seq,
+                        note: String::new(),
+                    })
+                    .await
+                    .unwrap();
+                }
+                tx.commit().await.unwrap();
+            }
+        });
+    }
+    while let Some(joined) = writers.join_next().await {
+        joined.unwrap();
+    }
+    // Every instance relays until the whole outbox is empty.
+    wait_pending_zero(&kontext).await;
+    kontext.shutdown(Duration::from_secs(30)).await.unwrap();
+}

@@ -169,3 +169,123 @@ pub(super) fn fence(lease: &Lease) -> SimpleExpr {
 fn db_err(operation: &'static str) -> impl FnOnce(sea_orm::DbErr) -> Error {
     move |source| Error::Database { operation, source }
 }
+
+#[cfg(test)]
+mod tests {
+    use sea_orm::{ConnectionTrait as _, EntityTrait as _, Set};
+
+    use super::*;
+    use crate::db::outbox_entity as row;
+
+    async fn database() -> DatabaseConnection {
+        let path = std::env::temp_dir().join(format!("kontext-lease-{}.db", uuid::Uuid::new_v4()));
+        let db = crate::db::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+        crate::db::migrate(&db).await.unwrap();
+        db.execute_unprepared(
+            "INSERT INTO kontext_outbox_lease (shard, owner, expires_at, generation) VALUES (0, NULL, 0, 0)",
+        )
+        .await
+        .unwrap();
+        db
+    }
+
+    async fn insert_row(db: &DatabaseConnection) -> i64 {
+        let r = row::ActiveModel {
+            message_id: Set(uuid::Uuid::new_v4().to_string()),
+            topic: Set("t".into()),
+            shard: Set(0),
+            key: Set(None),
+            headers: Set("[]".into()),
+            payload: Set(None),
+            message_type: Set("T".into()),
+            created_at: Set(0),
+            attempts: Set(0),
+            next_attempt_at: Set(0),
+            last_error: Set(None),
+            state: Set(row::PENDING),
+            ..Default::default()
+        };
+        row::Entity::insert(r)
+            .exec(db)
+            .await
+            .unwrap()
+            .last_insert_id
+    }
+
+    async fn fenced_delete(db: &DatabaseConnection, lease: &Lease, seq: i64) -> u64 {
+        row::Entity::delete_by_id(seq)
+            .filter(fence(lease))
+            .exec(db)
+            .await
+            .unwrap()
+            .rows_affected
+    }
+
+    use sea_orm::QueryFilter as _;
+
+    #[tokio::test]
+    async fn a_relay_that_lost_its_lease_can_neither_renew_nor_write() {
+        let db = database().await;
+        let ttl = Duration::from_secs(60);
+        let mut a = acquire(&db, 0, "a", ttl).await.unwrap().unwrap();
+        assert!(
+            acquire(&db, 0, "b", ttl).await.unwrap().is_none(),
+            "a live lease is not taken"
+        );
+        assert!(
+            renew(&db, &mut a, ttl).await.unwrap(),
+            "its holder renews it"
+        );
+
+        // `a` stalls past its expiry and `b` takes over.
+        db.execute_unprepared("UPDATE kontext_outbox_lease SET expires_at = 0")
+            .await
+            .unwrap();
+        let b = acquire(&db, 0, "b", ttl).await.unwrap().unwrap();
+        assert!(
+            b.generation > a.generation,
+            "a takeover starts a new generation"
+        );
+        assert!(
+            !renew(&db, &mut a, ttl).await.unwrap(),
+            "the old holder cannot renew"
+        );
+
+        let seq = insert_row(&db).await;
+        assert_eq!(fenced_delete(&db, &a, seq).await, 0, "nor delete");
+        release(&db, &a).await;
+        assert_eq!(fenced_delete(&db, &b, seq).await, 1, "the new holder can");
+
+        // Even the same owner name, once it re-acquired, is a new holder.
+        release(&db, &b).await;
+        let b2 = acquire(&db, 0, "b", ttl).await.unwrap().unwrap();
+        let seq = insert_row(&db).await;
+        assert_eq!(fenced_delete(&db, &b, seq).await, 0);
+        assert_eq!(fenced_delete(&db, &b2, seq).await, 1);
+    }
+
+    #[tokio::test]
+    async fn expiry_follows_the_database_clock() {
+        let db = database().await;
+        let ttl = Duration::from_secs(60);
+        let _a = acquire(&db, 0, "a", ttl).await.unwrap().unwrap();
+        let backend = db.get_database_backend();
+        let stmt = Query::select()
+            .expr_as(
+                Expr::col(lease::Column::ExpiresAt).sub(db_now(backend)),
+                sea_orm::sea_query::Alias::new("left_ms"),
+            )
+            .from(lease::Entity)
+            .to_owned();
+        let left: i64 = db
+            .query_one(backend.build(&stmt))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "left_ms")
+            .unwrap();
+        assert!((55_000..=60_000).contains(&left), "{left} ms left of 60 s");
+    }
+}

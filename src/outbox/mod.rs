@@ -45,7 +45,8 @@ use std::time::Duration;
 
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set, TransactionTrait,
+    DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set, Statement,
+    TransactionTrait,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -258,6 +259,9 @@ impl Outbox {
         );
         let message_id = encoded.message_id;
         let (payload, key) = encoded.into_parts();
+        if let Some(k) = &key {
+            lock_key(conn, spec.topic(), k).await?;
+        }
         let now = now_ms();
         let inserted = row::ActiveModel {
             message_id: Set(message_id.to_string()),
@@ -454,6 +458,45 @@ impl fmt::Debug for OutboxTransaction {
             .field("immediate", &self.immediate.len())
             .finish()
     }
+}
+
+/// The first half of the advisory-lock id of a key's lock ("kont" in
+/// ASCII); the second is a hash of topic and key.
+const KEY_LOCK_CLASS: i32 = 0x6b6f_6e74;
+
+/// On PostgreSQL, makes transactions that publish the same key (on one
+/// topic) take turns, each until it commits or rolls back: the sequence
+/// number of a later transaction's row is then drawn after the earlier one
+/// committed, so the relay's sequence order for a key is its commit order.
+/// (Without it, T1 could draw K#10, T2 draw K#11 and commit, the relay send
+/// K#11, and K#10 follow when T1 commits.) Transactions on different keys
+/// do not wait for each other; a hash collision only makes two keys take
+/// turns. SQLite needs nothing: a writing transaction excludes all others.
+///
+/// A transaction that publishes several keys takes their locks in publish
+/// order; two transactions publishing the same keys in opposite orders can
+/// deadlock, which PostgreSQL breaks by failing one of them.
+async fn lock_key<C: ConnectionTrait>(conn: &C, topic: &str, key: &[u8]) -> Result<()> {
+    if conn.get_database_backend() != DbBackend::Postgres {
+        return Ok(());
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in topic.as_bytes().iter().chain([0u8].iter()).chain(key) {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let id = i32::from_ne_bytes(h.to_ne_bytes());
+    conn.execute(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        [KEY_LOCK_CLASS.into(), id.into()],
+    ))
+    .await
+    .map_err(|source| Error::Database {
+        operation: "lock the message key for commit order",
+        source,
+    })?;
+    Ok(())
 }
 
 /// FNV-1a: a stable hash (unlike `std`'s), so a key maps to the same shard
