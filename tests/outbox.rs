@@ -1007,3 +1007,58 @@ async fn relay_child_process() {
     wait_pending_zero(&kontext).await;
     kontext.shutdown(Duration::from_secs(30)).await.unwrap();
 }
+
+/// Issue 14, defect 7 and item 8: a process that only writes outbox rows
+/// opens no Kafka connection, and on PostgreSQL its commits wake the relays
+/// of other instances at once, however long their polling interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_only_instance_opens_no_kafka_connection_and_wakes_other_relays() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 2, OutboxMode::ImmediateWithFallback);
+    let relay = start(
+        &model,
+        &broker,
+        &db,
+        OutboxSettings {
+            // Only a notification can wake it within the test.
+            poll_interval: Duration::from_secs(3_600),
+            ..OutboxSettings::default()
+        },
+    )
+    .await;
+    let writer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .outbox_writer(db.clone())
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        writer.clients(),
+        kontext::runtime::ClientCounts::default(),
+        "no Kafka client in the writer"
+    );
+    let mut tx = writer.outbox().unwrap().begin().await.unwrap();
+    for seq in 0..3 {
+        tx.publish(&ShipmentCreated {
+            shipment: 1,
+            seq,
+            note: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let committed = tx.commit().await.unwrap();
+    assert_eq!((committed.delivered, committed.pending), (0, 3));
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        eprintln!("skipped the wake-up: LISTEN/NOTIFY is PostgreSQL's");
+        return;
+    }
+    let records = read_topic(&broker, &topic, 3, READ_TIMEOUT).await.unwrap();
+    assert_eq!(records.len(), 3, "the other instance's relay was woken");
+    assert_per_key_order(&decode(&records), 3);
+    wait_pending_zero(&relay).await;
+    writer.shutdown(Duration::from_secs(10)).await.unwrap();
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+}

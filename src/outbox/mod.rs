@@ -36,6 +36,7 @@
 //! key wait too.
 
 mod lease;
+mod notify;
 mod relay;
 
 use std::fmt;
@@ -58,6 +59,15 @@ use crate::db::outbox_entity as row;
 use crate::error::{Error, Result};
 use crate::model::{Message, Model};
 use crate::producer::{CallOptions, Producer, prepare};
+
+/// What sends the outbox's rows in this process: the relay's own producer
+/// and its message timeout.
+pub(crate) struct Sender {
+    pub(crate) producer: Producer,
+    /// Every message handed to `producer` is delivered or failed within
+    /// this time, at most [`OutboxSettings::send_timeout_cap`].
+    pub(crate) send_timeout: Duration,
+}
 
 /// How a type's messages leave the outbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -174,11 +184,13 @@ pub struct Outbox {
 pub(crate) struct Inner {
     model: Arc<Model>,
     db: DatabaseConnection,
-    /// Encodes rows (headers, source) as the application's producer would.
-    producer: Producer,
-    /// Sends rows: its message timeout is `send_timeout`.
-    relay_producer: Producer,
-    send_timeout: Duration,
+    /// The `ce_source` of the rows (the client id).
+    source: String,
+    /// `None` in a writer-only process: other instances send the rows.
+    sender: Option<Sender>,
+    /// Whether `publish` notifies other processes' relays (PostgreSQL, and
+    /// no relay of its own here).
+    notify: bool,
     settings: OutboxSettings,
     wake: Notify,
     relay_id: String,
@@ -187,22 +199,29 @@ pub(crate) struct Inner {
 }
 
 impl Outbox {
-    /// `relay_producer` must deliver or fail every message within
-    /// `send_timeout`, at most [`OutboxSettings::send_timeout_cap`].
+    /// An outbox writing rows with `source` as their `ce_source`, sending
+    /// them through `sender` (none in a writer-only process).
     pub(crate) fn new(
         model: Arc<Model>,
         db: DatabaseConnection,
-        (producer, relay_producer, send_timeout): (Producer, Producer, Duration),
-        settings: OutboxSettings,
+        source: String,
+        sender: Option<Sender>,
+        mut settings: OutboxSettings,
         tasks: TaskTracker,
     ) -> Outbox {
+        let sender = sender.map(|s| Sender {
+            send_timeout: s.send_timeout.min(settings.send_timeout_cap()),
+            producer: s.producer,
+        });
+        settings.run_relay &= sender.is_some();
+        let notify = !settings.run_relay && db.get_database_backend() == DbBackend::Postgres;
         Outbox {
             inner: Arc::new(Inner {
                 model,
                 db,
-                producer,
-                relay_producer,
-                send_timeout: send_timeout.min(settings.send_timeout_cap()),
+                source,
+                sender,
+                notify,
                 settings,
                 wake: Notify::new(),
                 relay_id: Uuid::now_v7().to_string(),
@@ -217,6 +236,11 @@ impl Outbox {
         relay::ensure_leases(&self.inner).await?;
         if !self.inner.settings.run_relay {
             return Ok(());
+        }
+        if self.inner.db.get_database_backend() == DbBackend::Postgres {
+            self.inner
+                .tasks
+                .spawn(notify::listen(Arc::clone(&self.inner), cancel.clone()));
         }
         self.inner
             .tasks
@@ -245,7 +269,7 @@ impl Outbox {
             spec,
             message,
             &CallOptions::default(),
-            self.inner.producer.source(),
+            &self.inner.source,
             Vec::new(),
         )?;
         let headers_json = serde_json::to_string(&headers).map_err(|e| Error::Encode {
@@ -259,9 +283,7 @@ impl Outbox {
         );
         let message_id = encoded.message_id;
         let (payload, key) = encoded.into_parts();
-        if let Some(k) = &key {
-            lock_key(conn, spec.topic(), k).await?;
-        }
+        announce(conn, spec.topic(), key.as_deref(), self.inner.notify).await?;
         let now = now_ms();
         let inserted = row::ActiveModel {
             message_id: Set(message_id.to_string()),
@@ -476,26 +498,53 @@ const KEY_LOCK_CLASS: i32 = 0x6b6f_6e74;
 /// A transaction that publishes several keys takes their locks in publish
 /// order; two transactions publishing the same keys in opposite orders can
 /// deadlock, which PostgreSQL breaks by failing one of them.
-async fn lock_key<C: ConnectionTrait>(conn: &C, topic: &str, key: &[u8]) -> Result<()> {
+///
+/// With `notify`, the same statement also queues a notification that
+/// PostgreSQL delivers to listening relays when the transaction commits
+/// (see `notify`).
+async fn announce<C: ConnectionTrait>(
+    conn: &C,
+    topic: &str,
+    key: Option<&[u8]>,
+    notify: bool,
+) -> Result<()> {
     if conn.get_database_backend() != DbBackend::Postgres {
         return Ok(());
     }
-    let mut h: u32 = 0x811c_9dc5;
-    for b in topic.as_bytes().iter().chain([0u8].iter()).chain(key) {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    let id = i32::from_ne_bytes(h.to_ne_bytes());
-    conn.execute(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        [KEY_LOCK_CLASS.into(), id.into()],
-    ))
-    .await
-    .map_err(|source| Error::Database {
-        operation: "lock the message key for commit order",
-        source,
-    })?;
+    let statement = match (key, notify) {
+        (Some(key), _) => {
+            let mut h: u32 = 0x811c_9dc5;
+            for b in topic.as_bytes().iter().chain([0u8].iter()).chain(key) {
+                h ^= u32::from(*b);
+                h = h.wrapping_mul(0x0100_0193);
+            }
+            let id = i32::from_ne_bytes(h.to_ne_bytes());
+            let sql = if notify {
+                format!(
+                    "SELECT pg_advisory_xact_lock($1, $2), pg_notify('{}', '')",
+                    notify::CHANNEL
+                )
+            } else {
+                "SELECT pg_advisory_xact_lock($1, $2)".to_owned()
+            };
+            Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                sql,
+                [KEY_LOCK_CLASS.into(), id.into()],
+            )
+        }
+        (None, true) => Statement::from_string(
+            DbBackend::Postgres,
+            format!("SELECT pg_notify('{}', '')", notify::CHANNEL),
+        ),
+        (None, false) => return Ok(()),
+    };
+    conn.execute(statement)
+        .await
+        .map_err(|source| Error::Database {
+            operation: "lock the message key for commit order",
+            source,
+        })?;
     Ok(())
 }
 

@@ -17,8 +17,8 @@ use sea_orm::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::Inner;
 use super::lease::{self, Lease, db_now};
+use super::{Inner, Sender};
 use crate::db::{lease_entity as lease_row, now_ms, outbox_entity as row};
 use crate::error::{Error, Result};
 
@@ -307,7 +307,10 @@ enum Sent {
 
 /// Hands `rows` to the producer in order and awaits every delivery.
 async fn send_rows(inner: &Inner, rows: &[row::Model], watch: &Watch) -> Vec<Sent> {
-    let (ttl, send_timeout) = (inner.settings.lease_ttl, inner.send_timeout);
+    let Some(sender) = &inner.sender else {
+        return rows.iter().map(|_| Sent::Skipped).collect();
+    };
+    let (ttl, send_timeout) = (inner.settings.lease_ttl, sender.send_timeout);
     let mut outcomes: Vec<Sent> = rows.iter().map(|_| Sent::Skipped).collect();
     // A key whose earlier row could not be handed over holds back its later
     // rows of this batch.
@@ -320,7 +323,7 @@ async fn send_rows(inner: &Inner, rows: &[row::Model], watch: &Watch) -> Vec<Sen
         if r.key.as_deref().is_some_and(|k| blocked.contains(k)) {
             continue;
         }
-        match enqueue(inner, r, &mut in_flight).await {
+        match enqueue(sender, r, &mut in_flight).await {
             Ok(f) => in_flight.push((i, f)),
             Err(e) => {
                 if let Some(k) = &r.key {
@@ -400,7 +403,7 @@ async fn settle(
 /// Hands one row to the producer, waiting for room if its queue is full
 /// (by awaiting the oldest delivery of this batch).
 async fn enqueue(
-    inner: &Inner,
+    sender: &Sender,
     r: &row::Model,
     in_flight: &mut [(usize, DeliveryFuture)],
 ) -> std::result::Result<DeliveryFuture, String> {
@@ -422,7 +425,7 @@ async fn enqueue(
     if let Some(p) = &r.payload {
         record = record.payload(p.as_slice());
     }
-    let client = inner.relay_producer.client();
+    let client = sender.producer.client();
     loop {
         match client.send_result(record) {
             Ok(f) => return Ok(f),
@@ -482,6 +485,10 @@ async fn record_failure(
 /// one process exclude each other as they exclude relays: a shared owner
 /// would let them all "hold" a shard at once.
 pub(super) async fn send_immediately(inner: &Arc<Inner>, rows: &[(i64, i32)]) -> usize {
+    if inner.sender.is_none() {
+        // A writer-only process: other instances' relays send them.
+        return rows.len();
+    }
     let owner = format!("{}:immediate:{}", inner.relay_id, uuid::Uuid::now_v7());
     let deadline = tokio::time::Instant::now() + inner.settings.immediate_timeout;
     let mut pending = 0;
@@ -509,6 +516,9 @@ async fn send_one(
     deadline: tokio::time::Instant,
 ) -> Result<bool> {
     let ttl = inner.settings.lease_ttl;
+    let Some(sender) = &inner.sender else {
+        return Ok(false);
+    };
     let Some(held) = lease::acquire(&inner.db, shard, owner, ttl).await? else {
         return Ok(false);
     };
@@ -541,13 +551,13 @@ async fn send_one(
     }
     .await;
     let r = match found {
-        Ok(Some(r)) if held.may_send(ttl, inner.send_timeout) => r,
+        Ok(Some(r)) if held.may_send(ttl, sender.send_timeout) => r,
         other => {
             lease::release(&inner.db, &held).await;
             return other.map(|_| false);
         }
     };
-    let delivery = match enqueue(inner, &r, &mut []).await {
+    let delivery = match enqueue(sender, &r, &mut []).await {
         Ok(f) => f,
         Err(e) => {
             tracing::debug!(seq, error = %e, "immediate send failed; the relay will retry");

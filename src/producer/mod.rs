@@ -271,11 +271,6 @@ impl Producer {
         &self.inner.client
     }
 
-    /// The `ce_source` of every message.
-    pub(crate) fn source(&self) -> &str {
-        &self.inner.source
-    }
-
     /// Whether a failed enqueue should be retried: librdkafka's local queue
     /// is full and the call has not waited longer than a delivery may take.
     fn may_wait(&self, e: &KafkaError, started: Instant) -> bool {

@@ -15,7 +15,7 @@ use crate::config::KafkaSettings;
 use crate::consumer::{ConsumerRuntime, Consumers, MessageStream};
 use crate::error::{Error, Result};
 use crate::model::{Message, Model};
-use crate::outbox::{Outbox, OutboxSettings};
+use crate::outbox::{Outbox, OutboxSettings, Sender};
 use crate::producer::Producer;
 use crate::registry::Registry;
 use sea_orm::DatabaseConnection;
@@ -36,6 +36,8 @@ pub struct KontextBuilder {
     producer: bool,
     consumers: Consumers,
     database: Option<DatabaseConnection>,
+    /// The database is used to write outbox rows only (no relay here).
+    writer_only: bool,
     outbox: OutboxSettings,
     migrate: bool,
 }
@@ -49,6 +51,19 @@ impl KontextBuilder {
     pub fn database(mut self, db: DatabaseConnection) -> Self {
         self.database = Some(db);
         self.producer = true;
+        self.writer_only = false;
+        self
+    }
+
+    /// Uses this database to **write** outbox rows (and for consumer units
+    /// of work and the inbox) without relaying them: this process runs no
+    /// relay and opens no Kafka connection for the outbox; the relays of
+    /// other instances send the rows. On PostgreSQL each commit wakes
+    /// them at once (`LISTEN/NOTIFY`); otherwise they find the rows within
+    /// their polling interval.
+    pub fn outbox_writer(mut self, db: DatabaseConnection) -> Self {
+        self.database = Some(db);
+        self.writer_only = true;
         self
     }
 
@@ -138,34 +153,42 @@ impl KontextBuilder {
         };
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let outbox = match (&self.database, &producer) {
-            (Some(db), Some(producer)) => {
+        let outbox = match &self.database {
+            Some(db) => {
+                self.outbox.validate()?;
                 if self.migrate {
                     crate::db::migrate(db).await?;
                 }
-                self.outbox.validate()?;
-                // The relay's own client: its message timeout must stay
-                // below the lease (see `outbox::lease`), whatever the
-                // application's producer allows.
-                let (relay_settings, send_timeout) =
-                    settings.with_message_timeout_cap(self.outbox.send_timeout_cap());
-                let relay_producer = Producer::new(
-                    &relay_settings,
-                    broker.bootstrap_servers(),
-                    Arc::clone(&model),
-                    &clients,
-                )?;
+                let sender = if self.writer_only {
+                    None
+                } else {
+                    // The relay's own client: its message timeout must stay
+                    // below the lease (see `outbox::lease`), whatever the
+                    // application's producer allows.
+                    let (relay_settings, send_timeout) =
+                        settings.with_message_timeout_cap(self.outbox.send_timeout_cap());
+                    Some(Sender {
+                        producer: Producer::new(
+                            &relay_settings,
+                            broker.bootstrap_servers(),
+                            Arc::clone(&model),
+                            &clients,
+                        )?,
+                        send_timeout,
+                    })
+                };
                 let outbox = Outbox::new(
                     Arc::clone(&model),
                     db.clone(),
-                    (producer.clone(), relay_producer, send_timeout),
+                    settings.effective_client_id().to_owned(),
+                    sender,
                     self.outbox.clone(),
                     tasks.clone(),
                 );
                 outbox.start_relay(cancel.clone()).await?;
                 Some(outbox)
             }
-            _ => None,
+            None => None,
         };
         let registry = Registry::default();
         let consumers = if self.consumers.is_empty() {
@@ -246,6 +269,7 @@ impl Kontext {
             producer: false,
             consumers: Consumers::default(),
             database: None,
+            writer_only: false,
             outbox: OutboxSettings::default(),
             migrate: true,
         }
