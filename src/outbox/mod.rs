@@ -188,9 +188,6 @@ pub(crate) struct Inner {
     source: String,
     /// `None` in a writer-only process: other instances send the rows.
     sender: Option<Sender>,
-    /// Whether `publish` notifies other processes' relays (PostgreSQL, and
-    /// no relay of its own here).
-    notify: bool,
     settings: OutboxSettings,
     wake: Notify,
     relay_id: String,
@@ -214,14 +211,12 @@ impl Outbox {
             producer: s.producer,
         });
         settings.run_relay &= sender.is_some();
-        let notify = !settings.run_relay && db.get_database_backend() == DbBackend::Postgres;
         Outbox {
             inner: Arc::new(Inner {
                 model,
                 db,
                 source,
                 sender,
-                notify,
                 settings,
                 wake: Notify::new(),
                 relay_id: Uuid::now_v7().to_string(),
@@ -234,10 +229,16 @@ impl Outbox {
     /// `cancel`.
     pub(crate) async fn start_relay(&self, cancel: CancellationToken) -> Result<()> {
         relay::ensure_leases(&self.inner).await?;
+        let postgres = self.inner.db.get_database_backend() == DbBackend::Postgres;
         if !self.inner.settings.run_relay {
+            if postgres {
+                self.inner
+                    .tasks
+                    .spawn(notify::announce(Arc::clone(&self.inner), cancel));
+            }
             return Ok(());
         }
-        if self.inner.db.get_database_backend() == DbBackend::Postgres {
+        if postgres {
             self.inner
                 .tasks
                 .spawn(notify::listen(Arc::clone(&self.inner), cancel.clone()));
@@ -283,7 +284,9 @@ impl Outbox {
         );
         let message_id = encoded.message_id;
         let (payload, key) = encoded.into_parts();
-        announce(conn, spec.topic(), key.as_deref(), self.inner.notify).await?;
+        if let Some(k) = &key {
+            lock_key(conn, spec.topic(), k).await?;
+        }
         let now = now_ms();
         let inserted = row::ActiveModel {
             message_id: Set(message_id.to_string()),
@@ -498,53 +501,26 @@ const KEY_LOCK_CLASS: i32 = 0x6b6f_6e74;
 /// A transaction that publishes several keys takes their locks in publish
 /// order; two transactions publishing the same keys in opposite orders can
 /// deadlock, which PostgreSQL breaks by failing one of them.
-///
-/// With `notify`, the same statement also queues a notification that
-/// PostgreSQL delivers to listening relays when the transaction commits
-/// (see `notify`).
-async fn announce<C: ConnectionTrait>(
-    conn: &C,
-    topic: &str,
-    key: Option<&[u8]>,
-    notify: bool,
-) -> Result<()> {
+async fn lock_key<C: ConnectionTrait>(conn: &C, topic: &str, key: &[u8]) -> Result<()> {
     if conn.get_database_backend() != DbBackend::Postgres {
         return Ok(());
     }
-    let statement = match (key, notify) {
-        (Some(key), _) => {
-            let mut h: u32 = 0x811c_9dc5;
-            for b in topic.as_bytes().iter().chain([0u8].iter()).chain(key) {
-                h ^= u32::from(*b);
-                h = h.wrapping_mul(0x0100_0193);
-            }
-            let id = i32::from_ne_bytes(h.to_ne_bytes());
-            let sql = if notify {
-                format!(
-                    "SELECT pg_advisory_xact_lock($1, $2), pg_notify('{}', '')",
-                    notify::CHANNEL
-                )
-            } else {
-                "SELECT pg_advisory_xact_lock($1, $2)".to_owned()
-            };
-            Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                sql,
-                [KEY_LOCK_CLASS.into(), id.into()],
-            )
-        }
-        (None, true) => Statement::from_string(
-            DbBackend::Postgres,
-            format!("SELECT pg_notify('{}', '')", notify::CHANNEL),
-        ),
-        (None, false) => return Ok(()),
-    };
-    conn.execute(statement)
-        .await
-        .map_err(|source| Error::Database {
-            operation: "lock the message key for commit order",
-            source,
-        })?;
+    let mut h: u32 = 0x811c_9dc5;
+    for b in topic.as_bytes().iter().chain([0u8].iter()).chain(key) {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let id = i32::from_ne_bytes(h.to_ne_bytes());
+    conn.execute(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock($1, $2)",
+        [KEY_LOCK_CLASS.into(), id.into()],
+    ))
+    .await
+    .map_err(|source| Error::Database {
+        operation: "lock the message key for commit order",
+        source,
+    })?;
     Ok(())
 }
 

@@ -1,17 +1,21 @@
 //! Wake-up across processes on PostgreSQL (`LISTEN/NOTIFY`).
 //!
 //! A process that writes outbox rows without relaying them (a writer-only
-//! API, or `run_relay: false`) queues a notification with each row; it is
-//! delivered to every listening relay when the transaction commits, so a
-//! relay elsewhere sends the row at once instead of at its next poll. A
-//! process that relays wakes its own relay in process and sends nothing:
-//! notifications serialize the commits that carry them, so they are kept to
-//! where they are needed. Polling stays as the fallback for notifications
-//! lost while a listener reconnects.
+//! API, or `run_relay: false`) has nobody in process to wake: its wake-ups
+//! (every commit through `OutboxTransaction` or a unit of work, and
+//! `Outbox::wake`) become a `NOTIFY` that every listening relay receives,
+//! so a relay elsewhere sends the rows at once instead of at its next poll.
+//! The notification is sent after the commit, from one task that coalesces
+//! bursts, not inside the writers' transactions: PostgreSQL serializes the
+//! commits of transactions that notify, which would halve a busy writer's
+//! commit rate. A process that relays wakes its own relay in process and
+//! sends nothing. Polling stays as the fallback for notifications lost
+//! while a listener reconnects.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use sea_orm::ConnectionTrait as _;
 use sea_orm::sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +69,22 @@ pub(super) async fn listen(inner: Arc<Inner>, cancel: CancellationToken) {
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Turns this writer-only process's wake-ups into notifications until
+/// cancelled. Wake-ups that arrive while one is being sent coalesce into
+/// the next.
+pub(super) async fn announce(inner: Arc<Inner>, cancel: CancellationToken) {
+    let statement = format!("NOTIFY {CHANNEL}");
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = inner.wake.notified() => {}
+        }
+        if let Err(e) = inner.db.execute_unprepared(&statement).await {
+            tracing::debug!(error = %e, "could not notify the outbox relays; they find the rows at their next poll");
         }
     }
 }
