@@ -1396,3 +1396,97 @@ async fn a_context_kept_past_its_handler_still_reads_its_own_key_and_headers() {
     let ids: BTreeSet<_> = kept.iter().map(|(_, _, c)| c.message_id()).collect();
     assert_eq!(ids.len(), 40, "every context keeps its own message id");
 }
+
+/// Issue 13, defect 1: librdkafka keeps a partition's pause flag across
+/// unassign and assign. Member A's full lane paused both partitions; B
+/// joined and took one; A drained and resumed only what it held; B left and
+/// A got the other partition back while its lane was not paused: it was
+/// never resumed and none of its new records were consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_before_it_moved_away_is_consumed_when_it_comes_back() {
+    let o = orders(2, |c| c.max_buffered(5)).await;
+    let p = o.producer.producer().unwrap();
+    let (a, seen_a, gate) = gated_consumer(o.model.clone(), o.broker.clone(), &o.group).await;
+    let a_status = || a.registry().services()[0].clone();
+    let wait = async |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + READ_TIMEOUT;
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    wait("A to own both partitions", &|| {
+        a_status().assigned_partitions.len() == 2
+    })
+    .await;
+
+    // A's lane fills and pauses both partitions.
+    let first: Vec<OrderCreated> = (0..60)
+        .map(|seq| OrderCreated {
+            order: seq % 20,
+            seq,
+        })
+        .collect();
+    p.produce_batch(&first).await.unwrap();
+    wait("A to pause both partitions", &|| {
+        a_status().paused_partitions.len() == 2
+    })
+    .await;
+
+    // B joins and takes one partition.
+    let seen_b = Seen::default();
+    let b = recording_consumer(&o.model, &o.broker, &o.group, &seen_b, Duration::ZERO).await;
+    wait("the group to split", &|| {
+        a_status().assigned_partitions.len() == 1
+            && b.registry().services()[0].assigned_partitions.len() == 1
+    })
+    .await;
+
+    // A drains and resumes what it holds.
+    gate.add_permits(1_000_000);
+    wait("A to resume", &|| a_status().paused_partitions.is_empty()).await;
+
+    // B leaves; A gets the other partition back.
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    wait("A to own both partitions again", &|| {
+        a_status().assigned_partitions.len() == 2
+    })
+    .await;
+
+    let second: Vec<OrderCreated> = (1_000..1_200)
+        .map(|seq| OrderCreated {
+            order: seq % 20,
+            seq,
+        })
+        .collect();
+    p.produce_batch(&second).await.unwrap();
+    let partitions_of_second: BTreeSet<i32> = {
+        let deadline = Instant::now() + READ_TIMEOUT;
+        loop {
+            let handled: BTreeSet<u32> = seen_a
+                .all()
+                .iter()
+                .filter(|e| e.2 >= 1_000)
+                .map(|e| e.2)
+                .collect();
+            if handled.len() == second.len() {
+                break seen_a
+                    .all()
+                    .iter()
+                    .filter(|e| e.2 >= 1_000)
+                    .map(|e| e.3)
+                    .collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} new records handled; status {:?}",
+                handled.len(),
+                second.len(),
+                a_status()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    assert_eq!(partitions_of_second.len(), 2, "both partitions flow");
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+}

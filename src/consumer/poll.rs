@@ -281,14 +281,34 @@ impl ConsumerContext for PollContext {
                         state.assignment.push((topic, e.partition()));
                     }
                 }
-                // A lane still paused keeps its new partitions paused too.
-                let paused: Vec<usize> = (0..state.lanes.len())
-                    .filter(|i| state.lane_state[*i].paused)
-                    .collect();
-                for i in paused {
-                    let tpl = state.partitions_of(i);
-                    if let Err(e) = consumer.pause(&tpl) {
-                        tracing::warn!(service = %self.shared.name, error = %e, "could not pause new partitions");
+                // librdkafka keeps a partition's pause flag across unassign
+                // and assign; only a resume clears it. So each newly
+                // assigned partition takes its lane's state now: paused if
+                // the lane is, resumed otherwise (a partition paused before
+                // it moved away would never be fetched again).
+                let mut pause = TopicPartitionList::new();
+                let mut resume = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    if let Some(&lane) = state.routes.get(e.topic()) {
+                        let to = if state.lane_state[lane].paused {
+                            &mut pause
+                        } else {
+                            &mut resume
+                        };
+                        to.add_partition(e.topic(), e.partition());
+                    }
+                }
+                for (tpl, pausing) in [(pause, true), (resume, false)] {
+                    if tpl.count() == 0 {
+                        continue;
+                    }
+                    let result = if pausing {
+                        consumer.pause(&tpl)
+                    } else {
+                        consumer.resume(&tpl)
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(service = %self.shared.name, error = %e, pausing, "could not set the pause state of new partitions");
                     }
                 }
                 state.publish_paused(&self.shared);
