@@ -61,7 +61,7 @@ pub use error::{Error, Result};
 pub use kontext_macros::Topic;
 pub use model::{Message, Model, ModelBuilder, Topic, TopicBuilder};
 pub use producer::{Delivery, Producer};
-pub use runtime::{Kontext, KontextBuilder};
+pub use runtime::{Kontext, KontextBuilder, shutdown_signal};
 
 /// What generated code needs, so users need not depend on it themselves.
 #[doc(hidden)]

@@ -694,6 +694,12 @@ fn consumer_config(
     for (k, v) in broker.consumer_defaults() {
         config.set(*k, *v);
     }
+    // Stored offsets go to the broker every second instead of librdkafka's
+    // five: a crash redelivers what was handled since the last commit, so
+    // this interval is the crash window. Settings may still override it.
+    if config.get("auto.commit.interval.ms").is_none() {
+        config.set("auto.commit.interval.ms", AUTO_COMMIT_INTERVAL_MS);
+    }
     apply_consumer_settings(&mut config, &settings.consumer);
     if let Some(d) = dedicated {
         apply_consumer_settings(&mut config, d);
@@ -710,6 +716,9 @@ fn consumer_config(
         .set("enable.partition.eof", "false");
     config
 }
+
+/// How often stored offsets are committed (`auto.commit.interval.ms`).
+pub(crate) const AUTO_COMMIT_INTERVAL_MS: &str = "1000";
 
 fn apply_consumer_settings(config: &mut ClientConfig, s: &ConsumerSettings) {
     config.set("auto.offset.reset", s.auto_offset_reset.as_property());

@@ -4,11 +4,13 @@
 
 pub(crate) mod client_context;
 pub(crate) mod clients;
+mod signal;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use clients::{ClientCounts, ClientTracker};
+pub use signal::shutdown_signal;
 
 use crate::broker::{Broker, ProvisionReport, provision_topics};
 use crate::config::KafkaSettings;
@@ -341,8 +343,8 @@ impl Kontext {
         Ok(())
     }
 
-    /// Runs until `signal` completes (for example `tokio::signal::ctrl_c()`),
-    /// then shuts down gracefully within `timeout`.
+    /// Runs until `signal` completes (usually [`crate::shutdown_signal`]:
+    /// SIGTERM or ctrl-c), then shuts down gracefully within `timeout`.
     pub async fn run_until<F>(self, signal: F, timeout: Duration) -> Result<()>
     where
         F: std::future::Future,
