@@ -110,7 +110,7 @@ pub enum Error {
     },
 
     /// A Kafka client could not be created from the settings.
-    #[error("failed to create the Kafka {role} client")]
+    #[error("failed to create the Kafka {role} client: {source}")]
     Client {
         /// `producer`, `consumer` or `admin`.
         role: &'static str,

@@ -1490,3 +1490,22 @@ async fn a_partition_paused_before_it_moved_away_is_consumed_when_it_comes_back(
     assert_eq!(partitions_of_second.len(), 2, "both partitions flow");
     a.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Issue 13, defect 10: a bad consumer-only librdkafka property passed
+/// `start()` and the service then showed `Failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_consumer_property_fails_start_naming_it() {
+    let o = orders(2, |c| c).await;
+    let err = Kontext::builder(o.model.clone())
+        .settings(settings(&o.group).consumer(|c| c.librdkafka.set("fetch.wait.max.ms", "later")))
+        .broker(o.broker.clone())
+        .consumers(|c| {
+            c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("fetch.wait.max.ms"), "{text}");
+    assert!(text.contains("consumer"), "{text}");
+}

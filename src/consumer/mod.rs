@@ -286,6 +286,24 @@ impl ConsumerRuntime {
         outbox: Option<&Outbox>,
     ) -> Result<ConsumerRuntime> {
         let services = plan(model, settings, consumers)?;
+        // Every consumer setting is checked before anything is provisioned
+        // or spawned: librdkafka rejects a bad property only when a client
+        // is created, and that happens on the poll thread, after `start()`
+        // would have returned `Ok`.
+        for planned in &services {
+            consumer_config(
+                settings,
+                broker,
+                &planned.group,
+                planned.dedicated.as_ref(),
+                planned.offset_reset.map(|(r, _)| r),
+            )
+            .create_native_config()
+            .map_err(|source| Error::Client {
+                role: "consumer",
+                source,
+            })?;
+        }
 
         if settings.provisioning_enabled() {
             let mut dlqs: BTreeMap<String, i32> = BTreeMap::new();
