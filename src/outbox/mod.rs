@@ -284,10 +284,42 @@ impl Outbox {
         );
         let message_id = encoded.message_id;
         let (payload, key) = encoded.into_parts();
-        if let Some(k) = &key {
-            lock_key(conn, spec.topic(), k).await?;
-        }
         let now = now_ms();
+        let insert_err = |source| Error::Database {
+            operation: "insert into the outbox",
+            source,
+        };
+        if let (Some(k), DbBackend::Postgres) = (&key, conn.get_database_backend()) {
+            // The key's commit-order lock (see `key_lock_id`) and the insert
+            // in one round trip: the row's sequence number is drawn once
+            // the lock is held.
+            let statement = Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                PG_INSERT_KEYED,
+                [
+                    KEY_LOCK_CLASS.into(),
+                    key_lock_id(spec.topic(), k).into(),
+                    message_id.to_string().into(),
+                    spec.topic().to_owned().into(),
+                    shard.into(),
+                    k.clone().into(),
+                    headers_json.into(),
+                    payload.into(),
+                    spec.type_name().to_owned().into(),
+                    now.into(),
+                ],
+            );
+            let row =
+                conn.query_one(statement)
+                    .await
+                    .map_err(insert_err)?
+                    .ok_or(Error::Database {
+                        operation: "insert into the outbox",
+                        source: sea_orm::DbErr::RecordNotInserted,
+                    })?;
+            let seq: i64 = row.try_get("", "seq").map_err(insert_err)?;
+            return Ok((message_id, seq, shard, spec.outbox_mode()));
+        }
         let inserted = row::ActiveModel {
             message_id: Set(message_id.to_string()),
             topic: Set(spec.topic().to_owned()),
@@ -305,10 +337,7 @@ impl Outbox {
         }
         .insert(conn)
         .await
-        .map_err(|source| Error::Database {
-            operation: "insert into the outbox",
-            source,
-        })?;
+        .map_err(insert_err)?;
         Ok((message_id, inserted.seq, shard, spec.outbox_mode()))
     }
 
@@ -486,12 +515,19 @@ impl fmt::Debug for OutboxTransaction {
 }
 
 /// The first half of the advisory-lock id of a key's lock ("kont" in
-/// ASCII); the second is a hash of topic and key.
+/// ASCII); the second is [`key_lock_id`].
 const KEY_LOCK_CLASS: i32 = 0x6b6f_6e74;
 
-/// On PostgreSQL, makes transactions that publish the same key (on one
-/// topic) take turns, each until it commits or rolls back: the sequence
-/// number of a later transaction's row is then drawn after the earlier one
+/// A keyed row on PostgreSQL: `pg_advisory_xact_lock($1, $2)` on the key,
+/// then the insert, in one statement.
+const PG_INSERT_KEYED: &str = "WITH key_lock AS (SELECT pg_advisory_xact_lock($1, $2)) \
+     INSERT INTO kontext_outbox (message_id, topic, shard, key, headers, payload, message_type, \
+     created_at, attempts, next_attempt_at, last_error, state) \
+     SELECT $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, NULL, 0 FROM key_lock RETURNING seq";
+
+/// On PostgreSQL, transactions that publish the same key (on one topic)
+/// take turns, each until it commits or rolls back: the sequence number of
+/// a later transaction's row is then drawn after the earlier one
 /// committed, so the relay's sequence order for a key is its commit order.
 /// (Without it, T1 could draw K#10, T2 draw K#11 and commit, the relay send
 /// K#11, and K#10 follow when T1 commits.) Transactions on different keys
@@ -501,27 +537,13 @@ const KEY_LOCK_CLASS: i32 = 0x6b6f_6e74;
 /// A transaction that publishes several keys takes their locks in publish
 /// order; two transactions publishing the same keys in opposite orders can
 /// deadlock, which PostgreSQL breaks by failing one of them.
-async fn lock_key<C: ConnectionTrait>(conn: &C, topic: &str, key: &[u8]) -> Result<()> {
-    if conn.get_database_backend() != DbBackend::Postgres {
-        return Ok(());
-    }
+fn key_lock_id(topic: &str, key: &[u8]) -> i32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in topic.as_bytes().iter().chain([0u8].iter()).chain(key) {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    let id = i32::from_ne_bytes(h.to_ne_bytes());
-    conn.execute(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        "SELECT pg_advisory_xact_lock($1, $2)",
-        [KEY_LOCK_CLASS.into(), id.into()],
-    ))
-    .await
-    .map_err(|source| Error::Database {
-        operation: "lock the message key for commit order",
-        source,
-    })?;
-    Ok(())
+    i32::from_ne_bytes(h.to_ne_bytes())
 }
 
 /// FNV-1a: a stable hash (unlike `std`'s), so a key maps to the same shard
