@@ -1509,3 +1509,81 @@ async fn a_bad_consumer_property_fails_start_naming_it() {
     assert!(text.contains("fetch.wait.max.ms"), "{text}");
     assert!(text.contains("consumer"), "{text}");
 }
+
+/// Issue 13, defect 7: a 2 MB record that does not decode went to a
+/// dead-letter producer limited to 1 MB, which retried forever; the lane
+/// never moved on and nothing showed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2_mb_record_that_does_not_decode_is_dead_lettered_and_the_partition_moves_on() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("jobs"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<Job>(|t| {
+            t.name(&topic)
+                .partitions(1)
+                // The source topic takes the big record; its dead-letter
+                // topic keeps the broker's default limit (1 MB on Kafka).
+                .config("max.message.bytes", "4194304")
+        })
+        .build()
+        .unwrap();
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let consumer = Kontext::builder(model.clone())
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |j: Job, _: MessageContext| {
+                let h = h.clone();
+                async move {
+                    h.lock().unwrap().push(j.id);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let big: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .set("message.max.bytes", "4194304")
+        .create()
+        .unwrap();
+    let payload = vec![b'x'; 2 * 1024 * 1024];
+    send_raw(&big, &topic, Some(&payload), None).await;
+    let good = serde_json::to_vec(&Job {
+        id: 7,
+        fail_times: 0,
+        mode: String::new(),
+    })
+    .unwrap();
+    send_raw(&big, &topic, Some(&good), None).await;
+
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while handled.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the record after the big one was never handled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*handled.lock().unwrap(), vec![7]);
+    let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header(dlq_headers::REASON), Some("decode"));
+    let kept = dlq[0].payload.as_ref().map_or(0, Vec::len);
+    match dlq[0].header(dlq_headers::TRUNCATED) {
+        // The broker refused the full record: the payload was cut.
+        Some(t) => {
+            assert_eq!(t, format!("{kept}/{}", payload.len()));
+            assert!(kept > 0 && kept < payload.len());
+        }
+        None => assert_eq!(kept, payload.len(), "the whole record"),
+    }
+    let st = consumer.registry().type_status::<Job>().unwrap();
+    assert_eq!(st.dead_lettered + st.handled, 2, "{st:?}");
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -6,8 +6,10 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaSettings;
@@ -35,6 +37,10 @@ pub mod dlq_headers {
     pub const FAILED_AT: &str = "dlq-failed-at";
     /// The consumer group that gave up on it.
     pub const GROUP: &str = "dlq-group";
+    /// Set when the broker refused the record for its size and the payload
+    /// was cut: `kept/original` bytes (the original is still at its
+    /// topic, partition and offset while retention keeps it).
+    pub const TRUNCATED: &str = "dlq-truncated";
 }
 
 /// A failure to record on a dead-lettered message.
@@ -60,13 +66,35 @@ pub(crate) struct DeadLetters {
 
 const ROLE: &str = "dead-letter producer";
 
+/// `message.max.bytes` of the dead-letter producer: librdkafka's default
+/// `fetch.max.bytes`, the most a consumer takes in one fetch.
+const DEAD_LETTER_MAX_BYTES: usize = 52_428_800;
+
+/// What is kept of a payload the broker refused for its size.
+const TRUNCATED_PAYLOAD_BYTES: usize = 16 * 1024;
+
+/// Whether the broker (or the local producer) refused a record for its size:
+/// sending it again unchanged can never succeed.
+fn too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    )
+}
+
 impl DeadLetters {
     pub(crate) fn new(
         settings: &KafkaSettings,
         bootstrap_servers: &str,
         clients: &ClientTracker,
     ) -> Result<DeadLetters> {
-        let config = settings.producer_config(bootstrap_servers);
+        let mut config = settings.producer_config(bootstrap_servers);
+        // Whatever a consumer can receive must fit: librdkafka's default
+        // (1 MB) is below what consumers fetch (`fetch.max.bytes`, 50 MB),
+        // and a dead letter that cannot be sent would stall its lane.
+        if config.get("message.max.bytes").is_none() {
+            config.set("message.max.bytes", DEAD_LETTER_MAX_BYTES.to_string());
+        }
         // Rejects unknown properties and bad values now, without a client.
         config
             .create_native_config()
@@ -111,6 +139,8 @@ impl DeadLetters {
         cancel: &CancellationToken,
     ) -> bool {
         let mut pause = Duration::from_millis(100);
+        // Set once the broker refused the full record for its size.
+        let mut truncated: Option<String> = None;
         loop {
             let partition = record.partition.to_string();
             let offset = record.offset.to_string();
@@ -135,19 +165,30 @@ impl DeadLetters {
                     value: Some(value),
                 });
             }
+            if let Some(t) = &truncated {
+                headers = headers.insert(Header {
+                    key: dlq_headers::TRUNCATED,
+                    value: Some(t.as_str()),
+                });
+            }
             let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
             if let Some(k) = record.key() {
                 out = out.key(k);
             }
             if let Some(p) = record.payload() {
-                out = out.payload(p);
+                let kept = if truncated.is_some() {
+                    &p[..p.len().min(TRUNCATED_PAYLOAD_BYTES)]
+                } else {
+                    p
+                };
+                out = out.payload(kept);
             }
             let sent = match self.producer() {
                 Ok(producer) => tokio::select! {
-                    r = producer.send(out, Duration::from_secs(5)) => r.map_err(|(e, _)| e.to_string()),
+                    r = producer.send(out, Duration::from_secs(5)) => r.map_err(|(e, _)| (too_large(&e), e.to_string())),
                     () = cancel.cancelled() => return false,
                 },
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err((false, e.to_string())),
             };
             match sent {
                 Ok(_) => {
@@ -161,7 +202,12 @@ impl DeadLetters {
                     );
                     return true;
                 }
-                Err(e) => {
+                Err((true, e)) if truncated.is_none() => {
+                    let size = record.payload().map_or(0, <[u8]>::len);
+                    tracing::error!(dead_letter_topic = topic, source, record = ?record, error = %e, size, "dead letter refused for its size; sending it with its payload cut");
+                    truncated = Some(format!("{}/{size}", size.min(TRUNCATED_PAYLOAD_BYTES)));
+                }
+                Err((_, e)) => {
                     tracing::error!(dead_letter_topic = topic, source, record = ?record, error = %e, "dead-letter publish failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
