@@ -1587,3 +1587,37 @@ async fn a_2_mb_record_that_does_not_decode_is_dead_lettered_and_the_partition_m
     assert_eq!(st.dead_lettered + st.handled, 2, "{st:?}");
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Issue 13, defect 3 (in one process): a dedicated type that keeps the
+/// shared group on a topic the shared poll service also reads would split
+/// the topic's partitions, each service committing past the other's types.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_poll_services_of_one_group_on_one_topic_are_rejected() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let g = group.clone();
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).key(|e| e.order))
+        .topic::<OrderPaid>(|t| {
+            t.name(&topic)
+                .key(|e| e.order)
+                .consumer(move |c| c.dedicated(move |d| d.group(g.clone())))
+        })
+        .build()
+        .unwrap();
+    let err = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(|c| {
+            c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) })
+                .handler(|_: OrderPaid, _: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    for part in [group.as_str(), topic.as_str(), "OrderCreated", "OrderPaid"] {
+        assert!(text.contains(part), "{part} missing from: {text}");
+    }
+}

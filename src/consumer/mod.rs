@@ -695,7 +695,43 @@ fn plan(
             }
         }
     }
+    check_groups(&services)?;
     Ok(services)
+}
+
+/// Two poll services of one consumer group that read the same topic would
+/// split its partitions between them, and each would commit past the
+/// records of the types only the other handles: those would be lost.
+fn check_groups(services: &[PlannedService]) -> Result<()> {
+    let reads = |s: &PlannedService, topic: &str| -> Vec<&'static str> {
+        s.types
+            .iter()
+            .filter(|t| &*t.topic == topic)
+            .map(|t| t.registration.rust_type)
+            .collect()
+    };
+    for (i, a) in services.iter().enumerate() {
+        for b in services.iter().skip(i + 1).filter(|b| b.group == a.group) {
+            for t in &a.types {
+                let theirs = reads(b, &t.topic);
+                if theirs.is_empty() {
+                    continue;
+                }
+                return Err(Error::config(format!(
+                    "poll services `{}` ({:?}) and `{}` ({:?}) are both in consumer group `{}` and both read topic `{}`: \
+                     Kafka would split the topic's partitions between them and each would commit past the other's records; \
+                     give the dedicated type a group of its own (`d.group(..)`) or consume these types in one poll service",
+                    a.name,
+                    reads(a, &t.topic),
+                    b.name,
+                    theirs,
+                    a.group,
+                    t.topic
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The client configuration of a poll service: common settings, the broker's
