@@ -145,6 +145,32 @@ async fn consumer(
         .unwrap()
 }
 
+/// Publishes one `ShipmentCreated` through `producer`.
+async fn publish_one(producer: &Kontext, shipment_id: &str, user: u32) {
+    producer
+        .producer()
+        .unwrap()
+        .produce(&ShipmentCreated {
+            shipment_id: shipment_id.into(),
+            user,
+        })
+        .await
+        .unwrap();
+}
+
+/// Waits until `kontext` has handled `n` shipments.
+async fn wait_handled(kontext: &Kontext, n: u64) {
+    wait_until(&format!("{n} handled"), async || {
+        kontext
+            .registry()
+            .type_status::<ShipmentCreated>()
+            .unwrap()
+            .handled
+            == n
+    })
+    .await;
+}
+
 async fn wait_until(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + READ_TIMEOUT;
     while !f().await {
@@ -190,15 +216,7 @@ async fn a_redelivered_message_has_no_second_effect() {
     activity_table(&db).await;
 
     let producer = producer(&model, &broker).await;
-    producer
-        .producer()
-        .unwrap()
-        .produce(&ShipmentCreated {
-            shipment_id: "s-1".into(),
-            user: 7,
-        })
-        .await
-        .unwrap();
+    publish_one(&producer, "s-1", 7).await;
     wait_until("the first handling", async || {
         calls.load(Ordering::SeqCst) == 1
     })
@@ -250,15 +268,7 @@ async fn a_failed_unit_of_work_rolls_back_business_rows_and_messages() {
             .await
             .unwrap();
     }
-    wait_until("five handlings", async || {
-        kontext
-            .registry()
-            .type_status::<ShipmentCreated>()
-            .unwrap()
-            .handled
-            == 5
-    })
-    .await;
+    wait_handled(&kontext, 5).await;
     assert_eq!(calls.load(Ordering::SeqCst), 15, "three attempts each");
     assert_eq!(
         activity_rows(&db).await,
@@ -282,15 +292,7 @@ async fn a_unit_of_work_that_never_succeeds_leaves_nothing_behind() {
     let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), u32::MAX).await;
     activity_table(&db).await;
     let producer = producer(&model, &broker).await;
-    producer
-        .producer()
-        .unwrap()
-        .produce(&ShipmentCreated {
-            shipment_id: "s-9".into(),
-            user: 9,
-        })
-        .await
-        .unwrap();
+    publish_one(&producer, "s-9", 9).await;
     let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
         .await
         .unwrap();
@@ -401,24 +403,8 @@ async fn expired_inbox_rows_are_cleaned_up() {
         .start()
         .await
         .unwrap();
-    producer
-        .producer()
-        .unwrap()
-        .produce(&ShipmentCreated {
-            shipment_id: "s".into(),
-            user: 1,
-        })
-        .await
-        .unwrap();
-    wait_until("the handling", async || {
-        kontext
-            .registry()
-            .type_status::<ShipmentCreated>()
-            .unwrap()
-            .handled
-            == 1
-    })
-    .await;
+    publish_one(&producer, "s", 1).await;
+    wait_handled(&kontext, 1).await;
     let count_inbox = async || {
         let row = db
             .query_one(Statement::from_string(
@@ -509,24 +495,8 @@ async fn a_handler_that_swallows_a_failed_statement_is_retried_not_acknowledged(
     let kontext =
         swallowing_consumer(&model, &broker, &db, &group, Arc::clone(&calls), |a| a == 1).await;
     let producer = producer(&model, &broker).await;
-    producer
-        .producer()
-        .unwrap()
-        .produce(&ShipmentCreated {
-            shipment_id: "s-1".into(),
-            user: 1,
-        })
-        .await
-        .unwrap();
-    wait_until("the handling", async || {
-        kontext
-            .registry()
-            .type_status::<ShipmentCreated>()
-            .unwrap()
-            .handled
-            == 1
-    })
-    .await;
+    publish_one(&producer, "s-1", 1).await;
+    wait_handled(&kontext, 1).await;
     let st = kontext.registry().type_status::<ShipmentCreated>().unwrap();
     assert_eq!(
         calls.load(Ordering::SeqCst),
@@ -566,15 +536,7 @@ async fn a_handler_that_always_swallows_a_failed_statement_is_dead_lettered_nami
     let kontext =
         swallowing_consumer(&model, &broker, &db, &group, Arc::clone(&calls), |_| true).await;
     let producer = producer(&model, &broker).await;
-    producer
-        .producer()
-        .unwrap()
-        .produce(&ShipmentCreated {
-            shipment_id: "s-2".into(),
-            user: 2,
-        })
-        .await
-        .unwrap();
+    publish_one(&producer, "s-2", 2).await;
     let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
         .await
         .unwrap();

@@ -61,6 +61,39 @@ fn no_relay() -> OutboxSettings {
     }
 }
 
+/// For tests that take the broker down: quick retries, never giving up.
+fn patient() -> OutboxSettings {
+    OutboxSettings {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        max_attempts: 1_000,
+        ..fast()
+    }
+}
+
+/// An instance whose application producer waits `message_timeout_ms` for
+/// a delivery and reconnects quickly once the broker is back.
+async fn outage_instance(
+    model: &Model,
+    broker: &Broker,
+    db: &DatabaseConnection,
+    message_timeout_ms: u64,
+    settings: OutboxSettings,
+) -> Kontext {
+    Kontext::builder(model.clone())
+        .settings(
+            KafkaSettings::new()
+                .producer(|p| p.message_timeout_ms = Some(message_timeout_ms))
+                .set("reconnect.backoff.max.ms", "100"),
+        )
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(settings)
+        .start()
+        .await
+        .unwrap()
+}
+
 async fn business_table(db: &DatabaseConnection) {
     db.execute_unprepared(
         "CREATE TABLE IF NOT EXISTS shipment (id INTEGER PRIMARY KEY, note TEXT NOT NULL)",
@@ -275,23 +308,7 @@ async fn rows_written_during_a_broker_outage_go_out_in_order_when_it_returns() {
     let db = kontext::testing::database().await.unwrap();
     let topic = unique_name("shipping.shipment.created");
     let model = model(&topic, 2, OutboxMode::Background);
-    let kontext = Kontext::builder(model)
-        .settings(
-            KafkaSettings::new()
-                .producer(|p| p.message_timeout_ms = Some(1_000))
-                .set("reconnect.backoff.max.ms", "100"),
-        )
-        .broker(broker.clone())
-        .database(db.clone())
-        .outbox_settings(OutboxSettings {
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(200),
-            max_attempts: 1_000,
-            ..fast()
-        })
-        .start()
-        .await
-        .unwrap();
+    let kontext = outage_instance(&model, &broker, &db, 1_000, patient()).await;
     broker
         .as_embedded()
         .unwrap()
@@ -699,27 +716,14 @@ async fn two_relays_and_a_broker_stall_longer_than_the_lease_send_each_row_once(
         shards: 1,
         lease_ttl: Duration::from_secs(1),
         poll_interval: Duration::from_millis(50),
-        initial_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(200),
-        max_attempts: 1_000,
-        ..OutboxSettings::default()
+        ..patient()
     };
     let relay = async |run_relay: bool| {
-        Kontext::builder(model.clone())
-            .settings(
-                KafkaSettings::new()
-                    .producer(|p| p.message_timeout_ms = Some(10_000))
-                    .set("reconnect.backoff.max.ms", "100"),
-            )
-            .broker(broker.clone())
-            .database(db.clone())
-            .outbox_settings(OutboxSettings {
-                run_relay,
-                ..settings.clone()
-            })
-            .start()
-            .await
-            .unwrap()
+        let settings = OutboxSettings {
+            run_relay,
+            ..settings.clone()
+        };
+        outage_instance(&model, &broker, &db, 10_000, settings).await
     };
     let writer = relay(false).await;
     let (keys, per_key) = (10u32, 10u32);
@@ -824,24 +828,11 @@ async fn an_immediate_commit_during_a_broker_outage_returns_within_its_bound_and
     let db = kontext::testing::database().await.unwrap();
     let topic = unique_name("shipping.shipment.created");
     let model = model(&topic, 2, OutboxMode::ImmediateWithFallback);
-    let kontext = Kontext::builder(model)
-        .settings(
-            KafkaSettings::new()
-                .producer(|p| p.message_timeout_ms = Some(60_000))
-                .set("reconnect.backoff.max.ms", "100"),
-        )
-        .broker(broker.clone())
-        .database(db.clone())
-        .outbox_settings(OutboxSettings {
-            immediate_timeout: Duration::from_millis(500),
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(200),
-            max_attempts: 1_000,
-            ..fast()
-        })
-        .start()
-        .await
-        .unwrap();
+    let settings = OutboxSettings {
+        immediate_timeout: Duration::from_millis(500),
+        ..patient()
+    };
+    let kontext = outage_instance(&model, &broker, &db, 60_000, settings).await;
     let embedded = broker.as_embedded().unwrap();
     embedded.set_broker_up(1, false).unwrap();
     let outbox = kontext.outbox().unwrap();
