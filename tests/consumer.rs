@@ -1621,3 +1621,81 @@ async fn two_poll_services_of_one_group_on_one_topic_are_rejected() {
         assert!(text.contains(part), "{part} missing from: {text}");
     }
 }
+
+/// Issue 13, defect 6: a handler that never returned held its partition
+/// forever. With a time limit, the hung attempt is cancelled and retried,
+/// one that always hangs is dead-lettered, and the partition moves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_handler_is_cancelled_at_its_time_limit_and_the_partition_moves_on() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("jobs"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<Job>(|t| {
+            t.name(&topic).partitions(1).key(|j| j.id).consumer(|c| {
+                c.handler_timeout(Duration::from_millis(300))
+                    .retry(RetryPolicy {
+                        max_attempts: 2,
+                        initial_backoff: Duration::from_millis(10),
+                        max_backoff: Duration::from_millis(10),
+                    })
+            })
+        })
+        .build()
+        .unwrap();
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let consumer = Kontext::builder(model.clone())
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |j: Job, ctx: MessageContext| {
+                let h = h.clone();
+                async move {
+                    // "hang" hangs on every attempt, "hang-once" on the first.
+                    if j.mode == "hang" || (j.mode == "hang-once" && ctx.attempt() == 1) {
+                        std::future::pending::<()>().await;
+                    }
+                    h.lock().unwrap().push(j.id);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+    for (id, mode) in [(1, "hang-once"), (2, "hang"), (3, "")] {
+        p.produce(&Job {
+            id,
+            fail_times: 0,
+            mode: mode.into(),
+        })
+        .await
+        .unwrap();
+    }
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while handled.lock().unwrap().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "handled {:?}",
+            handled.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*handled.lock().unwrap(), vec![1, 3], "in partition order");
+    let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].header(dlq_headers::REASON), Some("timeout"));
+    assert_eq!(dlq[0].header(dlq_headers::ATTEMPTS), Some("2"));
+    let st = consumer.registry().type_status::<Job>().unwrap();
+    assert_eq!(
+        (st.handled, st.dead_lettered, st.retried),
+        (2, 1, 2),
+        "{st:?}"
+    );
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

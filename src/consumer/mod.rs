@@ -145,6 +145,7 @@ impl fmt::Debug for Consumers {
 struct WorkerArgs<'a> {
     model: &'a Model,
     retry: RetryPolicy,
+    handler_timeout: Option<Duration>,
     dead_letter_topic: String,
     stats: Arc<TypeStats>,
     outbox: Option<&'a Outbox>,
@@ -157,6 +158,7 @@ impl WorkerArgs<'_> {
         Ok(Typed {
             spec: self.model.spec::<T>()?.clone(),
             retry: self.retry,
+            handler_timeout: self.handler_timeout,
             dead_letter_topic: self.dead_letter_topic,
             dispatch,
             stats: self.stats,
@@ -410,6 +412,7 @@ impl ConsumerRuntime {
                     let (worker, stream) = t.registration.build.build(WorkerArgs {
                         model,
                         retry: t.spec.retry(),
+                        handler_timeout: t.spec.handler_timeout(),
                         dead_letter_topic: t.dead_letter_topic,
                         stats: Arc::clone(&stats),
                         outbox,

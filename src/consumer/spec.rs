@@ -84,6 +84,7 @@ pub struct ConsumerSpec {
     pub(crate) backpressure: Option<Backpressure>,
     pub(crate) auto_offset_reset: Option<OffsetReset>,
     pub(crate) retry: RetryPolicy,
+    pub(crate) handler_timeout: Option<Duration>,
     pub(crate) dead_letter_topic: Option<String>,
     pub(crate) dedicated: Option<DedicatedSpec>,
     pub(crate) inbox: Option<InboxSpec>,
@@ -122,6 +123,16 @@ impl ConsumerBuilder {
     /// Retries of a failing handler. Defaults to [`RetryPolicy::default`].
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.spec.retry = policy;
+        self
+    }
+
+    /// Longest one handler invocation may run. An invocation that overruns
+    /// is cancelled (its future dropped, its transaction rolled back) and
+    /// counts as a failed attempt (`dlq-reason: timeout` once retries are
+    /// used up), so a handler that hangs cannot hold its partition. Off by
+    /// default: a handler's own time limits (HTTP, database) know best.
+    pub fn handler_timeout(mut self, limit: Duration) -> Self {
+        self.spec.handler_timeout = Some(limit);
         self
     }
 
@@ -271,6 +282,11 @@ impl ConsumerSpec {
     /// The retry policy.
     pub fn retry(&self) -> RetryPolicy {
         self.retry
+    }
+
+    /// The handler time limit, if any.
+    pub fn handler_timeout(&self) -> Option<Duration> {
+        self.handler_timeout
     }
 
     /// Problems that make this declaration unusable.

@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -83,6 +84,7 @@ pub(crate) trait TypeWorker: Send + Sync {
 pub(crate) struct Typed<T, D> {
     pub(crate) spec: TopicSpec<T>,
     pub(crate) retry: RetryPolicy,
+    pub(crate) handler_timeout: Option<Duration>,
     pub(crate) dead_letter_topic: String,
     pub(crate) dispatch: D,
     pub(crate) stats: Arc<TypeStats>,
@@ -126,13 +128,23 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                                 lent.shared(),
                                 attempt,
                             );
-                            let outcome = Guarded {
+                            let guarded = Guarded {
                                 span: self.span(&lane.topic, &record, attempt),
                                 future: self.dispatch.dispatch(message, ctx),
-                            }
-                            .await;
+                            };
+                            let outcome = match self.handler_timeout {
+                                None => Some(guarded.await),
+                                // Boxed: the timer would grow every
+                                // record's future, also where unused.
+                                Some(limit) => {
+                                    Box::pin(tokio::time::timeout(limit, guarded)).await.ok()
+                                }
+                            };
                             lender.take_back(lent, &mut record);
-                            self.outcome(outcome, attempt)
+                            match outcome {
+                                Some(outcome) => self.outcome(outcome, attempt),
+                                None => Err(self.timed_out(attempt)),
+                            }
                         }
                         Err(e) => Err(self.undecodable(&record, &e, attempt)),
                     };
@@ -178,6 +190,18 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
 }
 
 impl<T: Message, D: Dispatch<T>> Typed<T, D> {
+    /// An attempt cancelled at the handler time limit.
+    fn timed_out(&self, attempt: u32) -> Failed {
+        let limit = self.handler_timeout.unwrap_or_default();
+        tracing::warn!(attempt, ?limit, "handler overran its time limit; cancelled");
+        Failed {
+            reason: "timeout",
+            error: format!("the handler did not finish within {limit:?}; it was cancelled"),
+            attempts: attempt,
+            action: Action::Retry,
+        }
+    }
+
     /// The span a handler runs in.
     fn span(&self, topic: &str, record: &Record, attempt: u32) -> tracing::Span {
         tracing::debug_span!(
@@ -413,7 +437,8 @@ async fn after_failure(
         }
         Action::DeadLetter => None,
         _ if attempt >= retry.max_attempts => {
-            if failure.reason != "panic" {
+            // A panic or a timeout says more than "retries exhausted".
+            if !matches!(failure.reason, "panic" | "timeout") {
                 failure.reason = "retries-exhausted";
             }
             None
