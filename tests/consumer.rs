@@ -93,6 +93,15 @@ impl Seen {
     }
 }
 
+/// `OrderCreated` for each seq of `seqs`, over `keys` orders.
+fn created_batch(seqs: std::ops::Range<u32>, keys: u32) -> Vec<OrderCreated> {
+    seqs.map(|seq| OrderCreated {
+        order: seq % keys,
+        seq,
+    })
+    .collect()
+}
+
 fn orders_model(
     topic: &str,
     alerts: &str,
@@ -608,12 +617,7 @@ async fn crash_or_shutdown(graceful: bool) -> (Vec<u32>, Vec<u32>, u32) {
         .unwrap();
     let producer = producer_for(&model, &broker).await;
     let total = 2_000u32;
-    let events: Vec<OrderCreated> = (0..total)
-        .map(|seq| OrderCreated {
-            order: seq % 30,
-            seq,
-        })
-        .collect();
+    let events = created_batch(0..total, 30);
     producer
         .producer()
         .unwrap()
@@ -704,12 +708,7 @@ async fn two_instances_split_partitions_and_one_takes_over() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let first: Vec<OrderCreated> = (0..600)
-        .map(|seq| OrderCreated {
-            order: seq % 60,
-            seq,
-        })
-        .collect();
+    let first = created_batch(0..600, 60);
     p.produce_batch(&first).await.unwrap();
     let deadline = Instant::now() + READ_TIMEOUT;
     while seen_a.count("created") + seen_b.count("created") < 600 {
@@ -730,12 +729,7 @@ async fn two_instances_split_partitions_and_one_takes_over() {
     assert!(pa.is_disjoint(&pb), "{pa:?} {pb:?}");
 
     b.shutdown(Duration::from_secs(10)).await.unwrap();
-    let second: Vec<OrderCreated> = (600..1200)
-        .map(|seq| OrderCreated {
-            order: seq % 60,
-            seq,
-        })
-        .collect();
+    let second = created_batch(600..1200, 60);
     p.produce_batch(&second).await.unwrap();
     let deadline = Instant::now() + READ_TIMEOUT;
     loop {
@@ -1201,12 +1195,7 @@ async fn per_key_order_holds_across_retries() {
         .build()
         .unwrap();
     let producer = producer_for(&model, &broker).await;
-    let events: Vec<OrderCreated> = (0..300)
-        .map(|seq| OrderCreated {
-            order: seq % 7,
-            seq,
-        })
-        .collect();
+    let events = created_batch(0..300, 7);
     producer
         .producer()
         .unwrap()
@@ -1421,12 +1410,7 @@ async fn a_partition_paused_before_it_moved_away_is_consumed_when_it_comes_back(
     .await;
 
     // A's lane fills and pauses both partitions.
-    let first: Vec<OrderCreated> = (0..60)
-        .map(|seq| OrderCreated {
-            order: seq % 20,
-            seq,
-        })
-        .collect();
+    let first = created_batch(0..60, 20);
     p.produce_batch(&first).await.unwrap();
     wait("A to pause both partitions", &|| {
         a_status().paused_partitions.len() == 2
@@ -1453,12 +1437,7 @@ async fn a_partition_paused_before_it_moved_away_is_consumed_when_it_comes_back(
     })
     .await;
 
-    let second: Vec<OrderCreated> = (1_000..1_200)
-        .map(|seq| OrderCreated {
-            order: seq % 20,
-            seq,
-        })
-        .collect();
+    let second = created_batch(1_000..1_200, 20);
     p.produce_batch(&second).await.unwrap();
     let partitions_of_second: BTreeSet<i32> = {
         let deadline = Instant::now() + READ_TIMEOUT;

@@ -481,21 +481,52 @@ async fn postgres_with_taken_row(db: &DatabaseConnection) -> bool {
     true
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handler_that_swallows_a_failed_statement_is_retried_not_acknowledged() {
+/// What the swallowing tests look at.
+struct Swallowing {
+    broker: Broker,
+    db: DatabaseConnection,
+    topic: String,
+    kontext: Kontext,
+    calls: Arc<AtomicU32>,
+}
+
+/// On PostgreSQL (`None` elsewhere): a swallowing consumer (see
+/// `swallowing_consumer`) and one shipment published to it.
+async fn swallowing(swallow: fn(u32) -> bool) -> Option<Swallowing> {
     init_tracing();
     let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
     if !postgres_with_taken_row(&db).await {
-        return;
+        return None;
     }
     let (topic, followups, group) = names();
     let model = model(&topic, &followups, false);
     let calls = Arc::new(AtomicU32::new(0));
-    // The first attempt swallows the failure; the second one is clean.
     let kontext =
-        swallowing_consumer(&model, &broker, &db, &group, Arc::clone(&calls), |a| a == 1).await;
+        swallowing_consumer(&model, &broker, &db, &group, Arc::clone(&calls), swallow).await;
     let producer = producer(&model, &broker).await;
     publish_one(&producer, "s-1", 1).await;
+    Some(Swallowing {
+        broker,
+        db,
+        topic,
+        kontext,
+        calls,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_swallows_a_failed_statement_is_retried_not_acknowledged() {
+    // The first attempt swallows the failure; the second one is clean.
+    let Some(Swallowing {
+        broker,
+        db,
+        topic,
+        kontext,
+        calls,
+    }) = swallowing(|a| a == 1).await
+    else {
+        return;
+    };
     wait_handled(&kontext, 1).await;
     let st = kontext.registry().type_status::<ShipmentCreated>().unwrap();
     assert_eq!(
@@ -525,18 +556,16 @@ async fn a_handler_that_swallows_a_failed_statement_is_retried_not_acknowledged(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_always_swallows_a_failed_statement_is_dead_lettered_naming_the_abort() {
-    init_tracing();
-    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
-    if !postgres_with_taken_row(&db).await {
+    let Some(Swallowing {
+        broker,
+        db,
+        topic,
+        kontext,
+        calls,
+    }) = swallowing(|_| true).await
+    else {
         return;
-    }
-    let (topic, followups, group) = names();
-    let model = model(&topic, &followups, false);
-    let calls = Arc::new(AtomicU32::new(0));
-    let kontext =
-        swallowing_consumer(&model, &broker, &db, &group, Arc::clone(&calls), |_| true).await;
-    let producer = producer(&model, &broker).await;
-    publish_one(&producer, "s-2", 2).await;
+    };
     let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
         .await
         .unwrap();

@@ -20,6 +20,15 @@ struct ShipmentCreated {
     note: String,
 }
 
+/// A `ShipmentCreated` of key `shipment`, the key's `seq`-th.
+fn created(shipment: u32, seq: u32) -> ShipmentCreated {
+    ShipmentCreated {
+        shipment,
+        seq,
+        note: String::new(),
+    }
+}
+
 fn model(topic: &str, partitions: i32, mode: OutboxMode) -> Model {
     Model::builder()
         .topic::<ShipmentCreated>(|t| {
@@ -214,13 +223,7 @@ async fn committed_messages_survive_a_crash_before_the_relay_sent_them() {
     for shipment in 0..20 {
         let mut tx = outbox.begin().await.unwrap();
         for seq in 0..5 {
-            tx.publish(&ShipmentCreated {
-                shipment,
-                seq,
-                note: String::new(),
-            })
-            .await
-            .unwrap();
+            tx.publish(&created(shipment, seq)).await.unwrap();
         }
         tx.commit().await.unwrap();
     }
@@ -269,13 +272,7 @@ async fn two_relays_send_each_message_once_in_key_order() {
     let mut tx = outbox.begin().await.unwrap();
     for seq in 0..per_key {
         for shipment in 0..keys {
-            tx.publish(&ShipmentCreated {
-                shipment,
-                seq,
-                note: String::new(),
-            })
-            .await
-            .unwrap();
+            tx.publish(&created(shipment, seq)).await.unwrap();
         }
     }
     tx.commit().await.unwrap();
@@ -317,13 +314,7 @@ async fn rows_written_during_a_broker_outage_go_out_in_order_when_it_returns() {
     let outbox = kontext.outbox().unwrap();
     for seq in 0..30 {
         let mut tx = outbox.begin().await.unwrap();
-        tx.publish(&ShipmentCreated {
-            shipment: seq % 3,
-            seq: seq / 3,
-            note: String::new(),
-        })
-        .await
-        .unwrap();
+        tx.publish(&created(seq % 3, seq / 3)).await.unwrap();
         tx.commit().await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -366,13 +357,7 @@ async fn a_poison_row_fails_after_bounded_attempts_and_the_rest_go_on() {
     .await;
     let outbox = kontext.outbox().unwrap();
     let mut tx = outbox.begin().await.unwrap();
-    tx.publish(&ShipmentCreated {
-        shipment: 1,
-        seq: 0,
-        note: String::new(),
-    })
-    .await
-    .unwrap();
+    tx.publish(&created(1, 0)).await.unwrap();
     // Larger than the broker accepts (message.max.bytes is 1 MB).
     let poison_id = tx
         .publish(&ShipmentCreated {
@@ -382,13 +367,7 @@ async fn a_poison_row_fails_after_bounded_attempts_and_the_rest_go_on() {
         })
         .await
         .unwrap();
-    tx.publish(&ShipmentCreated {
-        shipment: 3,
-        seq: 0,
-        note: String::new(),
-    })
-    .await
-    .unwrap();
+    tx.publish(&created(3, 0)).await.unwrap();
     tx.commit().await.unwrap();
 
     let deadline = Instant::now() + READ_TIMEOUT;
@@ -447,13 +426,7 @@ async fn concurrent_immediate_commits_send_each_row_once_in_key_order() {
         tasks.spawn(async move {
             for seq in 0..per_key {
                 let mut tx = outbox.begin().await.unwrap();
-                tx.publish(&ShipmentCreated {
-                    shipment,
-                    seq,
-                    note: String::new(),
-                })
-                .await
-                .unwrap();
+                tx.publish(&created(shipment, seq)).await.unwrap();
                 tx.commit().await.unwrap();
             }
         });
@@ -485,13 +458,7 @@ async fn immediate_mode_sends_at_commit_once() {
     let outbox = kontext.outbox().unwrap();
     for seq in 0..20 {
         let mut tx = outbox.begin().await.unwrap();
-        tx.publish(&ShipmentCreated {
-            shipment: seq % 2,
-            seq: seq / 2,
-            note: String::new(),
-        })
-        .await
-        .unwrap();
+        tx.publish(&created(seq % 2, seq / 2)).await.unwrap();
         tx.commit().await.unwrap();
     }
     wait_pending_zero(&kontext).await;
@@ -512,13 +479,7 @@ async fn immediate_mode_sends_at_commit_once() {
     )
     .await;
     let mut tx = only_immediate.outbox().unwrap().begin().await.unwrap();
-    tx.publish(&ShipmentCreated {
-        shipment: 9,
-        seq: 0,
-        note: String::new(),
-    })
-    .await
-    .unwrap();
+    tx.publish(&created(9, 0)).await.unwrap();
     tx.commit().await.unwrap();
     assert_eq!(only_immediate.outbox().unwrap().pending().await.unwrap(), 0);
     assert_eq!(
@@ -611,13 +572,7 @@ async fn instance_child_process() {
         .await
         .unwrap();
     let mut tx = kontext.outbox().unwrap().begin().await.unwrap();
-    tx.publish(&ShipmentCreated {
-        shipment: std::process::id(),
-        seq: 0,
-        note: String::new(),
-    })
-    .await
-    .unwrap();
+    tx.publish(&created(std::process::id(), 0)).await.unwrap();
     tx.commit().await.unwrap();
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
@@ -642,13 +597,7 @@ async fn a_key_in_backoff_holds_back_only_its_own_rows() {
     let mut tx = writer.outbox().unwrap().begin().await.unwrap();
     for (shipment, count) in [(1u32, 120u32), (2, 5)] {
         for seq in 0..count {
-            tx.publish(&ShipmentCreated {
-                shipment,
-                seq,
-                note: String::new(),
-            })
-            .await
-            .unwrap();
+            tx.publish(&created(shipment, seq)).await.unwrap();
         }
     }
     tx.commit().await.unwrap();
@@ -730,13 +679,7 @@ async fn two_relays_and_a_broker_stall_longer_than_the_lease_send_each_row_once(
     let mut tx = writer.outbox().unwrap().begin().await.unwrap();
     for seq in 0..per_key {
         for shipment in 0..keys {
-            tx.publish(&ShipmentCreated {
-                shipment,
-                seq,
-                note: String::new(),
-            })
-            .await
-            .unwrap();
+            tx.publish(&created(shipment, seq)).await.unwrap();
         }
     }
     tx.commit().await.unwrap();
@@ -777,11 +720,7 @@ async fn rows_of_one_key_go_out_in_commit_order_not_insert_order() {
     let model = model(&topic, 2, OutboxMode::Background);
     let kontext = start(&model, &broker, &db, fast()).await;
     let outbox = kontext.outbox().unwrap().clone();
-    let event = |seq| ShipmentCreated {
-        shipment: 7,
-        seq,
-        note: String::new(),
-    };
+    let event = |seq| created(7, seq);
     // T1 publishes K#0 and stays open.
     let mut t1 = outbox.begin().await.unwrap();
     t1.publish(&event(0)).await.unwrap();
@@ -837,13 +776,7 @@ async fn an_immediate_commit_during_a_broker_outage_returns_within_its_bound_and
     embedded.set_broker_up(1, false).unwrap();
     let outbox = kontext.outbox().unwrap();
     let mut tx = outbox.begin().await.unwrap();
-    tx.publish(&ShipmentCreated {
-        shipment: 1,
-        seq: 0,
-        note: String::new(),
-    })
-    .await
-    .unwrap();
+    tx.publish(&created(1, 0)).await.unwrap();
     let started = Instant::now();
     let committed = tx.commit().await.unwrap();
     let waited = started.elapsed();
@@ -979,13 +912,7 @@ async fn relay_child_process() {
             for seq in 0..ROWS_PER_KEY {
                 let mut tx = outbox.begin().await.unwrap();
                 for shipment in first..first + 10 {
-                    tx.publish(&ShipmentCreated {
-                        shipment,
-                        seq,
-                        note: String::new(),
-                    })
-                    .await
-                    .unwrap();
+                    tx.publish(&created(shipment, seq)).await.unwrap();
                 }
                 tx.commit().await.unwrap();
             }
@@ -1032,13 +959,7 @@ async fn a_writer_only_instance_opens_no_kafka_connection_and_wakes_other_relays
     );
     let mut tx = writer.outbox().unwrap().begin().await.unwrap();
     for seq in 0..3 {
-        tx.publish(&ShipmentCreated {
-            shipment: 1,
-            seq,
-            note: String::new(),
-        })
-        .await
-        .unwrap();
+        tx.publish(&created(1, seq)).await.unwrap();
     }
     let committed = tx.commit().await.unwrap();
     assert_eq!((committed.delivered, committed.pending), (0, 3));

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use sea_orm::sea_query::{Expr, Query, SimpleExpr};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
 
+use super::db_err;
 use crate::db::lease_entity as lease;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The database's clock in milliseconds since the Unix epoch, as SQL.
 pub(super) fn db_now(backend: DbBackend) -> SimpleExpr {
@@ -50,13 +51,20 @@ impl Lease {
     /// Whether a message handed to the producer now is settled (delivered
     /// or failed, after at most `send_timeout`) before the lease can expire.
     pub(super) fn may_send(&self, ttl: Duration, send_timeout: Duration) -> bool {
-        self.renewed.elapsed() + send_timeout < ttl
+        settled_in_time(self.renewed, ttl, send_timeout)
     }
 
     /// When the last successful renewal (or the acquisition) was sent.
     pub(super) fn renewed(&self) -> Instant {
         self.renewed
     }
+}
+
+/// Whether a message handed over now, under a lease last renewed (its
+/// renewal sent) at `renewed`, is delivered or failed before the lease can
+/// expire.
+pub(super) fn settled_in_time(renewed: Instant, ttl: Duration, send_timeout: Duration) -> bool {
+    renewed.elapsed() + send_timeout < ttl
 }
 
 /// Takes the lease of `shard` for `owner` if it is free or expired, with a
@@ -164,10 +172,6 @@ pub(super) fn fence(lease: &Lease) -> SimpleExpr {
             .and_where(held_by(lease))
             .to_owned(),
     )
-}
-
-fn db_err(operation: &'static str) -> impl FnOnce(sea_orm::DbErr) -> Error {
-    move |source| Error::Database { operation, source }
 }
 
 #[cfg(test)]

@@ -60,6 +60,12 @@ use crate::error::{Error, Result};
 use crate::model::{Message, Model};
 use crate::producer::{CallOptions, Producer, prepare};
 
+/// Maps a database error of `operation` (one helper for the outbox's
+/// modules).
+fn db_err(operation: &'static str) -> impl FnOnce(sea_orm::DbErr) -> Error {
+    move |source| Error::Database { operation, source }
+}
+
 /// What sends the outbox's rows in this process: the relay's own producer
 /// and its message timeout.
 pub(crate) struct Sender {
@@ -285,10 +291,7 @@ impl Outbox {
         let message_id = encoded.message_id;
         let (payload, key) = encoded.into_parts();
         let now = now_ms();
-        let insert_err = |source| Error::Database {
-            operation: "insert into the outbox",
-            source,
-        };
+        const INSERT: &str = "insert into the outbox";
         if let (Some(k), DbBackend::Postgres) = (&key, conn.get_database_backend()) {
             // The key's commit-order lock (see `key_lock_id`) and the insert
             // in one round trip: the row's sequence number is drawn once
@@ -309,15 +312,12 @@ impl Outbox {
                     now.into(),
                 ],
             );
-            let row =
-                conn.query_one(statement)
-                    .await
-                    .map_err(insert_err)?
-                    .ok_or(Error::Database {
-                        operation: "insert into the outbox",
-                        source: sea_orm::DbErr::RecordNotInserted,
-                    })?;
-            let seq: i64 = row.try_get("", "seq").map_err(insert_err)?;
+            let row = conn
+                .query_one(statement)
+                .await
+                .map_err(db_err(INSERT))?
+                .ok_or_else(|| db_err(INSERT)(sea_orm::DbErr::RecordNotInserted))?;
+            let seq: i64 = row.try_get("", "seq").map_err(db_err(INSERT))?;
             return Ok((message_id, seq, shard, spec.outbox_mode()));
         }
         let inserted = row::ActiveModel {
@@ -337,7 +337,7 @@ impl Outbox {
         }
         .insert(conn)
         .await
-        .map_err(insert_err)?;
+        .map_err(db_err(INSERT))?;
         Ok((message_id, inserted.seq, shard, spec.outbox_mode()))
     }
 
@@ -349,10 +349,7 @@ impl Outbox {
             .db
             .begin()
             .await
-            .map_err(|source| Error::Database {
-                operation: "begin a transaction",
-                source,
-            })?;
+            .map_err(db_err("begin a transaction"))?;
         Ok(OutboxTransaction {
             txn,
             outbox: self.clone(),
@@ -378,10 +375,7 @@ impl Outbox {
             .filter(row::Column::State.eq(row::PENDING))
             .count(&self.inner.db)
             .await
-            .map_err(|source| Error::Database {
-                operation: "count pending outbox rows",
-                source,
-            })
+            .map_err(db_err("count pending outbox rows"))
     }
 
     /// Rows that used up their attempts, oldest first.
@@ -391,10 +385,7 @@ impl Outbox {
             .order_by_asc(row::Column::Seq)
             .all(&self.inner.db)
             .await
-            .map_err(|source| Error::Database {
-                operation: "read failed outbox rows",
-                source,
-            })?;
+            .map_err(db_err("read failed outbox rows"))?;
         Ok(rows
             .into_iter()
             .map(|r| FailedMessage {
@@ -415,10 +406,7 @@ impl Outbox {
             .filter(row::Column::State.eq(row::FAILED))
             .exec(&self.inner.db)
             .await
-            .map_err(|source| Error::Database {
-                operation: "retry failed outbox rows",
-                source,
-            })?;
+            .map_err(db_err("retry failed outbox rows"))?;
         self.wake();
         Ok(res.rows_affected)
     }
@@ -475,10 +463,7 @@ impl OutboxTransaction {
     /// commit succeeded the messages are safe: an immediate send that fails
     /// or takes longer is left pending, not reported as an error.
     pub async fn commit(self) -> Result<Committed> {
-        self.txn.commit().await.map_err(|source| Error::Database {
-            operation: "commit",
-            source,
-        })?;
+        self.txn.commit().await.map_err(db_err("commit"))?;
         let mut pending = self.published - self.immediate.len();
         if !self.immediate.is_empty() {
             pending += relay::send_immediately(&self.outbox.inner, &self.immediate).await;
@@ -492,10 +477,7 @@ impl OutboxTransaction {
 
     /// Rolls back: neither the business rows nor the messages persist.
     pub async fn rollback(self) -> Result<()> {
-        self.txn.rollback().await.map_err(|source| Error::Database {
-            operation: "roll back",
-            source,
-        })
+        self.txn.rollback().await.map_err(db_err("roll back"))
     }
 }
 

@@ -18,13 +18,9 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use super::lease::{self, Lease, db_now};
-use super::{Inner, Sender};
+use super::{Inner, Sender, db_err};
 use crate::db::{lease_entity as lease_row, now_ms, outbox_entity as row};
 use crate::error::{Error, Result};
-
-fn db_err(operation: &'static str) -> impl FnOnce(sea_orm::DbErr) -> Error {
-    move |source| Error::Database { operation, source }
-}
 
 /// Creates the lease rows of every shard (idempotent).
 pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
@@ -287,7 +283,7 @@ impl Watch {
             .renewed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        !self.lost.load(Ordering::Relaxed) && renewed.elapsed() + send_timeout < ttl
+        !self.lost.load(Ordering::Relaxed) && lease::settled_in_time(renewed, ttl, send_timeout)
     }
 }
 
