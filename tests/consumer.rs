@@ -1678,3 +1678,120 @@ async fn a_hung_handler_is_cancelled_at_its_time_limit_and_the_partition_moves_o
     );
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A member of `group` whose `OrderCreated` handler takes `delay` and
+/// records each message in `seen` under `member`.
+async fn member(
+    o: &Orders,
+    strategy: &str,
+    seen: &Seen,
+    member: &'static str,
+    delay: Duration,
+) -> Kontext {
+    let s = seen.clone();
+    Kontext::builder(o.model.clone())
+        .settings(
+            settings(&o.group)
+                .consumer(|c| c.librdkafka.set("partition.assignment.strategy", strategy)),
+        )
+        .broker(o.broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let s = s.clone();
+                async move {
+                    tokio::time::sleep(delay).await;
+                    s.push(member, e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+/// Issue 13, defect 2: on revoke only the poll loop's own records were
+/// purged; the lane queue and the worker's batch kept records of the revoked
+/// partitions, which the old owner went on handling while the new owner
+/// handled them too (duplicates, and a partition's records out of order
+/// across the two members).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_a_revoked_partition_are_handled_by_one_member_in_order() {
+    handover("cooperative-sticky").await;
+}
+
+/// The same with eager rebalancing, where every partition is revoked. Only
+/// on Apache Kafka: the embedded broker refuses offset commits once a
+/// rebalance began, which Kafka accepts until the group's new generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_a_revoked_partition_are_handled_by_one_member_in_order_eager() {
+    if !external() {
+        return;
+    }
+    handover("range").await;
+}
+
+async fn handover(strategy: &str) {
+    let o = orders(4, |c| c).await;
+    let total = 800u32;
+    o.producer
+        .producer()
+        .unwrap()
+        .produce_batch(&created_batch(0..total, 40))
+        .await
+        .unwrap();
+    // One log for both members, in handling order.
+    let seen = Seen::default();
+    let delay = Duration::from_millis(5);
+    let a = member(&o, strategy, &seen, "A", delay).await;
+    // A holds a full lane of every partition when B joins.
+    assert!(seen.wait_for("A", 50, READ_TIMEOUT).await);
+    let b = member(&o, strategy, &seen, "B", delay).await;
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let handled: BTreeSet<u32> = seen.all().iter().map(|e| e.2).collect();
+        if handled.len() == total as usize {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {total} handled",
+            handled.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let log = seen.all();
+    assert!(log.iter().any(|e| e.0 == "B"), "B took over a partition");
+    let mut by_partition: BTreeMap<i32, Vec<(&str, i64)>> = BTreeMap::new();
+    for (who, _, _, partition, offset) in &log {
+        by_partition
+            .entry(*partition)
+            .or_default()
+            .push((who, *offset));
+    }
+    for (partition, handled) in &by_partition {
+        // Each record once, in offset order, whoever handled it: the new
+        // owner starts right after the old owner's last record.
+        let offsets: Vec<i64> = handled.iter().map(|h| h.1).collect();
+        let expected: Vec<i64> = (0..offsets.len() as i64).collect();
+        assert_eq!(
+            offsets, expected,
+            "partition {partition}: offsets in handling order"
+        );
+        // Once a partition moved, its old owner never handles it again.
+        let mut owners: Vec<&str> = handled.iter().map(|h| h.0).collect();
+        owners.dedup();
+        assert!(
+            owners.len() <= 2,
+            "partition {partition}: owners {owners:?}"
+        );
+    }
+    assert_eq!(
+        log.len(),
+        total as usize,
+        "no duplicates in a graceful handover"
+    );
+}

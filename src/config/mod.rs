@@ -270,6 +270,12 @@ pub struct ConsumerSettings {
     pub heartbeat_interval_ms: Option<u64>,
     /// `max.poll.interval.ms`; `None` keeps librdkafka's default (300 s).
     pub max_poll_interval_ms: Option<u64>,
+    /// When partitions are revoked, how long the rebalance waits for a
+    /// handler already running on one of them to finish, so its offset is
+    /// committed before the next owner starts; past it, that record is
+    /// handled again by the next owner. `None` means 10 s. Keep it well
+    /// below `max.poll.interval.ms`, which bounds the whole rebalance.
+    pub revoke_timeout_ms: Option<u64>,
     /// Dead-letter topic of consumers that do not name their own; `None`
     /// means `<topic>.dlq` per source topic.
     pub dead_letter_topic: Option<String>,

@@ -11,7 +11,7 @@
 //! message per record. Records are numbered in delivery order, so the poll
 //! thread turns `done` back into offsets without any per-record traffic.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -82,6 +82,27 @@ pub(crate) struct LaneBuffer {
     /// Whether the lane's partitions are paused because it is full.
     pub(crate) paused: AtomicBool,
     dropped: AtomicU64,
+    /// Partition ownership as the worker sees it; see [`LaneBuffer::revoke`].
+    ownership: Ownership,
+}
+
+/// Revocations the poll thread announced and the worker applied. A
+/// partition's ownership ends at a sequence number: its records numbered up
+/// to it belong to an ownership that is over (they are that ownership's
+/// epoch), later ones to a new assignment of the same partition.
+#[derive(Default)]
+struct Ownership {
+    /// Revocations announced by the poll thread.
+    announced: AtomicU64,
+    /// The last revocation the worker applied, and `done` at that moment.
+    applied: AtomicU64,
+    applied_done: AtomicU64,
+    /// Partition -> last sequence number of its ended ownership.
+    ended: Mutex<HashMap<i32, u64>>,
+    /// Wakes a worker waiting out a retry pause.
+    signal: Notify,
+    /// Whether the lane's worker runs (so a revocation waits for it).
+    worker_running: AtomicBool,
 }
 
 impl LaneBuffer {
@@ -103,6 +124,7 @@ impl LaneBuffer {
             done: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            ownership: Ownership::default(),
         })
     }
 
@@ -218,6 +240,125 @@ impl LaneBuffer {
         }
     }
 
+    /// The worker finished with `n` records without handling them (their
+    /// partition was revoked): they leave the lane, `done` does not move.
+    fn discard(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let before = self.in_lane.fetch_sub(n, Ordering::AcqRel);
+        let low = self.low_mark();
+        if before > low && before - n <= low && self.room.waiting.load(Ordering::SeqCst) {
+            self.room.wake();
+        }
+    }
+
+    /// Poll thread: ends the ownership of `partitions`, whose records are
+    /// numbered up to `last_seq`. Waiting records of them leave the queue
+    /// (returned, to be dropped on the poll thread) and the worker is told
+    /// to drop the ones it holds; returns the revocation's number, for
+    /// [`LaneBuffer::applied`].
+    pub(crate) fn revoke(&self, partitions: &[i32], last_seq: u64) -> (u64, Vec<Record>) {
+        {
+            let mut ended = lock(&self.ownership.ended);
+            for p in partitions {
+                ended.insert(*p, last_seq);
+            }
+        }
+        let purged: Vec<Record> = {
+            let mut q = lock(&self.queue);
+            let (gone, kept): (VecDeque<Record>, VecDeque<Record>) = std::mem::take(&mut *q)
+                .into_iter()
+                .partition(|r| partitions.contains(&r.partition));
+            *q = kept;
+            self.in_lane.fetch_sub(gone.len(), Ordering::AcqRel);
+            gone.into()
+        };
+        // SeqCst, paired with the worker's check before each record: once
+        // this is visible the worker starts no record of these partitions.
+        let n = self.ownership.announced.fetch_add(1, Ordering::SeqCst) + 1;
+        self.ownership.signal.notify_waiters();
+        self.notify.notify_one();
+        (n, purged)
+    }
+
+    /// Poll thread: `Some(done)` once the worker applied revocation `n`,
+    /// with its `done` then: records of the revoked partitions numbered up
+    /// to it were handled, later ones were not and never will be. `None`
+    /// while it has not, and also when no worker runs (nothing to wait for:
+    /// `Some(done())`).
+    pub(crate) fn applied(&self, n: u64) -> Option<u64> {
+        if self.ownership.applied.load(Ordering::Acquire) >= n {
+            Some(self.ownership.applied_done.load(Ordering::Acquire))
+        } else if !self.ownership.worker_running.load(Ordering::Acquire) {
+            Some(self.done())
+        } else {
+            None
+        }
+    }
+
+    /// Worker: whether a revocation waits to be applied. Checked before
+    /// every record: two loads.
+    pub(crate) fn revocation_pending(&self) -> bool {
+        self.ownership.announced.load(Ordering::SeqCst)
+            != self.ownership.applied.load(Ordering::Relaxed)
+    }
+
+    /// Whether `record` belongs to an ownership that has ended.
+    pub(crate) fn is_revoked(&self, record: &Record) -> bool {
+        lock(&self.ownership.ended)
+            .get(&record.partition)
+            .is_some_and(|&last| record.seq <= last)
+    }
+
+    /// Worker, between records: drops the records of revoked partitions it
+    /// holds in `batch` (handing them back through `retire`) and tells the
+    /// poll thread it did.
+    pub(crate) fn apply_revocations(
+        &self,
+        batch: &mut VecDeque<Record>,
+        mut retire: impl FnMut(Record),
+    ) {
+        let n = self.ownership.announced.load(Ordering::SeqCst);
+        let dropped = {
+            let ended = lock(&self.ownership.ended);
+            let before = batch.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for r in batch.drain(..) {
+                if ended.get(&r.partition).is_some_and(|&last| r.seq <= last) {
+                    retire(r);
+                } else {
+                    kept.push_back(r);
+                }
+            }
+            *batch = kept;
+            before - batch.len()
+        };
+        self.discard(dropped);
+        self.ownership
+            .applied_done
+            .store(self.done(), Ordering::Release);
+        self.ownership.applied.store(n, Ordering::Release);
+    }
+
+    /// Worker: a record it took but will not handle (revoked mid-retry).
+    pub(crate) fn discard_revoked(&self) {
+        self.discard(1);
+    }
+
+    /// Waits until a revocation is announced (or forever): lets a retry
+    /// pause end early when its record's partition goes. `enabled` first,
+    /// then [`LaneBuffer::revocation_pending`], then await it.
+    pub(crate) fn revocation_signal(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ownership.signal.notified()
+    }
+
+    /// Marks the lane's worker running until the returned guard drops.
+    pub(crate) fn worker_running(self: &Arc<Self>) -> WorkerRunning {
+        self.ownership.worker_running.store(true, Ordering::Release);
+        WorkerRunning(Arc::clone(self))
+    }
+
     /// Waits until something may have been pushed.
     pub(crate) async fn wait(&self) {
         self.notify.notified().await;
@@ -226,6 +367,18 @@ impl LaneBuffer {
     /// Wakes the worker without a record (shutdown).
     pub(crate) fn wake(&self) {
         self.notify.notify_one();
+    }
+}
+
+/// While alive, the lane's worker counts as running.
+pub(crate) struct WorkerRunning(Arc<LaneBuffer>);
+
+impl Drop for WorkerRunning {
+    fn drop(&mut self) {
+        self.0
+            .ownership
+            .worker_running
+            .store(false, Ordering::Release);
     }
 }
 

@@ -443,6 +443,14 @@ impl ConsumerRuntime {
                 config,
                 lanes,
                 guard: clients.track(ClientKind::Consumer),
+                revoke_timeout: Duration::from_millis(
+                    planned
+                        .dedicated
+                        .as_ref()
+                        .and_then(|d| d.revoke_timeout_ms)
+                        .or(settings.consumer.revoke_timeout_ms)
+                        .unwrap_or(DEFAULT_REVOKE_TIMEOUT_MS),
+                ),
             };
             let thread = std::thread::Builder::new()
                 .name(thread_name(&planned.name))
@@ -764,6 +772,15 @@ fn consumer_config(
     if let Some(r) = offset_reset {
         config.set("auto.offset.reset", r.as_property());
     }
+    // Incremental rebalancing: a rebalance revokes only the partitions that
+    // move, so the others keep flowing, and the revoke happens while the
+    // group is stable, when the handed-over offsets can still be committed
+    // (a broker may refuse commits once an eager rebalance began). Not with
+    // the KIP-848 protocol, where the broker assigns.
+    let broker_assigns = config.get("group.protocol") == Some("consumer");
+    if config.get("partition.assignment.strategy").is_none() && !broker_assigns {
+        config.set("partition.assignment.strategy", DEFAULT_ASSIGNMENT_STRATEGY);
+    }
     config
         .set("group.id", group)
         // Offsets are stored by kontext once messages are finished; librdkafka
@@ -773,6 +790,12 @@ fn consumer_config(
         .set("enable.partition.eof", "false");
     config
 }
+
+/// `partition.assignment.strategy` unless the settings name one.
+pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
+
+/// How long a revocation waits for running handlers of its partitions.
+const DEFAULT_REVOKE_TIMEOUT_MS: u64 = 10_000;
 
 /// How often stored offsets are committed (`auto.commit.interval.ms`).
 pub(crate) const AUTO_COMMIT_INTERVAL_MS: &str = "1000";

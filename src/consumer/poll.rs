@@ -190,6 +190,7 @@ pub(crate) struct PollPlan {
     pub(crate) config: ClientConfig,
     pub(crate) lanes: Vec<Lane>,
     pub(crate) guard: ClientGuard,
+    pub(crate) revoke_timeout: Duration,
 }
 
 #[derive(Default)]
@@ -234,6 +235,8 @@ struct PollContext {
     tracing: TracingContext,
     shared: Arc<ServiceShared>,
     state: Arc<Mutex<LoopState>>,
+    /// Longest a revocation waits for handlers of the revoked partitions.
+    revoke_timeout: Duration,
 }
 
 impl ClientContext for PollContext {
@@ -250,23 +253,7 @@ impl ConsumerContext for PollContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let mut state = lock(&self.state);
-            // Everything finished so far is committed before the partitions go,
-            // so the next owner starts right after it.
-            state.absorb_done();
-            state.store_offsets(consumer);
-            commit_sync(consumer, &self.shared.name);
-            for e in tpl.elements() {
-                if let Some(&lane) = state.routes.get(e.topic()) {
-                    state.tracker.forget((lane, e.partition()));
-                    let s = &mut state.lane_state[lane];
-                    s.overflow.retain(|r| r.partition != e.partition());
-                    s.pending.retain(|r| r.partition != e.partition());
-                }
-                state
-                    .assignment
-                    .retain(|(t, p)| !(&**t == e.topic() && *p == e.partition()));
-            }
-            state.publish_paused(&self.shared);
+            state.revoke(consumer, tpl, &self.shared, self.revoke_timeout);
             tracing::info!(service = %self.shared.name, revoked = tpl.count(), "partitions revoked");
         }
     }
@@ -323,6 +310,87 @@ impl ConsumerContext for PollContext {
 }
 
 impl LoopState {
+    /// Hands partitions over to their next owner: no record of them is
+    /// started here any more, the one a worker is handling may finish
+    /// (waiting up to `timeout`), and everything finished is committed
+    /// before the rebalance goes on, so the next owner starts right after
+    /// the last record handled here and nothing is handled twice.
+    fn revoke(
+        &mut self,
+        consumer: &BaseConsumer<PollContext>,
+        tpl: &TopicPartitionList,
+        shared: &ServiceShared,
+        timeout: Duration,
+    ) {
+        self.absorb_done();
+        let mut by_lane: Vec<Vec<i32>> = vec![Vec::new(); self.lanes.len()];
+        for e in tpl.elements() {
+            if let Some(&lane) = self.routes.get(e.topic()) {
+                by_lane[lane].push(e.partition());
+            }
+            self.assignment
+                .retain(|(t, p)| !(&**t == e.topic() && *p == e.partition()));
+        }
+        // Stop handing them over: what waits here or in a lane's queue goes.
+        let mut announced = Vec::new();
+        for (lane, partitions) in by_lane.iter().enumerate() {
+            if partitions.is_empty() {
+                continue;
+            }
+            let s = &mut self.lane_state[lane];
+            s.overflow.retain(|r| !partitions.contains(&r.partition));
+            s.pending.retain(|r| !partitions.contains(&r.partition));
+            let (n, purged) = self.lanes[lane].buffer.revoke(partitions, s.last_seq);
+            drop(purged);
+            announced.push((lane, n));
+        }
+        // Wait for each worker to let go of the ones it holds.
+        let deadline = Instant::now() + timeout;
+        let mut settled: Vec<(usize, Option<u64>)> =
+            announced.iter().map(|&(lane, _)| (lane, None)).collect();
+        loop {
+            for ((lane, done), (_, n)) in settled.iter_mut().zip(&announced) {
+                if done.is_none() {
+                    *done = self.lanes[*lane].buffer.applied(*n);
+                }
+            }
+            if settled.iter().all(|(_, d)| d.is_some()) || shared.must_stop_now() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(service = %shared.name, ?timeout, "a handler of a revoked partition is still running; its record will be handled again by the next owner");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Records of the revoked partitions numbered up to what the worker
+        // had finished were handled; later ones were not and never will be,
+        // so they leave the log before it is turned into offsets.
+        for (lane, done) in settled {
+            let done = done.unwrap_or_else(|| self.lanes[lane].buffer.done());
+            let partitions = &by_lane[lane];
+            self.lane_state[lane]
+                .log
+                .retain(|&(seq, p, _)| seq <= done || !partitions.contains(&p));
+        }
+        self.absorb_done();
+        self.store_offsets(consumer);
+        commit_sync(consumer, &shared.name);
+        for (lane, partitions) in by_lane.iter().enumerate() {
+            for &p in partitions {
+                self.tracker.forget((lane, p));
+            }
+            if !partitions.is_empty() {
+                // Entries still logged for them are of records no one will
+                // finish here.
+                self.lane_state[lane]
+                    .log
+                    .retain(|&(_, p, _)| !partitions.contains(&p));
+            }
+        }
+        self.publish_paused(shared);
+    }
+
     /// Destroys the messages the workers finished with (see `Lender`).
     fn drop_retired(&mut self) {
         for (lane, state) in self.lanes.iter().zip(&mut self.lane_state) {
@@ -479,6 +547,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         config,
         lanes,
         guard,
+        revoke_timeout,
     } = plan;
 
     // Wait for an explicit start when the service does not start immediately.
@@ -520,6 +589,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         tracing: TracingContext { role: "consumer" },
         shared: Arc::clone(&shared),
         state: Arc::clone(&state),
+        revoke_timeout,
     };
     let consumer: BaseConsumer<PollContext> = config
         .create_with_context(context)

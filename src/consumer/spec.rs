@@ -237,6 +237,13 @@ impl DedicatedBuilder {
         self
     }
 
+    /// How long a revocation waits for running handlers of the revoked
+    /// partitions (see [`ConsumerSettings::revoke_timeout_ms`]).
+    pub fn revoke_timeout(mut self, timeout: Duration) -> Self {
+        self.spec.settings.revoke_timeout_ms = Some(millis(timeout));
+        self
+    }
+
     /// Edits all consumer settings at once, in the shape of the shared section.
     pub fn settings(mut self, f: impl FnOnce(&mut ConsumerSettings)) -> Self {
         f(&mut self.spec.settings);

@@ -104,6 +104,12 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 if env.shared.must_stop_now() {
                     return false;
                 }
+                // The lane drops the records of revoked partitions before
+                // this worker starts another one.
+                if lane.revocation_pending() {
+                    lender.hand_back(lane);
+                    return true;
+                }
                 let Some(mut record) = batch.pop_front() else {
                     break;
                 };
@@ -156,6 +162,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                     // per-record future stays small.
                     let next = Box::pin(after_failure(
                         env,
+                        lane,
                         &self.stats,
                         self.retry,
                         (&self.dead_letter_topic, &lane.topic),
@@ -166,6 +173,18 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                     match next {
                         Next::Retry => attempt += 1,
                         Next::Finished(finished) => break finished,
+                    }
+                    if lane.revocation_pending() {
+                        // Its partition went while it waited to retry: its
+                        // next owner handles it, this worker never again.
+                        if lane.is_revoked(&record) {
+                            lane.discard_revoked();
+                            lender.retire(record);
+                            lane.apply_revocations(batch, |r| lender.retire(r));
+                            lender.hand_back(lane);
+                            return true;
+                        }
+                        lane.apply_revocations(batch, |r| lender.retire(r));
                     }
                 };
                 if !finished {
@@ -305,9 +324,14 @@ pub(crate) async fn run_lane(
     dead_letter_topic: String,
 ) {
     let _active = active;
+    let _running = buffer.worker_running();
     let mut batch: VecDeque<Record> = VecDeque::with_capacity(TAKE);
     let mut lender = Lender::default();
     loop {
+        if buffer.revocation_pending() {
+            buffer.apply_revocations(&mut batch, |r| lender.retire(r));
+            lender.hand_back(&buffer);
+        }
         if batch.is_empty() {
             buffer.take(&mut batch, TAKE);
         }
@@ -414,6 +438,7 @@ enum Next {
 /// `topics`: the dead-letter topic and the record's own.
 async fn after_failure(
     env: &WorkerEnv,
+    lane: &LaneBuffer,
     stats: &TypeStats,
     retry: RetryPolicy,
     (dead_letter_topic, source): (&str, &str),
@@ -449,9 +474,22 @@ async fn after_failure(
     match pause {
         Some(pause) => {
             stats.retried.fetch_add(1, Ordering::Relaxed);
-            tokio::select! {
-                () = tokio::time::sleep(pause) => Next::Retry,
-                () = env.cancel.cancelled() => Next::Finished(false),
+            let until = tokio::time::Instant::now() + pause;
+            loop {
+                // A revocation of the record's partition ends the pause (the
+                // caller then lets the record go); one of another partition
+                // does not.
+                let revoked = lane.revocation_signal();
+                tokio::pin!(revoked);
+                revoked.as_mut().enable();
+                if lane.is_revoked(record) {
+                    return Next::Retry;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until(until) => return Next::Retry,
+                    () = &mut revoked => {}
+                    () = env.cancel.cancelled() => return Next::Finished(false),
+                }
             }
         }
         None => {
