@@ -285,7 +285,7 @@ async fn a_rolling_restart_of_three_members_loses_nothing_and_duplicates_only_th
     // the three, so the restarts happen while most records still wait.
     let delay = Duration::from_millis(10);
     let mut logs = Vec::new();
-    let mut start = |logs: &mut Vec<std::path::PathBuf>| {
+    let start = |logs: &mut Vec<std::path::PathBuf>| {
         let log = std::env::temp_dir().join(unique_name("kontext-member"));
         let child = spawn_child(&broker, (&topic, partitions), &group, &log, delay);
         logs.push(log);
