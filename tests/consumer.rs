@@ -1795,3 +1795,100 @@ async fn handover(strategy: &str) {
         "no duplicates in a graceful handover"
     );
 }
+
+/// Sets its flag when dropped: shows that a handler's future was dropped.
+struct DropFlag(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Issue 13, defect 8: `shutdown(2 s)` with a handler that never returned
+/// took about 12 s and never dropped the handler's future.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drops_a_handler_that_never_returns_and_its_record_comes_again() {
+    let o = orders(1, |c| c).await;
+    let started = Arc::new(Semaphore::new(0));
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, d) = (started.clone(), dropped.clone());
+    let a = Kontext::builder(o.model.clone())
+        .settings(settings(&o.group))
+        .broker(o.broker.clone())
+        .consumers(move |c| {
+            c.handler(move |_: OrderCreated, _: MessageContext| {
+                let (s, d) = (s.clone(), d.clone());
+                async move {
+                    let _flag = DropFlag(d);
+                    s.add_permits(1);
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let p = o.producer.producer().unwrap();
+    p.produce(&OrderCreated { order: 1, seq: 7 }).await.unwrap();
+    tokio::time::timeout(READ_TIMEOUT, started.acquire())
+        .await
+        .expect("the handler started")
+        .unwrap()
+        .forget();
+
+    let since = Instant::now();
+    a.shutdown(Duration::from_secs(2)).await.unwrap();
+    let took = since.elapsed();
+    // The stated bound: the timeout plus at most 2 s.
+    assert!(took < Duration::from_secs(4), "shutdown(2 s) took {took:?}");
+    assert!(
+        dropped.load(std::sync::atomic::Ordering::SeqCst),
+        "the handler's future was dropped"
+    );
+
+    // Not committed: the next member of the group handles it.
+    let seen = Seen::default();
+    let b = recording_consumer(&o.model, &o.broker, &o.group, &seen, Duration::ZERO).await;
+    assert!(seen.wait_for("created", 1, READ_TIMEOUT).await);
+    assert_eq!(seen.all()[0].2, 7);
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Issue 13, defect 8: a handler had no way to notice a shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_handler_sees_the_shutdown_through_its_context() {
+    let o = orders(1, |c| c).await;
+    let started = Arc::new(Semaphore::new(0));
+    let noticed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, n) = (started.clone(), noticed.clone());
+    let a = Kontext::builder(o.model.clone())
+        .settings(settings(&o.group))
+        .broker(o.broker.clone())
+        .consumers(move |c| {
+            c.handler(move |_: OrderCreated, ctx: MessageContext| {
+                let (s, n) = (s.clone(), n.clone());
+                async move {
+                    assert!(!ctx.is_cancelled());
+                    s.add_permits(1);
+                    ctx.cancelled().await;
+                    n.store(ctx.is_cancelled(), std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let p = o.producer.producer().unwrap();
+    p.produce(&OrderCreated { order: 1, seq: 7 }).await.unwrap();
+    tokio::time::timeout(READ_TIMEOUT, started.acquire())
+        .await
+        .expect("the handler started")
+        .unwrap()
+        .forget();
+    // A long timeout: the handler returns because it was told, not cut off.
+    a.shutdown(Duration::from_secs(60)).await.unwrap();
+    assert!(noticed.load(std::sync::atomic::Ordering::SeqCst));
+}

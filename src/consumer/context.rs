@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use std::ops::Range;
 
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::consumer::buffer::LaneBuffer;
@@ -128,6 +129,10 @@ impl fmt::Debug for Record {
 pub(crate) struct Shared {
     polled: Mutex<Option<Polled>>,
     copied: OnceLock<Copied>,
+    /// Cancelled when the service begins to stop (see
+    /// [`MessageContext::cancelled`]); set when the cell is made, which is
+    /// rarely: cells are reused.
+    stopping: CancellationToken,
 }
 
 /// Key and headers copied out of a message.
@@ -190,25 +195,40 @@ impl Copied {
 pub(crate) struct Lender {
     spare: Option<Arc<Shared>>,
     finished: Vec<Polled>,
+    stopping: CancellationToken,
 }
 
 impl Lender {
+    /// A lender whose contexts report `stopping` as their cancellation.
+    pub(crate) fn new(stopping: CancellationToken) -> Lender {
+        Lender {
+            spare: None,
+            finished: Vec::new(),
+            stopping,
+        }
+    }
+
     /// Moves `record`'s message into a shared cell for a context.
     pub(crate) fn lend(&mut self, record: &mut Record) -> Lent {
-        let mut shared = self.spare.take().unwrap_or_default();
-        match Arc::get_mut(&mut shared) {
-            Some(s) => {
-                *s.polled.get_mut().unwrap_or_else(|e| e.into_inner()) = record.polled.take();
-                s.copied = OnceLock::new();
-            }
-            // Not spare after all (cannot happen: spares are unshared).
-            None => {
-                shared = Arc::new(Shared {
-                    polled: Mutex::new(record.polled.take()),
-                    copied: OnceLock::new(),
-                })
-            }
-        }
+        let fresh = |polled| {
+            Arc::new(Shared {
+                polled: Mutex::new(polled),
+                copied: OnceLock::new(),
+                stopping: self.stopping.clone(),
+            })
+        };
+        let shared = match self.spare.take() {
+            Some(mut shared) => match Arc::get_mut(&mut shared) {
+                Some(s) => {
+                    *s.polled.get_mut().unwrap_or_else(|e| e.into_inner()) = record.polled.take();
+                    s.copied = OnceLock::new();
+                    shared
+                }
+                // Not spare after all (cannot happen: spares are unshared).
+                None => fresh(record.polled.take()),
+            },
+            None => fresh(record.polled.take()),
+        };
         Lent(Some(shared))
     }
 
@@ -345,6 +365,21 @@ impl MessageContext {
             attempt,
             shared,
         }
+    }
+
+    /// Completes when kontext begins to shut down (`shutdown`, `run_until`'s
+    /// signal, or the instance dropped). A handler that may run long can
+    /// await it next to its work and give up early (returning an error
+    /// retries the message later, with its next owner); a handler still
+    /// running at the shutdown deadline is dropped at its next `.await` and
+    /// its message is delivered again.
+    pub async fn cancelled(&self) {
+        self.shared.stopping.cancelled().await;
+    }
+
+    /// Whether kontext has begun to shut down (see [`cancelled`](Self::cancelled)).
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.stopping.is_cancelled()
     }
 
     /// Topic the message came from.

@@ -256,6 +256,9 @@ pub(crate) struct ConsumerRuntime {
     services: Vec<RunningService>,
     streams: std::sync::Mutex<HashMap<TypeId, Box<dyn Any + Send>>>,
     tasks: TaskTracker,
+    /// The lanes' workers, aborted when a shutdown reaches its deadline:
+    /// dropping a worker's future drops the handler's it is awaiting.
+    workers: Vec<tokio::task::AbortHandle>,
     cancel: CancellationToken,
 }
 
@@ -338,6 +341,7 @@ impl ConsumerRuntime {
         let mut running = Vec::new();
         let mut streams: HashMap<TypeId, Box<dyn Any + Send>> = HashMap::new();
         let mut cleanup_every: Option<Duration> = None;
+        let mut workers_spawned = Vec::new();
 
         for planned in services {
             let shared = ServiceShared::new(
@@ -424,13 +428,14 @@ impl ConsumerRuntime {
                     workers.push(worker);
                     types.push((t.discriminator, stats));
                 }
-                tasks.spawn(worker::run_lane(
+                let worker = tasks.spawn(worker::run_lane(
                     ActiveWorker::new(Arc::clone(&shared)),
                     env.clone(),
                     Arc::clone(&buffer),
                     workers,
                     lane_dead_letters,
                 ));
+                workers_spawned.push(worker.abort_handle());
                 lanes.push(Lane {
                     topic,
                     buffer,
@@ -473,6 +478,7 @@ impl ConsumerRuntime {
             services: running,
             streams: std::sync::Mutex::new(streams),
             tasks,
+            workers: workers_spawned,
             cancel,
         })
     }
@@ -494,9 +500,11 @@ impl ConsumerRuntime {
     }
 
     /// Stops fetching, lets workers drain their buffers for up to `timeout`,
-    /// commits and closes every consumer. Never hangs: after `timeout`,
-    /// workers are cancelled (their unfinished messages are redelivered
-    /// later) and threads get a few seconds more to close.
+    /// commits and closes every consumer. Returns within `timeout` plus
+    /// [`SHUTDOWN_GRACE`]: at `timeout`, workers still busy are aborted
+    /// (a running handler's future is dropped; its message was not
+    /// committed and is delivered again) and the poll threads get the grace
+    /// to commit what finished and close.
     pub(crate) async fn shutdown(mut self, timeout: Duration) {
         for s in &self.services {
             s.shared.drain();
@@ -505,19 +513,25 @@ impl ConsumerRuntime {
         while Instant::now() < deadline && !self.all_threads_finished() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let grace = Instant::now() + SHUTDOWN_GRACE;
         if !self.all_threads_finished() {
-            tracing::warn!("consumers did not drain in time; cancelling handlers");
+            tracing::warn!(
+                ?timeout,
+                "consumers did not drain in time; cancelling handlers"
+            );
             self.cancel.cancel();
             for s in &self.services {
                 s.shared.stop_now();
             }
-            let grace = Instant::now() + Duration::from_secs(10);
+            for w in &self.workers {
+                w.abort();
+            }
             while Instant::now() < grace && !self.all_threads_finished() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
         self.cancel.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        let _ = tokio::time::timeout_at(grace.into(), self.tasks.wait()).await;
         for s in &mut self.services {
             if let Some(t) = s.thread.take() {
                 if t.is_finished() {
@@ -543,6 +557,9 @@ impl Drop for ConsumerRuntime {
         self.cancel.cancel();
         for s in &self.services {
             s.shared.stop_now();
+        }
+        for w in &self.workers {
+            w.abort();
         }
     }
 }
@@ -790,6 +807,10 @@ fn consumer_config(
         .set("enable.partition.eof", "false");
     config
 }
+
+/// How long past its timeout a consumer shutdown may take: aborted workers
+/// let go of their records and poll threads commit and close.
+pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// `partition.assignment.strategy` unless the settings name one.
 pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";

@@ -19,6 +19,8 @@ use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::consumer::Backpressure;
 use crate::consumer::buffer::{LaneBuffer, Room, TypeStats};
 use crate::consumer::context::{Polled, Record};
@@ -81,6 +83,9 @@ pub(crate) struct ServiceShared {
     /// Milliseconds since `epoch` of the last completed poll, for health.
     last_poll_ms: AtomicU64,
     epoch: Instant,
+    /// Cancelled when the service begins to stop; handlers see it through
+    /// their context.
+    pub(crate) stopping: CancellationToken,
 }
 
 impl ServiceShared {
@@ -102,6 +107,7 @@ impl ServiceShared {
             room: Arc::new(Room::default()),
             last_poll_ms: AtomicU64::new(0),
             epoch: Instant::now(),
+            stopping: CancellationToken::new(),
         })
     }
 
@@ -129,12 +135,14 @@ impl ServiceShared {
         let _ = self
             .stop
             .compare_exchange(RUN, DRAIN, Ordering::SeqCst, Ordering::SeqCst);
+        self.stopping.cancel();
         self.wake_waiting();
     }
 
     /// Stop at once, without waiting for workers.
     pub(crate) fn stop_now(&self) {
         self.stop.store(STOP_NOW, Ordering::SeqCst);
+        self.stopping.cancel();
         self.wake_waiting();
     }
 

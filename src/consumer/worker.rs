@@ -326,7 +326,7 @@ pub(crate) async fn run_lane(
     let _active = active;
     let _running = buffer.worker_running();
     let mut batch: VecDeque<Record> = VecDeque::with_capacity(TAKE);
-    let mut lender = Lender::default();
+    let mut lender = Lender::new(env.shared.stopping.clone());
     loop {
         if buffer.revocation_pending() {
             buffer.apply_revocations(&mut batch, |r| lender.retire(r));

@@ -355,11 +355,20 @@ impl Kontext {
     }
 
     /// Stops the registered roles gracefully: consumers stop fetching, drain
-    /// their buffers through the handlers, commit and close (workers still
-    /// busy after `timeout` are cancelled; their messages are delivered
-    /// again later); then queued produced messages are flushed for up to
-    /// `timeout`. Never hangs.
+    /// their buffers through the handlers, commit and close; the outbox
+    /// relay finishes its pass; queued produced messages are flushed. All
+    /// of it within `timeout`, plus at most 2 s when something overruns:
+    /// handlers still running at `timeout` are dropped (their messages are
+    /// delivered again later, see [`MessageContext::cancelled`](crate::consumer::MessageContext::cancelled)),
+    /// and the relay and the flush get what is left of `timeout`, at least
+    /// half a second each.
     pub async fn shutdown(mut self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let left = || {
+            deadline
+                .saturating_duration_since(tokio::time::Instant::now())
+                .max(Duration::from_millis(500))
+        };
         if let Some(c) = self.consumers.take() {
             c.shutdown(timeout).await;
         }
@@ -370,14 +379,14 @@ impl Kontext {
         }
         self.cancel.cancel();
         self.tasks.close();
-        if tokio::time::timeout(timeout, self.tasks.wait())
+        if tokio::time::timeout(left(), self.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!("outbox relay did not stop in time");
         }
         if let Some(p) = &self.producer {
-            p.flush(timeout).await?;
+            p.flush(left()).await?;
         }
         tracing::info!("kontext stopped");
         Ok(())
