@@ -1892,3 +1892,49 @@ async fn a_running_handler_sees_the_shutdown_through_its_context() {
     a.shutdown(Duration::from_secs(60)).await.unwrap();
     assert!(noticed.load(std::sync::atomic::Ordering::SeqCst));
 }
+
+/// Issue 13, defect 5: on shutdown a worker stopped as soon as its queue
+/// was briefly empty, so the records the poll thread held back while the
+/// lane was full were not drained but delivered again later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_the_records_held_back_while_the_lane_was_full() {
+    let o = orders(1, |c| c.max_buffered(5)).await;
+    let p = o.producer.producer().unwrap();
+    let first = created_batch(0..200, 10);
+    p.produce_batch(&first).await.unwrap();
+    let seen = Seen::default();
+    let a = recording_consumer(
+        &o.model,
+        &o.broker,
+        &o.group,
+        &seen,
+        Duration::from_millis(10),
+    )
+    .await;
+    // The lane holds 5; the rest is held back and the partition paused.
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while a.registry().services()[0].paused_partitions.is_empty() {
+        assert!(Instant::now() < deadline, "the lane never filled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    a.shutdown(Duration::from_secs(60)).await.unwrap();
+    let handled: Vec<u32> = seen.all().iter().map(|e| e.2).collect();
+    assert_eq!(
+        handled,
+        (0..200).collect::<Vec<u32>>(),
+        "every record handled, in order, before the shutdown returned"
+    );
+
+    // Committed too: the next member's first record is one produced now.
+    let next = Seen::default();
+    let b = recording_consumer(&o.model, &o.broker, &o.group, &next, Duration::ZERO).await;
+    p.produce(&OrderCreated {
+        order: 1,
+        seq: 1_000,
+    })
+    .await
+    .unwrap();
+    assert!(next.wait_for("created", 1, READ_TIMEOUT).await);
+    assert_eq!(next.all()[0].2, 1_000, "nothing handled twice");
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -84,6 +84,9 @@ pub(crate) struct LaneBuffer {
     dropped: AtomicU64,
     /// Partition ownership as the worker sees it; see [`LaneBuffer::revoke`].
     ownership: Ownership,
+    /// Set by a draining poll thread once it holds nothing more for this
+    /// lane: the worker may stop when its queue is empty, not before.
+    sealed: AtomicBool,
 }
 
 /// Revocations the poll thread announced and the worker applied. A
@@ -125,6 +128,7 @@ impl LaneBuffer {
             paused: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             ownership: Ownership::default(),
+            sealed: AtomicBool::new(false),
         })
     }
 
@@ -357,6 +361,18 @@ impl LaneBuffer {
     pub(crate) fn worker_running(self: &Arc<Self>) -> WorkerRunning {
         self.ownership.worker_running.store(true, Ordering::Release);
         WorkerRunning(Arc::clone(self))
+    }
+
+    /// Poll thread, draining: nothing more will be pushed.
+    pub(crate) fn seal(&self) {
+        if !self.sealed.swap(true, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Whether the lane will get no more records (see [`LaneBuffer::seal`]).
+    pub(crate) fn is_sealed(&self) -> bool {
+        self.sealed.load(Ordering::Acquire)
     }
 
     /// Waits until something may have been pushed.

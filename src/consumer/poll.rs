@@ -399,6 +399,16 @@ impl LoopState {
         self.publish_paused(shared);
     }
 
+    /// Draining: lanes whose held records all went to their worker get no
+    /// more (records polled while draining are not dispatched).
+    fn seal_drained(&self) {
+        for (lane, s) in self.lanes.iter().zip(&self.lane_state) {
+            if s.overflow.is_empty() && s.pending.is_empty() {
+                lane.buffer.seal();
+            }
+        }
+    }
+
     /// Destroys the messages the workers finished with (see `Lender`).
     fn drop_retired(&mut self) {
         for (lane, state) in self.lanes.iter().zip(&mut self.lane_state) {
@@ -523,6 +533,8 @@ pub(crate) fn run(plan: PollPlan) {
     let shared = Arc::clone(&plan.shared);
     let name = shared.name.clone();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| poll_loop(plan)));
+    // However the loop ended, nothing more reaches the workers: they stop.
+    shared.stop_now();
     match result {
         Ok(Ok(())) => shared.set_state(ServiceState::Stopped),
         Ok(Err(reason)) => {
@@ -678,6 +690,9 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         st.flush();
         st.absorb_done();
         st.refill(&consumer, &shared);
+        if drain_started.is_some() {
+            st.seal_drained();
+        }
         if last_store.elapsed() >= STORE_INTERVAL {
             st.store_offsets(&consumer);
             last_store = Instant::now();

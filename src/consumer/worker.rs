@@ -336,7 +336,9 @@ pub(crate) async fn run_lane(
             buffer.take(&mut batch, TAKE);
         }
         let Some(front) = batch.front() else {
-            if env.shared.is_stopping() {
+            // Draining ends when the poll thread holds nothing more for
+            // this lane (records it kept back while the lane was full).
+            if env.shared.must_stop_now() || (env.shared.is_stopping() && buffer.is_sealed()) {
                 break;
             }
             tokio::select! {
