@@ -1938,3 +1938,99 @@ async fn shutdown_drains_the_records_held_back_while_the_lane_was_full() {
     assert_eq!(next.all()[0].2, 1_000, "nothing handled twice");
     b.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Issue 13, defect 4: in a drop mode, one record that never finished made
+/// the bookkeeping keep an entry for every later record (the lane log and
+/// the offset tracker), so memory grew without bound.
+async fn bookkeeping_stays_bounded_behind_a_stuck_record(mode: Backpressure) {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let partitions = 8;
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| {
+            t.name(&topic)
+                .partitions(partitions)
+                .key(|e| e.order)
+                .consumer(move |c| c.max_buffered(10).backpressure(mode))
+        })
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+    // The first invocation never returns until the end of the test.
+    let (started, gate) = (Arc::new(Semaphore::new(0)), Arc::new(Semaphore::new(0)));
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (s, g) = (started.clone(), gate.clone());
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker)
+        .consumers(move |c| {
+            c.handler(move |_: OrderCreated, _: MessageContext| {
+                let (s, g, first) = (s.clone(), g.clone(), first.clone());
+                async move {
+                    if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        s.add_permits(1);
+                        g.acquire().await.unwrap().forget();
+                    }
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    p.produce(&OrderCreated { order: 0, seq: 0 }).await.unwrap();
+    tokio::time::timeout(READ_TIMEOUT, started.acquire())
+        .await
+        .expect("the first record is being handled")
+        .unwrap()
+        .forget();
+
+    let n: u32 = if external() { 200_000 } else { 50_000 };
+    for chunk in (1..n).collect::<Vec<u32>>().chunks(10_000) {
+        let batch: Vec<OrderCreated> = chunk
+            .iter()
+            .map(|&seq| OrderCreated {
+                order: seq % 1_000,
+                seq,
+            })
+            .collect();
+        p.produce_batch(&batch).await.unwrap();
+    }
+    // Everything but the 10 in the lane is dropped.
+    let status = || consumer.registry().type_status::<OrderCreated>().unwrap();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while status().dropped < u64::from(n) - 10 {
+        assert!(Instant::now() < deadline, "{:?}", status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two entries per partition at most (the stuck record, one run of
+    // finished ones) plus the lane: nowhere near one per record.
+    let tracked = || consumer.registry().services()[0].tracked_entries;
+    while tracked() > 100 {
+        assert!(
+            Instant::now() < deadline,
+            "{} entries kept for {n} records",
+            tracked()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "{mode:?}: {} entries kept for {n} records; {:?}",
+        tracked(),
+        status()
+    );
+    gate.add_permits(1);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_newest_bookkeeping_stays_bounded_behind_a_stuck_record() {
+    bookkeeping_stays_bounded_behind_a_stuck_record(Backpressure::DropNewest).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_bookkeeping_stays_bounded_behind_a_stuck_record() {
+    bookkeeping_stays_bounded_behind_a_stuck_record(Backpressure::DropOldest).await;
+}

@@ -11,10 +11,22 @@ use std::collections::VecDeque;
 /// hashes a string.
 pub(crate) type PartitionKey = (usize, i32);
 
-/// Dispatched offsets of one partition and whether each has finished.
+/// A run of dispatched offsets in one state. An unfinished run is
+/// contiguous (every offset in it was dispatched and waits); a finished run
+/// may span gaps, since offsets never dispatched need no finishing. Runs
+/// keep the bookkeeping small when one record never finishes: the records
+/// after it that a drop mode discards merge into one finished run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    first: i64,
+    last: i64,
+    finished: bool,
+}
+
+/// Dispatched offsets of one partition, as runs of finished and unfinished ones.
 #[derive(Debug, Default)]
 pub(crate) struct PartitionOffsets {
-    in_flight: VecDeque<(i64, bool)>,
+    runs: VecDeque<Run>,
     /// Next offset to consume after everything finished so far.
     committable: Option<i64>,
     /// What was last handed to librdkafka's offset store.
@@ -24,42 +36,104 @@ pub(crate) struct PartitionOffsets {
 impl PartitionOffsets {
     /// Records that `offset` was handed to a handler (or dropped).
     pub(crate) fn dispatched(&mut self, offset: i64) {
-        if let Some(&(last, _)) = self.in_flight.back() {
-            if offset <= last {
-                // Refetched after a seek: forget the later entries; their
-                // late acknowledgements are then ignored.
-                self.in_flight.retain(|(o, _)| *o < offset);
+        if self.runs.back().is_some_and(|b| offset <= b.last) {
+            // Refetched after a seek: forget the later entries; their late
+            // acknowledgements are then ignored.
+            while let Some(b) = self.runs.back_mut() {
+                if b.first >= offset {
+                    self.runs.pop_back();
+                } else {
+                    b.last = b.last.min(offset - 1);
+                    break;
+                }
             }
         }
-        self.in_flight.push_back((offset, false));
+        match self.runs.back_mut() {
+            Some(b) if !b.finished && b.last + 1 == offset => b.last = offset,
+            _ => self.runs.push_back(Run {
+                first: offset,
+                last: offset,
+                finished: false,
+            }),
+        }
     }
 
     /// Records that `offset` finished. Unknown offsets are ignored.
     pub(crate) fn finished(&mut self, offset: i64) {
-        let Some(&(front, _)) = self.in_flight.front() else {
+        let Some(front) = self.runs.front_mut() else {
             return;
         };
-        if front == offset {
+        if !front.finished && front.first == offset {
             // The usual case: messages finish in the order they came.
-            self.in_flight.pop_front();
+            if front.first == front.last {
+                self.runs.pop_front();
+            } else {
+                front.first += 1;
+            }
             self.committable = Some(offset + 1);
         } else {
-            // Offsets are increasing, usually contiguous: try the direct index first.
-            let guess = usize::try_from(offset - front).ok();
-            let index = match guess {
-                Some(i) if self.in_flight.get(i).is_some_and(|(o, _)| *o == offset) => Some(i),
-                _ => self
-                    .in_flight
-                    .binary_search_by_key(&offset, |(o, _)| *o)
-                    .ok(),
-            };
-            if let Some(i) = index {
-                self.in_flight[i].1 = true;
-            }
+            self.finish_out_of_order(offset);
         }
-        while let Some(&(o, true)) = self.in_flight.front() {
-            self.committable = Some(o + 1);
-            self.in_flight.pop_front();
+        while let Some(&Run {
+            last,
+            finished: true,
+            ..
+        }) = self.runs.front()
+        {
+            self.committable = Some(last + 1);
+            self.runs.pop_front();
+        }
+    }
+
+    /// Splits the unfinished run holding `offset` around it and merges the
+    /// finished piece with finished neighbours.
+    fn finish_out_of_order(&mut self, offset: i64) {
+        let found = self.runs.binary_search_by(|r| {
+            if r.last < offset {
+                std::cmp::Ordering::Less
+            } else if r.first > offset {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        });
+        let Ok(mut i) = found else { return };
+        let run = self.runs[i];
+        if run.finished {
+            return;
+        }
+        let done = Run {
+            first: offset,
+            last: offset,
+            finished: true,
+        };
+        self.runs[i] = done;
+        if offset < run.last {
+            self.runs.insert(
+                i + 1,
+                Run {
+                    first: offset + 1,
+                    ..run
+                },
+            );
+        }
+        if run.first < offset {
+            self.runs.insert(
+                i,
+                Run {
+                    last: offset - 1,
+                    ..run
+                },
+            );
+            i += 1;
+        }
+        if self.runs.get(i + 1).is_some_and(|n| n.finished) {
+            self.runs[i].last = self.runs[i + 1].last;
+            self.runs.remove(i + 1);
+        }
+        if i > 0 && self.runs[i - 1].finished {
+            self.runs[i - 1].last = self.runs[i].last;
+            self.runs.remove(i);
         }
     }
 
@@ -76,7 +150,16 @@ impl PartitionOffsets {
 
     /// Messages dispatched and not finished.
     pub(crate) fn pending(&self) -> usize {
-        self.in_flight.iter().filter(|(_, done)| !done).count()
+        self.runs
+            .iter()
+            .filter(|r| !r.finished)
+            .map(|r| usize::try_from(r.last - r.first + 1).unwrap_or(0))
+            .sum()
+    }
+
+    /// Entries kept: what the bookkeeping costs in memory.
+    pub(crate) fn entries(&self) -> usize {
+        self.runs.len()
     }
 }
 
@@ -146,6 +229,16 @@ impl OffsetTracker {
         }
     }
 
+    /// Entries kept over all partitions (see [`PartitionOffsets::entries`]).
+    pub(crate) fn entries(&self) -> usize {
+        self.lanes
+            .iter()
+            .flatten()
+            .flatten()
+            .map(PartitionOffsets::entries)
+            .sum()
+    }
+
     /// Messages dispatched and not finished, over all partitions.
     pub(crate) fn pending(&self) -> usize {
         self.lanes
@@ -213,6 +306,44 @@ mod tests {
         assert_eq!(p.take_committable(), Some(2));
         p.finished(2);
         assert_eq!(p.take_committable(), Some(3));
+    }
+
+    #[test]
+    fn records_finished_behind_a_stuck_one_take_one_entry() {
+        let mut p = PartitionOffsets::default();
+        p.dispatched(0);
+        // A drop mode discards everything after the stuck record 0.
+        for o in 1..100_000 {
+            p.dispatched(o);
+            p.finished(o);
+        }
+        assert_eq!(p.entries(), 2);
+        assert_eq!(p.pending(), 1);
+        assert_eq!(p.take_committable(), None);
+        p.finished(0);
+        assert_eq!(p.take_committable(), Some(100_000));
+        assert_eq!(p.entries(), 0);
+    }
+
+    #[test]
+    fn finishing_inside_a_run_splits_it_and_merges_finished_neighbours() {
+        let mut p = PartitionOffsets::default();
+        for o in 0..10 {
+            p.dispatched(o);
+        }
+        p.finished(5);
+        p.finished(7);
+        assert_eq!(p.entries(), 5, "0-4, 5, 6, 7, 8-9");
+        p.finished(6);
+        assert_eq!(p.entries(), 3, "0-4, 5-7, 8-9");
+        assert_eq!(p.pending(), 7);
+        for o in 0..5 {
+            p.finished(o);
+        }
+        assert_eq!(p.take_committable(), Some(8));
+        p.finished(6);
+        p.finished(42);
+        assert_eq!(p.pending(), 2, "repeated and unknown acks change nothing");
     }
 
     #[test]

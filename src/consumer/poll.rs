@@ -86,6 +86,8 @@ pub(crate) struct ServiceShared {
     /// Cancelled when the service begins to stop; handlers see it through
     /// their context.
     pub(crate) stopping: CancellationToken,
+    /// Entries of the offset bookkeeping (lane logs and offset runs).
+    pub(crate) tracked: AtomicUsize,
 }
 
 impl ServiceShared {
@@ -108,6 +110,7 @@ impl ServiceShared {
             last_poll_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             stopping: CancellationToken::new(),
+            tracked: AtomicUsize::new(0),
         })
     }
 
@@ -397,6 +400,14 @@ impl LoopState {
             }
         }
         self.publish_paused(shared);
+    }
+
+    /// Publishes how many entries the bookkeeping keeps, for the registry.
+    fn publish_tracked(&self, shared: &ServiceShared) {
+        let logged: usize = self.lane_state.iter().map(|s| s.log.len()).sum();
+        shared
+            .tracked
+            .store(logged + self.tracker.entries(), Ordering::Relaxed);
     }
 
     /// Draining: lanes whose held records all went to their worker get no
@@ -696,6 +707,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         if last_store.elapsed() >= STORE_INTERVAL {
             st.store_offsets(&consumer);
             last_store = Instant::now();
+            st.publish_tracked(&shared);
         }
     }
 
@@ -881,6 +893,15 @@ impl LoopState {
                 self.push(lane, batch.drain(..));
                 let excess = buffer.len().saturating_sub(buffer.capacity());
                 let dropped = buffer.drop_oldest(excess);
+                // They leave the log too, or it would grow by every record
+                // dropped behind one that never finishes. The queue gives up
+                // its front, so their numbers are one range.
+                if let (Some(first), Some(last)) = (dropped.first(), dropped.last()) {
+                    let log = &mut self.lane_state[lane].log;
+                    let from = log.partition_point(|e| e.0 < first.seq);
+                    let to = log.partition_point(|e| e.0 <= last.seq);
+                    log.drain(from..to);
+                }
                 self.dropped(lane, &dropped);
             }
         }

@@ -94,6 +94,12 @@ pub struct ServiceStatus {
     pub types: Vec<&'static str>,
     /// Time since its loop last polled; `None` before the first poll.
     pub since_last_poll: Option<Duration>,
+    /// Entries the service keeps to turn finished records into offsets
+    /// (updated every 100 ms). Bounded by its lanes' capacity and the
+    /// records in flight, in every backpressure mode, however long one
+    /// record takes: records finished behind an unfinished one share one
+    /// entry.
+    pub tracked_entries: usize,
 }
 
 impl ServiceStatus {
@@ -161,6 +167,7 @@ impl Registry {
             paused_partitions: lock(&shared.paused).clone(),
             types,
             since_last_poll: shared.since_last_poll(),
+            tracked_entries: shared.tracked.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 
