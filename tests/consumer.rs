@@ -932,6 +932,12 @@ async fn failures_retry_then_dead_letter_with_headers_and_the_loop_survives() {
         st.dead_lettered, 4,
         "retries-exhausted, panic, handler, decode"
     );
+    // Issue 13, defect 10: what no type could take was counted nowhere.
+    assert_eq!(
+        consumer.registry().services()[0].rejected,
+        2,
+        "tombstone, unknown type"
+    );
     assert_eq!(
         consumer.clients().producers,
         1,
@@ -2033,4 +2039,118 @@ async fn drop_newest_bookkeeping_stays_bounded_behind_a_stuck_record() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_oldest_bookkeeping_stays_bounded_behind_a_stuck_record() {
     bookkeeping_stays_bounded_behind_a_stuck_record(Backpressure::DropOldest).await;
+}
+
+/// Issue 13, defect 7: a dead letter the broker refuses for good (here its
+/// topic does not exist and may not be created) was retried forever; the
+/// lane never moved on and nothing showed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_refused_for_good_is_given_up_on_counted_and_the_partition_moves_on() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group, dlq) = (
+        unique_name("jobs"),
+        unique_name("g"),
+        unique_name("missing-dlq"),
+    );
+    let model = Model::builder()
+        .topic::<Job>(|t| {
+            t.name(&topic)
+                .partitions(1)
+                .consumer(|c| c.dead_letter_topic(&dlq))
+        })
+        .build()
+        .unwrap();
+    // Creates the source topic; the dead-letter topic is never created.
+    let _producer = producer_for(&model, &broker).await;
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let h = handled.clone();
+    let consumer = Kontext::builder(model.clone())
+        .settings(
+            settings(&group)
+                .provision_topics(false)
+                .producer(|p| p.librdkafka.set("allow.auto.create.topics", "false")),
+        )
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |j: Job, _: MessageContext| {
+                let h = h.clone();
+                async move {
+                    h.lock().unwrap().push(j.id);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let raw: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    send_raw(&raw, &topic, Some(b"not json"), None).await;
+    let good = serde_json::to_vec(&Job {
+        id: 7,
+        fail_times: 0,
+        mode: String::new(),
+    })
+    .unwrap();
+    send_raw(&raw, &topic, Some(&good), None).await;
+
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while handled.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the record after the refused dead letter was never handled: {:?}",
+            consumer.registry().type_status::<Job>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(*handled.lock().unwrap(), vec![7]);
+    let st = consumer.registry().type_status::<Job>().unwrap();
+    assert_eq!(
+        (st.dead_letters_refused, st.dead_lettered),
+        (1, 0),
+        "{st:?}"
+    );
+    let service = consumer.registry().services()[0].clone();
+    assert_eq!(service.dead_letters_refused, 1);
+    assert!(
+        !service.is_healthy(),
+        "a record was given up on: {service:?}"
+    );
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Issue 13, defect 10: there was no public way to read a consumer's
+/// effective settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_shows_each_consumer_s_effective_settings() {
+    let o = orders(1, |c| c).await;
+    let consumer = Kontext::builder(o.model.clone())
+        .settings(settings(&o.group).consumer(|c| c.session_timeout_ms = Some(7_000)))
+        .broker(o.broker.clone())
+        .consumers(|c| {
+            c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap();
+    let service = consumer.registry().services()[0].clone();
+    let get = |k: &str| {
+        service
+            .settings
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("group.id"), Some(o.group.as_str()));
+    assert_eq!(get("session.timeout.ms"), Some("7000"));
+    assert_eq!(get("enable.auto.offset.store"), Some("false"));
+    assert_eq!(get("auto.commit.interval.ms"), Some("1000"));
+    assert_eq!(
+        get("partition.assignment.strategy"),
+        Some("cooperative-sticky")
+    );
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 }

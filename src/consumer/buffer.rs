@@ -30,6 +30,7 @@ pub(crate) struct TypeStats {
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    pub(crate) dead_letters_refused: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) duplicates: AtomicU64,
 }

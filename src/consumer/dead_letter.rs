@@ -73,6 +73,41 @@ const DEAD_LETTER_MAX_BYTES: usize = 52_428_800;
 /// What is kept of a payload the broker refused for its size.
 const TRUNCATED_PAYLOAD_BYTES: usize = 16 * 1024;
 
+/// What became of a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// On the dead-letter topic.
+    Published,
+    /// Refused for good (topic missing, not authorized, too large even cut
+    /// down) after [`REFUSED_ATTEMPTS`] attempts: the record is given up on,
+    /// counted and logged with its coordinates, so its lane moves on.
+    Refused,
+    /// Stopped by a shutdown before it was sent: not acknowledged.
+    Cancelled,
+}
+
+/// Attempts at a dead letter the broker refuses for good before giving up:
+/// a few, with pauses of 0.1-0.4 s, in case the topic is being created.
+const REFUSED_ATTEMPTS: u32 = 4;
+
+/// Whether the broker refused the record in a way sending it again will not
+/// change: the topic does not exist (and may not be created), or this
+/// client may not write to it.
+fn refused_for_good(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    )
+}
+
 /// Whether the broker (or the local producer) refused a record for its size:
 /// sending it again unchanged can never succeed.
 fn too_large(e: &KafkaError) -> bool {
@@ -94,6 +129,12 @@ impl DeadLetters {
         // and a dead letter that cannot be sent would stall its lane.
         if config.get("message.max.bytes").is_none() {
             config.set("message.max.bytes", DEAD_LETTER_MAX_BYTES.to_string());
+        }
+        // A topic that does not exist fails its messages after this long
+        // (librdkafka's default is 30 s) rather than stalling the lane that
+        // much per attempt.
+        if config.get("topic.metadata.propagation.max.ms").is_none() {
+            config.set("topic.metadata.propagation.max.ms", "5000");
         }
         // Rejects unknown properties and bad values now, without a client.
         config
@@ -127,8 +168,9 @@ impl DeadLetters {
     }
 
     /// Publishes `record` to `topic`, retrying with backoff until the broker
-    /// takes it or `cancel` fires. Returns whether it was published: a record
-    /// that was not must not be acknowledged.
+    /// takes it, refuses it for good ([`Sent::Refused`]) or `cancel` fires.
+    /// A record that was not published, nor given up on, must not be
+    /// acknowledged.
     pub(crate) async fn publish(
         &self,
         topic: &str,
@@ -137,10 +179,11 @@ impl DeadLetters {
         record: &Record,
         failure: &Failure<'_>,
         cancel: &CancellationToken,
-    ) -> bool {
+    ) -> Sent {
         let mut pause = Duration::from_millis(100);
         // Set once the broker refused the full record for its size.
         let mut truncated: Option<String> = None;
+        let mut refused = 0;
         loop {
             let partition = record.partition.to_string();
             let offset = record.offset.to_string();
@@ -185,10 +228,10 @@ impl DeadLetters {
             }
             let sent = match self.producer() {
                 Ok(producer) => tokio::select! {
-                    r = producer.send(out, Duration::from_secs(5)) => r.map_err(|(e, _)| (too_large(&e), e.to_string())),
-                    () = cancel.cancelled() => return false,
+                    r = producer.send(out, Duration::from_secs(5)) => r.map_err(|(e, _)| (too_large(&e), refused_for_good(&e), e.to_string())),
+                    () = cancel.cancelled() => return Sent::Cancelled,
                 },
-                Err(e) => Err((false, e.to_string())),
+                Err(e) => Err((false, false, e.to_string())),
             };
             match sent {
                 Ok(_) => {
@@ -200,18 +243,25 @@ impl DeadLetters {
                         error = %failure.error,
                         "message dead-lettered"
                     );
-                    return true;
+                    return Sent::Published;
                 }
-                Err((true, e)) if truncated.is_none() => {
+                Err((true, _, e)) if truncated.is_none() => {
                     let size = record.payload().map_or(0, <[u8]>::len);
                     tracing::error!(dead_letter_topic = topic, source, record = ?record, error = %e, size, "dead letter refused for its size; sending it with its payload cut");
                     truncated = Some(format!("{}/{size}", size.min(TRUNCATED_PAYLOAD_BYTES)));
                 }
-                Err((_, e)) => {
+                Err((_, for_good, e)) => {
+                    if for_good {
+                        refused += 1;
+                        if refused >= REFUSED_ATTEMPTS {
+                            tracing::error!(dead_letter_topic = topic, source, record = ?record, reason = failure.reason, error = %e, attempts = refused, "dead letter refused for good; the record is given up on (still at its source topic, partition and offset)");
+                            return Sent::Refused;
+                        }
+                    }
                     tracing::error!(dead_letter_topic = topic, source, record = ?record, error = %e, "dead-letter publish failed; retrying");
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
-                        () = cancel.cancelled() => return false,
+                        () = cancel.cancelled() => return Sent::Cancelled,
                     }
                     pause = (pause * 2).min(Duration::from_secs(5));
                 }

@@ -363,7 +363,9 @@ impl ConsumerRuntime {
                 planned.dedicated.as_ref(),
                 planned.offset_reset.map(|(r, _)| r),
             );
-            tracing::debug!(service = %planned.name, config = ?crate::config::redacted(&config), "creating poll service");
+            let effective = crate::config::redacted(&config);
+            tracing::debug!(service = %planned.name, config = ?effective, "creating poll service");
+            let _ = shared.settings.set(effective);
 
             let mut lanes = Vec::new();
             for lane_types in by_topic(planned.types) {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::consumer::Backpressure;
 use crate::consumer::buffer::{LaneBuffer, Room, TypeStats};
 use crate::consumer::context::{Polled, Record};
+use crate::consumer::dead_letter::Sent;
 use crate::consumer::offsets::OffsetTracker;
 use crate::headers;
 use crate::runtime::client_context::TracingContext;
@@ -88,6 +89,13 @@ pub(crate) struct ServiceShared {
     pub(crate) stopping: CancellationToken,
     /// Entries of the offset bookkeeping (lane logs and offset runs).
     pub(crate) tracked: AtomicUsize,
+    /// Records no consumed type could take (tombstones, missing or unknown
+    /// `ce_type`), dead-lettered or given up on.
+    pub(crate) rejected: AtomicU64,
+    /// Dead letters the broker refused for good, over all types.
+    pub(crate) dead_letters_refused: AtomicU64,
+    /// Its consumer's client configuration, secrets redacted.
+    pub(crate) settings: std::sync::OnceLock<Vec<(String, String)>>,
 }
 
 impl ServiceShared {
@@ -111,6 +119,9 @@ impl ServiceShared {
             epoch: Instant::now(),
             stopping: CancellationToken::new(),
             tracked: AtomicUsize::new(0),
+            rejected: AtomicU64::new(0),
+            dead_letters_refused: AtomicU64::new(0),
+            settings: std::sync::OnceLock::new(),
         })
     }
 
@@ -159,6 +170,23 @@ impl ServiceShared {
     /// cancellation token's check takes a lock).
     pub(crate) fn must_stop_now(&self) -> bool {
         self.stop.load(Ordering::Relaxed) == STOP_NOW
+    }
+
+    /// Counts a rejected record's dead letter; whether the record is done
+    /// with (sent, or given up on).
+    pub(crate) fn count_rejected(&self, sent: Sent) -> bool {
+        match sent {
+            Sent::Published => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Sent::Refused => {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+                self.dead_letters_refused.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Sent::Cancelled => false,
+        }
     }
 
     fn wake_waiting(&self) {

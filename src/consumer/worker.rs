@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use crate::codec::CodecError;
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
 use crate::consumer::context::{Lender, Record};
-use crate::consumer::dead_letter::{DeadLetters, Failure};
+use crate::consumer::dead_letter::{DeadLetters, Failure, Sent};
 use crate::consumer::handler::{Action, HandlerError};
 use crate::consumer::poll::{Rejection, ServiceShared};
 use crate::consumer::{MessageContext, RetryPolicy};
@@ -409,7 +409,8 @@ async fn reject(
         error: rejection.reason(),
         attempts: 0,
     };
-    env.dead_letters
+    let sent = env
+        .dead_letters
         .publish(
             topic,
             &env.shared.group_id,
@@ -418,7 +419,8 @@ async fn reject(
             &failure,
             &env.cancel,
         )
-        .await
+        .await;
+    env.shared.count_rejected(sent)
 }
 
 /// A failed attempt, and what the handler asked for.
@@ -495,7 +497,7 @@ async fn after_failure(
             }
         }
         None => {
-            let ok = env
+            let sent = env
                 .dead_letters
                 .publish(
                     dead_letter_topic,
@@ -510,10 +512,22 @@ async fn after_failure(
                     &env.cancel,
                 )
                 .await;
-            if ok && ours {
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            if !ours {
+                return Next::Finished(env.shared.count_rejected(sent));
             }
-            Next::Finished(ok)
+            match sent {
+                Sent::Published => {
+                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                Sent::Refused => {
+                    stats.dead_letters_refused.fetch_add(1, Ordering::Relaxed);
+                    env.shared
+                        .dead_letters_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Sent::Cancelled => {}
+            }
+            Next::Finished(sent != Sent::Cancelled)
         }
     }
 }

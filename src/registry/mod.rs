@@ -68,6 +68,10 @@ pub struct TypeStatus {
     pub retried: u64,
     /// Messages dead-lettered.
     pub dead_lettered: u64,
+    /// Messages whose dead letter the broker refused for good (topic
+    /// missing, not authorized, too large even cut down): given up on and
+    /// logged with their coordinates, so their partition moved on.
+    pub dead_letters_refused: u64,
     /// Messages dropped by `DropOldest`/`DropNewest`.
     pub dropped: u64,
     /// Redelivered messages the inbox recognised and acknowledged unhandled.
@@ -100,11 +104,27 @@ pub struct ServiceStatus {
     /// record takes: records finished behind an unfinished one share one
     /// entry.
     pub tracked_entries: usize,
+    /// Records none of its types could take (tombstones, missing or unknown
+    /// `ce_type`): sent to the dead-letter topic, or given up on.
+    pub rejected: u64,
+    /// Dead letters the broker refused for good, over all its types (see
+    /// [`TypeStatus::dead_letters_refused`]). Not zero means records were
+    /// given up on: [`is_healthy`](Self::is_healthy) says `false`.
+    pub dead_letters_refused: u64,
+    /// Its consumer's librdkafka properties as kontext created it (every
+    /// default and override applied; secrets shown as `<redacted>`).
+    pub settings: Vec<(String, String)>,
 }
 
 impl ServiceStatus {
-    /// Alive and polling recently (or waiting for an explicit start).
+    /// Alive and polling recently (or waiting for an explicit start), and
+    /// no record given up on because its dead letter was refused. Meant
+    /// for readiness and alerts: a restart does not clear what a refused
+    /// dead letter says (a dead-letter topic missing or not writable).
     pub fn is_healthy(&self) -> bool {
+        if self.dead_letters_refused > 0 {
+            return false;
+        }
         match self.state {
             ServiceState::Waiting => true,
             ServiceState::Running => self
@@ -167,7 +187,10 @@ impl Registry {
             paused_partitions: lock(&shared.paused).clone(),
             types,
             since_last_poll: shared.since_last_poll(),
-            tracked_entries: shared.tracked.load(std::sync::atomic::Ordering::Relaxed),
+            tracked_entries: shared.tracked.load(Ordering::Relaxed),
+            rejected: shared.rejected.load(Ordering::Relaxed),
+            dead_letters_refused: shared.dead_letters_refused.load(Ordering::Relaxed),
+            settings: shared.settings.get().cloned().unwrap_or_default(),
         })
     }
 
@@ -225,6 +248,7 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         failed: s.failed.load(Ordering::Relaxed),
         retried: s.retried.load(Ordering::Relaxed),
         dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
+        dead_letters_refused: s.dead_letters_refused.load(Ordering::Relaxed),
         dropped: s.dropped.load(Ordering::Relaxed),
         duplicates: s.duplicates.load(Ordering::Relaxed),
     }
