@@ -1288,16 +1288,21 @@ async fn types_sharing_a_topic_are_handled_in_partition_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn model_types_consumed_elsewhere_are_skipped_not_dead_lettered() {
-    let Orders {
-        broker,
-        topic,
-        group,
-        model,
-        producer,
-        ..
-    } = orders(1, |c| c).await;
+/// How a consumer of `OrderCreated` alone treats the `OrderPaid` records
+/// that share its topic: returns the dead letters and the committed offsets.
+async fn one_of_two_types(
+    declare: fn(kontext::consumer::ConsumerBuilder) -> kontext::consumer::ConsumerBuilder,
+    ignore: bool,
+) -> (Vec<RecordedMessage>, i64) {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).key(|e| e.order))
+        .topic::<OrderPaid>(|t| t.name(&topic).key(|e| e.order).consumer(declare))
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
     let p = producer.producer().unwrap();
     for order in 0..20u32 {
         p.produce(&OrderPaid { order, seq: 0 }).await.unwrap();
@@ -1305,25 +1310,143 @@ async fn model_types_consumed_elsewhere_are_skipped_not_dead_lettered() {
     }
     let seen = Seen::default();
     let s = seen.clone();
-    // This process consumes only OrderCreated; OrderPaid is someone else's.
     let consumer = Kontext::builder(model)
         .settings(settings(&group))
         .broker(broker.clone())
         .consumers(move |c| {
             c.handler(s.handler::<OrderCreated>("created", |e| (e.order, e.seq), None));
+            if ignore {
+                c.ignore::<OrderPaid>();
+            }
         })
         .start()
         .await
         .unwrap();
     assert!(seen.wait_for("created", 20, READ_TIMEOUT).await);
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let committed = committed_offsets(&broker, &group, &topic).await;
+        if committed.values().sum::<i64>() == 40 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{committed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
-    let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, Duration::from_secs(2))
+    let dlq = read_topic(&broker, &format!("{topic}.dlq"), 20, Duration::from_secs(2))
         .await
         .unwrap();
-    assert!(dlq.is_empty(), "{dlq:?}");
-    // Everything was committed, skipped records included.
     let committed = committed_offsets(&broker, &group, &topic).await;
-    assert_eq!(committed.values().sum::<i64>(), 40, "{committed:?}");
+    (dlq, committed.values().sum::<i64>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_the_model_gives_another_group_are_skipped_and_committed() {
+    let (dlq, committed) = one_of_two_types(|c| c.group("payments"), false).await;
+    assert!(dlq.is_empty(), "{dlq:?}");
+    assert_eq!(
+        committed, 40,
+        "everything committed, skipped records included"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_types_are_skipped_and_committed() {
+    let (dlq, committed) = one_of_two_types(|c| c, true).await;
+    assert!(dlq.is_empty(), "{dlq:?}");
+    assert_eq!(committed, 40);
+}
+
+/// Issue 13, defect 3: a type of the model that this group neither consumes
+/// nor leaves to another group was committed unhandled, which loses it when
+/// another member of the same group (another service on the default group)
+/// is the one that consumes it. Now it is dead-lettered: kept, and said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclaimed_types_are_dead_lettered_not_committed_unhandled() {
+    let (dlq, committed) = one_of_two_types(|c| c, false).await;
+    assert_eq!(dlq.len(), 20, "{dlq:?}");
+    assert!(
+        dlq.iter()
+            .all(|r| r.header(dlq_headers::REASON) == Some("not-consumed"))
+    );
+    assert!(
+        dlq[0]
+            .header(dlq_headers::ERROR)
+            .unwrap()
+            .contains("OrderPaid")
+    );
+    assert_eq!(committed, 40);
+}
+
+/// Issue 13, defect 3: two services reading one topic for different types,
+/// each on its own client id, so each in its own default group: each
+/// handles every record of its type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_services_with_their_own_client_ids_each_handle_all_their_records() {
+    init_tracing();
+    let broker = broker();
+    let topic = unique_name("orders");
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(2).key(|e| e.order))
+        .topic::<OrderPaid>(|t| t.name(&topic).key(|e| e.order))
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let p = producer.producer().unwrap();
+    let seen = Seen::default();
+    let (s1, s2) = (seen.clone(), seen.clone());
+    let (orders_id, payments_id) = (unique_name("orders-svc"), unique_name("payments-svc"));
+    let orders = Kontext::builder(model.clone())
+        .settings(KafkaSettings::new().client_id(&orders_id))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), None))
+                .ignore::<OrderPaid>();
+        })
+        .start()
+        .await
+        .unwrap();
+    let payments = Kontext::builder(model.clone())
+        .settings(KafkaSettings::new().client_id(&payments_id))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(s2.handler::<OrderPaid>("paid", |e| (e.order, e.seq), None))
+                .ignore::<OrderCreated>();
+        })
+        .start()
+        .await
+        .unwrap();
+    for order in 0..50u32 {
+        p.produce(&OrderCreated { order, seq: 0 }).await.unwrap();
+        p.produce(&OrderPaid { order, seq: 1 }).await.unwrap();
+    }
+    assert!(seen.wait_for("created", 50, READ_TIMEOUT).await);
+    assert!(seen.wait_for("paid", 50, READ_TIMEOUT).await);
+    let handled = seen.all();
+    assert_eq!(handled.len(), 100, "each record once, by its own service");
+    orders.shutdown(Duration::from_secs(10)).await.unwrap();
+    payments.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Ignoring a type that is also consumed, or one the model does not
+/// declare, fails `start()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignoring_a_consumed_type_fails_start() {
+    let o = orders(1, |c| c).await;
+    let err = Kontext::builder(o.model.clone())
+        .settings(settings(&o.group))
+        .broker(o.broker.clone())
+        .consumers(|c| {
+            c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) })
+                .ignore::<OrderCreated>();
+        })
+        .start()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("both consumed and ignored"),
+        "{err}"
+    );
 }
 
 /// Handlers may keep their context (log it later, hand it to another task):
@@ -2153,4 +2276,68 @@ async fn the_registry_shows_each_consumer_s_effective_settings() {
         Some("cooperative-sticky")
     );
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Issue 12, defect 5: a failed `start()` left live work behind: the poll
+/// services planned before the failing one were already running, so a
+/// zombie member of the group kept handling and committing records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_start_leaves_no_member_running() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = (
+        unique_name("orders"),
+        unique_name("alerts"),
+        unique_name("g"),
+    );
+    let dedicated_group = unique_name("g-alerts");
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).key(|e| e.order))
+        .topic::<Alert>(|t| {
+            t.name(&alerts)
+                .key(|e| e.n)
+                .consumer(|c| c.dedicated(|d| d.group(&dedicated_group)).inbox(|i| i))
+        })
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    let zombie = Seen::default();
+    let z = zombie.clone();
+    // `Alert` declares an inbox but gets a plain handler: `start()` fails
+    // after the `OrderCreated` service was planned.
+    let db = kontext::testing::database().await.unwrap();
+    let err = Kontext::builder(model.clone())
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .database(db)
+        .consumers(move |c| {
+            c.handler(z.handler::<OrderCreated>("zombie", |e| (e.order, e.seq), None))
+                .handler(|_: Alert, _: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("inbox"), "{err}");
+
+    // A record produced now goes to the next member of the group, not to
+    // a leftover of the failed start.
+    producer
+        .producer()
+        .unwrap()
+        .produce(&OrderCreated { order: 1, seq: 42 })
+        .await
+        .unwrap();
+    let next = Seen::default();
+    let b = recording_consumer(&model, &broker, &group, &next, Duration::ZERO).await;
+    assert!(
+        next.wait_for("created", 1, READ_TIMEOUT).await,
+        "the record never reached the new member"
+    );
+    assert_eq!(next.all()[0].2, 42);
+    assert_eq!(
+        zombie.count("zombie"),
+        0,
+        "nothing left of the failed start handled it"
+    );
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -27,7 +27,7 @@ pub mod dlq_headers {
     /// Its offset.
     pub const ORIGINAL_OFFSET: &str = "dlq-original-offset";
     /// What went wrong: `decode`, `unknown-type`, `missing-type`, `tombstone`,
-    /// `handler`, `panic`, `timeout`, `retries-exhausted`.
+    /// `not-consumed`, `handler`, `panic`, `timeout`, `retries-exhausted`.
     pub const REASON: &str = "dlq-reason";
     /// The error text.
     pub const ERROR: &str = "dlq-error";

@@ -61,6 +61,8 @@ use worker::{ActiveWorker, Dispatch, Outcome, TypeWorker, Typed, WorkerEnv};
 #[derive(Default)]
 pub struct Consumers {
     registrations: Vec<Registered>,
+    /// Types this process's groups skip on purpose (see [`Consumers::ignore`]).
+    ignored: Vec<(TypeId, &'static str)>,
 }
 
 /// A registration with what the runtime needs to know before building it.
@@ -125,6 +127,20 @@ impl Consumers {
                 _type: PhantomData::<fn() -> T>,
             },
         ));
+        self
+    }
+
+    /// Skips `T`'s records on its topic: they are committed unhandled by the
+    /// poll services of this process that read the topic. For a type that
+    /// shares a topic with consumed types but is someone else's business
+    /// (another service reads it with its own group, or nobody needs it
+    /// here). Without this, or a consumer group the model gives `T`, a
+    /// record of `T` is dead-lettered (`dlq-reason: not-consumed`) rather
+    /// than committed unhandled: within one group, skipping would lose it
+    /// for the member that does consume it.
+    pub fn ignore<T: Message>(&mut self) -> &mut Self {
+        self.ignored
+            .push((TypeId::of::<T>(), std::any::type_name::<T>()));
         self
     }
 
@@ -290,7 +306,9 @@ impl ConsumerRuntime {
         registry: &Registry,
         outbox: Option<&Outbox>,
     ) -> Result<ConsumerRuntime> {
+        let ignored = ignored_types(model, &consumers)?;
         let services = plan(model, settings, consumers)?;
+        warn_on_builtin_group(settings, &services);
         // Every consumer setting is checked before anything is provisioned
         // or spawned: librdkafka rejects a bad property only when a client
         // is created, and that happens on the poll thread, after `start()`
@@ -336,12 +354,13 @@ impl ConsumerRuntime {
             broker.bootstrap_servers(),
             clients,
         )?);
-        let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let mut running = Vec::new();
         let mut streams: HashMap<TypeId, Box<dyn Any + Send>> = HashMap::new();
         let mut cleanup_every: Option<Duration> = None;
-        let mut workers_spawned = Vec::new();
+        // Everything is built and checked first, then spawned: a failure
+        // while building leaves nothing running.
+        let mut lane_workers = Vec::new();
+        let mut poll_plans = Vec::new();
 
         for planned in services {
             let shared = ServiceShared::new(
@@ -376,13 +395,8 @@ impl ConsumerRuntime {
                 let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
                 let consumed: Vec<String> =
                     lane_types.iter().map(|t| t.discriminator.clone()).collect();
-                let others: Vec<String> = model
-                    .topics()
-                    .iter()
-                    .filter(|d| d.name() == &*topic)
-                    .flat_map(|d| d.types().iter().map(|(disc, _)| disc.clone()))
-                    .filter(|d| !consumed.contains(d))
-                    .collect();
+                let (others, unclaimed) =
+                    not_consumed_here(model, &topic, &planned.group, &consumed, &ignored);
                 let mut workers: Vec<Box<dyn TypeWorker>> = Vec::new();
                 let mut types = Vec::new();
                 for t in lane_types {
@@ -430,19 +444,19 @@ impl ConsumerRuntime {
                     workers.push(worker);
                     types.push((t.discriminator, stats));
                 }
-                let worker = tasks.spawn(worker::run_lane(
+                lane_workers.push(worker::run_lane(
                     ActiveWorker::new(Arc::clone(&shared)),
                     env.clone(),
                     Arc::clone(&buffer),
                     workers,
                     lane_dead_letters,
                 ));
-                workers_spawned.push(worker.abort_handle());
                 lanes.push(Lane {
                     topic,
                     buffer,
                     types,
                     others,
+                    unclaimed,
                 });
             }
             let poll_plan = PollPlan {
@@ -459,30 +473,41 @@ impl ConsumerRuntime {
                         .unwrap_or(DEFAULT_REVOKE_TIMEOUT_MS),
                 ),
             };
+            poll_plans.push((thread_name(&planned.name), shared, poll_plan));
+        }
+
+        // From here on a failure drops the runtime, whose `Drop` stops
+        // whatever was spawned so far.
+        let mut runtime = ConsumerRuntime {
+            services: Vec::new(),
+            streams: std::sync::Mutex::new(streams),
+            tasks: TaskTracker::new(),
+            workers: Vec::new(),
+            cancel,
+        };
+        for w in lane_workers {
+            let handle = runtime.tasks.spawn(w);
+            runtime.workers.push(handle.abort_handle());
+        }
+        for (name, shared, poll_plan) in poll_plans {
             let thread = std::thread::Builder::new()
-                .name(thread_name(&planned.name))
+                .name(name)
                 .spawn(move || poll::run(poll_plan))
                 .map_err(|e| Error::config(format!("could not start a poll thread: {e}")))?;
-            running.push(RunningService {
+            runtime.services.push(RunningService {
                 shared,
                 thread: Some(thread),
             });
         }
         if let (Some(every), Some(o)) = (cleanup_every, outbox) {
-            tasks.spawn(crate::inbox::cleanup(
+            runtime.tasks.spawn(crate::inbox::cleanup(
                 o.database().clone(),
                 every,
-                cancel.clone(),
+                runtime.cancel.clone(),
             ));
         }
-        tasks.close();
-        Ok(ConsumerRuntime {
-            services: running,
-            streams: std::sync::Mutex::new(streams),
-            tasks,
-            workers: workers_spawned,
-            cancel,
-        })
+        runtime.tasks.close();
+        Ok(runtime)
     }
 
     /// Takes the stream of `T`; only once.
@@ -633,6 +658,76 @@ fn thread_name(service: &str) -> String {
             .rev()
             .collect();
         format!("kx-{tail}")
+    }
+}
+
+/// The types `consumers` ignores, checked against the model and against
+/// what it consumes.
+fn ignored_types(model: &Model, consumers: &Consumers) -> Result<Vec<TypeId>> {
+    let mut ignored = Vec::new();
+    for &(id, rust_type) in &consumers.ignored {
+        if model.type_info(id).is_none() {
+            return Err(Error::UnknownType {
+                type_name: rust_type,
+            });
+        }
+        if consumers.registrations.iter().any(|r| r.type_id == id) {
+            return Err(Error::config(format!(
+                "`{rust_type}` is both consumed and ignored; drop one of the two"
+            )));
+        }
+        ignored.push(id);
+    }
+    Ok(ignored)
+}
+
+/// The model's types on `topic` that a poll service of `group` does not
+/// consume, split in two: those it may skip and commit (ignored by this
+/// process, or given another consumer group by the model, whose members
+/// read them), and the unclaimed rest, which it dead-letters instead: a
+/// member of this group elsewhere may be the one that consumes them, and
+/// skipping would commit past its records.
+fn not_consumed_here(
+    model: &Model,
+    topic: &str,
+    group: &str,
+    consumed: &[String],
+    ignored: &[TypeId],
+) -> (Vec<String>, Vec<String>) {
+    let mut skip = Vec::new();
+    let mut unclaimed = Vec::new();
+    for (id, info) in model.types_on(topic) {
+        if consumed.iter().any(|c| c == info.discriminator) {
+            continue;
+        }
+        let elsewhere = info
+            .consumer
+            .and_then(ConsumerSpec::declared_group)
+            .is_some_and(|g| g != group);
+        if elsewhere || ignored.contains(&id) {
+            skip.push(info.discriminator.to_owned());
+        } else {
+            unclaimed.push(info.discriminator.to_owned());
+        }
+    }
+    (skip, unclaimed)
+}
+
+/// Every service that runs on the built-in client id and no group of its
+/// own joins group `kontext`, which any other such service on the same
+/// topics shares: they would split partitions and miss each other's
+/// records. Said once at start.
+fn warn_on_builtin_group(settings: &KafkaSettings, services: &[PlannedService]) {
+    if settings.client_id.is_some() || settings.consumer.group_id.is_some() {
+        return;
+    }
+    let builtin = settings.effective_client_id();
+    if services.iter().any(|s| s.group == builtin) {
+        tracing::warn!(
+            group = builtin,
+            "consumers run in the built-in default group `{builtin}` (no client_id or consumer.group_id set): \
+             any other service doing the same shares the group and its partitions; set `client_id` (the default group) per service"
+        );
     }
 }
 

@@ -52,6 +52,9 @@ pub(crate) enum Rejection {
     Tombstone,
     MissingType,
     UnknownType(String),
+    /// A type of the model on this topic that this group neither consumes,
+    /// ignores, nor leaves to another group.
+    NotConsumed(String),
 }
 
 impl Rejection {
@@ -60,6 +63,10 @@ impl Rejection {
             Rejection::Tombstone => "tombstone (record without payload)".into(),
             Rejection::MissingType => "no ce_type header, and several types share the topic".into(),
             Rejection::UnknownType(t) => format!("unknown type `{t}` for this topic"),
+            Rejection::NotConsumed(t) => format!(
+                "type `{t}` is declared on this topic but this consumer group does not consume it; \
+                 consume it, `ignore` it, or give it its own group in the model"
+            ),
         }
     }
 }
@@ -218,9 +225,14 @@ pub(crate) struct Lane {
     /// Discriminators of the types this service consumes from the topic, with
     /// their counters; a record's `type_index` points in here.
     pub(crate) types: Vec<(String, Arc<TypeStats>)>,
-    /// Discriminators of the model's other types on the topic, consumed
-    /// elsewhere (a dedicated connection, another process): skipped here.
+    /// Discriminators of the model's other types on the topic that this
+    /// service may skip and commit: ignored by this process, or consumed
+    /// under another group.
     pub(crate) others: Vec<String>,
+    /// The model's other types on the topic that nobody claimed (not
+    /// consumed, ignored or given another group): dead-lettered, since a
+    /// member of this group elsewhere may consume them.
+    pub(crate) unclaimed: Vec<String>,
 }
 
 /// Everything a poll thread needs to start.
@@ -541,7 +553,7 @@ impl LoopState {
         if m.payload().is_none() {
             return Routed::Reject(Rejection::Tombstone);
         }
-        if lane.types.len() == 1 && lane.others.is_empty() {
+        if lane.types.len() == 1 && lane.others.is_empty() && lane.unclaimed.is_empty() {
             return Routed::Type(0);
         }
         let declared = m.headers().and_then(|h| {
@@ -555,6 +567,10 @@ impl LoopState {
                     Routed::Type(i)
                 } else if lane.others.iter().any(|d| d.as_bytes() == t) {
                     Routed::Skip
+                } else if lane.unclaimed.iter().any(|d| d.as_bytes() == t) {
+                    Routed::Reject(Rejection::NotConsumed(
+                        String::from_utf8_lossy(t).into_owned(),
+                    ))
                 } else {
                     Routed::Reject(Rejection::UnknownType(
                         String::from_utf8_lossy(t).into_owned(),

@@ -263,6 +263,15 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl ConsumerSpec {
+    /// The consumer group the model gives the type, if it gives one (a
+    /// dedicated connection's group, else the consumer's).
+    pub(crate) fn declared_group(&self) -> Option<&str> {
+        self.dedicated
+            .as_ref()
+            .and_then(|d| d.settings.group_id.as_deref())
+            .or(self.group.as_deref())
+    }
+
     /// Buffer size in effect.
     pub fn max_buffered(&self) -> usize {
         self.dedicated

@@ -403,6 +403,7 @@ async fn reject(
         Rejection::Tombstone => "tombstone",
         Rejection::MissingType => "missing-type",
         Rejection::UnknownType(_) => "unknown-type",
+        Rejection::NotConsumed(_) => "not-consumed",
     };
     let failure = Failure {
         reason,

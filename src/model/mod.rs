@@ -186,6 +186,17 @@ impl Model {
         })
     }
 
+    /// The types declared on `topic`, in declaration order.
+    pub(crate) fn types_on<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> impl Iterator<Item = (TypeId, TypeInfo<'a>)> + 'a {
+        self.order.iter().filter_map(move |id| {
+            let info = self.type_info(*id)?;
+            (info.topic == topic).then_some((*id, info))
+        })
+    }
+
     /// Number of declared types.
     pub fn len(&self) -> usize {
         self.by_type.len()

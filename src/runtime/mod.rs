@@ -187,7 +187,6 @@ impl KontextBuilder {
                     self.outbox.clone(),
                     tasks.clone(),
                 );
-                outbox.start_relay(cancel.clone()).await?;
                 Some(outbox)
             }
             None => None,
@@ -209,6 +208,12 @@ impl KontextBuilder {
                 .await?,
             )
         };
+        // Last: a relay started before the consumers would keep sending
+        // after a consumer failed to start and `start()` returned `Err`.
+        // (Dropping `consumers` on that error stops them.)
+        if let Some(o) = &outbox {
+            o.start_relay(cancel.clone()).await?;
+        }
         tracing::info!(
             bootstrap_servers = broker.bootstrap_servers(),
             embedded = broker.as_embedded().is_some(),
