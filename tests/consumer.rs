@@ -2352,3 +2352,62 @@ async fn a_failed_start_leaves_no_member_running() {
     );
     b.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Issue 13, defect 6: a handler that never returned held its lane with no
+/// signal: health still said healthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_handler_shows_as_a_stall_and_makes_the_service_unhealthy() {
+    let o = orders(1, |c| c).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let consumer = Kontext::builder(o.model.clone())
+        .settings(settings(&o.group).consumer(|c| c.stall_limit_ms = Some(500)))
+        .broker(o.broker.clone())
+        .consumers(move |c| {
+            c.handler(move |_: OrderCreated, _: MessageContext| {
+                let g = g.clone();
+                async move {
+                    g.acquire().await.unwrap().forget();
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let status = || consumer.registry().services()[0].clone();
+    assert!(status().is_healthy());
+    o.producer
+        .producer()
+        .unwrap()
+        .produce(&OrderCreated { order: 1, seq: 1 })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while status().is_healthy() {
+        assert!(Instant::now() < deadline, "never unhealthy: {:?}", status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stalled = consumer
+        .registry()
+        .type_status::<OrderCreated>()
+        .unwrap()
+        .stalled_for;
+    assert!(
+        stalled.is_some_and(|d| d > Duration::from_millis(500)),
+        "{stalled:?}"
+    );
+
+    // The handler returns: the stall ends and health comes back.
+    gate.add_permits(1);
+    while !status().is_healthy() {
+        assert!(
+            Instant::now() < deadline,
+            "never healthy again: {:?}",
+            status()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status().stalled_for, None);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

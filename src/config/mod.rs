@@ -276,6 +276,11 @@ pub struct ConsumerSettings {
     /// handled again by the next owner. `None` means 10 s. Keep it well
     /// below `max.poll.interval.ms`, which bounds the whole rebalance.
     pub revoke_timeout_ms: Option<u64>,
+    /// How long a consumed topic may hold records without finishing one (a
+    /// handler that hangs, with no `handler_timeout`) before its poll
+    /// service reports unhealthy. `None` means 120 s. The registry shows
+    /// the stall (`stalled_for`) from the first 100 ms on.
+    pub stall_limit_ms: Option<u64>,
     /// Dead-letter topic of consumers that do not name their own; `None`
     /// means `<topic>.dlq` per source topic.
     pub dead_letter_topic: Option<String>,

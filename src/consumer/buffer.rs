@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
@@ -88,6 +88,9 @@ pub(crate) struct LaneBuffer {
     /// Set by a draining poll thread once it holds nothing more for this
     /// lane: the worker may stop when its queue is empty, not before.
     sealed: AtomicBool,
+    /// Since when the lane holds records and finished none (a hung or very
+    /// slow handler, a long retry pause); kept by the poll thread.
+    stalled_since: Mutex<Option<Instant>>,
 }
 
 /// Revocations the poll thread announced and the worker applied. A
@@ -130,6 +133,7 @@ impl LaneBuffer {
             dropped: AtomicU64::new(0),
             ownership: Ownership::default(),
             sealed: AtomicBool::new(false),
+            stalled_since: Mutex::new(None),
         })
     }
 
@@ -362,6 +366,26 @@ impl LaneBuffer {
     pub(crate) fn worker_running(self: &Arc<Self>) -> WorkerRunning {
         self.ownership.worker_running.store(true, Ordering::Release);
         WorkerRunning(Arc::clone(self))
+    }
+
+    /// Poll thread: whether the worker got anywhere since `last_done`;
+    /// returns the new `done`. Marks the lane stalled from `now` when it
+    /// holds records and finished none.
+    pub(crate) fn observe_progress(&self, last_done: u64, now: Instant) -> u64 {
+        let done = self.done();
+        let stalled = done == last_done && self.len() > 0;
+        let mut since = lock(&self.stalled_since);
+        match (stalled, since.is_some()) {
+            (true, false) => *since = Some(now),
+            (false, true) => *since = None,
+            _ => {}
+        }
+        done
+    }
+
+    /// How long the lane has held records without finishing one.
+    pub(crate) fn stalled_for(&self) -> Option<Duration> {
+        lock(&self.stalled_since).map(|s| s.elapsed())
     }
 
     /// Poll thread, draining: nothing more will be pushed.

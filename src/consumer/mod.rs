@@ -385,6 +385,14 @@ impl ConsumerRuntime {
             let effective = crate::config::redacted(&config);
             tracing::debug!(service = %planned.name, config = ?effective, "creating poll service");
             let _ = shared.settings.set(effective);
+            let _ = shared.stall_limit.set(Duration::from_millis(
+                planned
+                    .dedicated
+                    .as_ref()
+                    .and_then(|d| d.stall_limit_ms)
+                    .or(settings.consumer.stall_limit_ms)
+                    .unwrap_or(DEFAULT_STALL_LIMIT_MS),
+            ));
 
             let mut lanes = Vec::new();
             for lane_types in by_topic(planned.types) {
@@ -911,6 +919,10 @@ pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// `partition.assignment.strategy` unless the settings name one.
 pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
+
+/// How long a lane may hold records without finishing one before its
+/// service reports unhealthy.
+const DEFAULT_STALL_LIMIT_MS: u64 = 120_000;
 
 /// How long a revocation waits for running handlers of its partitions.
 const DEFAULT_REVOKE_TIMEOUT_MS: u64 = 10_000;

@@ -103,6 +103,8 @@ pub(crate) struct ServiceShared {
     pub(crate) dead_letters_refused: AtomicU64,
     /// Its consumer's client configuration, secrets redacted.
     pub(crate) settings: std::sync::OnceLock<Vec<(String, String)>>,
+    /// A lane stalled longer than this makes the service unhealthy.
+    pub(crate) stall_limit: std::sync::OnceLock<Duration>,
 }
 
 impl ServiceShared {
@@ -129,6 +131,7 @@ impl ServiceShared {
             rejected: AtomicU64::new(0),
             dead_letters_refused: AtomicU64::new(0),
             settings: std::sync::OnceLock::new(),
+            stall_limit: std::sync::OnceLock::new(),
         })
     }
 
@@ -257,6 +260,9 @@ struct LaneState {
     paused: bool,
     /// Sequence number given to the last record pushed into the lane.
     last_seq: u64,
+    /// The worker's `done` when the poll thread last looked (see
+    /// `LaneBuffer::observe_progress`).
+    last_done: u64,
     /// `(seq, partition, offset)` of the records in the lane, in order: the
     /// worker's `done` sequence number maps back to offsets through it.
     log: VecDeque<(u64, i32, i64)>,
@@ -440,6 +446,14 @@ impl LoopState {
             }
         }
         self.publish_paused(shared);
+    }
+
+    /// Notes, for the registry, which lanes hold records and finished none
+    /// since the last look.
+    fn observe_progress(&mut self, now: Instant) {
+        for (lane, s) in self.lanes.iter().zip(&mut self.lane_state) {
+            s.last_done = lane.buffer.observe_progress(s.last_done, now);
+        }
     }
 
     /// Publishes how many entries the bookkeeping keeps, for the registry.
@@ -752,6 +766,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             st.store_offsets(&consumer);
             last_store = Instant::now();
             st.publish_tracked(&shared);
+            st.observe_progress(last_store);
         }
     }
 

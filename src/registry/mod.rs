@@ -58,6 +58,10 @@ pub struct TypeStatus {
     pub capacity: usize,
     /// Whether its partitions are paused because the buffer is full.
     pub paused: bool,
+    /// How long its lane (its topic in its poll service) has held records
+    /// without finishing one: a hung or very slow handler, a long retry
+    /// pause. `None` while records finish (or none wait).
+    pub stalled_for: Option<Duration>,
     /// Messages that entered the buffer (dropped ones included).
     pub received: u64,
     /// Messages handled (or deliberately skipped).
@@ -111,18 +115,28 @@ pub struct ServiceStatus {
     /// [`TypeStatus::dead_letters_refused`]). Not zero means records were
     /// given up on: [`is_healthy`](Self::is_healthy) says `false`.
     pub dead_letters_refused: u64,
+    /// The longest [`TypeStatus::stalled_for`] of its topics.
+    pub stalled_for: Option<Duration>,
+    /// How long a topic may stall before the service is unhealthy
+    /// (`consumer.stall_limit_ms`, 120 s by default).
+    pub stall_limit: Duration,
     /// Its consumer's librdkafka properties as kontext created it (every
     /// default and override applied; secrets shown as `<redacted>`).
     pub settings: Vec<(String, String)>,
 }
 
 impl ServiceStatus {
-    /// Alive and polling recently (or waiting for an explicit start), and
-    /// no record given up on because its dead letter was refused. Meant
-    /// for readiness and alerts: a restart does not clear what a refused
-    /// dead letter says (a dead-letter topic missing or not writable).
+    /// Alive and polling recently (or waiting for an explicit start), no
+    /// topic stalled beyond [`stall_limit`](Self::stall_limit) (a handler
+    /// that never returns), and no record given up on because its dead
+    /// letter was refused. Meant for readiness and alerts: a restart does
+    /// not clear what a refused dead letter says (a dead-letter topic
+    /// missing or not writable).
     pub fn is_healthy(&self) -> bool {
         if self.dead_letters_refused > 0 {
+            return false;
+        }
+        if self.stalled_for.is_some_and(|d| d > self.stall_limit) {
             return false;
         }
         match self.state {
@@ -191,6 +205,17 @@ impl Registry {
             rejected: shared.rejected.load(Ordering::Relaxed),
             dead_letters_refused: shared.dead_letters_refused.load(Ordering::Relaxed),
             settings: shared.settings.get().cloned().unwrap_or_default(),
+            stalled_for: self
+                .types
+                .iter()
+                .filter(|e| e.service == name)
+                .filter_map(|e| e.buffer.stalled_for())
+                .max(),
+            stall_limit: shared
+                .stall_limit
+                .get()
+                .copied()
+                .unwrap_or(Duration::from_secs(120)),
         })
     }
 
@@ -243,6 +268,7 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         buffered: e.buffer.len(),
         capacity: e.buffer.capacity(),
         paused: e.buffer.paused.load(Ordering::Acquire),
+        stalled_for: e.buffer.stalled_for(),
         received: s.received.load(Ordering::Relaxed),
         handled: s.handled.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),
