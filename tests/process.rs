@@ -24,7 +24,7 @@ const CHILD_TOPIC: &str = "KONTEXT_TEST_CHILD_TOPIC";
 const CHILD_GROUP: &str = "KONTEXT_TEST_CHILD_GROUP";
 const CHILD_LOG: &str = "KONTEXT_TEST_CHILD_LOG";
 const CHILD_PARTITIONS: &str = "KONTEXT_TEST_CHILD_PARTITIONS";
-const CHILD_DELAY_MS: &str = "KONTEXT_TEST_CHILD_DELAY_MS";
+const CHILD_DELAY_US: &str = "KONTEXT_TEST_CHILD_DELAY_US";
 
 /// Records per run; the child handles one every 2 ms, so a signal arrives
 /// mid-stream.
@@ -102,7 +102,7 @@ fn spawn_child(
         .env(CHILD_BOOTSTRAP, broker.bootstrap_servers())
         .env(CHILD_TOPIC, topic)
         .env(CHILD_PARTITIONS, partitions.to_string())
-        .env(CHILD_DELAY_MS, delay.as_millis().to_string())
+        .env(CHILD_DELAY_US, delay.as_micros().to_string())
         .env(CHILD_GROUP, group)
         .env(CHILD_LOG, log)
         .stdout(std::process::Stdio::null())
@@ -146,31 +146,74 @@ async fn wait_logged(log: &std::path::Path, n: usize, child: &mut std::process::
 /// it `signal`, and waits for it to end. Returns what it handled and what a
 /// consumer started afterwards in the same group handled until every record
 /// was handled once.
+/// What a stopped child and the member after it handled.
+struct Stopped {
+    /// The child's records, in its handling order.
+    first: Vec<u32>,
+    /// The next member's.
+    second: Vec<u32>,
+    /// Records the child handled in the 2 s before the signal.
+    last_two_seconds: usize,
+}
+
 async fn stop_child_with(signal: &str, before: usize) -> (Vec<u32>, Vec<u32>) {
+    let s = stop_child_after(signal, before, (RECORDS, 2), Duration::from_millis(2)).await;
+    (s.first, s.second)
+}
+
+/// `records` over `partitions`: the embedded broker keeps 5 MiB a partition.
+async fn stop_child_after(
+    signal: &str,
+    before: usize,
+    (records, partitions): (u32, i32),
+    delay: Duration,
+) -> Stopped {
     init_tracing();
     let broker = broker();
     let (topic, group) = (unique_name("shipments"), unique_name("g"));
-    let model = model(&topic, 2);
+    let model = model(&topic, partitions);
     let producer = Kontext::builder(model.clone())
         .broker(broker.clone())
         .producer()
         .start()
         .await
         .unwrap();
-    let all: Vec<Shipment> = (0..RECORDS)
+    let all: Vec<Shipment> = (0..records)
         .map(|seq| Shipment { key: seq % 50, seq })
         .collect();
-    producer
-        .producer()
-        .unwrap()
-        .produce_batch(&all)
-        .await
-        .unwrap();
+    for chunk in all.chunks(20_000) {
+        producer
+            .producer()
+            .unwrap()
+            .produce_batch(chunk)
+            .await
+            .unwrap();
+    }
 
     let log = std::env::temp_dir().join(unique_name("kontext-handled"));
-    let mut child = spawn_child(&broker, (&topic, 2), &group, &log, Duration::from_millis(2));
-    wait_logged(&log, before, &mut child).await;
+    let mut child = spawn_child(&broker, (&topic, partitions), &group, &log, delay);
+    // How many the child had handled when, to tell its recent rate.
+    let mut samples: Vec<(Instant, usize)> = Vec::new();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let n = handled(&log).len();
+        samples.push((Instant::now(), n));
+        if n >= before {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the child handled {n} records");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     stop(child, signal).await;
+    let killed_at = Instant::now();
+    let two_seconds_before = samples
+        .iter()
+        .rev()
+        .find(|(t, _)| killed_at.duration_since(*t) >= Duration::from_secs(2))
+        .map_or(0, |(_, n)| *n);
     let first = logged(&log);
     let _ = std::fs::remove_file(&log);
 
@@ -199,19 +242,47 @@ async fn stop_child_with(signal: &str, before: usize) -> (Vec<u32>, Vec<u32>) {
             .chain(seen.lock().unwrap().iter())
             .copied()
             .collect();
-        if handled.len() == RECORDS as usize {
+        if handled.len() == records as usize {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{} of {RECORDS} records handled",
+            "{} of {records} records handled",
             handled.len()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     next.shutdown(Duration::from_secs(10)).await.unwrap();
     let second = seen.lock().unwrap().clone();
-    (first, second)
+    let last_two_seconds = first.len().saturating_sub(two_seconds_before);
+    Stopped {
+        first,
+        second,
+        last_two_seconds,
+    }
+}
+
+/// Issue 13, defect 9, under load: 100k records at several thousand a
+/// second, SIGKILL after 50k. What comes again is what the child handled
+/// since its last commit: stored offsets are committed every second, so at
+/// most about a second's worth, never more than it handled in its last two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_redelivers_at_most_the_last_commit_interval() {
+    // About 8,000 records a second: killed several seconds in, after
+    // several commits.
+    let s = stop_child_after("-KILL", 50_000, (100_000, 8), Duration::from_micros(100)).await;
+    let first_set: BTreeSet<u32> = s.first.iter().copied().collect();
+    let twice = s.second.iter().filter(|x| first_set.contains(x)).count();
+    eprintln!(
+        "SIGKILL after {} handled ({} in the last 2 s): {twice} handled again",
+        s.first.len(),
+        s.last_two_seconds
+    );
+    assert!(
+        twice <= s.last_two_seconds,
+        "{twice} redelivered, more than the {} handled in the last 2 s",
+        s.last_two_seconds
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,7 +478,14 @@ async fn a_rolling_restart_of_three_members_loses_nothing_and_duplicates_only_th
 async fn consumer_child_process() {
     let topic = std::env::var(CHILD_TOPIC).expect("started by its parent test");
     let partitions: i32 = std::env::var(CHILD_PARTITIONS).unwrap().parse().unwrap();
-    let delay = Duration::from_millis(std::env::var(CHILD_DELAY_MS).unwrap().parse().unwrap());
+    let delay = Duration::from_micros(std::env::var(CHILD_DELAY_US).unwrap().parse().unwrap());
+    // Below a millisecond (the timer's grain), one 1 ms pause every so many
+    // records gives the same rate.
+    let pause_every = if delay.is_zero() || delay >= Duration::from_millis(1) {
+        1
+    } else {
+        (1_000 / delay.as_micros().max(1)) as u32
+    };
     let group = std::env::var(CHILD_GROUP).unwrap();
     let log = std::env::var(CHILD_LOG).unwrap();
     let file = std::sync::Arc::new(std::sync::Mutex::new(
@@ -424,7 +502,9 @@ async fn consumer_child_process() {
             c.handler(move |e: Shipment, ctx: MessageContext| {
                 let file = file.clone();
                 async move {
-                    tokio::time::sleep(delay).await;
+                    if !delay.is_zero() && e.seq % pause_every == 0 {
+                        tokio::time::sleep(delay.max(Duration::from_millis(1))).await;
+                    }
                     let line = format!("{} {} {}\n", e.seq, ctx.partition(), ctx.offset());
                     // One write per line, so a kill cuts at most the last.
                     file.lock().unwrap().write_all(line.as_bytes()).unwrap();
