@@ -55,7 +55,7 @@ pub enum Error {
     },
 
     /// The codec could not encode a message.
-    #[error("failed to encode `{type_name}` for topic `{topic}`")]
+    #[error("failed to encode `{type_name}` for topic `{topic}`: {source}")]
     Encode {
         /// Topic the message was meant for.
         topic: String,
@@ -67,7 +67,7 @@ pub enum Error {
     },
 
     /// The codec could not decode a record.
-    #[error("failed to decode `{type_name}` from {topic}[{partition}]@{offset}")]
+    #[error("failed to decode `{type_name}` from {topic}[{partition}]@{offset}: {source}")]
     Decode {
         /// Topic of the record.
         topic: String,
@@ -83,7 +83,7 @@ pub enum Error {
     },
 
     /// The broker did not acknowledge a message.
-    #[error("failed to produce to topic `{topic}`")]
+    #[error("failed to produce to topic `{topic}`: {source}")]
     Produce {
         /// Topic the message was meant for.
         topic: String,
@@ -93,7 +93,7 @@ pub enum Error {
     },
 
     /// Flushing the producer's queue failed or timed out.
-    #[error("failed to flush the producer")]
+    #[error("failed to flush the producer: {source}")]
     Flush {
         /// The client's error.
         #[source]
@@ -132,7 +132,7 @@ pub enum Error {
     },
 
     /// A database operation of the outbox, inbox or unit of work failed.
-    #[error("database: {operation} failed")]
+    #[error("database: {operation} failed: {source}")]
     Database {
         /// What was attempted.
         operation: &'static str,
@@ -156,8 +156,18 @@ pub enum Error {
         source: sea_orm::DbErr,
     },
 
+    /// A thread kontext needs could not be started (the system refused it).
+    #[error("could not start {what}: {source}")]
+    Spawn {
+        /// What the thread was for.
+        what: &'static str,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The embedded (in-process mock) broker could not be started or used.
-    #[error("embedded broker: {operation} failed")]
+    #[error("embedded broker: {operation} failed: {source}")]
     EmbeddedBroker {
         /// What was attempted.
         operation: &'static str,
@@ -269,5 +279,28 @@ mod tests {
         let unknown = Error::UnknownType { type_name: "x::Y" };
         assert!(!unknown.is_retriable());
         assert!(unknown.to_string().contains("x::Y"));
+    }
+
+    #[test]
+    fn messages_name_their_cause() {
+        // `eprintln!("{e}")` is how most errors get read: the cause must be
+        // in the message, not only in `source()`.
+        let outage = Error::Produce {
+            topic: "orders".into(),
+            source: KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut),
+        };
+        let text = outage.to_string();
+        assert!(
+            text.contains("orders") && text.contains("timed out"),
+            "{text}"
+        );
+        let spawn = Error::Spawn {
+            what: "a poll thread",
+            source: std::io::Error::other("no more threads"),
+        };
+        assert_eq!(
+            spawn.to_string(),
+            "could not start a poll thread: no more threads"
+        );
     }
 }

@@ -43,9 +43,49 @@ pub mod dlq_headers {
     pub const TRUNCATED: &str = "dlq-truncated";
 }
 
+/// Why a message could not be handled: the `dlq-reason` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureReason {
+    /// The payload does not decode as the type.
+    Decode,
+    /// Its `ce_type` names no type of the topic.
+    UnknownType,
+    /// No `ce_type`, and several types share the topic.
+    MissingType,
+    /// No payload.
+    Tombstone,
+    /// A type of the model this group neither consumes nor leaves to another.
+    NotConsumed,
+    /// The handler asked for it (`HandlerError` with `Action::DeadLetter`).
+    Handler,
+    /// The handler panicked, on its last attempt.
+    Panic,
+    /// The handler overran its time limit, on its last attempt.
+    Timeout,
+    /// The handler failed on every attempt.
+    RetriesExhausted,
+}
+
+impl FailureReason {
+    /// The header value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Decode => "decode",
+            FailureReason::UnknownType => "unknown-type",
+            FailureReason::MissingType => "missing-type",
+            FailureReason::Tombstone => "tombstone",
+            FailureReason::NotConsumed => "not-consumed",
+            FailureReason::Handler => "handler",
+            FailureReason::Panic => "panic",
+            FailureReason::Timeout => "timeout",
+            FailureReason::RetriesExhausted => "retries-exhausted",
+        }
+    }
+}
+
 /// A failure to record on a dead-lettered message.
-pub(crate) struct Failure<'a> {
-    pub(crate) reason: &'a str,
+pub(crate) struct Failure {
+    pub(crate) reason: FailureReason,
     pub(crate) error: String,
     pub(crate) attempts: u32,
 }
@@ -177,7 +217,7 @@ impl DeadLetters {
         group: &str,
         source: &str,
         record: &Record,
-        failure: &Failure<'_>,
+        failure: &Failure,
         cancel: &CancellationToken,
     ) -> Sent {
         let mut pause = Duration::from_millis(100);
@@ -197,7 +237,7 @@ impl DeadLetters {
                 (dlq_headers::ORIGINAL_TOPIC, source),
                 (dlq_headers::ORIGINAL_PARTITION, partition.as_str()),
                 (dlq_headers::ORIGINAL_OFFSET, offset.as_str()),
-                (dlq_headers::REASON, failure.reason),
+                (dlq_headers::REASON, failure.reason.as_str()),
                 (dlq_headers::ERROR, failure.error.as_str()),
                 (dlq_headers::ATTEMPTS, attempts.as_str()),
                 (dlq_headers::FAILED_AT, failed_at.as_str()),
@@ -239,7 +279,7 @@ impl DeadLetters {
                         dead_letter_topic = topic,
                         source,
                         record = ?record,
-                        reason = failure.reason,
+                        reason = failure.reason.as_str(),
                         error = %failure.error,
                         "message dead-lettered"
                     );
@@ -254,7 +294,7 @@ impl DeadLetters {
                     if for_good {
                         refused += 1;
                         if refused >= REFUSED_ATTEMPTS {
-                            tracing::error!(dead_letter_topic = topic, source, record = ?record, reason = failure.reason, error = %e, attempts = refused, "dead letter refused for good; the record is given up on (still at its source topic, partition and offset)");
+                            tracing::error!(dead_letter_topic = topic, source, record = ?record, reason = failure.reason.as_str(), error = %e, attempts = refused, "dead letter refused for good; the record is given up on (still at its source topic, partition and offset)");
                             return Sent::Refused;
                         }
                     }

@@ -501,7 +501,10 @@ impl ConsumerRuntime {
             let thread = std::thread::Builder::new()
                 .name(name)
                 .spawn(move || poll::run(poll_plan))
-                .map_err(|e| Error::config(format!("could not start a poll thread: {e}")))?;
+                .map_err(|source| Error::Spawn {
+                    what: "a poll thread",
+                    source,
+                })?;
             runtime.services.push(RunningService {
                 shared,
                 thread: Some(thread),

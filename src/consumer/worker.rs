@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use crate::codec::CodecError;
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
 use crate::consumer::context::{Lender, Record};
-use crate::consumer::dead_letter::{DeadLetters, Failure, Sent};
+use crate::consumer::dead_letter::{DeadLetters, Failure, FailureReason, Sent};
 use crate::consumer::handler::{Action, HandlerError};
 use crate::consumer::poll::{Rejection, ServiceShared};
 use crate::consumer::{MessageContext, RetryPolicy};
@@ -214,7 +214,7 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
         let limit = self.handler_timeout.unwrap_or_default();
         tracing::warn!(attempt, ?limit, "handler overran its time limit; cancelled");
         Failed {
-            reason: "timeout",
+            reason: FailureReason::Timeout,
             error: format!("the handler did not finish within {limit:?}; it was cancelled"),
             attempts: attempt,
             action: Action::Retry,
@@ -240,13 +240,13 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
         // Not retried: the same bytes will not decode next time.
         match record.header(headers::MESSAGE_TYPE) {
             Some(t) if t != self.spec.type_name().as_bytes() => Failed {
-                reason: "unknown-type",
+                reason: FailureReason::UnknownType,
                 error: Rejection::UnknownType(String::from_utf8_lossy(t).into_owned()).reason(),
                 attempts: 0,
                 action: Action::DeadLetter,
             },
             _ => Failed {
-                reason: "decode",
+                reason: FailureReason::Decode,
                 error: format!("cannot decode as `{}`: {error}", self.spec.rust_type()),
                 attempts: attempt - 1,
                 action: Action::DeadLetter,
@@ -268,13 +268,13 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
             }
             Ok(Outcome::Abandon) => Ok(false),
             Ok(Outcome::Failed(e)) => Err(Failed {
-                reason: "handler",
+                reason: FailureReason::Handler,
                 error: e.to_string(),
                 attempts: attempt,
                 action: e.action,
             }),
             Err(panic) => Err(Failed {
-                reason: "panic",
+                reason: FailureReason::Panic,
                 error: panic_text(&panic),
                 attempts: attempt,
                 action: Action::Retry,
@@ -400,10 +400,10 @@ async fn reject(
     rejection: &Rejection,
 ) -> bool {
     let reason = match rejection {
-        Rejection::Tombstone => "tombstone",
-        Rejection::MissingType => "missing-type",
-        Rejection::UnknownType(_) => "unknown-type",
-        Rejection::NotConsumed(_) => "not-consumed",
+        Rejection::Tombstone => FailureReason::Tombstone,
+        Rejection::MissingType => FailureReason::MissingType,
+        Rejection::UnknownType(_) => FailureReason::UnknownType,
+        Rejection::NotConsumed(_) => FailureReason::NotConsumed,
     };
     let failure = Failure {
         reason,
@@ -426,7 +426,7 @@ async fn reject(
 
 /// A failed attempt, and what the handler asked for.
 struct Failed {
-    reason: &'static str,
+    reason: FailureReason,
     error: String,
     attempts: u32,
     action: Action,
@@ -452,13 +452,16 @@ async fn after_failure(
 ) -> Next {
     // A record of another type is not this type's failure: the router would
     // have rejected it had it read the headers, and rejections count nowhere.
-    let ours = failure.reason != "unknown-type";
+    let ours = failure.reason != FailureReason::UnknownType;
     if ours {
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
     let attempt = failure.attempts;
-    if matches!(failure.reason, "handler" | "panic") {
-        tracing::warn!(source, record = ?record, attempt, error = %failure.error, reason = failure.reason, "handler failed");
+    if matches!(
+        failure.reason,
+        FailureReason::Handler | FailureReason::Panic
+    ) {
+        tracing::warn!(source, record = ?record, attempt, error = %failure.error, reason = failure.reason.as_str(), "handler failed");
     }
     let pause = match failure.action {
         Action::Skip => {
@@ -468,8 +471,11 @@ async fn after_failure(
         Action::DeadLetter => None,
         _ if attempt >= retry.max_attempts => {
             // A panic or a timeout says more than "retries exhausted".
-            if !matches!(failure.reason, "panic" | "timeout") {
-                failure.reason = "retries-exhausted";
+            if !matches!(
+                failure.reason,
+                FailureReason::Panic | FailureReason::Timeout
+            ) {
+                failure.reason = FailureReason::RetriesExhausted;
             }
             None
         }
