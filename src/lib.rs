@@ -21,6 +21,8 @@
 //! - [`codec`]: how messages become bytes (`Json` by default).
 //! - [`config`]: Kafka settings from code, files and the environment.
 //! - [`broker`]: the embedded mock cluster or an external one; topic provisioning.
+//! - `client` (internal): what every Kafka client shares: logs routed to
+//!   `tracing`, live-client counts.
 //! - [`producer`]: typed, acknowledged produce and batch produce.
 //! - [`consumer`]: poll services (shared and dedicated), handlers, streams,
 //!   buffers and backpressure, offsets, retries, dead letters.
@@ -34,6 +36,7 @@
 //! - [`error`]: the one `Error` type.
 
 pub mod broker;
+mod client;
 pub mod codec;
 pub mod config;
 pub mod consumer;

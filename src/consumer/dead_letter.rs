@@ -12,11 +12,11 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 
+use crate::client::TracingContext;
+use crate::client::{ClientGuard, ClientKind, ClientTracker};
 use crate::config::KafkaSettings;
 use crate::consumer::context::Record;
 use crate::error::{Error, Result};
-use crate::runtime::client_context::TracingContext;
-use crate::runtime::clients::{ClientGuard, ClientKind, ClientTracker};
 
 /// Header names on dead-lettered records.
 pub mod dlq_headers {

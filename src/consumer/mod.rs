@@ -44,13 +44,13 @@ pub use stream::{MessageStream, Received};
 pub use uow::{TransactionalHandler, UnitOfWork};
 
 use crate::broker::{Broker, TopicToCreate, provision};
+use crate::client::{ClientKind, ClientTracker};
 use crate::config::{ConsumerSettings, KafkaSettings, OffsetReset};
 use crate::error::{Error, Result};
 use crate::inbox::Inbox;
 use crate::model::{Message, Model};
 use crate::outbox::Outbox;
 use crate::registry::{Registry, TypeEntry};
-use crate::runtime::clients::{ClientKind, ClientTracker};
 use buffer::{LaneBuffer, TypeStats};
 use dead_letter::DeadLetters;
 use poll::{Lane, PollPlan, ServiceShared};

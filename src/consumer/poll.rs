@@ -21,14 +21,14 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::client::ClientGuard;
+use crate::client::TracingContext;
 use crate::consumer::Backpressure;
 use crate::consumer::buffer::{LaneBuffer, Room, TypeStats};
 use crate::consumer::context::{Polled, Record};
 use crate::consumer::dead_letter::Sent;
 use crate::consumer::offsets::OffsetTracker;
 use crate::headers;
-use crate::runtime::client_context::TracingContext;
-use crate::runtime::clients::ClientGuard;
 
 /// Lifecycle of a poll service.
 #[derive(Debug, Clone, PartialEq, Eq)]

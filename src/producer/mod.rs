@@ -18,12 +18,12 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::SemaphorePermit;
 use uuid::Uuid;
 
+use crate::client::TracingContext;
+use crate::client::{ClientGuard, ClientKind, ClientTracker};
 use crate::config::{KafkaSettings, redacted};
 use crate::error::{Error, Result};
 use crate::headers;
 use crate::model::{HeaderSource, Message, MessageKey, Model, TopicSpec};
-use crate::runtime::client_context::TracingContext;
-use crate::runtime::clients::{ClientGuard, ClientKind, ClientTracker};
 
 /// Where the broker stored a message.
 #[derive(Debug, Clone, PartialEq, Eq)]

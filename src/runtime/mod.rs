@@ -2,14 +2,12 @@
 //! the broker connection, the roles the process registered and everything
 //! they spawned.
 
-pub(crate) mod client_context;
-pub(crate) mod clients;
 mod signal;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use clients::{ClientCounts, ClientTracker};
+pub use crate::client::{ClientCounts, ClientTracker};
 pub use signal::shutdown_signal;
 
 use crate::broker::{Broker, ProvisionReport, provision_topics};

@@ -1,0 +1,11 @@
+//! Client plumbing every role shares: the librdkafka client context that
+//! routes its logs and errors to `tracing`, and the tracker that counts live
+//! clients. The ground floor: producer, consumer, outbox and runtime use it;
+//! it uses none of them.
+
+mod context;
+mod tracker;
+
+pub(crate) use context::TracingContext;
+pub use tracker::{ClientCounts, ClientTracker};
+pub(crate) use tracker::{ClientGuard, ClientKind};
