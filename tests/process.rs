@@ -378,7 +378,29 @@ async fn a_rolling_restart_of_three_members_loses_nothing_and_duplicates_only_th
         eprintln!("step {step}: {signal} after {handled_so_far} of {total} handled");
         let (mut child, index) = start(&mut logs);
         let log = logs[index].clone();
-        wait_logged(&log, 20, &mut child).await;
+        // Until it took part, or nothing is left to take part in: on a
+        // loaded machine the group may finish the records before it gets a
+        // partition.
+        let deadline = Instant::now() + READ_TIMEOUT;
+        loop {
+            let all_done = logs
+                .iter()
+                .flat_map(|l| logged(l))
+                .collect::<BTreeSet<u32>>()
+                .len()
+                == total as usize;
+            if handled(&log).len() >= 20 || all_done {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "the restarted member handled {} records",
+                    handled(&log).len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         members.push((child, index));
     }
 
