@@ -385,13 +385,17 @@ impl ConsumerRuntime {
             let effective = crate::config::redacted(&config);
             tracing::debug!(service = %planned.name, config = ?effective, "creating poll service");
             let _ = shared.settings.set(effective);
-            let _ = shared.stall_limit.set(Duration::from_millis(
-                planned
-                    .dedicated
-                    .as_ref()
-                    .and_then(|d| d.stall_limit_ms)
-                    .or(settings.consumer.stall_limit_ms)
-                    .unwrap_or(DEFAULT_STALL_LIMIT_MS),
+            let revoke_timeout = service_millis(
+                &planned,
+                settings,
+                |s| s.revoke_timeout_ms,
+                DEFAULT_REVOKE_TIMEOUT_MS,
+            );
+            let _ = shared.stall_limit.set(service_millis(
+                &planned,
+                settings,
+                |s| s.stall_limit_ms,
+                DEFAULT_STALL_LIMIT_MS,
             ));
 
             let mut lanes = Vec::new();
@@ -472,14 +476,7 @@ impl ConsumerRuntime {
                 config,
                 lanes,
                 guard: clients.track(ClientKind::Consumer),
-                revoke_timeout: Duration::from_millis(
-                    planned
-                        .dedicated
-                        .as_ref()
-                        .and_then(|d| d.revoke_timeout_ms)
-                        .or(settings.consumer.revoke_timeout_ms)
-                        .unwrap_or(DEFAULT_REVOKE_TIMEOUT_MS),
-                ),
+                revoke_timeout,
             };
             poll_plans.push((thread_name(&planned.name), shared, poll_plan));
         }
@@ -670,6 +667,23 @@ fn thread_name(service: &str) -> String {
             .collect();
         format!("kx-{tail}")
     }
+}
+
+/// A poll service's duration setting in milliseconds: its dedicated
+/// settings, else the shared consumer section, else `default`.
+fn service_millis(
+    planned: &PlannedService,
+    settings: &KafkaSettings,
+    pick: fn(&ConsumerSettings) -> Option<u64>,
+    default: u64,
+) -> Duration {
+    let ms = planned
+        .dedicated
+        .as_ref()
+        .and_then(pick)
+        .or_else(|| pick(&settings.consumer))
+        .unwrap_or(default);
+    Duration::from_millis(ms)
 }
 
 /// The types `consumers` ignores, checked against the model and against
