@@ -56,7 +56,7 @@ pub use broker::Broker;
 pub use codec::{Codec, Json};
 pub use config::KafkaSettings;
 pub use consumer::{
-    Backpressure, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy,
+    Backpressure, Distribution, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy,
     TransactionalHandler, UnitOfWork,
 };
 pub use error::{Error, Result};
@@ -75,9 +75,9 @@ pub mod __private {
 /// The names most services need: `use kontext::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Backpressure, Broker, Delivery, Error, Handler, HandlerError, KafkaSettings, Kontext,
-        Message, MessageContext, MessageStream, Model, ModelBuilder, Producer, Result, RetryPolicy,
-        Topic, TransactionalHandler, UnitOfWork,
+        Backpressure, Broker, Delivery, Distribution, Error, Handler, HandlerError, KafkaSettings,
+        Kontext, Message, MessageContext, MessageStream, Model, ModelBuilder, Producer, Result,
+        RetryPolicy, Topic, TransactionalHandler, UnitOfWork,
     };
 }
 

@@ -91,6 +91,15 @@ pub(crate) struct LaneBuffer {
     /// Since when the lane holds records and finished none (a hung or very
     /// slow handler, a long retry pause); kept by the poll thread.
     stalled_since: Mutex<Option<Instant>>,
+    /// Whether the lane has a worker pool (see `consumer::parallel`): its
+    /// records finish out of order, so the worker reports each one in
+    /// `completed` and `done` only counts them (progress, not a position).
+    parallel: bool,
+    /// Sequence numbers finished out of order, for the poll thread.
+    completed: Mutex<Vec<u64>>,
+    /// The pool's current size and how many of it are busy (registry).
+    pub(crate) workers: AtomicUsize,
+    pub(crate) busy: AtomicUsize,
 }
 
 /// Revocations the poll thread announced and the worker applied. A
@@ -118,6 +127,7 @@ impl LaneBuffer {
         capacity: usize,
         mode: Backpressure,
         room: Arc<Room>,
+        parallel: bool,
     ) -> Arc<LaneBuffer> {
         Arc::new(LaneBuffer {
             retired: Mutex::new(Vec::new()),
@@ -134,6 +144,10 @@ impl LaneBuffer {
             ownership: Ownership::default(),
             sealed: AtomicBool::new(false),
             stalled_since: Mutex::new(None),
+            parallel,
+            completed: Mutex::new(Vec::new()),
+            workers: AtomicUsize::new(1),
+            busy: AtomicUsize::new(0),
         })
     }
 
@@ -249,12 +263,62 @@ impl LaneBuffer {
         }
     }
 
-    /// The worker finished with `n` records without handling them (their
-    /// partition was revoked): they leave the lane, `done` does not move.
-    fn discard(&self, n: usize) {
+    /// Whether records finish out of order (a worker pool).
+    pub(crate) fn is_parallel(&self) -> bool {
+        self.parallel
+    }
+
+    /// Worker pool: the records numbered `seqs` finished (in any order);
+    /// empties `seqs`.
+    pub(crate) fn completed(&self, seqs: &mut Vec<u64>) {
+        let n = seqs.len();
         if n == 0 {
             return;
         }
+        lock(&self.completed).append(seqs);
+        self.done.fetch_add(n as u64, Ordering::AcqRel);
+        self.leave(n);
+    }
+
+    /// Poll thread: the sequence numbers finished since the last call.
+    pub(crate) fn take_completed(&self, into: &mut Vec<u64>) {
+        std::mem::swap(&mut *lock(&self.completed), into);
+    }
+
+    /// Worker pool: revocation `n` is applied (the records of its
+    /// partitions were dropped or have finished and were reported).
+    pub(crate) fn mark_applied(&self, n: u64) {
+        self.ownership
+            .applied_done
+            .store(self.done(), Ordering::Release);
+        self.ownership.applied.store(n, Ordering::Release);
+    }
+
+    /// The number of the last revocation announced.
+    pub(crate) fn announced(&self) -> u64 {
+        self.ownership.announced.load(Ordering::SeqCst)
+    }
+
+    /// Whether partition `partition`'s record `seq` belongs to an ended
+    /// ownership.
+    pub(crate) fn is_revoked_at(&self, partition: i32, seq: u64) -> bool {
+        lock(&self.ownership.ended)
+            .get(&partition)
+            .is_some_and(|&last| seq <= last)
+    }
+
+    /// The worker finished with `n` records without handling them (their
+    /// partition was revoked): they leave the lane, `done` does not move.
+    pub(crate) fn discard(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.leave(n);
+    }
+
+    /// `n` records left the lane: wakes a waiting poll thread when that
+    /// brings the lane to its low mark.
+    fn leave(&self, n: usize) {
         let before = self.in_lane.fetch_sub(n, Ordering::AcqRel);
         let low = self.low_mark();
         if before > low && before - n <= low && self.room.waiting.load(Ordering::SeqCst) {
@@ -428,7 +492,13 @@ mod tests {
     use super::*;
 
     fn lane(capacity: usize, mode: Backpressure) -> Arc<LaneBuffer> {
-        LaneBuffer::new(Arc::from("t"), capacity, mode, Arc::new(Room::default()))
+        LaneBuffer::new(
+            Arc::from("t"),
+            capacity,
+            mode,
+            Arc::new(Room::default()),
+            false,
+        )
     }
 
     #[test]

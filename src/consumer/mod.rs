@@ -15,6 +15,7 @@ mod dead_letter;
 mod handler;
 mod offsets;
 pub(crate) mod poll;
+mod pool;
 mod spec;
 mod stream;
 mod uow;
@@ -38,7 +39,7 @@ pub use handler::{Handler, HandlerError};
 pub use poll::ServiceState;
 pub use spec::{
     Backpressure, ConsumerBuilder, ConsumerSpec, DEFAULT_MAX_BUFFERED, DedicatedBuilder,
-    DedicatedSpec, RetryPolicy,
+    DedicatedSpec, Distribution, RetryPolicy, WorkerSpec,
 };
 pub use stream::{MessageStream, Received};
 pub use uow::{TransactionalHandler, UnitOfWork};
@@ -402,8 +403,14 @@ impl ConsumerRuntime {
             for lane_types in by_topic(planned.types) {
                 let topic = Arc::clone(&lane_types[0].topic);
                 let (capacity, mode) = lane_settings(&lane_types)?;
-                let buffer =
-                    LaneBuffer::new(Arc::clone(&topic), capacity, mode, Arc::clone(&shared.room));
+                let pool = lane_workers_spec(&lane_types)?;
+                let buffer = LaneBuffer::new(
+                    Arc::clone(&topic),
+                    capacity,
+                    mode,
+                    Arc::clone(&shared.room),
+                    pool.is_some(),
+                );
                 let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
                 let consumed: Vec<String> =
                     lane_types.iter().map(|t| t.discriminator.clone()).collect();
@@ -456,13 +463,25 @@ impl ConsumerRuntime {
                     workers.push(worker);
                     types.push((t.discriminator, stats));
                 }
-                lane_workers.push(worker::run_lane(
-                    ActiveWorker::new(Arc::clone(&shared)),
-                    env.clone(),
-                    Arc::clone(&buffer),
-                    workers,
-                    lane_dead_letters,
-                ));
+                let active = ActiveWorker::new(Arc::clone(&shared));
+                let run: futures::future::BoxFuture<'static, ()> = match pool {
+                    Some(spec) => Box::pin(pool::run_pool(
+                        active,
+                        env.clone(),
+                        Arc::clone(&buffer),
+                        workers,
+                        lane_dead_letters,
+                        spec,
+                    )),
+                    None => Box::pin(worker::run_lane(
+                        active,
+                        env.clone(),
+                        Arc::clone(&buffer),
+                        workers,
+                        lane_dead_letters,
+                    )),
+                };
+                lane_workers.push(run);
                 lanes.push(Lane {
                     topic,
                     buffer,
@@ -649,6 +668,42 @@ fn lane_settings(types: &[PlannedType]) -> Result<(usize, Backpressure)> {
         )));
     }
     Ok((capacity, first.spec.backpressure()))
+}
+
+/// The worker pool of a lane: types sharing a topic share its records' order
+/// and so its pool; they must not declare different ones. A stream has one
+/// reader, which takes its messages in order: no pool.
+fn lane_workers_spec(types: &[PlannedType]) -> Result<Option<WorkerSpec>> {
+    let mut found: Option<(&PlannedType, WorkerSpec)> = None;
+    for t in types {
+        let Some(spec) = t.spec.workers() else {
+            continue;
+        };
+        if t.registration.stream {
+            return Err(Error::config(format!(
+                "`{}` is consumed as a stream, which has one reader taking messages in order; `workers` applies to handlers",
+                t.registration.rust_type
+            )));
+        }
+        match found {
+            Some((first, other)) if other != spec => {
+                return Err(Error::config(format!(
+                    "`{}` and `{}` share topic `{}` and so its workers, but declare different worker pools ({other:?} vs {spec:?})",
+                    first.registration.rust_type, t.registration.rust_type, t.topic
+                )));
+            }
+            _ => found = Some((t, spec)),
+        }
+    }
+    if let Some((_, _)) = found {
+        if let Some(s) = types.iter().find(|t| t.registration.stream) {
+            return Err(Error::config(format!(
+                "`{}` is consumed as a stream on topic `{}`, which has a worker pool; a stream has one reader taking messages in order",
+                s.registration.rust_type, s.topic
+            )));
+        }
+    }
+    Ok(found.map(|(_, spec)| spec))
 }
 
 /// Linux keeps 15 bytes of a thread name; keep the distinctive end.

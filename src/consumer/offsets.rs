@@ -157,6 +157,15 @@ impl PartitionOffsets {
             .sum()
     }
 
+    /// Offsets from the first unfinished record to the last one dispatched:
+    /// how far finished records run ahead of what can be committed.
+    pub(crate) fn uncommitted_span(&self) -> usize {
+        match (self.runs.front(), self.runs.back()) {
+            (Some(f), Some(b)) => usize::try_from(b.last - f.first + 1).unwrap_or(0),
+            _ => 0,
+        }
+    }
+
     /// Entries kept: what the bookkeeping costs in memory.
     pub(crate) fn entries(&self) -> usize {
         self.runs.len()

@@ -264,9 +264,19 @@ struct LaneState {
     /// `LaneBuffer::observe_progress`).
     last_done: u64,
     /// `(seq, partition, offset)` of the records in the lane, in order: the
-    /// worker's `done` sequence number maps back to offsets through it.
+    /// worker's `done` sequence number maps back to offsets through it. In
+    /// a lane with a worker pool, an entry whose record finished out of
+    /// order has its offset set to `FINISHED` until the entries before it go.
     log: VecDeque<(u64, i32, i64)>,
+    /// The pool's finished sequence numbers, traded with the lane's.
+    completed: Vec<u64>,
+    /// Partitions paused because too many of their records are finished
+    /// but not committable behind an unfinished one (worker pools).
+    held_back: Vec<i32>,
 }
+
+/// A log entry whose record finished (worker pools).
+const FINISHED: i64 = -1;
 
 /// Where the router sends a record.
 enum Routed {
@@ -422,8 +432,12 @@ impl LoopState {
         }
         // Records of the revoked partitions numbered up to what the worker
         // had finished were handled; later ones were not and never will be,
-        // so they leave the log before it is turned into offsets.
+        // so they leave the log before it is turned into offsets. (A worker
+        // pool reports what finished one by one instead.)
         for (lane, done) in settled {
+            if self.lanes[lane].buffer.is_parallel() {
+                continue;
+            }
             let done = done.unwrap_or_else(|| self.lanes[lane].buffer.done());
             let partitions = &by_lane[lane];
             self.lane_state[lane]
@@ -440,9 +454,9 @@ impl LoopState {
             if !partitions.is_empty() {
                 // Entries still logged for them are of records no one will
                 // finish here.
-                self.lane_state[lane]
-                    .log
-                    .retain(|&(_, p, _)| !partitions.contains(&p));
+                let state = &mut self.lane_state[lane];
+                state.log.retain(|&(_, p, _)| !partitions.contains(&p));
+                state.held_back.retain(|p| !partitions.contains(p));
             }
         }
         self.publish_paused(shared);
@@ -484,6 +498,30 @@ impl LoopState {
     /// Marks finished every record the lanes' workers got through.
     fn absorb_done(&mut self) {
         for (i, lane) in self.lanes.iter().enumerate() {
+            if lane.buffer.is_parallel() {
+                let state = &mut self.lane_state[i];
+                lane.buffer.take_completed(&mut state.completed);
+                if state.completed.is_empty() {
+                    continue;
+                }
+                state.completed.sort_unstable();
+                let log = &mut state.log;
+                for &seq in &state.completed {
+                    // Not found: its partition was revoked meanwhile.
+                    if let Ok(at) = log.binary_search_by_key(&seq, |e| e.0) {
+                        let (_, partition, offset) = log[at];
+                        if offset != FINISHED {
+                            self.tracker.finished((i, partition), offset);
+                            log[at].2 = FINISHED;
+                        }
+                    }
+                }
+                state.completed.clear();
+                while log.front().is_some_and(|e| e.2 == FINISHED) {
+                    log.pop_front();
+                }
+                continue;
+            }
             let done = lane.buffer.done();
             let log = &mut self.lane_state[i].log;
             // A fetch hands over long runs of one partition: one lookup a run.
@@ -539,11 +577,9 @@ impl LoopState {
     fn publish_paused(&self, shared: &ServiceShared) {
         let mut paused: Vec<(String, i32)> = Vec::new();
         for (i, s) in self.lane_state.iter().enumerate() {
-            if s.paused {
-                for (t, p) in &self.assignment {
-                    if *t == self.lanes[i].topic {
-                        paused.push((t.to_string(), *p));
-                    }
+            for (t, p) in &self.assignment {
+                if *t == self.lanes[i].topic && (s.paused || s.held_back.contains(p)) {
+                    paused.push((t.to_string(), *p));
                 }
             }
         }
@@ -759,6 +795,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         st.flush();
         st.absorb_done();
         st.refill(&consumer, &shared);
+        st.hold_back(&consumer, &shared);
         if drain_started.is_some() {
             st.seal_drained();
         }
@@ -1059,8 +1096,70 @@ impl LoopState {
                 self.lane_state[i].paused = false;
                 buffer.paused.store(false, Ordering::Relaxed);
                 changed = true;
-                let tpl = self.partitions_of(i);
+                let mut tpl = TopicPartitionList::new();
+                for (t, p) in &self.assignment {
+                    if *t == self.lanes[i].topic && !self.lane_state[i].held_back.contains(p) {
+                        tpl.add_partition(t, *p);
+                    }
+                }
                 if let Err(e) = consumer.resume(&tpl) {
+                    tracing::warn!(service = %shared.name, error = %e, "could not resume partitions");
+                }
+            }
+        }
+        if changed {
+            self.publish_paused(shared);
+        }
+    }
+}
+
+impl LoopState {
+    /// Worker pools: pauses a partition whose finished records wait behind
+    /// an unfinished one (a key in retry, a slow record) once it has
+    /// `capacity` records between its first unfinished and its last one
+    /// taken, so what waits for commit stays bounded; resumes it at half.
+    /// The lane's other partitions go on.
+    fn hold_back(&mut self, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
+        let mut changed = false;
+        for i in 0..self.lanes.len() {
+            let buffer = &self.lanes[i].buffer;
+            if !buffer.is_parallel() {
+                continue;
+            }
+            let bound = buffer.capacity();
+            let topic = Arc::clone(&self.lanes[i].topic);
+            let mut pause = TopicPartitionList::new();
+            let mut resume = TopicPartitionList::new();
+            for (t, p) in &self.assignment {
+                if *t != topic {
+                    continue;
+                }
+                let span = self
+                    .tracker
+                    .partition_mut((i, *p))
+                    .map_or(0, |o| o.uncommitted_span());
+                let held = self.lane_state[i].held_back.contains(p);
+                if !held && span >= bound {
+                    self.lane_state[i].held_back.push(*p);
+                    pause.add_partition(t, *p);
+                } else if held && span <= bound / 2 {
+                    self.lane_state[i].held_back.retain(|q| q != p);
+                    // A lane paused as a whole resumes it with the lane.
+                    if !self.lane_state[i].paused {
+                        resume.add_partition(t, *p);
+                    }
+                }
+            }
+            if pause.count() > 0 {
+                changed = true;
+                tracing::debug!(service = %shared.name, %topic, partitions = ?pause, "records wait for an unfinished one: partition paused");
+                if let Err(e) = consumer.pause(&pause) {
+                    tracing::warn!(service = %shared.name, error = %e, "could not pause partitions");
+                }
+            }
+            if resume.count() > 0 {
+                changed = true;
+                if let Err(e) = consumer.resume(&resume) {
                     tracing::warn!(service = %shared.name, error = %e, "could not resume partitions");
                 }
             }

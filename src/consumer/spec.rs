@@ -66,6 +66,49 @@ impl RetryPolicy {
     }
 }
 
+/// Which records of a lane may be handled at the same time when the lane has
+/// [workers](ConsumerBuilder::workers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Distribution {
+    /// Records with the same key run one at a time, in their partition's
+    /// order; different keys run in parallel. Records without a key are
+    /// ordered by partition. The default.
+    #[default]
+    ByKey,
+    /// A partition's records run one at a time, in order; partitions run in
+    /// parallel.
+    ByPartition,
+    /// No order: any record may run beside any other. For handlers that do
+    /// not care which of two messages lands first.
+    Free,
+}
+
+/// How many handler invocations of a lane may run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerSpec {
+    /// Fewest workers (the start value).
+    pub min: usize,
+    /// Most workers.
+    pub max: usize,
+    /// Records waiting in the lane above which the count grows (`None`: a
+    /// fixed pool of `max`).
+    pub lag_threshold: Option<usize>,
+    /// Which records may run together.
+    pub distribution: Distribution,
+}
+
+impl WorkerSpec {
+    /// A fixed pool of `n`.
+    pub fn fixed(n: usize) -> Self {
+        WorkerSpec {
+            min: n,
+            max: n,
+            lag_threshold: None,
+            distribution: Distribution::default(),
+        }
+    }
+}
+
 /// Default buffer size per type.
 pub const DEFAULT_MAX_BUFFERED: usize = 1_000;
 
@@ -88,6 +131,7 @@ pub struct ConsumerSpec {
     pub(crate) dead_letter_topic: Option<String>,
     pub(crate) dedicated: Option<DedicatedSpec>,
     pub(crate) inbox: Option<InboxSpec>,
+    pub(crate) workers: Option<WorkerSpec>,
 }
 
 impl ConsumerBuilder {
@@ -149,6 +193,59 @@ impl ConsumerBuilder {
     pub fn inbox(mut self, f: impl FnOnce(InboxBuilder) -> InboxBuilder) -> Self {
         self.spec.inbox = Some(f(InboxBuilder::default()).build());
         self
+    }
+
+    /// Runs up to `n` handler invocations of this type's topic at once, in
+    /// the [`Distribution`] chosen (by key unless told otherwise). Each
+    /// partition then proceeds on its own: a record waiting to be retried
+    /// holds back only the later records of its key (or partition), and the
+    /// stored offset of a partition never passes a record that is not
+    /// finished. Without it, the topic's records are handled one at a time
+    /// in delivery order (the cheapest path, for fast handlers).
+    ///
+    /// The invocations run concurrently on the lane's task: for handlers
+    /// that wait (a database, an HTTP call). CPU-heavy work belongs in
+    /// `tokio::task::spawn_blocking`.
+    pub fn workers(mut self, n: usize) -> Self {
+        let distribution = self.distribution_or_default();
+        self.spec.workers = Some(WorkerSpec {
+            distribution,
+            ..WorkerSpec::fixed(n)
+        });
+        self
+    }
+
+    /// A worker pool that follows the lane's lag (records waiting to
+    /// start): every second it doubles, up to `max`, while more than
+    /// `lag_threshold` records wait, and halves, down to `min`, once fewer
+    /// than half of `lag_threshold` wait. Starts at `min`.
+    pub fn workers_by_lag(mut self, min: usize, max: usize, lag_threshold: usize) -> Self {
+        let distribution = self.distribution_or_default();
+        self.spec.workers = Some(WorkerSpec {
+            min,
+            max,
+            lag_threshold: Some(lag_threshold),
+            distribution,
+        });
+        self
+    }
+
+    /// Which records may run together (see [`Distribution`]); implies
+    /// `workers(1)` when no pool is declared.
+    pub fn distribution(mut self, distribution: Distribution) -> Self {
+        let workers = self.spec.workers.unwrap_or_else(|| WorkerSpec::fixed(1));
+        self.spec.workers = Some(WorkerSpec {
+            distribution,
+            ..workers
+        });
+        self
+    }
+
+    fn distribution_or_default(&self) -> Distribution {
+        self.spec
+            .workers
+            .map(|w| w.distribution)
+            .unwrap_or_default()
     }
 
     /// Gives this type its own poll service: its own Kafka consumer, thread,
@@ -305,9 +402,28 @@ impl ConsumerSpec {
         self.handler_timeout
     }
 
+    /// The worker pool, if one is declared.
+    pub fn workers(&self) -> Option<WorkerSpec> {
+        self.workers
+    }
+
     /// Problems that make this declaration unusable.
     pub(crate) fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if let Some(w) = &self.workers {
+            if w.min == 0 || w.max == 0 {
+                out.push("workers must be at least 1".to_owned());
+            }
+            if w.min > w.max {
+                out.push(format!(
+                    "workers_by_lag: min ({}) is above max ({})",
+                    w.min, w.max
+                ));
+            }
+            if w.lag_threshold == Some(0) {
+                out.push("workers_by_lag: lag_threshold must be at least 1".to_owned());
+            }
+        }
         if self.max_buffered() == 0 {
             out.push("max_buffered must be at least 1".to_owned());
         }

@@ -79,6 +79,32 @@ pub(crate) trait TypeWorker: Send + Sync {
         n: usize,
         lender: &'a mut Lender,
     ) -> BoxFuture<'a, bool>;
+
+    /// One attempt at `record` for a worker pool: never waits out a retry
+    /// pause (the pool parks the record instead, so it holds no worker).
+    fn attempt<'a>(
+        &'a self,
+        env: &'a WorkerEnv,
+        lane: &'a LaneBuffer,
+        record: Record,
+        attempt: u32,
+    ) -> BoxFuture<'a, Attempted>;
+}
+
+/// A record back from one attempt in a worker pool.
+pub(crate) struct Attempted {
+    pub(crate) record: Record,
+    pub(crate) attempt: u32,
+    pub(crate) step: Step,
+}
+
+/// What a worker pool does with a record after an attempt.
+pub(crate) enum Step {
+    /// Done with: `true` when finished (handled, skipped, dead-lettered),
+    /// `false` when it must not be acknowledged (cancelled, stream gone).
+    Finished(bool),
+    /// Attempt again after this pause.
+    RetryAfter(Duration),
 }
 
 pub(crate) struct Typed<T, D> {
@@ -206,9 +232,86 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
             true
         })
     }
+
+    fn attempt<'a>(
+        &'a self,
+        env: &'a WorkerEnv,
+        lane: &'a LaneBuffer,
+        record: Record,
+        attempt: u32,
+    ) -> BoxFuture<'a, Attempted> {
+        self.attempt_once(env, lane, record, attempt)
+    }
 }
 
 impl<T: Message, D: Dispatch<T>> Typed<T, D> {
+    fn attempt_once<'a>(
+        &'a self,
+        env: &'a WorkerEnv,
+        lane: &'a LaneBuffer,
+        mut record: Record,
+        attempt: u32,
+    ) -> BoxFuture<'a, Attempted> {
+        Box::pin(async move {
+            let result = match self
+                .spec
+                .codec()
+                .decode(record.payload().unwrap_or_default())
+            {
+                Ok(message) => {
+                    // A lender of its own: attempts of a pool run side by side.
+                    let mut lender = Lender::new(env.shared.stopping.clone());
+                    let lent = lender.lend(&mut record);
+                    let ctx = MessageContext::new(
+                        Arc::clone(&lane.topic),
+                        &record,
+                        lent.shared(),
+                        attempt,
+                    );
+                    let guarded = Guarded {
+                        span: self.span(&lane.topic, &record, attempt),
+                        future: self.dispatch.dispatch(message, ctx),
+                    };
+                    let outcome = match self.handler_timeout {
+                        None => Some(guarded.await),
+                        Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
+                    };
+                    lender.take_back(lent, &mut record);
+                    match outcome {
+                        Some(outcome) => self.outcome(outcome, attempt),
+                        None => Err(self.timed_out(attempt)),
+                    }
+                }
+                Err(e) => Err(self.undecodable(&record, &e, attempt)),
+            };
+            let step = match result {
+                Ok(finished) => Step::Finished(finished),
+                Err(failure) => {
+                    match plan_failure(&self.stats, self.retry, &lane.topic, &record, failure) {
+                        Plan::Finished(finished) => Step::Finished(finished),
+                        Plan::Pause(pause) => Step::RetryAfter(pause),
+                        Plan::DeadLetter(failure, ours) => Step::Finished(
+                            dead_letter(
+                                env,
+                                &self.stats,
+                                (&self.dead_letter_topic, &lane.topic),
+                                &record,
+                                failure,
+                                ours,
+                            )
+                            .await,
+                        ),
+                    }
+                }
+            };
+            Attempted {
+                record,
+                attempt,
+                step,
+            }
+        })
+    }
+
     /// An attempt cancelled at the handler time limit.
     fn timed_out(&self, attempt: u32) -> Failed {
         let limit = self.handler_timeout.unwrap_or_default();
@@ -393,7 +496,7 @@ pub(crate) async fn run_lane(
 
 /// Dead-letters a record the router could not give to a type.
 /// `topics`: the dead-letter topic and the record's own.
-async fn reject(
+pub(crate) async fn reject(
     env: &WorkerEnv,
     (topic, source): (&str, &str),
     record: &Record,
@@ -438,18 +541,26 @@ enum Next {
     Finished(bool),
 }
 
-/// Counts a failure and then retries after the policy's pause, skips, or
-/// dead-letters, as the handler asked and the retry budget allows.
-/// `topics`: the dead-letter topic and the record's own.
-async fn after_failure(
-    env: &WorkerEnv,
-    lane: &LaneBuffer,
+/// What comes after a failed attempt, before any waiting or sending.
+enum Plan {
+    /// Finished with (skipped on the handler's word).
+    Finished(bool),
+    /// Retry after this pause.
+    Pause(Duration),
+    /// Dead-letter; `true` when the failure is this type's own.
+    DeadLetter(Failed, bool),
+}
+
+/// Counts and logs a failure and decides what follows: a retry after the
+/// policy's pause, a skip, or a dead letter, as the handler asked and the
+/// retry budget allows.
+fn plan_failure(
     stats: &TypeStats,
     retry: RetryPolicy,
-    (dead_letter_topic, source): (&str, &str),
+    source: &str,
     record: &Record,
     mut failure: Failed,
-) -> Next {
+) -> Plan {
     // A record of another type is not this type's failure: the router would
     // have rejected it had it read the headers, and rejections count nowhere.
     let ours = failure.reason != FailureReason::UnknownType;
@@ -466,7 +577,7 @@ async fn after_failure(
     let pause = match failure.action {
         Action::Skip => {
             stats.handled.fetch_add(1, Ordering::Relaxed);
-            return Next::Finished(true);
+            return Plan::Finished(true);
         }
         Action::DeadLetter => None,
         _ if attempt >= retry.max_attempts => {
@@ -485,6 +596,71 @@ async fn after_failure(
     match pause {
         Some(pause) => {
             stats.retried.fetch_add(1, Ordering::Relaxed);
+            Plan::Pause(pause)
+        }
+        None => Plan::DeadLetter(failure, ours),
+    }
+}
+
+/// Sends a failed record to the dead-letter topic and counts it; whether
+/// the record is done with (sent, or given up on). `topics`: the
+/// dead-letter topic and the record's own.
+async fn dead_letter(
+    env: &WorkerEnv,
+    stats: &TypeStats,
+    (dead_letter_topic, source): (&str, &str),
+    record: &Record,
+    failure: Failed,
+    ours: bool,
+) -> bool {
+    let sent = env
+        .dead_letters
+        .publish(
+            dead_letter_topic,
+            &env.shared.group_id,
+            source,
+            record,
+            &Failure {
+                reason: failure.reason,
+                error: failure.error,
+                attempts: failure.attempts,
+            },
+            &env.cancel,
+        )
+        .await;
+    if !ours {
+        return env.shared.count_rejected(sent);
+    }
+    match sent {
+        Sent::Published => {
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        }
+        Sent::Refused => {
+            stats.dead_letters_refused.fetch_add(1, Ordering::Relaxed);
+            env.shared
+                .dead_letters_refused
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Sent::Cancelled => {}
+    }
+    sent != Sent::Cancelled
+}
+
+/// Counts a failure and then retries after the policy's pause, skips, or
+/// dead-letters, as the handler asked and the retry budget allows.
+/// `topics`: the dead-letter topic and the record's own.
+async fn after_failure(
+    env: &WorkerEnv,
+    lane: &LaneBuffer,
+    stats: &TypeStats,
+    retry: RetryPolicy,
+    topics: (&str, &str),
+    record: &Record,
+    failure: Failed,
+) -> Next {
+    match plan_failure(stats, retry, topics.1, record, failure) {
+        Plan::Finished(finished) => Next::Finished(finished),
+        Plan::Pause(pause) => {
             let until = tokio::time::Instant::now() + pause;
             loop {
                 // A revocation of the record's partition ends the pause (the
@@ -503,38 +679,8 @@ async fn after_failure(
                 }
             }
         }
-        None => {
-            let sent = env
-                .dead_letters
-                .publish(
-                    dead_letter_topic,
-                    &env.shared.group_id,
-                    source,
-                    record,
-                    &Failure {
-                        reason: failure.reason,
-                        error: failure.error,
-                        attempts: failure.attempts,
-                    },
-                    &env.cancel,
-                )
-                .await;
-            if !ours {
-                return Next::Finished(env.shared.count_rejected(sent));
-            }
-            match sent {
-                Sent::Published => {
-                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                }
-                Sent::Refused => {
-                    stats.dead_letters_refused.fetch_add(1, Ordering::Relaxed);
-                    env.shared
-                        .dead_letters_refused
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Sent::Cancelled => {}
-            }
-            Next::Finished(sent != Sent::Cancelled)
+        Plan::DeadLetter(failure, ours) => {
+            Next::Finished(dead_letter(env, stats, topics, record, failure, ours).await)
         }
     }
 }

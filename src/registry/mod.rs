@@ -62,6 +62,12 @@ pub struct TypeStatus {
     /// without finishing one: a hung or very slow handler, a long retry
     /// pause. `None` while records finish (or none wait).
     pub stalled_for: Option<Duration>,
+    /// Handler invocations its topic may run at once: the worker pool's
+    /// current size (it follows the lag under `workers_by_lag`), 1 without
+    /// a pool.
+    pub workers: usize,
+    /// Of those, how many are running a handler right now.
+    pub busy_workers: usize,
     /// Messages that entered the buffer (dropped ones included).
     pub received: u64,
     /// Messages handled (or deliberately skipped).
@@ -269,6 +275,8 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         capacity: e.buffer.capacity(),
         paused: e.buffer.paused.load(Ordering::Acquire),
         stalled_for: e.buffer.stalled_for(),
+        workers: e.buffer.workers.load(Ordering::Relaxed),
+        busy_workers: e.buffer.busy.load(Ordering::Relaxed),
         received: s.received.load(Ordering::Relaxed),
         handled: s.handled.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),

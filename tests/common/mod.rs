@@ -2,6 +2,7 @@
 //! environment, unique names.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use kontext::Broker;
@@ -44,3 +45,43 @@ pub fn broker_kind() -> BrokerKind {
 
 /// Generous: the real broker in CI shares two cores with the build.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Committed offsets of `group` on every partition of `topic`, read with a
+/// plain client. The `TopicPartitionList` is dropped before its consumer.
+pub async fn committed_offsets(broker: &Broker, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let servers = broker.bootstrap_servers().to_owned();
+    let (group, topic) = (group.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &servers)
+            .set("group.id", &group)
+            .create()
+            .unwrap();
+        let md = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition(&topic, p.id());
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        let out = committed
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                e.offset()
+                    .to_raw()
+                    .filter(|o| *o >= 0)
+                    .map(|o| (e.partition(), o))
+            })
+            .collect();
+        drop(committed);
+        drop(consumer);
+        out
+    })
+    .await
+    .unwrap()
+}

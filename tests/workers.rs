@@ -1,0 +1,410 @@
+//! Worker pools (`ConsumerBuilder::workers`): several records of a topic
+//! handled at once, per-key order, commits that never pass an unfinished
+//! record, failures that hold back only their key, lag-based sizing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kontext::consumer::ConsumerBuilder;
+use kontext::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Job {
+    key: u32,
+    seq: u32,
+}
+
+fn jobs(seqs: std::ops::Range<u32>, keys: u32) -> Vec<Job> {
+    seqs.map(|seq| Job {
+        key: seq % keys,
+        seq,
+    })
+    .collect()
+}
+
+/// Fresh names, a model of `Job` over `partitions`, and a producer.
+struct Setup {
+    broker: Broker,
+    topic: String,
+    group: String,
+    model: Model,
+    producer: Kontext,
+}
+
+async fn setup(partitions: i32, consumer: fn(ConsumerBuilder) -> ConsumerBuilder) -> Setup {
+    init_tracing();
+    let broker = broker();
+    let topic = unique_name("jobs");
+    let group = unique_name("g");
+    let t = topic.clone();
+    let model = Model::builder()
+        .topic::<Job>(move |b| {
+            b.name(&t)
+                .partitions(partitions)
+                .key(|j| j.key)
+                .consumer(consumer)
+        })
+        .build()
+        .unwrap();
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    Setup {
+        broker,
+        topic,
+        group,
+        model,
+        producer,
+    }
+}
+
+impl Setup {
+    async fn produce(&self, jobs: &[Job]) {
+        self.producer
+            .producer()
+            .unwrap()
+            .produce_batch(jobs)
+            .await
+            .unwrap();
+    }
+
+    async fn consumer(&self, handler: impl Handler<Job>) -> Kontext {
+        Kontext::builder(self.model.clone())
+            .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(self.group.clone())))
+            .broker(self.broker.clone())
+            .consumers(move |c| {
+                c.handler(handler);
+            })
+            .start()
+            .await
+            .unwrap()
+    }
+}
+
+/// One handled job: `(key, seq, partition, offset)`.
+type Handled = (u32, u32, i32, i64);
+
+/// Handled jobs in completion order.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<Handled>>>);
+
+impl Log {
+    fn push(&self, j: &Job, ctx: &MessageContext) {
+        self.0
+            .lock()
+            .unwrap()
+            .push((j.key, j.seq, ctx.partition(), ctx.offset()));
+    }
+    fn all(&self) -> Vec<Handled> {
+        self.0.lock().unwrap().clone()
+    }
+    fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+/// Waits for `cond` up to `timeout`; `false` if it never held.
+async fn until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cond()
+}
+
+/// Counts handlers running at once and keeps the peak.
+#[derive(Clone, Default)]
+struct Concurrency {
+    now: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+}
+
+impl Concurrency {
+    fn enter(&self) -> ConcurrencyGuard {
+        let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(n, Ordering::SeqCst);
+        ConcurrencyGuard(self.now.clone())
+    }
+}
+
+struct ConcurrencyGuard(Arc<AtomicUsize>);
+
+impl Drop for ConcurrencyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// 16 workers, 6 partitions, 1,000 keys, 20k records, every 7th failing
+/// once: per key the handled order is the produced order, nothing is lost
+/// or handled twice, and records really ran side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_key_order_holds_with_16_workers_and_a_retry_every_seventh_record() {
+    let s = setup(6, |c| {
+        c.workers(16).max_buffered(2_000).retry(RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(20),
+        })
+    })
+    .await;
+    let total = 20_000u32;
+    s.produce(&jobs(0..total, 1_000)).await;
+
+    let log = Log::default();
+    let busy = Concurrency::default();
+    let (l, b) = (log.clone(), busy.clone());
+    let consumer = s
+        .consumer(move |j: Job, ctx: MessageContext| {
+            let (l, b) = (l.clone(), b.clone());
+            async move {
+                let _in = b.enter();
+                // A little I/O, so records of other keys can run meanwhile.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                if j.seq % 7 == 0 && ctx.attempt() == 1 {
+                    return Err(HandlerError::retry("fails once"));
+                }
+                l.push(&j, &ctx);
+                Ok(())
+            }
+        })
+        .await;
+    assert!(
+        until(READ_TIMEOUT, || log.len() >= total as usize).await,
+        "{} of {total} handled",
+        log.len()
+    );
+    let status = consumer.registry().type_status::<Job>().unwrap();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let all = log.all();
+    let unique: BTreeSet<u32> = all.iter().map(|e| e.1).collect();
+    assert_eq!(unique.len(), total as usize, "nothing lost");
+    assert_eq!(all.len(), total as usize, "nothing handled twice");
+    let mut per_key: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for (key, seq, _, _) in &all {
+        per_key.entry(*key).or_default().push(*seq);
+    }
+    for (key, seqs) in &per_key {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {key} out of order: {seqs:?}"
+        );
+    }
+    let peak = busy.peak.load(Ordering::SeqCst);
+    assert!((2..=16).contains(&peak), "peak concurrency {peak}");
+    assert_eq!(status.workers, 16);
+    assert_eq!(status.retried, u64::from(total.div_ceil(7)));
+}
+
+/// One key's record fails for 2 s: records of other keys on the same
+/// partition complete meanwhile, and the committed offset stays at the
+/// failing record until it is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_key_holds_back_only_itself_and_the_commit_waits_for_it() {
+    let s = setup(1, |c| {
+        c.workers(4).retry(RetryPolicy {
+            max_attempts: 1_000,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(100),
+        })
+    })
+    .await;
+    // Key 0 first (offset 0), then 200 records of other keys.
+    let mut batch = vec![Job { key: 0, seq: 0 }];
+    batch.extend((1..=200).map(|seq| Job { key: seq, seq }));
+    s.produce(&batch).await;
+
+    let log = Log::default();
+    let first_try: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let (l, f) = (log.clone(), first_try.clone());
+    let consumer = s
+        .consumer(move |j: Job, ctx: MessageContext| {
+            let (l, f) = (l.clone(), f.clone());
+            async move {
+                if j.key == 0 {
+                    let since = *f.lock().unwrap().get_or_insert_with(Instant::now);
+                    if since.elapsed() < Duration::from_secs(2) {
+                        return Err(HandlerError::retry("down for 2 s"));
+                    }
+                }
+                l.push(&j, &ctx);
+                Ok(())
+            }
+        })
+        .await;
+
+    // Everything else completes while key 0 fails.
+    assert!(
+        until(READ_TIMEOUT, || log.len() >= 200).await,
+        "{} handled",
+        log.len()
+    );
+    let failing_since = first_try.lock().unwrap().expect("key 0 was tried");
+    let all = log.all();
+    assert!(
+        all.iter().all(|e| e.0 != 0),
+        "the other keys finished before key 0: {:?}",
+        all.iter().position(|e| e.0 == 0)
+    );
+    assert!(
+        failing_since.elapsed() < Duration::from_secs(2),
+        "the other 200 records took the whole outage: {:?}",
+        failing_since.elapsed()
+    );
+    // Meanwhile nothing is committed past the failing record (offset 0).
+    while failing_since.elapsed() < Duration::from_millis(1_800) {
+        let committed = committed_offsets(&s.broker, &s.group, &s.topic).await;
+        assert!(
+            committed.get(&0).is_none_or(|&o| o == 0),
+            "committed past an unfinished record: {committed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Once it is done, the commit moves past everything.
+    assert!(until(READ_TIMEOUT, || log.len() == 201).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let committed = committed_offsets(&s.broker, &s.group, &s.topic).await;
+    assert_eq!(committed.get(&0), Some(&201), "{committed:?}");
+}
+
+/// A member dropped without shutdown while two records hang and the ones
+/// after them finished out of order: its successor resumes at the first
+/// unfinished offset, so nothing is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_with_records_finished_out_of_order_skips_nothing() {
+    let s = setup(1, |c| c.workers(16)).await;
+    let total = 40u32;
+    // Distinct keys: all may run at once.
+    s.produce(&jobs(0..total, 1_000)).await;
+
+    let first = Log::default();
+    let l = first.clone();
+    let a = s
+        .consumer(move |j: Job, ctx: MessageContext| {
+            let l = l.clone();
+            async move {
+                if j.seq == 3 || j.seq == 20 {
+                    std::future::pending::<()>().await;
+                }
+                l.push(&j, &ctx);
+                Ok(())
+            }
+        })
+        .await;
+    assert!(
+        until(READ_TIMEOUT, || first.len() == total as usize - 2).await,
+        "{}",
+        first.len()
+    );
+    // What the member stored is committed when its consumer closes.
+    drop(a);
+    let committed = committed_offsets(&s.broker, &s.group, &s.topic).await;
+    assert!(
+        committed.get(&0).is_none_or(|&o| o <= 3),
+        "committed past the first unfinished record: {committed:?}"
+    );
+
+    let second = Log::default();
+    let l = second.clone();
+    let b = s
+        .consumer(move |j: Job, ctx: MessageContext| {
+            let l = l.clone();
+            async move {
+                l.push(&j, &ctx);
+                Ok(())
+            }
+        })
+        .await;
+    assert!(
+        until(READ_TIMEOUT, || {
+            let seqs: BTreeSet<u32> = second.all().iter().map(|e| e.1).collect();
+            seqs.contains(&3) && seqs.contains(&20)
+        })
+        .await,
+        "the unfinished records came again: {:?}",
+        second.all()
+    );
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    let again = second.all();
+    let from = again.iter().map(|e| e.3).min().unwrap();
+    assert!(from <= 3, "resumed at {from}, after an unfinished record");
+    // The duplicate bound: what finished after the first unfinished one.
+    assert!(again.len() <= total as usize, "{}", again.len());
+}
+
+/// With a backlog the pool grows to its maximum; with none it shrinks back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lag_scaled_pool_grows_with_a_backlog_and_shrinks_without() {
+    let s = setup(2, |c| c.workers_by_lag(2, 16, 20)).await;
+    s.produce(&jobs(0..600, 1_000)).await;
+    let gate = Arc::new(Semaphore::new(0));
+    let log = Log::default();
+    let (l, g) = (log.clone(), gate.clone());
+    let consumer = s
+        .consumer(move |j: Job, ctx: MessageContext| {
+            let (l, g) = (l.clone(), g.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                l.push(&j, &ctx);
+                Ok(())
+            }
+        })
+        .await;
+    let status = || consumer.registry().type_status::<Job>().unwrap();
+    assert_eq!(status().workers, 2, "starts at min");
+    // A backlog and handlers that do not finish: it doubles each second.
+    assert!(
+        until(READ_TIMEOUT, || {
+            gate.add_permits(1);
+            status().workers == 16
+        })
+        .await,
+        "grew to {}",
+        status().workers
+    );
+    assert!(status().busy_workers <= 16);
+    gate.add_permits(10_000);
+    assert!(
+        until(READ_TIMEOUT, || log.len() >= 600).await,
+        "{}",
+        log.len()
+    );
+    assert!(
+        until(READ_TIMEOUT, || status().workers == 2).await,
+        "shrank to {}",
+        status().workers
+    );
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// A stream has one reader: a pool on it is refused at start, as are two
+/// types of one topic declaring different pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_on_a_stream_is_refused_at_start() {
+    let s = setup(1, |c| c.workers(4)).await;
+    let err = Kontext::builder(s.model.clone())
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(s.group.clone())))
+        .broker(s.broker.clone())
+        .consumers(|c| {
+            c.stream::<Job>();
+        })
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("stream"), "{err}");
+}
