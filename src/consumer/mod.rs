@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -411,6 +412,10 @@ impl ConsumerRuntime {
                     Arc::clone(&shared.room),
                     pool.is_some(),
                 );
+                if let Some(spec) = pool {
+                    // Visible in the registry from the start.
+                    buffer.workers.store(spec.initial(), Ordering::Relaxed);
+                }
                 let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
                 let consumed: Vec<String> =
                     lane_types.iter().map(|t| t.discriminator.clone()).collect();

@@ -157,13 +157,14 @@ impl PartitionOffsets {
             .sum()
     }
 
-    /// Offsets from the first unfinished record to the last one dispatched:
-    /// how far finished records run ahead of what can be committed.
-    pub(crate) fn uncommitted_span(&self) -> usize {
-        match (self.runs.front(), self.runs.back()) {
-            (Some(f), Some(b)) => usize::try_from(b.last - f.first + 1).unwrap_or(0),
-            _ => 0,
-        }
+    /// Records finished behind an unfinished one, waiting to become
+    /// committable (counted in offsets, so a gap counts too).
+    pub(crate) fn finished_behind(&self) -> usize {
+        self.runs
+            .iter()
+            .filter(|r| r.finished)
+            .map(|r| usize::try_from(r.last - r.first + 1).unwrap_or(0))
+            .sum()
     }
 
     /// Entries kept: what the bookkeeping costs in memory.

@@ -762,7 +762,9 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
                 shared.mark_polled();
                 let mut st = lock(&state);
                 st.drop_retired();
+                st.absorb_done();
                 st.refill(&consumer, &shared);
+                st.hold_back(&consumer, &shared);
             }
             lock(&state).pause_blocked(&consumer, &shared);
         }
@@ -1114,11 +1116,10 @@ impl LoopState {
 }
 
 impl LoopState {
-    /// Worker pools: pauses a partition whose finished records wait behind
-    /// an unfinished one (a key in retry, a slow record) once it has
-    /// `capacity` records between its first unfinished and its last one
-    /// taken, so what waits for commit stays bounded; resumes it at half.
-    /// The lane's other partitions go on.
+    /// Worker pools: pauses a partition once `capacity` of its records
+    /// finished behind an unfinished one (a key in retry, a slow record), so
+    /// what waits to be committed stays bounded; resumes it at half. The
+    /// lane's other partitions go on.
     fn hold_back(&mut self, consumer: &BaseConsumer<PollContext>, shared: &ServiceShared) {
         let mut changed = false;
         for i in 0..self.lanes.len() {
@@ -1137,7 +1138,7 @@ impl LoopState {
                 let span = self
                     .tracker
                     .partition_mut((i, *p))
-                    .map_or(0, |o| o.uncommitted_span());
+                    .map_or(0, |o| o.finished_behind());
                 let held = self.lane_state[i].held_back.contains(p);
                 if !held && span >= bound {
                     self.lane_state[i].held_back.push(*p);

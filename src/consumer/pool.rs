@@ -221,14 +221,9 @@ struct Size {
 
 impl Size {
     fn new(spec: WorkerSpec) -> Size {
-        let current = if spec.lag_threshold.is_some() {
-            spec.min
-        } else {
-            spec.max
-        };
         Size {
+            current: spec.initial(),
             spec,
-            current: current.max(1),
         }
     }
 

@@ -98,6 +98,16 @@ pub struct WorkerSpec {
 }
 
 impl WorkerSpec {
+    /// The size a pool starts at: `min` when it follows the lag.
+    pub fn initial(&self) -> usize {
+        let n = if self.lag_threshold.is_some() {
+            self.min
+        } else {
+            self.max
+        };
+        n.max(1)
+    }
+
     /// A fixed pool of `n`.
     pub fn fixed(n: usize) -> Self {
         WorkerSpec {
