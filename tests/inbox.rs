@@ -585,3 +585,67 @@ async fn a_handler_that_always_swallows_a_failed_statement_is_dead_lettered_nami
     assert_eq!((st.handled, st.dead_lettered), (0, 1));
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Sixteen units of work at once (a worker pool): every message has its
+/// effect once, and redelivered copies have none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pool_of_units_of_work_has_each_effect_once() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let (topic, followups, group) = names();
+    let model = Model::builder()
+        .topic::<ShipmentCreated>(|t| {
+            t.name(&topic)
+                .partitions(4)
+                .key(|e| e.shipment_id.clone())
+                .consumer(|c| c.workers(16).inbox(|i| i))
+        })
+        .topic::<UserActivityRecorded>(|t| t.name(&followups).key(|e| e.user))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    activity_table(&db).await;
+    let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
+    let producer = producer(&model, &broker).await;
+    let n = 1_000u32;
+    let batch: Vec<ShipmentCreated> = (0..n)
+        .map(|i| ShipmentCreated {
+            shipment_id: format!("s-{i}"),
+            user: i % 100,
+        })
+        .collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&batch)
+        .await
+        .unwrap();
+    wait_handled(&kontext, u64::from(n)).await;
+    assert_eq!(activity_rows(&db).await, i64::from(n));
+
+    // Copies of 50 of them: acknowledged by the inbox, no second effect.
+    let originals = read_topic(&broker, &topic, n as usize, READ_TIMEOUT)
+        .await
+        .unwrap();
+    for record in originals.iter().take(50) {
+        redeliver(&broker, record).await;
+    }
+    wait_until("50 duplicates acknowledged", async || {
+        kontext
+            .registry()
+            .type_status::<ShipmentCreated>()
+            .unwrap()
+            .duplicates
+            == 50
+    })
+    .await;
+    let status = kontext.registry().type_status::<ShipmentCreated>().unwrap();
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(activity_rows(&db).await, i64::from(n), "no second effect");
+    assert_eq!(calls.load(Ordering::SeqCst), n, "the handler ran once each");
+    assert_eq!((status.handled, status.dead_lettered), (u64::from(n), 0));
+    let followed = read_topic(&broker, &followups, n as usize, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(followed.len(), n as usize, "one follow-up each");
+}
