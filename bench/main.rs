@@ -234,15 +234,32 @@ impl Bench {
         partitions: i32,
         dedicated: Option<&str>,
     ) -> Result<Model, BoxError> {
+        self.model_with(topic, partitions, dedicated, None)
+    }
+
+    /// The model, its consumer with a worker pool of `workers` if given.
+    fn model_with(
+        &self,
+        topic: &str,
+        partitions: i32,
+        dedicated: Option<&str>,
+        workers: Option<usize>,
+    ) -> Result<Model, BoxError> {
         let dedicated = dedicated.map(str::to_owned);
         Ok(Model::builder()
             .topic::<OrderPlaced>(move |t| {
                 t.name(topic)
                     .partitions(partitions)
                     .key_ref(|e| &e.order_id)
-                    .consumer(move |c| match dedicated {
-                        Some(g) => c.dedicated(|d| d.group(g).max_buffered(10_000)),
-                        None => c.max_buffered(10_000),
+                    .consumer(move |c| {
+                        let c = match workers {
+                            Some(n) => c.workers(n),
+                            None => c,
+                        };
+                        match dedicated {
+                            Some(g) => c.dedicated(|d| d.group(g).max_buffered(10_000)),
+                            None => c.max_buffered(10_000),
+                        }
                     })
             })
             .build()?)
@@ -500,6 +517,9 @@ struct Window {
     count: AtomicU64,
     first: std::sync::OnceLock<(Instant, ProcessTime)>,
     last: std::sync::OnceLock<(Instant, ProcessTime)>,
+    /// How many were in when the window closed (more may be handled while
+    /// the consumer stops).
+    at_last: AtomicU64,
     /// Notified once the last message is in.
     done: tokio::sync::Notify,
 }
@@ -513,6 +533,7 @@ impl Window {
         }
         if k == n {
             let _ = self.last.set((Instant::now(), ProcessTime::now()));
+            self.at_last.store(k, Ordering::Relaxed);
             self.done.notify_one();
         }
         k >= n
@@ -545,13 +566,23 @@ impl Window {
             secs: (last.0 - first.0).as_secs_f64(),
             cpu_secs: last.1.duration_since(first.1).as_secs_f64(),
             // The first message opens the window.
-            messages: self.count.load(Ordering::Relaxed) - 1,
+            messages: self.at_last.load(Ordering::Relaxed) - 1,
         })
     }
 }
 
 /// Raw consumer loop: decode, store offset after the work; until `n`.
 fn raw_consume(config: ClientConfig, topic: &str, n: u64) -> Result<Sample, BoxError> {
+    raw_consume_with(config, topic, n, || {})
+}
+
+/// Raw consumer loop running `work` for each message.
+fn raw_consume_with(
+    config: ClientConfig,
+    topic: &str,
+    n: u64,
+    work: impl Fn(),
+) -> Result<Sample, BoxError> {
     let begun = Instant::now();
     let consumer: BaseConsumer = config.create()?;
     consumer.subscribe(&[topic])?;
@@ -562,6 +593,7 @@ fn raw_consume(config: ClientConfig, topic: &str, n: u64) -> Result<Sample, BoxE
             Some(Ok(m)) => {
                 let e: OrderPlaced = serde_json::from_slice(m.payload().unwrap_or_default())?;
                 std::hint::black_box(&e);
+                work();
                 consumer.store_offset_from_message(&m)?;
                 if window.handled(n) {
                     break;
@@ -580,9 +612,10 @@ async fn kontext_consume(
     topic: &str,
     n: u64,
     dedicated: bool,
+    workers: Option<usize>,
 ) -> Result<Sample, BoxError> {
     let group = unique_name("bench-g");
-    let model = b.model(topic, 6, dedicated.then_some(group.as_str()))?;
+    let model = b.model_with(topic, 6, dedicated.then_some(group.as_str()), workers)?;
     let window = Arc::new(Window::default());
     let w = Arc::clone(&window);
     let begun = Instant::now();
@@ -628,10 +661,15 @@ async fn scenario_consume(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
     raw_produce(&producer, &topic, &events(n), order_key).await?;
     drop(producer);
 
-    let wanted = |side: u8| wanted(["raw", "shared", "dedicated"][side as usize]);
-    let (mut raw, mut shared, mut dedicated) = (Vec::new(), Vec::new(), Vec::new());
+    const SIDES: [&str; 5] = ["raw", "shared", "dedicated", "pool1", "pool4"];
+    let wanted = |side: u8| wanted(SIDES[side as usize]);
+    let mut samples: [Vec<Sample>; 5] = Default::default();
     for round in 0..rounds {
-        let order: [u8; 3] = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        let order: [u8; 5] = if round % 2 == 0 {
+            [0, 1, 2, 3, 4]
+        } else {
+            [4, 3, 2, 1, 0]
+        };
         for side in order.into_iter().filter(|s| wanted(*s)) {
             let s = match side {
                 0 => {
@@ -639,26 +677,234 @@ async fn scenario_consume(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
                     let t = topic.clone();
                     tokio::task::spawn_blocking(move || raw_consume(config, &t, n)).await??
                 }
-                1 => kontext_consume(b, &topic, n, false).await?,
-                _ => kontext_consume(b, &topic, n, true).await?,
+                1 => kontext_consume(b, &topic, n, false, None).await?,
+                2 => kontext_consume(b, &topic, n, true, None).await?,
+                3 => kontext_consume(b, &topic, n, false, Some(1)).await?,
+                _ => kontext_consume(b, &topic, n, false, Some(4)).await?,
             };
             if std::env::var_os("KONTEXT_BENCH_VERBOSE").is_some() {
                 eprintln!(
                     "consume {}: {:.0} msg/s, {:.2} µs CPU/msg",
-                    ["raw", "shared", "dedicated"][side as usize],
+                    SIDES[side as usize],
                     s.rate(),
                     s.cpu_us()
                 );
             }
-            [&mut raw, &mut shared, &mut dedicated][side as usize].push(s);
+            samples[side as usize].push(s);
         }
     }
-    report(&format!("consume {n}, shared poll service"), &raw, &shared);
+    let [raw, shared, dedicated, pool1, pool4] = &samples;
+    report(&format!("consume {n}, shared poll service"), raw, shared);
     report(
         &format!("consume {n}, dedicated poll service"),
-        &raw,
-        &dedicated,
+        raw,
+        dedicated,
     );
+    report(
+        &format!("consume {n}, workers(1), no-op handler"),
+        raw,
+        pool1,
+    );
+    report(
+        &format!("consume {n}, workers(4), no-op handler"),
+        raw,
+        pool4,
+    );
+    Ok(())
+}
+
+/// Handlers that wait on I/O (a 1 ms timer), 6 partitions, 1,000 keys:
+/// what a worker pool of 1, 4, 16 and 64 delivers against its ideal
+/// (`workers` / the handler's measured mean time), and a raw rdkafka loop
+/// doing the same 1 ms one record at a time, in the same run.
+async fn scenario_workers(b: &Bench, quick: bool) -> Result<(), BoxError> {
+    let per_worker: u64 = if quick { 500 } else { 2_000 };
+    let counts = [1usize, 4, 16, 64];
+    let most = (per_worker * 64).min(120_000);
+    let topic = unique_name("bench-workers");
+    b.create_topic(&topic, 6).await?;
+    let producer: FutureProducer = b
+        .settings
+        .clone()
+        .producer(|p| p.compression = kontext::config::Compression::Lz4)
+        .producer_config(b.broker.bootstrap_servers())
+        .create()?;
+    let mut backlog = events(most);
+    for e in &mut backlog {
+        e.order_id = format!("ord-{:04}", e.id % 1_000);
+    }
+    raw_produce(&producer, &topic, &backlog, order_key).await?;
+    drop(producer);
+
+    // The raw side: one record at a time, the same 1 ms on the same kind of
+    // timer (tokio's, whose 1 ms granularity makes it about 2 ms).
+    let raw_n = per_worker;
+    let config = b.raw_consumer_config(&unique_name("bench-g"));
+    let t = topic.clone();
+    let raw = tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        raw_consume_with(config, &t, raw_n, || {
+            rt.block_on(tokio::time::sleep(Duration::from_millis(1)))
+        })
+    })
+    .await??;
+    println!(
+        "| I/O handler (1 ms), raw rdkafka loop, one at a time | {:.0} msg/s, {:.1} µs CPU/msg | |",
+        raw.rate(),
+        raw.cpu_us()
+    );
+    for workers in counts {
+        let n = (per_worker * workers as u64).min(most);
+        let group = unique_name("bench-g");
+        let model = b.model_with(&topic, 6, None, Some(workers))?;
+        let window = Arc::new(Window::default());
+        let busy_ns = Arc::new(AtomicU64::new(0));
+        let (w, busy) = (Arc::clone(&window), Arc::clone(&busy_ns));
+        let kontext = Kontext::builder(model)
+            .settings(
+                b.settings
+                    .clone()
+                    .provision_topics(false)
+                    .consumer(|s| s.group_id = Some(group.clone())),
+            )
+            .broker(b.broker.clone())
+            .consumers(move |cs| {
+                cs.handler(move |e: OrderPlaced, _ctx: MessageContext| {
+                    let (w, busy) = (Arc::clone(&w), Arc::clone(&busy));
+                    async move {
+                        std::hint::black_box(&e);
+                        let began = Instant::now();
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        let took = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        busy.fetch_add(took, Ordering::Relaxed);
+                        w.handled(n);
+                        Ok(())
+                    }
+                });
+            })
+            .start()
+            .await?;
+        let _ = tokio::time::timeout(Duration::from_secs(300), window.done.notified()).await;
+        // The mean handler time up to here; what is still buffered is not
+        // waited for (it is the next run's group that reads it again).
+        let handled = window.count.load(Ordering::Relaxed).max(1);
+        let busy_total = busy_ns.load(Ordering::Relaxed);
+        kontext.shutdown(Duration::from_millis(200)).await?;
+        let sample = window.sample()?;
+        let mean = busy_total as f64 / handled as f64 / 1e9;
+        let ideal = workers as f64 / mean;
+        println!(
+            "| I/O handler (1 ms), workers({workers}), {n} msgs | {:.0} msg/s of an ideal {:.0} ({} / {:.2} ms mean handler time; {:.0} at exactly 1 ms): ratio {:.2}, {:.1} µs CPU/msg | {:.1}x the raw loop |",
+            sample.rate(),
+            ideal,
+            workers,
+            mean * 1e3,
+            workers as f64 * 1_000.0,
+            sample.rate() / ideal,
+            sample.cpu_us(),
+            sample.rate() / raw.rate(),
+        );
+    }
+    Ok(())
+}
+
+/// A transactional handler with the inbox, one business row per record, on
+/// PostgreSQL: one unit of work at a time against a pool of 16; counts the
+/// business rows to show no effect happened twice.
+async fn scenario_workers_inbox(b: &Bench, n: u64) -> Result<(), BoxError> {
+    let topic = unique_name("bench-uow");
+    b.create_topic(&topic, 6).await?;
+    // Through kontext's own producer framing (ce_id), which the inbox keys on.
+    let model = b.model(&topic, 6, None)?;
+    let writer = Kontext::builder(model)
+        .settings(b.settings.clone().provision_topics(false))
+        .broker(b.broker.clone())
+        .producer()
+        .start()
+        .await?;
+    writer.producer()?.produce_batch(&events(n)).await?;
+    writer.shutdown(Duration::from_secs(10)).await?;
+    let mut rates = Vec::new();
+    for workers in [None, Some(16)] {
+        let db = kontext::testing::database().await?;
+        db.execute_unprepared("CREATE TABLE bench_effect (id BIGINT NOT NULL)")
+            .await?;
+        let group = unique_name("bench-g");
+        let model = Model::builder()
+            .topic::<OrderPlaced>(|t| {
+                t.name(&topic)
+                    .partitions(6)
+                    .key_ref(|e| &e.order_id)
+                    .consumer(move |c| {
+                        let c = c.inbox(|i| i).max_buffered(2_000);
+                        match workers {
+                            Some(n) => c.workers(n),
+                            None => c,
+                        }
+                    })
+            })
+            .build()?;
+        let window = Arc::new(Window::default());
+        let w = Arc::clone(&window);
+        let kontext = Kontext::builder(model)
+            .settings(
+                b.settings
+                    .clone()
+                    .provision_topics(false)
+                    .consumer(|s| s.group_id = Some(group.clone())),
+            )
+            .broker(b.broker.clone())
+            .database(db.clone())
+            .consumers(move |cs| {
+                cs.transactional(
+                    move |e: OrderPlaced, _ctx: MessageContext, uow: UnitOfWork| {
+                        let w = Arc::clone(&w);
+                        async move {
+                            uow.execute(sea_orm::Statement::from_sql_and_values(
+                                sea_orm::DbBackend::Postgres,
+                                "INSERT INTO bench_effect (id) VALUES ($1)",
+                                [i64::try_from(e.id).unwrap_or(i64::MAX).into()],
+                            ))
+                            .await?;
+                            w.handled(n);
+                            Ok(())
+                        }
+                    },
+                );
+            })
+            .start()
+            .await?;
+        let _ = tokio::time::timeout(Duration::from_secs(300), window.done.notified()).await;
+        kontext.shutdown(Duration::from_secs(10)).await?;
+        let sample = window.sample()?;
+        let row = db
+            .query_one(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT COUNT(*) AS n, COUNT(DISTINCT id) AS d FROM bench_effect",
+            ))
+            .await?
+            .ok_or("no count")?;
+        let (rows, distinct): (i64, i64) = (row.try_get("", "n")?, row.try_get("", "d")?);
+        if rows != distinct || u64::try_from(distinct)? < n {
+            return Err(format!(
+                "unit-of-work pool: {rows} business rows for {distinct} distinct messages of {n}"
+            )
+            .into());
+        }
+        rates.push(sample.rate());
+        println!(
+            "| units of work + inbox on PostgreSQL, {}, {n} msgs | {:.0} msg/s, {:.1} µs CPU/msg, {rows} business rows, 0 duplicate effects | {} |",
+            workers.map_or("one at a time".to_owned(), |w| format!("workers({w})")),
+            sample.rate(),
+            sample.cpu_us(),
+            match rates[..] {
+                [one, pool] => format!("{:.1}x one at a time", pool / one),
+                _ => String::new(),
+            }
+        );
+    }
     Ok(())
 }
 
@@ -1268,6 +1514,12 @@ async fn main() -> Result<(), BoxError> {
         scenario_outbox(&b, "SQLite", None, tx, 1).await?;
         if let Ok(url) = std::env::var("DATABASE_URL") {
             scenario_outbox(&b, "PostgreSQL", Some(&url), tx * 3, 32).await?;
+        }
+    }
+    if run("workers") {
+        scenario_workers(&b, quick).await?;
+        if std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
+            scenario_workers_inbox(&b, if quick { 1_000 } else { 3_000 }).await?;
         }
     }
     if run("isolation") {

@@ -584,3 +584,27 @@ async fn a_stuck_key_pauses_only_its_partition_once_its_window_is_full() {
     let seqs: BTreeSet<u32> = log.all().iter().map(|e| e.1).collect();
     assert_eq!(seqs.len(), total as usize);
 }
+
+/// `workers(1)` runs one handler at a time (and `workers(n)` at most n).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_never_runs_more_handlers_than_its_size() {
+    let s = setup(6, |c| c.workers(1)).await;
+    s.produce(&jobs(0..300, 1_000)).await;
+    let log = Log::default();
+    let busy = Concurrency::default();
+    let (l, b) = (log.clone(), busy.clone());
+    let consumer = s
+        .consumer(move |j: Job, ctx: MessageContext| {
+            let (l, b) = (l.clone(), b.clone());
+            async move {
+                let _in = b.enter();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                l.push(&j, &ctx);
+                Ok(())
+            }
+        })
+        .await;
+    assert!(until(READ_TIMEOUT, || log.len() >= 300).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(busy.peak.load(Ordering::SeqCst), 1);
+}
