@@ -506,9 +506,17 @@ impl LoopState {
                 }
                 state.completed.sort_unstable();
                 let log = &mut state.log;
+                // Sorted, and mostly in log order: look at the entry after
+                // the last one found before searching.
+                let mut from = 0;
                 for &seq in &state.completed {
+                    let found = match log.get(from) {
+                        Some(e) if e.0 == seq => Some(from),
+                        _ => log.binary_search_by_key(&seq, |e| e.0).ok(),
+                    };
                     // Not found: its partition was revoked meanwhile.
-                    if let Ok(at) = log.binary_search_by_key(&seq, |e| e.0) {
+                    if let Some(at) = found {
+                        from = at + 1;
                         let (_, partition, offset) = log[at];
                         if offset != FINISHED {
                             self.tracker.finished((i, partition), offset);

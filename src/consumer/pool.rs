@@ -12,8 +12,7 @@
 //! The attempts run concurrently on the lane's one task, which owns them:
 //! nothing is spawned per record, and aborting the task drops them all.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -22,10 +21,11 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
+use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::consumer::buffer::LaneBuffer;
-use crate::consumer::context::{Lender, Record};
+use crate::consumer::context::{Lender, Record, Shared};
 use crate::consumer::spec::{Distribution, WorkerSpec};
 use crate::consumer::worker::{ActiveWorker, Attempted, Step, TypeWorker, WorkerEnv, reject};
 
@@ -48,7 +48,7 @@ fn order_key(distribution: Distribution, record: &Record) -> Option<OrderKey> {
         Distribution::ByPartition => Some(OrderKey::Partition(record.partition)),
         Distribution::ByKey => Some(match record.key() {
             Some(key) => {
-                let mut h = DefaultHasher::new();
+                let mut h = FxHasher::default();
                 key.hash(&mut h);
                 OrderKey::Key(record.partition, h.finish())
             }
@@ -57,70 +57,63 @@ fn order_key(distribution: Distribution, record: &Record) -> Option<OrderKey> {
     }
 }
 
-/// Records taken from the lane that have not started, by order key.
+/// Records taken from the lane that have not started.
+///
+/// A key is claimed by its oldest record from the moment it arrives until
+/// it is done with (ready, running, or parked for a retry); later records
+/// of a claimed key wait in its queue. Queues exist only for keys with
+/// records waiting behind another, so spread keys cost no allocation.
 #[derive(Default)]
 struct Waiting {
-    queues: HashMap<OrderKey, VecDeque<Record>>,
-    /// Keys whose head may start (not busy, queue not empty), oldest first.
-    ready: VecDeque<OrderKey>,
-    /// Keys with a record running or parked.
-    busy: HashSet<OrderKey>,
-    /// Records without an order (`Distribution::Free`).
-    free: VecDeque<Record>,
+    /// Records that may start, oldest first (a retry whose pause is over
+    /// goes first); their keys are claimed.
+    ready: VecDeque<(Option<OrderKey>, Record, u32)>,
+    /// Records behind their key's claim, per key.
+    blocked: FxHashMap<OrderKey, VecDeque<Record>>,
+    /// Keys with a record ready, running or parked.
+    claimed: FxHashSet<OrderKey>,
     /// Records parked for a retry: when, their key, the record, the attempt.
     parked: Vec<(Instant, Option<OrderKey>, Record, u32)>,
-    /// Records whose retry pause is over, to start before anything else.
-    due: VecDeque<(Option<OrderKey>, Record, u32)>,
-    /// Records held in `queues`, `free`, `parked` and `due`.
+    /// Records held in `ready`, `blocked` and `parked`.
     len: usize,
 }
 
 impl Waiting {
     fn add(&mut self, key: Option<OrderKey>, record: Record) {
         self.len += 1;
-        let Some(key) = key else {
-            self.free.push_back(record);
-            return;
-        };
-        let queue = self.queues.entry(key).or_default();
-        queue.push_back(record);
-        if queue.len() == 1 && !self.busy.contains(&key) {
-            self.ready.push_back(key);
+        match key {
+            Some(k) if !self.claimed.insert(k) => {
+                self.blocked.entry(k).or_default().push_back(record);
+            }
+            _ => self.ready.push_back((key, record, 1)),
         }
     }
 
     /// The next record that may start, with its key and attempt number.
     fn next(&mut self) -> Option<(Option<OrderKey>, Record, u32)> {
-        if let Some(due) = self.due.pop_front() {
-            self.len -= 1;
-            return Some(due);
-        }
-        while let Some(key) = self.ready.pop_front() {
-            let Some(queue) = self.queues.get_mut(&key) else {
-                continue;
-            };
-            let Some(record) = queue.pop_front() else {
-                self.queues.remove(&key);
-                continue;
-            };
-            if queue.is_empty() {
-                self.queues.remove(&key);
-            }
-            self.busy.insert(key);
-            self.len -= 1;
-            return Some((Some(key), record, 1));
-        }
-        let record = self.free.pop_front()?;
+        let next = self.ready.pop_front()?;
         self.len -= 1;
-        Some((None, record, 1))
+        Some(next)
     }
 
     /// The record of `key` is done with: the key's next record may start.
     fn release(&mut self, key: Option<OrderKey>) {
         let Some(key) = key else { return };
-        self.busy.remove(&key);
-        if self.queues.get(&key).is_some_and(|q| !q.is_empty()) {
-            self.ready.push_back(key);
+        let next = match self.blocked.get_mut(&key) {
+            Some(queue) => {
+                let next = queue.pop_front();
+                if queue.is_empty() {
+                    self.blocked.remove(&key);
+                }
+                next
+            }
+            None => None,
+        };
+        match next {
+            Some(record) => self.ready.push_back((Some(key), record, 1)),
+            None => {
+                self.claimed.remove(&key);
+            }
         }
     }
 
@@ -129,13 +122,13 @@ impl Waiting {
         self.parked.push((until, key, record, attempt));
     }
 
-    /// Moves parked records whose pause is over to `due`.
+    /// Moves parked records whose pause is over to the front of `ready`.
     fn wake_parked(&mut self, now: Instant) {
         let mut i = 0;
         while i < self.parked.len() {
             if self.parked[i].0 <= now {
                 let (_, key, record, attempt) = self.parked.swap_remove(i);
-                self.due.push_back((key, record, attempt));
+                self.ready.push_front((key, record, attempt));
             } else {
                 i += 1;
             }
@@ -146,13 +139,32 @@ impl Waiting {
         self.parked.iter().map(|p| p.0).min()
     }
 
-    /// Removes the records `revoked` says belong to an ended ownership.
+    /// Removes the records `revoked` says belong to an ended ownership,
+    /// passing each to `gone`.
     fn purge(&mut self, revoked: impl Fn(&Record) -> bool, mut gone: impl FnMut(Record)) {
-        let before = self.len;
+        // Keys whose claiming record went: their next record takes over.
         let mut freed = Vec::new();
-        for queue in self.queues.values_mut() {
-            let kept: VecDeque<Record> = queue
-                .drain(..)
+        let ready = std::mem::take(&mut self.ready);
+        for (key, record, attempt) in ready {
+            if revoked(&record) {
+                freed.push(key);
+                gone(record);
+            } else {
+                self.ready.push_back((key, record, attempt));
+            }
+        }
+        let parked = std::mem::take(&mut self.parked);
+        for (until, key, record, attempt) in parked {
+            if revoked(&record) {
+                freed.push(key);
+                gone(record);
+            } else {
+                self.parked.push((until, key, record, attempt));
+            }
+        }
+        for queue in self.blocked.values_mut() {
+            let kept: VecDeque<Record> = std::mem::take(queue)
+                .into_iter()
                 .filter_map(|r| {
                     if revoked(&r) {
                         gone(r);
@@ -164,48 +176,13 @@ impl Waiting {
                 .collect();
             *queue = kept;
         }
-        self.queues.retain(|_, q| !q.is_empty());
-        let free: VecDeque<Record> = self
-            .free
-            .drain(..)
-            .filter_map(|r| {
-                if revoked(&r) {
-                    gone(r);
-                    None
-                } else {
-                    Some(r)
-                }
-            })
-            .collect();
-        self.free = free;
-        let mut parked = Vec::new();
-        for (until, key, record, attempt) in self.parked.drain(..) {
-            if revoked(&record) {
-                freed.push(key);
-                gone(record);
-            } else {
-                parked.push((until, key, record, attempt));
-            }
-        }
-        self.parked = parked;
-        let mut due = VecDeque::new();
-        for (key, record, attempt) in self.due.drain(..) {
-            if revoked(&record) {
-                freed.push(key);
-                gone(record);
-            } else {
-                due.push_back((key, record, attempt));
-            }
-        }
-        self.due = due;
-        self.len = self.queues.values().map(VecDeque::len).sum::<usize>()
-            + self.free.len()
-            + self.parked.len()
-            + self.due.len();
-        debug_assert!(self.len <= before);
+        self.blocked.retain(|_, q| !q.is_empty());
         for key in freed {
             self.release(key);
         }
+        self.len = self.ready.len()
+            + self.parked.len()
+            + self.blocked.values().map(VecDeque::len).sum::<usize>();
     }
 
     fn is_empty(&self) -> bool {
@@ -241,6 +218,60 @@ impl Size {
     }
 }
 
+/// What the pool keeps between records, apart from the running futures
+/// (which borrow the lane and its workers).
+struct State {
+    waiting: Waiting,
+    /// Partition and key of each running record, by sequence number: when
+    /// a revocation's records have all finished, and whose key to release.
+    in_flight: FxHashMap<u64, (i32, Option<OrderKey>)>,
+    /// Finished sequence numbers not yet reported to the lane.
+    finished: Vec<u64>,
+    /// Context cells to reuse.
+    spares: Vec<Arc<Shared>>,
+    lender: Lender,
+    /// A record was not finished (stream gone, cancelled): the pool stops.
+    abandoned: bool,
+}
+
+impl State {
+    /// Takes one attempt's result back.
+    fn complete(&mut self, buffer: &LaneBuffer, a: Attempted) {
+        let key = self.in_flight.remove(&a.record.seq).and_then(|(_, k)| k);
+        if let Some(spare) = a.spare {
+            self.spares.push(spare);
+        }
+        match a.step {
+            Step::Finished(true) => {
+                self.finished.push(a.record.seq);
+                self.lender.retire(a.record);
+                self.waiting.release(key);
+            }
+            Step::Finished(false) => {
+                self.abandoned = true;
+                self.lender.retire(a.record);
+            }
+            Step::RetryAfter(pause) => {
+                if buffer.is_revoked(&a.record) {
+                    // Its partition went: its next owner retries it.
+                    buffer.discard(1);
+                    self.lender.retire(a.record);
+                    self.waiting.release(key);
+                } else {
+                    let until = Instant::now() + pause;
+                    self.waiting.park(until, key, a.record, a.attempt + 1);
+                }
+            }
+        }
+    }
+
+    /// Reports what finished to the lane and hands the messages back.
+    fn report(&mut self, buffer: &LaneBuffer) {
+        buffer.completed(&mut self.finished);
+        self.lender.hand_back(buffer);
+    }
+}
+
 /// Runs one lane with a worker pool until its service drains (nothing
 /// left anywhere) or is cancelled.
 pub(crate) async fn run_pool(
@@ -258,15 +289,17 @@ pub(crate) async fn run_pool(
     // How many records the pool looks ahead for keys that may start: the
     // rest stays in the lane, where a drop mode can still drop it.
     let lookahead = (buffer.capacity() / 2).max(size.spec.max).max(1);
-    let mut lender = Lender::new(env.shared.stopping.clone());
+    let mut st = State {
+        waiting: Waiting::default(),
+        in_flight: FxHashMap::default(),
+        finished: Vec::new(),
+        spares: Vec::new(),
+        lender: Lender::new(env.shared.stopping.clone()),
+        abandoned: false,
+    };
     let mut incoming: VecDeque<Record> = VecDeque::new();
-    let mut waiting = Waiting::default();
-    type Running<'a> = BoxFuture<'a, (Option<OrderKey>, Attempted)>;
+    type Running<'a> = BoxFuture<'a, Attempted>;
     let mut running: FuturesUnordered<Running<'_>> = FuturesUnordered::new();
-    // Partition and sequence number of each running record, to know when
-    // a revocation's records have all finished.
-    let mut in_flight: HashMap<u64, i32> = HashMap::new();
-    let mut finished: Vec<u64> = Vec::new();
     let mut revoking: Option<u64> = None;
     let mut tick = tokio::time::interval(LAG_INTERVAL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -281,7 +314,8 @@ pub(crate) async fn run_pool(
             let n = buffer.announced();
             if revoking != Some(n) {
                 let mut gone = 0;
-                waiting.purge(
+                let lender = &mut st.lender;
+                st.waiting.purge(
                     |r| buffer.is_revoked(r),
                     |r| {
                         gone += 1;
@@ -289,39 +323,39 @@ pub(crate) async fn run_pool(
                     },
                 );
                 buffer.discard(gone);
-                lender.hand_back(&buffer);
+                st.lender.hand_back(&buffer);
                 revoking = Some(n);
             }
         }
         if let Some(n) = revoking {
-            if in_flight
+            if st
+                .in_flight
                 .iter()
-                .all(|(&seq, &p)| !buffer.is_revoked_at(p, seq))
+                .all(|(&seq, &(p, _))| !buffer.is_revoked_at(p, seq))
             {
-                buffer.completed(&mut finished);
+                st.report(&buffer);
                 buffer.mark_applied(n);
                 revoking = None;
             }
         }
 
         let stop_now = env.shared.must_stop_now();
-        if !stop_now && waiting.len < lookahead {
-            buffer.take(&mut incoming, lookahead - waiting.len);
+        if !stop_now && st.waiting.len < lookahead {
+            buffer.take(&mut incoming, lookahead - st.waiting.len);
             for record in incoming.drain(..) {
                 let key = order_key(size.spec.distribution, &record);
-                waiting.add(key, record);
+                st.waiting.add(key, record);
             }
         }
         while !stop_now && running.len() < size.current {
-            let Some((key, record, attempt)) = waiting.next() else {
+            let Some((key, record, attempt)) = st.waiting.next() else {
                 break;
             };
-            in_flight.insert(record.seq, record.partition);
+            st.in_flight.insert(record.seq, (record.partition, key));
             let future: Running<'_> = match (&record.rejection, types.get(record.type_index)) {
-                (None, Some(worker)) => worker
-                    .attempt(&env, &buffer, record, attempt)
-                    .map(move |a| (key, a))
-                    .boxed(),
+                (None, Some(worker)) => {
+                    worker.attempt(&env, &buffer, record, attempt, st.spares.pop())
+                }
                 _ => {
                     let (env, buffer, dlt) = (&env, &buffer, &dead_letter_topic);
                     async move {
@@ -332,15 +366,12 @@ pub(crate) async fn run_pool(
                             // The router only sets indexes of this lane's types.
                             None => true,
                         };
-                        let step = Step::Finished(done);
-                        (
-                            key,
-                            Attempted {
-                                record,
-                                attempt,
-                                step,
-                            },
-                        )
+                        Attempted {
+                            record,
+                            attempt,
+                            step: Step::Finished(done),
+                            spare: None,
+                        }
                     }
                     .boxed()
                 }
@@ -350,50 +381,56 @@ pub(crate) async fn run_pool(
         buffer.busy.store(running.len(), Ordering::Relaxed);
 
         if running.is_empty()
-            && (stop_now || (env.shared.is_stopping() && buffer.is_sealed() && waiting.is_empty()))
+            && (stop_now
+                || (env.shared.is_stopping() && buffer.is_sealed() && st.waiting.is_empty()))
         {
             break;
         }
 
-        let wake = waiting.next_wake();
-        let mut abandoned = false;
+        // Whatever finished already (a handler that did not wait finishes
+        // on its first poll) is taken without the select's wake-ups.
+        let mut progressed = false;
+        while let Some(Some(a)) = running.next().now_or_never() {
+            st.complete(&buffer, a);
+            progressed = true;
+        }
+        if progressed {
+            st.report(&buffer);
+            if st.abandoned {
+                break;
+            }
+            // A busy pool may never wait on anything; without this it would
+            // hold its runtime thread for as long as records keep coming.
+            since_yield += 1;
+            if since_yield >= YIELD_EVERY {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+                if env.cancel.is_cancelled() {
+                    break;
+                }
+                if scaled && tick.tick().now_or_never().is_some() {
+                    let lag = buffer.len().saturating_sub(running.len());
+                    size.follow(lag);
+                    buffer.workers.store(size.current, Ordering::Relaxed);
+                }
+            }
+            continue;
+        }
+
+        let wake = st.waiting.next_wake();
         tokio::select! {
             biased;
             () = env.cancel.cancelled() => break,
-            Some((key, attempted)) = running.next(), if !running.is_empty() => {
-                let mut next = Some((key, attempted));
-                // Everything that is ready now, under one report.
-                while let Some((key, a)) = next.take() {
-                    in_flight.remove(&a.record.seq);
-                    match a.step {
-                        Step::Finished(true) => {
-                            finished.push(a.record.seq);
-                            lender.retire(a.record);
-                            waiting.release(key);
-                        }
-                        Step::Finished(false) => {
-                            abandoned = true;
-                            lender.retire(a.record);
-                        }
-                        Step::RetryAfter(pause) => {
-                            if buffer.is_revoked(&a.record) {
-                                // Its partition went: its next owner retries it.
-                                buffer.discard(1);
-                                lender.retire(a.record);
-                                waiting.release(key);
-                            } else {
-                                waiting.park(Instant::now() + pause, key, a.record, a.attempt + 1);
-                            }
-                        }
-                    }
-                    next = running.next().now_or_never().flatten();
+            Some(a) = running.next(), if !running.is_empty() => {
+                st.complete(&buffer, a);
+                while let Some(Some(a)) = running.next().now_or_never() {
+                    st.complete(&buffer, a);
                 }
-                buffer.completed(&mut finished);
-                lender.hand_back(&buffer);
+                st.report(&buffer);
             }
             () = buffer.wait() => {}
             () = sleep_until(wake), if wake.is_some() => {
-                waiting.wake_parked(Instant::now());
+                st.waiting.wake_parked(Instant::now());
             }
             _ = tick.tick(), if scaled => {
                 let lag = buffer.len().saturating_sub(running.len());
@@ -401,21 +438,18 @@ pub(crate) async fn run_pool(
                 buffer.workers.store(size.current, Ordering::Relaxed);
             }
         }
-        if abandoned {
+        if st.abandoned {
             // A stream is gone or the service is cancelled: what is left is
             // not acknowledged and is delivered again.
             break;
         }
-        since_yield += 1;
-        if since_yield >= 64 {
-            since_yield = 0;
-            tokio::task::yield_now().await;
-        }
     }
     buffer.busy.store(0, Ordering::Relaxed);
-    buffer.completed(&mut finished);
-    lender.hand_back(&buffer);
+    st.report(&buffer);
 }
+
+/// A busy pool yields to the runtime after this many rounds.
+const YIELD_EVERY: u32 = 64;
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
@@ -450,7 +484,10 @@ mod tests {
         assert_eq!((again.seq, attempt), (1, 2));
         w.release(a);
         assert_eq!(w.next().unwrap().1.seq, 2);
+        w.release(a);
+        w.release(b);
         assert!(w.is_empty());
+        assert!(w.claimed.is_empty() && w.blocked.is_empty());
     }
 
     #[test]

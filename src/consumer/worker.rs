@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 
 use crate::codec::CodecError;
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
-use crate::consumer::context::{Lender, Record};
+use crate::consumer::context::{Lender, Record, Shared};
 use crate::consumer::dead_letter::{DeadLetters, Failure, FailureReason, Sent};
 use crate::consumer::handler::{Action, HandlerError};
 use crate::consumer::poll::{Rejection, ServiceShared};
@@ -82,12 +82,14 @@ pub(crate) trait TypeWorker: Send + Sync {
 
     /// One attempt at `record` for a worker pool: never waits out a retry
     /// pause (the pool parks the record instead, so it holds no worker).
+    /// `spare`: a context cell to reuse, handed back in [`Attempted`].
     fn attempt<'a>(
         &'a self,
         env: &'a WorkerEnv,
         lane: &'a LaneBuffer,
         record: Record,
         attempt: u32,
+        spare: Option<Arc<Shared>>,
     ) -> BoxFuture<'a, Attempted>;
 }
 
@@ -96,6 +98,8 @@ pub(crate) struct Attempted {
     pub(crate) record: Record,
     pub(crate) attempt: u32,
     pub(crate) step: Step,
+    /// The context cell, for the next attempt.
+    pub(crate) spare: Option<Arc<Shared>>,
 }
 
 /// What a worker pool does with a record after an attempt.
@@ -237,30 +241,19 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
         &'a self,
         env: &'a WorkerEnv,
         lane: &'a LaneBuffer,
-        record: Record,
-        attempt: u32,
-    ) -> BoxFuture<'a, Attempted> {
-        self.attempt_once(env, lane, record, attempt)
-    }
-}
-
-impl<T: Message, D: Dispatch<T>> Typed<T, D> {
-    fn attempt_once<'a>(
-        &'a self,
-        env: &'a WorkerEnv,
-        lane: &'a LaneBuffer,
         mut record: Record,
         attempt: u32,
+        spare: Option<Arc<Shared>>,
     ) -> BoxFuture<'a, Attempted> {
         Box::pin(async move {
+            // A lender of its own: attempts of a pool run side by side.
+            let mut lender = Lender::with_spare(env.shared.stopping.clone(), spare);
             let result = match self
                 .spec
                 .codec()
                 .decode(record.payload().unwrap_or_default())
             {
                 Ok(message) => {
-                    // A lender of its own: attempts of a pool run side by side.
-                    let mut lender = Lender::new(env.shared.stopping.clone());
                     let lent = lender.lend(&mut record);
                     let ctx = MessageContext::new(
                         Arc::clone(&lane.topic),
@@ -308,10 +301,13 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
                 record,
                 attempt,
                 step,
+                spare: lender.into_spare(),
             }
         })
     }
+}
 
+impl<T: Message, D: Dispatch<T>> Typed<T, D> {
     /// An attempt cancelled at the handler time limit.
     fn timed_out(&self, attempt: u32) -> Failed {
         let limit = self.handler_timeout.unwrap_or_default();
