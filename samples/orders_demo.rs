@@ -5,6 +5,12 @@
 //! produced through kontext and consumed by typed handlers on kontext's
 //! shared poll service, which check that each order's events arrive in order.
 //!
+//! As seed 000 configures its consumer, the handlers run on a worker pool
+//! that follows the lag (`workers_by_lag(10, 100, 25)`); each waits 1 ms,
+//! like a call to another service. Seed 000 distributes to any free worker;
+//! here the distribution is by key, so that each order's events still
+//! arrive in order while different orders run side by side.
+//!
 //! With no settings it runs on kontext's embedded broker. Point it at a real
 //! cluster with `KONTEXT_BOOTSTRAP_SERVERS=host:9092`; any other setting can
 //! come from `KONTEXT_*` variables too (see `kontext::config`).
@@ -43,7 +49,8 @@ fn orders(m: &mut ModelBuilder) {
         t.name("orders")
             .partitions(6)
             .key(|e| e.order_id)
-            .consumer(|c| c.max_buffered(500))
+            // Types sharing a topic share its pool: declared once.
+            .consumer(|c| c.max_buffered(500).workers_by_lag(10, 100, 25))
     });
     m.topic::<OrderPaid>(|t| t.name("orders").key(|e| e.order_id).consumer(|c| c));
     m.topic::<OrderShipped>(|t| t.name("orders").key(|e| e.order_id).consumer(|c| c));
@@ -79,6 +86,7 @@ struct Track {
 
 impl Handler<OrderCreated> for Track {
     async fn handle(&self, e: OrderCreated, ctx: MessageContext) -> Result<(), HandlerError> {
+        simulated_io().await;
         lock(&self.tally).record("OrderCreated", 0, e.order_id, &ctx);
         Ok(())
     }
@@ -86,6 +94,7 @@ impl Handler<OrderCreated> for Track {
 
 impl Handler<OrderPaid> for Track {
     async fn handle(&self, e: OrderPaid, ctx: MessageContext) -> Result<(), HandlerError> {
+        simulated_io().await;
         lock(&self.tally).record("OrderPaid", 1, e.order_id, &ctx);
         Ok(())
     }
@@ -93,16 +102,22 @@ impl Handler<OrderPaid> for Track {
 
 impl Handler<OrderShipped> for Track {
     async fn handle(&self, e: OrderShipped, ctx: MessageContext) -> Result<(), HandlerError> {
+        simulated_io().await;
         lock(&self.tally).record("OrderShipped", 2, e.order_id, &ctx);
         Ok(())
     }
+}
+
+/// A call to another service (inventory, payments): 1 ms of waiting.
+async fn simulated_io() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
 }
 
 fn lock(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
     t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const ORDERS: usize = 1_000;
+const ORDERS: usize = 5_000;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -176,7 +191,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The handlers run on kontext's shared poll service; wait for them.
     let read_started = Instant::now();
+    let mut peak_workers = 0;
     while lock(&tally).total < produced {
+        if let Ok(t) = kontext.registry().type_status::<OrderCreated>() {
+            peak_workers = peak_workers.max(t.workers);
+        }
         if read_started.elapsed() > Duration::from_secs(60) {
             return Err(format!(
                 "only {} of {produced} events handled within 60 s",
@@ -205,6 +224,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "poll services: {:?}",
         services.iter().map(|s| &s.name).collect::<Vec<_>>()
     );
+    println!("worker pool: 10 to 100 by lag, peak {peak_workers}");
     println!("per partition: {:?}", tally.per_partition);
     println!("per type: {:?}", tally.per_type);
     println!(
