@@ -608,3 +608,70 @@ async fn a_pool_never_runs_more_handlers_than_its_size() {
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     assert_eq!(busy.peak.load(Ordering::SeqCst), 1);
 }
+
+/// `Distribution::ByPartition`: a partition's records one at a time in
+/// offset order, partitions side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_partition_runs_partitions_side_by_side_each_in_order() {
+    let s = setup(4, |c| c.workers(4).distribution(Distribution::ByPartition)).await;
+    s.produce(&jobs(0..2_000, 50)).await;
+    let log = Log::default();
+    let busy = Concurrency::default();
+    let (l, b) = (log.clone(), busy.clone());
+    let consumer = s
+        .consumer(move |j: Job, ctx: MessageContext| {
+            let (l, b) = (l.clone(), b.clone());
+            async move {
+                let _in = b.enter();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                l.push(&j, &ctx);
+                Ok(())
+            }
+        })
+        .await;
+    assert!(until(READ_TIMEOUT, || log.len() >= 2_000).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let mut per_partition: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    for (_, _, partition, offset) in log.all() {
+        per_partition.entry(partition).or_default().push(offset);
+    }
+    for (p, offsets) in &per_partition {
+        assert!(
+            offsets.windows(2).all(|w| w[1] == w[0] + 1),
+            "partition {p} out of order"
+        );
+    }
+    let peak = busy.peak.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&peak), "peak concurrency {peak}");
+}
+
+/// `Distribution::Free`: records of one key run side by side; each is
+/// still handled once and the commit reaches the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_distribution_runs_one_keys_records_side_by_side() {
+    let s = setup(1, |c| c.workers(8).distribution(Distribution::Free)).await;
+    // One key for all.
+    s.produce(&jobs(0..400, 1)).await;
+    let log = Log::default();
+    let busy = Concurrency::default();
+    let (l, b) = (log.clone(), busy.clone());
+    let consumer = s
+        .consumer(move |j: Job, ctx: MessageContext| {
+            let (l, b) = (l.clone(), b.clone());
+            async move {
+                let _in = b.enter();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                l.push(&j, &ctx);
+                Ok(())
+            }
+        })
+        .await;
+    assert!(until(READ_TIMEOUT, || log.len() >= 400).await);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let seqs: BTreeSet<u32> = log.all().iter().map(|e| e.1).collect();
+    assert_eq!((seqs.len(), log.len()), (400, 400));
+    let peak = busy.peak.load(Ordering::SeqCst);
+    assert!((2..=8).contains(&peak), "peak concurrency {peak}");
+    let committed = committed_offsets(&s.broker, &s.group, &s.topic).await;
+    assert_eq!(committed.get(&0), Some(&400));
+}
