@@ -49,6 +49,7 @@ pub mod outbox;
 pub mod producer;
 pub mod registry;
 pub mod runtime;
+pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 

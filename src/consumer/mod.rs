@@ -166,6 +166,7 @@ struct WorkerArgs<'a> {
     handler_timeout: Option<Duration>,
     dead_letter_topic: String,
     stats: Arc<TypeStats>,
+    timings: crate::telemetry::TypeTimings,
     outbox: Option<&'a Outbox>,
     inbox: Option<Inbox>,
 }
@@ -180,6 +181,7 @@ impl WorkerArgs<'_> {
             dead_letter_topic: self.dead_letter_topic,
             dispatch,
             stats: self.stats,
+            timings: self.timings,
         })
     }
 
@@ -308,6 +310,7 @@ impl ConsumerRuntime {
         registry: &Registry,
         outbox: Option<&Outbox>,
     ) -> Result<ConsumerRuntime> {
+        crate::telemetry::describe();
         let ignored = ignored_types(model, &consumers)?;
         let services = plan(model, settings, consumers)?;
         warn_on_builtin_group(settings, &services);
@@ -423,7 +426,14 @@ impl ConsumerRuntime {
                     not_consumed_here(model, &topic, &planned.group, &consumed, &ignored);
                 let mut workers: Vec<Box<dyn TypeWorker>> = Vec::new();
                 let mut types = Vec::new();
+                let mut counters = Vec::new();
                 for t in lane_types {
+                    let labels = crate::telemetry::type_labels(
+                        &t.topic,
+                        &t.discriminator,
+                        &planned.group,
+                        &planned.name,
+                    );
                     let stats = Arc::new(TypeStats::default());
                     let type_id = t.registration.type_id;
                     registry.add_type(
@@ -459,9 +469,11 @@ impl ConsumerRuntime {
                         handler_timeout: t.spec.handler_timeout(),
                         dead_letter_topic: t.dead_letter_topic,
                         stats: Arc::clone(&stats),
+                        timings: crate::telemetry::TypeTimings::new(&labels),
                         outbox,
                         inbox,
                     })?;
+                    counters.push(crate::telemetry::TypeCounters::new(&labels));
                     if let Some(s) = stream {
                         streams.insert(type_id, s);
                     }
@@ -488,11 +500,13 @@ impl ConsumerRuntime {
                 };
                 lane_workers.push(run);
                 lanes.push(Lane {
+                    buffered: crate::telemetry::buffered(&topic, &planned.name),
                     topic,
                     buffer,
                     types,
                     others,
                     unclaimed,
+                    counters,
                 });
             }
             let poll_plan = PollPlan {
@@ -947,6 +961,9 @@ fn check_groups(services: &[PlannedService]) -> Result<()> {
 /// The client configuration of a poll service: common settings, the broker's
 /// needs, the shared consumer section, the dedicated overrides, then the
 /// properties kontext's offset handling depends on.
+/// How often librdkafka reports statistics (consumer lag), by default.
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
 fn consumer_config(
     settings: &KafkaSettings,
     broker: &Broker,
@@ -979,6 +996,11 @@ fn consumer_config(
     let broker_assigns = config.get("group.protocol") == Some("consumer");
     if config.get("partition.assignment.strategy").is_none() && !broker_assigns {
         config.set("partition.assignment.strategy", DEFAULT_ASSIGNMENT_STRATEGY);
+    }
+    // The consumer-lag gauge comes from librdkafka's statistics: every 5 s
+    // unless the settings say otherwise (0 turns them, and the gauge, off).
+    if config.get("statistics.interval.ms").is_none() {
+        config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
     }
     config
         .set("group.id", group)

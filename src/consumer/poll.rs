@@ -29,6 +29,7 @@ use crate::consumer::context::{Polled, Record};
 use crate::consumer::dead_letter::Sent;
 use crate::consumer::offsets::OffsetTracker;
 use crate::headers;
+use crate::telemetry::{ServiceMetrics, TypeCounters};
 
 /// Lifecycle of a poll service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,6 +237,9 @@ pub(crate) struct Lane {
     /// consumed, ignored or given another group): dead-lettered, since a
     /// member of this group elsewhere may consume them.
     pub(crate) unclaimed: Vec<String>,
+    /// The types' counters (same order as `types`) and the buffer's gauge.
+    pub(crate) counters: Vec<TypeCounters>,
+    pub(crate) buffered: metrics::Gauge,
 }
 
 /// Everything a poll thread needs to start.
@@ -289,6 +293,9 @@ enum Routed {
 }
 
 struct LoopState {
+    /// Records of types this group does not consume, committed unhandled.
+    skipped: u64,
+    metrics: ServiceMetrics,
     lanes: Vec<Lane>,
     lane_state: Vec<LaneState>,
     routes: HashMap<String, usize>,
@@ -313,6 +320,23 @@ impl ClientContext for PollContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.tracing.error(error, reason);
+    }
+
+    /// Consumer lag per partition, from librdkafka's statistics (every
+    /// `statistics.interval.ms`): the partition's high watermark minus the
+    /// offset last stored for commit, so records fetched but not finished
+    /// count as lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (name, topic) in &statistics.topics {
+            for (&partition, p) in &topic.partitions {
+                // -1: not assigned here, or not known yet.
+                if partition < 0 || p.consumer_lag_stored < 0 {
+                    continue;
+                }
+                crate::telemetry::consumer_lag(name, partition, &self.shared.group_id)
+                    .set(p.consumer_lag_stored as f64);
+            }
+        }
     }
 }
 
@@ -468,6 +492,29 @@ impl LoopState {
         for (lane, s) in self.lanes.iter().zip(&mut self.lane_state) {
             s.last_done = lane.buffer.observe_progress(s.last_done, now);
         }
+    }
+
+    /// Sets the counters and gauges from the statistics the service keeps
+    /// anyway: nothing is counted twice on the record path.
+    fn publish_metrics(&self, shared: &ServiceShared) {
+        for lane in &self.lanes {
+            for ((_, stats), c) in lane.types.iter().zip(&lane.counters) {
+                let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                c.consumed.absolute(get(&stats.received));
+                c.handled.absolute(get(&stats.handled));
+                c.failed.absolute(get(&stats.failed));
+                c.retried.absolute(get(&stats.retried));
+                c.dead_lettered.absolute(get(&stats.dead_lettered));
+                c.dropped.absolute(get(&stats.dropped));
+                c.duplicates.absolute(get(&stats.duplicates));
+            }
+            lane.buffered.set(lane.buffer.len() as f64);
+        }
+        self.metrics.skipped.absolute(self.skipped);
+        self.metrics
+            .rejected
+            .absolute(shared.rejected.load(Ordering::Relaxed));
+        self.metrics.paused.set(lock(&shared.paused).len() as f64);
     }
 
     /// Publishes how many entries the bookkeeping keeps, for the registry.
@@ -712,6 +759,8 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         })
         .collect();
     let state = Arc::new(Mutex::new(LoopState {
+        skipped: 0,
+        metrics: ServiceMetrics::new(&shared.group_id, &shared.name),
         lanes,
         lane_state,
         routes,
@@ -814,6 +863,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             last_store = Instant::now();
             st.publish_tracked(&shared);
             st.observe_progress(last_store);
+            st.publish_metrics(&shared);
         }
     }
 
@@ -934,6 +984,7 @@ impl LoopState {
         let state = &mut self.lane_state[lane];
         let (type_index, rejection) = match routed {
             Routed::Skip => {
+                self.skipped += 1;
                 self.tracker.finished(key, m.offset());
                 return;
             }

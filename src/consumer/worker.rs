@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,7 @@ use crate::consumer::poll::{Rejection, ServiceShared};
 use crate::consumer::{MessageContext, RetryPolicy};
 use crate::headers;
 use crate::model::{Message, TopicSpec};
+use crate::telemetry::TypeTimings;
 
 /// What became of a dispatched message.
 pub(crate) enum Outcome {
@@ -118,6 +119,7 @@ pub(crate) struct Typed<T, D> {
     pub(crate) dead_letter_topic: String,
     pub(crate) dispatch: D,
     pub(crate) stats: Arc<TypeStats>,
+    pub(crate) timings: TypeTimings,
 }
 
 impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
@@ -168,6 +170,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                                 span: self.span(&lane.topic, &record, attempt),
                                 future: self.dispatch.dispatch(message, ctx),
                             };
+                            let began = SystemTime::now();
                             let outcome = match self.handler_timeout {
                                 None => Some(guarded.await),
                                 // Boxed: the timer would grow every
@@ -176,6 +179,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                                     Box::pin(tokio::time::timeout(limit, guarded)).await.ok()
                                 }
                             };
+                            self.measure(&record, began, &outcome);
                             lender.take_back(lent, &mut record);
                             match outcome {
                                 Some(outcome) => self.outcome(outcome, attempt),
@@ -265,10 +269,12 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         span: self.span(&lane.topic, &record, attempt),
                         future: self.dispatch.dispatch(message, ctx),
                     };
+                    let began = SystemTime::now();
                     let outcome = match self.handler_timeout {
                         None => Some(guarded.await),
                         Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
                     };
+                    self.measure(&record, began, &outcome);
                     lender.take_back(lent, &mut record);
                     match outcome {
                         Some(outcome) => self.outcome(outcome, attempt),
@@ -308,6 +314,36 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
 }
 
 impl<T: Message, D: Dispatch<T>> Typed<T, D> {
+    /// Records how long the handler took and, once handled, how old the
+    /// record is.
+    /// One clock read after the handler, the same wall clock as the
+    /// record's timestamp.
+    fn measure(
+        &self,
+        record: &Record,
+        began: SystemTime,
+        outcome: &Option<std::thread::Result<Outcome>>,
+    ) {
+        let now = SystemTime::now();
+        if let Ok(took) = now.duration_since(began) {
+            self.timings.handler.record(took);
+        }
+        // The age counts once, when the record is handled.
+        if !matches!(outcome, Some(Ok(Outcome::Done))) {
+            return;
+        }
+        let since_epoch = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        if let Some(ts) = record.timestamp.and_then(|t| u128::try_from(t).ok()) {
+            if let Some(age) = since_epoch.checked_sub(ts) {
+                self.timings.end_to_end.record(Duration::from_millis(
+                    u64::try_from(age).unwrap_or(u64::MAX),
+                ));
+            }
+        }
+    }
+
     /// An attempt cancelled at the handler time limit.
     fn timed_out(&self, attempt: u32) -> Failed {
         let limit = self.handler_timeout.unwrap_or_default();

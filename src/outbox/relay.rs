@@ -1,7 +1,7 @@
 //! The relay: takes a shard's lease, publishes its pending rows in order,
 //! deletes what the broker acknowledged, records failures with backoff.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -370,6 +370,7 @@ async fn settle(
             }
         }
     }
+    count_by_topic(rows, &done, &failed);
     let mut sent = 0;
     for chunk in done.chunks(500) {
         let res = row::Entity::delete_many()
@@ -394,6 +395,25 @@ async fn settle(
         }
     }
     Ok(Batch { sent, full, lost })
+}
+
+/// Counts sent and failed rows per topic, once per topic per batch.
+fn count_by_topic(rows: &[row::Model], done: &[i64], failed: &[(&row::Model, String)]) {
+    let mut published: HashMap<&str, u64> = HashMap::new();
+    let done: HashSet<i64> = done.iter().copied().collect();
+    for r in rows.iter().filter(|r| done.contains(&r.seq)) {
+        *published.entry(r.topic.as_str()).or_default() += 1;
+    }
+    for (topic, n) in published {
+        crate::telemetry::outbox_published(topic).increment(n);
+    }
+    let mut failures: HashMap<&str, u64> = HashMap::new();
+    for (r, _) in failed {
+        *failures.entry(r.topic.as_str()).or_default() += 1;
+    }
+    for (topic, n) in failures {
+        crate::telemetry::outbox_failed(topic).increment(n);
+    }
 }
 
 /// Hands one row to the producer, waiting for room if its queue is full
@@ -561,10 +581,14 @@ async fn send_one(
             return Ok(false);
         }
     };
+    let topic = r.topic;
     let settle_one = {
         let inner = Arc::clone(inner);
         async move {
             let delivered = matches!(delivery.await, Ok(Ok(_)));
+            if delivered {
+                crate::telemetry::outbox_published(&topic).increment(1);
+            }
             let result = if delivered {
                 row::Entity::delete_by_id(seq)
                     .filter(lease::fence(&held))

@@ -1,6 +1,7 @@
 //! Typed producing: encode with the topic's codec, key and headers from the
 //! model, await the broker's acknowledgement.
 
+use std::any::TypeId;
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -15,6 +16,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
+use rustc_hash::FxHashMap;
 use tokio::sync::SemaphorePermit;
 use uuid::Uuid;
 
@@ -24,6 +26,7 @@ use crate::config::{KafkaSettings, redacted};
 use crate::error::{Error, Result};
 use crate::headers;
 use crate::model::{HeaderSource, Message, MessageKey, Model, TopicSpec};
+use crate::telemetry::ProduceMetrics;
 
 /// Where the broker stored a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +58,8 @@ struct Inner {
     /// [`room_for_calls`]): calls wait here, in order, when it is full,
     /// instead of each retrying on a timer.
     room: tokio::sync::Semaphore,
+    /// Counters and latency per produced type (see `telemetry`).
+    metrics: FxHashMap<TypeId, ProduceMetrics>,
     _guard: ClientGuard,
 }
 
@@ -83,9 +88,17 @@ impl Producer {
                 role: "producer",
                 source,
             })?;
+        crate::telemetry::describe();
+        let mut metrics = FxHashMap::default();
+        for topic in model.topics() {
+            for (id, info) in model.types_on(topic.name()) {
+                metrics.insert(id, ProduceMetrics::new(info.topic, info.discriminator));
+            }
+        }
         Ok(Producer {
             inner: Arc::new(Inner {
                 client,
+                metrics,
                 model,
                 source: settings.effective_client_id().to_owned(),
                 queue_timeout: settings.message_timeout(),
@@ -148,7 +161,8 @@ impl Producer {
             .map(|m| encode(spec, *m, &options))
             .collect::<Result<_>>()?;
 
-        let mut pending: Vec<(DeliveryFuture, Uuid)> = Vec::with_capacity(prepared.len());
+        let metrics = self.metrics_of::<T>();
+        let mut pending: Vec<(DeliveryFuture, Uuid, Instant)> = Vec::with_capacity(prepared.len());
         let mut first_unawaited = 0;
         let mut results: Vec<Delivery> = Vec::with_capacity(prepared.len());
         let capacity = 7 + spec.headers.len();
@@ -171,24 +185,29 @@ impl Producer {
                         // The local queue is full: wait for the oldest
                         // message in flight, which frees room.
                         match pending.get_mut(first_unawaited) {
-                            Some((f, id)) => {
+                            Some((f, id, sent)) => {
                                 let id = *id;
-                                results.push(await_delivery(f, spec, id).await?);
+                                let measure = metrics.map(|m| (m, *sent));
+                                results.push(await_delivery(f, spec, id, measure).await?);
                                 first_unawaited += 1;
                             }
                             None => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
                         }
                     }
                     Err((source, _)) => {
+                        if let Some(m) = metrics {
+                            m.errors.increment(1);
+                        }
                         return Err(produce_failed(spec, source));
                     }
                 }
             };
-            pending.push((future, encoded.message_id));
+            pending.push((future, encoded.message_id, started));
         }
-        for (f, id) in pending.iter_mut().skip(first_unawaited) {
+        for (f, id, sent) in pending.iter_mut().skip(first_unawaited) {
             let id = *id;
-            results.push(await_delivery(f, spec, id).await?);
+            let measure = metrics.map(|m| (m, *sent));
+            results.push(await_delivery(f, spec, id, measure).await?);
         }
         Ok(results)
     }
@@ -203,6 +222,11 @@ impl Producer {
                 source: KafkaError::Canceled,
             })?
             .map_err(|source| Error::Flush { source })
+    }
+
+    /// The measures of `T`'s messages.
+    fn metrics_of<T: 'static>(&self) -> Option<&ProduceMetrics> {
+        self.inner.metrics.get(&TypeId::of::<T>())
     }
 
     /// Messages queued locally or in flight, not yet acknowledged.
@@ -238,6 +262,9 @@ impl Producer {
                     tokio::time::sleep(QUEUE_FULL_PAUSE).await;
                 }
                 Err((source, _)) => {
+                    if let Some(m) = self.metrics_of::<T>() {
+                        m.errors.increment(1);
+                    }
                     return Err(produce_failed(spec, source));
                 }
             }
@@ -247,6 +274,7 @@ impl Producer {
             _permit: permit,
             message_id: encoded.message_id,
             spec,
+            measure: self.metrics_of::<T>().map(|m| (m, started)),
         })
     }
 
@@ -458,16 +486,28 @@ async fn await_delivery<T>(
     future: &mut DeliveryFuture,
     spec: &TopicSpec<T>,
     message_id: Uuid,
+    measure: Option<(&ProduceMetrics, Instant)>,
 ) -> Result<Delivery> {
-    delivered(future.await, spec, message_id)
+    delivered(future.await, spec, message_id, measure)
 }
 
-/// What a delivery report means for the caller.
+/// What a delivery report means for the caller; counted, with the time
+/// since the message was handed to librdkafka, when `measure` is given.
 fn delivered<T>(
     report: std::result::Result<OwnedDeliveryResult, Canceled>,
     spec: &TopicSpec<T>,
     message_id: Uuid,
+    measure: Option<(&ProduceMetrics, Instant)>,
 ) -> Result<Delivery> {
+    if let Some((m, sent)) = measure {
+        match &report {
+            Ok(Ok(_)) => {
+                m.produced.increment(1);
+                m.latency.record(sent.elapsed());
+            }
+            _ => m.errors.increment(1),
+        }
+    }
     match report {
         Ok(Ok(d)) => Ok(Delivery {
             topic: spec.topic_arc(),
@@ -596,19 +636,26 @@ impl<'a, T: Message> Produce<'a, T> {
             return Ok(State::Waiting(Box::pin(wait)));
         };
         let record = encoded.record(spec.topic(), headers);
+        let measure = producer.metrics_of::<T>().map(|m| (m, Instant::now()));
         match producer.inner.client.send_result(record) {
             Ok(delivery) => Ok(State::InFlight(InFlight {
                 delivery,
                 _permit: Some(permit),
                 message_id: encoded.message_id,
                 spec,
+                measure,
             })),
             Err((e, record)) if queue_full(&e) => {
                 let headers = record.headers;
                 let wait = producer.send_when_room(spec, encoded, headers, Some(permit));
                 Ok(State::Waiting(Box::pin(wait)))
             }
-            Err((source, _)) => Err(produce_failed(spec, source)),
+            Err((source, _)) => {
+                if let Some((m, _)) = measure {
+                    m.errors.increment(1);
+                }
+                Err(produce_failed(spec, source))
+            }
         }
     }
 }
@@ -641,6 +688,8 @@ struct InFlight<'a, T> {
     _permit: Option<SemaphorePermit<'a>>,
     message_id: Uuid,
     spec: &'a TopicSpec<T>,
+    /// Where to count the outcome, and when the message was handed over.
+    measure: Option<(&'a ProduceMetrics, Instant)>,
 }
 
 impl<T: Message> Future for ProduceFuture<'_, T> {
@@ -669,9 +718,12 @@ impl<T: Message> Future for ProduceFuture<'_, T> {
                             this.state = State::InFlight(in_flight);
                             Poll::Pending
                         }
-                        Poll::Ready(result) => {
-                            Poll::Ready(delivered(result, in_flight.spec, in_flight.message_id))
-                        }
+                        Poll::Ready(result) => Poll::Ready(delivered(
+                            result,
+                            in_flight.spec,
+                            in_flight.message_id,
+                            in_flight.measure,
+                        )),
                     };
                 }
                 State::Finished => panic!("a produce future was polled after it completed"),

@@ -1,0 +1,261 @@
+//! What kontext reports through the `metrics` facade, read back through a
+//! recorder installed for this test binary.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kontext::prelude::*;
+use kontext::telemetry;
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+/// A metric's name and its labels, sorted.
+type Id = (String, Vec<(String, String)>);
+
+/// Keeps every counter, gauge and histogram it is asked for.
+#[derive(Default)]
+struct Recording {
+    counters: Mutex<HashMap<Id, Arc<AtomicU64>>>,
+    gauges: Mutex<HashMap<Id, Arc<AtomicU64>>>,
+    histograms: Mutex<HashMap<Id, Arc<Samples>>>,
+}
+
+#[derive(Default)]
+struct Samples(Mutex<Vec<f64>>);
+
+impl metrics::HistogramFn for Samples {
+    fn record(&self, value: f64) {
+        self.0.lock().unwrap().push(value);
+    }
+}
+
+fn id(key: &Key) -> Id {
+    let mut labels: Vec<(String, String)> = key
+        .labels()
+        .map(|l| (l.key().to_owned(), l.value().to_owned()))
+        .collect();
+    labels.sort();
+    (key.name().to_owned(), labels)
+}
+
+struct Shared(Arc<Recording>);
+
+impl Recorder for Shared {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        let c = self
+            .0
+            .counters
+            .lock()
+            .unwrap()
+            .entry(id(key))
+            .or_default()
+            .clone();
+        Counter::from_arc(c)
+    }
+
+    fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+        let g = self
+            .0
+            .gauges
+            .lock()
+            .unwrap()
+            .entry(id(key))
+            .or_default()
+            .clone();
+        Gauge::from_arc(g)
+    }
+
+    fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+        let h = self
+            .0
+            .histograms
+            .lock()
+            .unwrap()
+            .entry(id(key))
+            .or_default()
+            .clone();
+        Histogram::from_arc(h)
+    }
+}
+
+/// The recorder of this binary, installed on first use.
+fn recording() -> Arc<Recording> {
+    static R: OnceLock<Arc<Recording>> = OnceLock::new();
+    R.get_or_init(|| {
+        let r = Arc::new(Recording::default());
+        metrics::set_global_recorder(Shared(Arc::clone(&r))).unwrap();
+        r
+    })
+    .clone()
+}
+
+impl Recording {
+    /// The counter `name` whose labels include `with`.
+    fn counter(&self, name: &str, with: &[(&str, &str)]) -> u64 {
+        find(&self.counters, name, with).map_or(0, |c| c.load(Ordering::SeqCst))
+    }
+
+    fn gauge(&self, name: &str, with: &[(&str, &str)]) -> Option<f64> {
+        find(&self.gauges, name, with).map(|g| f64::from_bits(g.load(Ordering::SeqCst)))
+    }
+
+    fn samples(&self, name: &str, with: &[(&str, &str)]) -> Vec<f64> {
+        find(&self.histograms, name, with)
+            .map(|h| h.0.lock().unwrap().clone())
+            .unwrap_or_default()
+    }
+}
+
+fn find<T>(map: &Mutex<HashMap<Id, Arc<T>>>, name: &str, with: &[(&str, &str)]) -> Option<Arc<T>> {
+    map.lock()
+        .unwrap()
+        .iter()
+        .find(|((n, labels), _)| {
+            n == name
+                && with
+                    .iter()
+                    .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, v)| Arc::clone(v))
+}
+
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Tick {
+    seq: u32,
+}
+
+/// 20 produced and consumed, one retried once, one dead-lettered: the
+/// counters say exactly that, the histograms have a sample per attempt and
+/// per handled record, and the lag gauge follows a blocked backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_histograms_and_lag_say_what_happened() {
+    init_tracing();
+    let rec = recording();
+    let broker = broker();
+    let topic = unique_name("ticks");
+    let group = unique_name("g");
+    let t = topic.clone();
+    let model = Model::builder()
+        .topic::<Tick>(move |b| {
+            b.name(&t).partitions(1).key(|e| e.seq).consumer(|c| {
+                c.retry(RetryPolicy {
+                    max_attempts: 3,
+                    initial_backoff: Duration::from_millis(10),
+                    max_backoff: Duration::from_millis(10),
+                })
+            })
+        })
+        .build()
+        .unwrap();
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let ticks: Vec<Tick> = (0..20).map(|seq| Tick { seq }).collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&ticks)
+        .await
+        .unwrap();
+    let ours = [("topic", topic.as_str()), ("type", "Tick")];
+    assert_eq!(rec.counter(telemetry::PRODUCED, &ours), 20);
+    assert_eq!(rec.samples(telemetry::PRODUCE_LATENCY, &ours).len(), 20);
+    assert_eq!(rec.counter(telemetry::PRODUCE_ERRORS, &ours), 0);
+
+    // The first five go through, then the handler blocks on seq 5.
+    let gate = Arc::new(Semaphore::new(5));
+    let g = gate.clone();
+    let consumer = Kontext::builder(model)
+        .settings(KafkaSettings::new().consumer(|c| {
+            c.group_id = Some(group.clone());
+            c.librdkafka.set("statistics.interval.ms", "100");
+        }))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: Tick, ctx: MessageContext| {
+                let g = g.clone();
+                async move {
+                    if e.seq == 3 && ctx.attempt() == 1 {
+                        return Err(HandlerError::retry("once"));
+                    }
+                    if e.seq == 7 {
+                        return Err(HandlerError::dead_letter("never"));
+                    }
+                    g.acquire().await.unwrap().forget();
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let consumed = [
+        ("topic", topic.as_str()),
+        ("type", "Tick"),
+        ("group", group.as_str()),
+    ];
+    let lag = [
+        ("topic", topic.as_str()),
+        ("group", group.as_str()),
+        ("partition", "0"),
+    ];
+    // Five handled (seq 3 after its retry), the sixth blocked: 15 behind.
+    until("the lag of the blocked backlog", || {
+        rec.gauge(telemetry::CONSUMER_LAG, &lag) == Some(15.0)
+    })
+    .await;
+    until("five handled", || {
+        rec.counter(telemetry::HANDLED, &consumed) == 5
+    })
+    .await;
+    gate.add_permits(1_000);
+    until("everything handled", || {
+        rec.counter(telemetry::HANDLED, &consumed) == 19
+            && rec.counter(telemetry::DEAD_LETTERED, &consumed) == 1
+    })
+    .await;
+    until("the lag back to 0", || {
+        rec.gauge(telemetry::CONSUMER_LAG, &lag) == Some(0.0)
+    })
+    .await;
+    assert_eq!(rec.counter(telemetry::CONSUMED, &consumed), 20);
+    assert_eq!(rec.counter(telemetry::FAILED, &consumed), 2);
+    assert_eq!(rec.counter(telemetry::RETRIED, &consumed), 1);
+    assert_eq!(rec.counter(telemetry::DROPPED, &consumed), 0);
+    // An attempt each (21: seq 3 twice), an age per handled record (19).
+    assert_eq!(
+        rec.samples(telemetry::HANDLER_DURATION, &consumed).len(),
+        21
+    );
+    let ages = rec.samples(telemetry::END_TO_END, &consumed);
+    assert_eq!(ages.len(), 19);
+    assert!(ages.iter().all(|a| *a >= 0.0 && *a < 600.0), "{ages:?}");
+    assert_eq!(
+        rec.gauge(telemetry::BUFFERED, &[("topic", topic.as_str())]),
+        Some(0.0)
+    );
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
