@@ -128,6 +128,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
+    // The application picks the metrics exporter, before kontext starts:
+    // Prometheus' text format here, printed at the end (a service would
+    // serve `handle.render()` on `/metrics`).
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+
     let model = Model::builder().configure(orders).build()?;
     let settings = KafkaSettings::from_env()?.client_id("orders-demo");
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -232,6 +237,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tally.out_of_order
     );
     println!("total elapsed: {:.2?}", started.elapsed());
+    println!("metrics (Prometheus text format, counters and gauges):");
+    for line in metrics.render().lines() {
+        let histogram = line.contains("_seconds");
+        if line.starts_with("kontext_") && !histogram {
+            println!("  {line}");
+        }
+    }
     if tally.out_of_order > 0 {
         return Err("per-key order was violated".into());
     }

@@ -872,6 +872,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         let mut st = lock(&state);
         st.absorb_done();
         st.store_offsets(&consumer);
+        st.publish_metrics(&shared);
         if st.tracker.pending() > 0 {
             tracing::info!(service = %shared.name, unfinished = st.tracker.pending(), "stopping with unfinished messages; they will be delivered again");
         }
