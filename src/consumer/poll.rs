@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,6 +106,12 @@ pub(crate) struct ServiceShared {
     pub(crate) settings: std::sync::OnceLock<Vec<(String, String)>>,
     /// A lane stalled longer than this makes the service unhealthy.
     pub(crate) stall_limit: std::sync::OnceLock<Duration>,
+    /// Whether the consumer has joined its group (had an assignment, even
+    /// an empty one).
+    pub(crate) joined: AtomicBool,
+    /// Milliseconds since `epoch` when librdkafka reported every broker
+    /// down; 0 while some broker is reachable.
+    brokers_down_ms: AtomicU64,
 }
 
 impl ServiceShared {
@@ -133,6 +139,36 @@ impl ServiceShared {
             dead_letters_refused: AtomicU64::new(0),
             settings: std::sync::OnceLock::new(),
             stall_limit: std::sync::OnceLock::new(),
+            joined: AtomicBool::new(false),
+            brokers_down_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// librdkafka reports every broker down (kept from the first report).
+    fn brokers_down(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let _ = self.brokers_down_ms.compare_exchange(
+            0,
+            ms.max(1),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// A broker answered (a record, a join, statistics with one up).
+    fn brokers_up(&self) {
+        if self.brokers_down_ms.load(Ordering::Relaxed) != 0 {
+            self.brokers_down_ms.store(0, Ordering::Release);
+        }
+    }
+
+    /// How long no broker has been reachable, if none is.
+    pub(crate) fn brokers_down_for(&self) -> Option<Duration> {
+        let since = self.brokers_down_ms.load(Ordering::Acquire);
+        (since > 0).then(|| {
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since))
         })
     }
 
@@ -319,6 +355,9 @@ impl ClientContext for PollContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.shared.brokers_down();
+        }
         self.tracing.error(error, reason);
     }
 
@@ -327,6 +366,9 @@ impl ClientContext for PollContext {
     /// offset last stored for commit, so records fetched but not finished
     /// count as lag.
     fn stats(&self, statistics: rdkafka::Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.shared.brokers_up();
+        }
         for (name, topic) in &statistics.topics {
             for (&partition, p) in &topic.partitions {
                 // -1: not assigned here, or not known yet.
@@ -352,6 +394,8 @@ impl ConsumerContext for PollContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.shared.joined.store(true, Ordering::Release);
+                self.shared.brokers_up();
                 let mut state = lock(&self.state);
                 for e in tpl.elements() {
                     if let Some(&lane) = state.routes.get(e.topic()) {
@@ -834,6 +878,9 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
                 break;
             };
             timeout = Duration::ZERO;
+            if polled.is_ok() {
+                shared.brokers_up();
+            }
             match polled {
                 Ok(m) if drain_started.is_none() => lock(&state).accept(m),
                 // Draining: records fetched before the pause are not

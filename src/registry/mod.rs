@@ -121,6 +121,11 @@ pub struct ServiceStatus {
     /// [`TypeStatus::dead_letters_refused`]). Not zero means records were
     /// given up on: [`is_healthy`](Self::is_healthy) says `false`.
     pub dead_letters_refused: u64,
+    /// Whether its consumer has joined its group (had an assignment, even an
+    /// empty one, since it started).
+    pub joined: bool,
+    /// How long librdkafka has reported every broker down, if it has.
+    pub brokers_down_for: Option<Duration>,
     /// The longest [`TypeStatus::stalled_for`] of its topics.
     pub stalled_for: Option<Duration>,
     /// How long a topic may stall before the service is unhealthy
@@ -129,6 +134,105 @@ pub struct ServiceStatus {
     /// Its consumer's librdkafka properties as kontext created it (every
     /// default and override applied; secrets shown as `<redacted>`).
     pub settings: Vec<(String, String)>,
+}
+
+/// What [`Kontext::health`](crate::Kontext::health) says: whether the
+/// process is alive (a restart would not help otherwise: `live == false`
+/// means it should be restarted) and ready (it can do its work now), with
+/// a reason for every check that failed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Health {
+    /// Every poll loop runs and has polled recently; no topic is stalled
+    /// past its limit (a handler that never returns, a dead letter that
+    /// cannot be sent).
+    pub live: bool,
+    /// Live, every started poll service has joined its group, a broker is
+    /// reachable (or has been within the session timeout), and no record
+    /// was given up on because its dead letter was refused.
+    pub ready: bool,
+    /// Why not, one line per failed check, naming the service.
+    pub reasons: Vec<String>,
+}
+
+impl Health {
+    /// Live and ready.
+    pub fn is_healthy(&self) -> bool {
+        self.live && self.ready
+    }
+}
+
+/// How long a running poll loop may go without polling before it counts as
+/// hung: it polls at least every second when it is well.
+const POLL_SILENCE_LIMIT: Duration = Duration::from_secs(10);
+
+impl ServiceStatus {
+    /// Adds this service's failed checks to `health`.
+    fn check(&self, health: &mut Health) {
+        let name = &self.name;
+        let not_live = |why: String, h: &mut Health| {
+            h.live = false;
+            h.ready = false;
+            h.reasons.push(why);
+        };
+        match &self.state {
+            ServiceState::Failed(reason) => {
+                not_live(format!("poll service {name} failed: {reason}"), health)
+            }
+            ServiceState::Running => {
+                if let Some(d) = self.since_last_poll.filter(|d| *d > POLL_SILENCE_LIMIT) {
+                    not_live(
+                        format!("poll service {name} has not polled for {d:?}"),
+                        health,
+                    );
+                }
+            }
+            _ => {}
+        }
+        if let Some(d) = self.stalled_for.filter(|d| *d > self.stall_limit) {
+            not_live(
+                format!(
+                    "poll service {name}: a topic has finished no record for {d:?} (limit {:?}): a handler or dead letter is stuck",
+                    self.stall_limit
+                ),
+                health,
+            );
+        }
+        let not_ready = |why: String, h: &mut Health| {
+            h.ready = false;
+            h.reasons.push(why);
+        };
+        if self.state == ServiceState::Running && !self.joined {
+            not_ready(
+                format!(
+                    "poll service {name} has not joined group {} yet",
+                    self.group_id
+                ),
+                health,
+            );
+        }
+        let session = self
+            .settings
+            .iter()
+            .find(|(k, _)| k == "session.timeout.ms")
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+            .map_or(Duration::from_secs(45), Duration::from_millis);
+        if let Some(d) = self.brokers_down_for.filter(|d| *d > session) {
+            not_ready(
+                format!("poll service {name}: no broker reachable for {d:?}"),
+                health,
+            );
+        }
+        if self.dead_letters_refused > 0 {
+            not_ready(
+                format!(
+                    "poll service {name}: {} record(s) given up on, their dead letters refused",
+                    self.dead_letters_refused
+                ),
+                health,
+            );
+        }
+    }
 }
 
 impl ServiceStatus {
@@ -207,6 +311,8 @@ impl Registry {
             paused_partitions: lock(&shared.paused).clone(),
             types,
             since_last_poll: shared.since_last_poll(),
+            joined: shared.joined.load(Ordering::Acquire),
+            brokers_down_for: shared.brokers_down_for(),
             tracked_entries: shared.tracked.load(Ordering::Relaxed),
             rejected: shared.rejected.load(Ordering::Relaxed),
             dead_letters_refused: shared.dead_letters_refused.load(Ordering::Relaxed),
@@ -242,6 +348,20 @@ impl Registry {
     /// Whether every poll service is alive and polling.
     pub fn is_healthy(&self) -> bool {
         self.services().iter().all(ServiceStatus::is_healthy)
+    }
+
+    /// Liveness and readiness of the consumers, with reasons (see
+    /// [`Health`]).
+    pub fn health(&self) -> Health {
+        let mut health = Health {
+            live: true,
+            ready: true,
+            reasons: Vec::new(),
+        };
+        for s in self.services() {
+            s.check(&mut health);
+        }
+        health
     }
 
     pub(crate) fn shared_of(

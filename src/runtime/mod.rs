@@ -327,6 +327,14 @@ impl Kontext {
         &self.registry
     }
 
+    /// Liveness and readiness, with reasons: serve `live` on a liveness
+    /// probe and `is_healthy()` on a readiness probe. Covers the consumers
+    /// (see [`Health`](crate::registry::Health)); a producer-only instance
+    /// is live and ready.
+    pub fn health(&self) -> crate::registry::Health {
+        self.registry.health()
+    }
+
     /// Takes the [`MessageStream`] of `T`, registered with
     /// `consumers(|c| c.stream::<T>())`. Only once.
     pub fn stream<T: Message>(&self) -> Result<MessageStream<T>> {
