@@ -301,6 +301,20 @@ impl Drop for Lent {
     }
 }
 
+impl crate::telemetry::trace::Incoming for Shared {
+    fn with_header(&self, name: &str, f: &mut dyn FnMut(&str)) {
+        let value = self
+            .copied()
+            .headers()
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v)
+            .and_then(|v| std::str::from_utf8(v).ok());
+        if let Some(v) = value {
+            f(v);
+        }
+    }
+}
+
 impl Shared {
     /// Takes the message back, leaving contexts that share it a copy of
     /// its key and headers.

@@ -24,7 +24,7 @@ use crate::consumer::poll::{Rejection, ServiceShared};
 use crate::consumer::{MessageContext, RetryPolicy};
 use crate::headers;
 use crate::model::{Message, TopicSpec};
-use crate::telemetry::TypeTimings;
+use crate::telemetry::{TypeTimings, trace};
 
 /// What became of a dispatched message.
 pub(crate) enum Outcome {
@@ -166,10 +166,13 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                                 lent.shared(),
                                 attempt,
                             );
-                            let guarded = Guarded {
-                                span: self.span(&lane.topic, &record, attempt),
-                                future: self.dispatch.dispatch(message, ctx),
-                            };
+                            let guarded = trace::handling(
+                                lent.shared(),
+                                Guarded {
+                                    span: self.span(&lane.topic, &record, attempt),
+                                    future: self.dispatch.dispatch(message, ctx),
+                                },
+                            );
                             let began = SystemTime::now();
                             let outcome = match self.handler_timeout {
                                 None => Some(guarded.await),
@@ -265,10 +268,13 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         lent.shared(),
                         attempt,
                     );
-                    let guarded = Guarded {
-                        span: self.span(&lane.topic, &record, attempt),
-                        future: self.dispatch.dispatch(message, ctx),
-                    };
+                    let guarded = trace::handling(
+                        lent.shared(),
+                        Guarded {
+                            span: self.span(&lane.topic, &record, attempt),
+                            future: self.dispatch.dispatch(message, ctx),
+                        },
+                    );
                     let began = SystemTime::now();
                     let outcome = match self.handler_timeout {
                         None => Some(guarded.await),

@@ -409,6 +409,17 @@ pub(crate) fn write_headers<T: Message, H: HeaderSink>(
     if let Some(c) = &options.correlation_id {
         h = h.with(headers::CORRELATION_ID, c);
     }
+    // Produced while handling a message with a trace context: the trace
+    // goes on, unless the call sets its own.
+    let own_trace = options
+        .headers
+        .iter()
+        .any(|(n, _)| n == crate::telemetry::trace::TRACEPARENT);
+    if !own_trace {
+        for (name, value) in crate::telemetry::trace::carried() {
+            h = h.with(name, &value);
+        }
+    }
     for (name, source) in &spec.headers {
         match source {
             HeaderSource::Static(v) => h = h.with(name, v),

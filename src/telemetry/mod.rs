@@ -6,6 +6,8 @@
 //! Labels are bounded by the model: topic, type, group, service and, for
 //! consumer lag, partition. Never a key or a message id.
 
+pub mod trace;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use metrics::{Counter, Gauge, Histogram, Unit};
