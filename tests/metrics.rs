@@ -259,3 +259,65 @@ async fn counters_histograms_and_lag_say_what_happened() {
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     producer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// Outbox rows written while the broker is down: the backlog gauges show
+/// them waiting and ageing; once the broker is back they go out, counted,
+/// and the backlog is 0. Needs a broker the test can take down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_backlog_gauges_follow_rows_waiting_for_a_broker() {
+    init_tracing();
+    let rec = recording();
+    let broker = Broker::embedded().unwrap();
+    let db = kontext::testing::database().await.unwrap();
+    let topic = unique_name("ticks-out");
+    let t = topic.clone();
+    let model = Model::builder()
+        .topic::<Tick>(move |b| b.name(&t).partitions(1).key(|e| e.seq))
+        .build()
+        .unwrap();
+    let kontext = Kontext::builder(model)
+        .broker(broker.clone())
+        .database(db)
+        .outbox_settings(kontext::outbox::OutboxSettings {
+            poll_interval: Duration::from_millis(100),
+            gauge_interval: Duration::from_millis(100),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            max_attempts: 1_000,
+            ..Default::default()
+        })
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    broker
+        .as_embedded()
+        .unwrap()
+        .set_broker_up(1, false)
+        .unwrap();
+    let outbox = kontext.outbox().unwrap();
+    for seq in 0..5 {
+        let mut tx = outbox.begin().await.unwrap();
+        tx.publish(&Tick { seq }).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    until("a backlog of 5, ageing", || {
+        rec.gauge(telemetry::OUTBOX_BACKLOG, &[]) == Some(5.0)
+            && rec
+                .gauge(telemetry::OUTBOX_OLDEST_AGE, &[])
+                .is_some_and(|a| a >= 0.5)
+    })
+    .await;
+    assert_eq!(rec.gauge(telemetry::OUTBOX_FAILED_ROWS, &[]), Some(0.0));
+    broker
+        .as_embedded()
+        .unwrap()
+        .set_broker_up(1, true)
+        .unwrap();
+    until("the backlog sent", || {
+        rec.gauge(telemetry::OUTBOX_BACKLOG, &[]) == Some(0.0)
+            && rec.counter(telemetry::OUTBOX_PUBLISHED, &[("topic", topic.as_str())]) == 5
+    })
+    .await;
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -116,6 +116,10 @@ pub struct OutboxSettings {
     /// deliveries before it returns with them still pending (they go out
     /// once, in the background or through the relay). Defaults to 5 s.
     pub immediate_timeout: Duration,
+    /// How often the relay counts the backlog for its gauges
+    /// (`kontext_outbox_backlog`, `..._oldest_age_seconds`,
+    /// `..._failed_rows`): three counting queries. Defaults to 5 s.
+    pub gauge_interval: Duration,
 }
 
 impl Default for OutboxSettings {
@@ -130,6 +134,7 @@ impl Default for OutboxSettings {
             max_backoff: Duration::from_secs(60),
             run_relay: true,
             immediate_timeout: Duration::from_secs(5),
+            gauge_interval: Duration::from_secs(5),
         }
     }
 }

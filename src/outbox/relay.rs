@@ -49,6 +49,27 @@ pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
 /// Relays until cancelled: a pass over all shards whenever woken, and at
 /// least every `poll_interval`.
 pub(super) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
+    crate::telemetry::describe();
+    // Side by side in this one task: a pass waiting on a broker that is
+    // down does not hold the gauges back.
+    tokio::join!(relay(&inner, &cancel), count_backlog(&inner, &cancel));
+}
+
+/// Sets the backlog gauges every `gauge_interval` until cancelled.
+async fn count_backlog(inner: &Inner, cancel: &CancellationToken) {
+    loop {
+        if let Err(e) = set_gauges(inner).await {
+            tracing::debug!(error = %e, "could not count the outbox backlog");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(inner.settings.gauge_interval) => {}
+            () = cancel.cancelled() => break,
+        }
+    }
+}
+
+/// Relays pass after pass until cancelled, then makes a last pass.
+async fn relay(inner: &Arc<Inner>, cancel: &CancellationToken) {
     let mut failures = 0u32;
     loop {
         if cancel.is_cancelled() {
@@ -56,7 +77,7 @@ pub(super) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
         }
         // A pass is not interrupted: a batch sent but not yet deleted would
         // be sent again after a restart.
-        let sent = pass(&inner).await;
+        let sent = pass(inner).await;
         match sent {
             // More may be waiting behind a full batch.
             Ok(n) if n > 0 => {
@@ -82,13 +103,44 @@ pub(super) async fn run(inner: Arc<Inner>, cancel: CancellationToken) {
     }
     // A last pass sends what was committed up to the stop (for example by
     // consumers' units of work drained during a graceful shutdown).
-    match tokio::time::timeout(inner.settings.lease_ttl, pass(&inner)).await {
+    match tokio::time::timeout(inner.settings.lease_ttl, pass(inner)).await {
         Ok(Err(e)) => tracing::warn!(error = %e, "final outbox relay pass failed"),
         Err(_) => tracing::warn!("final outbox relay pass timed out"),
         Ok(Ok(_)) => {}
     }
     // Every shard's lease was released as its work ended (or expires).
     tracing::debug!(relay = %inner.relay_id, "outbox relay stopped");
+}
+
+/// Sets the backlog gauges: pending rows, the age of the oldest (by its
+/// writer's clock), failed rows.
+async fn set_gauges(inner: &Inner) -> Result<()> {
+    use sea_orm::{PaginatorTrait, QuerySelect};
+    let pending = row::Entity::find()
+        .filter(row::Column::State.eq(row::PENDING))
+        .count(&inner.db)
+        .await
+        .map_err(db_err("count pending outbox rows"))?;
+    let oldest: Option<Option<i64>> = row::Entity::find()
+        .select_only()
+        .column_as(row::Column::CreatedAt.min(), "oldest")
+        .filter(row::Column::State.eq(row::PENDING))
+        .into_tuple()
+        .one(&inner.db)
+        .await
+        .map_err(db_err("find the oldest pending outbox row"))?;
+    let failed = row::Entity::find()
+        .filter(row::Column::State.eq(row::FAILED))
+        .count(&inner.db)
+        .await
+        .map_err(db_err("count failed outbox rows"))?;
+    let age = oldest
+        .flatten()
+        .map_or(0.0, |created| (now_ms() - created).max(0) as f64 / 1000.0);
+    metrics::gauge!(crate::telemetry::OUTBOX_BACKLOG).set(pending as f64);
+    metrics::gauge!(crate::telemetry::OUTBOX_OLDEST_AGE).set(age);
+    metrics::gauge!(crate::telemetry::OUTBOX_FAILED_ROWS).set(failed as f64);
+    Ok(())
 }
 
 /// Shards relayed at once on PostgreSQL: a shard's database round trips

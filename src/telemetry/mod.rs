@@ -50,6 +50,12 @@ pub const CONSUMER_LAG: &str = "kontext_consumer_lag";
 pub const OUTBOX_PUBLISHED: &str = "kontext_outbox_published_total";
 /// Outbox send attempts that failed.
 pub const OUTBOX_FAILED: &str = "kontext_outbox_failed_total";
+/// Outbox rows waiting to be sent.
+pub const OUTBOX_BACKLOG: &str = "kontext_outbox_backlog";
+/// Age of the oldest outbox row waiting to be sent.
+pub const OUTBOX_OLDEST_AGE: &str = "kontext_outbox_oldest_age_seconds";
+/// Outbox rows that used up their attempts.
+pub const OUTBOX_FAILED_ROWS: &str = "kontext_outbox_failed_rows";
 
 /// Describes every metric to the recorder once (units and help texts).
 pub(crate) fn describe() {
@@ -83,6 +89,16 @@ pub(crate) fn describe() {
     );
     describe_counter!(OUTBOX_PUBLISHED, "Outbox rows sent");
     describe_counter!(OUTBOX_FAILED, "Outbox send attempts that failed");
+    describe_gauge!(OUTBOX_BACKLOG, "Outbox rows waiting to be sent");
+    describe_gauge!(
+        OUTBOX_OLDEST_AGE,
+        Unit::Seconds,
+        "Age of the oldest waiting outbox row"
+    );
+    describe_gauge!(
+        OUTBOX_FAILED_ROWS,
+        "Outbox rows that used up their attempts"
+    );
 }
 
 /// The counters of one consumed type, set from its statistics.
