@@ -119,6 +119,7 @@ impl<T: Message, H: TransactionalHandler<T>> Dispatch<T> for TransactionalDispat
             outbox: self.outbox.clone(),
             published: Arc::new(AtomicBool::new(false)),
         };
+        let ctx_topic = ctx.topic().to_owned();
         let result = self.handler.handle(message, ctx, uow.clone()).await;
         let UnitOfWork { txn, published, .. } = uow;
         if let Err(e) = result {
@@ -138,7 +139,16 @@ impl<T: Message, H: TransactionalHandler<T>> Dispatch<T> for TransactionalDispat
                 return Outcome::Failed(HandlerError::retry(Error::TransactionAborted { source }));
             }
         }
-        if let Err(e) = txn.commit().await {
+        let committed = tracing::Instrument::instrument(
+            txn.commit(),
+            tracing::debug_span!(
+                "kontext.uow.commit",
+                "messaging.destination.name" = ctx_topic.as_str(),
+                "kontext.published" = published.load(Ordering::Relaxed)
+            ),
+        )
+        .await;
+        if let Err(e) = committed {
             return Outcome::Failed(HandlerError::retry(e));
         }
         if published.load(Ordering::Relaxed) {

@@ -363,14 +363,18 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
     }
 
     /// The span a handler runs in.
+    /// The process span of one attempt, with OpenTelemetry's messaging
+    /// attributes (`messaging.*`) and kontext's own (`kontext.*`).
     fn span(&self, topic: &str, record: &Record, attempt: u32) -> tracing::Span {
         tracing::debug_span!(
-            "kontext.handle",
-            topic = %topic,
-            partition = record.partition,
-            offset = record.offset,
-            r#type = self.spec.type_name(),
-            attempt
+            "kontext.process",
+            "messaging.system" = "kafka",
+            "messaging.operation.type" = "process",
+            "messaging.destination.name" = %topic,
+            "messaging.destination.partition.id" = record.partition,
+            "messaging.kafka.offset" = record.offset,
+            "kontext.type" = self.spec.type_name(),
+            "kontext.attempt" = attempt
         )
     }
 

@@ -201,7 +201,17 @@ async fn relay_shard(inner: &Inner, shard: i32) -> Result<usize> {
     let result = async {
         let mut total = 0;
         loop {
-            let batch = relay_batch(inner, &mut held).await?;
+            let span = tracing::debug_span!(
+                "kontext.relay.send",
+                "messaging.system" = "kafka",
+                "messaging.operation.type" = "send",
+                "kontext.shard" = shard,
+                "kontext.sent" = tracing::field::Empty
+            );
+            let batch =
+                tracing::Instrument::instrument(relay_batch(inner, &mut held), span.clone())
+                    .await?;
+            span.record("kontext.sent", batch.sent);
             total += batch.sent;
             if batch.lost {
                 tracing::warn!(

@@ -162,7 +162,8 @@ impl Producer {
             .collect::<Result<_>>()?;
 
         let metrics = self.metrics_of::<T>();
-        let mut pending: Vec<(DeliveryFuture, Uuid, Instant)> = Vec::with_capacity(prepared.len());
+        let mut pending: Vec<(DeliveryFuture, Uuid, Instant, tracing::Span)> =
+            Vec::with_capacity(prepared.len());
         let mut first_unawaited = 0;
         let mut results: Vec<Delivery> = Vec::with_capacity(prepared.len());
         let capacity = 7 + spec.headers.len();
@@ -185,10 +186,10 @@ impl Producer {
                         // The local queue is full: wait for the oldest
                         // message in flight, which frees room.
                         match pending.get_mut(first_unawaited) {
-                            Some((f, id, sent)) => {
+                            Some((f, id, sent, span)) => {
                                 let id = *id;
                                 let measure = metrics.map(|m| (m, *sent));
-                                results.push(await_delivery(f, spec, id, measure).await?);
+                                results.push(await_delivery(f, spec, id, measure, span).await?);
                                 first_unawaited += 1;
                             }
                             None => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
@@ -202,12 +203,13 @@ impl Producer {
                     }
                 }
             };
-            pending.push((future, encoded.message_id, started));
+            let span = publish_span(spec, encoded.message_id);
+            pending.push((future, encoded.message_id, started, span));
         }
-        for (f, id, sent) in pending.iter_mut().skip(first_unawaited) {
+        for (f, id, sent, span) in pending.iter_mut().skip(first_unawaited) {
             let id = *id;
             let measure = metrics.map(|m| (m, *sent));
-            results.push(await_delivery(f, spec, id, measure).await?);
+            results.push(await_delivery(f, spec, id, measure, span).await?);
         }
         Ok(results)
     }
@@ -272,6 +274,7 @@ impl Producer {
         Ok(InFlight {
             delivery,
             _permit: permit,
+            span: publish_span(spec, encoded.message_id),
             message_id: encoded.message_id,
             spec,
             measure: self.metrics_of::<T>().map(|m| (m, started)),
@@ -498,8 +501,24 @@ async fn await_delivery<T>(
     spec: &TopicSpec<T>,
     message_id: Uuid,
     measure: Option<(&ProduceMetrics, Instant)>,
+    span: &tracing::Span,
 ) -> Result<Delivery> {
-    delivered(future.await, spec, message_id, measure)
+    delivered(future.await, spec, message_id, measure, span)
+}
+
+/// The publish span of one message, with OpenTelemetry's messaging
+/// attributes; it ends when the message's delivery is known.
+fn publish_span<T>(spec: &TopicSpec<T>, message_id: Uuid) -> tracing::Span {
+    tracing::debug_span!(
+        "kontext.publish",
+        "messaging.system" = "kafka",
+        "messaging.operation.type" = "publish",
+        "messaging.destination.name" = spec.topic(),
+        "messaging.message.id" = %message_id,
+        "kontext.type" = spec.type_name(),
+        "messaging.destination.partition.id" = tracing::field::Empty,
+        "messaging.kafka.offset" = tracing::field::Empty
+    )
 }
 
 /// What a delivery report means for the caller; counted, with the time
@@ -509,7 +528,12 @@ fn delivered<T>(
     spec: &TopicSpec<T>,
     message_id: Uuid,
     measure: Option<(&ProduceMetrics, Instant)>,
+    span: &tracing::Span,
 ) -> Result<Delivery> {
+    if let (Ok(Ok(d)), false) = (&report, span.is_disabled()) {
+        span.record("messaging.destination.partition.id", d.partition);
+        span.record("messaging.kafka.offset", d.offset);
+    }
     if let Some((m, sent)) = measure {
         match &report {
             Ok(Ok(_)) => {
@@ -652,6 +676,7 @@ impl<'a, T: Message> Produce<'a, T> {
             Ok(delivery) => Ok(State::InFlight(InFlight {
                 delivery,
                 _permit: Some(permit),
+                span: publish_span(spec, encoded.message_id),
                 message_id: encoded.message_id,
                 spec,
                 measure,
@@ -701,6 +726,7 @@ struct InFlight<'a, T> {
     spec: &'a TopicSpec<T>,
     /// Where to count the outcome, and when the message was handed over.
     measure: Option<(&'a ProduceMetrics, Instant)>,
+    span: tracing::Span,
 }
 
 impl<T: Message> Future for ProduceFuture<'_, T> {
@@ -734,6 +760,7 @@ impl<T: Message> Future for ProduceFuture<'_, T> {
                             in_flight.spec,
                             in_flight.message_id,
                             in_flight.measure,
+                            &in_flight.span,
                         )),
                     };
                 }
