@@ -166,10 +166,15 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                                 lent.shared(),
                                 attempt,
                             );
+                            // Moved into the task-local scope, so it is
+                            // gone with the handler's future and the cell
+                            // comes back unshared.
+                            let shared = lent.shared();
+                            let span = self.span(&lane.topic, &record, attempt, &*shared);
                             let guarded = trace::handling(
-                                lent.shared(),
+                                shared,
                                 Guarded {
-                                    span: self.span(&lane.topic, &record, attempt),
+                                    span,
                                     future: self.dispatch.dispatch(message, ctx),
                                 },
                             );
@@ -268,10 +273,12 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         lent.shared(),
                         attempt,
                     );
+                    let shared = lent.shared();
+                    let span = self.span(&lane.topic, &record, attempt, &*shared);
                     let guarded = trace::handling(
-                        lent.shared(),
+                        shared,
                         Guarded {
-                            span: self.span(&lane.topic, &record, attempt),
+                            span,
                             future: self.dispatch.dispatch(message, ctx),
                         },
                     );
@@ -365,8 +372,14 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
     /// The span a handler runs in.
     /// The process span of one attempt, with OpenTelemetry's messaging
     /// attributes (`messaging.*`) and kontext's own (`kontext.*`).
-    fn span(&self, topic: &str, record: &Record, attempt: u32) -> tracing::Span {
-        tracing::debug_span!(
+    fn span(
+        &self,
+        topic: &str,
+        record: &Record,
+        attempt: u32,
+        message: &dyn trace::Incoming,
+    ) -> tracing::Span {
+        let span = tracing::debug_span!(
             "kontext.process",
             "messaging.system" = "kafka",
             "messaging.operation.type" = "process",
@@ -375,7 +388,10 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
             "messaging.kafka.offset" = record.offset,
             "kontext.type" = self.spec.type_name(),
             "kontext.attempt" = attempt
-        )
+        );
+        // The producer's trace, when the span is exported (reads headers).
+        trace::adopt(&span, message);
+        span
     }
 
     /// Why a record does not decode. On a topic of one type the router does

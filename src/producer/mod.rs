@@ -419,8 +419,8 @@ pub(crate) fn write_headers<T: Message, H: HeaderSink>(
         .iter()
         .any(|(n, _)| n == crate::telemetry::trace::TRACEPARENT);
     if !own_trace {
-        for (name, value) in crate::telemetry::trace::carried() {
-            h = h.with(name, &value);
+        for (name, value) in crate::telemetry::trace::outgoing() {
+            h = h.with(&name, &value);
         }
     }
     for (name, source) in &spec.headers {

@@ -6,6 +6,10 @@
 //! The handler's task knows the message it handles through a task-local
 //! set around each handler invocation; its headers are copied only when
 //! something is produced. Tasks the handler spawns do not inherit it.
+//!
+//! With the `opentelemetry` feature the current span's context, when it
+//! has one, is injected instead (through the global propagator), and a
+//! process span takes the context of the message it handles as its parent.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -37,14 +41,101 @@ pub(crate) fn handling<F: Future>(
     INCOMING.scope(incoming, future)
 }
 
-/// The trace context of the message this task is handling, if any:
-/// `(header, value)` pairs to write on what it produces.
-pub(crate) fn carried() -> Vec<(&'static str, String)> {
+/// The trace context to write on a message produced now: the current
+/// span's (with the `opentelemetry` feature, when it has one), else that
+/// of the message this task is handling, if any; `(header, value)` pairs.
+pub(crate) fn outgoing() -> Vec<(String, String)> {
+    #[cfg(feature = "opentelemetry")]
+    {
+        let current = otel::current();
+        if !current.is_empty() {
+            return current;
+        }
+    }
     let mut out = Vec::new();
     let _ = INCOMING.try_with(|incoming| {
         for name in [TRACEPARENT, TRACESTATE] {
-            incoming.with_header(name, &mut |v| out.push((name, v.to_owned())));
+            incoming.with_header(name, &mut |v| out.push((name.to_owned(), v.to_owned())));
         }
     });
     out
+}
+
+/// Makes `span` (a process span) a child of the context carried by the
+/// headers of the message it handles. Without the `opentelemetry` feature,
+/// or when the span is disabled, nothing is read.
+#[allow(unused_variables)]
+pub(crate) fn adopt(span: &tracing::Span, message: &dyn Incoming) {
+    #[cfg(feature = "opentelemetry")]
+    if !span.is_disabled() {
+        otel::adopt(span, message);
+    }
+}
+
+#[cfg(feature = "opentelemetry")]
+mod otel {
+    use opentelemetry::propagation::{Extractor, Injector};
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::{TRACEPARENT, TRACESTATE};
+
+    struct Pairs<'a>(&'a mut Vec<(String, String)>);
+
+    impl Injector for Pairs<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.push((key.to_owned(), value));
+        }
+    }
+
+    /// The trace headers of a consumed message.
+    struct Headers {
+        parent: Option<String>,
+        state: Option<String>,
+    }
+
+    impl Extractor for Headers {
+        fn get(&self, key: &str) -> Option<&str> {
+            match key {
+                TRACEPARENT => self.parent.as_deref(),
+                TRACESTATE => self.state.as_deref(),
+                _ => None,
+            }
+        }
+        fn keys(&self) -> Vec<&str> {
+            vec![TRACEPARENT, TRACESTATE]
+        }
+    }
+
+    /// The current span's context, injected by the global propagator;
+    /// empty when the current span belongs to no trace.
+    pub(super) fn current() -> Vec<(String, String)> {
+        let cx = tracing::Span::current().context();
+        if !cx.span().span_context().is_valid() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut Pairs(&mut out))
+        });
+        out
+    }
+
+    pub(super) fn adopt(span: &tracing::Span, message: &dyn super::Incoming) {
+        let mut headers = Headers {
+            parent: None,
+            state: None,
+        };
+        message.with_header(TRACEPARENT, &mut |v| headers.parent = Some(v.to_owned()));
+        message.with_header(TRACESTATE, &mut |v| headers.state = Some(v.to_owned()));
+        if headers.parent.is_none() {
+            return;
+        }
+        let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&headers));
+        if cx.span().span_context().is_valid() {
+            // Fails only for a span already started or not an OpenTelemetry
+            // one: it then stays a root, which loses the link and nothing else.
+            let _ = span.set_parent(cx);
+        }
+    }
 }
