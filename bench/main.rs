@@ -313,7 +313,15 @@ async fn raw_produce<T: Serialize>(
     events: &[T],
     key: impl Fn(&T, &mut String),
 ) -> Result<u64, BoxError> {
-    raw_produce_with(producer, topic, events, key, false).await
+    raw_produce_with(producer, topic, events, key, Headers::None).await
+}
+
+/// Which headers the raw side writes.
+#[derive(Clone, Copy)]
+enum Headers {
+    None,
+    Lean,
+    CloudEvents,
 }
 
 /// The same, and with `headers` the six CloudEvents headers kontext writes
@@ -324,7 +332,7 @@ async fn raw_produce_with<T: Serialize>(
     topic: &str,
     events: &[T],
     key: impl Fn(&T, &mut String),
-    headers: bool,
+    headers: Headers,
 ) -> Result<u64, BoxError> {
     let mut pending: Vec<DeliveryFuture> = Vec::with_capacity(events.len());
     let mut done = 0;
@@ -337,8 +345,10 @@ async fn raw_produce_with<T: Serialize>(
         let mut record = FutureRecord::to(topic)
             .key(key_buf.as_str())
             .payload(payload.as_slice());
-        if headers {
-            record = record.headers(ce_headers());
+        match headers {
+            Headers::None => {}
+            Headers::Lean => record = record.headers(lean_headers()),
+            Headers::CloudEvents => record = record.headers(ce_headers()),
         }
         loop {
             match producer.send_result(record) {
@@ -372,6 +382,20 @@ fn wanted(side: &str) -> bool {
     std::env::var("KONTEXT_BENCH_SIDES")
         .ok()
         .is_none_or(|s| s.split(',').any(|x| x == side))
+}
+
+/// The two headers of kontext's lean profile (id and type), by hand.
+fn lean_headers() -> OwnedHeaders {
+    let id = uuid::Uuid::now_v7().to_string();
+    OwnedHeaders::new_with_capacity(2)
+        .insert(Header {
+            key: "ce_id",
+            value: Some(id.as_str()),
+        })
+        .insert(Header {
+            key: "ce_type",
+            value: Some("order-placed"),
+        })
 }
 
 /// The six CloudEvents headers kontext writes, built the obvious way by hand.
@@ -425,6 +449,7 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
     let events = Arc::new(events(n));
     let (mut raw, mut raw_h, mut raw_each, mut batch, mut single) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw_lean, mut lean) = (Vec::new(), Vec::new());
     for round in 0..rounds {
         // 32 partitions keep each under the mock's 5 MiB per partition.
         let (raw_topic, raw_h_topic, raw1_topic, k_topic, k1_topic) = (
@@ -434,7 +459,16 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
             unique_name("bench-kx"),
             unique_name("bench-kx1"),
         );
-        for t in [&raw_topic, &raw_h_topic, &raw1_topic, &k_topic, &k1_topic] {
+        let (raw_l_topic, kl_topic) = (unique_name("bench-rawl"), unique_name("bench-kxl"));
+        for t in [
+            &raw_topic,
+            &raw_h_topic,
+            &raw1_topic,
+            &k_topic,
+            &k1_topic,
+            &raw_l_topic,
+            &kl_topic,
+        ] {
             b.create_topic(t, 32).await?;
         }
         let producer: FutureProducer = b
@@ -456,19 +490,61 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
             .start()
             .await?;
         let k1 = kontext1.producer()?;
-        let order: [u8; 5] = if round % 2 == 0 {
-            [0, 1, 2, 3, 4]
+        // The same type with the lean header profile, on its own topic.
+        let lean_model = Model::builder()
+            .topic::<OrderPlaced>(|t| {
+                t.name(&kl_topic)
+                    .partitions(32)
+                    .key_ref(|e| &e.order_id)
+                    .header_profile(kontext::HeaderProfile::Lean)
+            })
+            .build()?;
+        let kontext_l = Kontext::builder(lean_model)
+            .settings(b.settings.clone().provision_topics(false))
+            .broker(b.broker.clone())
+            .producer()
+            .start()
+            .await?;
+        let kl = kontext_l.producer()?;
+        let order: [u8; 7] = if round % 2 == 0 {
+            [0, 1, 2, 3, 4, 5, 6]
         } else {
-            [4, 3, 2, 1, 0]
+            [6, 5, 4, 3, 2, 1, 0]
         };
-        let names = ["raw", "raw-headers", "batch", "single", "raw-each"];
+        let names = [
+            "raw",
+            "raw-headers",
+            "batch",
+            "single",
+            "raw-each",
+            "raw-lean",
+            "lean",
+        ];
         for side in order.into_iter().filter(|s| wanted(names[*s as usize])) {
             match side {
                 0 => raw.push(
                     measure(|| raw_produce(&producer, &raw_topic, &events, order_key)).await?,
                 ),
                 1 => raw_h.push(
-                    measure(|| raw_produce_with(&producer, &raw_h_topic, &events, order_key, true))
+                    measure(|| {
+                        raw_produce_with(
+                            &producer,
+                            &raw_h_topic,
+                            &events,
+                            order_key,
+                            Headers::CloudEvents,
+                        )
+                    })
+                    .await?,
+                ),
+                5 => raw_lean.push(
+                    measure(|| {
+                        raw_produce_with(&producer, &raw_l_topic, &events, order_key, Headers::Lean)
+                    })
+                    .await?,
+                ),
+                6 => lean.push(
+                    measure(|| async { Ok(kl.produce_batch(events.iter()).await?.len() as u64) })
                         .await?,
                 ),
                 2 => batch.push(
@@ -488,6 +564,7 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
         }
         kontext.shutdown(Duration::from_secs(10)).await?;
         kontext1.shutdown(Duration::from_secs(10)).await?;
+        kontext_l.shutdown(Duration::from_secs(10)).await?;
     }
     report(
         &format!("produce {n} (batch), raw with the same 6 headers"),
@@ -504,6 +581,17 @@ async fn scenario_produce(b: &Bench, n: u64, rounds: usize) -> Result<(), BoxErr
         &raw_each,
         &single,
     );
+    report(
+        &format!("produce {n} (batch), lean headers, raw with the same 2 headers"),
+        &raw_lean,
+        &lean,
+    );
+    report(
+        &format!("produce {n} (batch), lean headers, raw without headers"),
+        &raw,
+        &lean,
+    );
+
     Ok(())
 }
 

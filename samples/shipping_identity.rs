@@ -9,15 +9,32 @@
 //!   through its own outbox, all in one unit of work committed before the
 //!   offset is stored. One event is delivered twice to show the inbox.
 //!
+//! The first shipment is created inside a `shipping.create_shipment` span;
+//! with kontext's `opentelemetry` feature its trace context is stored with
+//! the outbox row, and identity's process span (and the follow-up event it
+//! writes) continue that trace. The sample collects spans in memory and
+//! prints that one trace as a tree at the end: one trace across two
+//! services and two outboxes.
+//!
 //! SQLite files in the temp directory by default (one per service); set
 //! `DATABASE_URL=postgres://...` to run both on PostgreSQL. The broker is
 //! the embedded one unless `KONTEXT_BOOTSTRAP_SERVERS` is set.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kontext::prelude::*;
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::Layer;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Debug, Clone, Serialize, Deserialize, Topic)]
 #[topic(name = "shipping.shipment.created", key = shipment_id, partitions = 3)]
@@ -100,12 +117,77 @@ async fn count(db: &DatabaseConnection, table: &str) -> Result<i64, Box<dyn std:
     Ok(row.try_get::<i64>("", "n")?)
 }
 
+/// Keeps finished spans in memory (an application would export them to a
+/// collector with `opentelemetry-otlp` instead).
+#[derive(Clone, Debug, Default)]
+struct Collected(Arc<Mutex<Vec<SpanData>>>);
+
+impl SpanExporter for Collected {
+    async fn export(&self, mut batch: Vec<SpanData>) -> OTelSdkResult {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .append(&mut batch);
+        Ok(())
+    }
+}
+
+impl Collected {
+    /// The spans of `trace` as an indented tree, each with its service
+    /// (the `ce_source`-like client of the span, when kontext knows it).
+    fn tree(&self, trace: TraceId) -> Vec<String> {
+        let spans: Vec<SpanData> = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|s| s.span_context.trace_id() == trace)
+            .cloned()
+            .collect();
+        let mut lines = Vec::new();
+        fn walk(spans: &[SpanData], parent: SpanId, depth: usize, lines: &mut Vec<String>) {
+            let mut children: Vec<&SpanData> = spans
+                .iter()
+                .filter(|s| s.parent_span_id == parent)
+                .collect();
+            children.sort_by_key(|s| s.start_time);
+            for s in children {
+                let topic = s
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key.as_str() == "messaging.destination.name")
+                    .map(|kv| format!(" ({})", kv.value.as_str()))
+                    .unwrap_or_default();
+                lines.push(format!("{}{}{topic}", "  ".repeat(depth), s.name));
+                walk(spans, s.span_context.span_id(), depth + 1, lines);
+            }
+        }
+        walk(&spans, SpanId::INVALID, 1, &mut lines);
+        lines
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
+    // Logs as before; spans also go to OpenTelemetry (kontext's own spans
+    // are at DEBUG), with W3C trace context in message headers.
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let collected = Collected::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(collected.clone())
+        .build();
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer("shipping-identity"))
+        .with_filter(
+            tracing_subscriber::filter::Targets::new()
+                .with_target("kontext", tracing::Level::DEBUG)
+                .with_target("shipping_identity", tracing::Level::INFO),
+        );
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        ))
+        .with(otel)
         .init();
     let settings = KafkaSettings::from_env()?;
     let broker = Broker::from_settings(&settings)?;
@@ -172,25 +254,39 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let outbox = shipping.outbox()?;
     let backend = shipping_db.get_database_backend();
+    let mut traced = None;
     for i in 0..SHIPMENTS {
         let shipment_id = format!("shp-{run}-{i:05}");
-        let mut tx = outbox.begin().await?;
-        tx.execute(Statement::from_sql_and_values(
-            backend,
-            sql(
+        // The first request is traced, as an HTTP layer would trace each.
+        let span = if i == 0 {
+            let span = tracing::info_span!("shipping.create_shipment", shipment_id);
+            traced = Some(span.context().span().span_context().trace_id());
+            span
+        } else {
+            tracing::Span::none()
+        };
+        async {
+            let mut tx = outbox.begin().await?;
+            tx.execute(Statement::from_sql_and_values(
                 backend,
-                "INSERT INTO demo_shipment (id, user_id) VALUES (?, ?)",
-            ),
-            [shipment_id.clone().into(), (i % 20).into()],
-        ))
+                sql(
+                    backend,
+                    "INSERT INTO demo_shipment (id, user_id) VALUES (?, ?)",
+                ),
+                [shipment_id.clone().into(), (i % 20).into()],
+            ))
+            .await?;
+            tx.publish(&ShipmentCreatedEvent {
+                shipment_id,
+                user_id: i % 20,
+                warehouse: "ams-1".into(),
+            })
+            .await?;
+            tx.commit().await?;
+            Ok::<_, Box<dyn std::error::Error>>(())
+        }
+        .instrument(span)
         .await?;
-        tx.publish(&ShipmentCreatedEvent {
-            shipment_id,
-            user_id: i % 20,
-            warehouse: "ams-1".into(),
-        })
-        .await?;
-        tx.commit().await?;
     }
     // A shipment whose transaction rolls back: neither row nor event exists.
     let mut tx = outbox.begin().await?;
@@ -251,5 +347,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "identity handled {} events ({} duplicates acknowledged) in {elapsed:.2?} from first commit to last handling",
         status.handled, status.duplicates
     );
+    provider.force_flush()?;
+    if let Some(trace) = traced {
+        let tree = collected.tree(trace);
+        println!("trace {trace} of the first shipment, across both services:");
+        for line in &tree {
+            println!("{line}");
+        }
+        if !tree.iter().any(|l| l.contains("kontext.process")) {
+            return Err("the identity service's handling is not in the shipment's trace".into());
+        }
+    }
+    provider.shutdown()?;
     Ok(())
 }

@@ -2,7 +2,9 @@
 //!
 //! They follow the CloudEvents Kafka protocol binding (binary content mode),
 //! so any CloudEvents-aware consumer, in any language, can read the id, type,
-//! source and time of a kontext message without knowing kontext.
+//! source and time of a kontext message without knowing kontext. A type may
+//! choose the [lean](HeaderProfile::Lean) set instead, for topics where the
+//! headers would cost more than the event.
 
 /// CloudEvents spec version; always `1.0`.
 pub const SPEC_VERSION: &str = "ce_specversion";
@@ -33,3 +35,21 @@ pub const RESERVED: &[&str] = &[
     CORRELATION_ID,
     CONTENT_TYPE,
 ];
+
+/// Which of the standard headers a type's messages carry; set per type with
+/// [`TopicBuilder::header_profile`](crate::TopicBuilder::header_profile).
+///
+/// Consumers read both: a record without the optional headers is handled
+/// the same way, its context's missing fields empty. Per-call and declared
+/// headers, the correlation id and trace context are written in both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum HeaderProfile {
+    /// The CloudEvents binary-mode set: [`SPEC_VERSION`], [`MESSAGE_ID`],
+    /// [`MESSAGE_TYPE`], [`SOURCE`], [`TIME`] and [`CONTENT_TYPE`].
+    #[default]
+    CloudEvents,
+    /// Only what kontext needs to route and de-duplicate: [`MESSAGE_ID`]
+    /// and [`MESSAGE_TYPE`]. The record's Kafka timestamp still says when
+    /// it was produced.
+    Lean,
+}

@@ -61,6 +61,7 @@ pub use consumer::{
     TransactionalHandler, UnitOfWork,
 };
 pub use error::{Error, Result};
+pub use headers::HeaderProfile;
 /// `#[derive(Topic)]`: see the [`Topic`](trait@Topic) trait.
 pub use kontext_macros::Topic;
 pub use model::{Message, Model, ModelBuilder, Topic, TopicBuilder};

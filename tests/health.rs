@@ -158,3 +158,160 @@ async fn a_hung_handler_past_the_stall_limit_is_not_live_until_it_returns() {
     until("live again", &consumer, |h| h.is_healthy()).await;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// The producer is not ready once it has reached no broker for longer than
+/// a message's delivery timeout, and ready again when the broker is back
+/// (statistics tell it without traffic). Embedded broker: it can be taken
+/// down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_without_a_broker_past_its_delivery_timeout_is_not_ready() {
+    init_tracing();
+    let broker = Broker::embedded().unwrap();
+    let topic = unique_name("pings");
+    let kontext = Kontext::builder(model(&topic))
+        .settings(KafkaSettings::new().producer(|p| {
+            p.message_timeout_ms = Some(1500);
+            p.librdkafka.set("statistics.interval.ms", "100");
+        }))
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let p = kontext.producer().unwrap();
+    p.produce(&Ping { n: 1 }).await.unwrap();
+    assert!(kontext.health().is_healthy(), "{:?}", kontext.health());
+
+    let embedded = broker.as_embedded().unwrap();
+    embedded.set_broker_up(1, false).unwrap();
+    // A message during the outage fails at its timeout, with an error.
+    let failed = p.produce(&Ping { n: 2 }).await;
+    assert!(failed.is_err(), "{failed:?}");
+    until("producer not ready", &kontext, |h| {
+        h.live && !h.ready && says(h, "producer: no broker reachable")
+    })
+    .await;
+
+    embedded.set_broker_up(1, true).unwrap();
+    until("ready again", &kontext, |h| h.is_healthy()).await;
+    // Producing works again (a message may still time out at 1.5 s while
+    // the partition leader's connection comes back: reconnect backoff).
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while let Err(e) = p.produce(&Ping { n: 3 }).await {
+        assert!(
+            Instant::now() < deadline,
+            "no delivery after the outage: {e}"
+        );
+    }
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// An outbox relay whose passes fail (its table is gone) past a lease's
+/// time is not ready, naming the database error; when the table is back,
+/// the relay recovers, the row written before goes out, and it is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_failing_past_its_lease_is_not_ready_and_recovers() {
+    use kontext::outbox::OutboxSettings;
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+
+    init_tracing();
+    let broker = broker();
+    let topic = unique_name("pings");
+    let db = kontext::testing::database().await.unwrap();
+    let kontext = Kontext::builder(model(&topic))
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            lease_ttl: Duration::from_millis(600),
+            poll_interval: Duration::from_millis(50),
+            ..OutboxSettings::default()
+        })
+        .start()
+        .await
+        .unwrap();
+    until("healthy at start", &kontext, |h| h.is_healthy()).await;
+
+    db.execute_unprepared("ALTER TABLE kontext_outbox RENAME TO kontext_outbox_away")
+        .await
+        .unwrap();
+    until("relay not ready", &kontext, |h| {
+        h.live && !h.ready && says(h, "outbox relay: passes failing")
+    })
+    .await;
+    let h = kontext.health();
+    assert!(says(&h, "kontext_outbox"), "names the table: {h:?}");
+
+    db.execute_unprepared("ALTER TABLE kontext_outbox_away RENAME TO kontext_outbox")
+        .await
+        .unwrap();
+    let tx = db.begin().await.unwrap();
+    let outbox = kontext.outbox().unwrap();
+    let id = outbox.publish(&tx, &Ping { n: 7 }).await.unwrap();
+    tx.commit().await.unwrap();
+    until("ready again", &kontext, |h| h.is_healthy()).await;
+    let records = read_topic(&broker, &topic, 1, READ_TIMEOUT).await.unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].header("ce_id"), Some(id.to_string().as_str()));
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// A member the coordinator dropped (its heartbeats answered
+/// UNKNOWN_MEMBER_ID, as for an expired session) loses its assignment: the
+/// registry counts it, the process is not ready until it rejoins, and it
+/// rejoins by itself and handles what comes next, all once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_dropped_by_its_group_is_counted_and_rejoins() {
+    init_tracing();
+    let broker = Broker::embedded().unwrap();
+    let (topic, group) = (unique_name("pings"), unique_name("g"));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let s = seen.clone();
+    let consumer = Kontext::builder(model(&topic))
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.clone())))
+        .broker(broker.clone())
+        .producer()
+        .consumers(move |c| {
+            c.handler(move |e: Ping, _: MessageContext| {
+                let s = s.clone();
+                async move {
+                    s.lock().unwrap().push(e.n);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    until("the join", &consumer, |h| h.is_healthy()).await;
+    let p = consumer.producer().unwrap();
+    p.produce(&Ping { n: 1 }).await.unwrap();
+
+    broker.as_embedded().unwrap().drop_group_members(1).unwrap();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    loop {
+        let lost = consumer.registry().services()[0].assignments_lost;
+        if lost >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lost assignment was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    until("rejoined", &consumer, |h| h.is_healthy()).await;
+    p.produce(&Ping { n: 2 }).await.unwrap();
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while seen.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "{:?}", seen.lock().unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    // Ping 1 may be handled again if its offset was not committed before
+    // the assignment was lost (a member that is gone cannot commit): at
+    // most once more. Ping 2 came after the rejoin: once.
+    let ones = seen.iter().filter(|n| **n == 1).count();
+    assert!((1..=2).contains(&ones), "{seen:?}");
+    assert_eq!(seen.iter().filter(|n| **n == 2).count(), 1, "{seen:?}");
+}

@@ -469,3 +469,169 @@ async fn broker_outage_delays_or_fails_delivery_cleanly() {
         "{payments:?}"
     );
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Tick {
+    sensor: String,
+    seq: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Calibrated {
+    sensor: String,
+    seq: u32,
+}
+
+/// Issue 18: a lean type writes only `ce_id` and `ce_type` (plus what the
+/// call and the model add); a CloudEvents type on the same topic keeps the
+/// six; one consumer handles both, every message once, with the ids the
+/// producer reported and an empty source for the lean ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_and_cloudevents_profiles_share_a_topic_and_one_consumer_reads_both() {
+    use kontext::headers::HeaderProfile;
+    use std::sync::{Arc, Mutex};
+
+    init_tracing();
+    let topic = unique_name("sensors");
+    let group = unique_name("sensors-g");
+    let t2 = topic.clone();
+    let model = Model::builder()
+        .topic::<Tick>(|t| {
+            t.name(&topic)
+                .partitions(2)
+                .key_ref(|e| &e.sensor)
+                .header_profile(HeaderProfile::Lean)
+                .header("app", "meters")
+        })
+        .topic::<Calibrated>(move |t| t.name(t2).key_ref(|e| &e.sensor))
+        .build()
+        .unwrap();
+    let kontext = Kontext::builder(model.clone())
+        .settings(KafkaSettings::new().client_id("meters"))
+        .broker(broker())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let p = kontext.producer().unwrap();
+    let n = 50u32;
+    let mut ids: BTreeMap<(String, u32), uuid::Uuid> = BTreeMap::new();
+    for seq in 0..n {
+        let sensor = format!("s-{}", seq % 5);
+        let tick = Tick {
+            sensor: sensor.clone(),
+            seq,
+        };
+        let d = if seq == 0 {
+            p.produce(&tick).correlation_id("req-1").await.unwrap()
+        } else {
+            p.produce(&tick).await.unwrap()
+        };
+        ids.insert(("Tick".into(), seq), d.message_id);
+        let d = p.produce(&Calibrated { sensor, seq }).await.unwrap();
+        ids.insert(("Calibrated".into(), seq), d.message_id);
+    }
+
+    let records = read_topic(kontext.broker(), &topic, (2 * n) as usize, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(records.len(), (2 * n) as usize);
+    for r in &records {
+        let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+        match r.header("ce_type") {
+            Some("Tick") if r.header("ce_correlationid").is_some() => {
+                assert_eq!(names, ["ce_id", "ce_type", "ce_correlationid", "app"])
+            }
+            Some("Tick") => assert_eq!(names, ["ce_id", "ce_type", "app"]),
+            Some("Calibrated") => assert_eq!(
+                names,
+                [
+                    "ce_specversion",
+                    "ce_id",
+                    "ce_type",
+                    "ce_source",
+                    "ce_time",
+                    "content-type"
+                ]
+            ),
+            other => panic!("unexpected ce_type {other:?}"),
+        }
+    }
+
+    // (type, seq, message id, source, correlation id)
+    type Seen = Arc<
+        Mutex<
+            Vec<(
+                String,
+                u32,
+                Option<uuid::Uuid>,
+                Option<String>,
+                Option<String>,
+            )>,
+        >,
+    >;
+    let seen: Seen = Arc::default();
+    let (s1, s2) = (seen.clone(), seen.clone());
+    let consumer = Kontext::builder(model)
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.clone())))
+        .broker(kontext.broker().clone())
+        .consumers(move |c| {
+            c.handler(move |e: Tick, ctx: MessageContext| {
+                let s = s1.clone();
+                async move {
+                    s.lock().unwrap().push((
+                        "Tick".into(),
+                        e.seq,
+                        ctx.message_id(),
+                        ctx.source().map(str::to_owned),
+                        ctx.correlation_id().map(str::to_owned),
+                    ));
+                    Ok(())
+                }
+            })
+            .handler(move |e: Calibrated, ctx: MessageContext| {
+                let s = s2.clone();
+                async move {
+                    s.lock().unwrap().push((
+                        "Calibrated".into(),
+                        e.seq,
+                        ctx.message_id(),
+                        ctx.source().map(str::to_owned),
+                        ctx.correlation_id().map(str::to_owned),
+                    ));
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    while seen.lock().unwrap().len() < (2 * n) as usize {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "handled {} of {}",
+            seen.lock().unwrap().len(),
+            2 * n
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), (2 * n) as usize, "each message handled once");
+    for (kind, seq, id, source, correlation) in &seen {
+        assert_eq!(
+            *id,
+            Some(ids[&(kind.clone(), *seq)]),
+            "{kind} {seq}: the id the producer reported"
+        );
+        match kind.as_str() {
+            "Tick" => assert_eq!(source.as_deref(), None, "lean: no ce_source"),
+            _ => assert_eq!(source.as_deref(), Some("meters")),
+        }
+        let expected = (kind == "Tick" && *seq == 0).then_some("req-1");
+        assert_eq!(correlation.as_deref(), expected);
+    }
+}

@@ -102,6 +102,25 @@ impl EmbeddedBroker {
         }
     }
 
+    /// Answers the next `count` group heartbeats (of any member) with
+    /// `UNKNOWN_MEMBER_ID`, as a coordinator does for a member it dropped
+    /// (its session expired, or it exceeded `max.poll.interval.ms`): to
+    /// test how a service behaves when its group goes on without it.
+    pub fn drop_group_members(&self, count: usize) -> Result<()> {
+        let cluster = self
+            .owner
+            .client()
+            .mock_cluster()
+            .ok_or(Error::EmbeddedBroker {
+                operation: "fail heartbeats",
+                source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
+            })?;
+        let errors =
+            vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID; count];
+        cluster.request_errors(rdkafka::types::RDKafkaApiKey::Heartbeat, &errors);
+        Ok(())
+    }
+
     /// Takes one broker down (connections refused) or brings it back, to
     /// test how a service behaves during an outage.
     pub fn set_broker_up(&self, broker_id: i32, up: bool) -> Result<()> {

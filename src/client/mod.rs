@@ -4,8 +4,10 @@
 //! it uses none of them.
 
 mod context;
+mod reach;
 mod tracker;
 
 pub(crate) use context::TracingContext;
+pub(crate) use reach::Reach;
 pub use tracker::{ClientCounts, ClientTracker};
 pub(crate) use tracker::{ClientGuard, ClientKind};

@@ -464,6 +464,12 @@ impl MessageContext {
         self.header_str(headers::MESSAGE_TYPE)
     }
 
+    /// The producing service (`ce_source`); `None` for messages produced
+    /// with the [lean](crate::headers::HeaderProfile::Lean) header profile.
+    pub fn source(&self) -> Option<&str> {
+        self.header_str(headers::SOURCE)
+    }
+
     /// The correlation id (`ce_correlationid`).
     pub fn correlation_id(&self) -> Option<&str> {
         self.header_str(headers::CORRELATION_ID)

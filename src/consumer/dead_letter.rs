@@ -199,7 +199,7 @@ impl DeadLetters {
         }
         let created: FutureProducer<TracingContext> = self
             .config
-            .create_with_context(TracingContext { role: ROLE })
+            .create_with_context(TracingContext::new(ROLE))
             .map_err(|source| Error::Client { role: ROLE, source })?;
         let (p, _) = self
             .producer

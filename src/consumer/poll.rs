@@ -22,7 +22,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::ClientGuard;
-use crate::client::TracingContext;
+use crate::client::{Reach, TracingContext};
 use crate::consumer::Backpressure;
 use crate::consumer::buffer::{LaneBuffer, Room, TypeStats};
 use crate::consumer::context::{Polled, Record};
@@ -109,9 +109,12 @@ pub(crate) struct ServiceShared {
     /// Whether the consumer has joined its group (had an assignment, even
     /// an empty one).
     pub(crate) joined: AtomicBool,
-    /// Milliseconds since `epoch` when librdkafka reported every broker
-    /// down; 0 while some broker is reachable.
-    brokers_down_ms: AtomicU64,
+    /// Times the consumer lost its assignment without a rebalance handing
+    /// it over (it was no longer a member: session or poll interval
+    /// exceeded, or fenced by the coordinator).
+    pub(crate) assignments_lost: AtomicU64,
+    /// Whether its consumer reaches a broker.
+    reach: Reach,
 }
 
 impl ServiceShared {
@@ -140,36 +143,14 @@ impl ServiceShared {
             settings: std::sync::OnceLock::new(),
             stall_limit: std::sync::OnceLock::new(),
             joined: AtomicBool::new(false),
-            brokers_down_ms: AtomicU64::new(0),
+            assignments_lost: AtomicU64::new(0),
+            reach: Reach::default(),
         })
-    }
-
-    /// librdkafka reports every broker down (kept from the first report).
-    fn brokers_down(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let _ = self.brokers_down_ms.compare_exchange(
-            0,
-            ms.max(1),
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
-    }
-
-    /// A broker answered (a record, a join, statistics with one up).
-    fn brokers_up(&self) {
-        if self.brokers_down_ms.load(Ordering::Relaxed) != 0 {
-            self.brokers_down_ms.store(0, Ordering::Release);
-        }
     }
 
     /// How long no broker has been reachable, if none is.
     pub(crate) fn brokers_down_for(&self) -> Option<Duration> {
-        let since = self.brokers_down_ms.load(Ordering::Acquire);
-        (since > 0).then(|| {
-            self.epoch
-                .elapsed()
-                .saturating_sub(Duration::from_millis(since))
-        })
+        self.reach.down_for()
     }
 
     pub(crate) fn state(&self) -> ServiceState {
@@ -356,7 +337,7 @@ impl ClientContext for PollContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.shared.brokers_down();
+            self.shared.reach.down();
         }
         self.tracing.error(error, reason);
     }
@@ -367,7 +348,7 @@ impl ClientContext for PollContext {
     /// count as lag.
     fn stats(&self, statistics: rdkafka::Statistics) {
         if statistics.brokers.values().any(|b| b.state == "UP") {
-            self.shared.brokers_up();
+            self.shared.reach.up();
         }
         for (name, topic) in &statistics.topics {
             for (&partition, p) in &topic.partitions {
@@ -385,6 +366,18 @@ impl ClientContext for PollContext {
 impl ConsumerContext for PollContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            if consumer.assignment_lost() {
+                // Not a handover: the group went on without this member, so
+                // it is not a member until it joins again (not ready).
+                self.shared.joined.store(false, Ordering::Release);
+                self.shared.assignments_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    service = %self.shared.name,
+                    group = %self.shared.group_id,
+                    partitions = tpl.count(),
+                    "assignment lost: this member left its group (session or poll interval exceeded, or fenced); rejoining"
+                );
+            }
             let mut state = lock(&self.state);
             state.revoke(consumer, tpl, &self.shared, self.revoke_timeout);
             tracing::info!(service = %self.shared.name, revoked = tpl.count(), "partitions revoked");
@@ -395,7 +388,7 @@ impl ConsumerContext for PollContext {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 self.shared.joined.store(true, Ordering::Release);
-                self.shared.brokers_up();
+                self.shared.reach.up();
                 let mut state = lock(&self.state);
                 for e in tpl.elements() {
                     if let Some(&lane) = state.routes.get(e.topic()) {
@@ -812,7 +805,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         assignment: Vec::new(),
     }));
     let context = PollContext {
-        tracing: TracingContext { role: "consumer" },
+        tracing: TracingContext::new("consumer"),
         shared: Arc::clone(&shared),
         state: Arc::clone(&state),
         revoke_timeout,
@@ -879,7 +872,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             };
             timeout = Duration::ZERO;
             if polled.is_ok() {
-                shared.brokers_up();
+                shared.reach.up();
             }
             match polled {
                 Ok(m) if drain_started.is_none() => lock(&state).accept(m),

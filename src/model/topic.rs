@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use crate::codec::{Codec, Json};
 use crate::consumer::{ConsumerBuilder, ConsumerSpec};
+use crate::headers::HeaderProfile;
 use crate::model::Message;
 use crate::model::name::{default_topic_name, short_type_name};
 use crate::outbox::OutboxMode;
@@ -131,6 +132,7 @@ pub struct TopicBuilder<T> {
     pub(crate) provisioning: TopicProvisioning,
     pub(crate) key: Option<KeyFn<T>>,
     pub(crate) headers: Vec<(String, HeaderSource<T>)>,
+    pub(crate) header_profile: HeaderProfile,
     pub(crate) codec: Arc<dyn Codec<T>>,
     pub(crate) consumer: Option<ConsumerSpec>,
     pub(crate) outbox_mode: OutboxMode,
@@ -159,6 +161,7 @@ impl<T: Message> TopicBuilder<T> {
             provisioning: TopicProvisioning::default(),
             key: None,
             headers: Vec::new(),
+            header_profile: HeaderProfile::default(),
             codec: Arc::new(Json),
             consumer: None,
             outbox_mode: OutboxMode::Background,
@@ -253,6 +256,15 @@ impl<T: Message> TopicBuilder<T> {
         self
     }
 
+    /// Which standard headers this type's messages carry: the CloudEvents
+    /// set (the default) or [`HeaderProfile::Lean`] (id and type only), for
+    /// high-volume topics of small events where the headers cost more than
+    /// the payload. Consumers read both.
+    pub fn header_profile(mut self, profile: HeaderProfile) -> Self {
+        self.header_profile = profile;
+        self
+    }
+
     /// The codec for this type. Defaults to [`Json`].
     pub fn codec(mut self, codec: impl Codec<T>) -> Self {
         self.codec = Arc::new(codec);
@@ -283,6 +295,7 @@ impl<T: Message> TopicBuilder<T> {
             provisioning: self.provisioning,
             key: self.key,
             headers: self.headers,
+            header_profile: self.header_profile,
             codec: self.codec,
             consumer: self.consumer,
             outbox_mode: self.outbox_mode,
@@ -309,6 +322,7 @@ pub struct TopicSpec<T> {
     pub(crate) provisioning: TopicProvisioning,
     pub(crate) key: Option<KeyFn<T>>,
     pub(crate) headers: Vec<(String, HeaderSource<T>)>,
+    pub(crate) header_profile: HeaderProfile,
     pub(crate) codec: Arc<dyn Codec<T>>,
     pub(crate) consumer: Option<ConsumerSpec>,
     pub(crate) outbox_mode: OutboxMode,
@@ -323,6 +337,7 @@ impl<T> Clone for TopicSpec<T> {
             provisioning: self.provisioning.clone(),
             key: self.key.clone(),
             headers: self.headers.clone(),
+            header_profile: self.header_profile,
             codec: Arc::clone(&self.codec),
             consumer: self.consumer.clone(),
             outbox_mode: self.outbox_mode,
@@ -362,6 +377,11 @@ impl<T> TopicSpec<T> {
             Some(f) => f(value, out),
             None => false,
         }
+    }
+
+    /// Which standard headers messages of this type carry.
+    pub fn header_profile(&self) -> HeaderProfile {
+        self.header_profile
     }
 
     /// How outbox messages of this type are sent.

@@ -42,6 +42,7 @@ mod relay;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sea_orm::{
@@ -204,6 +205,65 @@ pub(crate) struct Inner {
     relay_id: String,
     /// Owns the relay and immediate sends that outlive their commit.
     tasks: TaskTracker,
+    /// How the relay is doing, for health.
+    relay_state: RelayState,
+}
+
+/// The relay's state as health reads it.
+#[derive(Debug, Default)]
+struct RelayState {
+    /// Between the relay task's start and its end (a panic ends it too).
+    running: std::sync::atomic::AtomicBool,
+    /// Since when passes fail, and the last failure, while they do.
+    failing: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+}
+
+impl RelayState {
+    fn failing(&self) -> std::sync::MutexGuard<'_, Option<(std::time::Instant, String)>> {
+        self.failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn pass_succeeded(&self) {
+        self.failing().take();
+    }
+
+    pub(super) fn pass_failed(&self, error: String) {
+        let mut failing = self.failing();
+        let since = failing
+            .as_ref()
+            .map_or_else(std::time::Instant::now, |f| f.0);
+        *failing = Some((since, error));
+    }
+}
+
+/// Marks the relay stopped when its task ends, however it ends.
+struct Running<'a>(&'a RelayState);
+
+impl<'a> Running<'a> {
+    fn start(state: &'a RelayState) -> Self {
+        state.running.store(true, Ordering::Release);
+        Running(state)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+    }
+}
+
+/// What the relay of this process looks like to a health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RelayHealth {
+    /// No relay runs here (writer-only, or `run_relay: false`).
+    NotHere,
+    /// Its task has ended before shutdown.
+    Stopped,
+    /// Passes have failed for this long; the last error.
+    Failing(std::time::Duration, String),
+    Well,
 }
 
 impl Outbox {
@@ -232,6 +292,7 @@ impl Outbox {
                 wake: Notify::new(),
                 relay_id: Uuid::now_v7().to_string(),
                 tasks,
+                relay_state: RelayState::default(),
             }),
         }
     }
@@ -254,10 +315,44 @@ impl Outbox {
                 .tasks
                 .spawn(notify::listen(Arc::clone(&self.inner), cancel.clone()));
         }
+        // Marked running before the task is polled, so a health check right
+        // after start does not see a stopped relay.
         self.inner
-            .tasks
-            .spawn(relay::run(Arc::clone(&self.inner), cancel));
+            .relay_state
+            .running
+            .store(true, Ordering::Release);
+        let inner = Arc::clone(&self.inner);
+        self.inner.tasks.spawn(async move {
+            let _running = Running::start(&inner.relay_state);
+            relay::run(Arc::clone(&inner), cancel).await;
+        });
         Ok(())
+    }
+
+    /// How this process's relay is doing. `stopping`: a shutdown began, so
+    /// a relay that ended is not a failure.
+    pub(crate) fn relay_health(&self, stopping: bool) -> RelayHealth {
+        if !self.inner.settings.run_relay {
+            return RelayHealth::NotHere;
+        }
+        if !self.inner.relay_state.running.load(Ordering::Acquire) && !stopping {
+            return RelayHealth::Stopped;
+        }
+        match &*self.inner.relay_state.failing() {
+            Some((since, error)) => RelayHealth::Failing(since.elapsed(), error.clone()),
+            None => RelayHealth::Well,
+        }
+    }
+
+    /// The relay's producer, if this process relays.
+    pub(crate) fn relay_producer(&self) -> Option<&Producer> {
+        self.inner.sender.as_ref().map(|s| &s.producer)
+    }
+
+    /// How long the relay may fail before the process is not ready: a
+    /// lease's time, after which other instances take its shards over.
+    pub(crate) fn relay_failure_limit(&self) -> std::time::Duration {
+        self.inner.settings.lease_ttl
     }
 
     /// Writes `message` into the outbox through `conn`: pass the caller's

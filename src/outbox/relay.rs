@@ -78,6 +78,10 @@ async fn relay(inner: &Arc<Inner>, cancel: &CancellationToken) {
         // A pass is not interrupted: a batch sent but not yet deleted would
         // be sent again after a restart.
         let sent = pass(inner).await;
+        match &sent {
+            Ok(_) => inner.relay_state.pass_succeeded(),
+            Err(e) => inner.relay_state.pass_failed(e.to_string()),
+        }
         match sent {
             // More may be waiting behind a full batch.
             Ok(n) if n > 0 => {
@@ -416,22 +420,7 @@ async fn settle(
     full: bool,
     mut lost: bool,
 ) -> Result<Batch> {
-    let mut failed_keys: HashSet<&[u8]> = HashSet::new();
-    let mut done: Vec<i64> = Vec::with_capacity(rows.len());
-    let mut failed: Vec<(&row::Model, String)> = Vec::new();
-    for (r, outcome) in rows.iter().zip(outcomes) {
-        let key_failed = r.key.as_deref().is_some_and(|k| failed_keys.contains(k));
-        match outcome {
-            Sent::Delivered if !key_failed => done.push(r.seq),
-            Sent::Delivered | Sent::Skipped => {}
-            Sent::Failed(e) => {
-                if let Some(k) = &r.key {
-                    failed_keys.insert(k.as_slice());
-                }
-                failed.push((r, e));
-            }
-        }
-    }
+    let (done, failed) = sort_outcomes(rows, outcomes);
     count_by_topic(rows, &done, &failed);
     let mut sent = 0;
     for chunk in done.chunks(500) {
@@ -457,6 +446,34 @@ async fn settle(
         }
     }
     Ok(Batch { sent, full, lost })
+}
+
+/// Splits a batch into the rows to delete (delivered, and no earlier row of
+/// their key failed) and the rows that failed, with their errors. A row
+/// delivered after a failed row of its key is in neither: it stays pending
+/// and goes out again after that row, so the key's order on the topic ends
+/// with its latest row.
+fn sort_outcomes(
+    rows: &[row::Model],
+    outcomes: Vec<Sent>,
+) -> (Vec<i64>, Vec<(&row::Model, String)>) {
+    let mut failed_keys: HashSet<&[u8]> = HashSet::new();
+    let mut done: Vec<i64> = Vec::with_capacity(rows.len());
+    let mut failed: Vec<(&row::Model, String)> = Vec::new();
+    for (r, outcome) in rows.iter().zip(outcomes) {
+        let key_failed = r.key.as_deref().is_some_and(|k| failed_keys.contains(k));
+        match outcome {
+            Sent::Delivered if !key_failed => done.push(r.seq),
+            Sent::Delivered | Sent::Skipped => {}
+            Sent::Failed(e) => {
+                if let Some(k) = &r.key {
+                    failed_keys.insert(k.as_slice());
+                }
+                failed.push((r, e));
+            }
+        }
+    }
+    (done, failed)
 }
 
 /// Counts sent and failed rows per topic, once per topic per batch.
@@ -680,5 +697,62 @@ async fn send_one(
             });
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(seq: i64, key: Option<&str>) -> row::Model {
+        row::Model {
+            seq,
+            message_id: format!("m{seq}"),
+            topic: "t".into(),
+            shard: 0,
+            key: key.map(|k| k.as_bytes().to_vec()),
+            headers: "[]".into(),
+            payload: None,
+            message_type: "T".into(),
+            created_at: 0,
+            attempts: 0,
+            next_attempt_at: 0,
+            last_error: None,
+            state: row::PENDING,
+        }
+    }
+
+    /// Issue 14, defect 8: r1 of key `a` fails delivery, r3 of `a` is
+    /// delivered in the same batch. Deleting r3 would leave r1 to go out
+    /// after it (a, then a's older row): r3 stays pending instead, and the
+    /// other keys' rows are settled as usual.
+    #[test]
+    fn a_row_delivered_after_a_failed_row_of_its_key_is_kept() {
+        let rows = vec![
+            row(1, Some("a")),
+            row(2, Some("b")),
+            row(3, Some("a")),
+            row(4, None),
+            row(5, Some("b")),
+        ];
+        let outcomes = vec![
+            Sent::Failed("timed out".into()),
+            Sent::Delivered,
+            Sent::Delivered,
+            Sent::Delivered,
+            Sent::Skipped,
+        ];
+        let (done, failed) = sort_outcomes(&rows, outcomes);
+        assert_eq!(done, [2, 4], "r3 kept behind r1; r5 was not sent");
+        let failed: Vec<(i64, &str)> = failed.iter().map(|(r, e)| (r.seq, e.as_str())).collect();
+        assert_eq!(failed, [(1, "timed out")]);
+    }
+
+    #[test]
+    fn keyless_rows_do_not_hold_each_other() {
+        let rows = vec![row(1, None), row(2, None)];
+        let (done, failed) = sort_outcomes(&rows, vec![Sent::Failed("x".into()), Sent::Delivered]);
+        assert_eq!(done, [2]);
+        assert_eq!(failed.len(), 1);
     }
 }

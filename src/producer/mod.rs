@@ -20,11 +20,11 @@ use rustc_hash::FxHashMap;
 use tokio::sync::SemaphorePermit;
 use uuid::Uuid;
 
-use crate::client::TracingContext;
 use crate::client::{ClientGuard, ClientKind, ClientTracker};
+use crate::client::{Reach, TracingContext};
 use crate::config::{KafkaSettings, redacted};
 use crate::error::{Error, Result};
-use crate::headers;
+use crate::headers::{self, HeaderProfile};
 use crate::model::{HeaderSource, Message, MessageKey, Model, TopicSpec};
 use crate::telemetry::ProduceMetrics;
 
@@ -60,6 +60,8 @@ struct Inner {
     room: tokio::sync::Semaphore,
     /// Counters and latency per produced type (see `telemetry`).
     metrics: FxHashMap<TypeId, ProduceMetrics>,
+    /// Whether the client reaches a broker, for health.
+    reach: Arc<Reach>,
     _guard: ClientGuard,
 }
 
@@ -70,7 +72,12 @@ impl Producer {
         model: Arc<Model>,
         clients: &ClientTracker,
     ) -> Result<Producer> {
-        let config = settings.producer_config(bootstrap_servers);
+        let mut config = settings.producer_config(bootstrap_servers);
+        // Statistics tell when a broker is reachable again after an outage
+        // (for health) without waiting for traffic.
+        if config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", "5000");
+        }
         let setting = |name: &str, default: usize| {
             config
                 .get(name)
@@ -82,8 +89,13 @@ impl Producer {
             setting("batch.num.messages", DEFAULT_BATCH_MESSAGES),
         );
         tracing::debug!(config = ?redacted(&config), "creating producer");
+        let reach = Arc::new(Reach::default());
+        let context = TracingContext {
+            role: "producer",
+            reach: Some(Arc::clone(&reach)),
+        };
         let client = config
-            .create_with_context(TracingContext { role: "producer" })
+            .create_with_context(context)
             .map_err(|source| Error::Client {
                 role: "producer",
                 source,
@@ -103,6 +115,7 @@ impl Producer {
                 source: settings.effective_client_id().to_owned(),
                 queue_timeout: settings.message_timeout(),
                 room: tokio::sync::Semaphore::new(room),
+                reach,
                 _guard: clients.track(ClientKind::Producer),
             }),
         })
@@ -229,6 +242,18 @@ impl Producer {
     /// The measures of `T`'s messages.
     fn metrics_of<T: 'static>(&self) -> Option<&ProduceMetrics> {
         self.inner.metrics.get(&TypeId::of::<T>())
+    }
+
+    /// How long the client has reached no broker, if it reaches none.
+    pub(crate) fn brokers_down_for(&self) -> Option<Duration> {
+        self.inner.reach.down_for()
+    }
+
+    /// How long the client may reach no broker before it is not ready: a
+    /// message's delivery timeout, at most 45 s (a producer whose messages
+    /// would fail by now, or long after consumers would have left).
+    pub(crate) fn reach_limit(&self) -> Duration {
+        self.inner.queue_timeout.min(Duration::from_secs(45))
     }
 
     /// Messages queued locally or in flight, not yet acknowledged.
@@ -393,22 +418,31 @@ pub(crate) fn write_headers<T: Message, H: HeaderSink>(
 ) -> Result<H> {
     let mut id_buf = Uuid::encode_buffer();
     let id_text = encoded.message_id.hyphenated().encode_lower(&mut id_buf);
-    h = h
-        .with(headers::SPEC_VERSION, headers::SPEC_VERSION_VALUE)
-        .with(headers::MESSAGE_ID, id_text)
-        .with(headers::MESSAGE_TYPE, spec.type_name())
-        .with(headers::SOURCE, source);
-    h = TIME_TEXT.with_borrow_mut(|cache| {
-        // Many messages share a millisecond: format its RFC 3339 text once.
-        if cache.0 != encoded.timestamp || cache.1.is_empty() {
-            let at = SystemTime::UNIX_EPOCH
-                + Duration::from_millis(u64::try_from(encoded.timestamp).unwrap_or(0));
-            cache.0 = encoded.timestamp;
-            cache.1 = humantime::format_rfc3339_millis(at).to_string();
+    match spec.header_profile() {
+        HeaderProfile::CloudEvents => {
+            h = h
+                .with(headers::SPEC_VERSION, headers::SPEC_VERSION_VALUE)
+                .with(headers::MESSAGE_ID, id_text)
+                .with(headers::MESSAGE_TYPE, spec.type_name())
+                .with(headers::SOURCE, source);
+            h = TIME_TEXT.with_borrow_mut(|cache| {
+                // Many messages share a millisecond: format its RFC 3339 text once.
+                if cache.0 != encoded.timestamp || cache.1.is_empty() {
+                    let at = SystemTime::UNIX_EPOCH
+                        + Duration::from_millis(u64::try_from(encoded.timestamp).unwrap_or(0));
+                    cache.0 = encoded.timestamp;
+                    cache.1 = humantime::format_rfc3339_millis(at).to_string();
+                }
+                h.with(headers::TIME, &cache.1)
+            });
+            h = h.with(headers::CONTENT_TYPE, spec.codec().content_type());
         }
-        h.with(headers::TIME, &cache.1)
-    });
-    h = h.with(headers::CONTENT_TYPE, spec.codec().content_type());
+        HeaderProfile::Lean => {
+            h = h
+                .with(headers::MESSAGE_ID, id_text)
+                .with(headers::MESSAGE_TYPE, spec.type_name());
+        }
+    }
     if let Some(c) = &options.correlation_id {
         h = h.with(headers::CORRELATION_ID, c);
     }

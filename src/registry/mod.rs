@@ -121,9 +121,13 @@ pub struct ServiceStatus {
     /// [`TypeStatus::dead_letters_refused`]). Not zero means records were
     /// given up on: [`is_healthy`](Self::is_healthy) says `false`.
     pub dead_letters_refused: u64,
-    /// Whether its consumer has joined its group (had an assignment, even an
-    /// empty one, since it started).
+    /// Whether its consumer is a member of its group: it had an assignment
+    /// (even an empty one) and has not lost it since.
     pub joined: bool,
+    /// Times the consumer lost its assignment without a handover: the group
+    /// went on without it (session or poll interval exceeded, fenced). It
+    /// rejoins by itself; while it has not, it is not ready.
+    pub assignments_lost: u64,
     /// How long librdkafka has reported every broker down, if it has.
     pub brokers_down_for: Option<Duration>,
     /// The longest [`TypeStatus::stalled_for`] of its topics.
@@ -160,6 +164,28 @@ impl Health {
     pub fn is_healthy(&self) -> bool {
         self.live && self.ready
     }
+
+    /// Nothing failed yet.
+    pub(crate) fn new() -> Self {
+        Health {
+            live: true,
+            ready: true,
+            reasons: Vec::new(),
+        }
+    }
+
+    /// A failed liveness check (which fails readiness too).
+    pub(crate) fn not_live(&mut self, why: String) {
+        self.live = false;
+        self.ready = false;
+        self.reasons.push(why);
+    }
+
+    /// A failed readiness check.
+    pub(crate) fn not_ready(&mut self, why: String) {
+        self.ready = false;
+        self.reasons.push(why);
+    }
 }
 
 /// How long a running poll loop may go without polling before it counts as
@@ -170,11 +196,7 @@ impl ServiceStatus {
     /// Adds this service's failed checks to `health`.
     fn check(&self, health: &mut Health) {
         let name = &self.name;
-        let not_live = |why: String, h: &mut Health| {
-            h.live = false;
-            h.ready = false;
-            h.reasons.push(why);
-        };
+        let not_live = |why: String, h: &mut Health| h.not_live(why);
         match &self.state {
             ServiceState::Failed(reason) => {
                 not_live(format!("poll service {name} failed: {reason}"), health)
@@ -198,18 +220,20 @@ impl ServiceStatus {
                 health,
             );
         }
-        let not_ready = |why: String, h: &mut Health| {
-            h.ready = false;
-            h.reasons.push(why);
-        };
+        let not_ready = |why: String, h: &mut Health| h.not_ready(why);
         if self.state == ServiceState::Running && !self.joined {
-            not_ready(
+            let why = if self.assignments_lost > 0 {
+                format!(
+                    "poll service {name} lost its assignment in group {} and has not rejoined yet",
+                    self.group_id
+                )
+            } else {
                 format!(
                     "poll service {name} has not joined group {} yet",
                     self.group_id
-                ),
-                health,
-            );
+                )
+            };
+            not_ready(why, health);
         }
         let session = self
             .settings
@@ -312,6 +336,7 @@ impl Registry {
             types,
             since_last_poll: shared.since_last_poll(),
             joined: shared.joined.load(Ordering::Acquire),
+            assignments_lost: shared.assignments_lost.load(Ordering::Relaxed),
             brokers_down_for: shared.brokers_down_for(),
             tracked_entries: shared.tracked.load(Ordering::Relaxed),
             rejected: shared.rejected.load(Ordering::Relaxed),
@@ -353,11 +378,7 @@ impl Registry {
     /// Liveness and readiness of the consumers, with reasons (see
     /// [`Health`]).
     pub fn health(&self) -> Health {
-        let mut health = Health {
-            live: true,
-            ready: true,
-            reasons: Vec::new(),
-        };
+        let mut health = Health::new();
         for s in self.services() {
             s.check(&mut health);
         }

@@ -15,7 +15,7 @@ use crate::config::KafkaSettings;
 use crate::consumer::{ConsumerRuntime, Consumers, MessageStream};
 use crate::error::{Error, Result};
 use crate::model::{Message, Model};
-use crate::outbox::{Outbox, OutboxSettings, Sender};
+use crate::outbox::{Outbox, OutboxSettings, RelayHealth, Sender};
 use crate::producer::Producer;
 use crate::registry::Registry;
 use sea_orm::DatabaseConnection;
@@ -328,11 +328,37 @@ impl Kontext {
     }
 
     /// Liveness and readiness, with reasons: serve `live` on a liveness
-    /// probe and `is_healthy()` on a readiness probe. Covers the consumers
-    /// (see [`Health`](crate::registry::Health)); a producer-only instance
-    /// is live and ready.
+    /// probe and `is_healthy()` on a readiness probe.
+    ///
+    /// Consumers: see [`Health`](crate::registry::Health). The producer is
+    /// not ready while it has reached no broker for longer than a message
+    /// may take (`message.timeout.ms`, at most 45 s). The outbox relay is
+    /// not live once its task has ended before shutdown, and not ready
+    /// while its passes have failed (the database) for longer than a lease
+    /// (`OutboxSettings::lease_ttl`: other instances then take its shards)
+    /// or its producer reaches no broker, by the producer's rule.
     pub fn health(&self) -> crate::registry::Health {
-        self.registry.health()
+        let mut health = self.registry.health();
+        if let Some(p) = &self.producer {
+            producer_reach("producer", p, &mut health);
+        }
+        if let Some(o) = &self.outbox {
+            let limit = o.relay_failure_limit();
+            match o.relay_health(self.cancel.is_cancelled()) {
+                RelayHealth::NotHere | RelayHealth::Well => {}
+                RelayHealth::Stopped => {
+                    health.not_live("outbox relay: its task ended before shutdown".into())
+                }
+                RelayHealth::Failing(d, error) if d > limit => health.not_ready(format!(
+                    "outbox relay: passes failing for {d:?} (limit {limit:?}): {error}"
+                )),
+                RelayHealth::Failing(..) => {}
+            }
+            if let Some(p) = o.relay_producer() {
+                producer_reach("outbox relay's producer", p, &mut health);
+            }
+        }
+        health
     }
 
     /// Takes the [`MessageStream`] of `T`, registered with
@@ -401,5 +427,16 @@ impl Kontext {
         }
         tracing::info!("kontext stopped");
         Ok(())
+    }
+}
+
+/// Adds a failed readiness check when `producer` has reached no broker for
+/// longer than a message may take (at most 45 s).
+fn producer_reach(what: &str, producer: &Producer, health: &mut crate::registry::Health) {
+    let limit = producer.reach_limit();
+    if let Some(d) = producer.brokers_down_for().filter(|d| *d > limit) {
+        health.not_ready(format!(
+            "{what}: no broker reachable for {d:?} (limit {limit:?})"
+        ));
     }
 }
