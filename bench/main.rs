@@ -1536,6 +1536,13 @@ async fn main() -> Result<(), BoxError> {
     if args.iter().any(|a| a == "--mock-broker") {
         return mock_broker_child();
     }
+    // `--prometheus`: kontext's metrics go to a Prometheus recorder (no
+    // HTTP listener; rendered once at the end), as a service exporting them
+    // would run; without it, the facade's no-op recorder.
+    let prometheus = args.iter().any(|a| a == "--prometheus").then(|| {
+        metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
+    });
+    let prometheus = prometheus.transpose()?;
     let quick = args.iter().any(|a| a == "--quick");
     // `--only produce,consume` runs a subset (for profiling one path).
     let only: Option<Vec<String>> = args
@@ -1615,6 +1622,18 @@ async fn main() -> Result<(), BoxError> {
     }
     if run("memory") {
         scenario_memory(&b, if quick { 100_000 } else { 1_000_000 }).await?;
+    }
+    if let Some(handle) = prometheus {
+        // What the recorder holds after the run: its series and their size.
+        let text = handle.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("kontext_"))
+            .count();
+        println!(
+            "\nPrometheus recorder: {series} kontext series, {} bytes rendered",
+            text.len()
+        );
     }
     Ok(())
 }
