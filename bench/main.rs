@@ -1539,9 +1539,10 @@ async fn main() -> Result<(), BoxError> {
     // `--prometheus`: kontext's metrics go to a Prometheus recorder (no
     // HTTP listener; rendered once at the end), as a service exporting them
     // would run; without it, the facade's no-op recorder.
-    let prometheus = args.iter().any(|a| a == "--prometheus").then(|| {
-        metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
-    });
+    let prometheus = args
+        .iter()
+        .any(|a| a == "--prometheus")
+        .then(|| metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder());
     let prometheus = prometheus.transpose()?;
     let quick = args.iter().any(|a| a == "--quick");
     // `--only produce,consume` runs a subset (for profiling one path).
@@ -1626,10 +1627,7 @@ async fn main() -> Result<(), BoxError> {
     if let Some(handle) = prometheus {
         // What the recorder holds after the run: its series and their size.
         let text = handle.render();
-        let series = text
-            .lines()
-            .filter(|l| l.starts_with("kontext_"))
-            .count();
+        let series = text.lines().filter(|l| l.starts_with("kontext_")).count();
         println!(
             "\nPrometheus recorder: {series} kontext series, {} bytes rendered",
             text.len()
