@@ -974,3 +974,306 @@ async fn a_writer_only_instance_opens_no_kafka_connection_and_wakes_other_relays
     writer.shutdown(Duration::from_secs(10)).await.unwrap();
     relay.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+const CHILD_PARENT_NOW_MS: &str = "KONTEXT_TEST_CHILD_PARENT_NOW_MS";
+
+/// The live lease the test below gives shard X on the database's clock:
+/// 30 minutes, so a relay reading its own clock an hour ahead would see it
+/// as expired for half an hour.
+const LIVE_FOR_MS: i64 = 30 * 60 * 1000;
+
+/// libfaketime, preloaded into the relay's process (not through the
+/// `faketime` wrapper, so the PID the test holds is the relay's).
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+fn faketime_available() -> bool {
+    std::path::Path::new(LIBFAKETIME).exists()
+}
+
+/// Issue 14, defect 1: a relay whose clock runs an hour ahead (a process of
+/// its own under libfaketime) does not take a lease another relay holds,
+/// because expiry is judged by the database's clock. It relays the other
+/// shards meanwhile (so it does make passes), and takes the shard over as
+/// soon as the lease really expires: every row on the topic once, key order
+/// kept. PostgreSQL: on SQLite the database's clock is the process's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_clock_runs_ahead_does_not_take_a_live_lease() {
+    init_tracing();
+    if kontext::testing::database_url().is_none_or(|u| !u.starts_with("postgres")) {
+        eprintln!("skipped: the database's clock is the relay's own on SQLite (DATABASE_URL)");
+        return;
+    }
+    if !faketime_available() {
+        eprintln!("skipped: libfaketime is not installed (apt-get install faketime)");
+        return;
+    }
+    let broker = broker();
+    let url = kontext::testing::fresh_database_url().await.unwrap();
+    let db = kontext::db::connect(&url).await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 4, OutboxMode::Background);
+    let setup = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let writer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .outbox_writer(db.clone())
+        .start()
+        .await
+        .unwrap();
+    let write = |shipment: u32, seq: u32| {
+        let outbox = writer.outbox().unwrap().clone();
+        async move {
+            let mut tx = outbox.begin().await.unwrap();
+            tx.publish(&created(shipment, seq)).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    const KEYS: u32 = 20;
+    for seq in 0..3 {
+        for shipment in 0..KEYS {
+            write(shipment, seq).await;
+        }
+    }
+    let shard_of = |rows: Vec<sea_orm::QueryResult>| -> BTreeMap<u32, i32> {
+        rows.iter()
+            .map(|r| {
+                let key: Vec<u8> = r.try_get("", "key").unwrap();
+                let shard: i32 = r.try_get("", "shard").unwrap();
+                (String::from_utf8(key).unwrap().parse().unwrap(), shard)
+            })
+            .collect()
+    };
+    let shards = shard_of(
+        db.query_all(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT DISTINCT key, shard FROM kontext_outbox",
+        ))
+        .await
+        .unwrap(),
+    );
+    let x = shards[&0];
+    let in_x: Vec<u32> = shards
+        .iter()
+        .filter(|(_, s)| **s == x)
+        .map(|(k, _)| *k)
+        .collect();
+    let elsewhere: u32 = *shards.iter().find(|(_, s)| **s != x).unwrap().0;
+    let rows_in_x = 3 * in_x.len() as i64;
+
+    // Another relay holds shard X, live for 30 minutes by the database.
+    let sql = |q: String| {
+        let db = db.clone();
+        async move { db.execute_unprepared(&q).await.unwrap() }
+    };
+    sql(format!(
+        "UPDATE kontext_outbox_lease SET owner = 'another-relay', generation = generation + 1, \
+         expires_at = (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + {LIVE_FOR_MS} \
+         WHERE shard = {x}"
+    ))
+    .await;
+    let lease_of_x = || {
+        let db = db.clone();
+        async move {
+            let r = db
+                .query_one(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    format!("SELECT owner, generation FROM kontext_outbox_lease WHERE shard = {x}"),
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            let owner: Option<String> = r.try_get("", "owner").unwrap();
+            let generation: i64 = r.try_get("", "generation").unwrap();
+            (owner, generation)
+        }
+    };
+    let held = lease_of_x().await;
+    let pending_in = |shard: Option<i32>| {
+        let db = db.clone();
+        async move {
+            let filter = shard.map_or(String::new(), |s| format!(" WHERE shard = {s}"));
+            let r = db
+                .query_one(sea_orm::Statement::from_string(
+                    db.get_database_backend(),
+                    format!("SELECT COUNT(*) AS n FROM kontext_outbox{filter}"),
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            r.try_get::<i64>("", "n").unwrap()
+        }
+    };
+
+    // The relay, an hour ahead; monotonic clocks are left alone (timers).
+    let parent_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let exe = std::env::current_exe().unwrap();
+    // Its log goes to a file (shown if the test fails).
+    let log = std::env::temp_dir().join(format!("{}.log", unique_name("skewed-relay")));
+    let child = std::process::Command::new(&exe)
+        .args([
+            "--exact",
+            "skewed_relay_child_process",
+            "--ignored",
+            "--quiet",
+            "--nocapture",
+        ])
+        .env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME", "+1h")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .env("FAKETIME_NO_CACHE", "1")
+        .env(CHILD_DB, &url)
+        .env(CHILD_TOPIC, &topic)
+        .env(CHILD_BOOTSTRAP, broker.bootstrap_servers())
+        .env(CHILD_PARENT_NOW_MS, parent_now.to_string())
+        .env("RUST_LOG", "kontext=debug")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = Relay { child, log };
+    // It relays every other shard: proof that it makes passes. Then one
+    // more row elsewhere, and its relay: a later pass that tried X again.
+    let deadline = Instant::now() + READ_TIMEOUT;
+    while pending_in(None).await > rows_in_x {
+        child.check(Instant::now() < deadline, "the skewed relay sent nothing");
+        let alive = child.child.try_wait().unwrap().is_none();
+        child.check(alive, "the relay process ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    write(elsewhere, 3).await;
+    while pending_in(None).await > rows_in_x {
+        child.check(Instant::now() < deadline, "the extra row was not sent");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(pending_in(Some(x)).await, rows_in_x, "shard X untouched");
+    assert_eq!(lease_of_x().await, held, "the live lease was not taken");
+    let on_topic = read_topic(&broker, &topic, usize::MAX, Duration::from_secs(2))
+        .await
+        .unwrap();
+    let keys: BTreeSet<u32> = decode(&on_topic).iter().map(|e| e.shipment).collect();
+    assert!(
+        in_x.iter().all(|k| !keys.contains(k)),
+        "nothing of shard X was sent: {keys:?}"
+    );
+
+    // The lease really expires: the skewed relay takes it over.
+    sql(format!(
+        "UPDATE kontext_outbox_lease SET expires_at = 0 WHERE shard = {x}"
+    ))
+    .await;
+    while pending_in(None).await > 0 {
+        child.check(Instant::now() < deadline, "shard X was not taken over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (owner, generation) = lease_of_x().await;
+    assert!(generation > held.1, "a takeover bumps the generation");
+    assert_ne!(owner.as_deref(), Some("another-relay"));
+    let output = child.stop();
+    assert!(!output.contains("panicked"), "{output}");
+
+    let total = (3 * KEYS + 1) as usize;
+    let records = read_topic(&broker, &topic, total + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = records.iter().map(|r| r.header("ce_id").unwrap()).collect();
+    assert_eq!(ids.len(), total, "nothing lost");
+    assert_eq!(records.len(), total, "nothing sent twice");
+    let mut per: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    for e in decode(&records) {
+        per.entry(e.shipment).or_default().push(e.seq);
+    }
+    for (k, seqs) in per {
+        let expected: Vec<u32> = (0..if k == elsewhere { 4 } else { 3 }).collect();
+        assert_eq!(seqs, expected, "shipment {k} in order");
+    }
+    drop(writer);
+    drop(setup);
+}
+
+/// The skewed relay's process: killed by PID when the test ends, however
+/// it ends; its log shown when a check fails.
+struct Relay {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Relay {
+    fn output(&self) -> String {
+        let out = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let err = std::fs::read_to_string(self.log.with_extension("err")).unwrap_or_default();
+        format!("{out}{err}")
+    }
+
+    fn check(&mut self, ok: bool, what: &str) {
+        if !ok {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!("{what}; the relay's log:\n{}", self.output());
+        }
+    }
+
+    /// Kills the relay (it relays until killed); its log.
+    fn stop(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.output()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(self.log.with_extension("err"));
+    }
+}
+
+/// The relay of the test above, in a process whose wall clock libfaketime
+/// sets an hour ahead. Relays until its parent kills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of a_relay_whose_clock_runs_ahead_does_not_take_a_live_lease"]
+async fn skewed_relay_child_process() {
+    init_tracing();
+    let url = std::env::var(CHILD_DB).expect("started by its parent test");
+    let topic = std::env::var(CHILD_TOPIC).unwrap();
+    let bootstrap = std::env::var(CHILD_BOOTSTRAP).unwrap();
+    let parent_now: u128 = std::env::var(CHILD_PARENT_NOW_MS).unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    assert!(
+        now > parent_now + 50 * 60 * 1000,
+        "the clock is not ahead: libfaketime did not apply"
+    );
+    let db = kontext::db::connect(&url).await.unwrap();
+    let kontext = Kontext::builder(model(&topic, 4, OutboxMode::Background))
+        // librdkafka's idempotent producer stalls now and then under
+        // libfaketime (about one run in eight here: its timed waits); what
+        // this test checks, the lease, does not depend on it.
+        .settings(
+            KafkaSettings::new()
+                .provision_topics(false)
+                .producer(|p| p.idempotence = false),
+        )
+        .broker(Broker::external(bootstrap))
+        .database(db)
+        .outbox_settings(OutboxSettings {
+            poll_interval: Duration::from_millis(50),
+            ..OutboxSettings::default()
+        })
+        .migrate(false)
+        .start()
+        .await
+        .unwrap();
+    std::future::pending::<()>().await;
+    drop(kontext);
+}
