@@ -22,7 +22,7 @@
 //! - [`config`]: Kafka settings from code, files and the environment.
 //! - [`broker`]: the embedded mock cluster or an external one; topic provisioning.
 //! - `client` (internal): what every Kafka client shares: logs routed to
-//!   `tracing`, live-client counts.
+//!   `tracing`, live-client counts, broker reachability for health.
 //! - [`producer`]: typed, acknowledged produce and batch produce.
 //! - [`consumer`]: poll services (shared and dedicated), handlers, streams,
 //!   buffers and backpressure, offsets, retries, dead letters.
