@@ -179,7 +179,7 @@ impl Producer {
             Vec::with_capacity(prepared.len());
         let mut first_unawaited = 0;
         let mut results: Vec<Delivery> = Vec::with_capacity(prepared.len());
-        let capacity = 7 + spec.headers.len();
+        let capacity = headers::RESERVED.len() + spec.headers.len();
         for (message, encoded) in messages.iter().zip(prepared) {
             let headers = write_headers(
                 spec,
@@ -312,7 +312,7 @@ impl Producer {
         message: &T,
         options: &CallOptions,
     ) -> Result<(Encoded, OwnedHeaders)> {
-        let capacity = 7 + spec.headers.len() + options.headers.len();
+        let capacity = headers::RESERVED.len() + spec.headers.len() + options.headers.len();
         prepare(
             spec,
             message,

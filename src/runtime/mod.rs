@@ -252,7 +252,9 @@ pub struct Kontext {
     // last, so no client outlives the cluster it talks to.
     consumers: Option<ConsumerRuntime>,
     outbox: Option<Outbox>,
-    /// Background tasks of the outbox (relay) and inbox (cleanup).
+    /// Background tasks of the outbox (relay, notifications, immediate
+    /// sends that outlive their commit). The inbox's cleanup runs with the
+    /// consumers, on the consumer runtime's tracker.
     tasks: TaskTracker,
     cancel: CancellationToken,
     registry: Registry,
