@@ -1086,23 +1086,7 @@ async fn a_relay_whose_clock_runs_ahead_does_not_take_a_live_lease() {
          WHERE shard = {x}"
     ))
     .await;
-    let lease_of_x = || {
-        let db = db.clone();
-        async move {
-            let r = db
-                .query_one(sea_orm::Statement::from_string(
-                    db.get_database_backend(),
-                    format!("SELECT owner, generation FROM kontext_outbox_lease WHERE shard = {x}"),
-                ))
-                .await
-                .unwrap()
-                .unwrap();
-            let owner: Option<String> = r.try_get("", "owner").unwrap();
-            let generation: i64 = r.try_get("", "generation").unwrap();
-            (owner, generation)
-        }
-    };
-    let held = lease_of_x().await;
+    let held = lease_of(&db, x).await;
     let pending_in = |shard: Option<i32>| {
         let db = db.clone();
         async move {
@@ -1164,7 +1148,7 @@ async fn a_relay_whose_clock_runs_ahead_does_not_take_a_live_lease() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(pending_in(Some(x)).await, rows_in_x, "shard X untouched");
-    assert_eq!(lease_of_x().await, held, "the live lease was not taken");
+    assert_eq!(lease_of(&db, x).await, held, "the live lease was not taken");
     let on_topic = read_topic(&broker, &topic, usize::MAX, Duration::from_secs(2))
         .await
         .unwrap();
@@ -1183,7 +1167,7 @@ async fn a_relay_whose_clock_runs_ahead_does_not_take_a_live_lease() {
         child.check(Instant::now() < deadline, "shard X was not taken over");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (owner, generation) = lease_of_x().await;
+    let (owner, generation) = lease_of(&db, x).await;
     assert!(generation > held.1, "a takeover bumps the generation");
     assert_ne!(owner.as_deref(), Some("another-relay"));
     let output = child.stop();

@@ -81,14 +81,7 @@ impl EmbeddedBroker {
     /// Creates a topic. Returns `Ok(false)` if it already existed.
     /// The replication factor is capped at the number of brokers.
     pub fn create_topic(&self, name: &str, partitions: i32, replication: i32) -> Result<bool> {
-        let cluster = self
-            .owner
-            .client()
-            .mock_cluster()
-            .ok_or(Error::EmbeddedBroker {
-                operation: "create topic",
-                source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
-            })?;
+        let cluster = self.cluster("create topic")?;
         match cluster.create_topic(name, partitions, replication.clamp(1, self.brokers)) {
             Ok(()) => Ok(true),
             Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::TopicAlreadyExists) => {
@@ -107,14 +100,7 @@ impl EmbeddedBroker {
     /// (its session expired, or it exceeded `max.poll.interval.ms`): to
     /// test how a service behaves when its group goes on without it.
     pub fn drop_group_members(&self, count: usize) -> Result<()> {
-        let cluster = self
-            .owner
-            .client()
-            .mock_cluster()
-            .ok_or(Error::EmbeddedBroker {
-                operation: "fail heartbeats",
-                source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
-            })?;
+        let cluster = self.cluster("fail heartbeats")?;
         let errors =
             vec![rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID; count];
         cluster.request_errors(rdkafka::types::RDKafkaApiKey::Heartbeat, &errors);
@@ -124,14 +110,7 @@ impl EmbeddedBroker {
     /// Takes one broker down (connections refused) or brings it back, to
     /// test how a service behaves during an outage.
     pub fn set_broker_up(&self, broker_id: i32, up: bool) -> Result<()> {
-        let cluster = self
-            .owner
-            .client()
-            .mock_cluster()
-            .ok_or(Error::EmbeddedBroker {
-                operation: "set broker state",
-                source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
-            })?;
+        let cluster = self.cluster("set broker state")?;
         let result = if up {
             cluster.broker_up(broker_id)
         } else {
@@ -141,6 +120,22 @@ impl EmbeddedBroker {
             operation: "set broker state",
             source,
         })
+    }
+}
+
+impl EmbeddedBroker {
+    /// The mock cluster's handle, for `operation`.
+    fn cluster(
+        &self,
+        operation: &'static str,
+    ) -> Result<rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>> {
+        self.owner
+            .client()
+            .mock_cluster()
+            .ok_or(Error::EmbeddedBroker {
+                operation,
+                source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
+            })
     }
 }
 
