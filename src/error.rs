@@ -166,6 +166,17 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The development broker could not listen on its address (in use,
+    /// or not a local address).
+    #[error("dev broker: could not listen on {address}: {source}")]
+    Listen {
+        /// The address asked for.
+        address: String,
+        /// The system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The embedded (in-process mock) broker could not be started or used.
     #[error("embedded broker: {operation} failed: {source}")]
     EmbeddedBroker {

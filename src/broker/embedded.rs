@@ -124,6 +124,36 @@ impl EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
+    /// Makes the cluster's metadata name `host:port` as broker
+    /// `broker_id`'s address, so clients reach it through a forwarder
+    /// listening there (the mock itself binds an ephemeral port).
+    pub(crate) fn advertise(&self, broker_id: i32, host: &str, port: u16) -> Result<()> {
+        let host = std::ffi::CString::new(host).map_err(|_| Error::EmbeddedBroker {
+            operation: "advertise an address",
+            source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::InvalidArgument),
+        })?;
+        let handle = self.owner.client().native_ptr();
+        // SAFETY: as in `start`: `handle` belongs to `owner`, alive for this
+        // call; the cluster pointer is checked for null; librdkafka copies
+        // the host string under the cluster's lock before returning.
+        unsafe {
+            let mock = rdkafka::bindings::rd_kafka_handle_mock_cluster(handle);
+            if mock.is_null() {
+                return Err(Error::EmbeddedBroker {
+                    operation: "advertise an address",
+                    source: rdkafka::error::KafkaError::MockCluster(RDKafkaErrorCode::Fail),
+                });
+            }
+            rdkafka::bindings::rd_kafka_mock_broker_set_host_port(
+                mock,
+                broker_id,
+                host.as_ptr(),
+                i32::from(port),
+            );
+        }
+        Ok(())
+    }
+
     /// The mock cluster's handle, for `operation`.
     fn cluster(
         &self,

@@ -1,11 +1,13 @@
 //! Which Kafka cluster kontext talks to: the embedded mock cluster (zero
 //! set-up, for demos and tests) or an external one.
 
+mod dev;
 mod embedded;
 mod provision;
 
 use std::sync::Arc;
 
+pub use dev::DevBroker;
 pub use embedded::EmbeddedBroker;
 pub use provision::{ConfigMismatch, ProvisionReport, TopicToCreate, provision, provision_topics};
 

@@ -124,6 +124,31 @@ pub async fn provision(
                     role: "admin",
                     source,
                 })?;
+            // Metadata requests block the calling thread.
+            let (admin, checked) = {
+                let (servers, wanted) = (bootstrap_servers.clone(), topics.to_vec());
+                tokio::task::spawn_blocking(move || {
+                    let checked = refuse_without_create_topics(&admin, &servers, &wanted);
+                    (admin, checked)
+                })
+                .await
+                .map_err(|e| Error::Provision {
+                    topic: String::new(),
+                    reason: format!("the broker check did not finish: {e}"),
+                    source: None,
+                })?
+            };
+            let (topics, existing) = checked?;
+            for topic in &existing {
+                record(&mut report, topic, false);
+            }
+            if topics.is_empty() {
+                // A mock with every topic: it cannot describe configs, but
+                // partition counts it reports.
+                check_partitions(admin, &existing, &mut report).await?;
+                return Ok(report);
+            }
+            let topics = &topics;
             let new_topics: Vec<NewTopic<'_>> = topics
                 .iter()
                 .map(|t| {
@@ -169,6 +194,68 @@ pub async fn provision(
         }
     }
     Ok(report)
+}
+
+/// The mock cluster (the embedded broker, or kontext's dev broker in
+/// another process) names itself `mockCluster…` in metadata.
+const MOCK_CLUSTER_ID_PREFIX: &str = "mockCluster";
+
+/// The mock cluster does not implement CreateTopics: librdkafka would wait
+/// out the whole admin timeout and report a bare `OperationTimedOut`. Ask
+/// for the cluster id first (one metadata round trip) and, on a mock,
+/// record the topics that exist and refuse the missing ones by name.
+/// Returns the topics still to create through CreateTopics and those found
+/// to exist.
+fn refuse_without_create_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    bootstrap_servers: &str,
+    topics: &[TopicToCreate],
+) -> Result<(Vec<TopicToCreate>, Vec<TopicToCreate>)> {
+    let names = || {
+        topics
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let client = admin.inner();
+    let cluster_id = client.fetch_cluster_id(ADMIN_TIMEOUT);
+    let Some(cluster_id) = cluster_id else {
+        return Err(Error::Provision {
+            topic: names(),
+            reason: format!("no broker at `{bootstrap_servers}` answered within {ADMIN_TIMEOUT:?}"),
+            source: None,
+        });
+    };
+    if !cluster_id.starts_with(MOCK_CLUSTER_ID_PREFIX) {
+        return Ok((topics.to_vec(), Vec::new()));
+    }
+    // Listing every topic never auto-creates one.
+    let metadata = client
+        .fetch_metadata(None, ADMIN_TIMEOUT)
+        .map_err(|source| Error::Provision {
+            topic: names(),
+            reason: "could not list the broker's topics".into(),
+            source: Some(Box::new(source)),
+        })?;
+    let (existing, missing): (Vec<TopicToCreate>, Vec<TopicToCreate>) = topics
+        .iter()
+        .cloned()
+        .partition(|topic| metadata.topics().iter().any(|t| t.name() == topic.name));
+    if missing.is_empty() {
+        return Ok((Vec::new(), existing));
+    }
+    let missing: Vec<&str> = missing.iter().map(|t| t.name.as_str()).collect();
+    Err(Error::Provision {
+        topic: missing.join(","),
+        reason: format!(
+            "the broker at `{bootstrap_servers}` is librdkafka's mock cluster (cluster id \
+             `{cluster_id}`, e.g. kontext's dev broker), which does not support \
+             CreateTopics; create the topics there (`DevBroker::create_topics`) or \
+             set `provision_topics = false`"
+        ),
+        source: None,
+    })
 }
 
 fn record(report: &mut ProvisionReport, topic: &TopicToCreate, created: bool) {

@@ -855,13 +855,10 @@ fn plan(
         let info = model.type_info(id).ok_or(Error::UnknownType {
             type_name: registration.rust_type,
         })?;
+        let dead_letter_topic =
+            info.dead_letter_topic(settings.consumer.dead_letter_topic.as_deref());
         let spec = info.consumer.cloned().unwrap_or_default();
         let topic: Arc<str> = Arc::from(info.topic);
-        let dead_letter_topic = spec
-            .dead_letter_topic
-            .clone()
-            .or_else(|| settings.consumer.dead_letter_topic.clone())
-            .unwrap_or_else(|| format!("{topic}.dlq"));
         let planned = PlannedType {
             registration,
             topic,

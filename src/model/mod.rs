@@ -186,6 +186,11 @@ impl Model {
         })
     }
 
+    /// Every declared type, in declaration order.
+    pub(crate) fn type_infos(&self) -> impl Iterator<Item = TypeInfo<'_>> + '_ {
+        self.order.iter().filter_map(|id| self.type_info(*id))
+    }
+
     /// The types declared on `topic`, in declaration order.
     pub(crate) fn types_on<'a>(
         &'a self,
@@ -409,6 +414,18 @@ pub(crate) struct TypeInfo<'a> {
     pub(crate) topic: &'a str,
     pub(crate) discriminator: &'a str,
     pub(crate) consumer: Option<&'a ConsumerSpec>,
+}
+
+impl TypeInfo<'_> {
+    /// Where this type's consumers send dead letters: the consumer
+    /// declaration's topic, else `fallback` (the settings'
+    /// `consumer.dead_letter_topic`), else `<topic>.dlq`.
+    pub(crate) fn dead_letter_topic(&self, fallback: Option<&str>) -> String {
+        self.consumer
+            .and_then(|c| c.dead_letter_topic.clone())
+            .or_else(|| fallback.map(str::to_owned))
+            .unwrap_or_else(|| format!("{}.dlq", self.topic))
+    }
 }
 
 /// A [`TopicSpec`] with its type erased, so the model can hold many types.
