@@ -34,6 +34,7 @@
 //! separates levels).
 
 mod secret;
+mod service;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -45,6 +46,7 @@ use rdkafka::ClientConfig;
 use serde::Deserialize;
 
 pub use secret::{Properties, Secret, is_sensitive_property};
+pub use service::{DatabaseSettings, ServiceConfig};
 
 use crate::error::{Error, Result};
 

@@ -11,7 +11,7 @@ pub use crate::client::{ClientCounts, ClientTracker};
 pub use signal::shutdown_signal;
 
 use crate::broker::{Broker, ProvisionReport, provision_topics};
-use crate::config::KafkaSettings;
+use crate::config::{KafkaSettings, Secret, ServiceConfig};
 use crate::consumer::{ConsumerRuntime, Consumers, MessageStream};
 use crate::error::{Error, Result};
 use crate::model::{Message, Model};
@@ -36,6 +36,8 @@ pub struct KontextBuilder {
     producer: bool,
     consumers: Consumers,
     database: Option<DatabaseConnection>,
+    /// Connected at `start()` when no connection was given.
+    database_url: Option<Secret>,
     /// The database is used to write outbox rows only (no relay here).
     writer_only: bool,
     outbox: OutboxSettings,
@@ -52,6 +54,38 @@ impl KontextBuilder {
         self.database = Some(db);
         self.producer = true;
         self.writer_only = false;
+        self
+    }
+
+    /// Like [`database`](Self::database), connecting to `url` at
+    /// [`start`](Self::start) (`sqlite://...`, `postgres://...`).
+    pub fn database_url(mut self, url: impl Into<Secret>) -> Self {
+        self.database_url = Some(url.into());
+        self.producer = true;
+        self.writer_only = false;
+        self
+    }
+
+    /// Uses the settings and the database of one configuration: the
+    /// shortest correct set-up of a service is
+    ///
+    /// ```no_run
+    /// # use kontext::prelude::*;
+    /// # async fn run(model: Model) -> kontext::Result<()> {
+    /// let config = kontext::config::ServiceConfig::from_file("config.toml")?;
+    /// let kontext = Kontext::builder(model).config(config).start().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// With a `[database]` URL this registers the outbox, its relay and
+    /// the producer (as [`database_url`](Self::database_url)); without
+    /// one, nothing but the settings: register roles as usual.
+    pub fn config(mut self, config: ServiceConfig) -> Self {
+        self.settings = config.kafka;
+        if let Some(db) = config.database {
+            self.migrate = db.migrate;
+            self = self.database_url(db.url);
+        }
         self
     }
 
@@ -153,7 +187,12 @@ impl KontextBuilder {
         };
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
-        let outbox = match &self.database {
+        let database = match (self.database, &self.database_url) {
+            (Some(db), _) => Some(db),
+            (None, Some(url)) => Some(crate::db::connect(url.expose()).await?),
+            (None, None) => None,
+        };
+        let outbox = match &database {
             Some(db) => {
                 self.outbox.validate()?;
                 if self.migrate {
@@ -224,6 +263,7 @@ impl KontextBuilder {
         Ok(Kontext {
             consumers,
             outbox,
+            database,
             tasks,
             cancel,
             registry,
@@ -252,6 +292,7 @@ pub struct Kontext {
     // last, so no client outlives the cluster it talks to.
     consumers: Option<ConsumerRuntime>,
     outbox: Option<Outbox>,
+    database: Option<DatabaseConnection>,
     /// Background tasks of the outbox (relay, notifications, immediate
     /// sends that outlive their commit). The inbox's cleanup runs with the
     /// consumers, on the consumer runtime's tracker.
@@ -276,6 +317,7 @@ impl Kontext {
             producer: false,
             consumers: Consumers::default(),
             database: None,
+            database_url: None,
             writer_only: false,
             outbox: OutboxSettings::default(),
             migrate: true,
@@ -286,6 +328,14 @@ impl Kontext {
     /// ([`KontextBuilder::database`]).
     pub fn outbox(&self) -> Result<&Outbox> {
         self.outbox
+            .as_ref()
+            .ok_or(Error::RoleNotRegistered { role: "database" })
+    }
+
+    /// The database connection kontext uses (the application's own
+    /// queries share its pool), or [`Error::RoleNotRegistered`] without one.
+    pub fn database(&self) -> Result<&DatabaseConnection> {
+        self.database
             .as_ref()
             .ok_or(Error::RoleNotRegistered { role: "database" })
     }
