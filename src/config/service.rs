@@ -94,6 +94,8 @@ impl ServiceConfig {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    // figment::Jail's closures return figment's own (large) error type.
+    #![allow(clippy::result_large_err)]
 
     use super::*;
 
