@@ -61,23 +61,37 @@ impl ServiceConfig {
     /// missing file is an error; missing sections are defaults (embedded
     /// broker, no database).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        Self::read(path.as_ref(), "database", &format!("{ENV_PREFIX}DATABASE_"))
+    }
+
+    /// Like [`from_file`](Self::from_file) for one of several services
+    /// sharing a file: the database is `[<service>.database]`, overridden
+    /// by `KONTEXT_<SERVICE>_DATABASE_URL`; `[kafka]` is shared.
+    pub fn from_file_for(path: impl AsRef<Path>, service: &str) -> Result<Self> {
+        let env = format!(
+            "{ENV_PREFIX}{}_DATABASE_",
+            service.to_ascii_uppercase().replace(['-', '.'], "_")
+        );
+        Self::read(path.as_ref(), &format!("{service}.database"), &env)
+    }
+
+    fn read(path: &Path, database_section: &str, env_prefix: &str) -> Result<Self> {
         let kafka = KafkaSettings::from_file(path, "kafka")?;
         let file = match path.extension().and_then(|e| e.to_str()) {
             Some("json") => Figment::from(Json::file(path)),
             _ => Figment::from(Toml::file(path)),
         };
         let section = file
-            .focus("database")
-            .merge(Env::prefixed(&format!("{ENV_PREFIX}DATABASE_")).only(&["url", "migrate"]));
+            .focus(database_section)
+            .merge(Env::prefixed(env_prefix).only(&["url", "migrate"]));
         let database: DatabaseSection = section.extract().map_err(|e| Error::Config {
-            message: format!("`[database]` in `{}`: {e}", path.display()),
+            message: format!("`[{database_section}]` in `{}`: {e}", path.display()),
             source: Some(Box::new(e)),
         })?;
         let database = match database.url {
             Some(url) if url.expose().trim().is_empty() => {
                 return Err(Error::config(format!(
-                    "`[database] url` in `{}` is empty; omit the section to run without a database",
+                    "`[{database_section}] url` in `{}` is empty; omit it to run without a database",
                     path.display()
                 )));
             }
@@ -140,6 +154,30 @@ mod tests {
                 !format!("{db:?}").contains("u:p@"),
                 "the URL stays out of logs"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn services_sharing_a_file_have_their_own_database() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "config.toml",
+                r#"
+                    [kafka]
+                    client_id = "shipping"
+                    [shipping-api.database]
+                    url = "sqlite://api.db"
+                    [identity.database]
+                    url = "sqlite://identity.db"
+                "#,
+            )?;
+            jail.set_env("KONTEXT_IDENTITY_DATABASE_URL", "sqlite://other.db");
+            let api = ServiceConfig::from_file_for("config.toml", "shipping-api").unwrap();
+            let identity = ServiceConfig::from_file_for("config.toml", "identity").unwrap();
+            assert_eq!(api.database.unwrap().url.expose(), "sqlite://api.db");
+            assert_eq!(identity.database.unwrap().url.expose(), "sqlite://other.db");
+            assert_eq!(api.kafka.client_id.as_deref(), Some("shipping"));
             Ok(())
         });
     }
