@@ -1,0 +1,41 @@
+//! The identity worker alone: consumes `ShipmentCreatedEvent` with the
+//! inbox in a unit of work, writes a user-activity row and publishes
+//! `UserActivityRecorded` through its own outbox. Registers consumers only
+//! (and the outbox for its follow-up events).
+//!
+//! `cargo run -p kontext-shipping --bin identity-worker [-- --config path]`
+
+use std::process::ExitCode;
+
+use kontext_shipping::infrastructure::{
+    IDENTITY_WORKER, config_path, init_tracing, load, start_identity,
+};
+use kontext_shipping::run::announce;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_tracing();
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("identity-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let path = config_path();
+    let config = load(&path, IDENTITY_WORKER).map_err(|e| e.to_string())?;
+    let timeout = config.app.shutdown_timeout();
+    let kontext = start_identity(config.kontext, None).await?;
+    announce(&format!(
+        "identity-worker consuming from {}",
+        kontext.broker().bootstrap_servers()
+    ));
+    // Drains what it holds, commits its offsets, lets the relay finish.
+    kontext
+        .run_until(kontext::shutdown_signal(), timeout)
+        .await?;
+    Ok(())
+}

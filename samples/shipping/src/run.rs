@@ -1,0 +1,58 @@
+//! Serving the API and running the worker until asked to stop, for the
+//! binaries: both stop gracefully (the API finishes its requests, then
+//! kontext drains, commits and flushes) and say where they listen on
+//! stdout, one line each, for scripts and tests.
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::{Arc, Weak};
+
+use kontext::Kontext;
+
+use crate::api::{AppState, router};
+use crate::application::ShipmentService;
+use crate::infrastructure::{AppSettings, KontextShipments};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Prints one line on stdout and flushes it (stdout may be a pipe).
+pub fn announce(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// A bound HTTP listener, so the address is known before serving.
+pub async fn bind(app: &AppSettings) -> Result<tokio::net::TcpListener, BoxError> {
+    tokio::net::TcpListener::bind(app.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", app.listen).into())
+}
+
+/// Serves the shipping API on `listener` until `stop` completes, then stops
+/// kontext within the configured shutdown timeout.
+pub async fn serve_api(
+    kontext: Kontext,
+    listener: tokio::net::TcpListener,
+    app: &AppSettings,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let kontext = Arc::new(kontext);
+    // The router holds a weak reference, so the last strong one is ours
+    // and kontext can be shut down by value once serving ended.
+    let weak: Weak<Kontext> = Arc::downgrade(&kontext);
+    let state = AppState {
+        service: ShipmentService::new(KontextShipments::new(&kontext)?),
+        health: Box::new(move || weak.upgrade().map(|k| k.health())),
+    };
+    let address = listener.local_addr()?;
+    announce(&format!("shipping-api listening on http://{address}"));
+    axum::serve(listener, router(state, app.max_body_bytes))
+        .with_graceful_shutdown(stop)
+        .await?;
+    tracing::info!("HTTP server stopped; stopping kontext");
+    let kontext = Arc::try_unwrap(kontext)
+        .map_err(|_| "the HTTP server still holds kontext after it stopped")?;
+    kontext.shutdown(app.shutdown_timeout()).await?;
+    Ok(())
+}
