@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::consumer::Backpressure;
-use crate::consumer::context::{Polled, Record};
-use crate::consumer::poll::lock;
+use crate::consumer::context::{Lender, Polled, Record};
+use crate::consumer::sync::lock;
 
 /// Counters of one type, readable from the registry.
 #[derive(Debug, Default)]
@@ -231,6 +231,14 @@ impl LaneBuffer {
     /// The worker hands back messages it finished with (emptying `from`).
     pub(crate) fn retire(&self, from: &mut Vec<Polled>) {
         lock(&self.retired).append(from);
+    }
+
+    /// Takes the messages `lender` retired, for the poll thread to drop.
+    pub(crate) fn take_back_from(&self, lender: &mut Lender) {
+        let finished = lender.finished();
+        if !finished.is_empty() {
+            self.retire(finished);
+        }
     }
 
     /// Destroys the retired messages, on the calling (poll) thread; `spare`
@@ -484,6 +492,32 @@ impl Drop for WorkerRunning {
             .ownership
             .worker_running
             .store(false, Ordering::Release);
+    }
+}
+
+/// What the registry reads of a type: its lane's buffer and its counters.
+pub(crate) struct LaneProbe {
+    pub(crate) buffer: Arc<LaneBuffer>,
+    pub(crate) stats: Arc<TypeStats>,
+}
+
+impl crate::registry::TypeProbe for LaneProbe {
+    fn fill(&self, status: &mut crate::registry::TypeStatus) {
+        let (b, s) = (&self.buffer, &self.stats);
+        status.buffered = b.len();
+        status.capacity = b.capacity();
+        status.paused = b.paused.load(Ordering::Acquire);
+        status.stalled_for = b.stalled_for();
+        status.workers = b.workers.load(Ordering::Relaxed);
+        status.busy_workers = b.busy.load(Ordering::Relaxed);
+        status.received = s.received.load(Ordering::Relaxed);
+        status.handled = s.handled.load(Ordering::Relaxed);
+        status.failed = s.failed.load(Ordering::Relaxed);
+        status.retried = s.retried.load(Ordering::Relaxed);
+        status.dead_lettered = s.dead_lettered.load(Ordering::Relaxed);
+        status.dead_letters_refused = s.dead_letters_refused.load(Ordering::Relaxed);
+        status.dropped = s.dropped.load(Ordering::Relaxed);
+        status.duplicates = s.duplicates.load(Ordering::Relaxed);
     }
 }
 

@@ -17,9 +17,33 @@ use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::consumer::buffer::LaneBuffer;
-use crate::consumer::poll::{Rejection, lock};
+use crate::consumer::sync::lock;
 use crate::headers;
+
+/// Why a record could not be routed to a type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Rejection {
+    Tombstone,
+    MissingType,
+    UnknownType(String),
+    /// A type of the model on this topic that this group neither consumes,
+    /// ignores, nor leaves to another group.
+    NotConsumed(String),
+}
+
+impl Rejection {
+    pub(crate) fn reason(&self) -> String {
+        match self {
+            Rejection::Tombstone => "tombstone (record without payload)".into(),
+            Rejection::MissingType => "no ce_type header, and several types share the topic".into(),
+            Rejection::UnknownType(t) => format!("unknown type `{t}` for this topic"),
+            Rejection::NotConsumed(t) => format!(
+                "type `{t}` is declared on this topic but this consumer group does not consume it; \
+                 consume it, `ignore` it, or give it its own group in the model"
+            ),
+        }
+    }
+}
 
 /// A librdkafka message kept past the poll call that returned it.
 ///
@@ -247,18 +271,17 @@ impl Lender {
         Lent(Some(shared))
     }
 
-    /// Keeps a finished record's message for [`hand_back`](Self::hand_back).
+    /// Keeps a finished record's message for the lane to take back.
     pub(crate) fn retire(&mut self, mut record: Record) {
         if let Some(polled) = record.polled.take() {
             self.finished.push(polled);
         }
     }
 
-    /// Gives the retired messages to the lane, for the poll thread to drop.
-    pub(crate) fn hand_back(&mut self, lane: &LaneBuffer) {
-        if !self.finished.is_empty() {
-            lane.retire(&mut self.finished);
-        }
+    /// The retired messages, for the lane to take
+    /// ([`LaneBuffer::take_back_from`](crate::consumer::buffer::LaneBuffer::take_back_from)).
+    pub(crate) fn finished(&mut self) -> &mut Vec<Polled> {
+        &mut self.finished
     }
 
     /// Gives the message back to `record` once the handler is done.

@@ -16,8 +16,8 @@ mod handler;
 mod offsets;
 pub(crate) mod poll;
 mod pool;
-mod spec;
 mod stream;
+mod sync;
 mod uow;
 mod worker;
 
@@ -34,14 +34,14 @@ use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use context::MessageContext;
-pub use dead_letter::dlq_headers;
-pub use handler::{Handler, HandlerError};
-pub use poll::ServiceState;
-pub use spec::{
+pub use crate::model::consumer::{
     Backpressure, ConsumerBuilder, ConsumerSpec, DEFAULT_MAX_BUFFERED, DedicatedBuilder,
     DedicatedSpec, Distribution, RetryPolicy, WorkerSpec,
 };
+pub use crate::registry::ServiceState;
+pub use context::MessageContext;
+pub use dead_letter::dlq_headers;
+pub use handler::{Handler, HandlerError};
 pub use stream::{MessageStream, Received};
 pub use uow::{TransactionalHandler, UnitOfWork};
 
@@ -374,7 +374,7 @@ impl ConsumerRuntime {
                 planned.dedicated.is_some(),
                 planned.start_immediately,
             );
-            registry.add_service(Arc::clone(&shared));
+            registry.add_service(Arc::clone(&shared) as Arc<dyn crate::registry::ServiceProbe>);
             let env = WorkerEnv {
                 shared: Arc::clone(&shared),
                 dead_letters: Arc::clone(&dead_letters),
@@ -446,8 +446,10 @@ impl ConsumerRuntime {
                             stream: t.registration.stream,
                             backpressure: mode,
                             dead_letter_topic: t.dead_letter_topic.clone(),
-                            buffer: Arc::clone(&buffer),
-                            stats: Arc::clone(&stats),
+                            probe: Arc::new(buffer::LaneProbe {
+                                buffer: Arc::clone(&buffer),
+                                stats: Arc::clone(&stats),
+                            }),
                         },
                     );
                     let inbox = t.spec.inbox.clone().map(|spec| {
@@ -558,7 +560,7 @@ impl ConsumerRuntime {
 
     /// Takes the stream of `T`; only once.
     pub(crate) fn take_stream<T: Message>(&self) -> Result<MessageStream<T>> {
-        let mut streams = poll::lock(&self.streams);
+        let mut streams = sync::lock(&self.streams);
         let boxed = streams.remove(&TypeId::of::<T>()).ok_or_else(|| {
             Error::config(format!(
                 "no stream of `{}` to take: register it with `consumers(|c| c.stream::<{}>())`, and take it once",

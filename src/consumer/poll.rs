@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -25,50 +25,47 @@ use crate::client::ClientGuard;
 use crate::client::{Reach, TracingContext};
 use crate::consumer::Backpressure;
 use crate::consumer::buffer::{LaneBuffer, Room, TypeStats};
-use crate::consumer::context::{Polled, Record};
+use crate::consumer::context::{Polled, Record, Rejection};
 use crate::consumer::dead_letter::Sent;
 use crate::consumer::offsets::OffsetTracker;
+use crate::consumer::sync::lock;
 use crate::headers;
+use crate::registry::{ServiceProbe, ServiceState, ServiceStatus};
 use crate::telemetry::{ServiceMetrics, TypeCounters};
 
-/// Lifecycle of a poll service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ServiceState {
-    /// Declared with `start_immediately(false)` and not started yet.
-    Waiting,
-    /// Polling.
-    Running,
-    /// Shutting down: no new records, buffers draining.
-    Draining,
-    /// Stopped cleanly.
-    Stopped,
-    /// Died; the reason is logged too. Other services keep running.
-    Failed(String),
-}
+impl ServiceProbe for ServiceShared {
+    fn name(&self) -> &str {
+        &self.name
+    }
 
-/// Why a record could not be routed to a type.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Rejection {
-    Tombstone,
-    MissingType,
-    UnknownType(String),
-    /// A type of the model on this topic that this group neither consumes,
-    /// ignores, nor leaves to another group.
-    NotConsumed(String),
-}
-
-impl Rejection {
-    pub(crate) fn reason(&self) -> String {
-        match self {
-            Rejection::Tombstone => "tombstone (record without payload)".into(),
-            Rejection::MissingType => "no ce_type header, and several types share the topic".into(),
-            Rejection::UnknownType(t) => format!("unknown type `{t}` for this topic"),
-            Rejection::NotConsumed(t) => format!(
-                "type `{t}` is declared on this topic but this consumer group does not consume it; \
-                 consume it, `ignore` it, or give it its own group in the model"
-            ),
+    fn status(&self) -> ServiceStatus {
+        ServiceStatus {
+            name: self.name.clone(),
+            group_id: self.group_id.clone(),
+            dedicated: self.dedicated,
+            state: self.state(),
+            assigned_partitions: lock(&self.assigned).clone(),
+            paused_partitions: lock(&self.paused).clone(),
+            types: Vec::new(),
+            since_last_poll: self.since_last_poll(),
+            joined: self.joined.load(Ordering::Acquire),
+            assignments_lost: self.assignments_lost.load(Ordering::Relaxed),
+            brokers_down_for: self.brokers_down_for(),
+            tracked_entries: self.tracked.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            dead_letters_refused: self.dead_letters_refused.load(Ordering::Relaxed),
+            settings: self.settings.get().cloned().unwrap_or_default(),
+            stalled_for: None,
+            stall_limit: self
+                .stall_limit
+                .get()
+                .copied()
+                .unwrap_or(Duration::from_secs(120)),
         }
+    }
+
+    fn start(&self) {
+        ServiceShared::start(self);
     }
 }
 
@@ -1278,10 +1275,4 @@ fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, service: &str) {
         Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
         Err(e) => tracing::warn!(service, error = %e, "offset commit failed"),
     }
-}
-
-/// Locks a mutex, recovering from poisoning: the state is plain data and a
-/// panicking handler never holds these locks.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

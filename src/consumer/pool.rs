@@ -26,8 +26,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::consumer::buffer::LaneBuffer;
 use crate::consumer::context::{Lender, Record, Shared};
-use crate::consumer::spec::{Distribution, WorkerSpec};
 use crate::consumer::worker::{ActiveWorker, Attempted, Step, TypeWorker, WorkerEnv, reject};
+use crate::model::consumer::{Distribution, WorkerSpec};
 
 /// How often a lag-scaled pool looks at its lag.
 pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(1);
@@ -268,7 +268,7 @@ impl State {
     /// Reports what finished to the lane and hands the messages back.
     fn report(&mut self, buffer: &LaneBuffer) {
         buffer.completed(&mut self.finished);
-        self.lender.hand_back(buffer);
+        buffer.take_back_from(&mut self.lender);
     }
 }
 
@@ -323,7 +323,7 @@ pub(crate) async fn run_pool(
                     },
                 );
                 buffer.discard(gone);
-                st.lender.hand_back(&buffer);
+                buffer.take_back_from(&mut st.lender);
                 revoking = Some(n);
             }
         }

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::consumer::worker::{Dispatch, Outcome};
 use crate::consumer::{HandlerError, MessageContext};
 use crate::error::{Error, Result};
-use crate::inbox::{Inbox, Recorded};
+use crate::inbox::{Inbox, Origin, Recorded};
 use crate::model::Message;
 use crate::outbox::Outbox;
 
@@ -100,7 +100,16 @@ impl<T: Message, H: TransactionalHandler<T>> Dispatch<T> for TransactionalDispat
         };
         if let Some(inbox) = &self.inbox {
             match inbox
-                .record(&txn, &message as &(dyn Any + Sync), &ctx)
+                .record(
+                    &txn,
+                    &message as &(dyn Any + Sync),
+                    &Origin {
+                        message_id: ctx.message_id(),
+                        topic: ctx.topic(),
+                        partition: ctx.partition(),
+                        offset: ctx.offset(),
+                    },
+                )
                 .await
             {
                 Ok(Recorded::New) => {}

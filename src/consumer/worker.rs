@@ -17,10 +17,11 @@ use std::collections::VecDeque;
 
 use crate::codec::CodecError;
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
+use crate::consumer::context::Rejection;
 use crate::consumer::context::{Lender, Record, Shared};
 use crate::consumer::dead_letter::{DeadLetters, Failure, FailureReason, Sent};
 use crate::consumer::handler::{Action, HandlerError};
-use crate::consumer::poll::{Rejection, ServiceShared};
+use crate::consumer::poll::ServiceShared;
 use crate::consumer::{MessageContext, RetryPolicy};
 use crate::headers;
 use crate::model::{Message, TopicSpec};
@@ -139,7 +140,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 // The lane drops the records of revoked partitions before
                 // this worker starts another one.
                 if lane.revocation_pending() {
-                    lender.hand_back(lane);
+                    lane.take_back_from(lender);
                     return true;
                 }
                 let Some(mut record) = batch.pop_front() else {
@@ -223,7 +224,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                             lane.discard_revoked();
                             lender.retire(record);
                             lane.apply_revocations(batch, |r| lender.retire(r));
-                            lender.hand_back(lane);
+                            lane.take_back_from(lender);
                             return true;
                         }
                         lane.apply_revocations(batch, |r| lender.retire(r));
@@ -240,11 +241,11 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 // queued behind it) for as long as records keep coming.
                 // Not every record: each yield can wake an idle thread.
                 if seq % YIELD_EVERY == 0 {
-                    lender.hand_back(lane);
+                    lane.take_back_from(lender);
                     tokio::task::yield_now().await;
                 }
             }
-            lender.hand_back(lane);
+            lane.take_back_from(lender);
             true
         })
     }
@@ -491,7 +492,7 @@ pub(crate) async fn run_lane(
     loop {
         if buffer.revocation_pending() {
             buffer.apply_revocations(&mut batch, |r| lender.retire(r));
-            lender.hand_back(&buffer);
+            buffer.take_back_from(&mut lender);
         }
         if batch.is_empty() {
             buffer.take(&mut batch, TAKE);
@@ -539,7 +540,7 @@ pub(crate) async fn run_lane(
                     if finished {
                         buffer.finished(record.seq);
                         lender.retire(record);
-                        lender.hand_back(&buffer);
+                        buffer.take_back_from(&mut lender);
                     }
                     finished
                 }

@@ -3,8 +3,9 @@
 //! [`ModelBuilder::build`], then frozen in a [`Model`] that producers and
 //! consumers share.
 
+pub(crate) mod consumer;
 mod derive;
-mod error;
+pub(crate) mod inbox;
 pub mod name;
 mod topic;
 
@@ -18,15 +19,21 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub use crate::error::{ModelError, ModelIssue};
+pub use consumer::{
+    Backpressure, ConsumerBuilder, ConsumerSpec, DEFAULT_MAX_BUFFERED, DedicatedBuilder,
+    DedicatedSpec, Distribution, RetryPolicy, WorkerSpec,
+};
 #[doc(hidden)]
 pub use derive::DerivedTopic;
 pub use derive::Topic;
-pub use error::{ModelError, ModelIssue};
+pub use inbox::{InboxBuilder, InboxSpec};
 pub(crate) use topic::HeaderSource;
-pub use topic::{MessageKey, ProducerBuilder, TopicBuilder, TopicProvisioning, TopicSpec};
+pub use topic::{
+    MessageKey, OutboxMode, ProducerBuilder, TopicBuilder, TopicProvisioning, TopicSpec,
+};
 
 use crate::config::TopicSettings;
-use crate::consumer::ConsumerSpec;
 use crate::error::{Error, Result};
 
 /// A type kontext can carry: serde in both directions, shareable across

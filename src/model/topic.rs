@@ -5,11 +5,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::codec::{Codec, Json};
-use crate::consumer::{ConsumerBuilder, ConsumerSpec};
 use crate::headers::HeaderProfile;
 use crate::model::Message;
+use crate::model::consumer::{ConsumerBuilder, ConsumerSpec};
 use crate::model::name::{default_topic_name, short_type_name};
-use crate::outbox::OutboxMode;
 
 /// Something that can be written as a message key.
 ///
@@ -413,4 +412,19 @@ impl<T> fmt::Debug for TopicSpec<T> {
             )
             .finish_non_exhaustive()
     }
+}
+
+/// How a type's messages leave the outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutboxMode {
+    /// Only the relay sends (the default).
+    #[default]
+    Background,
+    /// [`OutboxTransaction::commit`](crate::outbox::OutboxTransaction::commit) sends right after the commit and
+    /// deletes the row on acknowledgement; anything it cannot send is left
+    /// to the relay. The immediate send takes the row's shard lease, like a
+    /// relay, so no relay sends the row too; if a relay holds the lease, or
+    /// an earlier row of the same key is still waiting, the row is left to
+    /// the relay (which was woken), so order and single sending hold.
+    ImmediateWithFallback,
 }

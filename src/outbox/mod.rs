@@ -76,20 +76,7 @@ pub(crate) struct Sender {
     pub(crate) send_timeout: Duration,
 }
 
-/// How a type's messages leave the outbox.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum OutboxMode {
-    /// Only the relay sends (the default).
-    #[default]
-    Background,
-    /// [`OutboxTransaction::commit`] sends right after the commit and
-    /// deletes the row on acknowledgement; anything it cannot send is left
-    /// to the relay. The immediate send takes the row's shard lease, like a
-    /// relay, so no relay sends the row too; if a relay holds the lease, or
-    /// an earlier row of the same key is still waiting, the row is left to
-    /// the relay (which was woken), so order and single sending hold.
-    ImmediateWithFallback,
-}
+pub use crate::model::OutboxMode;
 
 /// Outbox and relay settings.
 #[derive(Debug, Clone)]

@@ -3,20 +3,53 @@
 
 use std::any::TypeId;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use dashmap::DashMap;
 
-use crate::consumer::poll::{ServiceShared, lock};
-use crate::consumer::{Backpressure, ServiceState};
 use crate::error::{Error, Result};
+use crate::model::Backpressure;
 
 /// Registered consumer types and poll services. Cheap to clone.
 #[derive(Clone, Default)]
 pub struct Registry {
     types: Arc<DashMap<TypeId, TypeEntry>>,
-    services: Arc<DashMap<String, Arc<ServiceShared>>>,
+    services: Arc<DashMap<String, Arc<dyn ServiceProbe>>>,
+}
+
+/// What the registry reads of a running poll service. The consumer
+/// implements it, so the registry needs nothing of the consumer's insides
+/// (and sits below it).
+pub(crate) trait ServiceProbe: Send + Sync {
+    /// The service's name.
+    fn name(&self) -> &str;
+    /// Its status; [`ServiceStatus::types`] and
+    /// [`ServiceStatus::stalled_for`] are the registry's to fill.
+    fn status(&self) -> ServiceStatus;
+    /// Lets a `start_immediately(false)` service begin polling.
+    fn start(&self);
+}
+
+/// What the registry reads of a consumed type's lane and counters.
+pub(crate) trait TypeProbe: Send + Sync {
+    /// Fills the buffer and counter fields of `status`.
+    fn fill(&self, status: &mut TypeStatus);
+}
+
+/// Lifecycle of a poll service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServiceState {
+    /// Declared with `start_immediately(false)` and not started yet.
+    Waiting,
+    /// Polling.
+    Running,
+    /// Shutting down: no new records, buffers draining.
+    Draining,
+    /// Stopped cleanly.
+    Stopped,
+    /// Died; the reason is logged too. Other services keep running.
+    Failed(String),
 }
 
 pub(crate) struct TypeEntry {
@@ -27,9 +60,8 @@ pub(crate) struct TypeEntry {
     pub(crate) stream: bool,
     pub(crate) backpressure: Backpressure,
     pub(crate) dead_letter_topic: String,
-    /// The buffer of the type's lane (shared with types on the same topic).
-    pub(crate) buffer: Arc<crate::consumer::buffer::LaneBuffer>,
-    pub(crate) stats: Arc<crate::consumer::buffer::TypeStats>,
+    /// Its lane's buffer (shared with types on the same topic) and counters.
+    pub(crate) probe: Arc<dyn TypeProbe>,
 }
 
 /// A consumed type and its buffer's counters.
@@ -284,8 +316,8 @@ impl ServiceStatus {
 }
 
 impl Registry {
-    pub(crate) fn add_service(&self, shared: Arc<ServiceShared>) {
-        self.services.insert(shared.name.clone(), shared);
+    pub(crate) fn add_service(&self, service: Arc<dyn ServiceProbe>) {
+        self.services.insert(service.name().to_owned(), service);
     }
 
     pub(crate) fn add_type(&self, id: TypeId, entry: TypeEntry) {
@@ -318,42 +350,16 @@ impl Registry {
 
     /// A poll service by name.
     pub fn service(&self, name: &str) -> Option<ServiceStatus> {
-        let shared = self.services.get(name)?;
-        let mut types: Vec<&'static str> = self
-            .types
-            .iter()
-            .filter(|e| e.service == name)
-            .map(|e| e.rust_type)
-            .collect();
+        let mut status = self.services.get(name)?.status();
+        let mut types: Vec<&'static str> = Vec::new();
+        for e in self.types.iter().filter(|e| e.service == name) {
+            types.push(e.rust_type);
+            let stalled = status_of(&e).stalled_for;
+            status.stalled_for = status.stalled_for.max(stalled);
+        }
         types.sort_unstable();
-        Some(ServiceStatus {
-            name: shared.name.clone(),
-            group_id: shared.group_id.clone(),
-            dedicated: shared.dedicated,
-            state: shared.state(),
-            assigned_partitions: lock(&shared.assigned).clone(),
-            paused_partitions: lock(&shared.paused).clone(),
-            types,
-            since_last_poll: shared.since_last_poll(),
-            joined: shared.joined.load(Ordering::Acquire),
-            assignments_lost: shared.assignments_lost.load(Ordering::Relaxed),
-            brokers_down_for: shared.brokers_down_for(),
-            tracked_entries: shared.tracked.load(Ordering::Relaxed),
-            rejected: shared.rejected.load(Ordering::Relaxed),
-            dead_letters_refused: shared.dead_letters_refused.load(Ordering::Relaxed),
-            settings: shared.settings.get().cloned().unwrap_or_default(),
-            stalled_for: self
-                .types
-                .iter()
-                .filter(|e| e.service == name)
-                .filter_map(|e| e.buffer.stalled_for())
-                .max(),
-            stall_limit: shared
-                .stall_limit
-                .get()
-                .copied()
-                .unwrap_or(Duration::from_secs(120)),
-        })
+        status.types = types;
+        Some(status)
     }
 
     /// Every poll service, by name.
@@ -389,7 +395,7 @@ impl Registry {
         &self,
         id: TypeId,
         type_name: &'static str,
-    ) -> Result<Arc<ServiceShared>> {
+    ) -> Result<Arc<dyn ServiceProbe>> {
         let name = self
             .types
             .get(&id)
@@ -403,8 +409,7 @@ impl Registry {
 }
 
 fn status_of(e: &TypeEntry) -> TypeStatus {
-    let s = &e.stats;
-    TypeStatus {
+    let mut status = TypeStatus {
         rust_type: e.rust_type,
         topic: e.topic.clone(),
         discriminator: e.discriminator.clone(),
@@ -412,21 +417,23 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         stream: e.stream,
         backpressure: e.backpressure,
         dead_letter_topic: e.dead_letter_topic.clone(),
-        buffered: e.buffer.len(),
-        capacity: e.buffer.capacity(),
-        paused: e.buffer.paused.load(Ordering::Acquire),
-        stalled_for: e.buffer.stalled_for(),
-        workers: e.buffer.workers.load(Ordering::Relaxed),
-        busy_workers: e.buffer.busy.load(Ordering::Relaxed),
-        received: s.received.load(Ordering::Relaxed),
-        handled: s.handled.load(Ordering::Relaxed),
-        failed: s.failed.load(Ordering::Relaxed),
-        retried: s.retried.load(Ordering::Relaxed),
-        dead_lettered: s.dead_lettered.load(Ordering::Relaxed),
-        dead_letters_refused: s.dead_letters_refused.load(Ordering::Relaxed),
-        dropped: s.dropped.load(Ordering::Relaxed),
-        duplicates: s.duplicates.load(Ordering::Relaxed),
-    }
+        buffered: 0,
+        capacity: 0,
+        paused: false,
+        stalled_for: None,
+        workers: 0,
+        busy_workers: 0,
+        received: 0,
+        handled: 0,
+        failed: 0,
+        retried: 0,
+        dead_lettered: 0,
+        dead_letters_refused: 0,
+        dropped: 0,
+        duplicates: 0,
+    };
+    e.probe.fill(&mut status);
+    status
 }
 
 impl std::fmt::Debug for Registry {

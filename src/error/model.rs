@@ -1,9 +1,10 @@
-//! Model validation errors. Every variant names the type and the topic so the
+//! Model validation errors (here, below the model, so the one `Error` can
+//! hold them without importing the model). Every variant names the type and the topic so the
 //! message points at the registration to fix.
 
 use std::fmt;
 
-/// One problem found while building a [`Model`](super::Model).
+/// One problem found while building a `Model`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelIssue {

@@ -3,10 +3,13 @@
 //! Variants are named after the operation that failed and carry the topic or
 //! type involved, so a log line says what broke without a debugger.
 
+mod model;
+
+pub use model::{ModelError, ModelIssue};
+
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 use crate::codec::CodecError;
-use crate::model::ModelError;
 
 /// `Result` with kontext's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::config::{ConsumerSettings, OffsetReset};
-use crate::inbox::{InboxBuilder, InboxSpec};
+use crate::model::inbox::{InboxBuilder, InboxSpec};
 
 /// What a poll service does when a type's buffer is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
