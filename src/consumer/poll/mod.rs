@@ -1,0 +1,512 @@
+//! A poll service: one Kafka consumer on one named OS thread. It routes each
+//! record by topic and `ce_type` header into its type's buffer, applies
+//! backpressure by pausing partitions while it keeps polling, and stores
+//! offsets only once their messages are finished.
+//!
+//! All mutable loop state lives in [`LoopState`] behind a mutex that only the
+//! poll thread takes (the rebalance callbacks run on it too, inside `poll`),
+//! so it is never contended. This file holds the loop, routing and the
+//! consumer's ownership (the lent records' lifetime); the rest by concern:
+//! - `service`: what the thread, the workers and the registry share;
+//! - `rebalance`: the consumer's context, assign and revoke;
+//! - `backpressure`: admitting records into lanes, pausing and resuming;
+//! - `progress`: finished records to stored offsets, metrics and the
+//!   registry's view of progress.
+
+use std::collections::{HashMap, VecDeque};
+use std::mem::ManuallyDrop;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::client::{ClientGuard, TracingContext};
+use crate::consumer::buffer::{LaneBuffer, TypeStats};
+use crate::consumer::context::{Polled, Record, Rejection};
+use crate::consumer::offsets::OffsetTracker;
+use crate::consumer::sync::lock;
+use crate::headers;
+use crate::registry::ServiceState;
+use crate::telemetry::{ServiceMetrics, TypeCounters};
+
+mod backpressure;
+mod progress;
+mod rebalance;
+mod service;
+
+use progress::commit_sync;
+use rebalance::PollContext;
+pub(crate) use service::ServiceShared;
+use service::{DRAIN, STOP_NOW};
+
+/// One topic of a poll service: its buffer and the types consumed from it.
+pub(crate) struct Lane {
+    pub(crate) topic: Arc<str>,
+    pub(crate) buffer: Arc<LaneBuffer>,
+    /// Discriminators of the types this service consumes from the topic, with
+    /// their counters; a record's `type_index` points in here.
+    pub(crate) types: Vec<(String, Arc<TypeStats>)>,
+    /// Discriminators of the model's other types on the topic that this
+    /// service may skip and commit: ignored by this process, or consumed
+    /// under another group.
+    pub(crate) others: Vec<String>,
+    /// The model's other types on the topic that nobody claimed (not
+    /// consumed, ignored or given another group): dead-lettered, since a
+    /// member of this group elsewhere may consume them.
+    pub(crate) unclaimed: Vec<String>,
+    /// The types' counters (same order as `types`) and the buffer's gauge.
+    pub(crate) counters: Vec<TypeCounters>,
+    pub(crate) buffered: metrics::Gauge,
+}
+
+/// Everything a poll thread needs to start.
+pub(crate) struct PollPlan {
+    pub(crate) shared: Arc<ServiceShared>,
+    pub(crate) config: ClientConfig,
+    pub(crate) lanes: Vec<Lane>,
+    pub(crate) guard: ClientGuard,
+    pub(crate) revoke_timeout: Duration,
+}
+
+#[derive(Default)]
+struct LaneState {
+    /// Records routed in the current poll round, handed over together.
+    pending: Vec<Record>,
+    /// Records of each type routed this round, added to the counters once.
+    received: Vec<u64>,
+    /// The vector traded for the lane's retired messages each round.
+    retired: Vec<Polled>,
+    /// Records held while the lane is paused (`Backpressure::Apply`).
+    overflow: VecDeque<Record>,
+    paused: bool,
+    /// Sequence number given to the last record pushed into the lane.
+    last_seq: u64,
+    /// The worker's `done` when the poll thread last looked (see
+    /// `LaneBuffer::observe_progress`).
+    last_done: u64,
+    /// `(seq, partition, offset)` of the records in the lane, in order: the
+    /// worker's `done` sequence number maps back to offsets through it. In
+    /// a lane with a worker pool, an entry whose record finished out of
+    /// order has its offset set to `FINISHED` until the entries before it go.
+    log: VecDeque<(u64, i32, i64)>,
+    /// The pool's finished sequence numbers, traded with the lane's.
+    completed: Vec<u64>,
+    /// Partitions paused because too many of their records are finished
+    /// but not committable behind an unfinished one (worker pools).
+    held_back: Vec<i32>,
+}
+
+/// A log entry whose record finished (worker pools).
+const FINISHED: i64 = -1;
+
+/// Where the router sends a record.
+enum Routed {
+    /// To type `i` of the lane.
+    Type(usize),
+    /// A type of the model this service does not consume: finished at once.
+    Skip,
+    /// Cannot be handled: to the lane's worker for dead-lettering, in order.
+    Reject(Rejection),
+}
+
+struct LoopState {
+    /// Records of types this group does not consume, committed unhandled.
+    skipped: u64,
+    metrics: ServiceMetrics,
+    lanes: Vec<Lane>,
+    lane_state: Vec<LaneState>,
+    routes: HashMap<String, usize>,
+    tracker: OffsetTracker,
+    assignment: Vec<(Arc<str>, i32)>,
+}
+
+impl LoopState {
+    /// Routes one record of lane `lane` by its `ce_type` header. A topic
+    /// carrying one type needs no header: its records go to that type
+    /// (reading headers is librdkafka's costliest step per record; the
+    /// worker still recognises a record of another type when it does not
+    /// decode).
+    fn route(&self, lane: &Lane, m: &BorrowedMessage<'_>) -> Routed {
+        if m.payload().is_none() {
+            return Routed::Reject(Rejection::Tombstone);
+        }
+        if lane.types.len() == 1 && lane.others.is_empty() && lane.unclaimed.is_empty() {
+            return Routed::Type(0);
+        }
+        let declared = m.headers().and_then(|h| {
+            h.iter()
+                .find(|h| h.key == headers::MESSAGE_TYPE)
+                .map(|h| h.value.unwrap_or_default())
+        });
+        match declared {
+            Some(t) => {
+                if let Some(i) = lane.types.iter().position(|(d, _)| d.as_bytes() == t) {
+                    Routed::Type(i)
+                } else if lane.others.iter().any(|d| d.as_bytes() == t) {
+                    Routed::Skip
+                } else if lane.unclaimed.iter().any(|d| d.as_bytes() == t) {
+                    Routed::Reject(Rejection::NotConsumed(
+                        String::from_utf8_lossy(t).into_owned(),
+                    ))
+                } else {
+                    Routed::Reject(Rejection::UnknownType(
+                        String::from_utf8_lossy(t).into_owned(),
+                    ))
+                }
+            }
+            None => Routed::Reject(Rejection::MissingType),
+        }
+    }
+}
+
+/// Runs the poll loop until the service is stopped. Never panics outward:
+/// a failure is recorded in the service state.
+pub(crate) fn run(plan: PollPlan) {
+    let shared = Arc::clone(&plan.shared);
+    let name = shared.name.clone();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| poll_loop(plan)));
+    // However the loop ended, nothing more reaches the workers: they stop.
+    shared.stop_now();
+    match result {
+        Ok(Ok(())) => shared.set_state(ServiceState::Stopped),
+        Ok(Err(reason)) => {
+            tracing::error!(service = %name, %reason, "poll service failed");
+            shared.set_state(ServiceState::Failed(reason));
+        }
+        Err(_) => {
+            tracing::error!(service = %name, "poll service panicked");
+            shared.set_state(ServiceState::Failed("the poll loop panicked".into()));
+        }
+    }
+}
+
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// Longest a poll thread waits, its lanes all full, before it polls again
+/// (then a record for a full lane pauses its partitions).
+const FULL_WAIT: Duration = Duration::from_secs(1);
+/// Most records taken in one poll round before they are handed over.
+const MAX_ROUND: usize = 256;
+/// How long a stopping poll thread waits for its workers to let go of their
+/// records before it closes the consumer.
+const RELEASE_WAIT: Duration = Duration::from_secs(5);
+/// Stored offsets are handed to librdkafka this often; its background
+/// auto-commit then sends them.
+const STORE_INTERVAL: Duration = Duration::from_millis(100);
+
+fn poll_loop(plan: PollPlan) -> Result<(), String> {
+    let PollPlan {
+        shared,
+        config,
+        lanes,
+        guard,
+        revoke_timeout,
+    } = plan;
+
+    // Wait for an explicit start when the service does not start immediately.
+    {
+        let (flag, cv) = &shared.started;
+        let mut started = lock(flag);
+        while !*started && !shared.is_stopping() {
+            started = cv
+                .wait_timeout(started, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        if !*started {
+            return Ok(());
+        }
+    }
+
+    let routes: HashMap<String, usize> = lanes
+        .iter()
+        .enumerate()
+        .map(|(i, lane)| (lane.topic.to_string(), i))
+        .collect();
+    let topics: Vec<String> = lanes.iter().map(|l| l.topic.to_string()).collect();
+    let lane_state = lanes
+        .iter()
+        .map(|l| LaneState {
+            received: vec![0; l.types.len()],
+            ..LaneState::default()
+        })
+        .collect();
+    let state = Arc::new(Mutex::new(LoopState {
+        skipped: 0,
+        metrics: ServiceMetrics::new(&shared.group_id, &shared.name),
+        lanes,
+        lane_state,
+        routes,
+        tracker: OffsetTracker::default(),
+        assignment: Vec::new(),
+    }));
+    let context = PollContext {
+        tracing: TracingContext::new("consumer"),
+        shared: Arc::clone(&shared),
+        state: Arc::clone(&state),
+        revoke_timeout,
+    };
+    let consumer: BaseConsumer<PollContext> = config
+        .create_with_context(context)
+        .map_err(|e| format!("could not create the consumer: {e}"))?;
+    // From here on, however the loop ends, the consumer outlives every record.
+    let consumer = Holder::new(consumer, guard, Arc::clone(&shared), Arc::clone(&state));
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topic_refs)
+        .map_err(|e| format!("could not subscribe to {topics:?}: {e}"))?;
+    tracing::info!(service = %shared.name, group = %shared.group_id, ?topics, "poll service running");
+
+    let mut last_store = Instant::now();
+    let mut drain_started: Option<Instant> = None;
+    loop {
+        let stop = shared.stop.load(Ordering::SeqCst);
+        if stop == STOP_NOW {
+            break;
+        }
+        if stop == DRAIN && drain_started.is_none() {
+            drain_started = Some(Instant::now());
+            shared.set_state(ServiceState::Draining);
+            if let Ok(assignment) = consumer.assignment() {
+                let _ = consumer.pause(&assignment);
+            }
+            let st = lock(&state);
+            for lane in &st.lanes {
+                lane.buffer.wake();
+            }
+        }
+        if drain_started.is_some() && shared.workers_active.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+
+        // Every lane full: stop polling until a worker makes room.
+        // librdkafka keeps what it prefetched and stops fetching by itself,
+        // as it does for a raw consumer busy with its records; a pause would
+        // discard the prefetched records and fetch them again on resume.
+        // Bounded, so rebalances and shutdown are still served.
+        if drain_started.is_none() {
+            let blocked = || lock(&state).all_blocked();
+            let since = Instant::now();
+            while blocked() && since.elapsed() < FULL_WAIT && !shared.is_stopping() {
+                shared.room.wait_while(POLL_TIMEOUT, blocked);
+                shared.mark_polled();
+                let mut st = lock(&state);
+                st.drop_retired();
+                st.absorb_done();
+                st.refill(&consumer, &shared);
+                st.hold_back(&consumer, &shared);
+            }
+            lock(&state).pause_blocked(&consumer, &shared);
+        }
+
+        // One round: wait for the first record, then take whatever else is
+        // ready without waiting, and hand each lane its share at once.
+        let mut timeout = POLL_TIMEOUT;
+        for _ in 0..MAX_ROUND {
+            let Some(polled) = consumer.poll(timeout) else {
+                break;
+            };
+            timeout = Duration::ZERO;
+            if polled.is_ok() {
+                shared.reach.up();
+            }
+            match polled {
+                Ok(m) if drain_started.is_none() => lock(&state).accept(m),
+                // Draining: records fetched before the pause are not
+                // dispatched; they were never stored, so they are delivered
+                // again later.
+                Ok(_) => {}
+                Err(e) => {
+                    if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
+                        return Err(format!("fatal consumer error: {e}"));
+                    }
+                    tracing::warn!(service = %shared.name, error = %e, "poll error");
+                }
+            }
+        }
+        shared.mark_polled();
+        let mut st = lock(&state);
+        st.drop_retired();
+        st.flush();
+        st.absorb_done();
+        st.refill(&consumer, &shared);
+        st.hold_back(&consumer, &shared);
+        if drain_started.is_some() {
+            st.seal_drained();
+        }
+        if last_store.elapsed() >= STORE_INTERVAL {
+            st.store_offsets(&consumer);
+            last_store = Instant::now();
+            st.publish_tracked(&shared);
+            st.observe_progress(last_store);
+            st.publish_metrics(&shared);
+        }
+    }
+
+    // Final commit of everything finished, then close.
+    {
+        let mut st = lock(&state);
+        st.absorb_done();
+        st.store_offsets(&consumer);
+        st.publish_metrics(&shared);
+        if st.tracker.pending() > 0 {
+            tracing::info!(service = %shared.name, unfinished = st.tracker.pending(), "stopping with unfinished messages; they will be delivered again");
+        }
+    }
+    if shared.stop.load(Ordering::SeqCst) != STOP_NOW {
+        commit_sync(&consumer, &shared.name);
+    }
+    drop(consumer);
+    tracing::info!(service = %shared.name, "poll service stopped");
+    Ok(())
+}
+
+/// Owns a poll service's consumer and lets go of it only once no record
+/// holds one of its messages (see [`Polled`]), on every way out of the poll
+/// loop: a clean stop, an error, a panic.
+struct Holder {
+    consumer: ManuallyDrop<BaseConsumer<PollContext>>,
+    guard: ManuallyDrop<ClientGuard>,
+    shared: Arc<ServiceShared>,
+    state: Arc<Mutex<LoopState>>,
+}
+
+impl Holder {
+    fn new(
+        consumer: BaseConsumer<PollContext>,
+        guard: ClientGuard,
+        shared: Arc<ServiceShared>,
+        state: Arc<Mutex<LoopState>>,
+    ) -> Self {
+        Holder {
+            consumer: ManuallyDrop::new(consumer),
+            guard: ManuallyDrop::new(guard),
+            shared,
+            state,
+        }
+    }
+}
+
+impl std::ops::Deref for Holder {
+    type Target = BaseConsumer<PollContext>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.consumer
+    }
+}
+
+impl Drop for Holder {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        if release(&self.shared, &self.state) {
+            // SAFETY: dropped once, here, and never used again.
+            unsafe {
+                ManuallyDrop::drop(&mut self.consumer);
+                ManuallyDrop::drop(&mut self.guard);
+            }
+        } else {
+            // A handler that ignores cancellation still holds a message:
+            // closing the consumer under it would free that message's memory.
+            // Left open instead; its uncommitted work is redelivered.
+            tracing::error!(service = %self.shared.name, "handlers still running after the stop; the consumer is left open");
+        }
+    }
+}
+
+/// Drops every record the service still holds and waits for its workers to
+/// stop; `true` once no record is left anywhere. Records not handled were
+/// never stored, so they are delivered again.
+fn release(shared: &ServiceShared, state: &Mutex<LoopState>) -> bool {
+    shared.stop_now();
+    {
+        let mut st = lock(state);
+        for s in &mut st.lane_state {
+            s.pending.clear();
+            s.overflow.clear();
+        }
+        for lane in &st.lanes {
+            lane.buffer.clear();
+            lane.buffer.wake();
+        }
+    }
+    // A worker lets go of its records when it stops: after the record in
+    // hand, once stopping with an empty buffer.
+    let since = Instant::now();
+    while shared.workers_active.load(Ordering::SeqCst) > 0 {
+        if since.elapsed() >= RELEASE_WAIT {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+impl LoopState {
+    /// Routes one polled record into its lane's pending batch.
+    #[allow(unsafe_code)]
+    fn accept(&mut self, m: BorrowedMessage<'_>) {
+        // A service with one topic needs no lookup (and no UTF-8 check of
+        // the topic name per record).
+        let lane = if self.lanes.len() == 1 {
+            0
+        } else {
+            match self.routes.get(m.topic()) {
+                Some(&lane) => lane,
+                None => return,
+            }
+        };
+        let key = (lane, m.partition());
+        self.tracker.dispatched(key, m.offset());
+        let routed = self.route(&self.lanes[lane], &m);
+        let state = &mut self.lane_state[lane];
+        let (type_index, rejection) = match routed {
+            Routed::Skip => {
+                self.skipped += 1;
+                self.tracker.finished(key, m.offset());
+                return;
+            }
+            Routed::Type(i) => {
+                if let Some(n) = state.received.get_mut(i) {
+                    *n += 1;
+                }
+                (i, None)
+            }
+            Routed::Reject(rejection) => (0, Some(Box::new(rejection))),
+        };
+        // SAFETY: the consumer is in a `Holder`, which drops it only after
+        // every record is gone.
+        let mut record = Record::new(unsafe { Polled::new(m) });
+        record.type_index = type_index;
+        record.rejection = rejection;
+        state.pending.push(record);
+    }
+
+    /// Hands every lane the records routed to it this round.
+    fn flush(&mut self) {
+        for lane in 0..self.lanes.len() {
+            if self.lane_state[lane].pending.is_empty() {
+                continue;
+            }
+            let state = &mut self.lane_state[lane];
+            let mut batch = std::mem::take(&mut state.pending);
+            for (i, n) in state.received.iter_mut().enumerate() {
+                if *n > 0 {
+                    if let Some((_, stats)) = self.lanes[lane].types.get(i) {
+                        stats.received.fetch_add(*n, Ordering::Relaxed);
+                    }
+                    *n = 0;
+                }
+            }
+            if self.lane_state[lane].paused || !self.lane_state[lane].overflow.is_empty() {
+                self.lane_state[lane].overflow.extend(batch.drain(..));
+            } else {
+                self.admit(lane, &mut batch);
+            }
+            // Keep the allocation for the next round.
+            self.lane_state[lane].pending = batch;
+        }
+    }
+}

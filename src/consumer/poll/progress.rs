@@ -1,0 +1,186 @@
+//! Turning finished records into stored offsets, and what the registry
+//! and metrics see of the loop's progress.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{FINISHED, LoopState, PollContext, ServiceShared};
+use crate::consumer::sync::lock;
+
+impl LoopState {
+    /// Notes, for the registry, which lanes hold records and finished none
+    /// since the last look.
+    pub(super) fn observe_progress(&mut self, now: Instant) {
+        for (lane, s) in self.lanes.iter().zip(&mut self.lane_state) {
+            s.last_done = lane.buffer.observe_progress(s.last_done, now);
+        }
+    }
+
+    /// Sets the counters and gauges from the statistics the service keeps
+    /// anyway: nothing is counted twice on the record path.
+    pub(super) fn publish_metrics(&self, shared: &ServiceShared) {
+        for lane in &self.lanes {
+            for ((_, stats), c) in lane.types.iter().zip(&lane.counters) {
+                let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+                c.consumed.absolute(get(&stats.received));
+                c.handled.absolute(get(&stats.handled));
+                c.failed.absolute(get(&stats.failed));
+                c.retried.absolute(get(&stats.retried));
+                c.dead_lettered.absolute(get(&stats.dead_lettered));
+                c.dropped.absolute(get(&stats.dropped));
+                c.duplicates.absolute(get(&stats.duplicates));
+            }
+            lane.buffered.set(lane.buffer.len() as f64);
+        }
+        self.metrics.skipped.absolute(self.skipped);
+        self.metrics
+            .rejected
+            .absolute(shared.rejected.load(Ordering::Relaxed));
+        self.metrics.paused.set(lock(&shared.paused).len() as f64);
+    }
+
+    /// Publishes how many entries the bookkeeping keeps, for the registry.
+    pub(super) fn publish_tracked(&self, shared: &ServiceShared) {
+        let logged: usize = self.lane_state.iter().map(|s| s.log.len()).sum();
+        shared
+            .tracked
+            .store(logged + self.tracker.entries(), Ordering::Relaxed);
+    }
+
+    /// Draining: lanes whose held records all went to their worker get no
+    /// more (records polled while draining are not dispatched).
+    pub(super) fn seal_drained(&self) {
+        for (lane, s) in self.lanes.iter().zip(&self.lane_state) {
+            if s.overflow.is_empty() && s.pending.is_empty() {
+                lane.buffer.seal();
+            }
+        }
+    }
+
+    /// Destroys the messages the workers finished with (see `Lender`).
+    pub(super) fn drop_retired(&mut self) {
+        for (lane, state) in self.lanes.iter().zip(&mut self.lane_state) {
+            lane.buffer.drop_retired(&mut state.retired);
+        }
+    }
+
+    /// Marks finished every record the lanes' workers got through.
+    pub(super) fn absorb_done(&mut self) {
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if lane.buffer.is_parallel() {
+                let state = &mut self.lane_state[i];
+                lane.buffer.take_completed(&mut state.completed);
+                if state.completed.is_empty() {
+                    continue;
+                }
+                state.completed.sort_unstable();
+                let log = &mut state.log;
+                // Sorted, and mostly in log order: look at the entry after
+                // the last one found before searching.
+                let mut from = 0;
+                for &seq in &state.completed {
+                    let found = match log.get(from) {
+                        Some(e) if e.0 == seq => Some(from),
+                        _ => log.binary_search_by_key(&seq, |e| e.0).ok(),
+                    };
+                    // Not found: its partition was revoked meanwhile.
+                    if let Some(at) = found {
+                        from = at + 1;
+                        let (_, partition, offset) = log[at];
+                        if offset != FINISHED {
+                            self.tracker.finished((i, partition), offset);
+                            log[at].2 = FINISHED;
+                        }
+                    }
+                }
+                state.completed.clear();
+                while log.front().is_some_and(|e| e.2 == FINISHED) {
+                    log.pop_front();
+                }
+                continue;
+            }
+            let done = lane.buffer.done();
+            let log = &mut self.lane_state[i].log;
+            // A fetch hands over long runs of one partition: one lookup a run.
+            while let Some(&(seq, partition, _)) = log.front() {
+                if seq > done {
+                    break;
+                }
+                let mut offsets = self.tracker.partition_mut((i, partition));
+                while let Some(&(seq, p, offset)) = log.front() {
+                    if seq > done || p != partition {
+                        break;
+                    }
+                    log.pop_front();
+                    if let Some(o) = &mut offsets {
+                        o.finished(offset);
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn store_offsets(&mut self, consumer: &BaseConsumer<PollContext>) {
+        let ready = self.tracker.take_committable();
+        if ready.is_empty() {
+            return;
+        }
+        // `store_offsets` takes the next offset to consume, as committed.
+        // (The single-partition `store_offset` would add one to it.)
+        let mut tpl = TopicPartitionList::with_capacity(ready.len());
+        for ((lane, partition), offset) in ready {
+            let topic = &self.lanes[lane].topic;
+            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+        }
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // A partition was revoked meanwhile; its next owner starts from
+            // the last commit, which is at-least-once.
+            tracing::debug!(error = %e, "offsets not stored");
+        }
+    }
+
+    /// Assigned partitions of lane `i`'s topic.
+    pub(super) fn partitions_of(&self, i: usize) -> TopicPartitionList {
+        let topic = &self.lanes[i].topic;
+        let mut tpl = TopicPartitionList::new();
+        for (t, p) in &self.assignment {
+            if t == topic {
+                tpl.add_partition(t, *p);
+            }
+        }
+        tpl
+    }
+
+    pub(super) fn publish_paused(&self, shared: &ServiceShared) {
+        let mut paused: Vec<(String, i32)> = Vec::new();
+        for (i, s) in self.lane_state.iter().enumerate() {
+            for (t, p) in &self.assignment {
+                if *t == self.lanes[i].topic && (s.paused || s.held_back.contains(p)) {
+                    paused.push((t.to_string(), *p));
+                }
+            }
+        }
+        paused.sort();
+        *lock(&shared.paused) = paused;
+        let mut assigned: Vec<(String, i32)> = self
+            .assignment
+            .iter()
+            .map(|(t, p)| (t.to_string(), *p))
+            .collect();
+        assigned.sort();
+        *lock(&shared.assigned) = assigned;
+    }
+}
+
+pub(super) fn commit_sync<C: ConsumerContext>(consumer: &BaseConsumer<C>, service: &str) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => {}
+        // Nothing new to commit.
+        Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => {}
+        Err(e) => tracing::warn!(service, error = %e, "offset commit failed"),
+    }
+}

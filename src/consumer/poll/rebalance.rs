@@ -1,0 +1,221 @@
+//! The consumer's context: librdkafka's logs, statistics (lag, broker
+//! reach) and the rebalance callbacks, which hand revoked partitions over
+//! with their finished work committed.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, TopicPartitionList};
+
+use super::progress::commit_sync;
+use super::{LoopState, ServiceShared};
+use crate::client::TracingContext;
+use crate::consumer::sync::lock;
+
+/// The consumer's context: tracing, and rebalance handling that commits
+/// finished work before partitions move.
+pub(super) struct PollContext {
+    pub(super) tracing: TracingContext,
+    pub(super) shared: Arc<ServiceShared>,
+    pub(super) state: Arc<Mutex<LoopState>>,
+    /// Longest a revocation waits for handlers of the revoked partitions.
+    pub(super) revoke_timeout: Duration,
+}
+
+impl ClientContext for PollContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.tracing.log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.shared.reach.down();
+        }
+        self.tracing.error(error, reason);
+    }
+
+    /// Consumer lag per partition, from librdkafka's statistics (every
+    /// `statistics.interval.ms`): the partition's high watermark minus the
+    /// offset last stored for commit, so records fetched but not finished
+    /// count as lag.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.shared.reach.up();
+        }
+        for (name, topic) in &statistics.topics {
+            for (&partition, p) in &topic.partitions {
+                // -1: not assigned here, or not known yet.
+                if partition < 0 || p.consumer_lag_stored < 0 {
+                    continue;
+                }
+                crate::telemetry::consumer_lag(name, partition, &self.shared.group_id)
+                    .set(p.consumer_lag_stored as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for PollContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            if consumer.assignment_lost() {
+                // Not a handover: the group went on without this member, so
+                // it is not a member until it joins again (not ready).
+                self.shared.joined.store(false, Ordering::Release);
+                self.shared.assignments_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    service = %self.shared.name,
+                    group = %self.shared.group_id,
+                    partitions = tpl.count(),
+                    "assignment lost: this member left its group (session or poll interval exceeded, or fenced); rejoining"
+                );
+            }
+            let mut state = lock(&self.state);
+            state.revoke(consumer, tpl, &self.shared, self.revoke_timeout);
+            tracing::info!(service = %self.shared.name, revoked = tpl.count(), "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.shared.joined.store(true, Ordering::Release);
+                self.shared.reach.up();
+                let mut state = lock(&self.state);
+                for e in tpl.elements() {
+                    if let Some(&lane) = state.routes.get(e.topic()) {
+                        let topic = Arc::clone(&state.lanes[lane].topic);
+                        state.assignment.push((topic, e.partition()));
+                    }
+                }
+                // librdkafka keeps a partition's pause flag across unassign
+                // and assign; only a resume clears it. So each newly
+                // assigned partition takes its lane's state now: paused if
+                // the lane is, resumed otherwise (a partition paused before
+                // it moved away would never be fetched again).
+                let mut pause = TopicPartitionList::new();
+                let mut resume = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    if let Some(&lane) = state.routes.get(e.topic()) {
+                        let to = if state.lane_state[lane].paused {
+                            &mut pause
+                        } else {
+                            &mut resume
+                        };
+                        to.add_partition(e.topic(), e.partition());
+                    }
+                }
+                for (tpl, pausing) in [(pause, true), (resume, false)] {
+                    if tpl.count() == 0 {
+                        continue;
+                    }
+                    let result = if pausing {
+                        consumer.pause(&tpl)
+                    } else {
+                        consumer.resume(&tpl)
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(service = %self.shared.name, error = %e, pausing, "could not set the pause state of new partitions");
+                    }
+                }
+                state.publish_paused(&self.shared);
+                tracing::info!(service = %self.shared.name, assigned = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                tracing::warn!(service = %self.shared.name, error = %e, "rebalance error")
+            }
+        }
+    }
+}
+
+impl LoopState {
+    /// Hands partitions over to their next owner: no record of them is
+    /// started here any more, the one a worker is handling may finish
+    /// (waiting up to `timeout`), and everything finished is committed
+    /// before the rebalance goes on, so the next owner starts right after
+    /// the last record handled here and nothing is handled twice.
+    pub(super) fn revoke(
+        &mut self,
+        consumer: &BaseConsumer<PollContext>,
+        tpl: &TopicPartitionList,
+        shared: &ServiceShared,
+        timeout: Duration,
+    ) {
+        self.absorb_done();
+        let mut by_lane: Vec<Vec<i32>> = vec![Vec::new(); self.lanes.len()];
+        for e in tpl.elements() {
+            if let Some(&lane) = self.routes.get(e.topic()) {
+                by_lane[lane].push(e.partition());
+            }
+            self.assignment
+                .retain(|(t, p)| !(&**t == e.topic() && *p == e.partition()));
+        }
+        // Stop handing them over: what waits here or in a lane's queue goes.
+        let mut announced = Vec::new();
+        for (lane, partitions) in by_lane.iter().enumerate() {
+            if partitions.is_empty() {
+                continue;
+            }
+            let s = &mut self.lane_state[lane];
+            s.overflow.retain(|r| !partitions.contains(&r.partition));
+            s.pending.retain(|r| !partitions.contains(&r.partition));
+            let (n, purged) = self.lanes[lane].buffer.revoke(partitions, s.last_seq);
+            drop(purged);
+            announced.push((lane, n));
+        }
+        // Wait for each worker to let go of the ones it holds.
+        let deadline = Instant::now() + timeout;
+        let mut settled: Vec<(usize, Option<u64>)> =
+            announced.iter().map(|&(lane, _)| (lane, None)).collect();
+        loop {
+            for ((lane, done), (_, n)) in settled.iter_mut().zip(&announced) {
+                if done.is_none() {
+                    *done = self.lanes[*lane].buffer.applied(*n);
+                }
+            }
+            if settled.iter().all(|(_, d)| d.is_some()) || shared.must_stop_now() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(service = %shared.name, ?timeout, "a handler of a revoked partition is still running; its record will be handled again by the next owner");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Records of the revoked partitions numbered up to what the worker
+        // had finished were handled; later ones were not and never will be,
+        // so they leave the log before it is turned into offsets. (A worker
+        // pool reports what finished one by one instead.)
+        for (lane, done) in settled {
+            if self.lanes[lane].buffer.is_parallel() {
+                continue;
+            }
+            let done = done.unwrap_or_else(|| self.lanes[lane].buffer.done());
+            let partitions = &by_lane[lane];
+            self.lane_state[lane]
+                .log
+                .retain(|&(seq, p, _)| seq <= done || !partitions.contains(&p));
+        }
+        self.absorb_done();
+        self.store_offsets(consumer);
+        commit_sync(consumer, &shared.name);
+        for (lane, partitions) in by_lane.iter().enumerate() {
+            for &p in partitions {
+                self.tracker.forget((lane, p));
+            }
+            if !partitions.is_empty() {
+                // Entries still logged for them are of records no one will
+                // finish here.
+                let state = &mut self.lane_state[lane];
+                state.log.retain(|&(_, p, _)| !partitions.contains(&p));
+                state.held_back.retain(|p| !partitions.contains(p));
+            }
+        }
+        self.publish_paused(shared);
+    }
+}
