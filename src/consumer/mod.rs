@@ -301,6 +301,11 @@ struct PlannedService {
 }
 
 impl ConsumerRuntime {
+    /// Plans every poll service, checks every client setting, provisions
+    /// the dead-letter topics and builds every lane and worker; only then
+    /// spawns. A failure at any step before spawning leaves nothing
+    /// running; one while spawning drops the runtime, which stops what
+    /// already runs.
     pub(crate) async fn start(
         model: &Arc<Model>,
         settings: &KafkaSettings,
@@ -314,251 +319,35 @@ impl ConsumerRuntime {
         let ignored = ignored_types(model, &consumers)?;
         let services = plan(model, settings, consumers)?;
         warn_on_builtin_group(settings, &services);
-        // Every consumer setting is checked before anything is provisioned
-        // or spawned: librdkafka rejects a bad property only when a client
-        // is created, and that happens on the poll thread, after `start()`
-        // would have returned `Ok`.
-        for planned in &services {
-            consumer_config(
-                settings,
-                broker,
-                &planned.group,
-                planned.dedicated.as_ref(),
-                planned.offset_reset.map(|(r, _)| r),
-            )
-            .create_native_config()
-            .map_err(|source| Error::Client {
-                role: "consumer",
-                source,
-            })?;
-        }
-
+        check_client_settings(settings, broker, &services)?;
         if settings.provisioning_enabled() {
-            let mut dlqs: BTreeMap<String, i32> = BTreeMap::new();
-            for s in &services {
-                for t in &s.types {
-                    let partitions = model
-                        .topics()
-                        .iter()
-                        .find(|d| d.name() == &*t.topic)
-                        .map(|d| d.partitions())
-                        .unwrap_or(1);
-                    let entry = dlqs.entry(t.dead_letter_topic.clone()).or_insert(1);
-                    *entry = (*entry).max(partitions);
-                }
-            }
-            let topics: Vec<TopicToCreate> = dlqs
-                .into_iter()
-                .map(|(name, partitions)| TopicToCreate::new(name, partitions))
-                .collect();
-            provision(broker, settings, &topics).await?;
+            provision_dead_letters(model, settings, broker, &services).await?;
         }
-
-        let dead_letters = Arc::new(DeadLetters::new(
+        let mut build = Build {
+            model,
             settings,
-            broker.bootstrap_servers(),
+            broker,
             clients,
-        )?);
-        let cancel = CancellationToken::new();
-        let mut streams: HashMap<TypeId, Box<dyn Any + Send>> = HashMap::new();
-        let mut cleanup_every: Option<Duration> = None;
-        // Everything is built and checked first, then spawned: a failure
-        // while building leaves nothing running.
-        let mut lane_workers = Vec::new();
-        let mut poll_plans = Vec::new();
-
-        for planned in services {
-            let shared = ServiceShared::new(
-                planned.name.clone(),
-                planned.group.clone(),
-                planned.dedicated.is_some(),
-                planned.start_immediately,
-            );
-            registry.add_service(Arc::clone(&shared) as Arc<dyn crate::registry::ServiceProbe>);
-            let env = WorkerEnv {
-                shared: Arc::clone(&shared),
-                dead_letters: Arc::clone(&dead_letters),
-                cancel: cancel.clone(),
-            };
-            let config = consumer_config(
+            registry,
+            outbox,
+            ignored: &ignored,
+            dead_letters: Arc::new(DeadLetters::new(
                 settings,
-                broker,
-                &planned.group,
-                planned.dedicated.as_ref(),
-                planned.offset_reset.map(|(r, _)| r),
-            );
-            let effective = crate::config::redacted(&config);
-            tracing::debug!(service = %planned.name, config = ?effective, "creating poll service");
-            let _ = shared.settings.set(effective);
-            let revoke_timeout = service_millis(
-                &planned,
-                settings,
-                |s| s.revoke_timeout_ms,
-                DEFAULT_REVOKE_TIMEOUT_MS,
-            );
-            let _ = shared.stall_limit.set(service_millis(
-                &planned,
-                settings,
-                |s| s.stall_limit_ms,
-                DEFAULT_STALL_LIMIT_MS,
-            ));
-
-            let mut lanes = Vec::new();
-            for lane_types in by_topic(planned.types) {
-                let topic = Arc::clone(&lane_types[0].topic);
-                let (capacity, mode) = lane_settings(&lane_types)?;
-                let pool = lane_workers_spec(&lane_types)?;
-                let buffer = LaneBuffer::new(
-                    Arc::clone(&topic),
-                    capacity,
-                    mode,
-                    Arc::clone(&shared.room),
-                    pool.is_some(),
-                );
-                if let Some(spec) = pool {
-                    // Visible in the registry from the start.
-                    buffer.workers.store(spec.initial(), Ordering::Relaxed);
-                }
-                let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
-                let consumed: Vec<String> =
-                    lane_types.iter().map(|t| t.discriminator.clone()).collect();
-                let (others, unclaimed) =
-                    not_consumed_here(model, &topic, &planned.group, &consumed, &ignored);
-                let mut workers: Vec<Box<dyn TypeWorker>> = Vec::new();
-                let mut types = Vec::new();
-                let mut counters = Vec::new();
-                for t in lane_types {
-                    let labels = crate::telemetry::type_labels(
-                        &t.topic,
-                        &t.discriminator,
-                        &planned.group,
-                        &planned.name,
-                    );
-                    let stats = Arc::new(TypeStats::default());
-                    let type_id = t.registration.type_id;
-                    registry.add_type(
-                        type_id,
-                        TypeEntry {
-                            rust_type: t.registration.rust_type,
-                            topic: t.topic.to_string(),
-                            discriminator: t.discriminator.clone(),
-                            service: planned.name.clone(),
-                            stream: t.registration.stream,
-                            backpressure: mode,
-                            dead_letter_topic: t.dead_letter_topic.clone(),
-                            probe: Arc::new(buffer::LaneProbe {
-                                buffer: Arc::clone(&buffer),
-                                stats: Arc::clone(&stats),
-                            }),
-                        },
-                    );
-                    let inbox = t.spec.inbox.clone().map(|spec| {
-                        let name = spec
-                            .consumer_name
-                            .clone()
-                            .unwrap_or_else(|| format!("{}/{}", planned.group, t.discriminator));
-                        Inbox::new(name, spec)
-                    });
-                    if let Some(i) = &inbox {
-                        cleanup_every =
-                            Some(cleanup_every.map_or(i.cleanup_interval(), |c: Duration| {
-                                c.min(i.cleanup_interval())
-                            }));
-                    }
-                    let (worker, stream) = t.registration.build.build(WorkerArgs {
-                        model,
-                        retry: t.spec.retry(),
-                        handler_timeout: t.spec.handler_timeout(),
-                        dead_letter_topic: t.dead_letter_topic,
-                        stats: Arc::clone(&stats),
-                        timings: crate::telemetry::TypeTimings::new(&labels),
-                        outbox,
-                        inbox,
-                    })?;
-                    counters.push(crate::telemetry::TypeCounters::new(&labels));
-                    if let Some(s) = stream {
-                        streams.insert(type_id, s);
-                    }
-                    workers.push(worker);
-                    types.push((t.discriminator, stats));
-                }
-                let active = ActiveWorker::new(Arc::clone(&shared));
-                let run: futures::future::BoxFuture<'static, ()> = match pool {
-                    Some(spec) => Box::pin(pool::run_pool(
-                        active,
-                        env.clone(),
-                        Arc::clone(&buffer),
-                        workers,
-                        lane_dead_letters,
-                        spec,
-                    )),
-                    None => Box::pin(worker::run_lane(
-                        active,
-                        env.clone(),
-                        Arc::clone(&buffer),
-                        workers,
-                        lane_dead_letters,
-                    )),
-                };
-                lane_workers.push(run);
-                lanes.push(Lane {
-                    buffered: crate::telemetry::buffered(&topic, &planned.name),
-                    topic,
-                    buffer,
-                    types,
-                    others,
-                    unclaimed,
-                    counters,
-                });
-            }
-            let poll_plan = PollPlan {
-                shared: Arc::clone(&shared),
-                config,
-                lanes,
-                guard: clients.track(ClientKind::Consumer),
-                revoke_timeout,
-            };
-            poll_plans.push((thread_name(&planned.name), shared, poll_plan));
-        }
-
-        // From here on a failure drops the runtime, whose `Drop` stops
-        // whatever was spawned so far.
-        let mut runtime = ConsumerRuntime {
-            services: Vec::new(),
-            streams: std::sync::Mutex::new(streams),
-            tasks: TaskTracker::new(),
-            workers: Vec::new(),
-            cancel,
+                broker.bootstrap_servers(),
+                clients,
+            )?),
+            cancel: CancellationToken::new(),
+            streams: HashMap::new(),
+            cleanup_every: None,
+            lane_workers: Vec::new(),
+            poll_plans: Vec::new(),
         };
-        for w in lane_workers {
-            let handle = runtime.tasks.spawn(w);
-            runtime.workers.push(handle.abort_handle());
+        for planned in services {
+            build.service(planned)?;
         }
-        for (name, shared, poll_plan) in poll_plans {
-            let thread = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || poll::run(poll_plan))
-                .map_err(|source| Error::Spawn {
-                    what: "a poll thread",
-                    source,
-                })?;
-            runtime.services.push(RunningService {
-                shared,
-                thread: Some(thread),
-            });
-        }
-        if let (Some(every), Some(o)) = (cleanup_every, outbox) {
-            runtime.tasks.spawn(crate::inbox::cleanup(
-                o.database().clone(),
-                every,
-                runtime.cancel.clone(),
-            ));
-        }
-        runtime.tasks.close();
-        Ok(runtime)
+        build.spawn()
     }
 
-    /// Takes the stream of `T`; only once.
     pub(crate) fn take_stream<T: Message>(&self) -> Result<MessageStream<T>> {
         let mut streams = sync::lock(&self.streams);
         let boxed = streams.remove(&TypeId::of::<T>()).ok_or_else(|| {
@@ -651,6 +440,289 @@ impl fmt::Debug for ConsumerRuntime {
                     .collect::<Vec<_>>(),
             )
             .finish()
+    }
+}
+
+/// Checks every poll service's client settings before anything is
+/// provisioned or spawned: librdkafka rejects a bad property only when a
+/// client is created, and that happens on the poll thread, after `start()`
+/// would have returned `Ok`.
+fn check_client_settings(
+    settings: &KafkaSettings,
+    broker: &Broker,
+    services: &[PlannedService],
+) -> Result<()> {
+    for planned in services {
+        consumer_config(
+            settings,
+            broker,
+            &planned.group,
+            planned.dedicated.as_ref(),
+            planned.offset_reset.map(|(r, _)| r),
+        )
+        .create_native_config()
+        .map_err(|source| Error::Client {
+            role: "consumer",
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Creates the dead-letter topics the planned types send to, each with as
+/// many partitions as the largest topic sending to it.
+async fn provision_dead_letters(
+    model: &Model,
+    settings: &KafkaSettings,
+    broker: &Broker,
+    services: &[PlannedService],
+) -> Result<()> {
+    let mut dlqs: BTreeMap<String, i32> = BTreeMap::new();
+    for s in services {
+        for t in &s.types {
+            let partitions = model
+                .topics()
+                .iter()
+                .find(|d| d.name() == &*t.topic)
+                .map(|d| d.partitions())
+                .unwrap_or(1);
+            let entry = dlqs.entry(t.dead_letter_topic.clone()).or_insert(1);
+            *entry = (*entry).max(partitions);
+        }
+    }
+    let topics: Vec<TopicToCreate> = dlqs
+        .into_iter()
+        .map(|(name, partitions)| TopicToCreate::new(name, partitions))
+        .collect();
+    provision(broker, settings, &topics).await.map(drop)
+}
+
+/// Everything the consumer role builds before anything runs: what the
+/// services share, and what each built service and lane adds.
+struct Build<'a> {
+    model: &'a Arc<Model>,
+    settings: &'a KafkaSettings,
+    broker: &'a Broker,
+    clients: &'a ClientTracker,
+    registry: &'a Registry,
+    outbox: Option<&'a Outbox>,
+    ignored: &'a [TypeId],
+    dead_letters: Arc<DeadLetters>,
+    cancel: CancellationToken,
+    streams: HashMap<TypeId, Box<dyn Any + Send>>,
+    /// The shortest cleanup interval of the inboxes, if any type has one.
+    cleanup_every: Option<Duration>,
+    lane_workers: Vec<futures::future::BoxFuture<'static, ()>>,
+    poll_plans: Vec<(String, Arc<ServiceShared>, PollPlan)>,
+}
+
+impl Build<'_> {
+    /// Builds one poll service: its shared state, its client configuration
+    /// and a lane per topic.
+    fn service(&mut self, planned: PlannedService) -> Result<()> {
+        let shared = ServiceShared::new(
+            planned.name.clone(),
+            planned.group.clone(),
+            planned.dedicated.is_some(),
+            planned.start_immediately,
+        );
+        self.registry
+            .add_service(Arc::clone(&shared) as Arc<dyn crate::registry::ServiceProbe>);
+        let env = WorkerEnv {
+            shared: Arc::clone(&shared),
+            dead_letters: Arc::clone(&self.dead_letters),
+            cancel: self.cancel.clone(),
+        };
+        let config = consumer_config(
+            self.settings,
+            self.broker,
+            &planned.group,
+            planned.dedicated.as_ref(),
+            planned.offset_reset.map(|(r, _)| r),
+        );
+        let effective = crate::config::redacted(&config);
+        tracing::debug!(service = %planned.name, config = ?effective, "creating poll service");
+        let _ = shared.settings.set(effective);
+        let revoke_timeout = service_millis(
+            &planned,
+            self.settings,
+            |s| s.revoke_timeout_ms,
+            DEFAULT_REVOKE_TIMEOUT_MS,
+        );
+        let _ = shared.stall_limit.set(service_millis(
+            &planned,
+            self.settings,
+            |s| s.stall_limit_ms,
+            DEFAULT_STALL_LIMIT_MS,
+        ));
+        let PlannedService {
+            name, group, types, ..
+        } = planned;
+        let mut lanes = Vec::new();
+        for lane_types in by_topic(types) {
+            lanes.push(self.lane(&name, &group, &env, lane_types)?);
+        }
+        let poll_plan = PollPlan {
+            shared: Arc::clone(&shared),
+            config,
+            lanes,
+            guard: self.clients.track(ClientKind::Consumer),
+            revoke_timeout,
+        };
+        self.poll_plans
+            .push((thread_name(&name), shared, poll_plan));
+        Ok(())
+    }
+
+    /// Builds one topic's lane of service `service`: its buffer, a worker
+    /// for each type (registered, with its inbox and stream) and the lane's
+    /// task (one worker, or a pool).
+    fn lane(
+        &mut self,
+        service: &str,
+        group: &str,
+        env: &WorkerEnv,
+        lane_types: Vec<PlannedType>,
+    ) -> Result<Lane> {
+        let shared = &env.shared;
+        let topic = Arc::clone(&lane_types[0].topic);
+        let (capacity, mode) = lane_settings(&lane_types)?;
+        let pool = lane_workers_spec(&lane_types)?;
+        let buffer = LaneBuffer::new(
+            Arc::clone(&topic),
+            capacity,
+            mode,
+            Arc::clone(&shared.room),
+            pool.is_some(),
+        );
+        if let Some(spec) = pool {
+            // Visible in the registry from the start.
+            buffer.workers.store(spec.initial(), Ordering::Relaxed);
+        }
+        let lane_dead_letters = lane_types[0].dead_letter_topic.clone();
+        let consumed: Vec<String> = lane_types.iter().map(|t| t.discriminator.clone()).collect();
+        let (others, unclaimed) =
+            not_consumed_here(self.model, &topic, group, &consumed, self.ignored);
+        let mut workers: Vec<Box<dyn TypeWorker>> = Vec::new();
+        let mut types = Vec::new();
+        let mut counters = Vec::new();
+        for t in lane_types {
+            let labels = crate::telemetry::type_labels(&t.topic, &t.discriminator, group, service);
+            let stats = Arc::new(TypeStats::default());
+            let type_id = t.registration.type_id;
+            self.registry.add_type(
+                type_id,
+                TypeEntry {
+                    rust_type: t.registration.rust_type,
+                    topic: t.topic.to_string(),
+                    discriminator: t.discriminator.clone(),
+                    service: service.to_owned(),
+                    stream: t.registration.stream,
+                    backpressure: mode,
+                    dead_letter_topic: t.dead_letter_topic.clone(),
+                    probe: Arc::new(buffer::LaneProbe {
+                        buffer: Arc::clone(&buffer),
+                        stats: Arc::clone(&stats),
+                    }),
+                },
+            );
+            let inbox = t.spec.inbox.clone().map(|spec| {
+                let name = spec
+                    .consumer_name
+                    .clone()
+                    .unwrap_or_else(|| format!("{group}/{}", t.discriminator));
+                Inbox::new(name, spec)
+            });
+            if let Some(i) = &inbox {
+                self.cleanup_every = Some(
+                    self.cleanup_every
+                        .map_or(i.cleanup_interval(), |c| c.min(i.cleanup_interval())),
+                );
+            }
+            let (worker, stream) = t.registration.build.build(WorkerArgs {
+                model: self.model,
+                retry: t.spec.retry(),
+                handler_timeout: t.spec.handler_timeout(),
+                dead_letter_topic: t.dead_letter_topic,
+                stats: Arc::clone(&stats),
+                timings: crate::telemetry::TypeTimings::new(&labels),
+                outbox: self.outbox,
+                inbox,
+            })?;
+            counters.push(crate::telemetry::TypeCounters::new(&labels));
+            if let Some(s) = stream {
+                self.streams.insert(type_id, s);
+            }
+            workers.push(worker);
+            types.push((t.discriminator, stats));
+        }
+        let active = ActiveWorker::new(Arc::clone(shared));
+        let run: futures::future::BoxFuture<'static, ()> = match pool {
+            Some(spec) => Box::pin(pool::run_pool(
+                active,
+                env.clone(),
+                Arc::clone(&buffer),
+                workers,
+                lane_dead_letters,
+                spec,
+            )),
+            None => Box::pin(worker::run_lane(
+                active,
+                env.clone(),
+                Arc::clone(&buffer),
+                workers,
+                lane_dead_letters,
+            )),
+        };
+        self.lane_workers.push(run);
+        Ok(Lane {
+            buffered: crate::telemetry::buffered(&topic, service),
+            topic,
+            buffer,
+            types,
+            others,
+            unclaimed,
+            counters,
+        })
+    }
+
+    /// Spawns what was built: the lanes' tasks, the poll threads, the
+    /// inbox cleanup. From here on a failure drops the runtime, whose
+    /// `Drop` stops whatever was spawned so far.
+    fn spawn(self) -> Result<ConsumerRuntime> {
+        let mut runtime = ConsumerRuntime {
+            services: Vec::new(),
+            streams: std::sync::Mutex::new(self.streams),
+            tasks: TaskTracker::new(),
+            workers: Vec::new(),
+            cancel: self.cancel,
+        };
+        for w in self.lane_workers {
+            let handle = runtime.tasks.spawn(w);
+            runtime.workers.push(handle.abort_handle());
+        }
+        for (name, shared, poll_plan) in self.poll_plans {
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || poll::run(poll_plan))
+                .map_err(|source| Error::Spawn {
+                    what: "a poll thread",
+                    source,
+                })?;
+            runtime.services.push(RunningService {
+                shared,
+                thread: Some(thread),
+            });
+        }
+        if let (Some(every), Some(o)) = (self.cleanup_every, self.outbox) {
+            runtime.tasks.spawn(crate::inbox::cleanup(
+                o.database().clone(),
+                every,
+                runtime.cancel.clone(),
+            ));
+        }
+        runtime.tasks.close();
+        Ok(runtime)
     }
 }
 
