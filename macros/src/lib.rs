@@ -3,11 +3,8 @@
 
 mod topic;
 
-// The topic naming rules are shared with the runtime, from one source file,
-// so the derive and `ModelBuilder` can never disagree on what is legal.
-#[path = "../../src/model/name.rs"]
-#[allow(unreachable_pub, dead_code)]
-mod name;
+// The topic naming rules come from `kontext-names`, which the runtime uses
+// too, so the derive and `ModelBuilder` can never disagree on what is legal.
 
 use proc_macro::TokenStream;
 

@@ -5,7 +5,7 @@ use quote::quote;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, Ident, LitInt, LitStr, Path};
 
-use crate::name::{default_topic_name, validate_topic_name};
+use kontext_names::{default_topic_name, validate_topic_name};
 
 /// Collects every error of one derive so they are reported together.
 #[derive(Default)]

@@ -6,7 +6,9 @@
 pub(crate) mod consumer;
 mod derive;
 pub(crate) mod inbox;
-pub mod name;
+/// Kafka's topic naming rules (the `kontext-names` crate, shared with the
+/// derive macro).
+pub use kontext_names as name;
 mod topic;
 
 use std::any::{Any, TypeId};

@@ -1,4 +1,6 @@
-//! Topic names: Kafka's legality rules and the default derived from a type.
+//! Kafka topic names: the legality rules and the default name derived from
+//! a type, shared by kontext's `ModelBuilder` and its `#[derive(Topic)]`
+//! so the two never disagree on what is legal.
 
 /// Longest topic name Kafka accepts.
 pub const MAX_TOPIC_NAME_LEN: usize = 249;
