@@ -104,6 +104,17 @@ async fn clients_reach_the_dev_broker_by_its_address_and_provisioning_explains_t
         .await
         .unwrap();
     let mut stream = consumer.stream::<ParcelScanned>().unwrap();
+    // Recognised as a mock: its consumers get the embedded broker's short
+    // fetch wait (the mock answers a waiting fetch only when it expires).
+    assert!(consumer.provisioned().unwrap().mock_cluster);
+    let service = &consumer.registry().services()[0];
+    assert!(
+        service
+            .settings
+            .contains(&("fetch.wait.max.ms".to_owned(), "10".to_owned())),
+        "{:?}",
+        service.settings
+    );
 
     let events: Vec<ParcelScanned> = (0..60)
         .map(|i| ParcelScanned {

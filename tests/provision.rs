@@ -37,6 +37,7 @@ async fn provisioning_twice_creates_once_and_changes_nothing() {
         vec![created_topic.clone(), delivered_topic.clone()]
     );
     assert!(first.existing.is_empty());
+    assert_eq!(first.mock_cluster, !external(), "a real broker is no mock");
 
     let second = provision_topics(&broker, &settings, &model).await.unwrap();
     assert!(second.created.is_empty(), "{second:?}");

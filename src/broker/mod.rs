@@ -64,20 +64,16 @@ impl Broker {
         }
     }
 
-    /// Consumer properties this cluster needs under the user's settings. On
-    /// the embedded cluster, short session timeouts make group joins and
-    /// rebalances take about a second instead of tens of seconds, and a short
-    /// fetch wait keeps latency low: the mock answers a waiting fetch only
-    /// when its wait expires, not when data arrives, so every record would
-    /// otherwise wait up to 500 ms (and every pause/resume cycle as long).
-    pub(crate) fn consumer_defaults(&self) -> &'static [(&'static str, &'static str)] {
-        match self {
-            Broker::Embedded(_) => &[
-                ("session.timeout.ms", "2000"),
-                ("heartbeat.interval.ms", "500"),
-                ("fetch.wait.max.ms", "10"),
-            ],
-            Broker::External { .. } => &[],
-        }
-    }
+    /// Consumer properties a mock cluster (embedded, or a dev broker)
+    /// needs under the user's settings: short session timeouts make group
+    /// joins and rebalances take about a second instead of tens of seconds,
+    /// and a short fetch wait keeps latency low: the mock answers a waiting
+    /// fetch only when its wait expires, not when data arrives, so every
+    /// record would otherwise wait up to 500 ms (and every pause/resume
+    /// cycle as long).
+    pub(crate) const MOCK_CONSUMER_DEFAULTS: &'static [(&'static str, &'static str)] = &[
+        ("session.timeout.ms", "2000"),
+        ("heartbeat.interval.ms", "500"),
+        ("fetch.wait.max.ms", "10"),
+    ];
 }

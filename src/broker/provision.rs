@@ -34,6 +34,11 @@ pub struct ProvisionReport {
     /// differs from the model (real brokers only; the embedded cluster
     /// cannot describe configs).
     pub config_mismatches: Vec<ConfigMismatch>,
+    /// The cluster is librdkafka's mock (the embedded broker, or a dev
+    /// broker in another process): consumers get the embedded broker's
+    /// short timeouts, since the mock answers a waiting fetch only when
+    /// its wait expires.
+    pub mock_cluster: bool,
 }
 
 /// A declared setting an existing topic does not have.
@@ -107,6 +112,7 @@ pub async fn provision(
     }
     match broker {
         Broker::Embedded(embedded) => {
+            report.mock_cluster = true;
             for topic in topics {
                 let created = embedded.create_topic(
                     &topic.name,
@@ -138,7 +144,8 @@ pub async fn provision(
                     source: None,
                 })?
             };
-            let (topics, existing) = checked?;
+            let (topics, existing, mock) = checked?;
+            report.mock_cluster = mock;
             for topic in &existing {
                 record(&mut report, topic, false);
             }
@@ -204,13 +211,13 @@ const MOCK_CLUSTER_ID_PREFIX: &str = "mockCluster";
 /// out the whole admin timeout and report a bare `OperationTimedOut`. Ask
 /// for the cluster id first (one metadata round trip) and, on a mock,
 /// record the topics that exist and refuse the missing ones by name.
-/// Returns the topics still to create through CreateTopics and those found
-/// to exist.
+/// Returns the topics still to create through CreateTopics, those found
+/// to exist, and whether the cluster is a mock.
 fn refuse_without_create_topics(
     admin: &AdminClient<DefaultClientContext>,
     bootstrap_servers: &str,
     topics: &[TopicToCreate],
-) -> Result<(Vec<TopicToCreate>, Vec<TopicToCreate>)> {
+) -> Result<(Vec<TopicToCreate>, Vec<TopicToCreate>, bool)> {
     let names = || {
         topics
             .iter()
@@ -228,7 +235,7 @@ fn refuse_without_create_topics(
         });
     };
     if !cluster_id.starts_with(MOCK_CLUSTER_ID_PREFIX) {
-        return Ok((topics.to_vec(), Vec::new()));
+        return Ok((topics.to_vec(), Vec::new(), false));
     }
     // Listing every topic never auto-creates one.
     let metadata = client
@@ -243,7 +250,7 @@ fn refuse_without_create_topics(
         .cloned()
         .partition(|topic| metadata.topics().iter().any(|t| t.name() == topic.name));
     if missing.is_empty() {
-        return Ok((Vec::new(), existing));
+        return Ok((Vec::new(), existing, true));
     }
     let missing: Vec<&str> = missing.iter().map(|t| t.name.as_str()).collect();
     Err(Error::Provision {

@@ -306,6 +306,8 @@ impl ConsumerRuntime {
     /// spawns. A failure at any step before spawning leaves nothing
     /// running; one while spawning drops the runtime, which stops what
     /// already runs.
+    // One call site (the runtime), each argument a different piece of it.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn start(
         model: &Arc<Model>,
         settings: &KafkaSettings,
@@ -314,12 +316,13 @@ impl ConsumerRuntime {
         clients: &ClientTracker,
         registry: &Registry,
         outbox: Option<&Outbox>,
+        mock_cluster: bool,
     ) -> Result<ConsumerRuntime> {
         crate::telemetry::describe();
         let ignored = ignored_types(model, &consumers)?;
         let services = plan(model, settings, consumers)?;
         warn_on_builtin_group(settings, &services);
-        check_client_settings(settings, broker, &services)?;
+        check_client_settings(settings, broker, mock_cluster, &services)?;
         if settings.provisioning_enabled() {
             provision_dead_letters(model, settings, broker, &services).await?;
         }
@@ -327,6 +330,7 @@ impl ConsumerRuntime {
             model,
             settings,
             broker,
+            mock_cluster,
             clients,
             registry,
             outbox,
@@ -450,12 +454,14 @@ impl fmt::Debug for ConsumerRuntime {
 fn check_client_settings(
     settings: &KafkaSettings,
     broker: &Broker,
+    mock_cluster: bool,
     services: &[PlannedService],
 ) -> Result<()> {
     for planned in services {
         consumer_config(
             settings,
             broker,
+            mock_cluster,
             &planned.group,
             planned.dedicated.as_ref(),
             planned.offset_reset.map(|(r, _)| r),
@@ -503,6 +509,8 @@ struct Build<'a> {
     model: &'a Arc<Model>,
     settings: &'a KafkaSettings,
     broker: &'a Broker,
+    /// The cluster is librdkafka's mock (see `Broker::MOCK_CONSUMER_DEFAULTS`).
+    mock_cluster: bool,
     clients: &'a ClientTracker,
     registry: &'a Registry,
     outbox: Option<&'a Outbox>,
@@ -536,6 +544,7 @@ impl Build<'_> {
         let config = consumer_config(
             self.settings,
             self.broker,
+            self.mock_cluster,
             &planned.group,
             planned.dedicated.as_ref(),
             planned.offset_reset.map(|(r, _)| r),
@@ -1038,13 +1047,16 @@ const STATISTICS_INTERVAL_MS: &str = "5000";
 fn consumer_config(
     settings: &KafkaSettings,
     broker: &Broker,
+    mock_cluster: bool,
     group: &str,
     dedicated: Option<&ConsumerSettings>,
     offset_reset: Option<OffsetReset>,
 ) -> ClientConfig {
     let mut config = settings.client_config(broker.bootstrap_servers());
-    for (k, v) in broker.consumer_defaults() {
-        config.set(*k, *v);
+    if mock_cluster {
+        for (k, v) in Broker::MOCK_CONSUMER_DEFAULTS {
+            config.set(*k, *v);
+        }
     }
     // Stored offsets go to the broker every second instead of librdkafka's
     // five: a crash redelivers what was handled since the last commit, so

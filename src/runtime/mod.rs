@@ -241,6 +241,10 @@ impl KontextBuilder {
                     &clients,
                     &registry,
                     outbox.as_ref(),
+                    // Known when provisioning asked the cluster; a dev
+                    // broker with provisioning off gets librdkafka's defaults.
+                    broker.as_embedded().is_some()
+                        || provisioned.as_ref().is_some_and(|r| r.mock_cluster),
                 )
                 .await?,
             )
