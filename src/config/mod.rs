@@ -373,10 +373,7 @@ impl KafkaSettings {
                 path.display()
             )));
         }
-        let file = match path.extension().and_then(|e| e.to_str()) {
-            Some("json") => Figment::from(Json::file(path)),
-            _ => Figment::from(Toml::file(path)),
-        };
+        let file = file_figment(path);
         let focused = if section.is_empty() {
             file
         } else {
@@ -584,6 +581,14 @@ impl KafkaSettings {
 }
 
 /// `KONTEXT_*` variables, `__` between levels, known top-level keys only.
+/// A settings file as a figment: JSON by extension, TOML otherwise.
+pub(crate) fn file_figment(path: &Path) -> Figment {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Figment::from(Json::file(path)),
+        _ => Figment::from(Toml::file(path)),
+    }
+}
+
 fn env_provider() -> Env {
     Env::prefixed(ENV_PREFIX)
         .filter(|key| {

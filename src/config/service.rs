@@ -3,11 +3,10 @@
 
 use std::path::Path;
 
-use figment::Figment;
-use figment::providers::{Env, Format, Json, Toml};
+use figment::providers::Env;
 use serde::Deserialize;
 
-use crate::config::{ENV_PREFIX, KafkaSettings, Secret};
+use crate::config::{ENV_PREFIX, KafkaSettings, Secret, file_figment};
 use crate::error::{Error, Result};
 
 /// What [`ServiceConfig::from_file`] reads:
@@ -77,11 +76,7 @@ impl ServiceConfig {
 
     fn read(path: &Path, database_section: &str, env_prefix: &str) -> Result<Self> {
         let kafka = KafkaSettings::from_file(path, "kafka")?;
-        let file = match path.extension().and_then(|e| e.to_str()) {
-            Some("json") => Figment::from(Json::file(path)),
-            _ => Figment::from(Toml::file(path)),
-        };
-        let section = file
+        let section = file_figment(path)
             .focus(database_section)
             .merge(Env::prefixed(env_prefix).only(&["url", "migrate"]));
         let database: DatabaseSection = section.extract().map_err(|e| Error::Config {

@@ -15,6 +15,21 @@ use crate::infrastructure::{AppSettings, KontextShipments};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A binary's exit: its error on stderr, prefixed with its name, and a
+/// failure code; success otherwise.
+pub fn exit_code<E: std::fmt::Display>(
+    binary: &str,
+    result: Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{binary}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Prints one line on stdout and flushes it (stdout may be a pipe).
 pub fn announce(line: &str) {
     let mut out = std::io::stdout().lock();

@@ -18,18 +18,12 @@ use std::process::ExitCode;
 
 use kontext::broker::DevBroker;
 use kontext_shipping::infrastructure::{SHIPPING_API, config_path, init_tracing, load, model};
-use kontext_shipping::run::announce;
+use kontext_shipping::run::{announce, exit_code};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     init_tracing();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("dev-broker: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("dev-broker", run().await)
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

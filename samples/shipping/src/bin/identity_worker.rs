@@ -10,18 +10,12 @@ use std::process::ExitCode;
 use kontext_shipping::infrastructure::{
     IDENTITY_WORKER, config_path, init_tracing, load, start_identity,
 };
-use kontext_shipping::run::announce;
+use kontext_shipping::run::{announce, exit_code};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     init_tracing();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("identity-worker: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("identity-worker", run().await)
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

@@ -21,7 +21,7 @@ use kontext_shipping::domain::{Shipment, ShipmentCreatedEvent};
 use kontext_shipping::infrastructure::{
     IDENTITY_WORKER, SHIPPING_API, config_path, init_tracing, load, start_identity, start_shipping,
 };
-use kontext_shipping::run::{announce, bind, serve_api};
+use kontext_shipping::run::{announce, bind, exit_code, serve_api};
 use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -29,13 +29,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[tokio::main]
 async fn main() -> ExitCode {
     init_tracing();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shipping: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("shipping", run().await)
 }
 
 fn demo_count() -> Result<Option<u32>, BoxError> {

@@ -12,18 +12,12 @@ use std::process::ExitCode;
 use kontext_shipping::infrastructure::{
     SHIPPING_API, config_path, init_tracing, load, start_shipping,
 };
-use kontext_shipping::run::{bind, serve_api};
+use kontext_shipping::run::{bind, exit_code, serve_api};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     init_tracing();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("shipping-api: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_code("shipping-api", run().await)
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
