@@ -53,3 +53,26 @@ pub enum HeaderProfile {
     /// it was produced.
     Lean,
 }
+
+/// A header list being built, one pair at a time: librdkafka's list when
+/// producing, dead-lettering or relaying, a plain list for an outbox row.
+/// Every header kontext writes goes through it.
+pub(crate) trait HeaderList: Sized {
+    fn with(self, key: &str, value: &str) -> Self;
+}
+
+impl HeaderList for rdkafka::message::OwnedHeaders {
+    fn with(self, key: &str, value: &str) -> Self {
+        self.insert(rdkafka::message::Header {
+            key,
+            value: Some(value),
+        })
+    }
+}
+
+impl HeaderList for Vec<(String, String)> {
+    fn with(mut self, key: &str, value: &str) -> Self {
+        self.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}

@@ -35,6 +35,7 @@
 //! - [`runtime`]: `Kontext`, which starts and stops the roles a process registers.
 //! - [`error`]: the one `Error` type.
 
+mod backoff;
 pub mod broker;
 mod client;
 pub mod codec;

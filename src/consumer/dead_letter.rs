@@ -12,11 +12,13 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::client::TracingContext;
 use crate::client::{ClientGuard, ClientKind, ClientTracker};
 use crate::config::KafkaSettings;
 use crate::consumer::context::Record;
 use crate::error::{Error, Result};
+use crate::headers::HeaderList as _;
 
 /// Header names on dead-lettered records.
 pub mod dlq_headers {
@@ -220,7 +222,8 @@ impl DeadLetters {
         failure: &Failure,
         cancel: &CancellationToken,
     ) -> Sent {
-        let mut pause = Duration::from_millis(100);
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut failures = 0u32;
         // Set once the broker refused the full record for its size.
         let mut truncated: Option<String> = None;
         let mut refused = 0;
@@ -243,16 +246,10 @@ impl DeadLetters {
                 (dlq_headers::FAILED_AT, failed_at.as_str()),
                 (dlq_headers::GROUP, group),
             ] {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value),
-                });
+                headers = headers.with(key, value);
             }
             if let Some(t) = &truncated {
-                headers = headers.insert(Header {
-                    key: dlq_headers::TRUNCATED,
-                    value: Some(t.as_str()),
-                });
+                headers = headers.with(dlq_headers::TRUNCATED, t);
             }
             let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
             if let Some(k) = record.key() {
@@ -299,11 +296,11 @@ impl DeadLetters {
                         }
                     }
                     tracing::error!(dead_letter_topic = topic, source, record = ?record, error = %e, "dead-letter publish failed; retrying");
+                    failures = failures.saturating_add(1);
                     tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
+                        () = tokio::time::sleep(backoff.delay(failures)) => {}
                         () = cancel.cancelled() => return Sent::Cancelled,
                     }
-                    pause = (pause * 2).min(Duration::from_secs(5));
                 }
             }
         }

@@ -59,10 +59,7 @@ impl RetryPolicy {
     /// The pause after failed attempt `attempt` (1-based): doubles each time,
     /// capped at `max_backoff`.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u32 << attempt.saturating_sub(1).min(20);
-        self.initial_backoff
-            .saturating_mul(factor)
-            .min(self.max_backoff)
+        crate::backoff::Backoff::new(self.initial_backoff, self.max_backoff).delay(attempt)
     }
 }
 

@@ -55,6 +55,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::backoff::Backoff;
 use crate::db::now_ms;
 use crate::db::outbox_entity as row;
 use crate::error::{Error, Result};
@@ -152,11 +153,8 @@ impl OutboxSettings {
     }
 
     fn backoff_ms(&self, attempts: i32) -> i64 {
-        let exp = u32::try_from(attempts.saturating_sub(1).clamp(0, 20)).unwrap_or(20);
-        let d = self
-            .initial_backoff
-            .saturating_mul(1u32 << exp)
-            .min(self.max_backoff);
+        let d = Backoff::new(self.initial_backoff, self.max_backoff)
+            .delay(u32::try_from(attempts).unwrap_or(0));
         i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
     }
 }

@@ -20,6 +20,10 @@ use sea_orm::sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Inner;
+use crate::backoff::Backoff;
+
+/// Pauses between the listener's attempts to connect.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
 
 /// The channel relays listen on.
 pub(super) const CHANNEL: &str = "kontext_outbox";
@@ -65,7 +69,7 @@ pub(super) async fn listen(inner: Arc<Inner>, cancel: CancellationToken) {
             }
         }
         failures = failures.saturating_add(1);
-        let pause = Duration::from_millis(200) * failures.min(25);
+        let pause = RECONNECT.delay(failures);
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(pause) => {}

@@ -2,14 +2,14 @@
 //! deletes what the broker acknowledged, records failures with backoff.
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, stream};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
-use rdkafka::types::RDKafkaErrorCode;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait as _, DbBackend, EntityTrait, PaginatorTrait,
@@ -19,8 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::lease::{self, Lease, db_now};
 use super::{Inner, Sender, db_err};
+use crate::backoff::Backoff;
 use crate::db::{lease_entity as lease_row, now_ms, outbox_entity as row};
 use crate::error::{Error, Result};
+use crate::headers::HeaderList as _;
+use crate::producer::{self, Enqueue, MakeRoom};
 
 /// Creates the lease rows of every shard (idempotent).
 pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
@@ -94,11 +97,12 @@ async fn relay(inner: &Arc<Inner>, cancel: &CancellationToken) {
                 tracing::warn!(error = %e, "outbox relay pass failed");
             }
         }
-        let pause = if failures > 0 {
-            (inner.settings.poll_interval * failures.min(10)).min(Duration::from_secs(30))
-        } else {
-            inner.settings.poll_interval
-        };
+        // Failing passes back off up to ten poll intervals (at most 30 s).
+        let pause = Backoff::new(
+            inner.settings.poll_interval,
+            (inner.settings.poll_interval * 10).min(Duration::from_secs(30)),
+        )
+        .delay(failures);
         tokio::select! {
             () = inner.wake.notified() => {}
             () = tokio::time::sleep(pause) => {}
@@ -504,13 +508,11 @@ async fn enqueue(
 ) -> std::result::Result<DeliveryFuture, String> {
     let pairs: Vec<(String, String)> =
         serde_json::from_str(&r.headers).map_err(|e| format!("unreadable headers: {e}"))?;
-    let mut headers = OwnedHeaders::new_with_capacity(pairs.len());
-    for (k, v) in &pairs {
-        headers = headers.insert(Header {
-            key: k,
-            value: Some(v),
+    let headers = pairs
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(pairs.len()), |h, (k, v)| {
+            h.with(k, v)
         });
-    }
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic)
         .headers(headers)
         .timestamp(r.created_at);
@@ -520,21 +522,30 @@ async fn enqueue(
     if let Some(p) = &r.payload {
         record = record.payload(p.as_slice());
     }
-    let client = sender.producer.client();
-    loop {
-        match client.send_result(record) {
-            Ok(f) => return Ok(f),
-            Err((e, back)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) => {
-                record = back;
-                // Wait for an earlier message of this batch to make room.
-                if let Some((_, oldest)) = in_flight.first_mut() {
-                    let _ = std::pin::Pin::new(oldest).await;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
+    // Wait for an earlier message of this batch to make room; its outcome
+    // is read later, with the others'.
+    let wait_for_oldest = OldestInFlight(in_flight);
+    match producer::enqueue(sender.producer.client(), record, None, wait_for_oldest).await {
+        Ok(f) => Ok(f),
+        Err(Enqueue::Failed(e)) => Err(e.to_string()),
+        Err(Enqueue::Stopped(never)) => match never {},
+    }
+}
+
+/// Makes room by awaiting the oldest delivery of the relay's batch.
+struct OldestInFlight<'b>(&'b mut [(usize, DeliveryFuture)]);
+
+impl MakeRoom for OldestInFlight<'_> {
+    type Error = Infallible;
+
+    async fn make_room(&mut self) -> std::result::Result<(), Infallible> {
+        match self.0.first_mut() {
+            Some((_, oldest)) => {
+                let _ = std::pin::Pin::new(oldest).await;
             }
-            Err((e, _)) => return Err(e.to_string()),
+            None => tokio::time::sleep(Duration::from_millis(1)).await,
         }
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! model, await the broker's acknowledgement.
 
 use std::any::TypeId;
+use std::convert::Infallible;
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use futures::channel::oneshot::Canceled;
 use futures::future::BoxFuture;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::future_producer::OwnedDeliveryResult;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
@@ -24,7 +25,7 @@ use crate::client::{ClientGuard, ClientKind, ClientTracker};
 use crate::client::{Reach, TracingContext};
 use crate::config::{KafkaSettings, redacted};
 use crate::error::{Error, Result};
-use crate::headers::{self, HeaderProfile};
+use crate::headers::{self, HeaderList, HeaderProfile};
 use crate::model::{HeaderSource, Message, MessageKey, Model, TopicSpec};
 use crate::telemetry::ProduceMetrics;
 
@@ -190,30 +191,31 @@ impl Producer {
                 OwnedHeaders::new_with_capacity(capacity),
             )?;
             let started = Instant::now();
-            let mut record = encoded.record(spec.topic(), headers);
-            let future = loop {
-                match self.inner.client.send_result(record) {
-                    Ok(f) => break f,
-                    Err((e, r)) if self.may_wait(&e, started) => {
-                        record = r;
-                        // The local queue is full: wait for the oldest
-                        // message in flight, which frees room.
-                        match pending.get_mut(first_unawaited) {
-                            Some((f, id, sent, span)) => {
-                                let id = *id;
-                                let measure = metrics.map(|m| (m, *sent));
-                                results.push(await_delivery(f, spec, id, measure, span).await?);
-                                first_unawaited += 1;
-                            }
-                            None => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
-                        }
+            let record = encoded.record(spec.topic(), headers);
+            // When the local queue is full, waiting for the oldest message
+            // in flight frees room.
+            let wait_for_oldest = OldestOfBatch {
+                pending: &mut pending,
+                first_unawaited: &mut first_unawaited,
+                results: &mut results,
+                spec,
+                metrics,
+            };
+            let future = match enqueue(
+                &self.inner.client,
+                record,
+                self.queue_deadline(started),
+                wait_for_oldest,
+            )
+            .await
+            {
+                Ok(f) => f,
+                Err(Enqueue::Stopped(e)) => return Err(e),
+                Err(Enqueue::Failed(source)) => {
+                    if let Some(m) = metrics {
+                        m.errors.increment(1);
                     }
-                    Err((source, _)) => {
-                        if let Some(m) = metrics {
-                            m.errors.increment(1);
-                        }
-                        return Err(produce_failed(spec, source));
-                    }
+                    return Err(produce_failed(spec, source));
                 }
             };
             let span = publish_span(spec, encoded.message_id);
@@ -278,22 +280,25 @@ impl Producer {
             None => self.inner.room.acquire().await.ok(),
         };
         let started = Instant::now();
-        let mut record = encoded.record(spec.topic(), headers);
-        let delivery = loop {
-            match self.inner.client.send_result(record) {
-                Ok(f) => break f,
-                Err((e, r)) if self.may_wait(&e, started) => {
-                    // Full although we hold room: the outbox relay shares
-                    // this client's queue.
-                    record = r;
-                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+        let record = encoded.record(spec.topic(), headers);
+        // Full although we hold room: the outbox relay shares this
+        // client's queue.
+        let pause = Pause(QUEUE_FULL_PAUSE);
+        let delivery = match enqueue(
+            &self.inner.client,
+            record,
+            self.queue_deadline(started),
+            pause,
+        )
+        .await
+        {
+            Ok(f) => f,
+            Err(Enqueue::Stopped(never)) => match never {},
+            Err(Enqueue::Failed(source)) => {
+                if let Some(m) = self.metrics_of::<T>() {
+                    m.errors.increment(1);
                 }
-                Err((source, _)) => {
-                    if let Some(m) = self.metrics_of::<T>() {
-                        m.errors.increment(1);
-                    }
-                    return Err(produce_failed(spec, source));
-                }
+                return Err(produce_failed(spec, source));
             }
         };
         Ok(InFlight {
@@ -327,34 +332,15 @@ impl Producer {
         &self.inner.client
     }
 
-    /// Whether a failed enqueue should be retried: librdkafka's local queue
-    /// is full and the call has not waited longer than a delivery may take.
-    fn may_wait(&self, e: &KafkaError, started: Instant) -> bool {
-        queue_full(e) && started.elapsed() < self.inner.queue_timeout
-    }
-}
-
-/// Where the standard and declared headers of a message are written: the
-/// client's header list when producing, a plain list for the outbox.
-pub(crate) trait HeaderSink: Sized {
-    fn with(self, key: &str, value: &str) -> Self;
-}
-
-impl HeaderSink for OwnedHeaders {
-    fn with(self, key: &str, value: &str) -> Self {
-        self.insert(header(key, value))
-    }
-}
-
-impl HeaderSink for Vec<(String, String)> {
-    fn with(mut self, key: &str, value: &str) -> Self {
-        self.push((key.to_owned(), value.to_owned()));
-        self
+    /// Until when an enqueue that started at `started` may wait for room in
+    /// librdkafka's queue: as long as a delivery may take.
+    fn queue_deadline(&self, started: Instant) -> Option<Instant> {
+        started.checked_add(self.inner.queue_timeout)
     }
 }
 
 /// Encodes a message and builds its key and headers (into `h`).
-pub(crate) fn prepare<T: Message, H: HeaderSink>(
+pub(crate) fn prepare<T: Message, H: HeaderList>(
     spec: &TopicSpec<T>,
     message: &T,
     options: &CallOptions,
@@ -408,7 +394,7 @@ pub(crate) fn encode<T: Message>(
 }
 
 /// Writes the standard, declared and per-call headers of an encoded message.
-pub(crate) fn write_headers<T: Message, H: HeaderSink>(
+pub(crate) fn write_headers<T: Message, H: HeaderList>(
     spec: &TopicSpec<T>,
     message: &T,
     options: &CallOptions,
@@ -491,13 +477,6 @@ thread_local! {
     static TIME_TEXT: std::cell::RefCell<(i64, String)> = const { std::cell::RefCell::new((0, String::new())) };
 }
 
-fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
-    Header {
-        key,
-        value: Some(value),
-    }
-}
-
 fn produce_failed<T>(spec: &TopicSpec<T>, source: KafkaError) -> Error {
     Error::Produce {
         topic: spec.topic().to_owned(),
@@ -508,6 +487,83 @@ fn produce_failed<T>(spec: &TopicSpec<T>, source: KafkaError) -> Error {
 /// librdkafka's local queue has no room.
 fn queue_full(e: &KafkaError) -> bool {
     e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull)
+}
+
+/// Why [`enqueue`] gave up.
+pub(crate) enum Enqueue<E> {
+    /// librdkafka refused the message (or its queue stayed full past the
+    /// deadline).
+    Failed(KafkaError),
+    /// Making room failed.
+    Stopped(E),
+}
+
+/// How a caller frees room in librdkafka's full local queue.
+pub(crate) trait MakeRoom {
+    type Error;
+    fn make_room(&mut self) -> impl Future<Output = std::result::Result<(), Self::Error>> + Send;
+}
+
+/// Makes room by waiting a moment (when the caller has nothing in flight
+/// of its own to wait for).
+pub(crate) struct Pause(pub(crate) Duration);
+
+impl MakeRoom for Pause {
+    type Error = Infallible;
+
+    async fn make_room(&mut self) -> std::result::Result<(), Infallible> {
+        tokio::time::sleep(self.0).await;
+        Ok(())
+    }
+}
+
+/// A batch makes room by awaiting its oldest message in flight, whose
+/// outcome it keeps.
+struct OldestOfBatch<'b, T> {
+    pending: &'b mut Vec<(DeliveryFuture, Uuid, Instant, tracing::Span)>,
+    first_unawaited: &'b mut usize,
+    results: &'b mut Vec<Delivery>,
+    spec: &'b TopicSpec<T>,
+    metrics: Option<&'b ProduceMetrics>,
+}
+
+impl<T: Sync> MakeRoom for OldestOfBatch<'_, T> {
+    type Error = Error;
+
+    async fn make_room(&mut self) -> Result<()> {
+        match self.pending.get_mut(*self.first_unawaited) {
+            Some((f, id, sent, span)) => {
+                let measure = self.metrics.map(|m| (m, *sent));
+                let delivery = await_delivery(f, self.spec, *id, measure, span).await?;
+                self.results.push(delivery);
+                *self.first_unawaited += 1;
+            }
+            None => tokio::time::sleep(QUEUE_FULL_PAUSE).await,
+        }
+        Ok(())
+    }
+}
+
+/// Hands `record` to librdkafka. While its local queue is full, has `room`
+/// make room and tries again, until `deadline` if there is one. The one
+/// place that waits for room: single produce calls, batches and the outbox
+/// relay all enqueue here.
+pub(crate) async fn enqueue<R: MakeRoom>(
+    client: &FutureProducer<TracingContext>,
+    mut record: FutureRecord<'_, [u8], [u8]>,
+    deadline: Option<Instant>,
+    mut room: R,
+) -> std::result::Result<DeliveryFuture, Enqueue<R::Error>> {
+    loop {
+        match client.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((e, back)) if queue_full(&e) && deadline.is_none_or(|d| Instant::now() < d) => {
+                record = back;
+                room.make_room().await.map_err(Enqueue::Stopped)?;
+            }
+            Err((e, _)) => return Err(Enqueue::Failed(e)),
+        }
+    }
 }
 
 /// librdkafka's default `queue.buffering.max.messages`.
