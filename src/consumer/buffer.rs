@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::consumer::Backpressure;
-use crate::consumer::context::{Lender, Polled, Record};
+use crate::consumer::context::{Lender, Record};
+use crate::consumer::lent::Polled;
 use crate::consumer::sync::lock;
 
 /// Counters of one type, readable from the registry.

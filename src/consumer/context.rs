@@ -17,6 +17,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::consumer::lent::Polled;
 use crate::consumer::sync::lock;
 use crate::headers;
 
@@ -42,31 +43,6 @@ impl Rejection {
                  consume it, `ignore` it, or give it its own group in the model"
             ),
         }
-    }
-}
-
-/// A librdkafka message kept past the poll call that returned it.
-///
-/// `BorrowedMessage` borrows the consumer only so that the consumer outlives
-/// it. The poll service upholds that itself: it drops its consumer only
-/// after every record is gone (its workers have stopped, its lanes and its
-/// own queues are empty) and leaks the consumer rather than drop it early
-/// (see `poll::release`). Messages never reach user code: a handler's
-/// context gets a copy of what it reads.
-pub(crate) struct Polled(BorrowedMessage<'static>);
-
-impl Polled {
-    /// # Safety
-    /// The consumer `m` came from must outlive the returned value.
-    #[allow(unsafe_code)]
-    pub(crate) unsafe fn new(m: BorrowedMessage<'_>) -> Polled {
-        // SAFETY: only the lifetime changes; the caller keeps the consumer
-        // alive for as long as the message.
-        Polled(unsafe { std::mem::transmute::<BorrowedMessage<'_>, BorrowedMessage<'static>>(m) })
-    }
-
-    pub(crate) fn message(&self) -> &BorrowedMessage<'static> {
-        &self.0
     }
 }
 

@@ -13,6 +13,7 @@ pub(crate) mod buffer;
 mod context;
 mod dead_letter;
 mod handler;
+mod lent;
 mod offsets;
 pub(crate) mod poll;
 mod pool;

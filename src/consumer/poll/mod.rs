@@ -14,7 +14,6 @@
 //!   registry's view of progress.
 
 use std::collections::{HashMap, VecDeque};
-use std::mem::ManuallyDrop;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +25,8 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::client::{ClientGuard, TracingContext};
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
-use crate::consumer::context::{Polled, Record, Rejection};
+use crate::consumer::context::{Record, Rejection};
+use crate::consumer::lent::{LentConsumer, Polled};
 use crate::consumer::offsets::OffsetTracker;
 use crate::consumer::sync::lock;
 use crate::headers;
@@ -253,7 +253,11 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         .create_with_context(context)
         .map_err(|e| format!("could not create the consumer: {e}"))?;
     // From here on, however the loop ends, the consumer outlives every record.
-    let consumer = Holder::new(consumer, guard, Arc::clone(&shared), Arc::clone(&state));
+    let consumer = Holder {
+        consumer: LentConsumer::new(consumer, guard),
+        shared: Arc::clone(&shared),
+        state: Arc::clone(&state),
+    };
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer
         .subscribe(&topic_refs)
@@ -364,34 +368,18 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
     Ok(())
 }
 
-/// Owns a poll service's consumer and lets go of it only once no record
-/// holds one of its messages (see [`Polled`]), on every way out of the poll
-/// loop: a clean stop, an error, a panic.
+/// Owns a poll service's consumer and, on every way out of the poll loop
+/// (a clean stop, an error, a panic), first makes its workers and lanes
+/// let go of their records, so that the consumer can close (see
+/// [`LentConsumer`]).
 struct Holder {
-    consumer: ManuallyDrop<BaseConsumer<PollContext>>,
-    guard: ManuallyDrop<ClientGuard>,
+    consumer: LentConsumer<PollContext>,
     shared: Arc<ServiceShared>,
     state: Arc<Mutex<LoopState>>,
 }
 
-impl Holder {
-    fn new(
-        consumer: BaseConsumer<PollContext>,
-        guard: ClientGuard,
-        shared: Arc<ServiceShared>,
-        state: Arc<Mutex<LoopState>>,
-    ) -> Self {
-        Holder {
-            consumer: ManuallyDrop::new(consumer),
-            guard: ManuallyDrop::new(guard),
-            shared,
-            state,
-        }
-    }
-}
-
 impl std::ops::Deref for Holder {
-    type Target = BaseConsumer<PollContext>;
+    type Target = LentConsumer<PollContext>;
 
     fn deref(&self) -> &Self::Target {
         &self.consumer
@@ -399,55 +387,39 @@ impl std::ops::Deref for Holder {
 }
 
 impl Drop for Holder {
-    #[allow(unsafe_code)]
     fn drop(&mut self) {
-        if release(&self.shared, &self.state) {
-            // SAFETY: dropped once, here, and never used again.
-            unsafe {
-                ManuallyDrop::drop(&mut self.consumer);
-                ManuallyDrop::drop(&mut self.guard);
-            }
-        } else {
-            // A handler that ignores cancellation still holds a message:
-            // closing the consumer under it would free that message's memory.
-            // Left open instead; its uncommitted work is redelivered.
-            tracing::error!(service = %self.shared.name, "handlers still running after the stop; the consumer is left open");
+        release(&self.shared, &self.state);
+        // A worker lets go of its records when it stops: after the record
+        // in hand, once stopping with an empty buffer.
+        if !self.consumer.wait_returned(RELEASE_WAIT) {
+            // A handler that ignores cancellation still holds a message; the
+            // consumer is left open when it drops, next. Its uncommitted
+            // work is redelivered.
+            tracing::error!(service = %self.shared.name, records = self.consumer.out(), "handlers still running after the stop; the consumer is left open");
         }
     }
 }
 
-/// Drops every record the service still holds and waits for its workers to
-/// stop; `true` once no record is left anywhere. Records not handled were
-/// never stored, so they are delivered again.
-fn release(shared: &ServiceShared, state: &Mutex<LoopState>) -> bool {
+/// Stops the workers and drops every record the service still holds.
+/// Records not handled were never stored, so they are delivered again.
+fn release(shared: &ServiceShared, state: &Mutex<LoopState>) {
     shared.stop_now();
-    {
-        let mut st = lock(state);
-        for s in &mut st.lane_state {
-            s.pending.clear();
-            s.overflow.clear();
-        }
-        for lane in &st.lanes {
-            lane.buffer.clear();
-            lane.buffer.wake();
-        }
+    let mut st = lock(state);
+    for s in &mut st.lane_state {
+        s.pending.clear();
+        s.overflow.clear();
+        s.retired.clear();
     }
-    // A worker lets go of its records when it stops: after the record in
-    // hand, once stopping with an empty buffer.
-    let since = Instant::now();
-    while shared.workers_active.load(Ordering::SeqCst) > 0 {
-        if since.elapsed() >= RELEASE_WAIT {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    for lane in &st.lanes {
+        lane.buffer.clear();
+        lane.buffer.wake();
     }
-    true
 }
 
 impl LoopState {
     /// Routes one polled record into its lane's pending batch.
-    #[allow(unsafe_code)]
-    fn accept(&mut self, m: BorrowedMessage<'_>) {
+    fn accept(&mut self, polled: Polled) {
+        let m = polled.message();
         // A service with one topic needs no lookup (and no UTF-8 check of
         // the topic name per record).
         let lane = if self.lanes.len() == 1 {
@@ -460,7 +432,7 @@ impl LoopState {
         };
         let key = (lane, m.partition());
         self.tracker.dispatched(key, m.offset());
-        let routed = self.route(&self.lanes[lane], &m);
+        let routed = self.route(&self.lanes[lane], m);
         let state = &mut self.lane_state[lane];
         let (type_index, rejection) = match routed {
             Routed::Skip => {
@@ -476,9 +448,7 @@ impl LoopState {
             }
             Routed::Reject(rejection) => (0, Some(Box::new(rejection))),
         };
-        // SAFETY: the consumer is in a `Holder`, which drops it only after
-        // every record is gone.
-        let mut record = Record::new(unsafe { Polled::new(m) });
+        let mut record = Record::new(polled);
         record.type_index = type_index;
         record.rejection = rejection;
         state.pending.push(record);
