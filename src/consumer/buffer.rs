@@ -6,10 +6,15 @@
 //! Built for batches, because a hand-off per record costs more than the
 //! record: the poll thread appends everything one poll round fetched under
 //! one lock and wakes the worker only if it found the queue empty; the
-//! worker takes a chunk at a time and reports progress through one atomic
-//! (`done`, the sequence number of the last record it finished) instead of a
-//! message per record. Records are numbered in delivery order, so the poll
-//! thread turns `done` back into offsets without any per-record traffic.
+//! worker takes a chunk at a time.
+//!
+//! Records come back one way: a worker gives each finished record back
+//! ([`LaneBuffer::give_back`]), message and all, and the poll thread takes
+//! them in one swap per round, marks their offsets finished and destroys
+//! their messages on its own thread (measured: freeing librdkafka's
+//! allocations on the thread that polled them costs a good deal less CPU
+//! than on a runtime thread). A record the worker drops unhandled (its
+//! partition was revoked) is only counted out of the lane.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -19,8 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::consumer::Backpressure;
-use crate::consumer::context::{Lender, Record};
-use crate::consumer::lent::Polled;
+use crate::consumer::context::Record;
 use crate::consumer::sync::lock;
 
 /// Counters of one type, readable from the registry.
@@ -66,8 +70,8 @@ impl Room {
 }
 
 pub(crate) struct LaneBuffer {
-    /// Messages the worker finished with, for the poll thread to destroy.
-    retired: Mutex<Vec<Polled>>,
+    /// Records the worker finished, for the poll thread (see the module).
+    returned: Mutex<Vec<Record>>,
     /// The lane's topic: records do not carry it, so the poll thread never
     /// touches a reference count the workers also touch.
     pub(crate) topic: Arc<str>,
@@ -76,11 +80,10 @@ pub(crate) struct LaneBuffer {
     notify: Notify,
     pub(crate) mode: Backpressure,
     capacity: usize,
-    /// Records pushed and not yet finished or dropped.
+    /// Records pushed and not yet given back or dropped.
     in_lane: AtomicUsize,
-    /// Sequence number of the last record finished or dropped; the worker
-    /// finishes records in sequence order, so everything up to it is done.
-    done: AtomicU64,
+    /// Records given back so far: progress, for the stall check.
+    finished: AtomicU64,
     /// Whether the lane's partitions are paused because it is full.
     pub(crate) paused: AtomicBool,
     dropped: AtomicU64,
@@ -92,12 +95,9 @@ pub(crate) struct LaneBuffer {
     /// Since when the lane holds records and finished none (a hung or very
     /// slow handler, a long retry pause); kept by the poll thread.
     stalled_since: Mutex<Option<Instant>>,
-    /// Whether the lane has a worker pool (see `consumer::parallel`): its
-    /// records finish out of order, so the worker reports each one in
-    /// `completed` and `done` only counts them (progress, not a position).
+    /// Whether the lane has a worker pool (see `consumer::pool`): its
+    /// records finish out of order.
     parallel: bool,
-    /// Sequence numbers finished out of order, for the poll thread.
-    completed: Mutex<Vec<u64>>,
     /// The pool's current size and how many of it are busy (registry).
     pub(crate) workers: AtomicUsize,
     pub(crate) busy: AtomicUsize,
@@ -111,9 +111,9 @@ pub(crate) struct LaneBuffer {
 struct Ownership {
     /// Revocations announced by the poll thread.
     announced: AtomicU64,
-    /// The last revocation the worker applied, and `done` at that moment.
+    /// The last revocation the worker applied; every record it finished
+    /// before was given back first.
     applied: AtomicU64,
-    applied_done: AtomicU64,
     /// Partition -> last sequence number of its ended ownership.
     ended: Mutex<HashMap<i32, u64>>,
     /// Wakes a worker waiting out a retry pause.
@@ -131,7 +131,7 @@ impl LaneBuffer {
         parallel: bool,
     ) -> Arc<LaneBuffer> {
         Arc::new(LaneBuffer {
-            retired: Mutex::new(Vec::new()),
+            returned: Mutex::new(Vec::new()),
             topic,
             room,
             queue: Mutex::new(VecDeque::new()),
@@ -139,14 +139,13 @@ impl LaneBuffer {
             mode,
             capacity: capacity.max(1),
             in_lane: AtomicUsize::new(0),
-            done: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             ownership: Ownership::default(),
             sealed: AtomicBool::new(false),
             stalled_since: Mutex::new(None),
             parallel,
-            completed: Mutex::new(Vec::new()),
             workers: AtomicUsize::new(1),
             busy: AtomicUsize::new(0),
         })
@@ -177,9 +176,9 @@ impl LaneBuffer {
         self.capacity / 2
     }
 
-    /// Sequence number of the last finished record.
-    pub(crate) fn done(&self) -> u64 {
-        self.done.load(Ordering::Acquire)
+    /// Records given back so far.
+    pub(crate) fn finished_count(&self) -> u64 {
+        self.finished.load(Ordering::Acquire)
     }
 
     /// Appends records (already numbered, in order) for the worker. Called
@@ -222,31 +221,37 @@ impl LaneBuffer {
         }
     }
 
-    /// Drops every waiting record (the service is stopping).
+    /// Drops every waiting and every returned record (the service is
+    /// stopping).
     pub(crate) fn clear(&self) {
         let dropped = std::mem::take(&mut *lock(&self.queue));
         self.in_lane.fetch_sub(dropped.len(), Ordering::AcqRel);
-        self.drop_retired(&mut Vec::new());
+        drop(dropped);
+        lock(&self.returned).clear();
     }
 
-    /// The worker hands back messages it finished with (emptying `from`).
-    pub(crate) fn retire(&self, from: &mut Vec<Polled>) {
-        lock(&self.retired).append(from);
+    /// Worker: `record` is finished (handled, skipped or dead-lettered).
+    pub(crate) fn give_back(&self, record: Record) {
+        lock(&self.returned).push(record);
+        self.finished.fetch_add(1, Ordering::Release);
+        self.leave(1);
     }
 
-    /// Takes the messages `lender` retired, for the poll thread to drop.
-    pub(crate) fn take_back_from(&self, lender: &mut Lender) {
-        let finished = lender.finished();
-        if !finished.is_empty() {
-            self.retire(finished);
+    /// Worker pool: every record of `records` is finished; empties it.
+    pub(crate) fn give_back_all(&self, records: &mut Vec<Record>) {
+        let n = records.len();
+        if n == 0 {
+            return;
         }
+        lock(&self.returned).append(records);
+        self.finished.fetch_add(n as u64, Ordering::Release);
+        self.leave(n);
     }
 
-    /// Destroys the retired messages, on the calling (poll) thread; `spare`
-    /// is an empty vector whose allocation is traded for the lane's.
-    pub(crate) fn drop_retired(&self, spare: &mut Vec<Polled>) {
-        std::mem::swap(&mut *lock(&self.retired), spare);
-        spare.clear();
+    /// Poll thread: the records given back since the last call, traded for
+    /// `into` (empty, its allocation reused).
+    pub(crate) fn take_returned(&self, into: &mut Vec<Record>) {
+        std::mem::swap(&mut *lock(&self.returned), into);
     }
 
     /// Moves up to `max` waiting records into `into`, without waiting.
@@ -262,44 +267,14 @@ impl LaneBuffer {
         }
     }
 
-    /// The worker finished every record up to `seq`.
-    pub(crate) fn finished(&self, seq: u64) {
-        self.done.store(seq, Ordering::Release);
-        let before = self.in_lane.fetch_sub(1, Ordering::AcqRel);
-        // Wake a waiting poll thread once, when the lane drains to its low mark.
-        if before == self.low_mark() + 1 && self.room.waiting.load(Ordering::SeqCst) {
-            self.room.wake();
-        }
-    }
-
     /// Whether records finish out of order (a worker pool).
     pub(crate) fn is_parallel(&self) -> bool {
         self.parallel
     }
 
-    /// Worker pool: the records numbered `seqs` finished (in any order);
-    /// empties `seqs`.
-    pub(crate) fn completed(&self, seqs: &mut Vec<u64>) {
-        let n = seqs.len();
-        if n == 0 {
-            return;
-        }
-        lock(&self.completed).append(seqs);
-        self.done.fetch_add(n as u64, Ordering::AcqRel);
-        self.leave(n);
-    }
-
-    /// Poll thread: the sequence numbers finished since the last call.
-    pub(crate) fn take_completed(&self, into: &mut Vec<u64>) {
-        std::mem::swap(&mut *lock(&self.completed), into);
-    }
-
     /// Worker pool: revocation `n` is applied (the records of its
-    /// partitions were dropped or have finished and were reported).
+    /// partitions were dropped, or have finished and were given back).
     pub(crate) fn mark_applied(&self, n: u64) {
-        self.ownership
-            .applied_done
-            .store(self.done(), Ordering::Release);
         self.ownership.applied.store(n, Ordering::Release);
     }
 
@@ -316,8 +291,8 @@ impl LaneBuffer {
             .is_some_and(|&last| seq <= last)
     }
 
-    /// The worker finished with `n` records without handling them (their
-    /// partition was revoked): they leave the lane, `done` does not move.
+    /// The worker dropped `n` records without handling them (their
+    /// partition was revoked): they leave the lane and are not given back.
     pub(crate) fn discard(&self, n: usize) {
         if n == 0 {
             return;
@@ -364,19 +339,12 @@ impl LaneBuffer {
         (n, purged)
     }
 
-    /// Poll thread: `Some(done)` once the worker applied revocation `n`,
-    /// with its `done` then: records of the revoked partitions numbered up
-    /// to it were handled, later ones were not and never will be. `None`
-    /// while it has not, and also when no worker runs (nothing to wait for:
-    /// `Some(done())`).
-    pub(crate) fn applied(&self, n: u64) -> Option<u64> {
-        if self.ownership.applied.load(Ordering::Acquire) >= n {
-            Some(self.ownership.applied_done.load(Ordering::Acquire))
-        } else if !self.ownership.worker_running.load(Ordering::Acquire) {
-            Some(self.done())
-        } else {
-            None
-        }
+    /// Poll thread: whether the worker applied revocation `n` (or no worker
+    /// runs: nothing to wait for). Once it has, every record of the revoked
+    /// partitions it finished was given back, and it holds no other.
+    pub(crate) fn applied(&self, n: u64) -> bool {
+        self.ownership.applied.load(Ordering::Acquire) >= n
+            || !self.ownership.worker_running.load(Ordering::Acquire)
     }
 
     /// Worker: whether a revocation waits to be applied. Checked before
@@ -394,32 +362,17 @@ impl LaneBuffer {
     }
 
     /// Worker, between records: drops the records of revoked partitions it
-    /// holds in `batch` (handing them back through `retire`) and tells the
-    /// poll thread it did.
-    pub(crate) fn apply_revocations(
-        &self,
-        batch: &mut VecDeque<Record>,
-        mut retire: impl FnMut(Record),
-    ) {
+    /// holds in `batch` and tells the poll thread it did. (Every record it
+    /// finished was given back already.)
+    pub(crate) fn apply_revocations(&self, batch: &mut VecDeque<Record>) {
         let n = self.ownership.announced.load(Ordering::SeqCst);
         let dropped = {
             let ended = lock(&self.ownership.ended);
             let before = batch.len();
-            let mut kept = VecDeque::with_capacity(before);
-            for r in batch.drain(..) {
-                if ended.get(&r.partition).is_some_and(|&last| r.seq <= last) {
-                    retire(r);
-                } else {
-                    kept.push_back(r);
-                }
-            }
-            *batch = kept;
+            batch.retain(|r| ended.get(&r.partition).is_none_or(|&last| r.seq > last));
             before - batch.len()
         };
         self.discard(dropped);
-        self.ownership
-            .applied_done
-            .store(self.done(), Ordering::Release);
         self.ownership.applied.store(n, Ordering::Release);
     }
 
@@ -441,12 +394,12 @@ impl LaneBuffer {
         WorkerRunning(Arc::clone(self))
     }
 
-    /// Poll thread: whether the worker got anywhere since `last_done`;
-    /// returns the new `done`. Marks the lane stalled from `now` when it
-    /// holds records and finished none.
-    pub(crate) fn observe_progress(&self, last_done: u64, now: Instant) -> u64 {
-        let done = self.done();
-        let stalled = done == last_done && self.len() > 0;
+    /// Poll thread: whether the worker got anywhere since it had given
+    /// back `last` records; returns the new count. Marks the lane stalled
+    /// from `now` when it holds records and finished none.
+    pub(crate) fn observe_progress(&self, last: u64, now: Instant) -> u64 {
+        let done = self.finished_count();
+        let stalled = done == last && self.len() > 0;
         let mut since = lock(&self.stalled_since);
         match (stalled, since.is_some()) {
             (true, false) => *since = Some(now),
@@ -550,10 +503,16 @@ mod tests {
 
         b.push(std::iter::once(Record::test(0, 14, 4)));
         assert!(b.is_full());
-        b.finished(1);
-        b.finished(2);
-        assert_eq!((b.len(), b.done()), (2, 2));
+        for r in taken.drain(..) {
+            b.give_back(r);
+        }
+        assert_eq!((b.len(), b.finished_count()), (2, 2));
         assert!(!b.is_full());
+
+        // The poll thread gets the finished records back, with their offsets.
+        let mut back = Vec::new();
+        b.take_returned(&mut back);
+        assert_eq!(back.iter().map(|r| r.offset).collect::<Vec<_>>(), [11, 12]);
     }
 
     #[test]

@@ -181,20 +181,14 @@ impl Copied {
 }
 
 /// A lane worker's keeper of messages: lends a record's message to a
-/// handler's context and takes it back, and collects finished messages to
-/// hand back to the poll thread.
+/// handler's context and takes it back into the record.
 ///
 /// One [`Shared`] is reused from record to record while no handler keeps its
 /// context; a context kept past its handler gets a copy of the key and
 /// headers, and the message comes back all the same.
-///
-/// Finished messages are destroyed by the poll thread, not the worker:
-/// measured, freeing librdkafka's allocations on the thread that polls them
-/// costs a good deal less CPU than freeing them on a runtime thread.
 #[derive(Default)]
 pub(crate) struct Lender {
     spare: Option<Arc<Shared>>,
-    finished: Vec<Polled>,
     stopping: CancellationToken,
 }
 
@@ -203,7 +197,6 @@ impl Lender {
     pub(crate) fn new(stopping: CancellationToken) -> Lender {
         Lender {
             spare: None,
-            finished: Vec::new(),
             stopping,
         }
     }
@@ -211,11 +204,7 @@ impl Lender {
     /// A lender with a cell to reuse (a worker pool's, recycled between
     /// its attempts).
     pub(crate) fn with_spare(stopping: CancellationToken, spare: Option<Arc<Shared>>) -> Lender {
-        Lender {
-            spare,
-            finished: Vec::new(),
-            stopping,
-        }
+        Lender { spare, stopping }
     }
 
     /// The cell to reuse, once the lender is done.
@@ -245,19 +234,6 @@ impl Lender {
             None => fresh(record.polled.take()),
         };
         Lent(Some(shared))
-    }
-
-    /// Keeps a finished record's message for the lane to take back.
-    pub(crate) fn retire(&mut self, mut record: Record) {
-        if let Some(polled) = record.polled.take() {
-            self.finished.push(polled);
-        }
-    }
-
-    /// The retired messages, for the lane to take
-    /// ([`LaneBuffer::take_back_from`](crate::consumer::buffer::LaneBuffer::take_back_from)).
-    pub(crate) fn finished(&mut self) -> &mut Vec<Polled> {
-        &mut self.finished
     }
 
     /// Gives the message back to `record` once the handler is done.

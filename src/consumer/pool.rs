@@ -25,7 +25,7 @@ use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::consumer::buffer::LaneBuffer;
-use crate::consumer::context::{Lender, Record, Shared};
+use crate::consumer::context::{Record, Shared};
 use crate::consumer::worker::{ActiveWorker, Attempted, Step, TypeWorker, WorkerEnv, reject};
 use crate::model::consumer::{Distribution, WorkerSpec};
 
@@ -225,11 +225,10 @@ struct State {
     /// Partition and key of each running record, by sequence number: when
     /// a revocation's records have all finished, and whose key to release.
     in_flight: FxHashMap<u64, (i32, Option<OrderKey>)>,
-    /// Finished sequence numbers not yet reported to the lane.
-    finished: Vec<u64>,
+    /// Finished records not yet given back to the lane.
+    finished: Vec<Record>,
     /// Context cells to reuse.
     spares: Vec<Arc<Shared>>,
-    lender: Lender,
     /// A record was not finished (stream gone, cancelled): the pool stops.
     abandoned: bool,
 }
@@ -243,19 +242,15 @@ impl State {
         }
         match a.step {
             Step::Finished(true) => {
-                self.finished.push(a.record.seq);
-                self.lender.retire(a.record);
+                self.finished.push(a.record);
                 self.waiting.release(key);
             }
-            Step::Finished(false) => {
-                self.abandoned = true;
-                self.lender.retire(a.record);
-            }
+            // Not acknowledged: dropped, and the pool stops.
+            Step::Finished(false) => self.abandoned = true,
             Step::RetryAfter(pause) => {
                 if buffer.is_revoked(&a.record) {
                     // Its partition went: its next owner retries it.
                     buffer.discard(1);
-                    self.lender.retire(a.record);
                     self.waiting.release(key);
                 } else {
                     let until = Instant::now() + pause;
@@ -265,10 +260,9 @@ impl State {
         }
     }
 
-    /// Reports what finished to the lane and hands the messages back.
+    /// Gives what finished back to the lane.
     fn report(&mut self, buffer: &LaneBuffer) {
-        buffer.completed(&mut self.finished);
-        buffer.take_back_from(&mut self.lender);
+        buffer.give_back_all(&mut self.finished);
     }
 }
 
@@ -294,7 +288,6 @@ pub(crate) async fn run_pool(
         in_flight: FxHashMap::default(),
         finished: Vec::new(),
         spares: Vec::new(),
-        lender: Lender::new(env.shared.stopping.clone()),
         abandoned: false,
     };
     let mut incoming: VecDeque<Record> = VecDeque::new();
@@ -314,16 +307,8 @@ pub(crate) async fn run_pool(
             let n = buffer.announced();
             if revoking != Some(n) {
                 let mut gone = 0;
-                let lender = &mut st.lender;
-                st.waiting.purge(
-                    |r| buffer.is_revoked(r),
-                    |r| {
-                        gone += 1;
-                        lender.retire(r);
-                    },
-                );
+                st.waiting.purge(|r| buffer.is_revoked(r), |_| gone += 1);
                 buffer.discard(gone);
-                buffer.take_back_from(&mut st.lender);
                 revoking = Some(n);
             }
         }

@@ -140,7 +140,6 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 // The lane drops the records of revoked partitions before
                 // this worker starts another one.
                 if lane.revocation_pending() {
-                    lane.take_back_from(lender);
                     return true;
                 }
                 let Some(mut record) = batch.pop_front() else {
@@ -222,30 +221,26 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         // next owner handles it, this worker never again.
                         if lane.is_revoked(&record) {
                             lane.discard_revoked();
-                            lender.retire(record);
-                            lane.apply_revocations(batch, |r| lender.retire(r));
-                            lane.take_back_from(lender);
+                            drop(record);
+                            lane.apply_revocations(batch);
                             return true;
                         }
-                        lane.apply_revocations(batch, |r| lender.retire(r));
+                        lane.apply_revocations(batch);
                     }
                 };
                 if !finished {
                     return false;
                 }
-                lane.finished(record.seq);
                 let seq = record.seq;
-                lender.retire(record);
+                lane.give_back(record);
                 // A busy lane may never wait on anything; without this it
                 // would hold its runtime thread (and the timers and tasks
                 // queued behind it) for as long as records keep coming.
                 // Not every record: each yield can wake an idle thread.
                 if seq % YIELD_EVERY == 0 {
-                    lane.take_back_from(lender);
                     tokio::task::yield_now().await;
                 }
             }
-            lane.take_back_from(lender);
             true
         })
     }
@@ -491,8 +486,7 @@ pub(crate) async fn run_lane(
     let mut lender = Lender::new(env.shared.stopping.clone());
     loop {
         if buffer.revocation_pending() {
-            buffer.apply_revocations(&mut batch, |r| lender.retire(r));
-            buffer.take_back_from(&mut lender);
+            buffer.apply_revocations(&mut batch);
         }
         if batch.is_empty() {
             buffer.take(&mut batch, TAKE);
@@ -538,9 +532,7 @@ pub(crate) async fn run_lane(
                         None => true,
                     };
                     if finished {
-                        buffer.finished(record.seq);
-                        lender.retire(record);
-                        buffer.take_back_from(&mut lender);
+                        buffer.give_back(record);
                     }
                     finished
                 }

@@ -34,27 +34,17 @@ impl LoopState {
                 self.push(lane, batch.drain(..));
                 let excess = buffer.len().saturating_sub(buffer.capacity());
                 let dropped = buffer.drop_oldest(excess);
-                // They leave the log too, or it would grow by every record
-                // dropped behind one that never finishes. The queue gives up
-                // its front, so their numbers are one range.
-                if let (Some(first), Some(last)) = (dropped.first(), dropped.last()) {
-                    let log = &mut self.lane_state[lane].log;
-                    let from = log.partition_point(|e| e.0 < first.seq);
-                    let to = log.partition_point(|e| e.0 <= last.seq);
-                    log.drain(from..to);
-                }
                 self.dropped(lane, &dropped);
             }
         }
     }
 
-    /// Numbers records, logs their offsets and appends them to the lane.
+    /// Numbers records and appends them to the lane.
     pub(super) fn push(&mut self, lane: usize, records: impl Iterator<Item = Record>) {
         let state = &mut self.lane_state[lane];
         let numbered = records.map(|mut r| {
             state.last_seq += 1;
             r.seq = state.last_seq;
-            state.log.push_back((r.seq, r.partition, r.offset));
             r
         });
         self.lanes[lane].buffer.push(numbered);

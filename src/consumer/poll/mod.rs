@@ -78,30 +78,25 @@ struct LaneState {
     pending: Vec<Record>,
     /// Records of each type routed this round, added to the counters once.
     received: Vec<u64>,
-    /// The vector traded for the lane's retired messages each round.
-    retired: Vec<Polled>,
+    /// The vector traded for the lane's returned records each round.
+    returned: Vec<Record>,
     /// Records held while the lane is paused (`Backpressure::Apply`).
     overflow: VecDeque<Record>,
     paused: bool,
     /// Sequence number given to the last record pushed into the lane.
     last_seq: u64,
-    /// The worker's `done` when the poll thread last looked (see
-    /// `LaneBuffer::observe_progress`).
-    last_done: u64,
-    /// `(seq, partition, offset)` of the records in the lane, in order: the
-    /// worker's `done` sequence number maps back to offsets through it. In
-    /// a lane with a worker pool, an entry whose record finished out of
-    /// order has its offset set to `FINISHED` until the entries before it go.
-    log: VecDeque<(u64, i32, i64)>,
-    /// The pool's finished sequence numbers, traded with the lane's.
-    completed: Vec<u64>,
+    /// Records the worker had given back when the poll thread last looked
+    /// (see `LaneBuffer::observe_progress`).
+    last_finished: u64,
+    /// Partitions whose revocation did not wait for their handler (it
+    /// overran the revoke timeout), with the last sequence number of that
+    /// ownership: such a record, given back late, is not this member's to
+    /// commit any more.
+    late: Vec<(i32, u64)>,
     /// Partitions paused because too many of their records are finished
     /// but not committable behind an unfinished one (worker pools).
     held_back: Vec<i32>,
 }
-
-/// A log entry whose record finished (worker pools).
-const FINISHED: i64 = -1;
 
 /// Where the router sends a record.
 enum Routed {
@@ -298,8 +293,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
                 shared.room.wait_while(POLL_TIMEOUT, blocked);
                 shared.mark_polled();
                 let mut st = lock(&state);
-                st.drop_retired();
-                st.absorb_done();
+                st.absorb_returned();
                 st.refill(&consumer, &shared);
                 st.hold_back(&consumer, &shared);
             }
@@ -333,9 +327,8 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         }
         shared.mark_polled();
         let mut st = lock(&state);
-        st.drop_retired();
         st.flush();
-        st.absorb_done();
+        st.absorb_returned();
         st.refill(&consumer, &shared);
         st.hold_back(&consumer, &shared);
         if drain_started.is_some() {
@@ -353,7 +346,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
     // Final commit of everything finished, then close.
     {
         let mut st = lock(&state);
-        st.absorb_done();
+        st.absorb_returned();
         st.store_offsets(&consumer);
         st.publish_metrics(&shared);
         if st.tracker.pending() > 0 {
@@ -408,7 +401,7 @@ fn release(shared: &ServiceShared, state: &Mutex<LoopState>) {
     for s in &mut st.lane_state {
         s.pending.clear();
         s.overflow.clear();
-        s.retired.clear();
+        s.returned.clear();
     }
     for lane in &st.lanes {
         lane.buffer.clear();

@@ -8,7 +8,8 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{FINISHED, LoopState, PollContext, ServiceShared};
+use super::{LoopState, PollContext, ServiceShared};
+use crate::consumer::context::Record;
 use crate::consumer::sync::lock;
 
 impl LoopState {
@@ -16,7 +17,7 @@ impl LoopState {
     /// since the last look.
     pub(super) fn observe_progress(&mut self, now: Instant) {
         for (lane, s) in self.lanes.iter().zip(&mut self.lane_state) {
-            s.last_done = lane.buffer.observe_progress(s.last_done, now);
+            s.last_finished = lane.buffer.observe_progress(s.last_finished, now);
         }
     }
 
@@ -45,10 +46,9 @@ impl LoopState {
 
     /// Publishes how many entries the bookkeeping keeps, for the registry.
     pub(super) fn publish_tracked(&self, shared: &ServiceShared) {
-        let logged: usize = self.lane_state.iter().map(|s| s.log.len()).sum();
         shared
             .tracked
-            .store(logged + self.tracker.entries(), Ordering::Relaxed);
+            .store(self.tracker.entries(), Ordering::Relaxed);
     }
 
     /// Draining: lanes whose held records all went to their worker get no
@@ -61,64 +61,30 @@ impl LoopState {
         }
     }
 
-    /// Destroys the messages the workers finished with (see `Lender`).
-    pub(super) fn drop_retired(&mut self) {
-        for (lane, state) in self.lanes.iter().zip(&mut self.lane_state) {
-            lane.buffer.drop_retired(&mut state.retired);
-        }
-    }
-
-    /// Marks finished every record the lanes' workers got through.
-    pub(super) fn absorb_done(&mut self) {
+    /// Takes back the records the lanes' workers finished: their offsets
+    /// are finished, their messages destroyed here.
+    pub(super) fn absorb_returned(&mut self) {
         for (i, lane) in self.lanes.iter().enumerate() {
-            if lane.buffer.is_parallel() {
-                let state = &mut self.lane_state[i];
-                lane.buffer.take_completed(&mut state.completed);
-                if state.completed.is_empty() {
-                    continue;
-                }
-                state.completed.sort_unstable();
-                let log = &mut state.log;
-                // Sorted, and mostly in log order: look at the entry after
-                // the last one found before searching.
-                let mut from = 0;
-                for &seq in &state.completed {
-                    let found = match log.get(from) {
-                        Some(e) if e.0 == seq => Some(from),
-                        _ => log.binary_search_by_key(&seq, |e| e.0).ok(),
-                    };
-                    // Not found: its partition was revoked meanwhile.
-                    if let Some(at) = found {
-                        from = at + 1;
-                        let (_, partition, offset) = log[at];
-                        if offset != FINISHED {
-                            self.tracker.finished((i, partition), offset);
-                            log[at].2 = FINISHED;
-                        }
-                    }
-                }
-                state.completed.clear();
-                while log.front().is_some_and(|e| e.2 == FINISHED) {
-                    log.pop_front();
-                }
-                continue;
-            }
-            let done = lane.buffer.done();
-            let log = &mut self.lane_state[i].log;
-            // A fetch hands over long runs of one partition: one lookup a run.
-            while let Some(&(seq, partition, _)) = log.front() {
-                if seq > done {
-                    break;
-                }
+            let state = &mut self.lane_state[i];
+            lane.buffer.take_returned(&mut state.returned);
+            let late = &state.late;
+            let mut returned = state.returned.drain(..).peekable();
+            // A worker gives back long runs of one partition: one lookup a run.
+            while let Some(first) = returned.next() {
+                let partition = first.partition;
                 let mut offsets = self.tracker.partition_mut((i, partition));
-                while let Some(&(seq, p, offset)) = log.front() {
-                    if seq > done || p != partition {
-                        break;
+                let mut finish = |r: &Record| {
+                    let stale = !late.is_empty()
+                        && late
+                            .iter()
+                            .any(|&(p, last)| p == r.partition && r.seq <= last);
+                    if let (Some(o), false) = (&mut offsets, stale) {
+                        o.finished(r.offset);
                     }
-                    log.pop_front();
-                    if let Some(o) = &mut offsets {
-                        o.finished(offset);
-                    }
+                };
+                finish(&first);
+                while let Some(r) = returned.next_if(|r| r.partition == partition) {
+                    finish(&r);
                 }
             }
         }

@@ -146,7 +146,7 @@ impl LoopState {
         shared: &ServiceShared,
         timeout: Duration,
     ) {
-        self.absorb_done();
+        self.absorb_returned();
         let mut by_lane: Vec<Vec<i32>> = vec![Vec::new(); self.lanes.len()];
         for e in tpl.elements() {
             if let Some(&lane) = self.routes.get(e.topic()) {
@@ -168,17 +168,16 @@ impl LoopState {
             drop(purged);
             announced.push((lane, n));
         }
-        // Wait for each worker to let go of the ones it holds.
+        // Wait for each worker to let go of the ones it holds: having
+        // applied the revocation, it gave back every record it finished.
         let deadline = Instant::now() + timeout;
-        let mut settled: Vec<(usize, Option<u64>)> =
-            announced.iter().map(|&(lane, _)| (lane, None)).collect();
+        let mut settled: Vec<(usize, bool)> =
+            announced.iter().map(|&(lane, _)| (lane, false)).collect();
         loop {
-            for ((lane, done), (_, n)) in settled.iter_mut().zip(&announced) {
-                if done.is_none() {
-                    *done = self.lanes[*lane].buffer.applied(*n);
-                }
+            for ((lane, applied), (_, n)) in settled.iter_mut().zip(&announced) {
+                *applied = *applied || self.lanes[*lane].buffer.applied(*n);
             }
-            if settled.iter().all(|(_, d)| d.is_some()) || shared.must_stop_now() {
+            if settled.iter().all(|&(_, applied)| applied) || shared.must_stop_now() {
                 break;
             }
             if Instant::now() >= deadline {
@@ -187,21 +186,22 @@ impl LoopState {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        // Records of the revoked partitions numbered up to what the worker
-        // had finished were handled; later ones were not and never will be,
-        // so they leave the log before it is turned into offsets. (A worker
-        // pool reports what finished one by one instead.)
-        for (lane, done) in settled {
-            if self.lanes[lane].buffer.is_parallel() {
+        // What the workers gave back of the revoked partitions was handled
+        // here: committed now, so the next owner starts after it.
+        self.absorb_returned();
+        // A record a worker still holds (its handler overran the wait) is
+        // not committed here, whenever it comes back.
+        for (lane, applied) in settled {
+            if applied {
                 continue;
             }
-            let done = done.unwrap_or_else(|| self.lanes[lane].buffer.done());
-            let partitions = &by_lane[lane];
-            self.lane_state[lane]
-                .log
-                .retain(|&(seq, p, _)| seq <= done || !partitions.contains(&p));
+            let last = self.lane_state[lane].last_seq;
+            let late = &mut self.lane_state[lane].late;
+            for &p in &by_lane[lane] {
+                late.retain(|&(q, _)| q != p);
+                late.push((p, last));
+            }
         }
-        self.absorb_done();
         self.store_offsets(consumer);
         commit_sync(consumer, &shared.name);
         for (lane, partitions) in by_lane.iter().enumerate() {
@@ -209,10 +209,7 @@ impl LoopState {
                 self.tracker.forget((lane, p));
             }
             if !partitions.is_empty() {
-                // Entries still logged for them are of records no one will
-                // finish here.
                 let state = &mut self.lane_state[lane];
-                state.log.retain(|&(_, p, _)| !partitions.contains(&p));
                 state.held_back.retain(|p| !partitions.contains(p));
             }
         }
