@@ -33,7 +33,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
 pub use migration::migrations;
 
-use crate::error::{Error, Result};
+use crate::error::{DbContext as _, Result};
 
 /// A migrator with kontext's migrations only, for applications that do not
 /// manage their own schema with sea-orm-migration.
@@ -67,10 +67,7 @@ const MIGRATION_LOCK: i64 = 0x006b_6f6e_7465_7874;
 /// first statement). The lock ends with the transaction, so a crashed
 /// instance cannot leave it held.
 pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
-    let err = |source| Error::Database {
-        operation: "migrate kontext's tables",
-        source,
-    };
+    const MIGRATE: &str = "migrate kontext's tables";
     let backend = db.get_database_backend();
     let lock = match backend {
         DbBackend::Postgres => format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"),
@@ -79,27 +76,22 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
                 "CREATE TABLE IF NOT EXISTS kontext_migration_lock (id INTEGER PRIMARY KEY)",
             )
             .await
-            .map_err(err)?;
+            .db(MIGRATE)?;
             "INSERT OR REPLACE INTO kontext_migration_lock (id) VALUES (1)".to_owned()
         }
-        DbBackend::MySql => return Migrator::up(db, None).await.map_err(err),
+        DbBackend::MySql => return Migrator::up(db, None).await.db(MIGRATE),
     };
-    let txn = db.begin().await.map_err(err)?;
+    let txn = db.begin().await.db(MIGRATE)?;
     txn.execute(Statement::from_string(backend, lock))
         .await
-        .map_err(err)?;
-    Migrator::up(&txn, None).await.map_err(err)?;
-    txn.commit().await.map_err(err)
+        .db(MIGRATE)?;
+    Migrator::up(&txn, None).await.db(MIGRATE)?;
+    txn.commit().await.db(MIGRATE)
 }
 
 /// Connects to `url` (`sqlite://...`, `postgres://...`).
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
-    Database::connect(url)
-        .await
-        .map_err(|source| Error::Database {
-            operation: "connect",
-            source,
-        })
+    Database::connect(url).await.db("connect")
 }
 
 /// Milliseconds since the Unix epoch.

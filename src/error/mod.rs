@@ -271,6 +271,18 @@ pub(crate) fn kafka_error_is_retriable(err: &KafkaError) -> bool {
     }
 }
 
+/// Names the database operation a sea-orm result belongs to:
+/// `statement.await.db("delete sent outbox rows")?`.
+pub(crate) trait DbContext<T> {
+    fn db(self, operation: &'static str) -> Result<T>;
+}
+
+impl<T> DbContext<T> for std::result::Result<T, sea_orm::DbErr> {
+    fn db(self, operation: &'static str) -> Result<T> {
+        self.map_err(|source| Error::Database { operation, source })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -30,7 +30,7 @@ use sea_orm::{ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Que
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{inbox_entity as row, is_unique_violation, now_ms};
-use crate::error::{Error, Result};
+use crate::error::{DbContext as _, Error, Result};
 pub use crate::model::{InboxBuilder, InboxSpec};
 
 /// The inbox of one consumed type, ready to use.
@@ -106,10 +106,7 @@ impl Inbox {
         match result {
             Ok(_) => Ok(Recorded::New),
             Err(e) if is_unique_violation(&e) => Ok(Recorded::Duplicate),
-            Err(source) => Err(Error::Database {
-                operation: "record a message in the inbox",
-                source,
-            }),
+            Err(e) => Err(e).db("record a message in the inbox"),
         }
     }
 

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use sea_orm::sea_query::{Expr, Query, SimpleExpr};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
 
-use super::db_err;
 use crate::db::lease_entity as lease;
+use crate::error::DbContext as _;
 use crate::error::Result;
 
 /// The database's clock in milliseconds since the Unix epoch, as SQL.
@@ -96,13 +96,13 @@ pub(super) async fn acquire(
     let row = db
         .query_one(backend.build(&stmt))
         .await
-        .map_err(db_err("take an outbox lease"))?;
+        .db("take an outbox lease")?;
     let Some(row) = row else {
         return Ok(None);
     };
     let generation: i64 = row
         .try_get("", "generation")
-        .map_err(db_err("read an outbox lease's generation"))?;
+        .db("read an outbox lease's generation")?;
     Ok(Some(Lease {
         shard,
         owner: owner.to_owned(),
@@ -127,7 +127,7 @@ pub(super) async fn renew(
     let res = db
         .execute(backend.build(&stmt))
         .await
-        .map_err(db_err("renew an outbox lease"))?;
+        .db("renew an outbox lease")?;
     if res.rows_affected() == 1 {
         lease.renewed = sent;
         Ok(true)

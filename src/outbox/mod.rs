@@ -58,15 +58,9 @@ use uuid::Uuid;
 use crate::backoff::Backoff;
 use crate::db::now_ms;
 use crate::db::outbox_entity as row;
-use crate::error::{Error, Result};
+use crate::error::{DbContext as _, Error, Result};
 use crate::model::{Message, Model};
 use crate::producer::{CallOptions, Producer, prepare};
-
-/// Maps a database error of `operation` (one helper for the outbox's
-/// modules).
-fn db_err(operation: &'static str) -> impl FnOnce(sea_orm::DbErr) -> Error {
-    move |source| Error::Database { operation, source }
-}
 
 /// What sends the outbox's rows in this process: the relay's own producer
 /// and its message timeout.
@@ -400,9 +394,10 @@ impl Outbox {
             let row = conn
                 .query_one(statement)
                 .await
-                .map_err(db_err(INSERT))?
-                .ok_or_else(|| db_err(INSERT)(sea_orm::DbErr::RecordNotInserted))?;
-            let seq: i64 = row.try_get("", "seq").map_err(db_err(INSERT))?;
+                .db(INSERT)?
+                .ok_or(sea_orm::DbErr::RecordNotInserted)
+                .db(INSERT)?;
+            let seq: i64 = row.try_get("", "seq").db(INSERT)?;
             return Ok((message_id, seq, shard, spec.outbox_mode()));
         }
         let inserted = row::ActiveModel {
@@ -422,19 +417,14 @@ impl Outbox {
         }
         .insert(conn)
         .await
-        .map_err(db_err(INSERT))?;
+        .db(INSERT)?;
         Ok((message_id, inserted.seq, shard, spec.outbox_mode()))
     }
 
     /// Begins a transaction on the outbox's database whose commit wakes the
     /// relay (and sends immediate-mode messages at once).
     pub async fn begin(&self) -> Result<OutboxTransaction> {
-        let txn = self
-            .inner
-            .db
-            .begin()
-            .await
-            .map_err(db_err("begin a transaction"))?;
+        let txn = self.inner.db.begin().await.db("begin a transaction")?;
         Ok(OutboxTransaction {
             txn,
             outbox: self.clone(),
@@ -460,7 +450,7 @@ impl Outbox {
             .filter(row::Column::State.eq(row::PENDING))
             .count(&self.inner.db)
             .await
-            .map_err(db_err("count pending outbox rows"))
+            .db("count pending outbox rows")
     }
 
     /// Rows that used up their attempts, oldest first.
@@ -470,7 +460,7 @@ impl Outbox {
             .order_by_asc(row::Column::Seq)
             .all(&self.inner.db)
             .await
-            .map_err(db_err("read failed outbox rows"))?;
+            .db("read failed outbox rows")?;
         Ok(rows
             .into_iter()
             .map(|r| FailedMessage {
@@ -491,7 +481,7 @@ impl Outbox {
             .filter(row::Column::State.eq(row::FAILED))
             .exec(&self.inner.db)
             .await
-            .map_err(db_err("retry failed outbox rows"))?;
+            .db("retry failed outbox rows")?;
         self.wake();
         Ok(res.rows_affected)
     }
@@ -548,7 +538,7 @@ impl OutboxTransaction {
     /// commit succeeded the messages are safe: an immediate send that fails
     /// or takes longer is left pending, not reported as an error.
     pub async fn commit(self) -> Result<Committed> {
-        self.txn.commit().await.map_err(db_err("commit"))?;
+        self.txn.commit().await.db("commit")?;
         let mut pending = self.published - self.immediate.len();
         if !self.immediate.is_empty() {
             pending += relay::send_immediately(&self.outbox.inner, &self.immediate).await;
@@ -562,7 +552,7 @@ impl OutboxTransaction {
 
     /// Rolls back: neither the business rows nor the messages persist.
     pub async fn rollback(self) -> Result<()> {
-        self.txn.rollback().await.map_err(db_err("roll back"))
+        self.txn.rollback().await.db("roll back")
     }
 }
 

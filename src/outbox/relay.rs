@@ -18,9 +18,10 @@ use sea_orm::{
 use tokio_util::sync::CancellationToken;
 
 use super::lease::{self, Lease, db_now};
-use super::{Inner, Sender, db_err};
+use super::{Inner, Sender};
 use crate::backoff::Backoff;
 use crate::db::{lease_entity as lease_row, now_ms, outbox_entity as row};
+use crate::error::DbContext as _;
 use crate::error::{Error, Result};
 use crate::headers::HeaderList as _;
 use crate::producer::{self, Enqueue, MakeRoom};
@@ -45,7 +46,7 @@ pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
         .await;
     match result {
         Ok(_) | Err(sea_orm::DbErr::RecordNotInserted) => Ok(()),
-        Err(e) => Err(db_err("create outbox leases")(e)),
+        Err(e) => Err(e).db("create outbox leases"),
     }
 }
 
@@ -128,7 +129,7 @@ async fn set_gauges(inner: &Inner) -> Result<()> {
         .filter(row::Column::State.eq(row::PENDING))
         .count(&inner.db)
         .await
-        .map_err(db_err("count pending outbox rows"))?;
+        .db("count pending outbox rows")?;
     let oldest: Option<Option<i64>> = row::Entity::find()
         .select_only()
         .column_as(row::Column::CreatedAt.min(), "oldest")
@@ -136,12 +137,12 @@ async fn set_gauges(inner: &Inner) -> Result<()> {
         .into_tuple()
         .one(&inner.db)
         .await
-        .map_err(db_err("find the oldest pending outbox row"))?;
+        .db("find the oldest pending outbox row")?;
     let failed = row::Entity::find()
         .filter(row::Column::State.eq(row::FAILED))
         .count(&inner.db)
         .await
-        .map_err(db_err("count failed outbox rows"))?;
+        .db("count failed outbox rows")?;
     let age = oldest
         .flatten()
         .map_or(0.0, |created| (now_ms() - created).max(0) as f64 / 1000.0);
@@ -175,7 +176,7 @@ async fn pass(inner: &Inner) -> Result<usize> {
         .into_tuple::<i32>()
         .all(&inner.db)
         .await
-        .map_err(db_err("find outbox shards with pending rows"))?
+        .db("find outbox shards with pending rows")?
         .into_iter()
         .collect();
     let order = (0..shards)
@@ -269,7 +270,7 @@ async fn relay_batch(inner: &Inner, held: &mut Lease) -> Result<Batch> {
         .into_tuple::<Option<Vec<u8>>>()
         .all(&inner.db)
         .await
-        .map_err(db_err("find outbox keys in backoff"))?;
+        .db("find outbox keys in backoff")?;
     let held_keys: Vec<Vec<u8>> = backing_off.into_iter().flatten().collect();
     let mut query = row::Entity::find()
         .filter(row::Column::Shard.eq(shard))
@@ -287,7 +288,7 @@ async fn relay_batch(inner: &Inner, held: &mut Lease) -> Result<Batch> {
         .limit(inner.settings.batch_size)
         .all(&inner.db)
         .await
-        .map_err(db_err("read the outbox"))?;
+        .db("read the outbox")?;
     let full = rows.len() as u64 >= inner.settings.batch_size;
     if rows.is_empty() {
         return Ok(Batch {
@@ -433,7 +434,7 @@ async fn settle(
             .filter(lease::fence(held))
             .exec(&inner.db)
             .await
-            .map_err(db_err("delete sent outbox rows"))?;
+            .db("delete sent outbox rows")?;
         sent += usize::try_from(res.rows_affected).unwrap_or(usize::MAX);
         if res.rows_affected < chunk.len() as u64 {
             // Taken over: the rest is the new holder's to settle.
@@ -578,7 +579,7 @@ async fn record_failure(
         .filter(lease::fence(held))
         .exec(&inner.db)
         .await
-        .map_err(db_err("record an outbox failure"))?;
+        .db("record an outbox failure")?;
     Ok(res.rows_affected == 1)
 }
 
@@ -636,7 +637,7 @@ async fn send_one(
             .filter(row::Column::State.eq(row::PENDING))
             .one(&inner.db)
             .await
-            .map_err(db_err("read an outbox row"))?
+            .db("read an outbox row")?
         else {
             return Ok(None);
         };
@@ -648,7 +649,7 @@ async fn send_one(
                 .filter(row::Column::State.eq(row::PENDING))
                 .count(&inner.db)
                 .await
-                .map_err(db_err("check earlier outbox rows"))?;
+                .db("check earlier outbox rows")?;
             if earlier > 0 {
                 return Ok(None);
             }
@@ -685,7 +686,7 @@ async fn send_one(
                     .exec(&inner.db)
                     .await
                     .map(|_| ())
-                    .map_err(db_err("delete a sent outbox row"))
+                    .db("delete a sent outbox row")
             } else {
                 Ok(())
             };

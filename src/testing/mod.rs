@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub use reader::{RecordedMessage, read_topic};
 
 use crate::broker::Broker;
-use crate::error::Result;
+use crate::error::{DbContext as _, Result};
 
 /// Environment variable naming an external broker for tests
 /// (`host:port`); unset means each test gets an embedded broker.
@@ -57,10 +57,7 @@ pub async fn fresh_database_url() -> Result<String> {
             admin
                 .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
                 .await
-                .map_err(|source| crate::Error::Database {
-                    operation: "create a test database",
-                    source,
-                })?;
+                .db("create a test database")?;
             drop(admin);
             let base = url.split('?').next().unwrap_or(&url);
             let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
