@@ -365,7 +365,12 @@ impl ConsumerRuntime {
         boxed
             .downcast::<MessageStream<T>>()
             .map(|b| *b)
-            .map_err(|_| Error::config("stream registered with another type"))
+            .map_err(|_| {
+                Error::Internal(format!(
+                    "the stream kept for `{}` has another type",
+                    std::any::type_name::<T>()
+                ))
+            })
     }
 
     /// Stops fetching, lets workers drain their buffers for up to `timeout`,

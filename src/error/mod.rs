@@ -189,6 +189,11 @@ pub enum Error {
         #[source]
         source: KafkaError,
     },
+
+    /// Something kontext relies on internally did not hold (a bug in
+    /// kontext), or a helper task it ran panicked.
+    #[error("kontext internal error: {0}")]
+    Internal(String),
 }
 
 impl Error {

@@ -61,7 +61,7 @@ pub async fn read_topic(
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || read_blocking(&servers, &topic, expected, timeout))
         .await
-        .map_err(|e| Error::config(format!("topic reader did not finish: {e}")))?
+        .map_err(|e| Error::Internal(format!("the topic reader did not finish: {e}")))?
 }
 
 fn read_blocking(
