@@ -201,17 +201,6 @@ impl Lender {
         }
     }
 
-    /// A lender with a cell to reuse (a worker pool's, recycled between
-    /// its attempts).
-    pub(crate) fn with_spare(stopping: CancellationToken, spare: Option<Arc<Shared>>) -> Lender {
-        Lender { spare, stopping }
-    }
-
-    /// The cell to reuse, once the lender is done.
-    pub(crate) fn into_spare(self) -> Option<Arc<Shared>> {
-        self.spare
-    }
-
     /// Moves `record`'s message into a shared cell for a context.
     pub(crate) fn lend(&mut self, record: &mut Record) -> Lent {
         let fresh = |polled| {

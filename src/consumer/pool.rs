@@ -13,9 +13,12 @@
 //! nothing is spawned per record, and aborting the task drops them all.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -25,7 +28,7 @@ use rustc_hash::{FxHashMap, FxHashSet, FxHasher};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::consumer::buffer::LaneBuffer;
-use crate::consumer::context::{Record, Shared};
+use crate::consumer::context::{Lender, Record};
 use crate::consumer::worker::{ActiveWorker, Attempted, Step, TypeWorker, WorkerEnv, reject};
 use crate::model::consumer::{Distribution, WorkerSpec};
 
@@ -222,23 +225,29 @@ impl Size {
 /// (which borrow the lane and its workers).
 struct State {
     waiting: Waiting,
-    /// Partition and key of each running record, by sequence number: when
-    /// a revocation's records have all finished, and whose key to release.
-    in_flight: FxHashMap<u64, (i32, Option<OrderKey>)>,
+    /// Sequence number and partition of each running record (at most the
+    /// pool's size, so a list): whether a revocation's records still run.
+    running: Vec<(u64, i32)>,
     /// Finished records not yet given back to the lane.
     finished: Vec<Record>,
-    /// Context cells to reuse.
-    spares: Vec<Arc<Shared>>,
+    /// Lenders to reuse (each keeps a context cell and a stop token).
+    lenders: Vec<Lender>,
     /// A record was not finished (stream gone, cancelled): the pool stops.
     abandoned: bool,
 }
 
 impl State {
-    /// Takes one attempt's result back.
-    fn complete(&mut self, buffer: &LaneBuffer, a: Attempted) {
-        let key = self.in_flight.remove(&a.record.seq).and_then(|(_, k)| k);
-        if let Some(spare) = a.spare {
-            self.spares.push(spare);
+    /// Takes one attempt's result back; `key` is its record's order key.
+    fn complete(&mut self, buffer: &LaneBuffer, (key, a): (Option<OrderKey>, Attempted)) {
+        if let Some(at) = self
+            .running
+            .iter()
+            .position(|&(seq, _)| seq == a.record.seq)
+        {
+            self.running.swap_remove(at);
+        }
+        if let Some(lender) = a.lender {
+            self.lenders.push(lender);
         }
         match a.step {
             Step::Finished(true) => {
@@ -285,13 +294,13 @@ pub(crate) async fn run_pool(
     let lookahead = (buffer.capacity() / 2).max(size.spec.max).max(1);
     let mut st = State {
         waiting: Waiting::default(),
-        in_flight: FxHashMap::default(),
+        running: Vec::new(),
         finished: Vec::new(),
-        spares: Vec::new(),
+        lenders: Vec::new(),
         abandoned: false,
     };
     let mut incoming: VecDeque<Record> = VecDeque::new();
-    type Running<'a> = BoxFuture<'a, Attempted>;
+    type Running<'a> = Keyed<BoxFuture<'a, Attempted>>;
     let mut running: FuturesUnordered<Running<'_>> = FuturesUnordered::new();
     let mut revoking: Option<u64> = None;
     let mut tick = tokio::time::interval(LAG_INTERVAL);
@@ -314,9 +323,9 @@ pub(crate) async fn run_pool(
         }
         if let Some(n) = revoking {
             if st
-                .in_flight
+                .running
                 .iter()
-                .all(|(&seq, &(p, _))| !buffer.is_revoked_at(p, seq))
+                .all(|&(seq, p)| !buffer.is_revoked_at(p, seq))
             {
                 st.report(&buffer);
                 buffer.mark_applied(n);
@@ -332,14 +341,19 @@ pub(crate) async fn run_pool(
                 st.waiting.add(key, record);
             }
         }
+        let mut progressed = false;
         while !stop_now && running.len() < size.current {
             let Some((key, record, attempt)) = st.waiting.next() else {
                 break;
             };
-            st.in_flight.insert(record.seq, (record.partition, key));
-            let future: Running<'_> = match (&record.rejection, types.get(record.type_index)) {
+            st.running.push((record.seq, record.partition));
+            let future = match (&record.rejection, types.get(record.type_index)) {
                 (None, Some(worker)) => {
-                    worker.attempt(&env, &buffer, record, attempt, st.spares.pop())
+                    let lender = st
+                        .lenders
+                        .pop()
+                        .unwrap_or_else(|| Lender::new(env.shared.stopping.clone()));
+                    worker.attempt(&env, &buffer, record, attempt, lender)
                 }
                 _ => {
                     let (env, buffer, dlt) = (&env, &buffer, &dead_letter_topic);
@@ -355,13 +369,24 @@ pub(crate) async fn run_pool(
                             record,
                             attempt,
                             step: Step::Finished(done),
-                            spare: None,
+                            lender: None,
                         }
                     }
                     .boxed()
                 }
             };
-            running.push(future);
+            let mut future = Keyed { key, future };
+            // A handler that does not wait finishes on its first poll: taken
+            // at once, without a task node in `running` (an allocation per
+            // record). One that waits is polled again there, with the
+            // pool's waker, since a pushed future is queued to run.
+            match (&mut future).now_or_never() {
+                Some(done) => {
+                    st.complete(&buffer, done);
+                    progressed = true;
+                }
+                None => running.push(future),
+            }
         }
         buffer.busy.store(running.len(), Ordering::Relaxed);
 
@@ -372,9 +397,7 @@ pub(crate) async fn run_pool(
             break;
         }
 
-        // Whatever finished already (a handler that did not wait finishes
-        // on its first poll) is taken without the select's wake-ups.
-        let mut progressed = false;
+        // Whatever finished already is taken without the select's wake-ups.
         while let Some(Some(a)) = running.next().now_or_never() {
             st.complete(&buffer, a);
             progressed = true;
@@ -431,6 +454,24 @@ pub(crate) async fn run_pool(
     }
     buffer.busy.store(0, Ordering::Relaxed);
     st.report(&buffer);
+}
+
+/// A running attempt with its record's order key, which comes back with
+/// the attempt's result.
+struct Keyed<F> {
+    key: Option<OrderKey>,
+    future: F,
+}
+
+impl<F: Future + Unpin> Future for Keyed<F> {
+    type Output = (Option<OrderKey>, F::Output);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        Pin::new(&mut this.future)
+            .poll(cx)
+            .map(|out| (this.key, out))
+    }
 }
 
 /// A busy pool yields to the runtime after this many rounds.

@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use crate::codec::CodecError;
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
 use crate::consumer::context::Rejection;
-use crate::consumer::context::{Lender, Record, Shared};
+use crate::consumer::context::{Lender, Record};
 use crate::consumer::dead_letter::{DeadLetters, Failure, FailureReason, Sent};
 use crate::consumer::handler::{Action, HandlerError};
 use crate::consumer::poll::ServiceShared;
@@ -84,14 +84,16 @@ pub(crate) trait TypeWorker: Send + Sync {
 
     /// One attempt at `record` for a worker pool: never waits out a retry
     /// pause (the pool parks the record instead, so it holds no worker).
-    /// `spare`: a context cell to reuse, handed back in [`Attempted`].
+    /// `lender`: the pool's lender for this attempt, handed back in
+    /// [`Attempted`] (lenders are reused: each keeps a context cell and a
+    /// clone of the stop token).
     fn attempt<'a>(
         &'a self,
         env: &'a WorkerEnv,
         lane: &'a LaneBuffer,
         record: Record,
         attempt: u32,
-        spare: Option<Arc<Shared>>,
+        lender: Lender,
     ) -> BoxFuture<'a, Attempted>;
 }
 
@@ -100,8 +102,8 @@ pub(crate) struct Attempted {
     pub(crate) record: Record,
     pub(crate) attempt: u32,
     pub(crate) step: Step,
-    /// The context cell, for the next attempt.
-    pub(crate) spare: Option<Arc<Shared>>,
+    /// The lender, for the next attempt.
+    pub(crate) lender: Option<Lender>,
 }
 
 /// What a worker pool does with a record after an attempt.
@@ -251,11 +253,9 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
         lane: &'a LaneBuffer,
         mut record: Record,
         attempt: u32,
-        spare: Option<Arc<Shared>>,
+        mut lender: Lender,
     ) -> BoxFuture<'a, Attempted> {
         Box::pin(async move {
-            // A lender of its own: attempts of a pool run side by side.
-            let mut lender = Lender::with_spare(env.shared.stopping.clone(), spare);
             let result = match self
                 .spec
                 .codec()
@@ -316,7 +316,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 record,
                 attempt,
                 step,
-                spare: lender.into_spare(),
+                lender: Some(lender),
             }
         })
     }
