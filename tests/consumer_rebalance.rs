@@ -177,7 +177,14 @@ async fn two_instances_split_partitions_and_one_takes_over() {
 async fn a_partition_paused_before_it_moved_away_is_consumed_when_it_comes_back() {
     let o = orders(2, |c| c.max_buffered(5)).await;
     let p = o.producer.producer().unwrap();
-    let (a, seen_a, gate) = gated_consumer(o.model.clone(), o.broker.clone(), &o.group).await;
+    // A's handler is held by the gate when B joins, so A's revoke waits for
+    // it until the revoke timeout. Short: on the embedded broker a member
+    // held in its revoke callback for the default 10 s was seen dropped from
+    // the group (B then got both partitions, and A's lane had no partition
+    // left to resume), which is not what this test is about.
+    let a_settings = settings(&o.group).consumer(|c| c.revoke_timeout_ms = Some(500));
+    let (a, seen_a, gate) =
+        gated_consumer_with(o.model.clone(), o.broker.clone(), a_settings).await;
     let a_status = || a.registry().services()[0].clone();
     let wait = async |what: &str, f: &dyn Fn() -> bool| {
         let deadline = Instant::now() + READ_TIMEOUT;

@@ -178,11 +178,20 @@ pub(crate) async fn gated_consumer(
     broker: Broker,
     group: &str,
 ) -> (Kontext, Seen, Arc<Semaphore>) {
+    gated_consumer_with(model, broker, settings(group)).await
+}
+
+/// [`gated_consumer`] with its own settings.
+pub(crate) async fn gated_consumer_with(
+    model: Model,
+    broker: Broker,
+    settings: KafkaSettings,
+) -> (Kontext, Seen, Arc<Semaphore>) {
     let gate = Arc::new(Semaphore::new(0));
     let seen = Seen::default();
     let (s1, g1) = (seen.clone(), gate.clone());
     let consumer = Kontext::builder(model)
-        .settings(settings(group))
+        .settings(settings)
         .broker(broker)
         .consumers(move |c| {
             c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), Some(g1)));
