@@ -8,7 +8,7 @@ mod consumer_common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use kontext::prelude::*;
@@ -50,16 +50,14 @@ async fn a_blocked_type_pauses_alone_and_the_others_keep_flowing() {
         .collect();
     p.produce_batch(&stuck).await.unwrap();
     // Wait until the blocked type's buffer is full and its partitions paused.
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
+    wait_until("the lane to pause", async || {
         let st = consumer.registry().type_status::<OrderCreated>().unwrap();
         // Full once, then the stalled handler took one: paused with the rest held.
-        if st.paused && st.buffered + 1 >= st.capacity {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never paused: {st:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        ready(st.paused && st.buffered + 1 >= st.capacity, || {
+            format!("{st:?}")
+        })
+    })
+    .await;
     let service = consumer.registry().service_of::<OrderCreated>().unwrap();
     assert!(!service.paused_partitions.is_empty());
     assert!(
@@ -139,16 +137,12 @@ async fn a_full_single_topic_service_holds_no_more_than_its_buffer() {
         .unwrap();
 
     // Full, and stays within its capacity while the handler is stalled.
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
+    wait_until("the lane to fill", async || {
         let st = consumer.registry().type_status::<OrderCreated>().unwrap();
         assert!(st.buffered <= st.capacity, "{st:?}");
-        if st.buffered == st.capacity {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never filled: {st:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        ready(st.buffered == st.capacity, || format!("{st:?}"))
+    })
+    .await;
     for _ in 0..50 {
         let st = consumer.registry().type_status::<OrderCreated>().unwrap();
         assert!(st.buffered <= st.capacity, "{st:?}");
@@ -258,34 +252,18 @@ async fn drop_mode_keeps(mode: Backpressure) -> (Vec<u32>, u64) {
     // The first message is taken by the (stalled) handler before the rest arrive.
     let p = producer.producer().unwrap();
     p.produce(&OrderCreated { order: 0, seq: 0 }).await.unwrap();
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while consumer
-        .registry()
-        .type_status::<OrderCreated>()
-        .unwrap()
-        .received
-        < 1
-    {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let status = || consumer.registry().type_status::<OrderCreated>().unwrap();
+    wait_until("the first record to arrive", async || {
+        ready(status().received >= 1, || format!("{:?}", status()))
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rest: Vec<OrderCreated> = (1..20).map(|seq| OrderCreated { order: 0, seq }).collect();
     p.produce_batch(&rest).await.unwrap();
-    while consumer
-        .registry()
-        .type_status::<OrderCreated>()
-        .unwrap()
-        .dropped
-        < 15
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{:?}",
-            consumer.registry().type_status::<OrderCreated>()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until("15 records to be dropped", async || {
+        ready(status().dropped >= 15, || format!("{:?}", status()))
+    })
+    .await;
     gate.add_permits(100);
     assert!(seen.wait_for("created", 5, READ_TIMEOUT).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -329,11 +307,13 @@ async fn shutdown_drains_the_records_held_back_while_the_lane_was_full() {
     )
     .await;
     // The lane holds 5; the rest is held back and the partition paused.
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while a.registry().services()[0].paused_partitions.is_empty() {
-        assert!(Instant::now() < deadline, "the lane never filled");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the lane to fill", async || {
+        let service = a.registry().services()[0].clone();
+        ready(!service.paused_partitions.is_empty(), || {
+            format!("{service:?}")
+        })
+    })
+    .await;
     a.shutdown(Duration::from_secs(60)).await.unwrap();
     let handled: Vec<u32> = seen.all().iter().map(|e| e.2).collect();
     assert_eq!(
@@ -418,22 +398,21 @@ async fn bookkeeping_stays_bounded_behind_a_stuck_record(mode: Backpressure) {
     }
     // Everything but the 10 in the lane is dropped.
     let status = || consumer.registry().type_status::<OrderCreated>().unwrap();
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while status().dropped < u64::from(n) - 10 {
-        assert!(Instant::now() < deadline, "{:?}", status());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("all but the lane's records to be dropped", async || {
+        ready(status().dropped >= u64::from(n) - 10, || {
+            format!("{:?}", status())
+        })
+    })
+    .await;
     // A few entries per partition at most (the stuck record, one run of
     // finished ones) plus the lane: nowhere near one per record.
     let tracked = || consumer.registry().services()[0].tracked_entries;
-    while tracked() > 3 * partitions as usize + 20 {
-        assert!(
-            Instant::now() < deadline,
-            "{} entries kept for {n} records",
-            tracked()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the bookkeeping to shrink", async || {
+        ready(tracked() <= 3 * partitions as usize + 20, || {
+            format!("{} entries kept for {n} records", tracked())
+        })
+    })
+    .await;
     eprintln!(
         "{mode:?}: {} entries kept for {n} records; {:?}",
         tracked(),

@@ -8,7 +8,7 @@ mod consumer_common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use kontext::consumer::dlq_headers;
@@ -97,11 +97,11 @@ async fn failures_retry_then_dead_letter_with_headers_and_the_loop_survives() {
     send_raw(&raw, &topic, None, Some("Job")).await;
     p.produce(&job(6, 0, "")).await.unwrap(); // the loop is still alive
 
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while !done.lock().unwrap().contains(&6) {
-        assert!(Instant::now() < deadline, "job 6 never handled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("job 6 to be handled", async || {
+        let done = done.lock().unwrap();
+        ready(done.contains(&6), || format!("handled {done:?}"))
+    })
+    .await;
     let records = read_topic(&broker, &dlq, 6, READ_TIMEOUT).await.unwrap();
     assert_eq!(records.len(), 6, "{records:#?}");
     // Unroutable records are dead-lettered by the poll service's own worker,
@@ -307,14 +307,10 @@ async fn a_2_mb_record_that_does_not_decode_is_dead_lettered_and_the_partition_m
     .unwrap();
     send_raw(&big, &topic, Some(&good), None).await;
 
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while handled.lock().unwrap().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the record after the big one was never handled"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the record after the big one to be handled", async || {
+        ready(!handled.lock().unwrap().is_empty(), String::new)
+    })
+    .await;
     assert_eq!(*handled.lock().unwrap(), vec![7]);
     let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
         .await
@@ -388,15 +384,11 @@ async fn a_hung_handler_is_cancelled_at_its_time_limit_and_the_partition_moves_o
         .await
         .unwrap();
     }
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while handled.lock().unwrap().len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "handled {:?}",
-            handled.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("two records to be handled", async || {
+        let handled = handled.lock().unwrap();
+        ready(handled.len() >= 2, || format!("handled {handled:?}"))
+    })
+    .await;
     assert_eq!(*handled.lock().unwrap(), vec![1, 3], "in partition order");
     let dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
         .await
@@ -469,15 +461,15 @@ async fn a_dead_letter_refused_for_good_is_given_up_on_counted_and_the_partition
     .unwrap();
     send_raw(&raw, &topic, Some(&good), None).await;
 
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while handled.lock().unwrap().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the record after the refused dead letter was never handled: {:?}",
-            consumer.registry().type_status::<Job>()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(
+        "the record after the refused dead letter to be handled",
+        async || {
+            ready(!handled.lock().unwrap().is_empty(), || {
+                format!("{:?}", consumer.registry().type_status::<Job>())
+            })
+        },
+    )
+    .await;
     assert_eq!(*handled.lock().unwrap(), vec![7]);
     let st = consumer.registry().type_status::<Job>().unwrap();
     assert_eq!(
@@ -524,11 +516,10 @@ async fn a_hung_handler_shows_as_a_stall_and_makes_the_service_unhealthy() {
         .produce(&OrderCreated { order: 1, seq: 1 })
         .await
         .unwrap();
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while status().is_healthy() {
-        assert!(Instant::now() < deadline, "never unhealthy: {:?}", status());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the stalled service to be unhealthy", async || {
+        ready(!status().is_healthy(), || format!("{:?}", status()))
+    })
+    .await;
     let stalled = consumer
         .registry()
         .type_status::<OrderCreated>()
@@ -541,14 +532,10 @@ async fn a_hung_handler_shows_as_a_stall_and_makes_the_service_unhealthy() {
 
     // The handler returns: the stall ends and health comes back.
     gate.add_permits(1);
-    while !status().is_healthy() {
-        assert!(
-            Instant::now() < deadline,
-            "never healthy again: {:?}",
-            status()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the service to be healthy again", async || {
+        ready(status().is_healthy(), || format!("{:?}", status()))
+    })
+    .await;
     assert_eq!(status().stalled_for, None);
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 }

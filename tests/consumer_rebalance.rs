@@ -103,32 +103,20 @@ async fn two_instances_split_partitions_and_one_takes_over() {
     let a = recording_consumer(&model, &broker, &group, &seen_a, Duration::ZERO).await;
     let b = recording_consumer(&model, &broker, &group, &seen_b, Duration::ZERO).await;
     // Wait for the group to settle with both members.
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
+    wait_until("the group to settle", async || {
         let na = a.registry().services()[0].assigned_partitions.len();
         let nb = b.registry().services()[0].assigned_partitions.len();
-        if na > 0 && nb > 0 && na + nb == 6 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "group never settled: {na} + {nb}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ready(na > 0 && nb > 0 && na + nb == 6, || format!("{na} + {nb}"))
+    })
+    .await;
 
     let first = created_batch(0..600, 60);
     p.produce_batch(&first).await.unwrap();
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while seen_a.count("created") + seen_b.count("created") < 600 {
-        assert!(
-            Instant::now() < deadline,
-            "{} + {}",
-            seen_a.count("created"),
-            seen_b.count("created")
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("600 records to be handled", async || {
+        let (na, nb) = (seen_a.count("created"), seen_b.count("created"));
+        ready(na + nb >= 600, || format!("{na} + {nb}"))
+    })
+    .await;
     let pa: BTreeSet<i32> = seen_a.all().iter().map(|e| e.3).collect();
     let pb: BTreeSet<i32> = seen_b.all().iter().map(|e| e.3).collect();
     assert!(
@@ -140,24 +128,18 @@ async fn two_instances_split_partitions_and_one_takes_over() {
     b.shutdown(Duration::from_secs(10)).await.unwrap();
     let second = created_batch(600..1200, 60);
     p.produce_batch(&second).await.unwrap();
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
+    wait_until("1200 records to be handled", async || {
         let handled: BTreeSet<u32> = seen_a
             .all()
             .iter()
             .chain(seen_b.all().iter())
             .map(|e| e.2)
             .collect();
-        if handled.len() == 1200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of 1200 handled",
-            handled.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        ready(handled.len() == 1200, || {
+            format!("{} handled", handled.len())
+        })
+    })
+    .await;
     let pa_after: BTreeSet<i32> = seen_a
         .all()
         .iter()
@@ -186,75 +168,72 @@ async fn a_partition_paused_before_it_moved_away_is_consumed_when_it_comes_back(
     let (a, seen_a, gate) =
         gated_consumer_with(o.model.clone(), o.broker.clone(), a_settings).await;
     let a_status = || a.registry().services()[0].clone();
-    let wait = async |what: &str, f: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + READ_TIMEOUT;
-        while !f() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    wait("A to own both partitions", &|| {
-        a_status().assigned_partitions.len() == 2
+    let state = || format!("A: {:?}", a_status());
+    wait_until("A to own both partitions", async || {
+        ready(a_status().assigned_partitions.len() == 2, state)
     })
     .await;
 
     // A's lane fills and pauses both partitions.
     let first = created_batch(0..60, 20);
     p.produce_batch(&first).await.unwrap();
-    wait("A to pause both partitions", &|| {
-        a_status().paused_partitions.len() == 2
+    wait_until("A to pause both partitions", async || {
+        ready(a_status().paused_partitions.len() == 2, state)
     })
     .await;
 
     // B joins and takes one partition.
     let seen_b = Seen::default();
     let b = recording_consumer(&o.model, &o.broker, &o.group, &seen_b, Duration::ZERO).await;
-    wait("the group to split", &|| {
-        a_status().assigned_partitions.len() == 1
-            && b.registry().services()[0].assigned_partitions.len() == 1
+    wait_until("the group to split", async || {
+        let split = a_status().assigned_partitions.len() == 1
+            && b.registry().services()[0].assigned_partitions.len() == 1;
+        ready(split, state)
     })
     .await;
 
     // A drains and resumes what it holds.
     gate.add_permits(1_000_000);
-    wait("A to resume", &|| a_status().paused_partitions.is_empty()).await;
+    // (While it still owns one: with none, nothing would be paused either.)
+    wait_until("A to resume", async || {
+        let st = a_status();
+        ready(
+            st.paused_partitions.is_empty() && st.assigned_partitions.len() == 1,
+            state,
+        )
+    })
+    .await;
 
     // B leaves; A gets the other partition back.
     b.shutdown(Duration::from_secs(10)).await.unwrap();
-    wait("A to own both partitions again", &|| {
-        a_status().assigned_partitions.len() == 2
+    wait_until("A to own both partitions again", async || {
+        ready(a_status().assigned_partitions.len() == 2, state)
     })
     .await;
 
     let second = created_batch(1_000..1_200, 20);
     p.produce_batch(&second).await.unwrap();
-    let partitions_of_second: BTreeSet<i32> = {
-        let deadline = Instant::now() + READ_TIMEOUT;
-        loop {
-            let handled: BTreeSet<u32> = seen_a
+    let partitions_of_second: BTreeSet<i32> =
+        wait_until("A to handle the new records", async || {
+            let new: Vec<(u32, i32)> = seen_a
                 .all()
                 .iter()
                 .filter(|e| e.2 >= 1_000)
-                .map(|e| e.2)
+                .map(|e| (e.2, e.3))
                 .collect();
+            let handled: BTreeSet<u32> = new.iter().map(|e| e.0).collect();
             if handled.len() == second.len() {
-                break seen_a
-                    .all()
-                    .iter()
-                    .filter(|e| e.2 >= 1_000)
-                    .map(|e| e.3)
-                    .collect();
+                Ok(new.iter().map(|e| e.1).collect())
+            } else {
+                Err(format!(
+                    "{} of {} new records handled; {}",
+                    handled.len(),
+                    second.len(),
+                    state()
+                ))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} of {} new records handled; status {:?}",
-                handled.len(),
-                second.len(),
-                a_status()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+        })
+        .await;
     assert_eq!(partitions_of_second.len(), 2, "both partitions flow");
     a.shutdown(Duration::from_secs(10)).await.unwrap();
 }
@@ -329,19 +308,13 @@ async fn handover(protocol: (&str, &str), total: u32, delay: Duration) {
     // B would have handled that partition's backlog meanwhile, and the log
     // would show A again after B.
     let b = member(&o, protocol, &seen, "B", Duration::ZERO).await;
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
+    wait_until("every record to be handled", async || {
         let handled: BTreeSet<u32> = seen.all().iter().map(|e| e.2).collect();
-        if handled.len() == total as usize {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {total} handled",
-            handled.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        ready(handled.len() == total as usize, || {
+            format!("{} of {total}", handled.len())
+        })
+    })
+    .await;
     a.shutdown(Duration::from_secs(10)).await.unwrap();
     b.shutdown(Duration::from_secs(10)).await.unwrap();
 

@@ -8,7 +8,7 @@ mod consumer_common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use futures::StreamExt;
@@ -353,15 +353,13 @@ async fn one_of_two_types(
         .await
         .unwrap();
     assert!(seen.wait_for("created", 20, READ_TIMEOUT).await);
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
+    wait_until("40 offsets to be committed", async || {
         let committed = committed_offsets(&broker, &group, &topic).await;
-        if committed.values().sum::<i64>() == 40 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{committed:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        ready(committed.values().sum::<i64>() == 40, || {
+            format!("{committed:?}")
+        })
+    })
+    .await;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     let dlq = read_topic(&broker, &format!("{topic}.dlq"), 20, Duration::from_secs(2))
         .await
@@ -521,11 +519,11 @@ async fn a_context_kept_past_its_handler_still_reads_its_own_key_and_headers() {
         .start()
         .await
         .unwrap();
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while kept.lock().unwrap().len() < 40 {
-        assert!(Instant::now() < deadline, "not every alert was handled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("every alert to be handled", async || {
+        let n = kept.lock().unwrap().len();
+        ready(n >= 40, || format!("{n} of 40"))
+    })
+    .await;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     // Read after the consumer is gone.
     let kept = std::mem::take(&mut *kept.lock().unwrap());

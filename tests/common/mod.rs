@@ -46,6 +46,28 @@ pub fn broker_kind() -> BrokerKind {
 /// Generous: the real broker in CI shares two cores with the build.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The one wait of the tests: calls `check` every 20 ms until it returns
+/// `Ok`, and fails the test after [`READ_TIMEOUT`] with `what` and the last
+/// state `check` described in its `Err`.
+pub async fn wait_until<T>(what: &str, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + READ_TIMEOUT;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(state) => assert!(
+                std::time::Instant::now() < deadline,
+                "timed out after {READ_TIMEOUT:?} waiting for {what}: {state}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `Ok(())` when `done`, else the state to report: for [`wait_until`].
+pub fn ready(done: bool, state: impl FnOnce() -> String) -> Result<(), String> {
+    if done { Ok(()) } else { Err(state()) }
+}
+
 /// Committed offsets of `group` on every partition of `topic`, read with a
 /// plain client. The `TopicPartitionList` is dropped before its consumer.
 pub async fn committed_offsets(broker: &Broker, group: &str, topic: &str) -> BTreeMap<i32, i64> {
