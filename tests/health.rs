@@ -26,18 +26,11 @@ fn model(topic: &str) -> Model {
 }
 
 async fn until(what: &str, kontext: &Kontext, cond: impl Fn(&kontext::registry::Health) -> bool) {
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
+    wait_until(what, async || {
         let h = kontext.health();
-        if cond(&h) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {h:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        ready(cond(&h), || format!("{h:?}"))
+    })
+    .await;
 }
 
 fn says(h: &kontext::registry::Health, words: &str) -> bool {

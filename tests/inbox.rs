@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use kontext::outbox::OutboxSettings;
@@ -160,7 +160,7 @@ async fn publish_one(producer: &Kontext, shipment_id: &str, user: u32) {
 
 /// Waits until `kontext` has handled `n` shipments.
 async fn wait_handled(kontext: &Kontext, n: u64) {
-    wait_until(&format!("{n} handled"), async || {
+    wait_for(&format!("{n} handled"), async || {
         kontext
             .registry()
             .type_status::<ShipmentCreated>()
@@ -171,12 +171,9 @@ async fn wait_handled(kontext: &Kontext, n: u64) {
     .await;
 }
 
-async fn wait_until(what: &str, mut f: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// [`common::wait_until`] for a plain condition.
+async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    common::wait_until(what, async || ready(f().await, String::new)).await;
 }
 
 /// Sends a copy of `record` (same key, payload and headers, so the same
@@ -217,14 +214,14 @@ async fn a_redelivered_message_has_no_second_effect() {
 
     let producer = producer(&model, &broker).await;
     publish_one(&producer, "s-1", 7).await;
-    wait_until("the first handling", async || {
+    wait_for("the first handling", async || {
         calls.load(Ordering::SeqCst) == 1
     })
     .await;
 
     let original = read_topic(&broker, &topic, 1, READ_TIMEOUT).await.unwrap();
     redeliver(&broker, &original[0]).await;
-    wait_until("the duplicate to be acknowledged", async || {
+    wait_for("the duplicate to be acknowledged", async || {
         kontext
             .registry()
             .type_status::<ShipmentCreated>()
@@ -342,7 +339,7 @@ async fn chosen_fields_deduplicate_different_message_ids() {
     })
     .await
     .unwrap();
-    wait_until("all three", async || {
+    wait_for("all three", async || {
         let st = kontext.registry().type_status::<ShipmentCreated>().unwrap();
         st.handled + st.duplicates == 3
     })
@@ -416,7 +413,7 @@ async fn expired_inbox_rows_are_cleaned_up() {
             .unwrap();
         row.try_get::<i64>("", "n").unwrap()
     };
-    wait_until("the expired row to go", async || count_inbox().await == 0).await;
+    wait_for("the expired row to go", async || count_inbox().await == 0).await;
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
@@ -540,7 +537,7 @@ async fn a_handler_that_swallows_a_failed_statement_is_retried_not_acknowledged(
     // The inbox row was committed with it: a redelivery has no effect.
     let original = read_topic(&broker, &topic, 1, READ_TIMEOUT).await.unwrap();
     redeliver(&broker, &original[0]).await;
-    wait_until("the duplicate", async || {
+    wait_for("the duplicate", async || {
         kontext
             .registry()
             .type_status::<ShipmentCreated>()
@@ -630,7 +627,7 @@ async fn a_worker_pool_of_units_of_work_has_each_effect_once() {
     for record in originals.iter().take(50) {
         redeliver(&broker, record).await;
     }
-    wait_until("50 duplicates acknowledged", async || {
+    wait_for("50 duplicates acknowledged", async || {
         kontext
             .registry()
             .type_status::<ShipmentCreated>()

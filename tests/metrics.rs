@@ -7,7 +7,7 @@ mod common;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use kontext::prelude::*;
@@ -131,11 +131,7 @@ fn find<T>(map: &Mutex<HashMap<Id, Arc<T>>>, name: &str, with: &[(&str, &str)]) 
 }
 
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(what, async || ready(cond(), String::new)).await;
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

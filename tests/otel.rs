@@ -8,7 +8,7 @@ mod common;
 
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use kontext::prelude::*;
@@ -62,14 +62,14 @@ struct Invoice {
 }
 
 async fn wait_for(exported: &Exported, topic: &str) -> TraceId {
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
-        if let Some(id) = exported.processed(topic).first() {
-            return *id;
-        }
-        assert!(Instant::now() < deadline, "no process span for {topic}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(&format!("a process span for {topic}"), async || {
+        exported
+            .processed(topic)
+            .first()
+            .copied()
+            .ok_or_else(String::new)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
