@@ -281,13 +281,7 @@ async fn a_2_mb_record_that_does_not_decode_is_dead_lettered_and_the_partition_m
         .settings(settings(&group))
         .broker(broker.clone())
         .consumers(move |c| {
-            c.handler(move |j: Job, _: MessageContext| {
-                let h = h.clone();
-                async move {
-                    h.lock().unwrap().push(j.id);
-                    Ok(())
-                }
-            });
+            c.handler(RecordJobIds(h));
         })
         .start()
         .await
@@ -437,13 +431,7 @@ async fn a_dead_letter_refused_for_good_is_given_up_on_counted_and_the_partition
         )
         .broker(broker.clone())
         .consumers(move |c| {
-            c.handler(move |j: Job, _: MessageContext| {
-                let h = h.clone();
-                async move {
-                    h.lock().unwrap().push(j.id);
-                    Ok(())
-                }
-            });
+            c.handler(RecordJobIds(h));
         })
         .start()
         .await

@@ -209,6 +209,16 @@ pub(crate) struct Job {
     pub(crate) mode: String,
 }
 
+/// A handler of [`Job`] that records each job's id, in handling order.
+pub(crate) struct RecordJobIds(pub(crate) Arc<Mutex<Vec<u32>>>);
+
+impl Handler<Job> for RecordJobIds {
+    async fn handle(&self, job: Job, _: MessageContext) -> Result<(), HandlerError> {
+        self.0.lock().unwrap().push(job.id);
+        Ok(())
+    }
+}
+
 pub(crate) fn rdkafka_producer(broker: &Broker) -> rdkafka::producer::FutureProducer {
     rdkafka::ClientConfig::new()
         .set("bootstrap.servers", broker.bootstrap_servers())
