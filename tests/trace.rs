@@ -25,8 +25,18 @@ const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const STATE: &str = "congo=t61rcWkgMzE";
 
 fn model(pings: &str, pongs: &str) -> Model {
+    model_with(pings, pongs, 0)
+}
+
+/// With `workers` > 0 the pings are handled by a worker pool.
+fn model_with(pings: &str, pongs: &str, workers: usize) -> Model {
     Model::builder()
-        .topic::<Ping>(|t| t.name(pings).partitions(1).key(|e| e.n).consumer(|c| c))
+        .topic::<Ping>(|t| {
+            t.name(pings)
+                .partitions(1)
+                .key(|e| e.n)
+                .consumer(|c| if workers > 0 { c.workers(workers) } else { c })
+        })
         .topic::<Pong>(|t| t.name(pongs).partitions(1).key(|e| e.n))
         .build()
         .unwrap()
@@ -79,11 +89,21 @@ fn assert_carried(pongs: &[RecordedMessage]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_produces_carries_the_trace_on() {
+    handler_carries_the_trace_on(0).await;
+}
+
+/// A pool runs several handlers in one task: each carries its own message's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_in_a_worker_pool_carries_the_trace_on() {
+    handler_carries_the_trace_on(4).await;
+}
+
+async fn handler_carries_the_trace_on(workers: usize) {
     init_tracing();
     let broker = broker();
     let (pings, pongs_topic, group) =
         (unique_name("pings"), unique_name("pongs"), unique_name("g"));
-    let model = model(&pings, &pongs_topic);
+    let model = model_with(&pings, &pongs_topic, workers);
     send_pings(&model, &broker).await;
     let out = Kontext::builder(model.clone())
         .broker(broker.clone())

@@ -17,6 +17,7 @@ mod lent;
 mod offsets;
 pub(crate) mod poll;
 mod pool;
+mod stopwatch;
 mod stream;
 mod sync;
 mod uow;

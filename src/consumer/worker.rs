@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +22,7 @@ use crate::consumer::context::{Lender, Record};
 use crate::consumer::dead_letter::{DeadLetters, Failure, FailureReason, Sent};
 use crate::consumer::handler::{Action, HandlerError};
 use crate::consumer::poll::ServiceShared;
+use crate::consumer::stopwatch::Stopwatch;
 use crate::consumer::{MessageContext, RetryPolicy};
 use crate::headers;
 use crate::model::{Message, TopicSpec};
@@ -79,7 +80,7 @@ pub(crate) trait TypeWorker: Send + Sync {
         lane: &'a LaneBuffer,
         batch: &'a mut VecDeque<Record>,
         n: usize,
-        lender: &'a mut Lender,
+        kit: &'a mut LaneKit,
     ) -> BoxFuture<'a, bool>;
 
     /// One attempt at `record` for a worker pool: never waits out a retry
@@ -132,7 +133,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
         lane: &'a LaneBuffer,
         batch: &'a mut VecDeque<Record>,
         n: usize,
-        lender: &'a mut Lender,
+        kit: &'a mut LaneKit,
     ) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             for _ in 0..n {
@@ -161,26 +162,20 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         .decode(record.payload().unwrap_or_default());
                     let result = match decoded {
                         Ok(message) => {
-                            let lent = lender.lend(&mut record);
+                            let lent = kit.lender.lend(&mut record);
                             let ctx = MessageContext::new(
                                 Arc::clone(&lane.topic),
                                 &record,
                                 lent.shared(),
                                 attempt,
                             );
-                            // Moved into the task-local scope, so it is
-                            // gone with the handler's future and the cell
-                            // comes back unshared.
                             let shared = lent.shared();
                             let span = self.span(&lane.topic, &record, attempt, &*shared);
-                            let guarded = trace::handling(
-                                shared,
-                                Guarded {
-                                    span,
-                                    future: self.dispatch.dispatch(message, ctx),
-                                },
-                            );
-                            let began = SystemTime::now();
+                            kit.handling.set(shared);
+                            let guarded = Guarded {
+                                span,
+                                future: self.dispatch.dispatch(message, ctx),
+                            };
                             let outcome = match self.handler_timeout {
                                 None => Some(guarded.await),
                                 // Boxed: the timer would grow every
@@ -189,8 +184,11 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                                     Box::pin(tokio::time::timeout(limit, guarded)).await.ok()
                                 }
                             };
-                            self.measure(&record, began, &outcome);
-                            lender.take_back(lent, &mut record);
+                            self.measure(&record, kit.watch.lap(), &outcome);
+                            // Before the take-back: the cell comes back
+                            // unshared once the handler's future is gone.
+                            kit.handling.clear();
+                            kit.lender.take_back(lent, &mut record);
                             match outcome {
                                 Some(outcome) => self.outcome(outcome, attempt),
                                 None => Err(self.timed_out(attempt)),
@@ -214,6 +212,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         failure,
                     ))
                     .await;
+                    kit.watch.restart();
                     match next {
                         Next::Retry => attempt += 1,
                         Next::Finished(finished) => break finished,
@@ -241,6 +240,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 // Not every record: each yield can wake an idle thread.
                 if seq % YIELD_EVERY == 0 {
                     tokio::task::yield_now().await;
+                    kit.watch.restart();
                 }
             }
             true
@@ -278,12 +278,13 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                             future: self.dispatch.dispatch(message, ctx),
                         },
                     );
-                    let began = SystemTime::now();
+                    // Attempts of a pool overlap: each is timed alone.
+                    let mut watch = Stopwatch::start();
                     let outcome = match self.handler_timeout {
                         None => Some(guarded.await),
                         Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
                     };
-                    self.measure(&record, began, &outcome);
+                    self.measure(&record, watch.lap(), &outcome);
                     lender.take_back(lent, &mut record);
                     match outcome {
                         Some(outcome) => self.outcome(outcome, attempt),
@@ -327,29 +328,25 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
     /// record is.
     /// One clock read after the handler, the same wall clock as the
     /// record's timestamp.
+    /// Records an attempt's duration and, once handled, the record's age
+    /// (`now_ms`: the wall clock when the attempt ended).
     fn measure(
         &self,
         record: &Record,
-        began: SystemTime,
+        (took, now_ms): (Duration, u64),
         outcome: &Option<std::thread::Result<Outcome>>,
     ) {
-        let now = SystemTime::now();
-        if let Ok(took) = now.duration_since(began) {
-            self.timings.handler.record(took);
-        }
+        self.timings.handler.record(took);
         // The age counts once, when the record is handled.
         if !matches!(outcome, Some(Ok(Outcome::Done))) {
             return;
         }
-        let since_epoch = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        if let Some(ts) = record.timestamp.and_then(|t| u128::try_from(t).ok()) {
-            if let Some(age) = since_epoch.checked_sub(ts) {
-                self.timings.end_to_end.record(Duration::from_millis(
-                    u64::try_from(age).unwrap_or(u64::MAX),
-                ));
-            }
+        if let Some(age) = record
+            .timestamp
+            .and_then(|t| u64::try_from(t).ok())
+            .and_then(|ts| now_ms.checked_sub(ts))
+        {
+            self.timings.end_to_end.record(Duration::from_millis(age));
         }
     }
 
@@ -464,6 +461,14 @@ impl<F: Future> Future for Guarded<F> {
     }
 }
 
+/// What a lane worker keeps from one attempt to the next.
+pub(crate) struct LaneKit {
+    lender: Lender,
+    watch: Stopwatch,
+    /// Which message its handler handles, for the trace context.
+    handling: Arc<trace::Handling>,
+}
+
 /// A busy lane yields to the runtime after this many records.
 const YIELD_EVERY: u64 = 256;
 
@@ -483,66 +488,76 @@ pub(crate) async fn run_lane(
     let _active = active;
     let _running = buffer.worker_running();
     let mut batch: VecDeque<Record> = VecDeque::with_capacity(TAKE);
-    let mut lender = Lender::new(env.shared.stopping.clone());
-    loop {
-        if buffer.revocation_pending() {
-            buffer.apply_revocations(&mut batch);
-        }
-        if batch.is_empty() {
-            buffer.take(&mut batch, TAKE);
-        }
-        let Some(front) = batch.front() else {
-            // Draining ends when the poll thread holds nothing more for
-            // this lane (records it kept back while the lane was full).
-            if env.shared.must_stop_now() || (env.shared.is_stopping() && buffer.is_sealed()) {
+    let handling = Arc::new(trace::Handling::default());
+    let mut kit = LaneKit {
+        lender: Lender::new(env.shared.stopping.clone()),
+        watch: Stopwatch::start(),
+        handling: Arc::clone(&handling),
+    };
+    trace::lane(handling, async move {
+        loop {
+            if buffer.revocation_pending() {
+                buffer.apply_revocations(&mut batch);
+            }
+            if batch.is_empty() {
+                buffer.take(&mut batch, TAKE);
+                kit.watch = Stopwatch::start();
+            }
+            let Some(front) = batch.front() else {
+                // Draining ends when the poll thread holds nothing more for
+                // this lane (records it kept back while the lane was full).
+                if env.shared.must_stop_now() || (env.shared.is_stopping() && buffer.is_sealed()) {
+                    break;
+                }
+                tokio::select! {
+                    () = buffer.wait() => continue,
+                    () = env.cancel.cancelled() => break,
+                }
+            };
+            if env.cancel.is_cancelled() {
                 break;
             }
-            tokio::select! {
-                () = buffer.wait() => continue,
-                () = env.cancel.cancelled() => break,
-            }
-        };
-        if env.cancel.is_cancelled() {
-            break;
-        }
-        let finished = match (front.rejection.is_some(), types.get(front.type_index)) {
-            (false, Some(worker)) => {
-                let index = front.type_index;
-                let run = batch
-                    .iter()
-                    .take_while(|r| r.rejection.is_none() && r.type_index == index)
-                    .count();
-                worker
-                    .handle_run(&env, &buffer, &mut batch, run, &mut lender)
-                    .await
-            }
-            _ => match batch.pop_front() {
-                Some(record) => {
-                    let finished = match &record.rejection {
-                        Some(rejection) => {
-                            reject(
-                                &env,
-                                (&dead_letter_topic, &buffer.topic),
-                                &record,
-                                rejection,
-                            )
-                            .await
-                        }
-                        // The router only sets indexes of this lane's types.
-                        None => true,
-                    };
-                    if finished {
-                        buffer.give_back(record);
-                    }
-                    finished
+            let finished = match (front.rejection.is_some(), types.get(front.type_index)) {
+                (false, Some(worker)) => {
+                    let index = front.type_index;
+                    let run = batch
+                        .iter()
+                        .take_while(|r| r.rejection.is_none() && r.type_index == index)
+                        .count();
+                    worker
+                        .handle_run(&env, &buffer, &mut batch, run, &mut kit)
+                        .await
                 }
-                None => true,
-            },
-        };
-        if !finished {
-            break;
+                _ => match batch.pop_front() {
+                    Some(record) => {
+                        let finished = match &record.rejection {
+                            Some(rejection) => {
+                                reject(
+                                    &env,
+                                    (&dead_letter_topic, &buffer.topic),
+                                    &record,
+                                    rejection,
+                                )
+                                .await
+                            }
+                            // The router only sets indexes of this lane's types.
+                            None => true,
+                        };
+                        if finished {
+                            buffer.give_back(record);
+                        }
+                        kit.watch.restart();
+                        finished
+                    }
+                    None => true,
+                },
+            };
+            if !finished {
+                break;
+            }
         }
-    }
+    })
+    .await;
 }
 
 /// Dead-letters a record the router could not give to a type.

@@ -29,7 +29,40 @@ pub(crate) trait Incoming: Send + Sync {
 }
 
 tokio::task_local! {
-    static INCOMING: Arc<dyn Incoming>;
+    static INCOMING: Scope;
+}
+
+/// What a task's scope says about the message being handled.
+#[derive(Clone)]
+pub(crate) enum Scope {
+    /// One handler invocation (a worker pool's attempt).
+    Message(Arc<dyn Incoming>),
+    /// A lane worker that handles one message at a time and says which in
+    /// `Handling`: one scope for the worker's whole task instead of one per
+    /// record (a scope costs about 1% of a consumed record's CPU).
+    Lane(Arc<Handling>),
+}
+
+/// The message a lane worker is handling, if any.
+#[derive(Default)]
+pub(crate) struct Handling(std::sync::Mutex<Option<Arc<dyn Incoming>>>);
+
+impl Handling {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Arc<dyn Incoming>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The worker's handler is about to handle `incoming`.
+    pub(crate) fn set(&self, incoming: Arc<dyn Incoming>) {
+        *self.slot() = Some(incoming);
+    }
+
+    /// The handler is done with it: the message is the worker's alone again.
+    pub(crate) fn clear(&self) {
+        self.slot().take();
+    }
 }
 
 /// Runs `future` (a handler invocation) with `incoming` as the message it
@@ -37,8 +70,14 @@ tokio::task_local! {
 pub(crate) fn handling<F: Future>(
     incoming: Arc<dyn Incoming>,
     future: F,
-) -> TaskLocalFuture<Arc<dyn Incoming>, F> {
-    INCOMING.scope(incoming, future)
+) -> TaskLocalFuture<Scope, F> {
+    INCOMING.scope(Scope::Message(incoming), future)
+}
+
+/// Runs `future` (a lane worker) with `handling` saying which message its
+/// handler handles.
+pub(crate) fn lane<F: Future>(handling: Arc<Handling>, future: F) -> TaskLocalFuture<Scope, F> {
+    INCOMING.scope(Scope::Lane(handling), future)
 }
 
 /// The trace context to write on a message produced now: the current
@@ -53,9 +92,17 @@ pub(crate) fn outgoing() -> Vec<(String, String)> {
         }
     }
     let mut out = Vec::new();
-    let _ = INCOMING.try_with(|incoming| {
+    let copy = |incoming: &dyn Incoming, out: &mut Vec<(String, String)>| {
         for name in [TRACEPARENT, TRACESTATE] {
             incoming.with_header(name, &mut |v| out.push((name.to_owned(), v.to_owned())));
+        }
+    };
+    let _ = INCOMING.try_with(|scope| match scope {
+        Scope::Message(incoming) => copy(&**incoming, &mut out),
+        Scope::Lane(handling) => {
+            if let Some(incoming) = &*handling.slot() {
+                copy(&**incoming, &mut out);
+            }
         }
     });
     out
