@@ -1272,3 +1272,27 @@ async fn skewed_relay_child_process() {
     std::future::pending::<()>().await;
     drop(kontext);
 }
+
+/// Message ids are kontext's own UUIDv7s and never looked up, so on
+/// PostgreSQL they carry no unique index (it cost writers 4-5% of their
+/// commit rate). Migrating a database twice, as every start does, works;
+/// the other tests here write and send rows through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_the_message_id_carries_no_unique_index() {
+    init_tracing();
+    let db = kontext::testing::database().await.unwrap();
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return;
+    }
+    kontext::db::migrate(&db).await.unwrap();
+    kontext::db::migrate(&db).await.unwrap();
+    let constraints = db
+        .query_one(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT count(*) AS n FROM pg_constraint WHERE conname = 'kontext_outbox_message_id_key'",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(constraints.try_get::<i64>("", "n").unwrap(), 0);
+}

@@ -4,7 +4,11 @@ use sea_orm_migration::prelude::*;
 
 /// kontext's migrations, in order, to append to an application's migrator.
 pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-    vec![Box::new(CreateTables), Box::new(LeaseGeneration)]
+    vec![
+        Box::new(CreateTables),
+        Box::new(LeaseGeneration),
+        Box::new(MessageIdNotUnique),
+    ]
 }
 
 #[derive(Iden)]
@@ -213,5 +217,46 @@ impl MigrationTrait for LeaseGeneration {
                 .to_owned(),
         )
         .await
+    }
+}
+
+/// `kontext_outbox.message_id` loses its unique constraint on PostgreSQL.
+/// kontext makes every id itself (UUIDv7) and never looks a row up by it,
+/// and keeping the constraint's index cost writers 4-5% of their commit
+/// rate (BENCHMARKS.md, "What the outbox costs a transaction"). SQLite keeps
+/// it: its index came with the table and goes only by rebuilding the table.
+struct MessageIdNotUnique;
+
+impl MigrationName for MessageIdNotUnique {
+    fn name(&self) -> &str {
+        "m20261203_000001_kontext_outbox_message_id_not_unique"
+    }
+}
+
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for MessageIdNotUnique {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.get_database_backend() != sea_orm::DbBackend::Postgres {
+            return Ok(());
+        }
+        m.get_connection()
+            .execute_unprepared(
+                "ALTER TABLE kontext_outbox DROP CONSTRAINT IF EXISTS kontext_outbox_message_id_key",
+            )
+            .await
+            .map(|_| ())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.get_database_backend() != sea_orm::DbBackend::Postgres {
+            return Ok(());
+        }
+        m.get_connection()
+            .execute_unprepared(
+                "ALTER TABLE kontext_outbox ADD CONSTRAINT kontext_outbox_message_id_key UNIQUE (message_id)",
+            )
+            .await
+            .map(|_| ())
     }
 }
