@@ -527,3 +527,45 @@ async fn a_hung_handler_shows_as_a_stall_and_makes_the_service_unhealthy() {
     assert_eq!(status().stalled_for, None);
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A session timeout the broker refuses is a setting to fix, not a blip:
+/// the poll service fails at once with an error that names the setting and
+/// the broker's bounds, instead of retrying the group join forever with a
+/// warning each time. Apache Kafka only: the embedded broker takes any
+/// session timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_timeout_the_broker_refuses_fails_the_service_naming_the_setting() {
+    if !external() {
+        return;
+    }
+    let o = orders(1, |c| c).await;
+    let seen = Seen::default();
+    let s = seen.clone();
+    let k = Kontext::builder(o.model.clone())
+        .settings(settings(&o.group).consumer(|c| c.session_timeout_ms = Some(1_000)))
+        .broker(o.broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let s = s.clone();
+                async move {
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let reason = wait_until("the poll service to fail", async || {
+        let st = k.registry().services()[0].clone();
+        match st.state {
+            kontext::consumer::ServiceState::Failed(reason) => Ok(reason),
+            _ => Err(format!("{st:?}")),
+        }
+    })
+    .await;
+    assert!(reason.contains("session.timeout.ms = 1000"), "{reason}");
+    assert!(reason.contains("group.min.session.timeout.ms"), "{reason}");
+    assert!(!k.health().ready, "{:?}", k.health());
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -192,6 +193,21 @@ const RELEASE_WAIT: Duration = Duration::from_secs(5);
 /// auto-commit then sends them.
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Why a poll error ends the service, if it does: errors that retrying
+/// cannot mend. Others are logged and polling goes on.
+fn fatal(e: &KafkaError, session_timeout: &str) -> Option<String> {
+    match e.rdkafka_error_code()? {
+        RDKafkaErrorCode::Fatal => Some(format!("fatal consumer error: {e}")),
+        // The broker refuses the group join for as long as the setting stays.
+        RDKafkaErrorCode::InvalidSessionTimeout => Some(format!(
+            "the broker refused the consumer's session.timeout.ms = {session_timeout}: it \
+             must lie between the broker's group.min.session.timeout.ms and \
+             group.max.session.timeout.ms (6 s and 30 min on Apache Kafka by default) ({e})"
+        )),
+        _ => None,
+    }
+}
+
 fn poll_loop(plan: PollPlan) -> Result<(), String> {
     let PollPlan {
         shared,
@@ -244,6 +260,10 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         state: Arc::clone(&state),
         revoke_timeout,
     };
+    let session_timeout = config
+        .get("session.timeout.ms")
+        .unwrap_or("45000 (librdkafka's default)")
+        .to_owned();
     let consumer: BaseConsumer<PollContext> = config
         .create_with_context(context)
         .map_err(|e| format!("could not create the consumer: {e}"))?;
@@ -318,8 +338,8 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
                 // again later.
                 Ok(_) => {}
                 Err(e) => {
-                    if matches!(e.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
-                        return Err(format!("fatal consumer error: {e}"));
+                    if let Some(reason) = fatal(&e, &session_timeout) {
+                        return Err(reason);
                     }
                     tracing::warn!(service = %shared.name, error = %e, "poll error");
                 }
