@@ -90,9 +90,47 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
 }
 
 /// Connects to `url` (`sqlite://...`, `postgres://...`).
+///
+/// On PostgreSQL the pool checks a connection before handing it out only
+/// when it has been idle for [`IDLE_CHECK`] (the rule HikariCP follows).
+/// sqlx's default pings every connection at every acquire: one more round
+/// trip per transaction, about a fifth of the rate of short transactions
+/// such as a unit of work or an outbox commit (BENCHMARKS.md). A connection
+/// that died while in steady use fails its next statement instead, which
+/// the relay and the unit of work retry.
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        use sqlx::ConnectOptions as _;
+        let options = url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e)))
+            .db("parse the database URL")?
+            // sqlx logs every statement at INFO by default (sea-orm's
+            // connect does too): an application's log would fill with them.
+            .disable_statement_logging();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_CHECK {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|e| DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e)))
+            .db("connect")?;
+        return Ok(sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(
+            pool,
+        ));
+    }
     Database::connect(url).await.db("connect")
 }
+
+/// A pooled connection idle for this long is pinged before it is handed out.
+pub const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
