@@ -89,16 +89,22 @@ fn assert_carried(pongs: &[RecordedMessage]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_produces_carries_the_trace_on() {
-    handler_carries_the_trace_on(0).await;
+    handler_carries_the_trace_on(0, false).await;
+}
+
+/// A batch takes the trace context once for all its messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_produces_a_batch_carries_the_trace_on() {
+    handler_carries_the_trace_on(0, true).await;
 }
 
 /// A pool runs several handlers in one task: each carries its own message's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_in_a_worker_pool_carries_the_trace_on() {
-    handler_carries_the_trace_on(4).await;
+    handler_carries_the_trace_on(4, false).await;
 }
 
-async fn handler_carries_the_trace_on(workers: usize) {
+async fn handler_carries_the_trace_on(workers: usize, batch: bool) {
     init_tracing();
     let broker = broker();
     let (pings, pongs_topic, group) =
@@ -119,10 +125,15 @@ async fn handler_carries_the_trace_on(workers: usize) {
             c.handler(move |e: Ping, _: MessageContext| {
                 let producer = producer.clone();
                 async move {
-                    producer
-                        .produce(&Pong { n: e.n })
-                        .await
-                        .map_err(HandlerError::retry)?;
+                    let pong = Pong { n: e.n };
+                    if batch {
+                        producer
+                            .produce_batch([&pong])
+                            .await
+                            .map_err(HandlerError::retry)?;
+                    } else {
+                        producer.produce(&pong).await.map_err(HandlerError::retry)?;
+                    }
                     Ok(())
                 }
             });

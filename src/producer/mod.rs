@@ -181,6 +181,8 @@ impl Producer {
         let mut first_unawaited = 0;
         let mut results: Vec<Delivery> = Vec::with_capacity(prepared.len());
         let capacity = headers::RESERVED.len() + spec.headers.len();
+        // One task produces the whole batch: one trace context for all.
+        let trace = carried_trace(&options);
         for (message, encoded) in messages.iter().zip(prepared) {
             let headers = write_headers(
                 spec,
@@ -188,6 +190,7 @@ impl Producer {
                 &options,
                 &self.inner.source,
                 &encoded,
+                &trace,
                 OwnedHeaders::new_with_capacity(capacity),
             )?;
             let started = Instant::now();
@@ -204,7 +207,7 @@ impl Producer {
             let future = match enqueue(
                 &self.inner.client,
                 record,
-                self.queue_deadline(started),
+                Some((started, self.inner.queue_timeout)),
                 wait_for_oldest,
             )
             .await
@@ -287,7 +290,7 @@ impl Producer {
         let delivery = match enqueue(
             &self.inner.client,
             record,
-            self.queue_deadline(started),
+            Some((started, self.inner.queue_timeout)),
             pause,
         )
         .await
@@ -331,12 +334,6 @@ impl Producer {
     pub(crate) fn client(&self) -> &FutureProducer<TracingContext> {
         &self.inner.client
     }
-
-    /// Until when an enqueue that started at `started` may wait for room in
-    /// librdkafka's queue: as long as a delivery may take.
-    fn queue_deadline(&self, started: Instant) -> Option<Instant> {
-        started.checked_add(self.inner.queue_timeout)
-    }
 }
 
 /// Encodes a message and builds its key and headers (into `h`).
@@ -348,7 +345,8 @@ pub(crate) fn prepare<T: Message, H: HeaderList>(
     h: H,
 ) -> Result<(Encoded, H)> {
     let encoded = encode(spec, message, options)?;
-    let h = write_headers(spec, message, options, source, &encoded, h)?;
+    let trace = carried_trace(options);
+    let h = write_headers(spec, message, options, source, &encoded, &trace, h)?;
     Ok((encoded, h))
 }
 
@@ -393,13 +391,30 @@ pub(crate) fn encode<T: Message>(
     })
 }
 
-/// Writes the standard, declared and per-call headers of an encoded message.
+/// The trace context a message produced now carries on (see
+/// `telemetry::trace`): the handled message's or the current span's,
+/// unless the call sets its own. The same for every message of one call.
+pub(crate) fn carried_trace(options: &CallOptions) -> Vec<(String, String)> {
+    let own_trace = options
+        .headers
+        .iter()
+        .any(|(n, _)| n == crate::telemetry::trace::TRACEPARENT);
+    if own_trace {
+        Vec::new()
+    } else {
+        crate::telemetry::trace::outgoing()
+    }
+}
+
+/// Writes the standard, declared and per-call headers of an encoded message
+/// (`trace`: from [`carried_trace`]).
 pub(crate) fn write_headers<T: Message, H: HeaderList>(
     spec: &TopicSpec<T>,
     message: &T,
     options: &CallOptions,
     source: &str,
     encoded: &Encoded,
+    trace: &[(String, String)],
     mut h: H,
 ) -> Result<H> {
     let mut id_buf = Uuid::encode_buffer();
@@ -432,16 +447,8 @@ pub(crate) fn write_headers<T: Message, H: HeaderList>(
     if let Some(c) = &options.correlation_id {
         h = h.with(headers::CORRELATION_ID, c);
     }
-    // Produced while handling a message with a trace context: the trace
-    // goes on, unless the call sets its own.
-    let own_trace = options
-        .headers
-        .iter()
-        .any(|(n, _)| n == crate::telemetry::trace::TRACEPARENT);
-    if !own_trace {
-        for (name, value) in crate::telemetry::trace::outgoing() {
-            h = h.with(&name, &value);
-        }
+    for (name, value) in trace {
+        h = h.with(name, value);
     }
     for (name, source) in &spec.headers {
         match source {
@@ -545,19 +552,23 @@ impl<T: Sync> MakeRoom for OldestOfBatch<'_, T> {
 }
 
 /// Hands `record` to librdkafka. While its local queue is full, has `room`
-/// make room and tries again, until `deadline` if there is one. The one
+/// make room and tries again, until `deadline` if there is one (a start
+/// and a limit: the sum is taken only when the queue is full). The one
 /// place that waits for room: single produce calls, batches and the outbox
 /// relay all enqueue here.
 pub(crate) async fn enqueue<R: MakeRoom>(
     client: &FutureProducer<TracingContext>,
     mut record: FutureRecord<'_, [u8], [u8]>,
-    deadline: Option<Instant>,
+    deadline: Option<(Instant, Duration)>,
     mut room: R,
 ) -> std::result::Result<DeliveryFuture, Enqueue<R::Error>> {
     loop {
         match client.send_result(record) {
             Ok(f) => return Ok(f),
-            Err((e, back)) if queue_full(&e) && deadline.is_none_or(|d| Instant::now() < d) => {
+            Err((e, back))
+                if queue_full(&e)
+                    && deadline.is_none_or(|(from, limit)| from.elapsed() < limit) =>
+            {
                 record = back;
                 room.make_room().await.map_err(Enqueue::Stopped)?;
             }
