@@ -211,30 +211,7 @@ async fn a_partition_paused_before_it_moved_away_is_consumed_when_it_comes_back(
     })
     .await;
 
-    let second = created_batch(1_000..1_200, 20);
-    p.produce_batch(&second).await.unwrap();
-    let partitions_of_second: BTreeSet<i32> =
-        wait_until("A to handle the new records", async || {
-            let new: Vec<(u32, i32)> = seen_a
-                .all()
-                .iter()
-                .filter(|e| e.2 >= 1_000)
-                .map(|e| (e.2, e.3))
-                .collect();
-            let handled: BTreeSet<u32> = new.iter().map(|e| e.0).collect();
-            if handled.len() == second.len() {
-                Ok(new.iter().map(|e| e.1).collect())
-            } else {
-                Err(format!(
-                    "{} of {} new records handled; {}",
-                    handled.len(),
-                    second.len(),
-                    state()
-                ))
-            }
-        })
-        .await;
-    assert_eq!(partitions_of_second.len(), 2, "both partitions flow");
+    a_handles_a_new_batch_on_both_partitions(p, &seen_a, state).await;
     a.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
@@ -520,6 +497,31 @@ async fn a_member_dropped_while_its_revoke_waits_consumes_again_after_it_rejoins
         ready(a_status().assigned_partitions.len() == 2, state)
     })
     .await;
+    a_handles_a_new_batch_on_both_partitions(p, &seen_a, state).await;
+    // The first batch came before the second on each partition: handled by
+    // one member or the other (twice at most, by both), none lost.
+    let first_handled: BTreeSet<u32> = seen_a
+        .all()
+        .iter()
+        .chain(seen_b.all().iter())
+        .map(|e| e.2)
+        .filter(|id| *id < 1_000)
+        .collect();
+    assert_eq!(
+        first_handled.len(),
+        first.len(),
+        "nothing of the first batch lost"
+    );
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Produces 200 new records (ids from 1,000) and waits for A to handle them
+/// all, from both partitions.
+async fn a_handles_a_new_batch_on_both_partitions(
+    p: &kontext::producer::Producer,
+    seen_a: &Seen,
+    state: impl Fn() -> String,
+) {
     let second = created_batch(1_000..1_200, 20);
     p.produce_batch(&second).await.unwrap();
     let partitions_of_second: BTreeSet<i32> =
@@ -544,19 +546,4 @@ async fn a_member_dropped_while_its_revoke_waits_consumes_again_after_it_rejoins
         })
         .await;
     assert_eq!(partitions_of_second.len(), 2, "both partitions flow");
-    // The first batch came before the second on each partition: handled by
-    // one member or the other (twice at most, by both), none lost.
-    let first_handled: BTreeSet<u32> = seen_a
-        .all()
-        .iter()
-        .chain(seen_b.all().iter())
-        .map(|e| e.2)
-        .filter(|id| *id < 1_000)
-        .collect();
-    assert_eq!(
-        first_handled.len(),
-        first.len(),
-        "nothing of the first batch lost"
-    );
-    a.shutdown(Duration::from_secs(10)).await.unwrap();
 }
