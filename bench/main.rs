@@ -117,7 +117,7 @@ async fn main() -> Result<(), BoxError> {
     if run("workers") {
         scenario_workers(&b, quick).await?;
         if std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
-            scenario_workers_inbox(&b, if quick { 1_000 } else { 3_000 }).await?;
+            scenario_workers_inbox(&b, if quick { 1_000 } else { 30_000 }).await?;
         }
     }
     if run("isolation") {
