@@ -99,11 +99,12 @@ async fn not_ready_without_a_broker_or_before_the_join_ready_after() {
         .set_broker_up(1, true)
         .unwrap();
     until("healthy again", &consumer, |h| h.is_healthy()).await;
-    let deadline = Instant::now() + READ_TIMEOUT;
-    while handled.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the record was not handled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the record to be handled", async || {
+        ready(handled.load(Ordering::SeqCst) > 0, || {
+            "not handled".to_owned()
+        })
+    })
+    .await;
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     producer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
@@ -280,18 +281,11 @@ async fn a_member_dropped_by_its_group_is_counted_and_rejoins() {
     p.produce(&Ping { n: 1 }).await.unwrap();
 
     broker.as_embedded().unwrap().drop_group_members(1).unwrap();
-    let deadline = Instant::now() + READ_TIMEOUT;
-    loop {
-        let lost = consumer.registry().services()[0].assignments_lost;
-        if lost >= 1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the lost assignment was not seen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("the lost assignment to be counted", async || {
+        let status = consumer.registry().services()[0].clone();
+        ready(status.assignments_lost >= 1, || format!("{status:?}"))
+    })
+    .await;
     until("rejoined", &consumer, |h| h.is_healthy()).await;
     p.produce(&Ping { n: 2 }).await.unwrap();
     let deadline = Instant::now() + READ_TIMEOUT;

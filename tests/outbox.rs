@@ -370,15 +370,16 @@ async fn a_poison_row_fails_after_bounded_attempts_and_the_rest_go_on() {
     tx.publish(&created(3, 0)).await.unwrap();
     tx.commit().await.unwrap();
 
-    let deadline = Instant::now() + READ_TIMEOUT;
-    let failed = loop {
+    let failed = wait_until("the poison row to fail, the rest sent", async || {
         let failed = outbox.failed().await.unwrap();
-        if !failed.is_empty() && outbox.pending().await.unwrap() == 0 {
-            break failed;
+        let pending = outbox.pending().await.unwrap();
+        if !failed.is_empty() && pending == 0 {
+            Ok(failed)
+        } else {
+            Err(format!("failed: {failed:?}, pending: {pending}"))
         }
-        assert!(Instant::now() < deadline, "poison row never failed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].message_id, poison_id.to_string());
     assert_eq!(failed[0].attempts, 3);
@@ -629,12 +630,15 @@ async fn a_key_in_backoff_holds_back_only_its_own_rows() {
     // Shipment 1 stays held: all its rows wait behind the first. (The
     // relay deletes shipment 2's rows once their acknowledgements are in,
     // which can be after a reader already sees them on the topic.)
-    let deadline = Instant::now() + READ_TIMEOUT;
-    let mut pending = relay.outbox().unwrap().pending().await.unwrap();
-    while pending > 120 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        pending = relay.outbox().unwrap().pending().await.unwrap();
-    }
+    let pending = wait_until("shipment 2's rows to settle", async || {
+        let pending = relay.outbox().unwrap().pending().await.unwrap();
+        if pending <= 120 {
+            Ok(pending)
+        } else {
+            Err(format!("{pending} rows pending"))
+        }
+    })
+    .await;
     assert_eq!(
         pending, 120,
         "shipment 2's rows settled, shipment 1's all held"
