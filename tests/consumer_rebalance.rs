@@ -165,22 +165,9 @@ async fn a_partition_paused_before_it_moved_away_is_consumed_when_it_comes_back(
     // the group (B then got both partitions, and A's lane had no partition
     // left to resume), which is not what this test is about.
     let a_settings = settings(&o.group).consumer(|c| c.revoke_timeout_ms = Some(500));
-    let (a, seen_a, gate) =
-        gated_consumer_with(o.model.clone(), o.broker.clone(), a_settings).await;
+    let (a, seen_a, gate, _first) = a_with_both_partitions_paused(&o, a_settings).await;
     let a_status = || a.registry().services()[0].clone();
     let state = || format!("A: {:?}", a_status());
-    wait_until("A to own both partitions", async || {
-        ready(a_status().assigned_partitions.len() == 2, state)
-    })
-    .await;
-
-    // A's lane fills and pauses both partitions.
-    let first = created_batch(0..60, 20);
-    p.produce_batch(&first).await.unwrap();
-    wait_until("A to pause both partitions", async || {
-        ready(a_status().paused_partitions.len() == 2, state)
-    })
-    .await;
 
     // B joins and takes one partition.
     let seen_b = Seen::default();
@@ -458,20 +445,9 @@ async fn a_member_dropped_while_its_revoke_waits_consumes_again_after_it_rejoins
         c.session_timeout_ms = Some(session);
         c.max_poll_interval_ms = Some(bound);
     });
-    let (a, seen_a, gate) =
-        gated_consumer_with(o.model.clone(), o.broker.clone(), a_settings).await;
+    let (a, seen_a, gate, first) = a_with_both_partitions_paused(&o, a_settings).await;
     let a_status = || a.registry().services()[0].clone();
     let state = || format!("A: {:?}", a_status());
-    wait_until("A to own both partitions", async || {
-        ready(a_status().assigned_partitions.len() == 2, state)
-    })
-    .await;
-    let first = created_batch(0..60, 20);
-    p.produce_batch(&first).await.unwrap();
-    wait_until("A to pause both partitions", async || {
-        ready(a_status().paused_partitions.len() == 2, state)
-    })
-    .await;
 
     // B joins; A's revoke waits on the gated handler past the bound.
     let seen_b = Seen::default();
@@ -546,4 +522,38 @@ async fn a_handles_a_new_batch_on_both_partitions(
         })
         .await;
     assert_eq!(partitions_of_second.len(), 2, "both partitions flow");
+}
+
+/// Member A (its handler held by the returned gate) owns both partitions of
+/// `o`'s topic, and a first batch of 60 records has filled its lane and
+/// paused both.
+async fn a_with_both_partitions_paused(
+    o: &Orders,
+    a_settings: KafkaSettings,
+) -> (
+    Kontext,
+    Seen,
+    std::sync::Arc<tokio::sync::Semaphore>,
+    Vec<OrderCreated>,
+) {
+    let (a, seen_a, gate) =
+        gated_consumer_with(o.model.clone(), o.broker.clone(), a_settings).await;
+    let a_status = || a.registry().services()[0].clone();
+    let state = || format!("A: {:?}", a_status());
+    wait_until("A to own both partitions", async || {
+        ready(a_status().assigned_partitions.len() == 2, state)
+    })
+    .await;
+    let first = created_batch(0..60, 20);
+    o.producer
+        .producer()
+        .unwrap()
+        .produce_batch(&first)
+        .await
+        .unwrap();
+    wait_until("A to pause both partitions", async || {
+        ready(a_status().paused_partitions.len() == 2, state)
+    })
+    .await;
+    (a, seen_a, gate, first)
 }
