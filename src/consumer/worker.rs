@@ -324,10 +324,6 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
 }
 
 impl<T: Message, D: Dispatch<T>> Typed<T, D> {
-    /// Records how long the handler took and, once handled, how old the
-    /// record is.
-    /// One clock read after the handler, the same wall clock as the
-    /// record's timestamp.
     /// Records an attempt's duration and, once handled, the record's age
     /// (`now_ms`: the wall clock when the attempt ended).
     fn measure(
