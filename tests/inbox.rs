@@ -417,6 +417,15 @@ async fn expired_inbox_rows_are_cleaned_up() {
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// Where the swallowing handler runs its failing statement.
+#[derive(Clone, Copy)]
+enum Through {
+    /// The unit of work's own `ConnectionTrait`: kontext sees the failure.
+    UnitOfWork,
+    /// The sea-orm transaction behind it (`&*uow`): kontext does not.
+    RawTransaction,
+}
+
 /// A handler that records its activity row, then, on the attempts
 /// `swallow` selects, inserts a row that exists and ignores the error
 /// ("insert, ignore the duplicate").
@@ -426,7 +435,7 @@ async fn swallowing_consumer(
     db: &DatabaseConnection,
     group: &str,
     calls: Arc<AtomicU32>,
-    swallow: fn(u32) -> bool,
+    (swallow, through): (fn(u32) -> bool, Through),
 ) -> Kontext {
     Kontext::builder(model.clone())
         .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.to_owned())))
@@ -445,9 +454,14 @@ async fn swallowing_consumer(
                         .await?;
                         if swallow(ctx.attempt()) {
                             // Fails with a unique violation; the error is dropped.
-                            let _ = uow
-                                .execute_unprepared("INSERT INTO taken (id) VALUES (1)")
-                                .await;
+                            let taken = "INSERT INTO taken (id) VALUES (1)";
+                            let _ = match through {
+                                Through::UnitOfWork => uow.execute_unprepared(taken).await,
+                                Through::RawTransaction => {
+                                    let raw: &sea_orm::DatabaseTransaction = &uow;
+                                    raw.execute_unprepared(taken).await
+                                }
+                            };
                         }
                         Ok(())
                     }
@@ -489,7 +503,7 @@ struct Swallowing {
 
 /// On PostgreSQL (`None` elsewhere): a swallowing consumer (see
 /// `swallowing_consumer`) and one shipment published to it.
-async fn swallowing(swallow: fn(u32) -> bool) -> Option<Swallowing> {
+async fn swallowing(swallow: fn(u32) -> bool, through: Through) -> Option<Swallowing> {
     init_tracing();
     let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
     if !postgres_with_taken_row(&db).await {
@@ -498,8 +512,15 @@ async fn swallowing(swallow: fn(u32) -> bool) -> Option<Swallowing> {
     let (topic, followups, group) = names();
     let model = model(&topic, &followups, false);
     let calls = Arc::new(AtomicU32::new(0));
-    let kontext =
-        swallowing_consumer(&model, &broker, &db, &group, Arc::clone(&calls), swallow).await;
+    let kontext = swallowing_consumer(
+        &model,
+        &broker,
+        &db,
+        &group,
+        Arc::clone(&calls),
+        (swallow, through),
+    )
+    .await;
     let producer = producer(&model, &broker).await;
     publish_one(&producer, "s-1", 1).await;
     Some(Swallowing {
@@ -513,14 +534,23 @@ async fn swallowing(swallow: fn(u32) -> bool) -> Option<Swallowing> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_that_swallows_a_failed_statement_is_retried_not_acknowledged() {
-    // The first attempt swallows the failure; the second one is clean.
+    swallowed_once_then_clean(Through::UnitOfWork).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_statement_swallowed_on_the_raw_transaction_is_caught_too() {
+    swallowed_once_then_clean(Through::RawTransaction).await;
+}
+
+/// The first attempt swallows the failure; the second one is clean.
+async fn swallowed_once_then_clean(through: Through) {
     let Some(Swallowing {
         broker,
         db,
         topic,
         kontext,
         calls,
-    }) = swallowing(|a| a == 1).await
+    }) = swallowing(|a| a == 1, through).await
     else {
         return;
     };
@@ -559,7 +589,7 @@ async fn a_handler_that_always_swallows_a_failed_statement_is_dead_lettered_nami
         topic,
         kontext,
         calls,
-    }) = swallowing(|_| true).await
+    }) = swallowing(|_| true, Through::UnitOfWork).await
     else {
         return;
     };
