@@ -29,6 +29,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::consumer::buffer::LaneBuffer;
 use crate::consumer::context::{Lender, Record};
+use crate::consumer::stopwatch::Stopwatch;
 use crate::consumer::worker::{ActiveWorker, Attempted, Step, TypeWorker, WorkerEnv, reject};
 use crate::model::consumer::{Distribution, WorkerSpec};
 
@@ -92,6 +93,14 @@ impl Waiting {
         }
     }
 
+    /// Claims `key` for a record that started without waiting here (the
+    /// pool's fast path) and keeps running or waits for a retry.
+    fn claim(&mut self, key: Option<OrderKey>) {
+        if let Some(k) = key {
+            self.claimed.insert(k);
+        }
+    }
+
     /// The next record that may start, with its key and attempt number.
     fn next(&mut self) -> Option<(Option<OrderKey>, Record, u32)> {
         let next = self.ready.pop_front()?;
@@ -102,6 +111,10 @@ impl Waiting {
     /// The record of `key` is done with: the key's next record may start.
     fn release(&mut self, key: Option<OrderKey>) {
         let Some(key) = key else { return };
+        if self.blocked.is_empty() {
+            self.claimed.remove(&key);
+            return;
+        }
         let next = match self.blocked.get_mut(&key) {
             Some(queue) => {
                 let next = queue.pop_front();
@@ -234,6 +247,9 @@ struct State {
     lenders: Vec<Lender>,
     /// A record was not finished (stream gone, cancelled): the pool stops.
     abandoned: bool,
+    /// The pool's reading of the wall clock, which its attempts' watches
+    /// fork from; read again whenever the pool has waited.
+    watch: Stopwatch,
 }
 
 impl State {
@@ -275,6 +291,62 @@ impl State {
     }
 }
 
+/// What a pool starts its attempts with.
+struct Starter<'a> {
+    env: &'a WorkerEnv,
+    buffer: &'a LaneBuffer,
+    types: &'a [Box<dyn TypeWorker>],
+    dead_letter_topic: &'a str,
+}
+
+impl<'a> Starter<'a> {
+    /// Starts an attempt at `record`: its result when it finished on its
+    /// first poll (a handler that does not wait), else the running attempt.
+    /// Taken at once, such an attempt needs no task node in `running` (an
+    /// allocation per record). One that waits is polled again there, with
+    /// the pool's waker, since a pushed future is queued to run.
+    fn start(
+        &self,
+        st: &mut State,
+        record: Record,
+        attempt: u32,
+    ) -> Result<Attempted, BoxFuture<'a, Attempted>> {
+        let Starter {
+            env,
+            buffer,
+            types,
+            dead_letter_topic: dlt,
+        } = *self;
+        let mut future = match (&record.rejection, types.get(record.type_index)) {
+            (None, Some(worker)) => {
+                let lender = st
+                    .lenders
+                    .pop()
+                    .unwrap_or_else(|| Lender::new(env.shared.stopping.clone()));
+                worker.attempt(env, buffer, record, attempt, lender, st.watch.fork())
+            }
+            _ => async move {
+                let done = match &record.rejection {
+                    Some(rejection) => reject(env, (dlt, &buffer.topic), &record, rejection).await,
+                    // The router only sets indexes of this lane's types.
+                    None => true,
+                };
+                Attempted {
+                    record,
+                    attempt,
+                    step: Step::Finished(done),
+                    lender: None,
+                }
+            }
+            .boxed(),
+        };
+        match (&mut future).now_or_never() {
+            Some(done) => Ok(done),
+            None => Err(future),
+        }
+    }
+}
+
 /// Runs one lane with a worker pool until its service drains (nothing
 /// left anywhere) or is cancelled.
 pub(crate) async fn run_pool(
@@ -298,6 +370,13 @@ pub(crate) async fn run_pool(
         finished: Vec::new(),
         lenders: Vec::new(),
         abandoned: false,
+        watch: Stopwatch::start(),
+    };
+    let starter = Starter {
+        env: &env,
+        buffer: &buffer,
+        types: &types,
+        dead_letter_topic: &dead_letter_topic,
     };
     let mut incoming: VecDeque<Record> = VecDeque::new();
     type Running<'a> = Keyed<BoxFuture<'a, Attempted>>;
@@ -334,58 +413,56 @@ pub(crate) async fn run_pool(
         }
 
         let stop_now = env.shared.must_stop_now();
+        let mut progressed = false;
         if !stop_now && st.waiting.len < lookahead {
             buffer.take(&mut incoming, lookahead - st.waiting.len);
             for record in incoming.drain(..) {
                 let key = order_key(size.spec.distribution, &record);
-                st.waiting.add(key, record);
+                // Nothing runs or waits (a pool keeping up with handlers that
+                // do not wait): the record starts without queueing, and claims
+                // its key only if it keeps running or waits for a retry.
+                if !(running.is_empty() && st.waiting.is_empty())
+                    || st.abandoned
+                    || buffer.revocation_pending()
+                {
+                    st.waiting.add(key, record);
+                    continue;
+                }
+                let (seq, partition) = (record.seq, record.partition);
+                match starter.start(&mut st, record, 1) {
+                    Ok(done) => {
+                        let key = match done.step {
+                            Step::RetryAfter(_) => {
+                                st.waiting.claim(key);
+                                key
+                            }
+                            Step::Finished(_) => None,
+                        };
+                        st.complete(&buffer, (key, done));
+                        progressed = true;
+                    }
+                    Err(future) => {
+                        st.waiting.claim(key);
+                        st.running.push((seq, partition));
+                        running.push(Keyed { key, future });
+                    }
+                }
             }
         }
-        let mut progressed = false;
-        while !stop_now && running.len() < size.current {
+        while !stop_now && !st.abandoned && running.len() < size.current {
             let Some((key, record, attempt)) = st.waiting.next() else {
                 break;
             };
-            st.running.push((record.seq, record.partition));
-            let future = match (&record.rejection, types.get(record.type_index)) {
-                (None, Some(worker)) => {
-                    let lender = st
-                        .lenders
-                        .pop()
-                        .unwrap_or_else(|| Lender::new(env.shared.stopping.clone()));
-                    worker.attempt(&env, &buffer, record, attempt, lender)
-                }
-                _ => {
-                    let (env, buffer, dlt) = (&env, &buffer, &dead_letter_topic);
-                    async move {
-                        let done = match &record.rejection {
-                            Some(rejection) => {
-                                reject(env, (dlt, &buffer.topic), &record, rejection).await
-                            }
-                            // The router only sets indexes of this lane's types.
-                            None => true,
-                        };
-                        Attempted {
-                            record,
-                            attempt,
-                            step: Step::Finished(done),
-                            lender: None,
-                        }
-                    }
-                    .boxed()
-                }
-            };
-            let mut future = Keyed { key, future };
-            // A handler that does not wait finishes on its first poll: taken
-            // at once, without a task node in `running` (an allocation per
-            // record). One that waits is polled again there, with the
-            // pool's waker, since a pushed future is queued to run.
-            match (&mut future).now_or_never() {
-                Some(done) => {
-                    st.complete(&buffer, done);
+            let (seq, partition) = (record.seq, record.partition);
+            match starter.start(&mut st, record, attempt) {
+                Ok(done) => {
+                    st.complete(&buffer, (key, done));
                     progressed = true;
                 }
-                None => running.push(future),
+                Err(future) => {
+                    st.running.push((seq, partition));
+                    running.push(Keyed { key, future });
+                }
             }
         }
         buffer.busy.store(running.len(), Ordering::Relaxed);
@@ -413,6 +490,7 @@ pub(crate) async fn run_pool(
             if since_yield >= YIELD_EVERY {
                 since_yield = 0;
                 tokio::task::yield_now().await;
+                st.watch = Stopwatch::start();
                 if env.cancel.is_cancelled() {
                     break;
                 }
@@ -426,6 +504,8 @@ pub(crate) async fn run_pool(
         }
 
         let wake = st.waiting.next_wake();
+        // Re-read after the wait, below: a pool that runs for days follows
+        // the wall clock's adjustments.
         tokio::select! {
             biased;
             () = env.cancel.cancelled() => break,
@@ -446,6 +526,7 @@ pub(crate) async fn run_pool(
                 buffer.workers.store(size.current, Ordering::Relaxed);
             }
         }
+        st.watch = Stopwatch::start();
         if st.abandoned {
             // A stream is gone or the service is cancelled: what is left is
             // not acknowledged and is delivered again.

@@ -33,6 +33,18 @@ impl Stopwatch {
         }
     }
 
+    /// A watch for an attempt that begins now, on this watch's wall-clock
+    /// reading: a worker pool's attempts overlap, so each is timed alone,
+    /// but they share the pool's reading of the wall clock.
+    pub(crate) fn fork(&self) -> Stopwatch {
+        let mark = Instant::now();
+        Stopwatch {
+            anchor_ms: self.anchor_ms,
+            since_anchor: self.since_anchor + mark.saturating_duration_since(self.mark),
+            mark,
+        }
+    }
+
     /// The next attempt begins now: after a wait that was not a handler's
     /// (a retry's pause, a yield, a dead-letter publish).
     pub(crate) fn restart(&mut self) {
@@ -106,5 +118,22 @@ mod tests {
         let (took, wall) = watch.lap();
         assert!(took <= outer.elapsed(), "{took:?}");
         assert!(wall >= before + 40, "{wall} vs {before}");
+    }
+
+    #[test]
+    fn a_forked_watch_times_its_attempt_alone_on_the_pools_wall_clock() {
+        let before = wall_ms();
+        let pool = Stopwatch::start();
+        std::thread::sleep(Duration::from_millis(30));
+        let outer = Instant::now();
+        let mut attempt = pool.fork();
+        std::thread::sleep(Duration::from_millis(20));
+        let (took, wall) = attempt.lap();
+        let around = outer.elapsed();
+        let after = wall_ms();
+        // The attempt's time leaves out what passed before the fork; its
+        // wall clock does not.
+        assert!(took >= Duration::from_millis(20) && took <= around, "{took:?}");
+        assert!(before + 50 <= wall && wall <= after + 1, "{before} {wall} {after}");
     }
 }

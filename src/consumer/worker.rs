@@ -87,7 +87,7 @@ pub(crate) trait TypeWorker: Send + Sync {
     /// pause (the pool parks the record instead, so it holds no worker).
     /// `lender`: the pool's lender for this attempt, handed back in
     /// [`Attempted`] (lenders are reused: each keeps a context cell and a
-    /// clone of the stop token).
+    /// clone of the stop token). `watch`: started for this attempt.
     fn attempt<'a>(
         &'a self,
         env: &'a WorkerEnv,
@@ -95,6 +95,7 @@ pub(crate) trait TypeWorker: Send + Sync {
         record: Record,
         attempt: u32,
         lender: Lender,
+        watch: Stopwatch,
     ) -> BoxFuture<'a, Attempted>;
 }
 
@@ -254,6 +255,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
         mut record: Record,
         attempt: u32,
         mut lender: Lender,
+        mut watch: Stopwatch,
     ) -> BoxFuture<'a, Attempted> {
         Box::pin(async move {
             let result = match self
@@ -278,11 +280,11 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                             future: self.dispatch.dispatch(message, ctx),
                         },
                     );
-                    // Attempts of a pool overlap: each is timed alone.
-                    let mut watch = Stopwatch::start();
                     let outcome = match self.handler_timeout {
                         None => Some(guarded.await),
-                        Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
+                        // Boxed, as in `handle_run`: the future is boxed
+                        // per attempt, so its size costs every record.
+                        Some(limit) => Box::pin(tokio::time::timeout(limit, guarded)).await.ok(),
                     };
                     self.measure(&record, watch.lap(), &outcome);
                     lender.take_back(lent, &mut record);
@@ -299,15 +301,16 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                     match plan_failure(&self.stats, self.retry, &lane.topic, &record, failure) {
                         Plan::Finished(finished) => Step::Finished(finished),
                         Plan::Pause(pause) => Step::RetryAfter(pause),
+                        // Rare and large (a produce): boxed.
                         Plan::DeadLetter(failure, ours) => Step::Finished(
-                            dead_letter(
+                            Box::pin(dead_letter(
                                 env,
                                 &self.stats,
                                 (&self.dead_letter_topic, &lane.topic),
                                 &record,
                                 failure,
                                 ours,
-                            )
+                            ))
                             .await,
                         ),
                     }
