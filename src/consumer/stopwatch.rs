@@ -133,7 +133,13 @@ mod tests {
         let after = wall_ms();
         // The attempt's time leaves out what passed before the fork; its
         // wall clock does not.
-        assert!(took >= Duration::from_millis(20) && took <= around, "{took:?}");
-        assert!(before + 50 <= wall && wall <= after + 1, "{before} {wall} {after}");
+        assert!(
+            took >= Duration::from_millis(20) && took <= around,
+            "{took:?}"
+        );
+        assert!(
+            before + 50 <= wall && wall <= after + 1,
+            "{before} {wall} {after}"
+        );
     }
 }
