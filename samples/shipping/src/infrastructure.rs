@@ -34,6 +34,9 @@ pub fn model() -> kontext::Result<Model> {
                     // A shipment announced twice (a retried publish gets a
                     // new message id) takes effect once.
                     .inbox(|i| i.key_by(|e: &ShipmentCreatedEvent| e.shipment_id.clone()))
+                    // Each unit of work waits on the database: up to 8 at
+                    // once, a shipment's events in order (by key).
+                    .workers(8)
             })
     });
     m.topic::<UserActivityRecorded>(|t| {
