@@ -613,6 +613,103 @@ async fn a_handler_that_always_swallows_a_failed_statement_is_dead_lettered_nami
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// The database ends every session of the consumer's pool three times
+/// while eight units of work run at once (a server restart, a failover, a
+/// proxy dropping connections): the attempts that lose their connection
+/// fail and are retried, and every message still has its effect once,
+/// none dead-lettered, none lost. PostgreSQL only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_of_work_outlive_the_database_ending_their_sessions() {
+    init_tracing();
+    let url = kontext::testing::fresh_database_url().await.unwrap();
+    if !url.starts_with("postgres") {
+        eprintln!("skipped: needs PostgreSQL (DATABASE_URL)");
+        return;
+    }
+    let (broker, db) = (broker(), kontext::db::connect(&url).await.unwrap());
+    let (topic, followups, group) = names();
+    let model = Model::builder()
+        .topic::<ShipmentCreated>(|t| {
+            t.name(&topic)
+                .partitions(4)
+                .key(|e| e.shipment_id.clone())
+                .consumer(|c| c.workers(8).inbox(|i| i))
+        })
+        .topic::<UserActivityRecorded>(|t| t.name(&followups).key(|e| e.user))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    activity_table(&db).await;
+    let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
+    let producer = producer(&model, &broker).await;
+    let n = 4_000u32;
+    let batch: Vec<ShipmentCreated> = (0..n)
+        .map(|i| ShipmentCreated {
+            shipment_id: format!("s-{i}"),
+            user: i % 100,
+        })
+        .collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&batch)
+        .await
+        .unwrap();
+    let status = || kontext.registry().type_status::<ShipmentCreated>().unwrap();
+    let mut ended = 0;
+    for quarter in 1..=3u64 {
+        wait_for(&format!("{} handled", quarter * 1_000), async || {
+            status().handled >= quarter * 1_000
+        })
+        .await;
+        ended += end_sessions(&url).await;
+    }
+    wait_handled(&kontext, u64::from(n)).await;
+    let st = status();
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+    eprintln!(
+        "{ended} sessions ended; {} attempts failed and were retried; handler called {} times for {n} messages",
+        st.retried,
+        calls.load(Ordering::SeqCst)
+    );
+    assert!(ended >= 3, "each round ended at least one session");
+    assert_eq!((st.handled, st.dead_lettered), (u64::from(n), 0));
+    let distinct = db
+        .query_one(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT COUNT(*) AS n, COUNT(DISTINCT shipment_id) AS d FROM user_activity",
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    let (rows, ids): (i64, i64) = (
+        distinct.try_get("", "n").unwrap(),
+        distinct.try_get("", "d").unwrap(),
+    );
+    assert_eq!(
+        (rows, ids),
+        (i64::from(n), i64::from(n)),
+        "each effect once"
+    );
+}
+
+/// Ends every session on `url`'s database but the caller's own, as a
+/// server restart would; how many it ended.
+async fn end_sessions(url: &str) -> u32 {
+    let admin = kontext::db::connect(url).await.unwrap();
+    let ended = admin
+        .query_all(Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_terminate_backend(pid) AS ended FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        ))
+        .await
+        .unwrap()
+        .len();
+    admin.close().await.unwrap();
+    u32::try_from(ended).unwrap()
+}
+
 /// Sixteen units of work at once (a worker pool): every message has its
 /// effect once, and redelivered copies have none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
