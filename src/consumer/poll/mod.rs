@@ -118,6 +118,9 @@ struct LoopState {
     routes: HashMap<String, usize>,
     tracker: OffsetTracker,
     assignment: Vec<(Arc<str>, i32)>,
+    /// Partitions of an assignment in progress that librdkafka did not
+    /// know yet when their pause state was set before it (`rebalance.rs`).
+    unreached: Vec<(String, i32)>,
 }
 
 impl LoopState {
@@ -253,6 +256,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         routes,
         tracker: OffsetTracker::default(),
         assignment: Vec::new(),
+        unreached: Vec::new(),
     }));
     let context = PollContext {
         tracing: TracingContext::new("consumer"),

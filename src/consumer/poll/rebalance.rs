@@ -61,6 +61,17 @@ impl ClientContext for PollContext {
 
 impl ConsumerContext for PollContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Before the assignment starts, not after: librdkafka discards
+            // a pause or resume whose op it queues while the assignment's
+            // fetch start is being queued, or the fetch start itself, as
+            // outdated (librdkafka issue #5591). A lost resume left a
+            // partition that was paused when it moved away paused for good
+            // (`partitions_paused_when_they_moved_away_all_flow_when_they_come_back`).
+            // Nothing else happens to these partitions yet.
+            let mut state = lock(&self.state);
+            state.unreached = state.take_lane_pause_state(consumer, tpl, &self.shared);
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             if consumer.assignment_lost() {
                 // Not a handover: the group went on without this member, so
@@ -92,35 +103,15 @@ impl ConsumerContext for PollContext {
                         state.assignment.push((topic, e.partition()));
                     }
                 }
-                // librdkafka keeps a partition's pause flag across unassign
-                // and assign; only a resume clears it. So each newly
-                // assigned partition takes its lane's state now: paused if
-                // the lane is, resumed otherwise (a partition paused before
-                // it moved away would never be fetched again).
-                let mut pause = TopicPartitionList::new();
-                let mut resume = TopicPartitionList::new();
-                for e in tpl.elements() {
-                    if let Some(&lane) = state.routes.get(e.topic()) {
-                        let to = if state.lane_state[lane].paused {
-                            &mut pause
-                        } else {
-                            &mut resume
-                        };
-                        to.add_partition(e.topic(), e.partition());
+                // Partitions librdkafka did not know before the assignment
+                // (it had no metadata of them yet) take their state now.
+                let unreached = std::mem::take(&mut state.unreached);
+                if !unreached.is_empty() {
+                    let mut late = TopicPartitionList::new();
+                    for (topic, partition) in &unreached {
+                        late.add_partition(topic, *partition);
                     }
-                }
-                for (tpl, pausing) in [(pause, true), (resume, false)] {
-                    if tpl.count() == 0 {
-                        continue;
-                    }
-                    let result = if pausing {
-                        consumer.pause(&tpl)
-                    } else {
-                        consumer.resume(&tpl)
-                    };
-                    if let Err(e) = result {
-                        tracing::warn!(service = %self.shared.name, error = %e, pausing, "could not set the pause state of new partitions");
-                    }
+                    let _ = state.take_lane_pause_state(consumer, &late, &self.shared);
                 }
                 state.publish_paused(&self.shared);
                 tracing::info!(service = %self.shared.name, assigned = tpl.count(), "partitions assigned");
@@ -134,6 +125,53 @@ impl ConsumerContext for PollContext {
 }
 
 impl LoopState {
+    /// Newly assigned partitions take their lane's pause state: paused if
+    /// the lane is, resumed otherwise. librdkafka keeps a partition's pause
+    /// flag across unassign and assign, and only a resume clears it, so a
+    /// partition paused when it moved away would never be fetched again.
+    /// Returns the partitions librdkafka does not know yet (no metadata):
+    /// their state could not be set.
+    fn take_lane_pause_state(
+        &self,
+        consumer: &BaseConsumer<PollContext>,
+        tpl: &TopicPartitionList,
+        shared: &ServiceShared,
+    ) -> Vec<(String, i32)> {
+        let mut unreached = Vec::new();
+        let mut pause = TopicPartitionList::new();
+        let mut resume = TopicPartitionList::new();
+        for e in tpl.elements() {
+            if let Some(&lane) = self.routes.get(e.topic()) {
+                let to = if self.lane_state[lane].paused {
+                    &mut pause
+                } else {
+                    &mut resume
+                };
+                to.add_partition(e.topic(), e.partition());
+            }
+        }
+        for (tpl, pausing) in [(pause, true), (resume, false)] {
+            if tpl.count() == 0 {
+                continue;
+            }
+            let result = if pausing {
+                consumer.pause(&tpl)
+            } else {
+                consumer.resume(&tpl)
+            };
+            if let Err(e) = result {
+                tracing::warn!(service = %shared.name, error = %e, pausing, "could not set the pause state of new partitions");
+            }
+            // librdkafka reports an unknown partition on the list's element.
+            for e in tpl.elements() {
+                if e.error().is_err() {
+                    unreached.push((e.topic().to_owned(), e.partition()));
+                }
+            }
+        }
+        unreached
+    }
+
     /// Hands partitions over to their next owner: no record of them is
     /// started here any more, the one a worker is handling may finish
     /// (waiting up to `timeout`), and everything finished is committed
