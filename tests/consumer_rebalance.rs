@@ -498,30 +498,41 @@ async fn a_handles_a_new_batch_on_both_partitions(
     seen_a: &Seen,
     state: impl Fn() -> String,
 ) {
-    let second = created_batch(1_000..1_200, 20);
+    a_handles_a_new_batch(p, seen_a, created_batch(1_000..1_200, 20), 2, state).await;
+}
+
+/// Produces `second` (ids from 1,000) and waits for A to handle all of it,
+/// from `partitions` partitions.
+async fn a_handles_a_new_batch(
+    p: &kontext::producer::Producer,
+    seen_a: &Seen,
+    second: Vec<OrderCreated>,
+    partitions: usize,
+    state: impl Fn() -> String,
+) {
     p.produce_batch(&second).await.unwrap();
-    let partitions_of_second: BTreeSet<i32> =
-        wait_until("A to handle the new records", async || {
-            let new: Vec<(u32, i32)> = seen_a
-                .all()
-                .iter()
-                .filter(|e| e.2 >= 1_000)
-                .map(|e| (e.2, e.3))
-                .collect();
-            let handled: BTreeSet<u32> = new.iter().map(|e| e.0).collect();
-            if handled.len() == second.len() {
-                Ok(new.iter().map(|e| e.1).collect())
-            } else {
-                Err(format!(
-                    "{} of {} new records handled; {}",
-                    handled.len(),
-                    second.len(),
-                    state()
-                ))
-            }
-        })
-        .await;
-    assert_eq!(partitions_of_second.len(), 2, "both partitions flow");
+    let flowing: BTreeSet<i32> = wait_until("A to handle the new records", async || {
+        let new: Vec<(u32, i32)> = seen_a
+            .all()
+            .iter()
+            .filter(|e| e.2 >= 1_000)
+            .map(|e| (e.2, e.3))
+            .collect();
+        let handled: BTreeSet<u32> = new.iter().map(|e| e.0).collect();
+        if handled.len() == second.len() {
+            Ok(new.iter().map(|e| e.1).collect())
+        } else {
+            let from: BTreeSet<i32> = new.iter().map(|e| e.1).collect();
+            Err(format!(
+                "{} of {} new records handled, from partitions {from:?}; {}",
+                handled.len(),
+                second.len(),
+                state()
+            ))
+        }
+    })
+    .await;
+    assert_eq!(flowing.len(), partitions, "every partition flows");
 }
 
 /// Member A (its handler held by the returned gate) owns both partitions of
@@ -612,28 +623,6 @@ async fn partitions_paused_when_they_moved_away_all_flow_when_they_come_back() {
 
     // A new batch on every partition: all of it reaches A.
     let second = created_batch(1_000..1_640, 160);
-    p.produce_batch(&second).await.unwrap();
-    let flowing: BTreeSet<i32> = wait_until("A to handle the new records", async || {
-        let new: Vec<(u32, i32)> = seen_a
-            .all()
-            .iter()
-            .filter(|e| e.2 >= 1_000)
-            .map(|e| (e.2, e.3))
-            .collect();
-        let handled: BTreeSet<u32> = new.iter().map(|e| e.0).collect();
-        if handled.len() == second.len() {
-            Ok(new.iter().map(|e| e.1).collect())
-        } else {
-            let partitions: BTreeSet<i32> = new.iter().map(|e| e.1).collect();
-            Err(format!(
-                "{} of {} new records handled, from partitions {partitions:?}; {}",
-                handled.len(),
-                second.len(),
-                state()
-            ))
-        }
-    })
-    .await;
-    assert_eq!(flowing.len(), PARTITIONS, "every partition flows");
+    a_handles_a_new_batch(p, &seen_a, second, PARTITIONS, state).await;
     a.shutdown(Duration::from_secs(10)).await.unwrap();
 }

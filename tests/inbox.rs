@@ -613,6 +613,59 @@ async fn a_handler_that_always_swallows_a_failed_statement_is_dead_lettered_nami
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// A consumer of shipments running `workers` units of work at once, with
+/// the inbox, and `n` shipments published to it.
+struct PoolOfUnitsOfWork {
+    kontext: Kontext,
+    calls: Arc<AtomicU32>,
+    topic: String,
+    followups: String,
+    /// The publishing side, kept for as long as the test runs.
+    _producer: Kontext,
+}
+
+async fn pool_of_units_of_work(
+    broker: &Broker,
+    db: &DatabaseConnection,
+    workers: usize,
+    n: u32,
+) -> PoolOfUnitsOfWork {
+    let (topic, followups, group) = names();
+    let model = Model::builder()
+        .topic::<ShipmentCreated>(|t| {
+            t.name(&topic)
+                .partitions(4)
+                .key(|e| e.shipment_id.clone())
+                .consumer(|c| c.workers(workers).inbox(|i| i))
+        })
+        .topic::<UserActivityRecorded>(|t| t.name(&followups).key(|e| e.user))
+        .build()
+        .unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    activity_table(db).await;
+    let kontext = consumer(&model, broker, db, &group, Arc::clone(&calls), 0).await;
+    let batch: Vec<ShipmentCreated> = (0..n)
+        .map(|i| ShipmentCreated {
+            shipment_id: format!("s-{i}"),
+            user: i % 100,
+        })
+        .collect();
+    let producer = producer(&model, broker).await;
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&batch)
+        .await
+        .unwrap();
+    PoolOfUnitsOfWork {
+        kontext,
+        calls,
+        topic,
+        followups,
+        _producer: producer,
+    }
+}
+
 /// The database ends every session of the consumer's pool three times
 /// while eight units of work run at once (a server restart, a failover, a
 /// proxy dropping connections): the attempts that lose their connection
@@ -627,34 +680,13 @@ async fn units_of_work_outlive_the_database_ending_their_sessions() {
         return;
     }
     let (broker, db) = (broker(), kontext::db::connect(&url).await.unwrap());
-    let (topic, followups, group) = names();
-    let model = Model::builder()
-        .topic::<ShipmentCreated>(|t| {
-            t.name(&topic)
-                .partitions(4)
-                .key(|e| e.shipment_id.clone())
-                .consumer(|c| c.workers(8).inbox(|i| i))
-        })
-        .topic::<UserActivityRecorded>(|t| t.name(&followups).key(|e| e.user))
-        .build()
-        .unwrap();
-    let calls = Arc::new(AtomicU32::new(0));
-    activity_table(&db).await;
-    let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
-    let producer = producer(&model, &broker).await;
     let n = 4_000u32;
-    let batch: Vec<ShipmentCreated> = (0..n)
-        .map(|i| ShipmentCreated {
-            shipment_id: format!("s-{i}"),
-            user: i % 100,
-        })
-        .collect();
-    producer
-        .producer()
-        .unwrap()
-        .produce_batch(&batch)
-        .await
-        .unwrap();
+    let PoolOfUnitsOfWork {
+        kontext,
+        calls,
+        _producer,
+        ..
+    } = pool_of_units_of_work(&broker, &db, 8, n).await;
     let status = || kontext.registry().type_status::<ShipmentCreated>().unwrap();
     let mut ended = 0;
     for quarter in 1..=3u64 {
@@ -716,34 +748,14 @@ async fn end_sessions(url: &str) -> u32 {
 async fn a_worker_pool_of_units_of_work_has_each_effect_once() {
     init_tracing();
     let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
-    let (topic, followups, group) = names();
-    let model = Model::builder()
-        .topic::<ShipmentCreated>(|t| {
-            t.name(&topic)
-                .partitions(4)
-                .key(|e| e.shipment_id.clone())
-                .consumer(|c| c.workers(16).inbox(|i| i))
-        })
-        .topic::<UserActivityRecorded>(|t| t.name(&followups).key(|e| e.user))
-        .build()
-        .unwrap();
-    let calls = Arc::new(AtomicU32::new(0));
-    activity_table(&db).await;
-    let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
-    let producer = producer(&model, &broker).await;
     let n = 1_000u32;
-    let batch: Vec<ShipmentCreated> = (0..n)
-        .map(|i| ShipmentCreated {
-            shipment_id: format!("s-{i}"),
-            user: i % 100,
-        })
-        .collect();
-    producer
-        .producer()
-        .unwrap()
-        .produce_batch(&batch)
-        .await
-        .unwrap();
+    let PoolOfUnitsOfWork {
+        kontext,
+        calls,
+        topic,
+        followups,
+        _producer,
+    } = pool_of_units_of_work(&broker, &db, 16, n).await;
     wait_handled(&kontext, u64::from(n)).await;
     assert_eq!(activity_rows(&db).await, i64::from(n));
 
