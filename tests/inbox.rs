@@ -706,6 +706,14 @@ async fn units_of_work_outlive_the_database_ending_their_sessions() {
     );
     assert!(ended >= 3, "each round ended at least one session");
     assert_eq!((st.handled, st.dead_lettered), (u64::from(n), 0));
+    // The handler ran again only for attempts that failed: the bound on
+    // repeated handling (each repeat rolled back, see the rows below).
+    let extra = u64::from(calls.load(Ordering::SeqCst)) - u64::from(n);
+    assert!(
+        extra <= st.retried,
+        "{extra} repeated calls for {} failed attempts",
+        st.retried
+    );
     let distinct = db
         .query_one(Statement::from_string(
             sea_orm::DbBackend::Postgres,
