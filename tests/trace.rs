@@ -104,6 +104,12 @@ async fn a_handler_in_a_worker_pool_carries_the_trace_on() {
     handler_carries_the_trace_on(4, false).await;
 }
 
+/// A one-worker pool runs its records one after another in one future.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_in_a_one_worker_pool_carries_the_trace_on() {
+    handler_carries_the_trace_on(1, false).await;
+}
+
 async fn handler_carries_the_trace_on(workers: usize, batch: bool) {
     init_tracing();
     let broker = broker();

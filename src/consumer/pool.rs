@@ -30,8 +30,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::consumer::buffer::LaneBuffer;
 use crate::consumer::context::{Lender, Record};
 use crate::consumer::stopwatch::Stopwatch;
-use crate::consumer::worker::{ActiveWorker, Attempted, Step, TypeWorker, WorkerEnv, reject};
+use crate::consumer::worker::{
+    ActiveWorker, Attempted, LaneKit, Retries, RunEnd, Step, TypeWorker, WorkerEnv, reject,
+};
 use crate::model::consumer::{Distribution, WorkerSpec};
+use crate::telemetry::trace;
 
 /// How often a lag-scaled pool looks at its lag.
 pub(crate) const LAG_INTERVAL: Duration = Duration::from_secs(1);
@@ -385,6 +388,8 @@ pub(crate) async fn run_pool(
     let mut tick = tokio::time::interval(LAG_INTERVAL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let scaled = size.spec.lag_threshold.is_some();
+    let single = size.spec.max == 1;
+    let mut kit = LaneKit::new(&env);
     let mut since_yield = 0u32;
 
     loop {
@@ -416,6 +421,43 @@ pub(crate) async fn run_pool(
         let mut progressed = false;
         if !stop_now && st.waiting.len < lookahead {
             buffer.take(&mut incoming, lookahead - st.waiting.len);
+            // One worker and nothing waiting to be retried: records run one
+            // after another in one future per run of a type, as in a lane
+            // without a pool; a record to be retried comes back to be parked,
+            // so that other keys flow meanwhile.
+            while single
+                && running.is_empty()
+                && st.waiting.is_empty()
+                && !st.abandoned
+                && !buffer.revocation_pending()
+                && !env.cancel.is_cancelled()
+            {
+                let Some(front) = incoming.front() else { break };
+                let (None, Some(worker)) = (&front.rejection, types.get(front.type_index)) else {
+                    break;
+                };
+                let index = front.type_index;
+                let n = incoming
+                    .iter()
+                    .take_while(|r| r.rejection.is_none() && r.type_index == index)
+                    .count();
+                kit.watch = st.watch.fork();
+                buffer.busy.store(1, Ordering::Relaxed);
+                let scope = kit.handling();
+                let run =
+                    worker.handle_run(&env, &buffer, &mut incoming, n, &mut kit, Retries::HandBack);
+                let end = trace::lane(scope, run).await;
+                progressed = true;
+                match end {
+                    RunEnd::Finished => {}
+                    RunEnd::Unfinished => st.abandoned = true,
+                    RunEnd::Retry(a) => {
+                        let key = order_key(size.spec.distribution, &a.record);
+                        st.waiting.claim(key);
+                        st.complete(&buffer, (key, a));
+                    }
+                }
+            }
             for record in incoming.drain(..) {
                 let key = order_key(size.spec.distribution, &record);
                 // Nothing runs or waits (a pool keeping up with handlers that

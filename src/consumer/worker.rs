@@ -71,9 +71,10 @@ pub(crate) struct WorkerEnv {
 /// One consumed type of a lane: decodes, dispatches, retries, dead-letters.
 pub(crate) trait TypeWorker: Send + Sync {
     /// Handles the first `n` records of `batch` (all of this type) in order,
-    /// reporting each finished one to the lane; `false` if one was not
-    /// finished (cancelled, or its stream is gone): it and the rest are not
-    /// acknowledged. One boxed future per run of records, not per record.
+    /// reporting each finished one to the lane. One boxed future per run of
+    /// records, not per record. It stops early, leaving the rest in
+    /// `batch`, when a revocation is pending or (`Retries::HandBack`) a
+    /// record is to be retried.
     fn handle_run<'a>(
         &'a self,
         env: &'a WorkerEnv,
@@ -81,7 +82,8 @@ pub(crate) trait TypeWorker: Send + Sync {
         batch: &'a mut VecDeque<Record>,
         n: usize,
         kit: &'a mut LaneKit,
-    ) -> BoxFuture<'a, bool>;
+        retries: Retries,
+    ) -> BoxFuture<'a, RunEnd>;
 
     /// One attempt at `record` for a worker pool: never waits out a retry
     /// pause (the pool parks the record instead, so it holds no worker).
@@ -106,6 +108,30 @@ pub(crate) struct Attempted {
     pub(crate) step: Step,
     /// The lender, for the next attempt.
     pub(crate) lender: Option<Lender>,
+}
+
+/// What a run of records does with a record whose attempt is to be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retries {
+    /// Waits out the pause and retries it in place: a lane without a pool,
+    /// where later records wait behind it anyway.
+    Wait,
+    /// Ends the run with it: a one-worker pool parks it, so that records of
+    /// other keys flow meanwhile.
+    HandBack,
+}
+
+/// How a run of records ended.
+pub(crate) enum RunEnd {
+    /// Every record was finished, or a revocation is pending (the rest are
+    /// still in the batch).
+    Finished,
+    /// A record was not finished (cancelled, or its stream is gone): it and
+    /// the rest are not acknowledged.
+    Unfinished,
+    /// `Retries::HandBack`: this record is to be retried after its pause
+    /// (`Step::RetryAfter`); the rest are still in the batch.
+    Retry(Attempted),
 }
 
 /// What a worker pool does with a record after an attempt.
@@ -135,16 +161,17 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
         batch: &'a mut VecDeque<Record>,
         n: usize,
         kit: &'a mut LaneKit,
-    ) -> BoxFuture<'a, bool> {
+        retries: Retries,
+    ) -> BoxFuture<'a, RunEnd> {
         Box::pin(async move {
             for _ in 0..n {
                 if env.shared.must_stop_now() {
-                    return false;
+                    return RunEnd::Unfinished;
                 }
                 // The lane drops the records of revoked partitions before
                 // this worker starts another one.
                 if lane.revocation_pending() {
-                    return true;
+                    return RunEnd::Finished;
                 }
                 let Some(mut record) = batch.pop_front() else {
                     break;
@@ -211,12 +238,21 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         (&self.dead_letter_topic, &lane.topic),
                         &record,
                         failure,
+                        retries,
                     ))
                     .await;
                     kit.watch.restart();
                     match next {
                         Next::Retry => attempt += 1,
                         Next::Finished(finished) => break finished,
+                        Next::HandBack(pause) => {
+                            return RunEnd::Retry(Attempted {
+                                record,
+                                attempt,
+                                step: Step::RetryAfter(pause),
+                                lender: None,
+                            });
+                        }
                     }
                     if lane.revocation_pending() {
                         // Its partition went while it waited to retry: its
@@ -225,13 +261,13 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                             lane.discard_revoked();
                             drop(record);
                             lane.apply_revocations(batch);
-                            return true;
+                            return RunEnd::Finished;
                         }
                         lane.apply_revocations(batch);
                     }
                 };
                 if !finished {
-                    return false;
+                    return RunEnd::Unfinished;
                 }
                 let seq = record.seq;
                 lane.give_back(record);
@@ -244,7 +280,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                     kit.watch.restart();
                 }
             }
-            true
+            RunEnd::Finished
         })
     }
 
@@ -297,24 +333,24 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
             };
             let step = match result {
                 Ok(finished) => Step::Finished(finished),
-                Err(failure) => {
-                    match plan_failure(&self.stats, self.retry, &lane.topic, &record, failure) {
-                        Plan::Finished(finished) => Step::Finished(finished),
-                        Plan::Pause(pause) => Step::RetryAfter(pause),
-                        // Rare and large (a produce): boxed.
-                        Plan::DeadLetter(failure, ours) => Step::Finished(
-                            Box::pin(dead_letter(
-                                env,
-                                &self.stats,
-                                (&self.dead_letter_topic, &lane.topic),
-                                &record,
-                                failure,
-                                ours,
-                            ))
-                            .await,
-                        ),
-                    }
-                }
+                // Rare and large (a produce): boxed.
+                Err(failure) => match Box::pin(after_failure(
+                    env,
+                    lane,
+                    &self.stats,
+                    self.retry,
+                    (&self.dead_letter_topic, &lane.topic),
+                    &record,
+                    failure,
+                    Retries::HandBack,
+                ))
+                .await
+                {
+                    Next::Finished(finished) => Step::Finished(finished),
+                    Next::HandBack(pause) => Step::RetryAfter(pause),
+                    // `HandBack` never waits to retry in place.
+                    Next::Retry => Step::RetryAfter(Duration::ZERO),
+                },
             };
             Attempted {
                 record,
@@ -463,9 +499,26 @@ impl<F: Future> Future for Guarded<F> {
 /// What a lane worker keeps from one attempt to the next.
 pub(crate) struct LaneKit {
     lender: Lender,
-    watch: Stopwatch,
+    /// Times the next attempt.
+    pub(crate) watch: Stopwatch,
     /// Which message its handler handles, for the trace context.
     handling: Arc<trace::Handling>,
+}
+
+impl LaneKit {
+    pub(crate) fn new(env: &WorkerEnv) -> LaneKit {
+        LaneKit {
+            lender: Lender::new(env.shared.stopping.clone()),
+            watch: Stopwatch::start(),
+            handling: Arc::new(trace::Handling::default()),
+        }
+    }
+
+    /// Where its handlers' messages are noted for the trace context: a run
+    /// of records (`TypeWorker::handle_run`) runs in `trace::lane` with it.
+    pub(crate) fn handling(&self) -> Arc<trace::Handling> {
+        Arc::clone(&self.handling)
+    }
 }
 
 /// A busy lane yields to the runtime after this many records.
@@ -487,12 +540,8 @@ pub(crate) async fn run_lane(
     let _active = active;
     let _running = buffer.worker_running();
     let mut batch: VecDeque<Record> = VecDeque::with_capacity(TAKE);
-    let handling = Arc::new(trace::Handling::default());
-    let mut kit = LaneKit {
-        lender: Lender::new(env.shared.stopping.clone()),
-        watch: Stopwatch::start(),
-        handling: Arc::clone(&handling),
-    };
+    let mut kit = LaneKit::new(&env);
+    let handling = Arc::clone(&kit.handling);
     trace::lane(handling, async move {
         loop {
             if buffer.revocation_pending() {
@@ -523,9 +572,13 @@ pub(crate) async fn run_lane(
                         .iter()
                         .take_while(|r| r.rejection.is_none() && r.type_index == index)
                         .count();
-                    worker
-                        .handle_run(&env, &buffer, &mut batch, run, &mut kit)
-                        .await
+                    // `Wait` never hands a record back.
+                    matches!(
+                        worker
+                            .handle_run(&env, &buffer, &mut batch, run, &mut kit, Retries::Wait)
+                            .await,
+                        RunEnd::Finished
+                    )
                 }
                 _ => match batch.pop_front() {
                     Some(record) => {
@@ -602,8 +655,11 @@ struct Failed {
 
 /// What to do after a failed attempt.
 enum Next {
+    /// Its pause is over: attempt again.
     Retry,
     Finished(bool),
+    /// `Retries::HandBack`: attempt again after this pause, elsewhere.
+    HandBack(Duration),
 }
 
 /// What comes after a failed attempt, before any waiting or sending.
@@ -711,9 +767,11 @@ async fn dead_letter(
     sent != Sent::Cancelled
 }
 
-/// Counts a failure and then retries after the policy's pause, skips, or
-/// dead-letters, as the handler asked and the retry budget allows.
-/// `topics`: the dead-letter topic and the record's own.
+/// Counts a failure and then retries after the policy's pause (waited out
+/// here or handed back, as `retries` says), skips, or dead-letters, as the
+/// handler asked and the retry budget allows. `topics`: the dead-letter
+/// topic and the record's own.
+#[allow(clippy::too_many_arguments)]
 async fn after_failure(
     env: &WorkerEnv,
     lane: &LaneBuffer,
@@ -722,9 +780,11 @@ async fn after_failure(
     topics: (&str, &str),
     record: &Record,
     failure: Failed,
+    retries: Retries,
 ) -> Next {
     match plan_failure(stats, retry, topics.1, record, failure) {
         Plan::Finished(finished) => Next::Finished(finished),
+        Plan::Pause(pause) if retries == Retries::HandBack => Next::HandBack(pause),
         Plan::Pause(pause) => {
             let until = tokio::time::Instant::now() + pause;
             loop {
