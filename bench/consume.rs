@@ -416,3 +416,114 @@ pub(crate) async fn scenario_workers_inbox(b: &Bench, n: u64) -> Result<(), BoxE
     }
     Ok(())
 }
+
+/// A message of a topic nobody produces to: its lane sits idle beside the
+/// busy one on the same shared poll service.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Quiet {
+    pub(crate) n: u64,
+}
+
+/// The handlers' work in the backpressure scenario: 20 µs of CPU.
+fn busy_work() {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_micros(20) {
+        std::hint::spin_loop();
+    }
+}
+
+/// A handler of 20 µs of CPU, slower than fetching, so the lane fills and
+/// its partitions pause and resume (a buffer of 1,000): kontext's shared
+/// poll service with a second, idle topic, against a raw loop doing the
+/// same work. The idle lane keeps the poll thread polling rather than
+/// waiting for room, so the paused lane resumes only when the poll thread
+/// looks again.
+pub(crate) async fn scenario_backpressure(
+    b: &Bench,
+    n: u64,
+    rounds: usize,
+) -> Result<(), BoxError> {
+    let topic = unique_name("bench-backpressure");
+    let quiet = unique_name("bench-quiet");
+    b.create_topic(&topic, 6).await?;
+    b.create_topic(&quiet, 1).await?;
+    let producer: FutureProducer = b
+        .settings
+        .clone()
+        .producer(|p| p.compression = kontext::config::Compression::Lz4)
+        .producer_config(b.broker.bootstrap_servers())
+        .create()?;
+    raw_produce(&producer, &topic, &events(n), order_key).await?;
+    drop(producer);
+
+    let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+            if side == 0 && wanted("raw") {
+                let config = b.raw_consumer_config(&unique_name("bench-g"));
+                let t = topic.clone();
+                let s =
+                    tokio::task::spawn_blocking(move || raw_consume_with(config, &t, n, busy_work))
+                        .await??;
+                raw.push(s);
+            } else if side == 1 && wanted("shared") {
+                ours.push(kontext_backpressured(b, &topic, &quiet, n).await?);
+            }
+        }
+    }
+    report(
+        &format!("consume {n}, 20 µs handler, buffer 1000, beside an idle topic"),
+        &raw,
+        &ours,
+    );
+    Ok(())
+}
+
+async fn kontext_backpressured(
+    b: &Bench,
+    topic: &str,
+    quiet: &str,
+    n: u64,
+) -> Result<Sample, BoxError> {
+    let group = unique_name("bench-g");
+    let (t, q) = (topic.to_owned(), quiet.to_owned());
+    let model = Model::builder()
+        .topic::<OrderPlaced>(move |m| {
+            m.name(&t)
+                .partitions(6)
+                .key_ref(|e| &e.order_id)
+                .consumer(|c| c.max_buffered(1_000))
+        })
+        .topic::<Quiet>(move |m| m.name(&q).partitions(1).key(|e| e.n))
+        .build()?;
+    let window = Arc::new(Window::default());
+    let w = Arc::clone(&window);
+    let kontext = Kontext::builder(model)
+        .settings(
+            b.settings
+                .clone()
+                .provision_topics(false)
+                .consumer(|s| s.group_id = Some(group.clone())),
+        )
+        .broker(b.broker.clone())
+        .consumers(move |cs| {
+            cs.handler(move |e: OrderPlaced, _ctx: MessageContext| {
+                let w = Arc::clone(&w);
+                async move {
+                    std::hint::black_box(&e);
+                    busy_work();
+                    w.handled(n);
+                    Ok(())
+                }
+            });
+            cs.handler(|e: Quiet, _ctx: MessageContext| async move {
+                std::hint::black_box(&e);
+                Ok(())
+            });
+        })
+        .start()
+        .await?;
+    let _ = tokio::time::timeout(Duration::from_secs(300), window.done.notified()).await;
+    kontext.shutdown(Duration::from_secs(10)).await?;
+    window.sample()
+}

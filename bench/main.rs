@@ -20,7 +20,7 @@ mod produce;
 
 use kontext::prelude::*;
 
-use consume::{scenario_consume, scenario_workers, scenario_workers_inbox};
+use consume::{scenario_backpressure, scenario_consume, scenario_workers, scenario_workers_inbox};
 use harness::*;
 use isolation::scenario_isolation;
 use memory::scenario_memory;
@@ -103,6 +103,9 @@ async fn main() -> Result<(), BoxError> {
     if run("consume") {
         // Consume swings most from run to run (see BENCHMARKS.md): more rounds.
         scenario_consume(&b, n, rounds + 2).await?;
+    }
+    if run("backpressure") {
+        scenario_backpressure(&b, n / 2, rounds).await?;
     }
     println!();
     println!("| scenario | result | |");

@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-use super::{LoopState, PollContext, ServiceShared};
+use super::{DRAIN_POLL_TIMEOUT, LoopState, POLL_TIMEOUT, PollContext, ServiceShared};
 use crate::consumer::Backpressure;
 use crate::consumer::context::Record;
 
@@ -69,6 +70,27 @@ impl LoopState {
             .buffer
             .paused
             .store(true, Ordering::Release);
+    }
+
+    /// How long the next poll may wait for a record: short while a paused
+    /// lane (or a held-back partition of a pool) is draining, so that it
+    /// resumes near its low mark rather than after the lane ran dry; the
+    /// usual wait when nothing paused makes progress (a stalled handler
+    /// does not make the poll thread spin).
+    pub(super) fn poll_timeout(&mut self) -> Duration {
+        let mut draining = false;
+        for (lane, state) in self.lanes.iter().zip(&mut self.lane_state) {
+            if state.paused || !state.held_back.is_empty() {
+                let finished = lane.buffer.finished_count();
+                draining |= finished != state.drain_seen;
+                state.drain_seen = finished;
+            }
+        }
+        if draining {
+            DRAIN_POLL_TIMEOUT
+        } else {
+            POLL_TIMEOUT
+        }
     }
 
     /// Records discarded by a drop mode: counted, and their offsets finished.

@@ -97,6 +97,9 @@ struct LaneState {
     /// Partitions paused because too many of their records are finished
     /// but not committable behind an unfinished one (worker pools).
     held_back: Vec<i32>,
+    /// Records the worker had given back when the poll thread last chose
+    /// its poll timeout (`LoopState::poll_timeout`).
+    drain_seen: u64,
 }
 
 /// Where the router sends a record.
@@ -184,6 +187,12 @@ pub(crate) fn run(plan: PollPlan) {
 }
 
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// How long a poll waits for a record while a paused lane drains: its
+/// worker may reach the low mark meanwhile, and nothing can cut the wait
+/// short (rdkafka's poll waits again after librdkafka's queue yield), so a
+/// lane with fast handlers would otherwise run dry for most of
+/// `POLL_TIMEOUT`.
+const DRAIN_POLL_TIMEOUT: Duration = Duration::from_millis(1);
 /// Longest a poll thread waits, its lanes all full, before it polls again
 /// (then a record for a full lane pauses its partitions).
 const FULL_WAIT: Duration = Duration::from_secs(1);
@@ -326,7 +335,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
 
         // One round: wait for the first record, then take whatever else is
         // ready without waiting, and hand each lane its share at once.
-        let mut timeout = POLL_TIMEOUT;
+        let mut timeout = lock(&state).poll_timeout();
         for _ in 0..MAX_ROUND {
             let Some(polled) = consumer.poll(timeout) else {
                 break;
