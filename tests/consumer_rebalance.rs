@@ -501,8 +501,8 @@ async fn a_handles_a_new_batch_on_both_partitions(
     a_handles_a_new_batch(p, seen_a, created_batch(1_000..1_200, 20), 2, state).await;
 }
 
-/// Produces `second` (ids from 1,000) and waits for A to handle all of it,
-/// from `partitions` partitions.
+/// Produces `second` (ids above any produced before) and waits for A to
+/// handle all of it, from `partitions` partitions.
 async fn a_handles_a_new_batch(
     p: &kontext::producer::Producer,
     seen_a: &Seen,
@@ -511,11 +511,12 @@ async fn a_handles_a_new_batch(
     state: impl Fn() -> String,
 ) {
     p.produce_batch(&second).await.unwrap();
+    let from = second.iter().map(|e| e.seq).min().unwrap_or(0);
     let flowing: BTreeSet<i32> = wait_until("A to handle the new records", async || {
         let new: Vec<(u32, i32)> = seen_a
             .all()
             .iter()
-            .filter(|e| e.2 >= 1_000)
+            .filter(|e| e.2 >= from)
             .map(|e| (e.2, e.3))
             .collect();
         let handled: BTreeSet<u32> = new.iter().map(|e| e.0).collect();
@@ -624,5 +625,74 @@ async fn partitions_paused_when_they_moved_away_all_flow_when_they_come_back() {
     // A new batch on every partition: all of it reaches A.
     let second = created_batch(1_000..1_640, 160);
     a_handles_a_new_batch(p, &seen_a, second, PARTITIONS, state).await;
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// librdkafka #5591 outside assignments: when a cooperative rebalance
+/// starts, librdkafka pauses every assigned partition from its own thread
+/// (and resumes them once the new assignment is in), taking new op
+/// versions; a pause or resume kontext issues for backpressure at that
+/// moment could be discarded as outdated. Member A's lane pauses and
+/// resumes all the time (a buffer of 2, a handler of 1 ms, a backlog) while
+/// B joins and leaves again and again: every partition A keeps or gets back
+/// must flow afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_through_many_rebalances_leaves_no_partition_paused() {
+    const PARTITIONS: usize = 16;
+    const ROUNDS: u32 = 4;
+    let o = orders(PARTITIONS as i32, |c| c.max_buffered(2)).await;
+    let p = o.producer.producer().unwrap();
+    let seen_a = Seen::default();
+    let s = seen_a.clone();
+    // An idle lane (alerts) beside the busy one: the poll thread keeps
+    // polling, so the busy lane pauses whenever it is full, instead of the
+    // thread waiting for room.
+    let a = Kontext::builder(o.model.clone())
+        .settings(settings(&o.group).set("debug", "topic"))
+        .broker(o.broker.clone())
+        .consumers(move |c| {
+            c.handler(s.handler::<OrderCreated>("created", |e| (e.order, e.seq), None));
+            c.handler(|_: Alert, _: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap();
+    let a_status = || a.registry().services()[0].clone();
+    // A's partitions of the orders topic (it owns the alerts' too).
+    let a_owns = || {
+        a_status()
+            .assigned_partitions
+            .iter()
+            .filter(|(t, _)| *t == o.topic)
+            .count()
+    };
+    let state = || format!("A: {:?}", a_status());
+    wait_until("A to own every partition", async || {
+        ready(a_owns() == PARTITIONS, state)
+    })
+    .await;
+    let seen_b = Seen::default();
+    for round in 0..ROUNDS {
+        // A backlog on every partition, so A's lane keeps pausing and
+        // resuming through both rebalances of the round.
+        let base = round * 10_000;
+        p.produce_batch(&created_batch(base..base + 2_000, 160))
+            .await
+            .unwrap();
+        let b = recording_consumer(&o.model, &o.broker, &o.group, &seen_b, Duration::ZERO).await;
+        wait_until("B to take its share", async || {
+            let b_owns = b.registry().services()[0].assigned_partitions.len();
+            ready(b_owns > 0 && a_owns() + b_owns == PARTITIONS, state)
+        })
+        .await;
+        b.shutdown(Duration::from_secs(10)).await.unwrap();
+        wait_until("A to own every partition again", async || {
+            ready(a_owns() == PARTITIONS, state)
+        })
+        .await;
+    }
+    // A new batch on every partition: all of it reaches A.
+    let last = created_batch(1_000_000..1_000_640, 160);
+    a_handles_a_new_batch(p, &seen_a, last, PARTITIONS, state).await;
     a.shutdown(Duration::from_secs(10)).await.unwrap();
 }
