@@ -129,12 +129,7 @@ pub(crate) async fn kontext_consume(
     let w = Arc::clone(&window);
     let begun = Instant::now();
     let kontext = Kontext::builder(model)
-        .settings(
-            b.settings
-                .clone()
-                .provision_topics(false)
-                .consumer(|s| s.group_id = Some(group.clone())),
-        )
+        .settings(b.consumer_settings(&group))
         .broker(b.broker.clone())
         .consumers(move |cs| {
             cs.handler(move |e: OrderPlaced, _ctx: MessageContext| {
@@ -161,12 +156,7 @@ pub(crate) async fn scenario_consume(b: &Bench, n: u64, rounds: usize) -> Result
     // 5 MiB each; every run reads it with its own group.
     let topic = unique_name("bench-consume");
     b.create_topic(&topic, 6).await?;
-    let producer: FutureProducer = b
-        .settings
-        .clone()
-        .producer(|p| p.compression = kontext::config::Compression::Lz4)
-        .producer_config(b.broker.bootstrap_servers())
-        .create()?;
+    let producer: FutureProducer = b.lz4_producer()?;
     raw_produce(&producer, &topic, &events(n), order_key).await?;
     drop(producer);
 
@@ -232,12 +222,7 @@ pub(crate) async fn scenario_workers(b: &Bench, quick: bool) -> Result<(), BoxEr
     let most = (per_worker * 64).min(120_000);
     let topic = unique_name("bench-workers");
     b.create_topic(&topic, 6).await?;
-    let producer: FutureProducer = b
-        .settings
-        .clone()
-        .producer(|p| p.compression = kontext::config::Compression::Lz4)
-        .producer_config(b.broker.bootstrap_servers())
-        .create()?;
+    let producer: FutureProducer = b.lz4_producer()?;
     let mut backlog = events(most);
     for e in &mut backlog {
         e.order_id = format!("ord-{:04}", e.id % 1_000);
@@ -272,12 +257,7 @@ pub(crate) async fn scenario_workers(b: &Bench, quick: bool) -> Result<(), BoxEr
         let busy_ns = Arc::new(AtomicU64::new(0));
         let (w, busy) = (Arc::clone(&window), Arc::clone(&busy_ns));
         let kontext = Kontext::builder(model)
-            .settings(
-                b.settings
-                    .clone()
-                    .provision_topics(false)
-                    .consumer(|s| s.group_id = Some(group.clone())),
-            )
+            .settings(b.consumer_settings(&group))
             .broker(b.broker.clone())
             .consumers(move |cs| {
                 cs.handler(move |e: OrderPlaced, _ctx: MessageContext| {
@@ -358,12 +338,7 @@ pub(crate) async fn scenario_workers_inbox(b: &Bench, n: u64) -> Result<(), BoxE
         let window = Arc::new(Window::default());
         let w = Arc::clone(&window);
         let kontext = Kontext::builder(model)
-            .settings(
-                b.settings
-                    .clone()
-                    .provision_topics(false)
-                    .consumer(|s| s.group_id = Some(group.clone())),
-            )
+            .settings(b.consumer_settings(&group))
             .broker(b.broker.clone())
             .database(db.clone())
             .consumers(move |cs| {
@@ -447,12 +422,7 @@ pub(crate) async fn scenario_backpressure(
     let quiet = unique_name("bench-quiet");
     b.create_topic(&topic, 6).await?;
     b.create_topic(&quiet, 1).await?;
-    let producer: FutureProducer = b
-        .settings
-        .clone()
-        .producer(|p| p.compression = kontext::config::Compression::Lz4)
-        .producer_config(b.broker.bootstrap_servers())
-        .create()?;
+    let producer: FutureProducer = b.lz4_producer()?;
     raw_produce(&producer, &topic, &events(n), order_key).await?;
     drop(producer);
 
@@ -499,12 +469,7 @@ async fn kontext_backpressured(
     let window = Arc::new(Window::default());
     let w = Arc::clone(&window);
     let kontext = Kontext::builder(model)
-        .settings(
-            b.settings
-                .clone()
-                .provision_topics(false)
-                .consumer(|s| s.group_id = Some(group.clone())),
-        )
+        .settings(b.consumer_settings(&group))
         .broker(b.broker.clone())
         .consumers(move |cs| {
             cs.handler(move |e: OrderPlaced, _ctx: MessageContext| {

@@ -222,6 +222,26 @@ impl Bench {
     }
 
     /// The model, its consumer with a worker pool of `workers` if given.
+    /// The settings of a kontext consumer in `group` (the bench creates
+    /// the topics itself).
+    pub(crate) fn consumer_settings(&self, group: &str) -> KafkaSettings {
+        self.settings
+            .clone()
+            .provision_topics(false)
+            .consumer(|s| s.group_id = Some(group.to_owned()))
+    }
+
+    /// A raw producer that compresses with lz4, for backlogs: the mock
+    /// keeps 5 MiB a partition.
+    pub(crate) fn lz4_producer(&self) -> Result<rdkafka::producer::FutureProducer, BoxError> {
+        Ok(self
+            .settings
+            .clone()
+            .producer(|p| p.compression = kontext::config::Compression::Lz4)
+            .producer_config(self.broker.bootstrap_servers())
+            .create()?)
+    }
+
     pub(crate) fn model_with(
         &self,
         topic: &str,

@@ -28,12 +28,7 @@ pub(crate) async fn scenario_memory(b: &Bench, n: u64) -> Result<(), BoxError> {
         })
         .build()?;
     b.provision(&model).await?;
-    let producer: FutureProducer = b
-        .settings
-        .clone()
-        .producer(|p| p.compression = kontext::config::Compression::Lz4)
-        .producer_config(b.broker.bootstrap_servers())
-        .create()?;
+    let producer: FutureProducer = b.lz4_producer()?;
     let ticks: Vec<Tick> = (0..n).map(|n| Tick { n }).collect();
     // In chunks, so the pending deliveries stay small.
     for chunk in ticks.chunks(100_000) {
@@ -48,12 +43,7 @@ pub(crate) async fn scenario_memory(b: &Bench, n: u64) -> Result<(), BoxError> {
     let handled = Arc::new(AtomicU64::new(0));
     let h = Arc::clone(&handled);
     let kontext = Kontext::builder(model)
-        .settings(
-            b.settings
-                .clone()
-                .provision_topics(false)
-                .consumer(|c| c.group_id = Some(unique_name("bench-mem"))),
-        )
+        .settings(b.consumer_settings(&unique_name("bench-mem")))
         .broker(b.broker.clone())
         .consumers(move |c| {
             c.handler(move |_: Tick, _: MessageContext| {

@@ -228,19 +228,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         Ok(finished) => break finished,
                         Err(failure) => failure,
                     };
-                    // Rare and large (a timer, a produce): boxed, so the
-                    // per-record future stays small.
-                    let next = Box::pin(after_failure(
-                        env,
-                        lane,
-                        &self.stats,
-                        self.retry,
-                        (&self.dead_letter_topic, &lane.topic),
-                        &record,
-                        failure,
-                        retries,
-                    ))
-                    .await;
+                    let next = self.recover(env, lane, &record, failure, retries).await;
                     kit.watch.restart();
                     match next {
                         Next::Retry => attempt += 1,
@@ -333,18 +321,9 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
             };
             let step = match result {
                 Ok(finished) => Step::Finished(finished),
-                // Rare and large (a produce): boxed.
-                Err(failure) => match Box::pin(after_failure(
-                    env,
-                    lane,
-                    &self.stats,
-                    self.retry,
-                    (&self.dead_letter_topic, &lane.topic),
-                    &record,
-                    failure,
-                    Retries::HandBack,
-                ))
-                .await
+                Err(failure) => match self
+                    .recover(env, lane, &record, failure, Retries::HandBack)
+                    .await
                 {
                     Next::Finished(finished) => Step::Finished(finished),
                     Next::HandBack(pause) => Step::RetryAfter(pause),
@@ -383,6 +362,27 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
         {
             self.timings.end_to_end.record(Duration::from_millis(age));
         }
+    }
+
+    /// [`after_failure`] for this type. Boxed: rare and large (a timer, a
+    /// produce), so the per-record future stays small.
+    fn recover<'a>(
+        &'a self,
+        env: &'a WorkerEnv,
+        lane: &'a LaneBuffer,
+        record: &'a Record,
+        failure: Failed,
+        retries: Retries,
+    ) -> BoxFuture<'a, Next> {
+        Box::pin(after_failure(
+            env,
+            lane,
+            (&self.stats, self.retry),
+            (&self.dead_letter_topic, &lane.topic),
+            record,
+            failure,
+            retries,
+        ))
     }
 
     /// An attempt cancelled at the handler time limit.
@@ -771,12 +771,10 @@ async fn dead_letter(
 /// here or handed back, as `retries` says), skips, or dead-letters, as the
 /// handler asked and the retry budget allows. `topics`: the dead-letter
 /// topic and the record's own.
-#[allow(clippy::too_many_arguments)]
 async fn after_failure(
     env: &WorkerEnv,
     lane: &LaneBuffer,
-    stats: &TypeStats,
-    retry: RetryPolicy,
+    (stats, retry): (&TypeStats, RetryPolicy),
     topics: (&str, &str),
     record: &Record,
     failure: Failed,
