@@ -11,6 +11,9 @@
 //!
 //! The attempts run concurrently on the lane's one task, which owns them:
 //! nothing is spawned per record, and aborting the task drops them all.
+//! A pool of one worker has nothing to overlap: while nothing waits to be
+//! retried, it runs records one after another in one future per run of a
+//! type, the lane worker's own loop, which hands back a record to retry.
 
 use std::collections::VecDeque;
 use std::future::Future;
