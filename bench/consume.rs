@@ -125,21 +125,37 @@ pub(crate) async fn kontext_consume(
 ) -> Result<Sample, BoxError> {
     let group = unique_name("bench-g");
     let model = b.model_with(topic, 6, dedicated.then_some(group.as_str()), workers)?;
+    consume_window(b, model, &group, n, || {}, |_| {}).await
+}
+
+/// Runs a kontext consumer of `model` in `group` whose `OrderPlaced`
+/// handler does `work`, with whatever else `also` registers, until `n`
+/// records are handled; the measured window.
+async fn consume_window(
+    b: &Bench,
+    model: Model,
+    group: &str,
+    n: u64,
+    work: impl Fn() + Copy + Send + Sync + 'static,
+    also: impl FnOnce(&mut kontext::consumer::Consumers),
+) -> Result<Sample, BoxError> {
     let window = Arc::new(Window::default());
     let w = Arc::clone(&window);
     let begun = Instant::now();
     let kontext = Kontext::builder(model)
-        .settings(b.consumer_settings(&group))
+        .settings(b.consumer_settings(group))
         .broker(b.broker.clone())
         .consumers(move |cs| {
             cs.handler(move |e: OrderPlaced, _ctx: MessageContext| {
                 let w = Arc::clone(&w);
                 async move {
                     std::hint::black_box(&e);
+                    work();
                     w.handled(n);
                     Ok(())
                 }
             });
+            also(cs);
         })
         .start()
         .await?;
@@ -466,29 +482,11 @@ async fn kontext_backpressured(
         })
         .topic::<Quiet>(move |m| m.name(&q).partitions(1).key(|e| e.n))
         .build()?;
-    let window = Arc::new(Window::default());
-    let w = Arc::clone(&window);
-    let kontext = Kontext::builder(model)
-        .settings(b.consumer_settings(&group))
-        .broker(b.broker.clone())
-        .consumers(move |cs| {
-            cs.handler(move |e: OrderPlaced, _ctx: MessageContext| {
-                let w = Arc::clone(&w);
-                async move {
-                    std::hint::black_box(&e);
-                    busy_work();
-                    w.handled(n);
-                    Ok(())
-                }
-            });
-            cs.handler(|e: Quiet, _ctx: MessageContext| async move {
-                std::hint::black_box(&e);
-                Ok(())
-            });
-        })
-        .start()
-        .await?;
-    let _ = tokio::time::timeout(Duration::from_secs(300), window.done.notified()).await;
-    kontext.shutdown(Duration::from_secs(10)).await?;
-    window.sample()
+    consume_window(b, model, &group, n, busy_work, |cs| {
+        cs.handler(|e: Quiet, _ctx: MessageContext| async move {
+            std::hint::black_box(&e);
+            Ok(())
+        });
+    })
+    .await
 }

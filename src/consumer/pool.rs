@@ -34,7 +34,8 @@ use crate::consumer::buffer::LaneBuffer;
 use crate::consumer::context::{Lender, Record};
 use crate::consumer::stopwatch::Stopwatch;
 use crate::consumer::worker::{
-    ActiveWorker, Attempted, LaneKit, Retries, RunEnd, Step, TypeWorker, WorkerEnv, reject,
+    ActiveWorker, Attempted, LaneKit, Retries, RunEnd, Step, TypeWorker, WorkerEnv, front_run,
+    reject,
 };
 use crate::model::consumer::{Distribution, WorkerSpec};
 use crate::telemetry::trace;
@@ -435,15 +436,9 @@ pub(crate) async fn run_pool(
                 && !buffer.revocation_pending()
                 && !env.cancel.is_cancelled()
             {
-                let Some(front) = incoming.front() else { break };
-                let (None, Some(worker)) = (&front.rejection, types.get(front.type_index)) else {
+                let Some((worker, n)) = front_run(&incoming, &types) else {
                     break;
                 };
-                let index = front.type_index;
-                let n = incoming
-                    .iter()
-                    .take_while(|r| r.rejection.is_none() && r.type_index == index)
-                    .count();
                 kit.watch = st.watch.fork();
                 buffer.busy.store(1, Ordering::Relaxed);
                 let scope = kit.handling();

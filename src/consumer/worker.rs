@@ -551,7 +551,7 @@ pub(crate) async fn run_lane(
                 buffer.take(&mut batch, TAKE);
                 kit.watch = Stopwatch::start();
             }
-            let Some(front) = batch.front() else {
+            if batch.is_empty() {
                 // Draining ends when the poll thread holds nothing more for
                 // this lane (records it kept back while the lane was full).
                 if env.shared.must_stop_now() || (env.shared.is_stopping() && buffer.is_sealed()) {
@@ -561,17 +561,12 @@ pub(crate) async fn run_lane(
                     () = buffer.wait() => continue,
                     () = env.cancel.cancelled() => break,
                 }
-            };
+            }
             if env.cancel.is_cancelled() {
                 break;
             }
-            let finished = match (front.rejection.is_some(), types.get(front.type_index)) {
-                (false, Some(worker)) => {
-                    let index = front.type_index;
-                    let run = batch
-                        .iter()
-                        .take_while(|r| r.rejection.is_none() && r.type_index == index)
-                        .count();
+            let finished = match front_run(&batch, &types) {
+                Some((worker, run)) => {
                     // `Wait` never hands a record back.
                     matches!(
                         worker
@@ -580,7 +575,7 @@ pub(crate) async fn run_lane(
                         RunEnd::Finished
                     )
                 }
-                _ => match batch.pop_front() {
+                None => match batch.pop_front() {
                     Some(record) => {
                         let finished = match &record.rejection {
                             Some(rejection) => {
@@ -610,6 +605,26 @@ pub(crate) async fn run_lane(
         }
     })
     .await;
+}
+
+/// The run of records at the front of `batch` that one type handles in
+/// one future (`TypeWorker::handle_run`): its worker and length. `None`
+/// when the batch is empty or its front record was rejected by the router.
+pub(crate) fn front_run<'t>(
+    batch: &VecDeque<Record>,
+    types: &'t [Box<dyn TypeWorker>],
+) -> Option<(&'t dyn TypeWorker, usize)> {
+    let front = batch.front()?;
+    if front.rejection.is_some() {
+        return None;
+    }
+    let worker = types.get(front.type_index)?;
+    let index = front.type_index;
+    let run = batch
+        .iter()
+        .take_while(|r| r.rejection.is_none() && r.type_index == index)
+        .count();
+    Some((worker.as_ref(), run))
 }
 
 /// Dead-letters a record the router could not give to a type.
