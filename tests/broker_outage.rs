@@ -1,0 +1,395 @@
+//! Consumers across a broker that goes away and comes back. On the embedded
+//! broker the outage is its broker set down in-process. With
+//! `KONTEXT_TEST_BOOTSTRAP` set (CI's Apache Kafka phase, so the jars are at
+//! hand) each test starts an Apache Kafka node of its own through
+//! `scripts/kafka`, SIGKILLs it by PID and starts it again on its data: the
+//! shared test broker is never taken down under the other tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use kontext::Broker;
+use kontext::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Shipment {
+    key: u32,
+    seq: u32,
+}
+
+const PARTITIONS: i32 = 4;
+
+/// One handling of a record, in handling order.
+#[derive(Debug, Clone, Copy)]
+struct Handled {
+    seq: u32,
+    partition: i32,
+    offset: i64,
+}
+
+type Log = Arc<Mutex<Vec<Handled>>>;
+
+/// An Apache Kafka node of this test's own, in its own state directory and
+/// on free ports; purged (stopped, data deleted) when dropped.
+struct OwnNode {
+    state: PathBuf,
+    port_base: u16,
+}
+
+impl OwnNode {
+    async fn start() -> (OwnNode, String) {
+        let node = OwnNode {
+            state: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("target/kafka")
+                .join(unique_name("outage")),
+            port_base: free_port_pair(),
+        };
+        let servers = node.script(&["start", "--nodes", "1"]).await;
+        (node, servers)
+    }
+
+    /// SIGKILL by the PID the script recorded when it started the node.
+    async fn kill(&self) {
+        self.script(&["kill-node", "--nodes", "1", "1"]).await;
+    }
+
+    /// Starts it again on its data; returns once it answers.
+    async fn restart(&self) {
+        self.script(&["start-node", "--nodes", "1", "1"]).await;
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka"));
+        c.args(args)
+            .env("KONTEXT_KAFKA_STATE", &self.state)
+            .env("KONTEXT_KAFKA_PORT_BASE", self.port_base.to_string())
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit());
+        c
+    }
+
+    async fn script(&self, args: &[&str]) -> String {
+        let mut command = self.command(args);
+        let what = format!("scripts/kafka {}", args.join(" "));
+        tokio::task::spawn_blocking(move || {
+            let out = command.output().expect("scripts/kafka runs");
+            assert!(out.status.success(), "{what} failed: {:?}", out.status);
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for OwnNode {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&["purge", "--nodes", "1"])
+            .stdout(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir(&self.state);
+    }
+}
+
+/// A port whose successor is free too (a node listens on both).
+fn free_port_pair() -> u16 {
+    loop {
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = first.local_addr().unwrap().port();
+        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// The broker a test takes down and brings back.
+enum Outage {
+    Embedded(Broker),
+    Kafka(OwnNode, Broker),
+}
+
+impl Outage {
+    async fn new() -> Outage {
+        if external() {
+            let (node, servers) = OwnNode::start().await;
+            Outage::Kafka(node, Broker::external(servers))
+        } else {
+            Outage::Embedded(Broker::embedded().unwrap())
+        }
+    }
+
+    fn broker(&self) -> &Broker {
+        match self {
+            Outage::Embedded(b) | Outage::Kafka(_, b) => b,
+        }
+    }
+
+    async fn down(&self) {
+        match self {
+            Outage::Embedded(b) => b.as_embedded().unwrap().set_broker_up(1, false).unwrap(),
+            Outage::Kafka(node, _) => node.kill().await,
+        }
+    }
+
+    async fn up(&self) {
+        match self {
+            Outage::Embedded(b) => b.as_embedded().unwrap().set_broker_up(1, true).unwrap(),
+            Outage::Kafka(node, _) => node.restart().await,
+        }
+    }
+}
+
+fn model(topic: &str) -> Model {
+    Model::builder()
+        .topic::<Shipment>(|t| {
+            t.name(topic)
+                .partitions(PARTITIONS)
+                .key(|e| e.key)
+                .consumer(|c| c.max_buffered(100))
+        })
+        .build()
+        .unwrap()
+}
+
+/// `session_ms`: how long the group keeps a member it does not hear from,
+/// and how long librdkafka holds a commit while no coordinator answers.
+fn settings(group: &str, session_ms: u64) -> KafkaSettings {
+    KafkaSettings::new().consumer(|c| {
+        c.group_id = Some(group.to_owned());
+        c.session_timeout_ms = Some(session_ms);
+        c.heartbeat_interval_ms = Some(1_000);
+    })
+}
+
+async fn producer(broker: &Broker, topic: &str) -> Kontext {
+    Kontext::builder(model(topic))
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn produce(producer: &Kontext, seqs: std::ops::Range<u32>) {
+    let batch: Vec<Shipment> = seqs.map(|seq| Shipment { key: seq % 50, seq }).collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&batch)
+        .await
+        .unwrap();
+}
+
+/// A member that logs every record it handles, `delay` per record so that
+/// an outage arrives mid-stream.
+async fn member(broker: &Broker, topic: &str, settings: KafkaSettings, log: &Log) -> Kontext {
+    let log = log.clone();
+    Kontext::builder(model(topic))
+        .settings(settings)
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: Shipment, ctx: MessageContext| {
+                let log = log.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    log.lock().unwrap().push(Handled {
+                        seq: e.seq,
+                        partition: ctx.partition(),
+                        offset: ctx.offset(),
+                    });
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+async fn until_handled(log: &Log, n: usize) {
+    wait_until(&format!("{n} handlings"), async || {
+        let have = log.lock().unwrap().len();
+        ready(have >= n, || format!("{have} handled"))
+    })
+    .await;
+}
+
+async fn until_all(log: &Log, records: u32) {
+    wait_until(&format!("all {records} records"), async || {
+        let seen: BTreeSet<u32> = log.lock().unwrap().iter().map(|h| h.seq).collect();
+        ready(seen.len() == records as usize, || {
+            format!("{} of {records} handled", seen.len())
+        })
+    })
+    .await;
+}
+
+async fn until_health(
+    kontext: &Kontext,
+    what: &str,
+    cond: impl Fn(&kontext::registry::Health) -> bool,
+) {
+    wait_until(what, async || {
+        let h = kontext.health();
+        ready(cond(&h), || format!("{h:?}"))
+    })
+    .await;
+}
+
+/// What the handlings say, checked against the offsets committed before
+/// the outage: every record handled, each partition's records first
+/// handled in offset order, and a record handled again only if its offset
+/// was not committed before the outage. Returns how many were handled
+/// again.
+fn check(handled: &[Handled], records: u32, committed_before: &BTreeMap<i32, i64>) -> usize {
+    let seqs: BTreeSet<u32> = handled.iter().map(|h| h.seq).collect();
+    assert_eq!(seqs.len(), records as usize, "records lost");
+    let mut first_seen: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut seen: BTreeSet<(i32, i64)> = BTreeSet::new();
+    let mut again = 0;
+    for h in handled {
+        if !seen.insert((h.partition, h.offset)) {
+            again += 1;
+            let committed = committed_before.get(&h.partition).copied().unwrap_or(0);
+            assert!(
+                h.offset >= committed,
+                "partition {} offset {} handled again, though offsets below {committed} were committed before the outage",
+                h.partition,
+                h.offset
+            );
+            continue;
+        }
+        let last = first_seen.insert(h.partition, h.offset);
+        assert!(
+            last.is_none_or(|l| l < h.offset),
+            "partition {}: offset {} first handled after offset {last:?}",
+            h.partition,
+            h.offset
+        );
+    }
+    again
+}
+
+/// Per partition, the offset after the last record handled.
+fn ends(handled: &[Handled]) -> BTreeMap<i32, i64> {
+    let mut out = BTreeMap::new();
+    for h in handled {
+        let end = out.entry(h.partition).or_insert(0);
+        *end = (*end).max(h.offset + 1);
+    }
+    out
+}
+
+/// The broker dies mid-stream and stays away past the group session; the
+/// member notices (not ready), goes on once the broker is back, and handles
+/// what was produced before and after. Nothing lost, per-partition order
+/// kept, nothing committed before the outage handled again, and at the end
+/// every offset committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_rides_out_a_broker_restart_losing_nothing() {
+    init_tracing();
+    let outage = Outage::new().await;
+    let broker = outage.broker().clone();
+    let (topic, group) = (unique_name("outage"), unique_name("g"));
+    let producer = producer(&broker, &topic).await;
+    produce(&producer, 0..2_000).await;
+
+    let log: Log = Arc::default();
+    let consumer = member(&broker, &topic, settings(&group, 6_000), &log).await;
+    until_handled(&log, 400).await;
+    let committed_before = committed_offsets(&broker, &group, &topic).await;
+
+    outage.down().await;
+    let handled_at_down = log.lock().unwrap().len();
+    until_health(&consumer, "the member to see no broker", |h| {
+        h.live && !h.ready && h.reasons.iter().any(|r| r.contains("no broker reachable"))
+    })
+    .await;
+    outage.up().await;
+    produce(&producer, 2_000..3_000).await;
+    until_all(&log, 3_000).await;
+    until_health(&consumer, "the member to be healthy again", |h| {
+        h.is_healthy()
+    })
+    .await;
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let handled = log.lock().unwrap().clone();
+    let again = check(&handled, 3_000, &committed_before);
+    eprintln!(
+        "{} handlings of 3000 records; {handled_at_down} before the outage; {again} handled again",
+        handled.len()
+    );
+    assert_eq!(
+        committed_offsets(&broker, &group, &topic).await,
+        ends(&handled),
+        "committed offsets at the end"
+    );
+}
+
+/// A member shut down while the broker is away: its final commit cannot
+/// reach a coordinator, yet the shutdown returns within its bound (the
+/// default 45 s session would hold a blocking commit that long). The next
+/// member, once the broker is back, handles what was not committed:
+/// nothing lost, nothing committed before the outage handled again.
+///
+/// Only on Apache Kafka: the embedded broker kept a member that could not
+/// leave during the outage in its group for more than a minute (the next
+/// member's join waited that long), where Kafka drops it at its session
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_during_a_broker_outage_returns_in_time_and_loses_nothing() {
+    if !external() {
+        return;
+    }
+    init_tracing();
+    let outage = Outage::new().await;
+    let broker = outage.broker().clone();
+    let (topic, group) = (unique_name("outage"), unique_name("g"));
+    let producer = producer(&broker, &topic).await;
+    produce(&producer, 0..2_000).await;
+
+    let log: Log = Arc::default();
+    let first = member(&broker, &topic, settings(&group, 45_000), &log).await;
+    until_handled(&log, 400).await;
+    let committed_before = committed_offsets(&broker, &group, &topic).await;
+
+    outage.down().await;
+    let timeout = Duration::from_secs(3);
+    let started = Instant::now();
+    first.shutdown(timeout).await.unwrap();
+    let took = started.elapsed();
+    // `shutdown` promises `timeout` plus a 2 s grace; the rest is slack for
+    // a loaded machine, far below the 45 s a blocked commit would take.
+    assert!(
+        took < timeout + Duration::from_secs(10),
+        "shutdown took {took:?} with the broker away"
+    );
+    let handled_by_first = log.lock().unwrap().len();
+
+    outage.up().await;
+    let second = member(&broker, &topic, settings(&group, 6_000), &log).await;
+    until_all(&log, 2_000).await;
+    second.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let handled = log.lock().unwrap().clone();
+    let again = check(&handled, 2_000, &committed_before);
+    eprintln!(
+        "shutdown took {took:?}; the first member handled {handled_by_first}, {again} handled again"
+    );
+    assert_eq!(
+        committed_offsets(&broker, &group, &topic).await,
+        ends(&handled),
+        "committed offsets at the end"
+    );
+}
