@@ -27,6 +27,10 @@ pub(crate) enum Action {
     DeadLetter,
     /// Acknowledge and move on: the message is deliberately ignored.
     Skip,
+    /// A retry whose error says the database could not be reached (see
+    /// `db::is_unreachable`): retried until it can be, without spending
+    /// the message's attempts.
+    Unreachable,
 }
 
 impl HandlerError {

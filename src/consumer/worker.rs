@@ -104,6 +104,7 @@ pub(crate) trait TypeWorker: Send + Sync {
 /// A record back from one attempt in a worker pool.
 pub(crate) struct Attempted {
     pub(crate) record: Record,
+    /// Attempts spent: one that could not reach the database is not.
     pub(crate) attempt: u32,
     pub(crate) step: Step,
     /// The lender, for the next attempt.
@@ -228,15 +229,16 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         Ok(finished) => break finished,
                         Err(failure) => failure,
                     };
+                    let spent = failure.spent();
                     let next = self.recover(env, lane, &record, failure, retries).await;
                     kit.watch.restart();
                     match next {
-                        Next::Retry => attempt += 1,
+                        Next::Retry => attempt += spent,
                         Next::Finished(finished) => break finished,
                         Next::HandBack(pause) => {
                             return RunEnd::Retry(Attempted {
                                 record,
-                                attempt,
+                                attempt: attempt - 1 + spent,
                                 step: Step::RetryAfter(pause),
                                 lender: None,
                             });
@@ -319,21 +321,25 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 }
                 Err(e) => Err(self.undecodable(&record, &e, attempt)),
             };
+            let mut spent = 1;
             let step = match result {
                 Ok(finished) => Step::Finished(finished),
-                Err(failure) => match self
-                    .recover(env, lane, &record, failure, Retries::HandBack)
-                    .await
-                {
-                    Next::Finished(finished) => Step::Finished(finished),
-                    Next::HandBack(pause) => Step::RetryAfter(pause),
-                    // `HandBack` never waits to retry in place.
-                    Next::Retry => Step::RetryAfter(Duration::ZERO),
-                },
+                Err(failure) => {
+                    spent = failure.spent();
+                    match self
+                        .recover(env, lane, &record, failure, Retries::HandBack)
+                        .await
+                    {
+                        Next::Finished(finished) => Step::Finished(finished),
+                        Next::HandBack(pause) => Step::RetryAfter(pause),
+                        // `HandBack` never waits to retry in place.
+                        Next::Retry => Step::RetryAfter(Duration::ZERO),
+                    }
+                }
             };
             Attempted {
                 record,
-                attempt,
+                attempt: attempt - 1 + spent,
                 step,
                 lender: Some(lender),
             }
@@ -460,7 +466,14 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
                 reason: FailureReason::Handler,
                 error: e.to_string(),
                 attempts: attempt,
-                action: e.action,
+                action: match e.action {
+                    Action::Retry | Action::RetryAfter(_)
+                        if crate::db::is_unreachable(e.source()) =>
+                    {
+                        Action::Unreachable
+                    }
+                    action => action,
+                },
             }),
             Err(panic) => Err(Failed {
                 reason: FailureReason::Panic,
@@ -668,6 +681,18 @@ struct Failed {
     action: Action,
 }
 
+impl Failed {
+    /// The attempts this failure spent of the retry policy's: none when the
+    /// database could not be reached.
+    fn spent(&self) -> u32 {
+        u32::from(self.action != Action::Unreachable)
+    }
+}
+
+/// The pause before attempting again a record whose attempt could not reach
+/// the database: fixed, as these retries do not end with a dead letter.
+const UNREACHABLE_PAUSE: Duration = Duration::from_millis(500);
+
 /// What to do after a failed attempt.
 enum Next {
     /// Its pause is over: attempt again.
@@ -707,10 +732,15 @@ fn plan_failure(
     if matches!(
         failure.reason,
         FailureReason::Handler | FailureReason::Panic
-    ) {
+    ) && failure.action != Action::Unreachable
+    {
         tracing::warn!(source, record = ?record, attempt, error = %failure.error, reason = failure.reason.as_str(), "handler failed");
     }
     let pause = match failure.action {
+        Action::Unreachable => {
+            tracing::warn!(source, record = ?record, error = %failure.error, pause = ?UNREACHABLE_PAUSE, "database unreachable; retrying without spending an attempt");
+            Some(UNREACHABLE_PAUSE)
+        }
         Action::Skip => {
             stats.handled.fetch_add(1, Ordering::Relaxed);
             return Plan::Finished(true);

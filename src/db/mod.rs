@@ -144,3 +144,58 @@ pub(crate) fn now_ms() -> i64 {
 pub(crate) fn is_unique_violation(e: &DbErr) -> bool {
     matches!(e.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
+
+/// Whether `error`, or an error it wraps, says that the database could not
+/// be reached rather than that a statement failed: no connection from the
+/// pool, a connection refused or lost, a server shutting down or still
+/// starting (SQLSTATE class 08, 57P01-57P03). Failing handlers with such an
+/// error are retried without spending the message's attempts: an outage is
+/// not the message's fault.
+pub(crate) fn is_unreachable(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(DbErr::ConnectionAcquire(_) | DbErr::Conn(_)) = e.downcast_ref::<DbErr>() {
+            return true;
+        }
+        if let Some(e) = e.downcast_ref::<sqlx::Error>() {
+            return match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                    c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")
+                }),
+                _ => false,
+            };
+        }
+        next = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod unreachable_tests {
+    use super::*;
+    use crate::error::Error;
+
+    #[test]
+    fn outages_are_told_from_failed_statements() {
+        let refused = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        let exec = DbErr::Exec(sea_orm::RuntimeErr::SqlxError(refused));
+        assert!(is_unreachable(&exec));
+        assert!(is_unreachable(&DbErr::ConnectionAcquire(
+            sea_orm::ConnAcquireErr::Timeout
+        )));
+        // Wrapped by kontext, then boxed as a handler's error.
+        let wrapped: Box<dyn std::error::Error + Send + Sync> =
+            Box::new(Error::TransactionAborted { source: exec });
+        assert!(is_unreachable(&*wrapped));
+
+        let statement = DbErr::Exec(sea_orm::RuntimeErr::Internal("syntax error".into()));
+        assert!(!is_unreachable(&statement));
+        assert!(!is_unreachable(&DbErr::RecordNotFound("x".into())));
+        assert!(!is_unreachable(&std::io::Error::other("not a database")));
+    }
+}

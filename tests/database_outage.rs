@@ -1,0 +1,322 @@
+//! Units of work across a database that dies and comes back: a PostgreSQL
+//! server of the test's own (initdb in a temporary directory, on a free
+//! port), SIGKILLed by PID mid-stream and started again on its data. Needs
+//! PostgreSQL's server binaries (`/usr/lib/postgresql/*/bin`); skipped
+//! without them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kontext::prelude::*;
+use sea_orm::{ConnectionTrait, DatabaseConnection, Statement};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Shipment {
+    key: u32,
+    seq: u32,
+}
+
+/// A PostgreSQL server of this test's own; stopped and deleted when dropped.
+struct OwnPostgres {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    /// Run the server tools as `postgres` (they refuse root).
+    as_postgres: bool,
+}
+
+impl OwnPostgres {
+    /// `None` where PostgreSQL's server binaries are not installed.
+    fn start() -> Option<OwnPostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("initdb").exists())
+            .max()?;
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+        let dir = std::env::temp_dir().join(unique_name("kontext-pg"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = OwnPostgres {
+            bin,
+            dir,
+            port,
+            as_postgres,
+        };
+        if as_postgres {
+            pg.run("chown", &["postgres:postgres", pg.dir.to_str().unwrap()]);
+        }
+        let data = pg.data();
+        pg.tool(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            ],
+        );
+        pg.start_server();
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").to_str().unwrap().to_owned()
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server on its data and waits until it accepts connections.
+    fn start_server(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("server.log");
+        self.tool(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &options,
+                "start",
+            ],
+        );
+    }
+
+    /// SIGKILL to the postmaster and every process it started, by PID, as a
+    /// crash would leave it; returns once they are all gone.
+    fn kill(&self) {
+        let pidfile = std::fs::read_to_string(self.dir.join("data/postmaster.pid")).unwrap();
+        let postmaster = pidfile.lines().next().unwrap().trim().to_owned();
+        let children = Command::new("pgrep")
+            .args(["-P", &postmaster])
+            .output()
+            .unwrap();
+        let mut pids = vec![postmaster];
+        pids.extend(
+            String::from_utf8(children.stdout)
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_owned),
+        );
+        let mut args = vec!["-KILL".to_owned()];
+        args.extend(pids.iter().cloned());
+        let _ = Command::new("kill").args(&args).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pids.iter().any(|p| {
+            Command::new("kill")
+                .args(["-0", p])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "postgres processes outlived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn tool(&self, name: &str, args: &[&str]) {
+        let path = self.bin.join(name);
+        let path = path.to_str().unwrap();
+        if self.as_postgres {
+            let mut all = vec!["-u", "postgres", "--", path];
+            all.extend_from_slice(args);
+            self.run("runuser", &all);
+        } else {
+            self.run(path, args);
+        }
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = Command::new(program).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for OwnPostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let path = self.bin.join("pg_ctl");
+        let path = path.to_str().unwrap();
+        let stop = ["-D", data.as_str(), "-m", "immediate", "stop"];
+        let _ = if self.as_postgres {
+            let mut all = vec!["-u", "postgres", "--", path];
+            all.extend_from_slice(&stop);
+            Command::new("runuser").args(all).output()
+        } else {
+            Command::new(path).args(stop).output()
+        };
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+    let row = db
+        .query_one(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
+
+/// The database dies while units of work run (consumer with the inbox, the
+/// default retry policy of three attempts within a third of a second) and
+/// is back only after many attempts failed. An outage is not the message's
+/// fault: the attempts that could not reach the database are retried until
+/// it is back, none is dead-lettered, and each record has its effect once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn units_of_work_wait_out_a_database_restart_and_dead_letter_nothing() {
+    init_tracing();
+    let Some(pg) = tokio::task::spawn_blocking(OwnPostgres::start)
+        .await
+        .unwrap()
+    else {
+        eprintln!("skipped: no PostgreSQL server binaries under /usr/lib/postgresql");
+        return;
+    };
+    let pg = std::sync::Arc::new(pg);
+    // A short acquire timeout: with sqlx's default (30 s) each attempt
+    // during the outage would wait that long for a connection.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    let db: DatabaseConnection = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
+    db.execute_unprepared("CREATE TABLE effect (seq INTEGER NOT NULL)")
+        .await
+        .unwrap();
+    let broker = broker();
+    let (topic, group) = (unique_name("dbout"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<Shipment>(|t| {
+            t.name(&topic)
+                .partitions(4)
+                .key(|e| e.key)
+                .consumer(|c| c.max_buffered(100).inbox(|i| i))
+        })
+        .build()
+        .unwrap();
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let records = 3_000u32;
+    let all: Vec<Shipment> = (0..records)
+        .map(|seq| Shipment { key: seq % 50, seq })
+        .collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&all)
+        .await
+        .unwrap();
+
+    let consumer = Kontext::builder(model)
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.clone())))
+        .broker(broker.clone())
+        .database(db.clone())
+        .consumers(|c| {
+            c.transactional(
+                |e: Shipment, _: MessageContext, uow: UnitOfWork| async move {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    uow.execute(Statement::from_sql_and_values(
+                        sea_orm::DbBackend::Postgres,
+                        "INSERT INTO effect (seq) VALUES ($1)",
+                        [(e.seq as i32).into()],
+                    ))
+                    .await?;
+                    Ok(())
+                },
+            );
+        })
+        .start()
+        .await
+        .unwrap();
+    let status = || consumer.registry().type_status::<Shipment>().unwrap();
+    wait_until("500 records handled", async || {
+        let s = status();
+        ready(s.handled >= 500, || format!("{s:?}"))
+    })
+    .await;
+
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
+    let retried_at_kill = status().retried;
+    // Twice the attempts the policy allows one record (the old code
+    // dead-lettered by then).
+    wait_until("attempts failing while the database is away", async || {
+        let s = status();
+        ready(
+            s.retried >= retried_at_kill + 6 || s.dead_lettered > 0,
+            || format!("{s:?}"),
+        )
+    })
+    .await;
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.start_server())
+        .await
+        .unwrap();
+    wait_until("every record handled or dead-lettered", async || {
+        let s = status();
+        ready(
+            s.handled + s.duplicates + s.dead_lettered >= u64::from(records),
+            || format!("{s:?}"),
+        )
+    })
+    .await;
+    let s = status();
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+    eprintln!(
+        "{} attempts failed and were retried, {} dead-lettered, {} duplicates acknowledged",
+        s.retried, s.dead_lettered, s.duplicates
+    );
+    assert_eq!(s.dead_lettered, 0, "records dead-lettered for an outage");
+    assert_eq!(
+        (
+            count(&db, "SELECT COUNT(*) AS n FROM effect").await,
+            count(&db, "SELECT COUNT(DISTINCT seq) AS n FROM effect").await
+        ),
+        (i64::from(records), i64::from(records)),
+        "each record's effect once"
+    );
+}
