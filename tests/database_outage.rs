@@ -320,3 +320,144 @@ async fn units_of_work_wait_out_a_database_restart_and_dead_letter_nothing() {
         "each record's effect once"
     );
 }
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Note {
+    key: u32,
+    seq: u32,
+}
+
+/// The outbox relay across a database that dies mid-drain and stays away
+/// past the relay's lease (its health says so): once the database is back
+/// the relay drains the rest. Every row is on the topic, each key's rows
+/// first sent in commit order, and a row is sent again only if it was in
+/// a batch in flight when the database died (its deletion failed): at
+/// most four batches, as a relay on PostgreSQL works on four shards at
+/// once (README, "The duplicate window").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_rides_out_a_database_restart_within_its_duplicate_window() {
+    use kontext::outbox::{OutboxMode, OutboxSettings};
+    init_tracing();
+    let Some(pg) = tokio::task::spawn_blocking(OwnPostgres::start)
+        .await
+        .unwrap()
+    else {
+        eprintln!("skipped: no PostgreSQL server binaries under /usr/lib/postgresql");
+        return;
+    };
+    let pg = std::sync::Arc::new(pg);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    let db: DatabaseConnection = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
+    let broker = broker();
+    let topic = unique_name("dbout.note");
+    let model = Model::builder()
+        .topic::<Note>(|t| {
+            t.name(&topic)
+                .partitions(4)
+                .key(|n| n.key)
+                .producer(|p| p.outbox(OutboxMode::Background))
+        })
+        .build()
+        .unwrap();
+    let (rows, keys, batch) = (20_000u32, 20u32, 50u64);
+    let writer = Kontext::builder(model.clone())
+        .outbox_writer(db.clone())
+        .start()
+        .await
+        .unwrap();
+    let outbox = writer.outbox().unwrap();
+    for first in (0..rows).step_by(100) {
+        let mut tx = outbox.begin().await.unwrap();
+        for n in first..first + 100 {
+            tx.publish(&Note {
+                key: n % keys,
+                seq: n / keys,
+            })
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+
+    let relay = Kontext::builder(model)
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            batch_size: batch,
+            poll_interval: Duration::from_millis(100),
+            lease_ttl: Duration::from_secs(4),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            max_attempts: 1_000,
+            ..OutboxSettings::default()
+        })
+        .start()
+        .await
+        .unwrap();
+    let pending = async || relay.outbox().unwrap().pending().await.unwrap();
+    wait_until("the relay at work", async || {
+        let left = pending().await;
+        ready(left < u64::from(rows) * 3 / 4, || format!("{left} pending"))
+    })
+    .await;
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
+    wait_until("the relay to be not ready", async || {
+        let h = relay.health();
+        ready(
+            !h.ready && h.reasons.iter().any(|r| r.contains("relay")),
+            || format!("{h:?}"),
+        )
+    })
+    .await;
+    let p = pg.clone();
+    tokio::task::spawn_blocking(move || p.start_server())
+        .await
+        .unwrap();
+    wait_until("the outbox to drain", async || {
+        let left = pending().await;
+        ready(left == 0, || format!("{left} pending"))
+    })
+    .await;
+    assert!(relay.outbox().unwrap().failed().await.unwrap().is_empty());
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    writer.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    // Everything there is: reads until the time is up.
+    let records = read_topic(&broker, &topic, 2 * rows as usize, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let mut per_key: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+    for r in &records {
+        let n: Note = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
+        per_key.entry(n.key).or_default().push(n.seq);
+    }
+    let again = records.len() - rows as usize;
+    eprintln!(
+        "{} records for {rows} rows: {again} sent again",
+        records.len()
+    );
+    for key in 0..keys {
+        let seqs = per_key.remove(&key).unwrap_or_default();
+        let mut first_sent = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for s in seqs {
+            if seen.insert(s) {
+                first_sent.push(s);
+            }
+        }
+        assert_eq!(
+            first_sent,
+            (0..rows / keys).collect::<Vec<_>>(),
+            "key {key}: every row, first sent in commit order"
+        );
+    }
+    assert!(
+        again <= 4 * batch as usize,
+        "{again} rows sent again, more than four batches in flight ({batch} rows each)"
+    );
+}
