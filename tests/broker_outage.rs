@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use kontext::Broker;
-use kontext::outbox::{OutboxMode, OutboxSettings};
+use kontext::outbox::OutboxMode;
 use kontext::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -289,6 +289,42 @@ fn ends(handled: &[Handled]) -> BTreeMap<i32, i64> {
     out
 }
 
+/// A member with a group session of `session_ms` at work on 2,000
+/// records (400 handled), before its broker is taken away.
+struct MidStream {
+    outage: Outage,
+    broker: Broker,
+    topic: String,
+    group: String,
+    producer: Kontext,
+    log: Log,
+    member: Kontext,
+    /// The group's committed offsets then.
+    committed_before: BTreeMap<i32, i64>,
+}
+
+async fn mid_stream(session_ms: u64) -> MidStream {
+    let outage = Outage::new().await;
+    let broker = outage.broker().clone();
+    let (topic, group) = (unique_name("outage"), unique_name("g"));
+    let producer = producer(&broker, &topic).await;
+    produce(&producer, 0..2_000).await;
+    let log: Log = Arc::default();
+    let member = member(&broker, &topic, settings(&group, session_ms), &log).await;
+    until_handled(&log, 400).await;
+    let committed_before = committed_offsets(&broker, &group, &topic).await;
+    MidStream {
+        outage,
+        broker,
+        topic,
+        group,
+        producer,
+        log,
+        member,
+        committed_before,
+    }
+}
+
 /// The broker dies mid-stream and stays away past the group session; the
 /// member notices (not ready), goes on once the broker is back, and handles
 /// what was produced before and after. Nothing lost, per-partition order
@@ -297,16 +333,16 @@ fn ends(handled: &[Handled]) -> BTreeMap<i32, i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_rides_out_a_broker_restart_losing_nothing() {
     init_tracing();
-    let outage = Outage::new().await;
-    let broker = outage.broker().clone();
-    let (topic, group) = (unique_name("outage"), unique_name("g"));
-    let producer = producer(&broker, &topic).await;
-    produce(&producer, 0..2_000).await;
-
-    let log: Log = Arc::default();
-    let consumer = member(&broker, &topic, settings(&group, 6_000), &log).await;
-    until_handled(&log, 400).await;
-    let committed_before = committed_offsets(&broker, &group, &topic).await;
+    let MidStream {
+        outage,
+        broker,
+        topic,
+        group,
+        producer,
+        log,
+        member: consumer,
+        committed_before,
+    } = mid_stream(6_000).await;
 
     outage.down().await;
     let handled_at_down = log.lock().unwrap().len();
@@ -353,16 +389,16 @@ async fn a_shutdown_during_a_broker_outage_returns_in_time_and_loses_nothing() {
         return;
     }
     init_tracing();
-    let outage = Outage::new().await;
-    let broker = outage.broker().clone();
-    let (topic, group) = (unique_name("outage"), unique_name("g"));
-    let producer = producer(&broker, &topic).await;
-    produce(&producer, 0..2_000).await;
-
-    let log: Log = Arc::default();
-    let first = member(&broker, &topic, settings(&group, 45_000), &log).await;
-    until_handled(&log, 400).await;
-    let committed_before = committed_offsets(&broker, &group, &topic).await;
+    let MidStream {
+        outage,
+        broker,
+        topic,
+        group,
+        producer,
+        log,
+        member: first,
+        committed_before,
+    } = mid_stream(45_000).await;
 
     outage.down().await;
     let timeout = Duration::from_secs(3);
@@ -458,14 +494,7 @@ async fn the_relay_rides_out_a_broker_restart_sending_each_row_once_in_key_order
         .settings(KafkaSettings::new().set("reconnect.backoff.max.ms", "100"))
         .broker(broker.clone())
         .database(db)
-        .outbox_settings(OutboxSettings {
-            poll_interval: Duration::from_millis(100),
-            lease_ttl: Duration::from_secs(60),
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(200),
-            max_attempts: 1_000,
-            ..OutboxSettings::default()
-        })
+        .outbox_settings(patient_outbox(Duration::from_secs(60)))
         .start()
         .await
         .unwrap();
@@ -542,19 +571,6 @@ struct Recorded {
     seq: u32,
 }
 
-async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
-    use sea_orm::ConnectionTrait;
-    let row = db
-        .query_one(sea_orm::Statement::from_string(
-            db.get_database_backend(),
-            sql,
-        ))
-        .await
-        .unwrap()
-        .unwrap();
-    row.try_get::<i64>("", "n").unwrap()
-}
-
 /// The whole pipeline across a broker restart past the group session:
 /// units of work with the inbox write a business row and publish a
 /// follow-up through the outbox. Kafka delivers a good part of the stream
@@ -594,14 +610,7 @@ async fn units_of_work_with_the_inbox_have_each_effect_once_across_a_broker_rest
         .settings(settings(&group, 6_000).set("reconnect.backoff.max.ms", "100"))
         .broker(broker.clone())
         .database(db.clone())
-        .outbox_settings(OutboxSettings {
-            poll_interval: Duration::from_millis(100),
-            lease_ttl: Duration::from_secs(60),
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(200),
-            max_attempts: 1_000,
-            ..OutboxSettings::default()
-        })
+        .outbox_settings(patient_outbox(Duration::from_secs(60)))
         .consumers(|c| {
             c.transactional(
                 |e: Shipment, _: MessageContext, uow: UnitOfWork| async move {

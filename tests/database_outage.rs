@@ -186,13 +186,42 @@ impl Drop for OwnPostgres {
     }
 }
 
-async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
-    let row = db
-        .query_one(Statement::from_string(db.get_database_backend(), sql))
+/// A server of this test's own and a pool on it whose acquire gives up
+/// after a second (with sqlx's default of 30 s, each attempt during an
+/// outage would wait that long for a connection); `None` without
+/// PostgreSQL's server binaries.
+async fn own_postgres() -> Option<(std::sync::Arc<OwnPostgres>, DatabaseConnection)> {
+    let Some(pg) = tokio::task::spawn_blocking(OwnPostgres::start)
         .await
         .unwrap()
+    else {
+        eprintln!("skipped: no PostgreSQL server binaries under /usr/lib/postgresql");
+        return None;
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect(&pg.url())
+        .await
         .unwrap();
-    row.try_get::<i64>("", "n").unwrap()
+    let db = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
+    Some((std::sync::Arc::new(pg), db))
+}
+
+/// Kills the server; returns once every process of it is gone.
+async fn kill(pg: &std::sync::Arc<OwnPostgres>) {
+    let pg = pg.clone();
+    tokio::task::spawn_blocking(move || pg.kill())
+        .await
+        .unwrap();
+}
+
+/// Starts the server again on its data; returns once it accepts
+/// connections.
+async fn restart(pg: &std::sync::Arc<OwnPostgres>) {
+    let pg = pg.clone();
+    tokio::task::spawn_blocking(move || pg.start_server())
+        .await
+        .unwrap();
 }
 
 /// The database dies while units of work run (consumer with the inbox, the
@@ -202,23 +231,22 @@ async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
 /// it is back, none is dead-lettered, and each record has its effect once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn units_of_work_wait_out_a_database_restart_and_dead_letter_nothing() {
+    wait_out_a_database_restart(None).await;
+}
+
+/// The same with a pool of eight workers, whose retries are parked with
+/// their key held (the attempt that could not reach the database is not
+/// counted there either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pool_of_units_of_work_waits_out_a_database_restart() {
+    wait_out_a_database_restart(Some(8)).await;
+}
+
+async fn wait_out_a_database_restart(workers: Option<usize>) {
     init_tracing();
-    let Some(pg) = tokio::task::spawn_blocking(OwnPostgres::start)
-        .await
-        .unwrap()
-    else {
-        eprintln!("skipped: no PostgreSQL server binaries under /usr/lib/postgresql");
+    let Some((pg, db)) = own_postgres().await else {
         return;
     };
-    let pg = std::sync::Arc::new(pg);
-    // A short acquire timeout: with sqlx's default (30 s) each attempt
-    // during the outage would wait that long for a connection.
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(1))
-        .connect(&pg.url())
-        .await
-        .unwrap();
-    let db: DatabaseConnection = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
     db.execute_unprepared("CREATE TABLE effect (seq INTEGER NOT NULL)")
         .await
         .unwrap();
@@ -229,7 +257,13 @@ async fn units_of_work_wait_out_a_database_restart_and_dead_letter_nothing() {
             t.name(&topic)
                 .partitions(4)
                 .key(|e| e.key)
-                .consumer(|c| c.max_buffered(100).inbox(|i| i))
+                .consumer(move |c| {
+                    let c = c.max_buffered(100).inbox(|i| i);
+                    match workers {
+                        Some(n) => c.workers(n),
+                        None => c,
+                    }
+                })
         })
         .build()
         .unwrap();
@@ -278,8 +312,7 @@ async fn units_of_work_wait_out_a_database_restart_and_dead_letter_nothing() {
     })
     .await;
 
-    let p = pg.clone();
-    tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
+    kill(&pg).await;
     let retried_at_kill = status().retried;
     // Twice the attempts the policy allows one record (the old code
     // dead-lettered by then).
@@ -291,10 +324,7 @@ async fn units_of_work_wait_out_a_database_restart_and_dead_letter_nothing() {
         )
     })
     .await;
-    let p = pg.clone();
-    tokio::task::spawn_blocking(move || p.start_server())
-        .await
-        .unwrap();
+    restart(&pg).await;
     wait_until("every record handled or dead-lettered", async || {
         let s = status();
         ready(
@@ -338,20 +368,9 @@ struct Note {
 async fn the_relay_rides_out_a_database_restart_within_its_duplicate_window() {
     use kontext::outbox::{OutboxMode, OutboxSettings};
     init_tracing();
-    let Some(pg) = tokio::task::spawn_blocking(OwnPostgres::start)
-        .await
-        .unwrap()
-    else {
-        eprintln!("skipped: no PostgreSQL server binaries under /usr/lib/postgresql");
+    let Some((pg, db)) = own_postgres().await else {
         return;
     };
-    let pg = std::sync::Arc::new(pg);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .acquire_timeout(Duration::from_secs(1))
-        .connect(&pg.url())
-        .await
-        .unwrap();
-    let db: DatabaseConnection = sea_orm::SqlxPostgresConnector::from_sqlx_postgres_pool(pool);
     let broker = broker();
     let topic = unique_name("dbout.note");
     let model = Model::builder()
@@ -388,12 +407,7 @@ async fn the_relay_rides_out_a_database_restart_within_its_duplicate_window() {
         .database(db.clone())
         .outbox_settings(OutboxSettings {
             batch_size: batch,
-            poll_interval: Duration::from_millis(100),
-            lease_ttl: Duration::from_secs(4),
-            initial_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_millis(200),
-            max_attempts: 1_000,
-            ..OutboxSettings::default()
+            ..patient_outbox(Duration::from_secs(4))
         })
         .start()
         .await
@@ -404,8 +418,7 @@ async fn the_relay_rides_out_a_database_restart_within_its_duplicate_window() {
         ready(left < u64::from(rows) * 3 / 4, || format!("{left} pending"))
     })
     .await;
-    let p = pg.clone();
-    tokio::task::spawn_blocking(move || p.kill()).await.unwrap();
+    kill(&pg).await;
     wait_until("the relay to be not ready", async || {
         let h = relay.health();
         ready(
@@ -414,10 +427,7 @@ async fn the_relay_rides_out_a_database_restart_within_its_duplicate_window() {
         )
     })
     .await;
-    let p = pg.clone();
-    tokio::task::spawn_blocking(move || p.start_server())
-        .await
-        .unwrap();
+    restart(&pg).await;
     wait_until("the outbox to drain", async || {
         let left = pending().await;
         ready(left == 0, || format!("{left} pending"))

@@ -107,3 +107,30 @@ pub async fn committed_offsets(broker: &Broker, group: &str, topic: &str) -> BTr
     .await
     .unwrap()
 }
+
+/// Outbox settings for tests that take the broker or the database away:
+/// quick polls and retries, never giving up on a row, `lease_ttl` as given.
+pub fn patient_outbox(lease_ttl: Duration) -> kontext::outbox::OutboxSettings {
+    kontext::outbox::OutboxSettings {
+        poll_interval: Duration::from_millis(100),
+        lease_ttl,
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        max_attempts: 1_000,
+        ..kontext::outbox::OutboxSettings::default()
+    }
+}
+
+/// The `n` column of the one row `sql` returns (a `COUNT(..) AS n`).
+pub async fn count(db: &sea_orm::DatabaseConnection, sql: &str) -> i64 {
+    use sea_orm::ConnectionTrait;
+    let row = db
+        .query_one(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            sql,
+        ))
+        .await
+        .unwrap()
+        .unwrap();
+    row.try_get::<i64>("", "n").unwrap()
+}
