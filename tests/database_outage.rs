@@ -57,7 +57,9 @@ impl OwnPostgres {
             as_postgres,
         };
         if as_postgres {
-            pg.run("chown", &["postgres:postgres", pg.dir.to_str().unwrap()]);
+            let mut chown = Command::new("chown");
+            chown.arg("postgres:postgres").arg(&pg.dir);
+            checked(chown);
         }
         let data = pg.data();
         pg.tool(
@@ -146,42 +148,42 @@ impl OwnPostgres {
         }
     }
 
-    fn tool(&self, name: &str, args: &[&str]) {
+    /// PostgreSQL's tool `name` with `args`, as `postgres` when needed.
+    fn command(&self, name: &str, args: &[&str]) -> Command {
         let path = self.bin.join(name);
-        let path = path.to_str().unwrap();
-        if self.as_postgres {
-            let mut all = vec!["-u", "postgres", "--", path];
-            all.extend_from_slice(args);
-            self.run("runuser", &all);
+        let mut command = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
         } else {
-            self.run(path, args);
-        }
+            Command::new(path)
+        };
+        command.args(args);
+        command
     }
 
-    fn run(&self, program: &str, args: &[&str]) {
-        let out = Command::new(program).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{program} {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    fn tool(&self, name: &str, args: &[&str]) {
+        checked(self.command(name, args));
     }
+}
+
+/// Runs `command`, failing the test with its output if it fails.
+fn checked(mut command: Command) {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for OwnPostgres {
     fn drop(&mut self) {
         let data = self.data();
-        let path = self.bin.join("pg_ctl");
-        let path = path.to_str().unwrap();
-        let stop = ["-D", data.as_str(), "-m", "immediate", "stop"];
-        let _ = if self.as_postgres {
-            let mut all = vec!["-u", "postgres", "--", path];
-            all.extend_from_slice(&stop);
-            Command::new("runuser").args(all).output()
-        } else {
-            Command::new(path).args(stop).output()
-        };
+        let _ = self
+            .command("pg_ctl", &["-D", &data, "-m", "immediate", "stop"])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
