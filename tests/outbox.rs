@@ -1300,3 +1300,165 @@ async fn on_postgres_the_message_id_carries_no_unique_index() {
         .unwrap();
     assert_eq!(constraints.try_get::<i64>("", "n").unwrap(), 0);
 }
+
+/// An instance whose producers (the relay's included) hold at most `max`
+/// messages in librdkafka's local queue.
+async fn small_queue_instance(
+    model: &Model,
+    broker: &Broker,
+    db: &DatabaseConnection,
+    max: &str,
+    settings: OutboxSettings,
+) -> Kontext {
+    Kontext::builder(model.clone())
+        .settings(KafkaSettings::new().producer(|p| {
+            p.librdkafka.set("queue.buffering.max.messages", max);
+        }))
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(settings)
+        .start()
+        .await
+        .unwrap()
+}
+
+/// The relay's producer queue holds 16 messages and a batch has 300 rows of
+/// one key: the relay waits for room by settling its oldest deliveries, and
+/// keeps each delivery's outcome. Every row arrives once, in order, and no
+/// delivered row is counted as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_sends_each_row_once_and_fails_none() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 1, OutboxMode::Background);
+    let rows = 300u32;
+    let writer = start(&model, &broker, &db, no_relay()).await;
+    let outbox = writer.outbox().unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    for seq in 0..rows {
+        tx.publish(&created(7, seq)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let relay = small_queue_instance(&model, &broker, &db, "16", fast()).await;
+    wait_pending_zero(&relay).await;
+    let failed = relay.outbox().unwrap().failed().await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "delivered rows counted as failed: {failed:?}"
+    );
+    let records = read_topic(&broker, &topic, rows as usize + 1, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let seqs: Vec<u32> = decode(&records).iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (0..rows).collect::<Vec<_>>(),
+        "each row once, in order"
+    );
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    drop(writer);
+}
+
+/// Immediate mode while the broker is down and the relay producer's queue
+/// is full: each commit still returns within `immediate_timeout` (plus a
+/// margin), and every row goes out once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_immediate_commit_waiting_for_queue_room_returns_within_its_bound() {
+    init_tracing();
+    let broker = Broker::embedded().unwrap();
+    let db = kontext::testing::database().await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 2, OutboxMode::ImmediateWithFallback);
+    let settings = OutboxSettings {
+        immediate_timeout: Duration::from_millis(500),
+        ..patient()
+    };
+    let kontext = small_queue_instance(&model, &broker, &db, "1", settings).await;
+    let embedded = broker.as_embedded().unwrap();
+    embedded.set_broker_up(1, false).unwrap();
+    let outbox = kontext.outbox().unwrap();
+    // Keys over several shards: the first fills the queue, the others find
+    // it full under a lease of their own.
+    for shipment in 0..6 {
+        let mut tx = outbox.begin().await.unwrap();
+        tx.publish(&created(shipment, 0)).await.unwrap();
+        let started = Instant::now();
+        let committed = tx.commit().await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(committed.delivered, 0);
+        // A bound, not a measurement: without one a commit waits for queue
+        // room until the first message times out (15 s here).
+        assert!(
+            waited < Duration::from_secs(5),
+            "commit {shipment} took {waited:?}"
+        );
+    }
+    embedded.set_broker_up(1, true).unwrap();
+    wait_pending_zero(&kontext).await;
+    let records = read_topic(&broker, &topic, 7, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut keys: Vec<u32> = decode(&records).iter().map(|e| e.shipment).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, (0..6).collect::<Vec<_>>(), "each row once");
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// `shutdown` while the relay is draining a backlog: it returns within its
+/// timeout (plus the documented 2 s), and when it returns `Ok` the relay
+/// has stopped: no shard lease is held and nothing more is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_drain_stops_the_relay_before_it_returns() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 3, OutboxMode::Background);
+    let writer = start(&model, &broker, &db, no_relay()).await;
+    let outbox = writer.outbox().unwrap();
+    let total = 20_000u32;
+    let mut tx = outbox.begin().await.unwrap();
+    for seq in 0..total / 100 {
+        for shipment in 0..100 {
+            tx.publish(&created(shipment, seq)).await.unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+
+    let relay = start(&model, &broker, &db, fast()).await;
+    wait_until("the relay to start draining", async || {
+        let pending = outbox.pending().await.unwrap();
+        ready(pending < u64::from(total), || format!("{pending} pending"))
+    })
+    .await;
+    let started = Instant::now();
+    let stopped = relay.shutdown(Duration::from_millis(200)).await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(200 + 2_000 + 1_000),
+        "shutdown took {took:?}"
+    );
+    match stopped {
+        Ok(()) => {
+            let held = count(
+                &db,
+                "SELECT COUNT(*) AS n FROM kontext_outbox_lease WHERE owner IS NOT NULL",
+            )
+            .await;
+            assert_eq!(held, 0, "shutdown returned Ok with relay leases held");
+        }
+        Err(e) => panic!("a relay on a healthy broker stops in time: {e}"),
+    }
+
+    // What is left goes out once, in order, with the next relay.
+    let next = start(&model, &broker, &db, fast()).await;
+    wait_pending_zero(&next).await;
+    let records = read_topic(&broker, &topic, total as usize + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), total as usize, "each row once");
+    assert_per_key_order(&decode(&records), total / 100);
+    next.shutdown(Duration::from_secs(10)).await.unwrap();
+    drop(writer);
+}

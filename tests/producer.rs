@@ -635,3 +635,51 @@ async fn lean_and_cloudevents_profiles_share_a_topic_and_one_consumer_reads_both
         assert_eq!(correlation.as_deref(), expected);
     }
 }
+
+/// librdkafka's queue full **by bytes** (not by message count): a call that
+/// met the full queue keeps its place, so later calls for the same key do
+/// not overtake it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_keep_their_call_order_when_the_queue_is_full_by_bytes() {
+    let topic = unique_name("orders");
+    // 2 KiB of queue: two or three ~750-byte messages fill it.
+    let settings = KafkaSettings::new().client_id("orders-api").producer(|p| {
+        p.librdkafka.set("queue.buffering.max.kbytes", "2");
+    });
+    let kontext = start_with(&topic, 1, settings).await;
+    let producer = kontext.producer().unwrap();
+
+    let total = 400;
+    let events: Vec<OrderCreated> = (0..total)
+        .map(|i| OrderCreated {
+            order_id: "order-1".into(),
+            seq: i as u32,
+            tenant: "x".repeat(700),
+        })
+        .collect();
+    let calls = events.iter().map(|e| producer.produce(e).into_future());
+    let deliveries = futures::future::try_join_all(calls).await.unwrap();
+    let out_of_order = deliveries
+        .windows(2)
+        .filter(|w| w[1].offset <= w[0].offset)
+        .count();
+    assert_eq!(out_of_order, 0, "calls for one key overtook earlier calls");
+
+    let records = read_topic(kontext.broker(), &topic, total + 1, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let seqs: Vec<u32> = records
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<OrderCreated>(r.payload.as_deref().unwrap())
+                .unwrap()
+                .seq
+        })
+        .collect();
+    assert_eq!(
+        seqs,
+        (0..total as u32).collect::<Vec<_>>(),
+        "each once, in call order"
+    );
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}

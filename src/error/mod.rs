@@ -190,6 +190,14 @@ pub enum Error {
         source: KafkaError,
     },
 
+    /// `Kontext::shutdown` ran out of time before everything it stops had
+    /// stopped; `what` says what was cut short and what that means.
+    #[error("shutdown incomplete: {what}")]
+    ShutdownIncomplete {
+        /// What was cut short, and its consequences.
+        what: String,
+    },
+
     /// Something kontext relies on internally did not hold (a bug in
     /// kontext), or a helper task it ran panicked.
     #[error("kontext internal error: {0}")]

@@ -186,6 +186,26 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     /// How the relay is doing, for health.
     relay_state: RelayState,
+    /// Set at shutdown's deadline: the relay hands nothing more over,
+    /// settles what is in flight and releases its leases.
+    halt: CancellationToken,
+    /// Rows handed to the producer whose delivery is not settled yet.
+    unsettled: std::sync::atomic::AtomicUsize,
+    /// The tasks in `tasks`, to abort those still running when shutdown's
+    /// time is up.
+    handles: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+impl Inner {
+    /// Keeps `task`'s abort handle (and forgets those of finished tasks).
+    fn owned<T>(&self, task: &tokio::task::JoinHandle<T>) {
+        let mut handles = self
+            .handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        handles.retain(|h| !h.is_finished());
+        handles.push(task.abort_handle());
+    }
 }
 
 /// The relay's state as health reads it.
@@ -272,6 +292,9 @@ impl Outbox {
                 relay_id: Uuid::now_v7().to_string(),
                 tasks,
                 relay_state: RelayState::default(),
+                halt: CancellationToken::new(),
+                unsettled: std::sync::atomic::AtomicUsize::new(0),
+                handles: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -283,16 +306,20 @@ impl Outbox {
         let postgres = self.inner.db.get_database_backend() == DbBackend::Postgres;
         if !self.inner.settings.run_relay {
             if postgres {
-                self.inner
+                let task = self
+                    .inner
                     .tasks
                     .spawn(notify::announce(Arc::clone(&self.inner), cancel));
+                self.inner.owned(&task);
             }
             return Ok(());
         }
         if postgres {
-            self.inner
+            let task = self
+                .inner
                 .tasks
                 .spawn(notify::listen(Arc::clone(&self.inner), cancel.clone()));
+            self.inner.owned(&task);
         }
         // Marked running before the task is polled, so a health check right
         // after start does not see a stopped relay.
@@ -301,11 +328,44 @@ impl Outbox {
             .running
             .store(true, Ordering::Release);
         let inner = Arc::clone(&self.inner);
-        self.inner.tasks.spawn(async move {
+        let task = self.inner.tasks.spawn(async move {
             let _running = Running::start(&inner.relay_state);
             relay::run(Arc::clone(&inner), cancel).await;
         });
+        self.inner.owned(&task);
         Ok(())
+    }
+
+    /// Shutdown's deadline: the relay hands no more rows over, settles
+    /// those in flight and releases its leases.
+    pub(crate) fn halt(&self) {
+        self.inner.halt.cancel();
+    }
+
+    /// Aborts the outbox's tasks still running (shutdown's time is up) and
+    /// says what that leaves behind, if anything.
+    pub(crate) fn abort(&self) -> Option<String> {
+        let handles = std::mem::take(
+            &mut *self
+                .inner
+                .handles
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let running: Vec<_> = handles.into_iter().filter(|h| !h.is_finished()).collect();
+        if running.is_empty() {
+            return None;
+        }
+        for h in &running {
+            h.abort();
+        }
+        let unsettled = self.inner.unsettled.load(Ordering::Relaxed);
+        Some(format!(
+            "the outbox relay did not stop in time and was aborted with {unsettled} rows handed to Kafka but not settled: \
+             a row Kafka acknowledged but the relay did not delete is sent again by the next relay, and the shards it held \
+             stay leased for up to {:?} (the lease), so no other relay sends them out of order meanwhile",
+            self.inner.settings.lease_ttl
+        ))
     }
 
     /// How this process's relay is doing. `stopping`: a shutdown began, so

@@ -1,12 +1,13 @@
 //! The relay: takes a shard's lease, publishes its pending rows in order,
 //! deletes what the broker acknowledged, records failures with backoff.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::channel::oneshot::Canceled;
 use futures::{StreamExt as _, stream};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{DeliveryFuture, FutureRecord};
@@ -73,14 +74,17 @@ async fn count_backlog(inner: &Inner, cancel: &CancellationToken) {
 }
 
 /// Relays pass after pass until cancelled, then makes a last pass.
+///
+/// A pass is never dropped midway (a batch handed over but not yet deleted
+/// would be sent again after a restart): it ends between batches, or hands
+/// nothing more over and settles what is in flight, once `inner.halt` is
+/// set (shutdown's deadline).
 async fn relay(inner: &Arc<Inner>, cancel: &CancellationToken) {
     let mut failures = 0u32;
     loop {
         if cancel.is_cancelled() {
             break;
         }
-        // A pass is not interrupted: a batch sent but not yet deleted would
-        // be sent again after a restart.
         let sent = pass(inner).await;
         match &sent {
             Ok(_) => inner.relay_state.pass_succeeded(),
@@ -111,13 +115,12 @@ async fn relay(inner: &Arc<Inner>, cancel: &CancellationToken) {
         }
     }
     // A last pass sends what was committed up to the stop (for example by
-    // consumers' units of work drained during a graceful shutdown).
-    match tokio::time::timeout(inner.settings.lease_ttl, pass(inner)).await {
-        Ok(Err(e)) => tracing::warn!(error = %e, "final outbox relay pass failed"),
-        Err(_) => tracing::warn!("final outbox relay pass timed out"),
-        Ok(Ok(_)) => {}
+    // consumers' units of work drained during a graceful shutdown), until
+    // shutdown's deadline halts it.
+    if let Err(e) = pass(inner).await {
+        tracing::warn!(error = %e, "final outbox relay pass failed");
     }
-    // Every shard's lease was released as its work ended (or expires).
+    // Every shard's lease was released as its work ended.
     tracing::debug!(relay = %inner.relay_id, "outbox relay stopped");
 }
 
@@ -203,6 +206,9 @@ async fn pass(inner: &Inner) -> Result<usize> {
 
 /// Relays one shard while this relay holds its lease.
 async fn relay_shard(inner: &Inner, shard: i32) -> Result<usize> {
+    if inner.halt.is_cancelled() {
+        return Ok(0);
+    }
     let ttl = inner.settings.lease_ttl;
     let Some(mut held) = lease::acquire(&inner.db, shard, &inner.relay_id, ttl).await? else {
         return Ok(0);
@@ -229,7 +235,11 @@ async fn relay_shard(inner: &Inner, shard: i32) -> Result<usize> {
                 );
                 return Ok(total);
             }
-            if !batch.full || batch.sent == 0 || !lease::renew(&inner.db, &mut held, ttl).await? {
+            if !batch.full
+                || batch.sent == 0
+                || inner.halt.is_cancelled()
+                || !lease::renew(&inner.db, &mut held, ttl).await?
+            {
                 break;
             }
         }
@@ -373,6 +383,14 @@ enum Sent {
 }
 
 /// Hands `rows` to the producer in order and awaits every delivery.
+///
+/// When librdkafka's queue is full, room is made by settling the oldest
+/// delivery of the batch, whose outcome is kept (each delivery is read
+/// once). Every wait is bounded: for room by the send timeout, for an
+/// acknowledgement by the send timeout plus [`SETTLE_MARGIN`] after the
+/// hand-over, so a delivery that never settles fails the batch instead of
+/// holding the shard's lease for ever. A halted relay hands nothing more
+/// over and only settles what is in flight.
 async fn send_rows(inner: &Inner, rows: &[row::Model], watch: &Watch) -> Vec<Sent> {
     let Some(sender) = &inner.sender else {
         return rows.iter().map(|_| Sent::Skipped).collect();
@@ -382,32 +400,86 @@ async fn send_rows(inner: &Inner, rows: &[row::Model], watch: &Watch) -> Vec<Sen
     // A key whose earlier row could not be handed over holds back its later
     // rows of this batch.
     let mut blocked: HashSet<&[u8]> = HashSet::new();
-    let mut in_flight: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
+    let mut in_flight = InFlight {
+        queue: VecDeque::with_capacity(rows.len()),
+        outcomes: &mut outcomes,
+        bound: send_timeout + SETTLE_MARGIN,
+        unsettled: &inner.unsettled,
+    };
     for (i, r) in rows.iter().enumerate() {
-        if !watch.may_send(ttl, send_timeout) {
+        if inner.halt.is_cancelled() || !watch.may_send(ttl, send_timeout) {
             break;
         }
         if r.key.as_deref().is_some_and(|k| blocked.contains(k)) {
             continue;
         }
-        match enqueue(sender, r, &mut in_flight).await {
-            Ok(f) => in_flight.push((i, f)),
+        let deadline = Some((std::time::Instant::now(), send_timeout));
+        match enqueue(sender, r, deadline, &mut in_flight).await {
+            Ok(f) => in_flight.push(i, f),
             Err(e) => {
                 if let Some(k) = &r.key {
                     blocked.insert(k.as_slice());
                 }
-                outcomes[i] = Sent::Failed(e);
+                in_flight.outcomes[i] = Sent::Failed(e);
             }
         }
     }
-    for (i, f) in in_flight {
-        outcomes[i] = match f.await {
-            Ok(Ok(_)) => Sent::Delivered,
-            Ok(Err((e, _))) => Sent::Failed(e.to_string()),
-            Err(_) => Sent::Failed("the producer went away before acknowledging".into()),
-        };
-    }
+    while in_flight.settle_oldest().await {}
     outcomes
+}
+
+/// How long past its send timeout a relay waits for a delivery's outcome
+/// before counting it failed (librdkafka fails a message at its timeout;
+/// this only guards against that not happening).
+const SETTLE_MARGIN: Duration = Duration::from_secs(2);
+
+/// A batch's deliveries in hand-over order, and where their outcomes go.
+struct InFlight<'o> {
+    queue: VecDeque<(usize, DeliveryFuture, tokio::time::Instant)>,
+    outcomes: &'o mut [Sent],
+    /// How long after its hand-over a delivery may take to settle.
+    bound: Duration,
+    /// The relay's count of rows handed over and not yet settled.
+    unsettled: &'o AtomicUsize,
+}
+
+impl InFlight<'_> {
+    fn push(&mut self, i: usize, f: DeliveryFuture) {
+        self.unsettled.fetch_add(1, Ordering::Relaxed);
+        self.queue
+            .push_back((i, f, tokio::time::Instant::now() + self.bound));
+    }
+
+    /// Awaits the oldest delivery and records its outcome. `false` when
+    /// nothing is in flight.
+    async fn settle_oldest(&mut self) -> bool {
+        let Some((i, f, deadline)) = self.queue.pop_front() else {
+            return false;
+        };
+        self.outcomes[i] = outcome(f, deadline, self.bound).await;
+        self.unsettled.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+}
+
+/// What became of one delivery, waiting for it until `deadline`.
+async fn outcome<F>(delivery: F, deadline: tokio::time::Instant, bound: Duration) -> Sent
+where
+    F: std::future::Future<
+            Output = std::result::Result<
+                rdkafka::producer::future_producer::OwnedDeliveryResult,
+                Canceled,
+            >,
+        >,
+{
+    match tokio::time::timeout_at(deadline, delivery).await {
+        Ok(Ok(Ok(_))) => Sent::Delivered,
+        Ok(Ok(Err((e, _)))) => Sent::Failed(e.to_string()),
+        Ok(Err(Canceled)) => Sent::Failed("the producer went away before acknowledging".into()),
+        Err(_) => Sent::Failed(format!(
+            "no acknowledgement within {bound:?} of the hand-over"
+        )),
+    }
 }
 
 /// Deletes the delivered rows and records the failed ones, only while the
@@ -500,12 +572,13 @@ fn count_by_topic(rows: &[row::Model], done: &[i64], failed: &[(&row::Model, Str
     }
 }
 
-/// Hands one row to the producer, waiting for room if its queue is full
-/// (by awaiting the oldest delivery of this batch).
+/// Hands one row to the producer, waiting for room while its queue is full
+/// (until `deadline`, if any) by settling the oldest delivery in `room`.
 async fn enqueue(
     sender: &Sender,
     r: &row::Model,
-    in_flight: &mut [(usize, DeliveryFuture)],
+    deadline: Option<(std::time::Instant, Duration)>,
+    room: &mut InFlight<'_>,
 ) -> std::result::Result<DeliveryFuture, String> {
     let pairs: Vec<(String, String)> =
         serde_json::from_str(&r.headers).map_err(|e| format!("unreadable headers: {e}"))?;
@@ -523,28 +596,22 @@ async fn enqueue(
     if let Some(p) = &r.payload {
         record = record.payload(p.as_slice());
     }
-    // Wait for an earlier message of this batch to make room; its outcome
-    // is read later, with the others'.
-    let wait_for_oldest = OldestInFlight(in_flight);
-    match producer::enqueue(sender.producer.client(), record, None, wait_for_oldest).await {
+    match producer::enqueue(sender.producer.client(), record, deadline, room).await {
         Ok(f) => Ok(f),
         Err(Enqueue::Failed(e)) => Err(e.to_string()),
         Err(Enqueue::Stopped(never)) => match never {},
     }
 }
 
-/// Makes room by awaiting the oldest delivery of the relay's batch.
-struct OldestInFlight<'b>(&'b mut [(usize, DeliveryFuture)]);
-
-impl MakeRoom for OldestInFlight<'_> {
+/// Makes room by settling the oldest delivery of the batch (its outcome is
+/// kept); with nothing of its own in flight, by pausing a moment, so the
+/// wait yields to the lease's heartbeat.
+impl MakeRoom for &mut InFlight<'_> {
     type Error = Infallible;
 
     async fn make_room(&mut self) -> std::result::Result<(), Infallible> {
-        match self.0.first_mut() {
-            Some((_, oldest)) => {
-                let _ = std::pin::Pin::new(oldest).await;
-            }
-            None => tokio::time::sleep(Duration::from_millis(1)).await,
+        if !self.settle_oldest().await {
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(())
     }
@@ -664,7 +731,23 @@ async fn send_one(
             return other.map(|_| false);
         }
     };
-    let delivery = match enqueue(sender, &r, &mut []).await {
+    // Room in a full queue is waited for only until the commit's deadline.
+    let mut nothing: [Sent; 0] = [];
+    let mut room = InFlight {
+        queue: VecDeque::new(),
+        outcomes: &mut nothing,
+        bound: sender.send_timeout + SETTLE_MARGIN,
+        unsettled: &inner.unsettled,
+    };
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let enqueued = enqueue(
+        sender,
+        &r,
+        Some((std::time::Instant::now(), left)),
+        &mut room,
+    )
+    .await;
+    let delivery = match enqueued {
         Ok(f) => f,
         Err(e) => {
             tracing::debug!(seq, error = %e, "immediate send failed; the relay will retry");
@@ -673,10 +756,12 @@ async fn send_one(
         }
     };
     let topic = r.topic;
+    let bound = room.bound;
     let settle_one = {
         let inner = Arc::clone(inner);
         async move {
-            let delivered = matches!(delivery.await, Ok(Ok(_)));
+            let deadline = tokio::time::Instant::now() + bound;
+            let delivered = matches!(outcome(delivery, deadline, bound).await, Sent::Delivered);
             if delivered {
                 crate::telemetry::outbox_published(&topic).increment(1);
             }
@@ -702,11 +787,12 @@ async fn send_one(
         Err(_) => {
             // The caller stops waiting; the delivery is settled in the
             // background (bounded by the relay producer's send timeout).
-            inner.tasks.spawn(async move {
+            let task = inner.tasks.spawn(async move {
                 if let Err(e) = settle_one.await {
                     tracing::warn!(seq, error = %e, "settling an immediate outbox send failed; the relay will send the row");
                 }
             });
+            inner.owned(&task);
             Ok(false)
         }
     }
@@ -758,6 +844,24 @@ mod tests {
         assert_eq!(done, [2, 4], "r3 kept behind r1; r5 was not sent");
         let failed: Vec<(i64, &str)> = failed.iter().map(|(r, e)| (r.seq, e.as_str())).collect();
         assert_eq!(failed, [(1, "timed out")]);
+    }
+
+    /// A delivery whose outcome never comes (librdkafka's message timeout
+    /// did not fire) fails the row at its bound instead of holding the
+    /// batch, and with it the shard's lease, for ever.
+    #[tokio::test]
+    async fn a_delivery_that_never_settles_fails_at_its_bound() {
+        let bound = Duration::from_millis(20);
+        let never = std::future::pending::<
+            std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, Canceled>,
+        >();
+        let started = tokio::time::Instant::now();
+        let got = outcome(never, started + bound, bound).await;
+        assert!(
+            matches!(&got, Sent::Failed(e) if e.contains("no acknowledgement within 20ms")),
+            "{:?}",
+            matches!(got, Sent::Failed(_))
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -59,6 +60,13 @@ struct Inner {
     /// [`room_for_calls`]): calls wait here, in order, when it is full,
     /// instead of each retrying on a timer.
     room: tokio::sync::Semaphore,
+    /// Calls that found librdkafka's queue full take turns here, in the
+    /// order they met it, each until librdkafka took its message: a queue
+    /// full by bytes (which `room` does not count) keeps call order too.
+    line: tokio::sync::Mutex<()>,
+    /// Calls in `line` or on their way to it; while there are any, a new
+    /// call queues behind them instead of trying librdkafka first.
+    waiting: AtomicUsize,
     /// Counters and latency per produced type (see `telemetry`).
     metrics: FxHashMap<TypeId, ProduceMetrics>,
     /// Whether the client reaches a broker, for health.
@@ -116,6 +124,8 @@ impl Producer {
                 source: settings.effective_client_id().to_owned(),
                 queue_timeout: settings.message_timeout(),
                 room: tokio::sync::Semaphore::new(room),
+                line: tokio::sync::Mutex::new(()),
+                waiting: AtomicUsize::new(0),
                 reach,
                 _guard: clients.track(ClientKind::Producer),
             }),
@@ -131,10 +141,10 @@ impl Producer {
     /// not recall it; it is still delivered.
     ///
     /// Ordering: concurrent calls take room in librdkafka's local queue in
-    /// the order they are first polled, waiting in line while it is full,
-    /// so messages with one key keep that order. (A `produce_batch` or the
-    /// outbox relay filling the same queue at the same time can make a
-    /// waiting call retry, and lose its place.)
+    /// the order they are first polled, waiting in line while it is full
+    /// (by message count or by bytes), so messages with one key keep that
+    /// order. (A `produce_batch` running at the same time is not in that
+    /// line: its messages and single calls for one key may interleave.)
     pub fn produce<'a, T: Message>(&'a self, message: &'a T) -> Produce<'a, T> {
         Produce {
             producer: self,
@@ -268,24 +278,25 @@ impl Producer {
 
     /// Waits for room in librdkafka's local queue, then enqueues. The slow
     /// path of a produce call, boxed by its caller so that the common
-    /// future stays small. `permit` is the room already taken, if any.
+    /// future stays small. `place` was taken (synchronously, by the caller)
+    /// when the call found no room, so calls after it queue behind it.
     async fn send_when_room<'a, T: Message>(
         &'a self,
         spec: &'a TopicSpec<T>,
         encoded: Encoded,
         headers: Option<OwnedHeaders>,
-        permit: Option<SemaphorePermit<'a>>,
+        place: Waiting<'a>,
     ) -> Result<InFlight<'a, T>> {
+        // In line first, then room: the one in front holds the line while
+        // it waits, so nothing behind it takes the room it waits for.
+        let _line = self.inner.line.lock().await;
         // The semaphore is never closed, so `ok()` only drops an error that
         // cannot happen.
-        let permit = match permit {
-            Some(p) => Some(p),
-            None => self.inner.room.acquire().await.ok(),
-        };
+        let permit = self.inner.room.acquire().await.ok();
         let started = Instant::now();
         let record = encoded.record(spec.topic(), headers);
-        // Full although we hold room: the outbox relay shares this
-        // client's queue.
+        // Full although we hold room: the queue is full by bytes, or a
+        // batch shares it.
         let pause = Pause(QUEUE_FULL_PAUSE);
         let delivery = match enqueue(
             &self.inner.client,
@@ -304,6 +315,8 @@ impl Producer {
                 return Err(produce_failed(spec, source));
             }
         };
+        // Out of line once librdkafka has the message.
+        drop(place);
         Ok(InFlight {
             delivery,
             _permit: permit,
@@ -765,10 +778,15 @@ impl<'a, T: Message> Produce<'a, T> {
         };
         let spec = producer.inner.model.spec::<T>()?;
         let (encoded, headers) = producer.prepare(spec, message, &self.options)?;
-        // While there is room (so no call waits before this one) the
-        // message goes out now, without a future for the semaphore.
-        let Ok(permit) = producer.inner.room.try_acquire() else {
-            let wait = producer.send_when_room(spec, encoded, Some(headers), None);
+        // While no call waits and there is room the message goes out now,
+        // without a future for the semaphore.
+        let permit = match producer.inner.waiting.load(Ordering::Acquire) {
+            0 => producer.inner.room.try_acquire().ok(),
+            _ => None,
+        };
+        let Some(permit) = permit else {
+            let place = Waiting::take(&producer.inner.waiting);
+            let wait = producer.send_when_room(spec, encoded, Some(headers), place);
             return Ok(State::Waiting(Box::pin(wait)));
         };
         let record = encoded.record(spec.topic(), headers);
@@ -783,8 +801,12 @@ impl<'a, T: Message> Produce<'a, T> {
                 measure,
             })),
             Err((e, record)) if queue_full(&e) => {
+                // Full by bytes (or by a batch): give the room back and
+                // queue up like any call that found no room.
+                drop(permit);
+                let place = Waiting::take(&producer.inner.waiting);
                 let headers = record.headers;
-                let wait = producer.send_when_room(spec, encoded, headers, Some(permit));
+                let wait = producer.send_when_room(spec, encoded, headers, place);
                 Ok(State::Waiting(Box::pin(wait)))
             }
             Err((source, _)) => {
@@ -816,6 +838,23 @@ enum State<'a, T> {
     /// Queued; waiting for the broker's acknowledgement.
     InFlight(InFlight<'a, T>),
     Finished,
+}
+
+/// A call's place among those waiting for room (see `Inner::waiting`),
+/// given up when the call has its message queued, fails or is dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn take(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::AcqRel);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A message librdkafka has, and the room it takes in its queue.

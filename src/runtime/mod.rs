@@ -283,11 +283,20 @@ impl KontextBuilder {
 
 impl Drop for Kontext {
     /// Without `shutdown`, background tasks stop at once (like a crash):
-    /// the relay stops after its current pass, unsent rows stay for the next start.
+    /// the relay hands nothing more over, settles what is in flight and
+    /// stops; unsent rows stay for the next start.
     fn drop(&mut self) {
         self.cancel.cancel();
+        if let Some(o) = &self.outbox {
+            o.halt();
+        }
     }
 }
+
+/// How long shutdown waits, past its deadline, for a halted relay to settle
+/// its deliveries in flight before it aborts it (within the 2 s overrun
+/// `shutdown` allows).
+const RELAY_SETTLE_GRACE: Duration = Duration::from_secs(1);
 
 /// A running kontext: the model, the broker and the registered roles.
 #[derive(Debug)]
@@ -449,12 +458,17 @@ impl Kontext {
 
     /// Stops the registered roles gracefully: consumers stop fetching, drain
     /// their buffers through the handlers, commit and close; the outbox
-    /// relay finishes its pass; queued produced messages are flushed. All
-    /// of it within `timeout`, plus at most 2 s when something overruns:
+    /// relay sends what is pending; queued produced messages are flushed.
+    /// All of it within `timeout`, plus at most 2 s when something overruns:
     /// handlers still running at `timeout` are dropped (their messages are
     /// delivered again later, see [`MessageContext::cancelled`](crate::consumer::MessageContext::cancelled)),
     /// and the relay and the flush get what is left of `timeout`, at least
-    /// half a second each.
+    /// half a second each. At its deadline the relay hands no more rows
+    /// over, settles those in flight (1 s at most) and releases its
+    /// leases; when `shutdown` returns, it has stopped.
+    ///
+    /// Returns [`Error::ShutdownIncomplete`] when a relay still waiting on
+    /// the broker had to be aborted, saying what that leaves behind.
     pub async fn shutdown(mut self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         let left = || {
@@ -465,21 +479,38 @@ impl Kontext {
         if let Some(c) = self.consumers.take() {
             c.shutdown(timeout).await;
         }
-        // The relay finishes its current pass (what handlers just wrote
-        // included, once woken) and stops.
+        // The relay keeps sending (what handlers just wrote included, once
+        // woken) until the deadline, then hands nothing more over, settles
+        // what is in flight and releases its leases.
         if let Some(o) = &self.outbox {
             o.wake();
         }
         self.cancel.cancel();
         self.tasks.close();
+        let mut incomplete = None;
         if tokio::time::timeout(left(), self.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!("outbox relay did not stop in time");
+            if let Some(o) = &self.outbox {
+                o.halt();
+            }
+            // On a healthy broker in-flight deliveries settle in
+            // milliseconds; a relay still waiting on them after this is
+            // aborted, and the result says what that leaves behind.
+            if tokio::time::timeout(RELAY_SETTLE_GRACE, self.tasks.wait())
+                .await
+                .is_err()
+            {
+                incomplete = self.outbox.as_ref().and_then(Outbox::abort);
+            }
         }
         if let Some(p) = &self.producer {
             p.flush(left()).await?;
+        }
+        if let Some(what) = incomplete {
+            tracing::warn!(%what, "kontext stopped, incompletely");
+            return Err(Error::ShutdownIncomplete { what });
         }
         tracing::info!("kontext stopped");
         Ok(())
