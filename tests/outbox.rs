@@ -589,7 +589,7 @@ async fn a_key_in_backoff_holds_back_only_its_own_rows() {
     let model = model(&topic, 1, OutboxMode::Background);
     // One shard, so both keys share the relay's batches.
     let one_shard = |run_relay| OutboxSettings {
-        shards: 1,
+        shards: Some(1),
         batch_size: 50,
         run_relay,
         ..fast()
@@ -677,7 +677,7 @@ async fn two_relays_and_a_broker_stall_longer_than_the_lease_send_each_row_once(
     // One shard, so both relays contend for every row; a lease of 1 s
     // against an application producer that waits 10 s for a delivery.
     let settings = OutboxSettings {
-        shards: 1,
+        shards: Some(1),
         lease_ttl: Duration::from_secs(1),
         poll_interval: Duration::from_millis(50),
         ..patient()
@@ -1460,5 +1460,181 @@ async fn shutdown_mid_drain_stops_the_relay_before_it_returns() {
     assert_eq!(records.len(), total as usize, "each row once");
     assert_per_key_order(&decode(&records), total / 100);
     next.shutdown(Duration::from_secs(10)).await.unwrap();
+    drop(writer);
+}
+/// A writer-only instance configured with 32 shards beside a relay with
+/// the default: the shard count belongs to the table, so both use the same
+/// one and every row is sent, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_and_a_relay_configured_with_different_shard_counts_send_every_row() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 3, OutboxMode::Background);
+    let writer = start(
+        &model,
+        &broker,
+        &db,
+        OutboxSettings {
+            shards: Some(32),
+            ..no_relay()
+        },
+    )
+    .await;
+    let outbox = writer.outbox().unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    for shipment in 0..200 {
+        tx.publish(&created(shipment, 0)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let relay = start(&model, &broker, &db, fast()).await;
+    wait_pending_zero(&relay).await;
+    let records = read_topic(&broker, &topic, 201, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 200, "every row sent once");
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    drop(writer);
+}
+
+/// A process whose explicit shard count differs from the table's is
+/// refused at start, with both counts in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_with_another_explicit_shard_count_is_refused_at_start() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 1, OutboxMode::Background);
+    let first = start(&model, &broker, &db, no_relay()).await;
+    let refused = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            shards: Some(32),
+            ..fast()
+        })
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("is 32 in this process's settings") && refused.contains("sharded 16 ways"),
+        "{refused}"
+    );
+    drop(first);
+}
+
+/// Rows in a shard beyond the table's count (written by a process of an
+/// older release, or by hand) are sent all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_in_a_shard_beyond_the_count_are_sent() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 2, OutboxMode::Background);
+    let writer = start(&model, &broker, &db, no_relay()).await;
+    let outbox = writer.outbox().unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    for shipment in 0..50 {
+        tx.publish(&created(shipment, 0)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    db.execute_unprepared("UPDATE kontext_outbox SET shard = 40 + shard")
+        .await
+        .unwrap();
+    let relay = start(&model, &broker, &db, fast()).await;
+    wait_pending_zero(&relay).await;
+    let records = read_topic(&broker, &topic, 51, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 50, "every row sent once");
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    drop(writer);
+}
+
+/// The shard count changed on a live system: a writer keeps committing
+/// rows of 40 keys, and the table goes from 16 shards to 5 (moving a
+/// backlog) and then, while two relays send, to 32. Every row arrives once and every key
+/// in commit order; a process with the old explicit count is then refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resharding_a_live_outbox_keeps_every_row_once_and_each_key_in_order() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 4, OutboxMode::Background);
+    let keys = 40u32;
+    let rounds = 60u32;
+    let writer = start(&model, &broker, &db, no_relay()).await;
+    let small_batches = OutboxSettings {
+        batch_size: 50,
+        ..fast()
+    };
+
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let writing = {
+        let outbox = writer.outbox().unwrap().clone();
+        let written = written.clone();
+        tokio::spawn(async move {
+            for seq in 0..rounds {
+                let mut tx = outbox.begin().await.unwrap();
+                for shipment in 0..keys {
+                    tx.publish(&created(shipment, seq)).await.unwrap();
+                }
+                tx.commit().await.unwrap();
+                written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    };
+    let rounds_written = |n: u32| {
+        let written = written.clone();
+        async move {
+            wait_until("the writer to get on", async || {
+                let w = written.load(std::sync::atomic::Ordering::SeqCst);
+                ready(w >= n, || format!("{w} rounds written"))
+            })
+            .await;
+        }
+    };
+    // The first change moves a backlog while the writer goes on; the
+    // second happens while two relays send.
+    rounds_written(10).await;
+    let down = writer.outbox().unwrap().reshard(5).await.unwrap();
+    assert_eq!((down.from, down.to), (16, 5));
+    assert!(down.moved > 0, "the backlog moved to its new shards");
+    let a = start(&model, &broker, &db, small_batches.clone()).await;
+    let b = start(&model, &broker, &db, small_batches).await;
+    rounds_written(30).await;
+    let up = b.outbox().unwrap().reshard(32).await.unwrap();
+    assert_eq!((up.from, up.to), (5, 32));
+    writing.await.unwrap();
+    wait_pending_zero(&a).await;
+
+    let total = (keys * rounds) as usize;
+    let records = read_topic(&broker, &topic, total + 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(records.len(), total, "each row once");
+    assert_per_key_order(&decode(&records), rounds);
+    let leases = count(&db, "SELECT COUNT(*) AS n FROM kontext_outbox_lease").await;
+    assert!(
+        leases >= 32,
+        "a lease row per shard of the new count: {leases}"
+    );
+
+    let refused = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            shards: Some(16),
+            ..fast()
+        })
+        .start()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("sharded 32 ways"), "{refused}");
+    a.shutdown(Duration::from_secs(10)).await.unwrap();
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
     drop(writer);
 }

@@ -8,6 +8,7 @@ pub fn migrations() -> Vec<Box<dyn MigrationTrait>> {
         Box::new(CreateTables),
         Box::new(LeaseGeneration),
         Box::new(MessageIdNotUnique),
+        Box::new(OutboxLayout),
     ]
 }
 
@@ -38,6 +39,14 @@ enum Lease {
     Owner,
     ExpiresAt,
     Generation,
+}
+
+#[derive(Iden)]
+enum Layout {
+    #[iden = "kontext_outbox_layout"]
+    Table,
+    Id,
+    Shards,
 }
 
 #[derive(Iden)]
@@ -258,5 +267,41 @@ impl MigrationTrait for MessageIdNotUnique {
             )
             .await
             .map(|_| ())
+    }
+}
+
+/// The outbox table's shard count, stored once for every writer and relay
+/// (see `outbox::layout`). Its one row is written at the first start.
+struct OutboxLayout;
+
+impl MigrationName for OutboxLayout {
+    fn name(&self) -> &str {
+        "m20261207_000001_kontext_outbox_layout"
+    }
+}
+
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait::async_trait]
+impl MigrationTrait for OutboxLayout {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_table(
+            Table::create()
+                .table(Layout::Table)
+                .if_not_exists()
+                .col(
+                    ColumnDef::new(Layout::Id)
+                        .integer()
+                        .not_null()
+                        .primary_key(),
+                )
+                .col(ColumnDef::new(Layout::Shards).integer().not_null())
+                .to_owned(),
+        )
+        .await
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.drop_table(Table::drop().table(Layout::Table).if_exists().to_owned())
+            .await
     }
 }

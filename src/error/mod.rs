@@ -190,6 +190,10 @@ pub enum Error {
         source: KafkaError,
     },
 
+    /// `Outbox::reshard` could not change the outbox's shard count.
+    #[error("could not reshard the outbox: {0}")]
+    Reshard(String),
+
     /// `Kontext::shutdown` ran out of time before everything it stops had
     /// stopped; `what` says what was cut short and what that means.
     #[error("shutdown incomplete: {what}")]

@@ -35,9 +35,12 @@
 //! go on. While a row waits for its next attempt, later rows with the same
 //! key wait too.
 
+mod layout;
 mod lease;
 mod notify;
 mod relay;
+
+pub use layout::Resharded;
 
 use std::fmt;
 use std::ops::Deref;
@@ -46,9 +49,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
-    DbBackend, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, Set, Statement,
-    TransactionTrait,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, EntityTrait,
+    PaginatorTrait, QueryFilter, QueryOrder, Statement, TransactionTrait,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -77,8 +79,12 @@ pub use crate::model::OutboxMode;
 #[derive(Debug, Clone)]
 pub struct OutboxSettings {
     /// Shards the rows are spread over by key; the unit of relay leases.
-    /// Defaults to 16. Changing it while rows are pending may reorder them.
-    pub shards: i32,
+    /// The count belongs to the outbox table, which every writer and relay
+    /// of a database shares: `None` (the default) uses the table's count;
+    /// the first process to start on a new table seeds it with this value,
+    /// or 16. A process whose count differs from the table's is refused at
+    /// start; change a table's count with [`Outbox::reshard`].
+    pub shards: Option<i32>,
     /// Rows per relay batch. Defaults to 1000.
     pub batch_size: u64,
     /// How often the relay looks for rows it was not woken for (written by
@@ -108,7 +114,7 @@ pub struct OutboxSettings {
 impl Default for OutboxSettings {
     fn default() -> Self {
         OutboxSettings {
-            shards: 16,
+            shards: None,
             batch_size: 1000,
             poll_interval: Duration::from_secs(1),
             lease_ttl: Duration::from_secs(30),
@@ -138,7 +144,7 @@ impl OutboxSettings {
                 self.lease_ttl
             )));
         }
-        if self.shards < 1 || self.batch_size < 1 {
+        if self.shards.is_some_and(|s| s < 1) || self.batch_size < 1 {
             return Err(Error::config(
                 "outbox `shards` and `batch_size` must be at least 1",
             ));
@@ -189,6 +195,8 @@ pub(crate) struct Inner {
     /// Set at shutdown's deadline: the relay hands nothing more over,
     /// settles what is in flight and releases its leases.
     halt: CancellationToken,
+    /// Shards known to have a lease row.
+    lease_rows: std::sync::Mutex<std::collections::HashSet<i32>>,
     /// Rows handed to the producer whose delivery is not settled yet.
     unsettled: std::sync::atomic::AtomicUsize,
     /// The tasks in `tasks`, to abort those still running when shutdown's
@@ -293,6 +301,7 @@ impl Outbox {
                 tasks,
                 relay_state: RelayState::default(),
                 halt: CancellationToken::new(),
+                lease_rows: std::sync::Mutex::new(std::collections::HashSet::new()),
                 unsettled: std::sync::atomic::AtomicUsize::new(0),
                 handles: std::sync::Mutex::new(Vec::new()),
             }),
@@ -302,7 +311,13 @@ impl Outbox {
     /// Creates the lease rows and starts the relay (if enabled), stopped by
     /// `cancel`.
     pub(crate) async fn start_relay(&self, cancel: CancellationToken) -> Result<()> {
-        relay::ensure_leases(&self.inner).await?;
+        let shards = layout::adopt(&self.inner.db, self.inner.settings.shards).await?;
+        relay::ensure_lease_rows(&self.inner.db, 0..shards).await?;
+        self.inner
+            .lease_rows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(0..shards);
         let postgres = self.inner.db.get_database_backend() == DbBackend::Postgres;
         if !self.inner.settings.run_relay {
             if postgres {
@@ -423,62 +438,52 @@ impl Outbox {
             type_name: spec.rust_type(),
             source: e.into(),
         })?;
-        let shard = shard_of(
-            encoded.key().unwrap_or(encoded.message_id.as_bytes()),
-            self.inner.settings.shards,
-        );
+        // The shard is computed by the database from the table's count
+        // (see `layout`); the writer sends only the key's hash.
+        let hash = key_hash(encoded.key().unwrap_or(encoded.message_id.as_bytes()));
         let message_id = encoded.message_id;
         let (payload, key) = encoded.into_parts();
         let now = now_ms();
         const INSERT: &str = "insert into the outbox";
-        if let (Some(k), DbBackend::Postgres) = (&key, conn.get_database_backend()) {
+        let backend = conn.get_database_backend();
+        let mut values: Vec<sea_orm::Value> = Vec::with_capacity(12);
+        let sql = match (&key, backend) {
             // The key's commit-order lock (see `key_lock_id`) and the insert
             // in one round trip: the row's sequence number is drawn once
             // the lock is held.
-            let statement = Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                PG_INSERT_KEYED,
-                [
+            (Some(k), DbBackend::Postgres) => {
+                values.extend([
+                    layout::LAYOUT_LOCK.into(),
                     KEY_LOCK_CLASS.into(),
                     key_lock_id(spec.topic(), k).into(),
-                    message_id.to_string().into(),
-                    spec.topic().to_owned().into(),
-                    shard.into(),
-                    k.clone().into(),
-                    headers_json.into(),
-                    payload.into(),
-                    spec.type_name().to_owned().into(),
-                    now.into(),
-                ],
-            );
-            let row = conn
-                .query_one(statement)
-                .await
-                .db(INSERT)?
-                .ok_or(sea_orm::DbErr::RecordNotInserted)
-                .db(INSERT)?;
-            let seq: i64 = row.try_get("", "seq").db(INSERT)?;
-            return Ok((message_id, seq, shard, spec.outbox_mode()));
-        }
-        let inserted = row::ActiveModel {
-            message_id: Set(message_id.to_string()),
-            topic: Set(spec.topic().to_owned()),
-            shard: Set(shard),
-            key: Set(key),
-            headers: Set(headers_json),
-            payload: Set(Some(payload)),
-            message_type: Set(spec.type_name().to_owned()),
-            created_at: Set(now),
-            attempts: Set(0),
-            next_attempt_at: Set(0),
-            last_error: Set(None),
-            state: Set(row::PENDING),
-            ..Default::default()
-        }
-        .insert(conn)
-        .await
-        .db(INSERT)?;
-        Ok((message_id, inserted.seq, shard, spec.outbox_mode()))
+                ]);
+                PG_INSERT_KEYED
+            }
+            (None, DbBackend::Postgres) => {
+                values.push(layout::LAYOUT_LOCK.into());
+                PG_INSERT
+            }
+            _ => SQLITE_INSERT,
+        };
+        values.extend([
+            message_id.to_string().into(),
+            spec.topic().to_owned().into(),
+            hash.into(),
+            key.into(),
+            headers_json.into(),
+            payload.into(),
+            spec.type_name().to_owned().into(),
+            now.into(),
+        ]);
+        let row = conn
+            .query_one(Statement::from_sql_and_values(backend, sql, values))
+            .await
+            .db(INSERT)?
+            .ok_or(sea_orm::DbErr::RecordNotInserted)
+            .db(INSERT)?;
+        let seq: i64 = row.try_get("", "seq").db(INSERT)?;
+        let shard: i32 = row.try_get("", "shard").db(INSERT)?;
+        Ok((message_id, seq, shard, spec.outbox_mode()))
     }
 
     /// Begins a transaction on the outbox's database whose commit wakes the
@@ -530,6 +535,19 @@ impl Outbox {
                 last_error: r.last_error,
             })
             .collect())
+    }
+
+    /// Changes the outbox table's shard count to `shards` on a live system,
+    /// for every writer and relay of the database at once, keeping each
+    /// key's order: it takes every shard's lease (relays pause; it waits up
+    /// to twice `lease_ttl` for them to give their shards up), stores the
+    /// new count and moves every pending and failed row to its new shard,
+    /// then releases the leases. Writers keep writing meanwhile (an insert
+    /// waits while the rows are moved). Processes configured with an
+    /// explicit `shards` other than the new count are refused at their next
+    /// start; leave `shards` unset in their settings.
+    pub async fn reshard(&self, shards: i32) -> Result<Resharded> {
+        layout::reshard(&self.inner, shards).await
     }
 
     /// Makes every failed row pending again with fresh attempts. Returns how many.
@@ -635,12 +653,45 @@ impl fmt::Debug for OutboxTransaction {
 /// ASCII); the second is [`key_lock_id`].
 const KEY_LOCK_CLASS: i32 = 0x6b6f_6e74;
 
-/// A keyed row on PostgreSQL: `pg_advisory_xact_lock($1, $2)` on the key,
-/// then the insert, in one statement.
-const PG_INSERT_KEYED: &str = "WITH key_lock AS (SELECT pg_advisory_xact_lock($1, $2)) \
-     INSERT INTO kontext_outbox (message_id, topic, shard, key, headers, payload, message_type, \
-     created_at, attempts, next_attempt_at, last_error, state) \
-     SELECT $3, $4, $5, $6, $7, $8, $9, $10, 0, 0, NULL, 0 FROM key_lock RETURNING seq";
+/// The insert's columns after the locks' parameters: the shard is the
+/// key's hash modulo the table's count (`layout`).
+macro_rules! insert_values {
+    ($m:literal, $t:literal, $h:literal, $k:literal, $hd:literal, $p:literal, $ty:literal, $c:literal) => {
+        concat!(
+            "INSERT INTO kontext_outbox (message_id, topic, shard, key, headers, payload, message_type, \
+             created_at, attempts, next_attempt_at, last_error, state) SELECT ",
+            $m, ", ", $t, ", CAST(CAST(", $h, " AS BIGINT) % ",
+            "COALESCE((SELECT shards FROM kontext_outbox_layout WHERE id = 1), 16) AS INTEGER), ",
+            $k, ", ", $hd, ", ", $p, ", ", $ty, ", ", $c, ", 0, 0, NULL, 0"
+        )
+    };
+}
+
+/// A keyed row on PostgreSQL: the layout lock shared
+/// (`pg_advisory_xact_lock_shared($1)`), then the key's lock
+/// (`pg_advisory_xact_lock($2, $3)`), then the insert, in one statement.
+/// The layout lock comes first, always: a fixed order, so a reshard waiting
+/// for it cannot close a cycle with two writers' key locks.
+const PG_INSERT_KEYED: &str = concat!(
+    "WITH layout AS (SELECT pg_advisory_xact_lock_shared($1)), ",
+    "key_lock AS (SELECT pg_advisory_xact_lock($2, $3) FROM layout) ",
+    insert_values!("$4", "$5", "$6", "$7", "$8", "$9", "$10", "$11"),
+    " FROM key_lock RETURNING seq, shard"
+);
+
+/// A keyless row on PostgreSQL: the layout lock shared, then the insert.
+const PG_INSERT: &str = concat!(
+    "WITH layout AS (SELECT pg_advisory_xact_lock_shared($1)) ",
+    insert_values!("$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9"),
+    " FROM layout RETURNING seq, shard"
+);
+
+/// A row on SQLite, where a writing transaction excludes all others (a
+/// reshard's included), so no lock is taken.
+const SQLITE_INSERT: &str = concat!(
+    insert_values!("?", "?", "?", "?", "?", "?", "?", "?"),
+    " RETURNING seq, shard"
+);
 
 /// On PostgreSQL, transactions that publish the same key (on one topic)
 /// take turns, each until it commits or rolls back: the sequence number of
@@ -664,14 +715,20 @@ fn key_lock_id(topic: &str, key: &[u8]) -> i32 {
 }
 
 /// FNV-1a: a stable hash (unlike `std`'s), so a key maps to the same shard
-/// in every process and release.
-fn shard_of(key: &[u8], shards: i32) -> i32 {
+/// in every process and release. Positive in an `i64`, for SQL.
+fn key_hash(key: &[u8]) -> i64 {
     let mut h: u32 = 0x811c_9dc5;
     for b in key {
         h ^= u32::from(*b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    i32::try_from(h % u32::try_from(shards.max(1)).unwrap_or(1)).unwrap_or(0)
+    i64::from(h)
+}
+
+/// The shard of a key of hash `hash` among `shards`, as the insert
+/// computes it in SQL.
+fn shard_of_hash(hash: i64, shards: i32) -> i32 {
+    i32::try_from(hash.rem_euclid(i64::from(shards.max(1)))).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -680,6 +737,7 @@ mod tests {
 
     #[test]
     fn shards_are_stable_and_in_range() {
+        let shard_of = |key: &[u8], shards| shard_of_hash(key_hash(key), shards);
         assert_eq!(shard_of(b"order-1", 16), shard_of(b"order-1", 16));
         for k in 0..1000u32 {
             let s = shard_of(k.to_string().as_bytes(), 16);

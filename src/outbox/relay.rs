@@ -27,9 +27,13 @@ use crate::error::{Error, Result};
 use crate::headers::HeaderList as _;
 use crate::producer::{self, Enqueue, MakeRoom};
 
-/// Creates the lease rows of every shard (idempotent).
-pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
-    let rows: Vec<lease_row::ActiveModel> = (0..inner.settings.shards)
+/// Creates the lease rows of `shards` (idempotent).
+pub(super) async fn ensure_lease_rows(
+    db: &sea_orm::DatabaseConnection,
+    shards: impl IntoIterator<Item = i32>,
+) -> Result<()> {
+    let rows: Vec<lease_row::ActiveModel> = shards
+        .into_iter()
         .map(|shard| lease_row::ActiveModel {
             shard: Set(shard),
             owner: Set(None),
@@ -37,13 +41,16 @@ pub(super) async fn ensure_leases(inner: &Inner) -> Result<()> {
             generation: Set(0),
         })
         .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
     let result = lease_row::Entity::insert_many(rows)
         .on_conflict(
             OnConflict::column(lease_row::Column::Shard)
                 .do_nothing()
                 .to_owned(),
         )
-        .exec(&inner.db)
+        .exec(db)
         .await;
     match result {
         Ok(_) | Err(sea_orm::DbErr::RecordNotInserted) => Ok(()),
@@ -160,18 +167,19 @@ async fn set_gauges(inner: &Inner) -> Result<()> {
 /// writer, so it relays one shard at a time.
 const CONCURRENT_SHARDS: usize = 4;
 
-/// One pass over every shard this relay can lease. Returns rows sent.
+/// One pass over every shard that has pending rows and whose lease this
+/// relay can take. Returns rows sent.
+///
+/// Every such shard, not only those below the table's count: a row is
+/// never stranded in a shard no relay walks, whoever wrote it.
 async fn pass(inner: &Inner) -> Result<usize> {
-    let shards = inner.settings.shards;
-    // Start at a different shard each pass so relays spread over shards.
-    let start = i32::try_from(now_ms().rem_euclid(i64::from(shards.max(1)))).unwrap_or(0);
     let concurrency = match inner.db.get_database_backend() {
         DbBackend::Sqlite => 1,
         _ => CONCURRENT_SHARDS,
     };
     // Only shards with something to send: an idle shard would cost a lease
     // round trip and a query per pass for nothing.
-    let waiting: HashSet<i32> = row::Entity::find()
+    let mut waiting: Vec<i32> = row::Entity::find()
         .select_only()
         .column(row::Column::Shard)
         .distinct()
@@ -179,12 +187,32 @@ async fn pass(inner: &Inner) -> Result<usize> {
         .into_tuple::<i32>()
         .all(&inner.db)
         .await
-        .db("find outbox shards with pending rows")?
-        .into_iter()
-        .collect();
-    let order = (0..shards)
-        .map(|i| (start + i) % shards)
-        .filter(|shard| waiting.contains(shard));
+        .db("find outbox shards with pending rows")?;
+    waiting.sort_unstable();
+    let unknown: Vec<i32> = {
+        let known = inner
+            .lease_rows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        waiting
+            .iter()
+            .copied()
+            .filter(|s| !known.contains(s))
+            .collect()
+    };
+    if !unknown.is_empty() {
+        ensure_lease_rows(&inner.db, unknown.iter().copied()).await?;
+        inner
+            .lease_rows
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(unknown);
+    }
+    // Start at a different shard each pass so relays spread over shards.
+    let n = waiting.len();
+    let start = usize::try_from(now_ms().rem_euclid(n.max(1) as i64)).unwrap_or(0);
+    waiting.rotate_left(start.min(n));
+    let order = waiting.into_iter();
     let mut results =
         stream::iter(order.map(|shard| relay_shard(inner, shard))).buffer_unordered(concurrency);
     let mut sent = 0;
