@@ -47,6 +47,8 @@ enum Layout {
     Table,
     Id,
     Shards,
+    PausedUntil,
+    PausedBy,
 }
 
 #[derive(Iden)]
@@ -270,6 +272,10 @@ impl MigrationTrait for MessageIdNotUnique {
     }
 }
 
+/// The PostgreSQL advisory lock (one 64-bit key: "kontxlay") every outbox
+/// insert takes shared and a reshard exclusively (`outbox::layout`).
+pub(crate) const OUTBOX_LAYOUT_LOCK: i64 = 0x6b6f_6e74_786c_6179;
+
 /// The outbox table's shard count, stored once for every writer and relay
 /// (see `outbox::layout`). Its one row is written at the first start.
 struct OutboxLayout;
@@ -295,12 +301,39 @@ impl MigrationTrait for OutboxLayout {
                         .primary_key(),
                 )
                 .col(ColumnDef::new(Layout::Shards).integer().not_null())
+                .col(
+                    ColumnDef::new(Layout::PausedUntil)
+                        .big_integer()
+                        .not_null()
+                        .default(0),
+                )
+                .col(ColumnDef::new(Layout::PausedBy).string().null())
                 .to_owned(),
         )
-        .await
+        .await?;
+        if m.get_database_backend() == sea_orm::DbBackend::Postgres {
+            // Takes the layout lock shared (a reshard takes it exclusively,
+            // `outbox::layout::LAYOUT_LOCK`), then reads the count: each
+            // statement of a VOLATILE function has a snapshot of its own, so
+            // the count read is the one committed when the lock was granted.
+            m.get_connection()
+                .execute_unprepared(&format!(
+                    "CREATE OR REPLACE FUNCTION kontext_outbox_shards() RETURNS integer \
+                     LANGUAGE sql VOLATILE AS $$ \
+                     SELECT pg_advisory_xact_lock_shared({OUTBOX_LAYOUT_LOCK}); \
+                     SELECT shards FROM kontext_outbox_layout WHERE id = 1; $$"
+                ))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        if m.get_database_backend() == sea_orm::DbBackend::Postgres {
+            m.get_connection()
+                .execute_unprepared("DROP FUNCTION IF EXISTS kontext_outbox_shards()")
+                .await?;
+        }
         m.drop_table(Table::drop().table(Layout::Table).if_exists().to_owned())
             .await
     }

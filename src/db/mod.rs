@@ -31,6 +31,7 @@ use sea_orm::{
 };
 use sea_orm_migration::{MigrationTrait, MigratorTrait};
 
+pub(crate) use migration::OUTBOX_LAYOUT_LOCK;
 pub use migration::migrations;
 
 use crate::error::{DbContext as _, Result};

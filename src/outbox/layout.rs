@@ -9,29 +9,37 @@
 //! process that starts, and every insert computes its row's shard from it
 //! in SQL (the writer sends only the key's hash).
 //!
-//! [`reshard`] changes it on a live system: it takes every shard's lease
-//! (relays pause), then, under an exclusive lock that every writer's insert
-//! takes shared, stores the new count and moves every row to its new shard.
-//! On PostgreSQL an insert that began before the change can still commit
-//! after it with the old count (its snapshot predates the change); a second
-//! exclusive lock waits for those transactions and moves their rows too,
-//! before the leases are released. Relays only ever see the new layout.
+//! [`reshard`] changes it on a live system. It pauses the outbox (one
+//! reshard at a time: `paused_until`/`paused_by` on the layout row; relays
+//! and immediate sends take no lease and start no next batch meanwhile),
+//! takes every shard's lease as its holders finish their batches, then in
+//! one transaction renews those leases (their rows stay locked until it
+//! commits, so nobody takes one), takes an exclusive lock that every
+//! insert takes shared, stores the new count and moves every row to its
+//! new shard. On PostgreSQL an insert reads the count through
+//! `kontext_outbox_shards()`, which takes that lock shared and then reads
+//! the count with a fresh snapshot, so an insert waiting on a reshard uses
+//! the new count. Relays only ever see one layout.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait as _};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement, TransactionTrait as _};
 
 use super::Inner;
-use super::lease::{self, Lease};
+use super::lease::{self, Lease, Reshard};
 use crate::error::{DbContext as _, Error, Result};
 
 /// The count a new table is given when the first process sets none.
 pub(super) const DEFAULT_SHARDS: i32 = 16;
 
-/// The PostgreSQL advisory lock (one 64-bit key: "kontxlay") every insert
-/// takes shared and [`reshard`] exclusively.
-pub(super) const LAYOUT_LOCK: i64 = 0x6b6f_6e74_786c_6179;
+/// How long the transaction that moves rows waits for the layout lock
+/// (writers' transactions in progress hold it shared) before it gives up
+/// and tries again: writers that start meanwhile queue behind it.
+const LOCK_WAIT: &str = "5s";
+
+/// Tries of that transaction before the reshard fails.
+const TRIES: u32 = 3;
 
 /// Seeds the table's count with `wanted` (or the default) if it has none,
 /// and returns it. A `wanted` count that differs from the table's is
@@ -98,18 +106,29 @@ pub(super) async fn reshard(inner: &Inner, shards: i32) -> Result<Resharded> {
     }
     let db = &inner.db;
     let owner = format!("reshard:{}", uuid::Uuid::now_v7());
+    let ttl = inner.settings.lease_ttl;
+    // Long enough to take every lease (a stuck holder's expires after
+    // `lease_ttl`) and move the rows; a crashed reshard's pause ends by
+    // itself then.
+    let pause = ttl * 3 + Duration::from_secs(30);
+    pause_outbox(db, &owner, pause).await?;
     super::relay::ensure_lease_rows(db, 0..shards).await?;
-    let all = lease_shards(db).await?;
-    let mut held: Vec<Lease> = Vec::with_capacity(all.len());
+    let mut held: Vec<Lease> = Vec::new();
     let result = async {
+        let all = lease_shards(db).await?;
         take_every_lease(inner, &owner, &all, &mut held).await?;
         let from = stored(db).await?;
-        let mut moved = rewrite(inner, shards, &owner, held.len()).await?;
-        if db.get_database_backend() == DbBackend::Postgres {
-            // Inserts whose snapshot predates the change: waited for by the
-            // exclusive lock, their rows moved.
-            moved += rewrite(inner, shards, &owner, held.len()).await?;
-        }
+        let mut tries = 0;
+        let moved = loop {
+            tries += 1;
+            match rewrite(inner, shards, &owner, held.len()).await {
+                Ok(moved) => break moved,
+                Err(e) if tries < TRIES && lock_wait_ended(&e) => {
+                    tracing::info!(error = %e, "outbox reshard waited too long for writers; trying again");
+                }
+                Err(e) => return Err(e),
+            }
+        };
         Ok(Resharded {
             from,
             to: shards,
@@ -120,16 +139,91 @@ pub(super) async fn reshard(inner: &Inner, shards: i32) -> Result<Resharded> {
     for l in &held {
         lease::release(db, l).await;
     }
-    if let Ok(r) = &result {
-        tracing::info!(
-            from = r.from,
-            to = r.to,
-            moved = r.moved,
-            "outbox resharded"
-        );
-        inner.wake.notify_one();
+    resume_outbox(db, &owner).await;
+    match &result {
+        Ok(r) => {
+            tracing::info!(
+                from = r.from,
+                to = r.to,
+                moved = r.moved,
+                "outbox resharded"
+            );
+            inner.wake.notify_one();
+        }
+        Err(e) => tracing::warn!(error = %e, "outbox reshard failed; the count is unchanged"),
     }
     result
+}
+
+/// Marks the outbox paused by `owner` for at most `pause`, unless another
+/// reshard has it paused.
+async fn pause_outbox(db: &DatabaseConnection, owner: &str, pause: Duration) -> Result<()> {
+    const WHAT: &str = "pause the outbox to reshard";
+    let backend = db.get_database_backend();
+    let pause_ms = i64::try_from(pause.as_millis()).unwrap_or(i64::MAX);
+    let now = sql_now(backend);
+    let res = db
+        .execute(Statement::from_sql_and_values(
+            backend,
+            match backend {
+                DbBackend::Postgres => format!(
+                    "UPDATE kontext_outbox_layout SET paused_until = {now} + $1, paused_by = $2 \
+                     WHERE id = 1 AND paused_until <= {now}"
+                ),
+                _ => format!(
+                    "UPDATE kontext_outbox_layout SET paused_until = {now} + ?, paused_by = ? \
+                     WHERE id = 1 AND paused_until <= {now}"
+                ),
+            },
+            [pause_ms.into(), owner.into()],
+        ))
+        .await
+        .db(WHAT)?;
+    if res.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(Error::Reshard(
+            "another reshard is in progress (or the outbox's layout row is missing)".into(),
+        ))
+    }
+}
+
+/// Ends `owner`'s pause (it also ends by itself at `paused_until`).
+async fn resume_outbox(db: &DatabaseConnection, owner: &str) {
+    let backend = db.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => {
+            "UPDATE kontext_outbox_layout SET paused_until = 0, paused_by = NULL WHERE id = 1 AND paused_by = $1"
+        }
+        _ => {
+            "UPDATE kontext_outbox_layout SET paused_until = 0, paused_by = NULL WHERE id = 1 AND paused_by = ?"
+        }
+    };
+    if let Err(e) = db
+        .execute(Statement::from_sql_and_values(backend, sql, [owner.into()]))
+        .await
+    {
+        tracing::warn!(error = %e, "could not end the outbox's reshard pause; it ends by itself");
+    }
+}
+
+/// The database's clock in milliseconds, as SQL text.
+fn sql_now(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+        _ => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+    }
+}
+
+/// Whether `e` is PostgreSQL giving up on a lock (`lock_timeout`, 55P03).
+fn lock_wait_ended(e: &Error) -> bool {
+    match e {
+        Error::Database { source, .. } => {
+            let text = source.to_string();
+            text.contains("55P03") || text.contains("lock timeout")
+        }
+        _ => false,
+    }
 }
 
 /// Every shard that has a lease row.
@@ -157,13 +251,13 @@ async fn take_every_lease(
     held: &mut Vec<Lease>,
 ) -> Result<()> {
     let ttl = inner.settings.lease_ttl;
-    let deadline = Instant::now() + ttl * 2 + Duration::from_secs(5);
+    let deadline = Instant::now() + ttl * 2;
     loop {
         for &shard in all {
             if held.iter().any(|l| l.shard == shard) {
                 continue;
             }
-            if let Some(l) = lease::acquire(&inner.db, shard, owner, ttl).await? {
+            if let Some(l) = lease::acquire(&inner.db, shard, owner, ttl, Reshard::Ignore).await? {
                 held.push(l);
             }
         }
@@ -179,7 +273,9 @@ async fn take_every_lease(
             )));
         }
         for l in held.iter_mut() {
-            if l.renewed().elapsed() > ttl / 4 && !lease::renew(&inner.db, l, ttl).await? {
+            if l.renewed().elapsed() > ttl / 4
+                && !lease::renew(&inner.db, l, ttl, Reshard::Ignore).await?
+            {
                 return Err(Error::Reshard(
                     "a shard's lease it took was lost; nothing was changed".into(),
                 ));
@@ -189,9 +285,9 @@ async fn take_every_lease(
     }
 }
 
-/// In one transaction under the exclusive layout lock: checks the leases
-/// are still `owner`'s, stores `shards` and moves every row whose shard
-/// differs under it. Returns the rows moved.
+/// In one transaction: renews `owner`'s leases (all `held` of them, or
+/// nothing is done), takes the layout lock exclusively, stores `shards` and
+/// moves every row whose shard differs under it. Returns the rows moved.
 async fn rewrite(inner: &Inner, shards: i32, owner: &str, held: usize) -> Result<u64> {
     const WHAT: &str = "reshard the outbox";
     let backend = inner.db.get_database_backend();
@@ -200,21 +296,46 @@ async fn rewrite(inner: &Inner, shards: i32, owner: &str, held: usize) -> Result
         DbBackend::Postgres => postgres.to_owned(),
         _ => other.to_owned(),
     };
+    // First, the leases: renewed, and their rows locked until this commits
+    // (on SQLite the write takes the database's write lock), so none of
+    // them can be taken while the rows move. One lost lease: nothing done.
+    let ttl_ms = i64::try_from(inner.settings.lease_ttl.as_millis()).unwrap_or(i64::MAX);
+    let now = sql_now(backend);
+    let renewed = txn
+        .execute(Statement::from_sql_and_values(
+            backend,
+            sql(
+                &format!(
+                    "UPDATE kontext_outbox_lease SET expires_at = {now} + $1 WHERE owner = $2"
+                ),
+                &format!("UPDATE kontext_outbox_lease SET expires_at = {now} + ? WHERE owner = ?"),
+            ),
+            [ttl_ms.into(), owner.into()],
+        ))
+        .await
+        .db(WHAT)?
+        .rows_affected();
+    if usize::try_from(renewed).unwrap_or(0) != held {
+        return Err(Error::Reshard(format!(
+            "{} of the {held} shard leases it took were lost (it took longer than `lease_ttl`); the count is unchanged",
+            held.saturating_sub(usize::try_from(renewed).unwrap_or(0))
+        )));
+    }
     if backend == DbBackend::Postgres {
-        // A writer holding the lock shared for long (a long transaction)
-        // fails the reshard instead of stalling every other writer behind it.
-        txn.execute_unprepared("SET LOCAL lock_timeout = '30s'")
+        // Writers' transactions in progress hold the layout lock shared; a
+        // long one fails this try instead of stalling the writers that
+        // queue behind the exclusive request.
+        txn.execute_unprepared(&format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
             .await
             .db(WHAT)?;
         txn.execute(Statement::from_sql_and_values(
             backend,
             "SELECT pg_advisory_xact_lock($1)",
-            [LAYOUT_LOCK.into()],
+            [crate::db::OUTBOX_LAYOUT_LOCK.into()],
         ))
         .await
         .db(WHAT)?;
     }
-    // First a write, which on SQLite takes the database's write lock.
     txn.execute(Statement::from_sql_and_values(
         backend,
         sql(
@@ -225,26 +346,6 @@ async fn rewrite(inner: &Inner, shards: i32, owner: &str, held: usize) -> Result
     ))
     .await
     .db(WHAT)?;
-    let ours = txn
-        .query_one(Statement::from_sql_and_values(
-            backend,
-            sql(
-                "SELECT COUNT(*) AS n FROM kontext_outbox_lease WHERE owner = $1",
-                "SELECT COUNT(*) AS n FROM kontext_outbox_lease WHERE owner = ?",
-            ),
-            [owner.into()],
-        ))
-        .await
-        .db(WHAT)?
-        .map(|r| r.try_get::<i64>("", "n"))
-        .transpose()
-        .db(WHAT)?
-        .unwrap_or(0);
-    if usize::try_from(ours).unwrap_or(0) != held {
-        return Err(Error::Reshard(
-            "a shard's lease it took was lost (it took longer than `lease_ttl`); nothing was changed".into(),
-        ));
-    }
     let rows = txn
         .query_all(Statement::from_string(
             backend,

@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use sea_orm::sea_query::{Expr, Query, SimpleExpr};
+use sea_orm::sea_query::{Alias, Expr, Query, SimpleExpr};
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend};
 
 use crate::db::lease_entity as lease;
@@ -67,17 +67,45 @@ pub(super) fn settled_in_time(renewed: Instant, ttl: Duration, send_timeout: Dur
     renewed.elapsed() + send_timeout < ttl
 }
 
+/// Whether taking or keeping a lease yields to a reshard in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reshard {
+    /// Relays and immediate sends: no new lease (and no next batch) while
+    /// a reshard has paused the outbox (`kontext_outbox_layout.paused_until`).
+    Yield,
+    /// The reshard itself.
+    Ignore,
+}
+
+/// True while no reshard has paused the outbox, as SQL.
+fn not_paused(backend: DbBackend) -> SimpleExpr {
+    Expr::exists(
+        Query::select()
+            .expr(Expr::val(1))
+            .from(Alias::new("kontext_outbox_layout"))
+            .and_where(Expr::col(Alias::new("paused_until")).gt(db_now(backend)))
+            .to_owned(),
+    )
+    .not()
+}
+
 /// Takes the lease of `shard` for `owner` if it is free or expired, with a
-/// new generation. `None` if someone else holds it.
+/// new generation. `None` if someone else holds it (or, yielding, while a
+/// reshard runs).
 pub(super) async fn acquire(
     db: &DatabaseConnection,
     shard: i32,
     owner: &str,
     ttl: Duration,
+    reshard: Reshard,
 ) -> Result<Option<Lease>> {
     let backend = db.get_database_backend();
     let sent = Instant::now();
-    let stmt = Query::update()
+    let mut stmt = Query::update();
+    if reshard == Reshard::Yield {
+        stmt.and_where(not_paused(backend));
+    }
+    let stmt = stmt
         .table(lease::Entity)
         .value(lease::Column::Owner, owner)
         .value(
@@ -111,15 +139,21 @@ pub(super) async fn acquire(
     }))
 }
 
-/// Extends `lease` if it is still ours. `Ok(false)`: it was taken over.
+/// Extends `lease` if it is still ours. `Ok(false)`: it was taken over
+/// (or, yielding, a reshard waits for it).
 pub(super) async fn renew(
     db: &DatabaseConnection,
     lease: &mut Lease,
     ttl: Duration,
+    reshard: Reshard,
 ) -> Result<bool> {
     let backend = db.get_database_backend();
     let sent = Instant::now();
-    let stmt = Query::update()
+    let mut stmt = Query::update();
+    if reshard == Reshard::Yield {
+        stmt.and_where(not_paused(backend));
+    }
+    let stmt = stmt
         .table(lease::Entity)
         .value(lease::Column::ExpiresAt, db_now(backend).add(ms(ttl)))
         .and_where(held_by(lease))
@@ -233,13 +267,19 @@ mod tests {
     async fn a_relay_that_lost_its_lease_can_neither_renew_nor_write() {
         let db = database().await;
         let ttl = Duration::from_secs(60);
-        let mut a = acquire(&db, 0, "a", ttl).await.unwrap().unwrap();
+        let mut a = acquire(&db, 0, "a", ttl, Reshard::Yield)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
-            acquire(&db, 0, "b", ttl).await.unwrap().is_none(),
+            acquire(&db, 0, "b", ttl, Reshard::Yield)
+                .await
+                .unwrap()
+                .is_none(),
             "a live lease is not taken"
         );
         assert!(
-            renew(&db, &mut a, ttl).await.unwrap(),
+            renew(&db, &mut a, ttl, Reshard::Yield).await.unwrap(),
             "its holder renews it"
         );
 
@@ -247,13 +287,16 @@ mod tests {
         db.execute_unprepared("UPDATE kontext_outbox_lease SET expires_at = 0")
             .await
             .unwrap();
-        let b = acquire(&db, 0, "b", ttl).await.unwrap().unwrap();
+        let b = acquire(&db, 0, "b", ttl, Reshard::Yield)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             b.generation > a.generation,
             "a takeover starts a new generation"
         );
         assert!(
-            !renew(&db, &mut a, ttl).await.unwrap(),
+            !renew(&db, &mut a, ttl, Reshard::Yield).await.unwrap(),
             "the old holder cannot renew"
         );
 
@@ -264,7 +307,10 @@ mod tests {
 
         // Even the same owner name, once it re-acquired, is a new holder.
         release(&db, &b).await;
-        let b2 = acquire(&db, 0, "b", ttl).await.unwrap().unwrap();
+        let b2 = acquire(&db, 0, "b", ttl, Reshard::Yield)
+            .await
+            .unwrap()
+            .unwrap();
         let seq = insert_row(&db).await;
         assert_eq!(fenced_delete(&db, &b, seq).await, 0);
         assert_eq!(fenced_delete(&db, &b2, seq).await, 1);
@@ -274,7 +320,10 @@ mod tests {
     async fn expiry_follows_the_database_clock() {
         let db = database().await;
         let ttl = Duration::from_secs(60);
-        let _a = acquire(&db, 0, "a", ttl).await.unwrap().unwrap();
+        let _a = acquire(&db, 0, "a", ttl, Reshard::Yield)
+            .await
+            .unwrap()
+            .unwrap();
         let backend = db.get_database_backend();
         let stmt = Query::select()
             .expr_as(

@@ -308,9 +308,10 @@ impl Outbox {
         }
     }
 
-    /// Creates the lease rows and starts the relay (if enabled), stopped by
-    /// `cancel`.
-    pub(crate) async fn start_relay(&self, cancel: CancellationToken) -> Result<()> {
+    /// Adopts the table's shard count (seeding it on a new table; refusing
+    /// an explicit count that differs) and creates the lease rows: before
+    /// anything in this process writes a row.
+    pub(crate) async fn prepare(&self) -> Result<()> {
         let shards = layout::adopt(&self.inner.db, self.inner.settings.shards).await?;
         relay::ensure_lease_rows(&self.inner.db, 0..shards).await?;
         self.inner
@@ -318,6 +319,11 @@ impl Outbox {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .extend(0..shards);
+        Ok(())
+    }
+
+    /// Starts the relay (if enabled), stopped by `cancel`.
+    pub(crate) async fn start_relay(&self, cancel: CancellationToken) -> Result<()> {
         let postgres = self.inner.db.get_database_backend() == DbBackend::Postgres;
         if !self.inner.settings.run_relay {
             if postgres {
@@ -452,17 +458,10 @@ impl Outbox {
             // in one round trip: the row's sequence number is drawn once
             // the lock is held.
             (Some(k), DbBackend::Postgres) => {
-                values.extend([
-                    layout::LAYOUT_LOCK.into(),
-                    KEY_LOCK_CLASS.into(),
-                    key_lock_id(spec.topic(), k).into(),
-                ]);
+                values.extend([KEY_LOCK_CLASS.into(), key_lock_id(spec.topic(), k).into()]);
                 PG_INSERT_KEYED
             }
-            (None, DbBackend::Postgres) => {
-                values.push(layout::LAYOUT_LOCK.into());
-                PG_INSERT
-            }
+            (None, DbBackend::Postgres) => PG_INSERT,
             _ => SQLITE_INSERT,
         };
         values.extend([
@@ -653,43 +652,57 @@ impl fmt::Debug for OutboxTransaction {
 /// ASCII); the second is [`key_lock_id`].
 const KEY_LOCK_CLASS: i32 = 0x6b6f_6e74;
 
-/// The insert's columns after the locks' parameters: the shard is the
-/// key's hash modulo the table's count (`layout`).
+/// The insert of one row. `$count` is the table's shard count as SQL; the
+/// shard is the key's hash (`$h`) modulo it.
 macro_rules! insert_values {
-    ($m:literal, $t:literal, $h:literal, $k:literal, $hd:literal, $p:literal, $ty:literal, $c:literal) => {
+    ($count:literal, $m:literal, $t:literal, $h:literal, $k:literal, $hd:literal, $p:literal, $ty:literal, $c:literal) => {
         concat!(
             "INSERT INTO kontext_outbox (message_id, topic, shard, key, headers, payload, message_type, \
              created_at, attempts, next_attempt_at, last_error, state) SELECT ",
-            $m, ", ", $t, ", CAST(CAST(", $h, " AS BIGINT) % ",
-            "COALESCE((SELECT shards FROM kontext_outbox_layout WHERE id = 1), 16) AS INTEGER), ",
+            $m, ", ", $t, ", CAST(CAST(", $h, " AS BIGINT) % ", $count, " AS INTEGER), ",
             $k, ", ", $hd, ", ", $p, ", ", $ty, ", ", $c, ", 0, 0, NULL, 0"
         )
     };
 }
 
-/// A keyed row on PostgreSQL: the layout lock shared
-/// (`pg_advisory_xact_lock_shared($1)`), then the key's lock
-/// (`pg_advisory_xact_lock($2, $3)`), then the insert, in one statement.
-/// The layout lock comes first, always: a fixed order, so a reshard waiting
-/// for it cannot close a cycle with two writers' key locks.
+/// A keyed row on PostgreSQL, in one statement: the table's count through
+/// `kontext_outbox_shards()` (which takes the layout lock shared, then
+/// reads the count with a snapshot of its own, so a reshard that committed
+/// while this statement waited for the lock is seen), then the key's lock
+/// (`pg_advisory_xact_lock($1, $2)`), then the insert. The layout lock
+/// comes first: a fixed order, so a reshard waiting for it cannot close a
+/// cycle with writers' key locks.
 const PG_INSERT_KEYED: &str = concat!(
-    "WITH layout AS (SELECT pg_advisory_xact_lock_shared($1)), ",
-    "key_lock AS (SELECT pg_advisory_xact_lock($2, $3) FROM layout) ",
-    insert_values!("$4", "$5", "$6", "$7", "$8", "$9", "$10", "$11"),
-    " FROM key_lock RETURNING seq, shard"
+    "WITH layout AS (SELECT kontext_outbox_shards() AS n), ",
+    "key_lock AS (SELECT pg_advisory_xact_lock($1, $2) FROM layout) ",
+    insert_values!("layout.n", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
+    " FROM layout, key_lock RETURNING seq, shard"
 );
 
-/// A keyless row on PostgreSQL: the layout lock shared, then the insert.
+/// A keyless row on PostgreSQL: the table's count (and the layout lock),
+/// then the insert.
 const PG_INSERT: &str = concat!(
-    "WITH layout AS (SELECT pg_advisory_xact_lock_shared($1)) ",
-    insert_values!("$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9"),
+    "WITH layout AS (SELECT kontext_outbox_shards() AS n) ",
+    insert_values!("layout.n", "$1", "$2", "$3", "$4", "$5", "$6", "$7", "$8"),
     " FROM layout RETURNING seq, shard"
 );
 
 /// A row on SQLite, where a writing transaction excludes all others (a
-/// reshard's included), so no lock is taken.
+/// reshard's included) and one whose snapshot is older than the last
+/// commit cannot write, so the count is read plainly. No count (the layout
+/// row missing) fails the insert: `shard` is `NOT NULL`.
 const SQLITE_INSERT: &str = concat!(
-    insert_values!("?", "?", "?", "?", "?", "?", "?", "?"),
+    insert_values!(
+        "(SELECT shards FROM kontext_outbox_layout WHERE id = 1)",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?",
+        "?"
+    ),
     " RETURNING seq, shard"
 );
 

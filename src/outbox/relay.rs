@@ -2,7 +2,6 @@
 //! deletes what the broker acknowledged, records failures with backoff.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +17,7 @@ use sea_orm::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::lease::{self, Lease, db_now};
+use super::lease::{self, Lease, Reshard, db_now};
 use super::{Inner, Sender};
 use crate::backoff::Backoff;
 use crate::db::{lease_entity as lease_row, now_ms, outbox_entity as row};
@@ -238,7 +237,9 @@ async fn relay_shard(inner: &Inner, shard: i32) -> Result<usize> {
         return Ok(0);
     }
     let ttl = inner.settings.lease_ttl;
-    let Some(mut held) = lease::acquire(&inner.db, shard, &inner.relay_id, ttl).await? else {
+    let Some(mut held) =
+        lease::acquire(&inner.db, shard, &inner.relay_id, ttl, Reshard::Yield).await?
+    else {
         return Ok(0);
     };
     let result = async {
@@ -266,7 +267,8 @@ async fn relay_shard(inner: &Inner, shard: i32) -> Result<usize> {
             if !batch.full
                 || batch.sent == 0
                 || inner.halt.is_cancelled()
-                || !lease::renew(&inner.db, &mut held, ttl).await?
+                // A reshard waiting for the shard gets it between batches.
+                || !lease::renew(&inner.db, &mut held, ttl, Reshard::Yield).await?
             {
                 break;
             }
@@ -356,7 +358,8 @@ async fn relay_batch(inner: &Inner, held: &mut Lease) -> Result<Batch> {
                     if watch.lost.load(Ordering::Relaxed) {
                         continue;
                     }
-                    match lease::renew(&inner.db, held, ttl).await {
+                    // The batch in flight is finished, reshard or not.
+                    match lease::renew(&inner.db, held, ttl, Reshard::Ignore).await {
                         Ok(true) => watch.renewed(held.renewed()),
                         Ok(false) => watch.lost.store(true, Ordering::Relaxed),
                         // Unknown: `may_send` stops new sends once the last
@@ -433,6 +436,7 @@ async fn send_rows(inner: &Inner, rows: &[row::Model], watch: &Watch) -> Vec<Sen
         outcomes: &mut outcomes,
         bound: send_timeout + SETTLE_MARGIN,
         unsettled: &inner.unsettled,
+        lease: Some((watch, ttl, send_timeout)),
     };
     for (i, r) in rows.iter().enumerate() {
         if inner.halt.is_cancelled() || !watch.may_send(ttl, send_timeout) {
@@ -443,7 +447,8 @@ async fn send_rows(inner: &Inner, rows: &[row::Model], watch: &Watch) -> Vec<Sen
         }
         let deadline = Some((std::time::Instant::now(), send_timeout));
         match enqueue(sender, r, deadline, &mut in_flight).await {
-            Ok(f) => in_flight.push(i, f),
+            Ok(Some(f)) => in_flight.push(i, f),
+            Ok(None) => break,
             Err(e) => {
                 if let Some(k) = &r.key {
                     blocked.insert(k.as_slice());
@@ -469,6 +474,10 @@ struct InFlight<'o> {
     bound: Duration,
     /// The relay's count of rows handed over and not yet settled.
     unsettled: &'o AtomicUsize,
+    /// The batch's lease, its ttl and the send timeout: a row still waiting
+    /// for room when the lease can no longer vouch for its delivery is not
+    /// handed over.
+    lease: Option<(&'o Watch, Duration, Duration)>,
 }
 
 impl InFlight<'_> {
@@ -607,7 +616,7 @@ async fn enqueue(
     r: &row::Model,
     deadline: Option<(std::time::Instant, Duration)>,
     room: &mut InFlight<'_>,
-) -> std::result::Result<DeliveryFuture, String> {
+) -> std::result::Result<Option<DeliveryFuture>, String> {
     let pairs: Vec<(String, String)> =
         serde_json::from_str(&r.headers).map_err(|e| format!("unreadable headers: {e}"))?;
     let headers = pairs
@@ -625,25 +634,36 @@ async fn enqueue(
         record = record.payload(p.as_slice());
     }
     match producer::enqueue(sender.producer.client(), record, deadline, room).await {
-        Ok(f) => Ok(f),
+        Ok(f) => Ok(Some(f)),
         Err(Enqueue::Failed(e)) => Err(e.to_string()),
-        Err(Enqueue::Stopped(never)) => match never {},
+        // Not handed over: it stays pending, no attempt spent.
+        Err(Enqueue::Stopped(LeaseLapsed)) => Ok(None),
     }
 }
 
 /// Makes room by settling the oldest delivery of the batch (its outcome is
 /// kept); with nothing of its own in flight, by pausing a moment, so the
-/// wait yields to the lease's heartbeat.
+/// wait yields to the lease's heartbeat. Gives up once the lease could no
+/// longer vouch for the row's delivery.
 impl MakeRoom for &mut InFlight<'_> {
-    type Error = Infallible;
+    type Error = LeaseLapsed;
 
-    async fn make_room(&mut self) -> std::result::Result<(), Infallible> {
+    async fn make_room(&mut self) -> std::result::Result<(), LeaseLapsed> {
         if !self.settle_oldest().await {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        Ok(())
+        match self.lease {
+            Some((watch, ttl, send_timeout)) if !watch.may_send(ttl, send_timeout) => {
+                Err(LeaseLapsed)
+            }
+            _ => Ok(()),
+        }
     }
 }
+
+/// A row waited for room until its lease could no longer vouch for it.
+#[derive(Debug)]
+pub(super) struct LeaseLapsed;
 
 /// Counts a failed attempt of `r` (fenced by the lease). `Ok(false)`: the
 /// lease was taken over, nothing recorded.
@@ -721,14 +741,17 @@ async fn send_one(
     let Some(sender) = &inner.sender else {
         return Ok(false);
     };
-    let Some(held) = lease::acquire(&inner.db, shard, owner, ttl).await? else {
+    let Some(held) = lease::acquire(&inner.db, shard, owner, ttl, Reshard::Yield).await? else {
         return Ok(false);
     };
     // Read under the lease: a relay that sent the row deleted it before
     // releasing, so a row still here has not been sent. (Read before the
     // lease, it could be a copy the relay sent in the meantime.)
     let found = async {
+        // In the shard whose lease is held: a reshard since the insert may
+        // have moved the row, and then it is the relay's.
         let Some(r) = row::Entity::find_by_id(seq)
+            .filter(row::Column::Shard.eq(shard))
             .filter(row::Column::State.eq(row::PENDING))
             .one(&inner.db)
             .await
@@ -766,6 +789,7 @@ async fn send_one(
         outcomes: &mut nothing,
         bound: sender.send_timeout + SETTLE_MARGIN,
         unsettled: &inner.unsettled,
+        lease: None,
     };
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let enqueued = enqueue(
@@ -776,7 +800,11 @@ async fn send_one(
     )
     .await;
     let delivery = match enqueued {
-        Ok(f) => f,
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            lease::release(&inner.db, &held).await;
+            return Ok(false);
+        }
         Err(e) => {
             tracing::debug!(seq, error = %e, "immediate send failed; the relay will retry");
             lease::release(&inner.db, &held).await;
@@ -887,8 +915,7 @@ mod tests {
         let got = outcome(never, started + bound, bound).await;
         assert!(
             matches!(&got, Sent::Failed(e) if e.contains("no acknowledgement within 20ms")),
-            "{:?}",
-            matches!(got, Sent::Failed(_))
+            "the row fails with the bound in its error"
         );
     }
 

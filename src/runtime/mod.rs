@@ -224,6 +224,7 @@ impl KontextBuilder {
                     self.outbox.clone(),
                     tasks.clone(),
                 );
+                outbox.prepare().await?;
                 Some(outbox)
             }
             None => None,
@@ -293,10 +294,19 @@ impl Drop for Kontext {
     }
 }
 
-/// How long shutdown waits, past its deadline, for a halted relay to settle
-/// its deliveries in flight before it aborts it (within the 2 s overrun
-/// `shutdown` allows).
+/// How far past its timeout `shutdown` may run when something overruns.
+const MAX_OVERRUN: Duration = Duration::from_secs(2);
+
+/// The least time the relay and the flush each get, even past the timeout
+/// (within `MAX_OVERRUN`).
+const MIN_SHARE: Duration = Duration::from_millis(500);
+
+/// How long shutdown waits, past the relay's share, for a halted relay to
+/// settle its deliveries in flight before it aborts it.
 const RELAY_SETTLE_GRACE: Duration = Duration::from_secs(1);
+
+/// Kept for the flush when the relay overruns.
+const FLUSH_RESERVE: Duration = Duration::from_millis(250);
 
 /// A running kontext: the model, the broker and the registered roles.
 #[derive(Debug)]
@@ -471,11 +481,6 @@ impl Kontext {
     /// the broker had to be aborted, saying what that leaves behind.
     pub async fn shutdown(mut self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let left = || {
-            deadline
-                .saturating_duration_since(tokio::time::Instant::now())
-                .max(Duration::from_millis(500))
-        };
         if let Some(c) = self.consumers.take() {
             c.shutdown(timeout).await;
         }
@@ -487,8 +492,13 @@ impl Kontext {
         }
         self.cancel.cancel();
         self.tasks.close();
+        // Everything below ends by `hard`: the 2 s overrun `shutdown`
+        // promises, whatever the consumers took of it.
+        let hard = deadline + MAX_OVERRUN;
+        let now = tokio::time::Instant::now;
         let mut incomplete = None;
-        if tokio::time::timeout(left(), self.tasks.wait())
+        let graceful_end = deadline.max(now() + MIN_SHARE).min(hard);
+        if tokio::time::timeout_at(graceful_end, self.tasks.wait())
             .await
             .is_err()
         {
@@ -498,20 +508,26 @@ impl Kontext {
             // On a healthy broker in-flight deliveries settle in
             // milliseconds; a relay still waiting on them after this is
             // aborted, and the result says what that leaves behind.
-            if tokio::time::timeout(RELAY_SETTLE_GRACE, self.tasks.wait())
+            let settle_end = (now() + RELAY_SETTLE_GRACE).min(hard - FLUSH_RESERVE);
+            if tokio::time::timeout_at(settle_end, self.tasks.wait())
                 .await
                 .is_err()
             {
                 incomplete = self.outbox.as_ref().and_then(Outbox::abort);
             }
         }
-        if let Some(p) = &self.producer {
-            p.flush(left()).await?;
-        }
+        let flushed = match &self.producer {
+            Some(p) => {
+                let flush_end = deadline.max(now() + MIN_SHARE).min(hard);
+                p.flush(flush_end.saturating_duration_since(now())).await
+            }
+            None => Ok(()),
+        };
         if let Some(what) = incomplete {
             tracing::warn!(%what, "kontext stopped, incompletely");
             return Err(Error::ShutdownIncomplete { what });
         }
+        flushed?;
         tracing::info!("kontext stopped");
         Ok(())
     }
