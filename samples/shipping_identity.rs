@@ -189,7 +189,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ))
         .with(otel)
         .init();
-    let settings = KafkaSettings::from_env()?;
+    let mut settings = KafkaSettings::from_env()?;
+    // A demo: both services in this process may share the embedded broker,
+    // PostgreSQL or not (a service would leave this to its settings).
+    settings.embedded_broker.get_or_insert(true);
     let broker = Broker::from_settings(&settings)?;
     let shipping_db = database("shipping").await?;
     let identity_db = database("identity").await?;

@@ -26,15 +26,9 @@ pub const SPEC_VERSION_VALUE: &str = "1.0";
 
 /// Headers kontext owns; user headers with these names are rejected so a
 /// message can never carry two ids or two types.
-pub const RESERVED: &[&str] = &[
-    SPEC_VERSION,
-    MESSAGE_ID,
-    MESSAGE_TYPE,
-    SOURCE,
-    TIME,
-    CORRELATION_ID,
-    CONTENT_TYPE,
-];
+/// (The list lives in `kontext-names`, which the derive shares, so both
+/// refuse the same names.)
+pub const RESERVED: &[&str] = kontext_names::RESERVED_HEADERS;
 
 /// Which of the standard headers a type's messages carry; set per type with
 /// [`TopicBuilder::header_profile`](crate::TopicBuilder::header_profile).

@@ -22,6 +22,9 @@ struct ShipmentCreated {
 struct AuditLogged {
     #[topic(key)]
     line: String,
+    /// A raw identifier: the header is `type`, not `r#type`.
+    #[topic(header)]
+    r#type: String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,6 +64,7 @@ async fn a_derived_type_round_trips_with_its_topic_key_and_headers() {
     assert_eq!(&*d.topic, "kx-derive.shipment.created");
     p.produce(&AuditLogged {
         line: "hello".into(),
+        r#type: "login".into(),
     })
     .await
     .unwrap();
@@ -91,4 +95,11 @@ async fn a_derived_type_round_trips_with_its_topic_key_and_headers() {
         .unwrap();
     assert_eq!(audit[0].key_str(), Some("hello"));
     assert_eq!(audit[0].header("ce_type"), Some("AuditLogged"));
+    assert_eq!(
+        audit[0].header("type"),
+        Some("login"),
+        "{:?}",
+        audit[0].headers
+    );
+    assert_eq!(audit[0].header("r#type"), None);
 }

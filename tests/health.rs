@@ -233,7 +233,16 @@ async fn a_relay_failing_past_its_lease_is_not_ready_and_recovers() {
     })
     .await;
     let h = kontext.health();
-    assert!(says(&h, "kontext_outbox"), "names the table: {h:?}");
+    // The database's error names the table: in the details, for logs and
+    // authenticated views, not in the reasons an open endpoint serves.
+    assert!(
+        h.details.iter().any(|d| d.contains("kontext_outbox")),
+        "the details name the table: {h:?}"
+    );
+    assert!(
+        !says(&h, "kontext_outbox"),
+        "no error text in the reasons: {h:?}"
+    );
 
     db.execute_unprepared("ALTER TABLE kontext_outbox_away RENAME TO kontext_outbox")
         .await

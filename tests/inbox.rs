@@ -793,3 +793,50 @@ async fn a_worker_pool_of_units_of_work_has_each_effect_once() {
         .unwrap();
     assert_eq!(followed.len(), n as usize, "one follow-up each");
 }
+
+/// Sends a record without kontext's headers (no `ce_id`) at `timestamp`.
+async fn send_headerless(broker: &Broker, topic: &str, e: &ShipmentCreated, timestamp: i64) {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    let payload = serde_json::to_vec(e).unwrap();
+    let record: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+        rdkafka::producer::FutureRecord::to(topic)
+            .key(e.shipment_id.as_bytes())
+            .payload(payload.as_slice())
+            .timestamp(timestamp);
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
+/// Records without a `ce_id` are de-duplicated by their position; a
+/// broker that comes back empty (a dev broker restarted, a topic created
+/// again) reuses positions while the inbox keeps its rows. The new record
+/// at the old offset is handled, not taken for the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_record_at_a_reused_offset_is_not_taken_for_a_duplicate() {
+    init_tracing();
+    let (topic, followups, group) = names();
+    let model = model(&topic, &followups, false);
+    let db = kontext::testing::database().await.unwrap();
+    activity_table(&db).await;
+    let calls = Arc::new(AtomicU32::new(0));
+
+    for (round, shipment) in ["before-restart", "after-restart"].into_iter().enumerate() {
+        // A broker of its own each round: the second starts empty.
+        let broker = Broker::embedded().unwrap();
+        let kontext = consumer(&model, &broker, &db, &group, Arc::clone(&calls), 0).await;
+        let e = ShipmentCreated {
+            shipment_id: shipment.into(),
+            user: 1,
+        };
+        send_headerless(&broker, &topic, &e, 1_700_000_000_000 + round as i64).await;
+        wait_handled(&kontext, 1).await;
+        kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "each record handled");
+    assert_eq!(activity_rows(&db).await, 2, "each record's effect stored");
+}

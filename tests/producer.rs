@@ -683,3 +683,42 @@ async fn calls_keep_their_call_order_when_the_queue_is_full_by_bytes() {
     );
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// `queue.buffering.max.messages = 0` is librdkafka's "no limit": every
+/// call goes into the queue at once instead of waiting in line for room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlimited_queue_lets_every_call_in_at_once() {
+    let topic = unique_name("orders");
+    let settings = KafkaSettings::new().client_id("orders-api").producer(|p| {
+        p.librdkafka.set("queue.buffering.max.messages", "0");
+        // Nothing is acknowledged while the calls are first polled.
+        p.linger_ms = 2_000;
+    });
+    let kontext = start_with(&topic, 1, settings).await;
+    let producer = kontext.producer().unwrap();
+    let events: Vec<OrderCreated> = (0..200)
+        .map(|i| OrderCreated {
+            order_id: format!("order-{i}"),
+            seq: i,
+            tenant: "eu".into(),
+        })
+        .collect();
+    let mut calls: Vec<_> = events
+        .iter()
+        .map(|e| Box::pin(producer.produce(e).into_future()))
+        .collect();
+    for call in &mut calls {
+        assert!(futures::poll!(call.as_mut()).is_pending());
+    }
+    let waiting = calls
+        .iter()
+        .filter(|c| format!("{c:?}").contains("waiting for queue room"))
+        .count();
+    assert_eq!(
+        waiting, 0,
+        "calls made to wait for room in an unlimited queue"
+    );
+    let deliveries = futures::future::try_join_all(calls).await.unwrap();
+    assert_eq!(deliveries.len(), 200);
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}

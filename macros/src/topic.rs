@@ -2,6 +2,7 @@
 
 use proc_macro2::{Span, TokenStream};
 use quote::quote;
+use syn::ext::IdentExt as _;
 use syn::spanned::Spanned;
 use syn::{Data, DeriveInput, Fields, Ident, LitInt, LitStr, Path};
 
@@ -99,7 +100,13 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
                 "header" => {
                     meta.parse_nested_meta(|h| {
                         match h.path.get_ident() {
-                            Some(field) => attrs.headers.push((field.clone(), field.to_string())),
+                            Some(field) => {
+                                let name = field.unraw().to_string();
+                                if let Err(reason) = kontext_names::validate_header_name(&name) {
+                                    errors.at(field.span(), reason);
+                                }
+                                attrs.headers.push((field.clone(), name));
+                            }
                             None => errors.at(h.path.span(), "expected a field name"),
                         }
                         Ok(())
@@ -188,12 +195,16 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
                         attrs.key = Some(field_ident.clone());
                     }
                 } else if meta.path.is_ident("header") {
-                    let name = if meta.input.peek(syn::Token![=]) {
+                    // A raw identifier (`r#type`) names the header `type`.
+                    let (name, span) = if meta.input.peek(syn::Token![=]) {
                         let lit: LitStr = meta.value()?.parse()?;
-                        lit.value()
+                        (lit.value(), lit.span())
                     } else {
-                        field_ident.to_string()
+                        (field_ident.unraw().to_string(), field_ident.span())
                     };
+                    if let Err(reason) = kontext_names::validate_header_name(&name) {
+                        errors.at(span, reason);
+                    }
                     attrs.headers.push((field_ident.clone(), name));
                 } else {
                     errors.at(

@@ -102,3 +102,51 @@ mod tests {
         assert!(validate_topic_name(&default_topic_name("a::B<c::D>")).is_ok());
     }
 }
+
+/// The standard headers kontext writes on every message; a declared or
+/// derived header may not take one of these names, so a message never
+/// carries two ids or two types.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "ce_specversion",
+    "ce_id",
+    "ce_type",
+    "ce_source",
+    "ce_time",
+    "ce_correlationid",
+    "content-type",
+];
+
+/// Checks a header name a type declares or derives: not empty, not one of
+/// [`RESERVED_HEADERS`] (compared without regard to case, as clients in
+/// other languages look headers up). Returns why it is refused.
+pub fn validate_header_name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() {
+        return Err("a header name may not be empty".into());
+    }
+    if let Some(r) = RESERVED_HEADERS
+        .iter()
+        .find(|r| r.eq_ignore_ascii_case(name))
+    {
+        return Err(format!(
+            "header `{name}` is reserved for kontext's standard header `{r}`"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_checked() {
+        assert!(validate_header_name("tenant").is_ok());
+        assert!(validate_header_name("").is_err());
+        assert!(validate_header_name("  ").is_err());
+        assert!(
+            validate_header_name("CE_Type")
+                .unwrap_err()
+                .contains("`ce_type`")
+        );
+    }
+}

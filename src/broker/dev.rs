@@ -11,11 +11,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::broker::{
     Broker, EmbeddedBroker, ProvisionReport, TopicToCreate, provision, provision_topics,
 };
@@ -123,18 +125,50 @@ async fn accept(
     cancel: CancellationToken,
     tasks: TaskTracker,
 ) {
+    let spawn_cancel = cancel.clone();
+    serve(
+        || listener.accept(),
+        |(client, peer)| {
+            tasks.spawn(forward(client, peer, target.clone(), spawn_cancel.clone()));
+        },
+        &cancel,
+    )
+    .await;
+}
+
+/// Pauses after a failed accept: from 10 ms, doubling to 1 s.
+const ACCEPT_BACKOFF: Backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+
+/// Hands every accepted connection to `handle` until cancelled. A failed
+/// accept (out of file descriptors and the like) is logged and followed by
+/// a pause that grows while accepts keep failing: the listener stays
+/// usable and later connections may succeed, but a loop retrying at once
+/// would spin a core and flood the log.
+async fn serve<A, F, C>(mut next: A, mut handle: impl FnMut(C), cancel: &CancellationToken)
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<C>>,
+{
+    let mut failures = 0u32;
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
-            accepted = listener.accept() => accepted,
+            accepted = next() => accepted,
         };
         match accepted {
-            Ok((client, peer)) => {
-                tasks.spawn(forward(client, peer, target.clone(), cancel.clone()));
+            Ok(conn) => {
+                failures = 0;
+                handle(conn);
             }
-            // Out of file descriptors and the like: the listener stays
-            // usable, later connections may succeed.
-            Err(e) => tracing::warn!(error = %e, "dev broker: accept failed"),
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let pause = ACCEPT_BACKOFF.delay(failures);
+                tracing::warn!(error = %e, ?pause, "dev broker: accept failed");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
         }
     }
 }
@@ -162,5 +196,35 @@ async fn forward(
                 tracing::debug!(error = %e, %peer, "dev broker: connection ended");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An accept that keeps failing is retried after a growing pause, not
+    /// at once: in 100 ms, a handful of tries instead of many thousands.
+    #[tokio::test]
+    async fn a_failing_accept_does_not_spin() {
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        let stopper = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            stop.cancel();
+        });
+        serve(
+            || {
+                tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::future::ready(Err::<(), _>(std::io::Error::other("too many open files")))
+            },
+            |()| {},
+            &cancel,
+        )
+        .await;
+        stopper.await.unwrap();
+        let tries = tries.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((1..20).contains(&tries), "{tries} accepts in 100 ms");
     }
 }

@@ -25,6 +25,8 @@ pub struct EmbeddedBroker {
     owner: BaseProducer,
     bootstrap_servers: String,
     brokers: i32,
+    /// Started because the settings named no broker (not asked for).
+    implicit: bool,
 }
 
 impl EmbeddedBroker {
@@ -65,7 +67,20 @@ impl EmbeddedBroker {
             owner,
             bootstrap_servers,
             brokers,
+            implicit: false,
         })
+    }
+
+    /// Marks it started because the settings named no broker.
+    pub(crate) fn implicit(mut self) -> Self {
+        self.implicit = true;
+        self
+    }
+
+    /// Whether it was started because the settings named no broker, rather
+    /// than asked for (`Broker::embedded()`).
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
     }
 
     /// `bootstrap.servers` for clients of this cluster.
@@ -174,6 +189,7 @@ impl fmt::Debug for EmbeddedBroker {
         f.debug_struct("EmbeddedBroker")
             .field("bootstrap_servers", &self.bootstrap_servers)
             .field("brokers", &self.brokers)
+            .field("implicit", &self.implicit)
             .finish()
     }
 }

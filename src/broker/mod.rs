@@ -12,7 +12,7 @@ pub use embedded::EmbeddedBroker;
 pub use provision::{ConfigMismatch, ProvisionReport, TopicToCreate, provision, provision_topics};
 
 use crate::config::KafkaSettings;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A Kafka cluster. Cloning shares the same cluster; an embedded cluster
 /// stops when the last clone is dropped.
@@ -40,11 +40,30 @@ impl Broker {
         }
     }
 
-    /// The cluster the settings name, or a new embedded one when they name none.
+    /// The cluster the settings name, or a new embedded one when they name
+    /// none (refused when `embedded_broker = false`). An embedded broker
+    /// started this way is [implicit](EmbeddedBroker::is_implicit): it is
+    /// announced with a warning, shown in health, and refused beside a
+    /// PostgreSQL database unless `embedded_broker = true` (see
+    /// `KontextBuilder::start`).
     pub fn from_settings(settings: &KafkaSettings) -> Result<Broker> {
         match &settings.bootstrap_servers {
             Some(servers) => Ok(Broker::external(servers.clone())),
-            None => Broker::embedded(),
+            None if settings.embedded_broker == Some(false) => Err(Error::config(format!(
+                "no bootstrap_servers configured, and `embedded_broker = false` forbids the in-process broker{}",
+                crate::config::near_misses_hint()
+            ))),
+            None => {
+                let broker = EmbeddedBroker::start(1)?.implicit();
+                tracing::warn!(
+                    bootstrap_servers = broker.bootstrap_servers(),
+                    near_misses = %crate::config::near_misses_hint(),
+                    "no bootstrap_servers configured: kontext runs an embedded in-memory Kafka broker inside this process; \
+                     nothing produced to it survives the process and no other process can read it. \
+                     Set bootstrap_servers (KONTEXT_BOOTSTRAP_SERVERS) for a real cluster"
+                );
+                Ok(Broker::Embedded(Arc::new(broker)))
+            }
         }
     }
 

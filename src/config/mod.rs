@@ -45,7 +45,8 @@ use figment::providers::{Env, Format, Json, Toml};
 use rdkafka::ClientConfig;
 use serde::Deserialize;
 
-pub use secret::{Properties, Secret, is_sensitive_property};
+pub(crate) use secret::scrub_url;
+pub use secret::{Properties, Secret, is_sensitive_property, redact_url};
 pub use service::{DatabaseSettings, ServiceConfig};
 
 use crate::error::{Error, Result};
@@ -59,10 +60,19 @@ pub const ENV_PREFIX: &str = "KONTEXT_";
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaSettings {
     /// Comma-separated `host:port` list. `None` starts the embedded broker.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub bootstrap_servers: Option<String>,
     /// `client.id` of every client and the `ce_source` header of every
     /// message. Defaults to `kontext`.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub client_id: Option<String>,
+    /// Whether an embedded broker may be started when `bootstrap_servers`
+    /// names none. `None` (the default): yes, with a warning, except beside
+    /// a PostgreSQL database, where it is refused (an outbox there would
+    /// relay its rows into a broker inside the process and delete them).
+    /// `Some(true)`: yes, also beside PostgreSQL. `Some(false)`: never; a
+    /// missing `bootstrap_servers` is an error.
+    pub embedded_broker: Option<bool>,
     /// Whether to create the model's missing topics at start-up. Defaults to `true`.
     pub provision_topics: Option<bool>,
     /// Per-topic settings, keyed by the model's topic name.
@@ -82,8 +92,10 @@ pub struct KafkaSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct TopicSettings {
     /// Physical topic name in this deployment; defaults to the model's name.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub name: Option<String>,
     /// Consumer group of this topic's consumers; defaults to `consumer.group_id`.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub group: Option<String>,
     /// Partitions to create the topic with; overrides the model.
     pub partitions: Option<i32>,
@@ -263,6 +275,7 @@ impl OffsetReset {
 #[serde(default, deny_unknown_fields)]
 pub struct ConsumerSettings {
     /// Default consumer group; topics may set their own.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub group_id: Option<String>,
     /// Defaults to [`OffsetReset::Earliest`].
     pub auto_offset_reset: OffsetReset,
@@ -285,6 +298,7 @@ pub struct ConsumerSettings {
     pub stall_limit_ms: Option<u64>,
     /// Dead-letter topic of consumers that do not name their own; `None`
     /// means `<topic>.dlq` per source topic.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub dead_letter_topic: Option<String>,
     /// Raw librdkafka properties for consumers only.
     pub librdkafka: Properties,
@@ -322,16 +336,20 @@ pub struct SecuritySettings {
     /// `security.protocol`; `None` keeps plaintext.
     pub protocol: Option<SecurityProtocol>,
     /// `sasl.mechanism`: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER`...
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub sasl_mechanism: Option<String>,
     /// `sasl.username`.
-    pub sasl_username: Option<String>,
+    pub sasl_username: Option<Secret>,
     /// `sasl.password`.
     pub sasl_password: Option<Secret>,
     /// `ssl.ca.location`.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub ssl_ca_location: Option<String>,
     /// `ssl.certificate.location`.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub ssl_certificate_location: Option<String>,
     /// `ssl.key.location`.
+    #[serde(deserialize_with = "secret::lenient_string")]
     pub ssl_key_location: Option<String>,
     /// `ssl.key.password`.
     pub ssl_key_password: Option<Secret>,
@@ -343,6 +361,7 @@ pub struct SecuritySettings {
 const TOP_LEVEL_KEYS: &[&str] = &[
     "bootstrap_servers",
     "client_id",
+    "embedded_broker",
     "provision_topics",
     "topics",
     "producer",
@@ -359,6 +378,7 @@ impl KafkaSettings {
 
     /// Settings from `KONTEXT_*` environment variables over the defaults.
     pub fn from_env() -> Result<Self> {
+        warn_near_misses();
         Self::from_figment(&Figment::new().merge(env_provider()), "")
     }
 
@@ -366,6 +386,7 @@ impl KafkaSettings {
     /// (`""` for the whole file, `"kafka"` for a `[kafka]` table), with
     /// `KONTEXT_*` environment variables on top. A missing file is an error.
     pub fn from_file(path: impl AsRef<Path>, section: &str) -> Result<Self> {
+        warn_near_misses();
         let path = path.as_ref();
         if !path.is_file() {
             return Err(Error::config(format!(
@@ -491,7 +512,10 @@ impl KafkaSettings {
         }
         let optional = [
             ("sasl.mechanism", s.sasl_mechanism.as_deref()),
-            ("sasl.username", s.sasl_username.as_deref()),
+            (
+                "sasl.username",
+                s.sasl_username.as_ref().map(Secret::expose),
+            ),
             (
                 "sasl.password",
                 s.sasl_password.as_ref().map(Secret::expose),
@@ -596,6 +620,65 @@ fn env_provider() -> Env {
             TOP_LEVEL_KEYS.iter().any(|k| first.eq_ignore_ascii_case(k))
         })
         .split("__")
+}
+
+/// `KONTEXT_*` environment variables that are not kontext settings but
+/// nearly spell one (`KONTEXT_BOOTSTRAP_SERVER`), with the setting meant:
+/// the environment reader skips unknown names, so a typo would otherwise
+/// go unnoticed.
+pub fn env_near_misses() -> Vec<(String, String)> {
+    let known: Vec<String> = TOP_LEVEL_KEYS
+        .iter()
+        .map(|k| k.to_ascii_uppercase())
+        .chain(["DATABASE_URL".to_owned(), "DATABASE_MIGRATE".to_owned()])
+        .collect();
+    let mut out = Vec::new();
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let first = rest
+            .split("__")
+            .next()
+            .unwrap_or_default()
+            .to_ascii_uppercase();
+        if known.contains(&first) {
+            continue;
+        }
+        if let Some(meant) = known
+            .iter()
+            .filter(|k| strsim::damerau_levenshtein(k, &first) <= 2)
+            .min_by_key(|k| strsim::damerau_levenshtein(k, &first))
+        {
+            out.push((name.to_owned(), format!("{ENV_PREFIX}{meant}")));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Logs a warning for each of [`env_near_misses`].
+fn warn_near_misses() {
+    for (found, meant) in env_near_misses() {
+        tracing::warn!(variable = %found, meant = %meant, "environment variable `{found}` is not a kontext setting and is ignored; did you mean `{meant}`?");
+    }
+}
+
+/// [`env_near_misses`] as a sentence to append to a message, or nothing.
+pub(crate) fn near_misses_hint() -> String {
+    let misses = env_near_misses();
+    if misses.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = misses
+        .iter()
+        .map(|(found, meant)| format!("`{found}` (did you mean `{meant}`?)"))
+        .collect();
+    format!(
+        "; these environment variables are not kontext settings: {}",
+        list.join(", ")
+    )
 }
 
 /// The properties of a client configuration with secrets redacted, for logs.

@@ -439,6 +439,11 @@ impl MessageContext {
         self.header_str(headers::CORRELATION_ID)
     }
 
+    /// The record timestamp in milliseconds since the epoch, as Kafka has it.
+    pub(crate) fn timestamp_ms(&self) -> Option<i64> {
+        self.timestamp
+    }
+
     /// The record timestamp.
     pub fn timestamp(&self) -> Option<SystemTime> {
         let ms = u64::try_from(self.timestamp?).ok()?;

@@ -202,6 +202,7 @@ impl<T: Message, H: TransactionalHandler<T>> Dispatch<T> for TransactionalDispat
                         topic: ctx.topic(),
                         partition: ctx.partition(),
                         offset: ctx.offset(),
+                        timestamp: ctx.timestamp_ms(),
                     },
                 )
                 .await

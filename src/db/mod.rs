@@ -34,7 +34,7 @@ use sea_orm_migration::{MigrationTrait, MigratorTrait};
 pub(crate) use migration::OUTBOX_LAYOUT_LOCK;
 pub use migration::migrations;
 
-use crate::error::{DbContext as _, Result};
+use crate::error::{DbContext as _, Error, Result};
 
 /// A migrator with kontext's migrations only, for applications that do not
 /// manage their own schema with sea-orm-migration.
@@ -99,7 +99,40 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
 /// such as a unit of work or an outbox commit (BENCHMARKS.md). A connection
 /// that died while in steady use fails its next statement instead, which
 /// the relay and the unit of work retry.
+///
+/// Errors never quote the URL's password: drivers that quote the
+/// connection string in their errors have it replaced by `***`.
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
+    connect_unredacted(url).await.map_err(|e| match e {
+        Error::Database { operation, source } => Error::Database {
+            operation,
+            source: DbErr::Custom(crate::config::scrub_url(&source.to_string(), url)),
+        },
+        other => other,
+    })
+}
+
+async fn connect_unredacted(url: &str) -> Result<DatabaseConnection> {
+    if !["postgres://", "postgresql://", "sqlite:"]
+        .iter()
+        .any(|scheme| url.starts_with(scheme))
+    {
+        // Only a plausible scheme is quoted: the text before a `:` may
+        // also be a user name and password written without one.
+        let scheme = url
+            .split_once("://")
+            .map(|(s, _)| s)
+            .filter(|s| {
+                s.len() <= 20
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+            })
+            .unwrap_or("(none)");
+        return Err(DbErr::Custom(format!(
+            "the database URL's scheme `{scheme}` is not one kontext supports (postgres://, postgresql:// or sqlite:)"
+        )))
+        .db("connect");
+    }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         use sqlx::ConnectOptions as _;
         let options = url

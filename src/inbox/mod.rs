@@ -48,6 +48,8 @@ pub(crate) struct Origin<'a> {
     pub(crate) topic: &'a str,
     pub(crate) partition: i32,
     pub(crate) offset: i64,
+    /// The record's timestamp (ms), if it has one.
+    pub(crate) timestamp: Option<i64>,
 }
 
 /// What recording a message in the inbox found.
@@ -80,8 +82,18 @@ impl Inbox {
         match origin.message_id {
             Some(id) => id.to_string(),
             // Producers without kontext's headers: the record's position is
-            // its identity.
-            None => format!("{}/{}/{}", origin.topic, origin.partition, origin.offset),
+            // its identity, with its timestamp, because a position is reused
+            // when the topic is deleted and created again (or a dev broker
+            // restarts) while the inbox keeps its rows: a new record at an
+            // old offset is then not taken for the old one. A record
+            // without a timestamp keeps the position alone.
+            None => match origin.timestamp {
+                Some(ts) => format!(
+                    "{}/{}/{}@{ts}",
+                    origin.topic, origin.partition, origin.offset
+                ),
+                None => format!("{}/{}/{}", origin.topic, origin.partition, origin.offset),
+            },
         }
     }
 

@@ -302,10 +302,8 @@ impl Model {
                 issues.push(invalid("the type discriminator is empty".into()));
             }
             for name in spec.header_names() {
-                if crate::headers::RESERVED.contains(&name) {
-                    issues.push(invalid(format!(
-                        "header `{name}` is reserved for kontext's standard headers"
-                    )));
+                if let Err(reason) = kontext_names::validate_header_name(name) {
+                    issues.push(invalid(reason));
                 }
             }
             if let Some(c) = spec.consumer() {

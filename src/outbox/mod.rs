@@ -458,7 +458,7 @@ impl Outbox {
             // in one round trip: the row's sequence number is drawn once
             // the lock is held.
             (Some(k), DbBackend::Postgres) => {
-                values.extend([KEY_LOCK_CLASS.into(), key_lock_id(spec.topic(), k).into()]);
+                values.push(key_lock_id(spec.topic(), k).into());
                 PG_INSERT_KEYED
             }
             (None, DbBackend::Postgres) => PG_INSERT,
@@ -648,10 +648,6 @@ impl fmt::Debug for OutboxTransaction {
     }
 }
 
-/// The first half of the advisory-lock id of a key's lock ("kont" in
-/// ASCII); the second is [`key_lock_id`].
-const KEY_LOCK_CLASS: i32 = 0x6b6f_6e74;
-
 /// The insert of one row. `$count` is the table's shard count as SQL; the
 /// shard is the key's hash (`$h`) modulo it.
 macro_rules! insert_values {
@@ -669,13 +665,13 @@ macro_rules! insert_values {
 /// `kontext_outbox_shards()` (which takes the layout lock shared, then
 /// reads the count with a snapshot of its own, so a reshard that committed
 /// while this statement waited for the lock is seen), then the key's lock
-/// (`pg_advisory_xact_lock($1, $2)`), then the insert. The layout lock
+/// (`pg_advisory_xact_lock($1)`, see `key_lock_id`), then the insert. The layout lock
 /// comes first: a fixed order, so a reshard waiting for it cannot close a
 /// cycle with writers' key locks.
 const PG_INSERT_KEYED: &str = concat!(
     "WITH layout AS (SELECT kontext_outbox_shards() AS n), ",
-    "key_lock AS (SELECT pg_advisory_xact_lock($1, $2) FROM layout) ",
-    insert_values!("layout.n", "$3", "$4", "$5", "$6", "$7", "$8", "$9", "$10"),
+    "key_lock AS (SELECT pg_advisory_xact_lock($1) FROM layout) ",
+    insert_values!("layout.n", "$2", "$3", "$4", "$5", "$6", "$7", "$8", "$9"),
     " FROM layout, key_lock RETURNING seq, shard"
 );
 
@@ -712,19 +708,23 @@ const SQLITE_INSERT: &str = concat!(
 /// committed, so the relay's sequence order for a key is its commit order.
 /// (Without it, T1 could draw K#10, T2 draw K#11 and commit, the relay send
 /// K#11, and K#10 follow when T1 commits.) Transactions on different keys
-/// do not wait for each other; a hash collision only makes two keys take
-/// turns. SQLite needs nothing: a writing transaction excludes all others.
+/// do not wait for each other. The lock id is a 64-bit hash of topic and
+/// key (one `bigint` advisory lock): with 32 bits, unrelated keys collided
+/// often enough to take turns needlessly, and to deadlock transactions
+/// that publish several keys. SQLite needs nothing: a writing transaction
+/// excludes all others.
 ///
 /// A transaction that publishes several keys takes their locks in publish
 /// order; two transactions publishing the same keys in opposite orders can
 /// deadlock, which PostgreSQL breaks by failing one of them.
-fn key_lock_id(topic: &str, key: &[u8]) -> i32 {
-    let mut h: u32 = 0x811c_9dc5;
+fn key_lock_id(topic: &str, key: &[u8]) -> i64 {
+    // FNV-1a, 64 bits.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in topic.as_bytes().iter().chain([0u8].iter()).chain(key) {
-        h ^= u32::from(*b);
-        h = h.wrapping_mul(0x0100_0193);
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
-    i32::from_ne_bytes(h.to_ne_bytes())
+    i64::from_ne_bytes(h.to_ne_bytes())
 }
 
 /// FNV-1a: a stable hash (unlike `std`'s), so a key maps to the same shard
@@ -748,6 +748,18 @@ fn shard_of_hash(hash: i64, shards: i32) -> i32 {
 mod tests {
     use super::*;
 
+    /// 200,000 keys of one topic: with 32-bit lock ids about five pairs
+    /// would share a lock (and take turns, or deadlock a transaction that
+    /// publishes both); with 64 bits none do.
+    #[test]
+    fn key_lock_ids_do_not_collide() {
+        let ids: std::collections::HashSet<i64> = (0..200_000u32)
+            .map(|k| key_lock_id("orders", format!("order-{k}").as_bytes()))
+            .collect();
+        assert_eq!(ids.len(), 200_000);
+        assert_ne!(key_lock_id("a", b"bc"), key_lock_id("ab", b"c"));
+    }
+
     #[test]
     fn shards_are_stable_and_in_range() {
         let shard_of = |key: &[u8], shards| shard_of_hash(key_hash(key), shards);
@@ -758,6 +770,10 @@ mod tests {
         }
         let settings = OutboxSettings::default();
         assert_eq!(settings.backoff_ms(1), 100);
+        assert!(
+            settings.shards.is_none(),
+            "processes adopt the table's count"
+        );
         assert_eq!(settings.backoff_ms(2), 200);
         assert_eq!(settings.backoff_ms(30), 60_000);
     }

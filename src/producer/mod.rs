@@ -97,6 +97,13 @@ impl Producer {
             setting("queue.buffering.max.messages", DEFAULT_QUEUE_MESSAGES),
             setting("batch.num.messages", DEFAULT_BATCH_MESSAGES),
         );
+        // How long a call waits for room: the message timeout the client
+        // was really given (a raw `message.timeout.ms`, or its alias
+        // `delivery.timeout.ms`, wins over the typed setting).
+        let queue_timeout = ["message.timeout.ms", "delivery.timeout.ms"]
+            .iter()
+            .find_map(|name| config.get(name).and_then(|v| v.parse::<u64>().ok()))
+            .map_or_else(|| settings.message_timeout(), Duration::from_millis);
         tracing::debug!(config = ?redacted(&config), "creating producer");
         let reach = Arc::new(Reach::default());
         let context = TracingContext {
@@ -122,7 +129,7 @@ impl Producer {
                 metrics,
                 model,
                 source: settings.effective_client_id().to_owned(),
-                queue_timeout: settings.message_timeout(),
+                queue_timeout,
                 room: tokio::sync::Semaphore::new(room),
                 line: tokio::sync::Mutex::new(()),
                 waiting: AtomicUsize::new(0),
@@ -603,6 +610,10 @@ const DEFAULT_BATCH_MESSAGES: usize = 10_000;
 /// one is acknowledged could meet a full queue, retry, and be overtaken.
 /// Holding back one batch (at most half the queue) keeps calls in order.
 fn room_for_calls(queue: usize, batch: usize) -> usize {
+    // 0 is librdkafka's "no limit": the calls' room is not limited either.
+    if queue == 0 {
+        return tokio::sync::Semaphore::MAX_PERMITS;
+    }
     let held_back = batch.min(queue / 2);
     (queue - held_back).clamp(1, tokio::sync::Semaphore::MAX_PERMITS)
 }
@@ -945,13 +956,37 @@ impl fmt::Debug for Producer {
 
 #[cfg(test)]
 mod tests {
-    use super::room_for_calls;
+    use super::*;
+
+    /// A raw `message.timeout.ms` (or `delivery.timeout.ms`) is the one the
+    /// client has, so it bounds a call's wait for room (and health's limit),
+    /// not the typed setting's default of 300 s.
+    #[test]
+    fn a_raw_message_timeout_bounds_the_wait_for_room() {
+        let model = Arc::new(crate::model::Model::builder().build().unwrap());
+        for name in ["message.timeout.ms", "delivery.timeout.ms"] {
+            let mut settings = KafkaSettings::new();
+            settings.producer.librdkafka.set(name, "1234");
+            let p = Producer::new(
+                &settings,
+                "127.0.0.1:1",
+                Arc::clone(&model),
+                &ClientTracker::default(),
+            )
+            .unwrap();
+            assert_eq!(p.inner.queue_timeout, Duration::from_millis(1234), "{name}");
+        }
+    }
 
     #[test]
     fn single_calls_leave_a_batch_of_room_in_the_queue() {
         assert_eq!(room_for_calls(100_000, 10_000), 90_000);
         assert_eq!(room_for_calls(16, 10_000), 8);
         assert_eq!(room_for_calls(1, 10_000), 1);
-        assert_eq!(room_for_calls(0, 10_000), 1);
+        // librdkafka's "no limit" is not a queue of one.
+        assert_eq!(
+            room_for_calls(0, 10_000),
+            tokio::sync::Semaphore::MAX_PERMITS
+        );
     }
 }

@@ -187,8 +187,16 @@ pub struct Health {
     /// reachable (or has been within the session timeout), and no record
     /// was given up on because its dead letter was refused.
     pub ready: bool,
-    /// Why not, one line per failed check, naming the service.
+    /// Why not, one line per failed check, naming the service: summaries
+    /// without error text, fit for an unauthenticated health endpoint.
     pub reasons: Vec<String>,
+    /// The same failed checks with the errors behind them (a database's or
+    /// a client's error text, which may name hosts and users): for logs
+    /// and an authenticated status view, not for a public endpoint.
+    pub details: Vec<String>,
+    /// What an operator should know that fails no check (the broker is the
+    /// embedded one, in this process).
+    pub notes: Vec<String>,
 }
 
 impl Health {
@@ -203,6 +211,8 @@ impl Health {
             live: true,
             ready: true,
             reasons: Vec::new(),
+            details: Vec::new(),
+            notes: Vec::new(),
         }
     }
 
@@ -210,13 +220,35 @@ impl Health {
     pub(crate) fn not_live(&mut self, why: String) {
         self.live = false;
         self.ready = false;
+        self.details.push(why.clone());
         self.reasons.push(why);
+    }
+
+    /// A failed liveness check whose cause carries error text: `why` for
+    /// `reasons`, `why: detail` for `details`.
+    pub(crate) fn not_live_because(&mut self, why: String, detail: &str) {
+        self.not_live(why);
+        if let Some(last) = self.details.last_mut() {
+            last.push_str(": ");
+            last.push_str(detail);
+        }
     }
 
     /// A failed readiness check.
     pub(crate) fn not_ready(&mut self, why: String) {
         self.ready = false;
+        self.details.push(why.clone());
         self.reasons.push(why);
+    }
+
+    /// A failed readiness check whose cause carries error text: `why` for
+    /// `reasons`, `why: detail` for `details`.
+    pub(crate) fn not_ready_because(&mut self, why: String, detail: &str) {
+        self.not_ready(why);
+        if let Some(last) = self.details.last_mut() {
+            last.push_str(": ");
+            last.push_str(detail);
+        }
     }
 }
 
@@ -231,7 +263,7 @@ impl ServiceStatus {
         let not_live = |why: String, h: &mut Health| h.not_live(why);
         match &self.state {
             ServiceState::Failed(reason) => {
-                not_live(format!("poll service {name} failed: {reason}"), health)
+                health.not_live_because(format!("poll service {name} failed"), reason);
             }
             ServiceState::Running => {
                 if let Some(d) = self.since_last_poll.filter(|d| *d > POLL_SILENCE_LIMIT) {
@@ -441,5 +473,44 @@ impl std::fmt::Debug for Registry {
         f.debug_struct("Registry")
             .field("services", &self.services())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed check's error text (a database's, a client's) goes to the
+    /// details for logs and authenticated views; the reasons a public
+    /// health endpoint shows carry only the summary.
+    #[test]
+    fn error_text_stays_out_of_the_reasons() {
+        let mut h = Health::new();
+        h.not_ready_because(
+            "outbox relay: passes failing for 40s (limit 30s)".into(),
+            "database: connect failed: password authentication failed for user \"app\" at db-7.internal",
+        );
+        h.not_live_because(
+            "poll service shared-orders failed".into(),
+            "the poll loop panicked",
+        );
+        assert!(!h.live && !h.ready);
+        assert_eq!(
+            h.reasons,
+            [
+                "outbox relay: passes failing for 40s (limit 30s)",
+                "poll service shared-orders failed"
+            ]
+        );
+        assert!(
+            h.details[0].ends_with("at db-7.internal"),
+            "{:?}",
+            h.details
+        );
+        assert!(
+            h.details[1].ends_with(": the poll loop panicked"),
+            "{:?}",
+            h.details
+        );
     }
 }

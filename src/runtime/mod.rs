@@ -192,6 +192,27 @@ impl KontextBuilder {
             (None, Some(url)) => Some(crate::db::connect(url.expose()).await?),
             (None, None) => None,
         };
+        if let Some(embedded) = broker.as_embedded().filter(|e| e.is_implicit()) {
+            let postgres = database.as_ref().is_some_and(|d| {
+                sea_orm::ConnectionTrait::get_database_backend(d) == sea_orm::DbBackend::Postgres
+            });
+            // Only roles that send or read through it: a writer-only process
+            // with no producer or consumer never talks to a broker.
+            let relays = !self.writer_only && self.outbox.run_relay;
+            let uses_broker = self.producer || !self.consumers.is_empty() || relays;
+            if postgres && uses_broker && settings.embedded_broker.is_none() {
+                return Err(Error::config(format!(
+                    "no bootstrap_servers configured, beside a PostgreSQL database: kontext would start an \
+                     in-memory broker inside this process, and an outbox would relay its rows there and delete them. \
+                     Set bootstrap_servers (KONTEXT_BOOTSTRAP_SERVERS), or `embedded_broker = true` if this is meant{}",
+                    crate::config::near_misses_hint()
+                )));
+            }
+            tracing::debug!(
+                bootstrap_servers = embedded.bootstrap_servers(),
+                "running on the embedded broker"
+            );
+        }
         let outbox = match &database {
             Some(db) => {
                 self.outbox.validate()?;
@@ -414,6 +435,16 @@ impl Kontext {
     /// or its producer reaches no broker, by the producer's rule.
     pub fn health(&self) -> crate::registry::Health {
         let mut health = self.registry.health();
+        if let Some(e) = self.broker.as_embedded() {
+            health.notes.push(format!(
+                "broker: embedded, in this process ({}); nothing it holds survives the process",
+                if e.is_implicit() {
+                    "no bootstrap_servers configured"
+                } else {
+                    "asked for"
+                }
+            ));
+        }
         if let Some(p) = &self.producer {
             producer_reach("producer", p, &mut health);
         }
@@ -424,9 +455,10 @@ impl Kontext {
                 RelayHealth::Stopped => {
                     health.not_live("outbox relay: its task ended before shutdown".into())
                 }
-                RelayHealth::Failing(d, error) if d > limit => health.not_ready(format!(
-                    "outbox relay: passes failing for {d:?} (limit {limit:?}): {error}"
-                )),
+                RelayHealth::Failing(d, error) if d > limit => health.not_ready_because(
+                    format!("outbox relay: passes failing for {d:?} (limit {limit:?})"),
+                    &error,
+                ),
                 RelayHealth::Failing(..) => {}
             }
             if let Some(p) = o.relay_producer() {

@@ -59,14 +59,46 @@ pub async fn fresh_database_url() -> Result<String> {
                 .await
                 .db("create a test database")?;
             drop(admin);
-            let base = url.split('?').next().unwrap_or(&url);
-            let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
-            Ok(format!("{server}/{name}"))
+            Ok(with_database(&url, &name))
         }
         Some(url) => Ok(url),
         None => {
             let path = std::env::temp_dir().join(format!("{}.db", unique_name("kontext")));
             Ok(format!("sqlite://{}?mode=rwc", path.display()))
         }
+    }
+}
+
+/// `url` naming database `name` instead of its own, its query string
+/// (`sslmode=require` and the like) kept.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+    match query {
+        Some(q) => format!("{server}/{name}?{q}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn a_fresh_database_keeps_the_url_s_options() {
+        assert_eq!(
+            with_database(
+                "postgres://u:p@db:5432/app?sslmode=require&application_name=t",
+                "x"
+            ),
+            "postgres://u:p@db:5432/x?sslmode=require&application_name=t"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@db/app", "x"),
+            "postgres://u:p@db/x"
+        );
     }
 }

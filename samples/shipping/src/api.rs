@@ -123,9 +123,14 @@ fn health_response<S>(state: &AppState<S>, check: Check) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // Summaries only: this endpoint answers anyone. The error text behind
+    // a failed check (`h.details`) is logged, not served.
+    if !ok {
+        tracing::warn!(details = ?h.details, "health check failed");
+    }
     (
         status,
-        Json(json!({ "live": h.live, "ready": h.ready, "reasons": h.reasons })),
+        Json(json!({ "live": h.live, "ready": h.ready, "reasons": h.reasons, "notes": h.notes })),
     )
         .into_response()
 }

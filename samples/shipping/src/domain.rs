@@ -56,6 +56,13 @@ impl NewShipment {
                     field,
                     problem: "must not be empty",
                 })
+            } else if value.chars().any(char::is_control) {
+                // NUL and other control characters: PostgreSQL refuses NUL
+                // in text, and none belongs in a warehouse or an address.
+                Err(Invalid {
+                    field,
+                    problem: "must not contain control characters",
+                })
             } else if value.chars().count() > max {
                 Err(Invalid {
                     field,

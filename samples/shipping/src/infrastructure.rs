@@ -105,14 +105,42 @@ pub fn config_path() -> PathBuf {
     }
 }
 
+/// A directory only this user can read, for the sample's SQLite files:
+/// `kontext-sample-<uid>` in the temp directory, created with mode 0700,
+/// and refused if it exists with another owner or wider permissions (the
+/// temp directory is shared: another user could otherwise read the
+/// databases, or plant one).
+pub fn private_dir() -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+    // The uid of this process, as the file system records it.
+    let uid = std::fs::metadata("/proc/self")?.uid();
+    let dir = std::env::temp_dir().join(format!("kontext-sample-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e.into()),
+    }
+    let meta = std::fs::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "`{}` is not a private directory of this user (owner {}, mode {:o}); remove it or set a database URL",
+            dir.display(),
+            meta.uid(),
+            meta.permissions().mode() & 0o777
+        )
+        .into());
+    }
+    Ok(dir)
+}
+
 /// Reads `service`'s configuration from `path`. Without a database URL
-/// the service gets a SQLite file of its own in the temp directory, kept
-/// across restarts.
+/// the service gets a SQLite file of its own in a private directory (see
+/// [`private_dir`]), kept across restarts.
 pub fn load(path: &Path, service: &str) -> Result<Loaded, Box<dyn std::error::Error>> {
     let mut kontext = ServiceConfig::from_file_for(path, service)?;
     kontext.kafka = kontext.kafka.client_id(service);
     if kontext.database.is_none() {
-        let file = std::env::temp_dir().join(format!("kontext-sample-{service}.db"));
+        let file = private_dir()?.join(format!("{service}.db"));
         kontext.database = Some(DatabaseSettings {
             url: format!("sqlite://{}?mode=rwc", file.display()).into(),
             migrate: true,

@@ -259,6 +259,16 @@ async fn shipments_posted_over_http_are_recorded_once_across_a_worker_crash() {
             r#"{"user_id": 1, "warehouse": "ams-1", "destination": ""}"#.to_owned(),
             400,
         ),
+        // NUL and other control characters: refused here, not by
+        // PostgreSQL later with a 503.
+        (
+            r#"{"user_id": 1, "warehouse": "ams\u00001", "destination": "Utrecht"}"#.to_owned(),
+            400,
+        ),
+        (
+            r#"{"user_id": 1, "warehouse": "ams-1", "destination": "Utrecht\u0007"}"#.to_owned(),
+            400,
+        ),
         (
             format!(
                 r#"{{"user_id": 1, "warehouse": "ams-1", "destination": "{}"}}"#,
