@@ -73,6 +73,9 @@ async fn main() -> Result<(), BoxError> {
             mock: Some(mock),
         }
     } else {
+        // In process on purpose, PostgreSQL or not.
+        let mut settings = settings;
+        settings.embedded_broker.get_or_insert(true);
         let broker = Broker::from_settings(&settings)?;
         Bench {
             embedded: broker.as_embedded().is_some(),

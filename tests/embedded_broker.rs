@@ -20,9 +20,18 @@ fn a_misspelt_variable_is_named_with_the_setting_meant() {
     figment::Jail::expect_with(|jail| {
         jail.set_env("KONTEXT_BOOTSTRAP_SERVER", "kafka-1:9092");
         jail.set_env("KONTEXT_EMBEDED_BROKER", "false");
+        // One `_` where levels need two.
+        jail.set_env("KONTEXT_PRODUCER_LINGER_MS", "10");
         // Not near any setting: left alone.
         jail.set_env("KONTEXT_TEST_SOMETHING", "1");
         let misses = env_near_misses();
+        assert!(
+            misses.contains(&(
+                "KONTEXT_PRODUCER_LINGER_MS".into(),
+                "KONTEXT_PRODUCER__LINGER_MS".into()
+            )),
+            "{misses:?}"
+        );
         assert!(
             misses.contains(&(
                 "KONTEXT_BOOTSTRAP_SERVER".into(),

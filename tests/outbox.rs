@@ -1426,14 +1426,14 @@ async fn shutdown_mid_drain_stops_the_relay_before_it_returns() {
     }
     tx.commit().await.unwrap();
 
-    // Batches of 200: what is in flight at the deadline settles well within
-    // the second a halted relay gets.
+    // Batches of 50: what is in flight at the deadline (four shards' at
+    // most) settles well within the second a halted relay gets.
     let relay = start(
         &model,
         &broker,
         &db,
         OutboxSettings {
-            batch_size: 200,
+            batch_size: 50,
             ..fast()
         },
     )
@@ -1500,6 +1500,23 @@ async fn a_writer_and_a_relay_configured_with_different_shard_counts_send_every_
     }
     tx.commit().await.unwrap();
 
+    // The writer seeded the table's count; its rows are in those shards.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT CAST(shards AS BIGINT) AS n FROM kontext_outbox_layout"
+        )
+        .await,
+        32
+    );
+    assert!(
+        count(
+            &db,
+            "SELECT CAST(MAX(shard) AS BIGINT) AS n FROM kontext_outbox"
+        )
+        .await
+            >= 16
+    );
     let relay = start(&model, &broker, &db, fast()).await;
     wait_pending_zero(&relay).await;
     let records = read_topic(&broker, &topic, 201, Duration::from_secs(3))
@@ -1614,11 +1631,13 @@ async fn resharding_a_live_outbox_keeps_every_row_once_and_each_key_in_order() {
     let down = writer.outbox().unwrap().reshard(5).await.unwrap();
     assert_eq!((down.from, down.to), (16, 5));
     assert!(down.moved > 0, "the backlog moved to its new shards");
+    assert_eq!(split_keys(&db).await, 0, "no key in two shards");
     let a = start(&model, &broker, &db, small_batches.clone()).await;
     let b = start(&model, &broker, &db, small_batches).await;
     rounds_written(30).await;
     let up = b.outbox().unwrap().reshard(32).await.unwrap();
     assert_eq!((up.from, up.to), (5, 32));
+    assert_eq!(split_keys(&db).await, 0, "no key in two shards");
     writing.await.unwrap();
     wait_pending_zero(&a).await;
 
@@ -1649,4 +1668,14 @@ async fn resharding_a_live_outbox_keeps_every_row_once_and_each_key_in_order() {
     a.shutdown(Duration::from_secs(10)).await.unwrap();
     b.shutdown(Duration::from_secs(10)).await.unwrap();
     drop(writer);
+}
+
+/// Keys whose pending or failed rows are in more than one shard.
+async fn split_keys(db: &DatabaseConnection) -> i64 {
+    count(
+        db,
+        "SELECT COUNT(*) AS n FROM (SELECT key FROM kontext_outbox WHERE key IS NOT NULL \
+         GROUP BY key HAVING COUNT(DISTINCT shard) > 1) AS split",
+    )
+    .await
 }

@@ -60,7 +60,9 @@ async fn no_error_or_log_line_quotes_a_password() {
         .with_writer(log.clone())
         .with_env_filter("trace")
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    // Global: kontext's tasks and librdkafka's threads log too. The only
+    // test in this binary.
+    tracing::subscriber::set_global_default(subscriber).unwrap();
 
     // Database URLs: a typo in the scheme, another driver, a URL that does
     // not parse, a password written with percent-encoding, no scheme.
@@ -82,22 +84,28 @@ async fn no_error_or_log_line_quotes_a_password() {
     // Configuration: secrets as numbers or of the wrong shape, from the
     // environment and from a file.
     figment::Jail::expect_with(|jail| {
-        jail.set_env("KONTEXT_SECURITY__SASL_PASSWORD", "73019284");
+        // Leading zeros: the text as written, not a number.
+        jail.set_env("KONTEXT_SECURITY__SASL_PASSWORD", "0073019284");
         jail.set_env("KONTEXT_SECURITY__SSL_KEY_PASSWORD", "55501234");
         jail.set_env("KONTEXT_SECURITY__SASL_USERNAME", "4242");
-        jail.set_env("KONTEXT_CLIENT_ID", "12345");
+        jail.set_env("KONTEXT_CLIENT_ID", "012345");
+        jail.set_env("KONTEXT_PRODUCER__LINGER_MS", "12");
+        jail.set_env("KONTEXT_PROVISION_TOPICS", "false");
         let s = KafkaSettings::from_env().unwrap();
+        // Numbers and booleans still read from text.
+        assert_eq!(s.producer.linger_ms, 12);
+        assert_eq!(s.provision_topics, Some(false));
         let security = &s.security;
         assert_eq!(
             security.sasl_password.as_ref().unwrap().expose(),
-            "73019284"
+            "0073019284"
         );
         assert_eq!(
             security.ssl_key_password.as_ref().unwrap().expose(),
             "55501234"
         );
         assert_eq!(security.sasl_username.as_ref().unwrap().expose(), "4242");
-        assert_eq!(s.client_id.as_deref(), Some("12345"));
+        assert_eq!(s.client_id.as_deref(), Some("012345"));
         let shown = format!("{s:?}");
         assert!(
             !shown.contains("73019284") && !shown.contains("4242"),
@@ -107,10 +115,20 @@ async fn no_error_or_log_line_quotes_a_password() {
         jail.create_file(
             "service.toml",
             &format!(
-                "[kafka.security]\nsasl_password = 73019284\n\n[database]\nurl = \"postgres://app:{PASSWORD}@db/x\"\n"
+                "[kafka.security]\nsasl_password = 73019284\n\n[kafka.topics.orders.configs]\n\"retention.ms\" = 604800000\n\n[database]\nurl = \"postgres://app:{PASSWORD}@db/x\"\n"
             ),
         )?;
+        jail.set_env("KONTEXT_SECURITY__SASL_PASSWORD", "[abc]");
         let c = ServiceConfig::from_file("service.toml").unwrap();
+        assert_eq!(
+            c.kafka.security.sasl_password.as_ref().unwrap().expose(),
+            "[abc]",
+            "the environment's text wins, brackets and all"
+        );
+        assert_eq!(
+            c.kafka.topics["orders"].configs.get("retention.ms"),
+            Some("604800000")
+        );
         assert_hidden("ServiceConfig's Debug", &format!("{c:?}"));
 
         jail.clear_env();

@@ -27,6 +27,9 @@ pub struct EmbeddedBroker {
     brokers: i32,
     /// Started because the settings named no broker (not asked for).
     implicit: bool,
+    /// Started so with `embedded_broker = true`: meant, even beside
+    /// PostgreSQL.
+    meant: bool,
 }
 
 impl EmbeddedBroker {
@@ -68,13 +71,21 @@ impl EmbeddedBroker {
             bootstrap_servers,
             brokers,
             implicit: false,
+            meant: false,
         })
     }
 
-    /// Marks it started because the settings named no broker.
-    pub(crate) fn implicit(mut self) -> Self {
+    /// Marks it started because the settings named no broker; `meant`:
+    /// they said `embedded_broker = true`.
+    pub(crate) fn implicit(mut self, meant: bool) -> Self {
         self.implicit = true;
+        self.meant = meant;
         self
+    }
+
+    /// Whether an implicit broker was meant (`embedded_broker = true`).
+    pub(crate) fn is_meant(&self) -> bool {
+        self.meant
     }
 
     /// Whether it was started because the settings named no broker, rather

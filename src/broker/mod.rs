@@ -54,7 +54,8 @@ impl Broker {
                 crate::config::near_misses_hint()
             ))),
             None => {
-                let broker = EmbeddedBroker::start(1)?.implicit();
+                let broker =
+                    EmbeddedBroker::start(1)?.implicit(settings.embedded_broker == Some(true));
                 tracing::warn!(
                     bootstrap_servers = broker.bootstrap_servers(),
                     near_misses = %crate::config::near_misses_hint(),

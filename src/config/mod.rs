@@ -41,7 +41,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Json, Toml};
+use figment::providers::{Format, Json, Toml};
 use rdkafka::ClientConfig;
 use serde::Deserialize;
 
@@ -102,7 +102,8 @@ pub struct TopicSettings {
     /// Replication factor to create the topic with; overrides the model.
     pub replication: Option<i32>,
     /// Topic configs to create the topic with; merged over the model's.
-    pub configs: BTreeMap<String, String>,
+    /// A number or boolean value is taken as text (`retention.ms = 604800000`).
+    pub configs: Properties,
 }
 
 impl TopicSettings {
@@ -406,10 +407,11 @@ impl KafkaSettings {
     /// Settings from a figment the application already assembles, e.g. one
     /// that also holds its own configuration; `section` as in [`from_file`](Self::from_file).
     pub fn from_figment(figment: &Figment, section: &str) -> Result<Self> {
+        // Lossy: a number or a boolean may come as text (the environment).
         let settings: KafkaSettings = if section.is_empty() {
-            figment.extract()
+            figment.extract_lossy()
         } else {
-            figment.extract_inner(section)
+            figment.extract_inner_lossy(section)
         }
         .map_err(|e| Error::Config {
             message: e.to_string(),
@@ -613,13 +615,80 @@ pub(crate) fn file_figment(path: &Path) -> Figment {
     }
 }
 
-fn env_provider() -> Env {
-    Env::prefixed(ENV_PREFIX)
-        .filter(|key| {
-            let first = key.as_str().split("__").next().unwrap_or_default();
-            TOP_LEVEL_KEYS.iter().any(|k| first.eq_ignore_ascii_case(k))
-        })
-        .split("__")
+fn env_provider() -> RawEnv {
+    RawEnv {
+        prefix: ENV_PREFIX.to_owned(),
+        keys: TOP_LEVEL_KEYS,
+    }
+}
+
+/// Environment variables `<prefix><KEY>[__<KEY>...]` whose first key is one
+/// of `keys`, as settings (`__` between levels, keys lowercased).
+///
+/// Unlike figment's `Env`, values stay text: `Env` parses them as TOML-like
+/// values, so a password `0073019284` became the number 73019284 (and lost
+/// its zeros), `[x]` a list. Settings that want a number or a boolean read
+/// it from the text (`Figment::extract_lossy`).
+pub(crate) struct RawEnv {
+    pub(crate) prefix: String,
+    pub(crate) keys: &'static [&'static str],
+}
+
+impl figment::Provider for RawEnv {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named(format!("`{}` environment variable(s)", self.prefix))
+    }
+
+    fn data(
+        &self,
+    ) -> std::result::Result<
+        figment::value::Map<figment::Profile, figment::value::Dict>,
+        figment::Error,
+    > {
+        let mut dict = figment::value::Dict::new();
+        for (name, value) in std::env::vars_os() {
+            let (Some(name), Some(value)) = (name.to_str(), value.to_str()) else {
+                continue;
+            };
+            let Some(rest) = name
+                .get(..self.prefix.len())
+                .filter(|p| p.eq_ignore_ascii_case(&self.prefix))
+                .and_then(|_| name.get(self.prefix.len()..))
+            else {
+                continue;
+            };
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            if path.iter().any(String::is_empty) || !self.keys.contains(&path[0].as_str()) {
+                continue;
+            }
+            insert_path(&mut dict, &path, value.to_owned());
+        }
+        let mut out = figment::value::Map::new();
+        out.insert(figment::Profile::Default, dict);
+        Ok(out)
+    }
+}
+
+/// Puts `value` (text) at `path` in `dict`, making the tables on the way.
+fn insert_path(dict: &mut figment::value::Dict, path: &[String], value: String) {
+    use figment::value::{Dict, Value};
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert(last.clone(), Value::from(value));
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Value::from(Dict::new());
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert_path(inner, rest, value);
+            }
+        }
+    }
 }
 
 /// `KONTEXT_*` environment variables that are not kontext settings but
@@ -644,6 +713,17 @@ pub fn env_near_misses() -> Vec<(String, String)> {
             .unwrap_or_default()
             .to_ascii_uppercase();
         if known.contains(&first) {
+            continue;
+        }
+        // One `_` where levels need two: `KONTEXT_PRODUCER_LINGER_MS`.
+        if let Some((section, key)) = TOP_LEVEL_KEYS.iter().find_map(|k| {
+            let k = k.to_ascii_uppercase();
+            first
+                .strip_prefix(&format!("{k}_"))
+                .filter(|rest| !rest.is_empty())
+                .map(|rest| (k.clone(), rest.to_owned()))
+        }) {
+            out.push((name.to_owned(), format!("{ENV_PREFIX}{section}__{key}")));
             continue;
         }
         if let Some(meant) = known

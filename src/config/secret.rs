@@ -16,7 +16,7 @@ pub struct Secret(String);
 
 impl<'de> Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Lenient { what: "a secret" }).map(Secret)
+        lenient_required(d, "a secret").map(Secret)
     }
 }
 
@@ -27,8 +27,9 @@ pub(crate) struct Lenient {
     pub(crate) what: &'static str,
 }
 
-impl serde::de::Visitor<'_> for Lenient {
-    type Value = String;
+impl<'de> serde::de::Visitor<'de> for Lenient {
+    /// `None` for an empty value (`null`), which only optional settings take.
+    type Value = Option<String>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -38,48 +39,69 @@ impl serde::de::Visitor<'_> for Lenient {
         )
     }
 
-    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
-        Ok(v.to_owned())
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Some(v.to_owned()))
     }
 
-    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<String, E> {
-        Ok(v)
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Some(v))
     }
 
-    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
-        Ok(v.to_string())
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
     }
 
-    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
-        Ok(v.to_string())
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
     }
 
-    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<String, E> {
-        Ok(v.to_string())
+    fn visit_i128<E: serde::de::Error>(self, v: i128) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
     }
 
-    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<String, E> {
-        Ok(v.to_string())
+    fn visit_u128<E: serde::de::Error>(self, v: u128) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
     }
 
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<String, E> {
-        Ok(v.to_string())
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
     }
 
-    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<String, E> {
-        Ok(v.to_string())
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
     }
 
-    fn visit_char<E: serde::de::Error>(self, v: char) -> Result<String, E> {
-        Ok(v.to_string())
+    fn visit_char<E: serde::de::Error>(self, v: char) -> Result<Self::Value, E> {
+        Ok(Some(v.to_string()))
     }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// A required text value: any scalar, not nothing.
+fn lenient_required<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    what: &'static str,
+) -> Result<String, D::Error> {
+    d.deserialize_any(Lenient { what })?
+        .ok_or_else(|| serde::de::Error::custom(format!("expected {what}, found nothing")))
 }
 
 /// `deserialize_with` for `Option<String>` settings: any scalar as text.
 pub(crate) fn lenient_string<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> Result<Option<String>, D::Error> {
-    d.deserialize_any(Lenient { what: "a string" }).map(Some)
+    d.deserialize_any(Lenient { what: "a string" })
 }
 
 /// The password in a URL's user info (`scheme://user:password@host/..`),
@@ -198,7 +220,7 @@ pub fn is_sensitive_property(key: &str) -> bool {
 
 /// Raw librdkafka properties (`key = value`), passed through untouched.
 /// `Debug` redacts the values of sensitive keys. Read from settings, a
-/// number or boolean value is taken as text (`KONTEXT_LIBRDKAFKA__LINGER_MS=5`).
+/// number or boolean value is taken as text (`"linger.ms" = 5` in TOML).
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
 pub struct Properties(BTreeMap<String, LenientString>);
@@ -209,10 +231,7 @@ struct LenientString(String);
 
 impl<'de> Deserialize<'de> for LenientString {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Lenient {
-            what: "a property value",
-        })
-        .map(LenientString)
+        lenient_required(d, "a property value").map(LenientString)
     }
 }
 

@@ -3,10 +3,9 @@
 
 use std::path::Path;
 
-use figment::providers::Env;
 use serde::Deserialize;
 
-use crate::config::{ENV_PREFIX, KafkaSettings, Secret, file_figment};
+use crate::config::{ENV_PREFIX, KafkaSettings, RawEnv, Secret, file_figment};
 use crate::error::{Error, Result};
 
 /// What [`ServiceConfig::from_file`] reads:
@@ -76,10 +75,12 @@ impl ServiceConfig {
 
     fn read(path: &Path, database_section: &str, env_prefix: &str) -> Result<Self> {
         let kafka = KafkaSettings::from_file(path, "kafka")?;
-        let section = file_figment(path)
-            .focus(database_section)
-            .merge(Env::prefixed(env_prefix).only(&["url", "migrate"]));
-        let database: DatabaseSection = section.extract().map_err(|e| Error::Config {
+        let section = file_figment(path).focus(database_section).merge(RawEnv {
+            prefix: env_prefix.to_owned(),
+            keys: &["url", "migrate"],
+        });
+        // Lossy: `migrate` may come as text (the environment).
+        let database: DatabaseSection = section.extract_lossy().map_err(|e| Error::Config {
             message: format!("`[{database_section}]` in `{}`: {e}", path.display()),
             source: Some(Box::new(e)),
         })?;

@@ -313,7 +313,7 @@ impl MigrationTrait for OutboxLayout {
         .await?;
         if m.get_database_backend() == sea_orm::DbBackend::Postgres {
             // Takes the layout lock shared (a reshard takes it exclusively,
-            // `outbox::layout::LAYOUT_LOCK`), then reads the count: each
+            // `OUTBOX_LAYOUT_LOCK`), then reads the count: each
             // statement of a VOLATILE function has a snapshot of its own, so
             // the count read is the one committed when the lock was granted.
             m.get_connection()

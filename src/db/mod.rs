@@ -104,10 +104,20 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<()> {
 /// connection string in their errors have it replaced by `***`.
 pub async fn connect(url: &str) -> Result<DatabaseConnection> {
     connect_unredacted(url).await.map_err(|e| match e {
-        Error::Database { operation, source } => Error::Database {
-            operation,
-            source: DbErr::Custom(crate::config::scrub_url(&source.to_string(), url)),
-        },
+        Error::Database { operation, source } => {
+            let text = source.to_string();
+            let scrubbed = crate::config::scrub_url(&text, url);
+            if scrubbed == text {
+                return Error::Database { operation, source };
+            }
+            // Rewritten only when it quoted the password; a connection
+            // error stays one (retriable, recognised as an outage).
+            let source = match source {
+                DbErr::Conn(_) => DbErr::Conn(sea_orm::RuntimeErr::Internal(scrubbed)),
+                _ => DbErr::Custom(scrubbed),
+            };
+            Error::Database { operation, source }
+        }
         other => other,
     })
 }

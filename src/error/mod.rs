@@ -103,8 +103,9 @@ pub enum Error {
         source: KafkaError,
     },
 
-    /// A per-call header used a name kontext reserves for its standard headers.
-    #[error("header `{header}` on a message for topic `{topic}` is reserved by kontext")]
+    /// A per-call header used a name kontext reserves for its standard
+    /// headers (in any case), or an empty name.
+    #[error("header `{header}` on a message for topic `{topic}` is empty or reserved by kontext")]
     ReservedHeader {
         /// Topic of the message.
         topic: String,

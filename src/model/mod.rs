@@ -259,7 +259,7 @@ impl Model {
                     provisioning.replication = s.replication.or(provisioning.replication);
                     provisioning
                         .configs
-                        .extend(s.configs.iter().map(|(k, v)| (k.clone(), v.clone())));
+                        .extend(s.configs.iter().map(|(k, v)| (k.to_owned(), v.to_owned())));
                 }
                 let group = topic_settings.and_then(|s| s.group.as_deref());
                 (id, spec.rebuilt(topic, provisioning, group))

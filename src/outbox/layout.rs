@@ -296,6 +296,14 @@ async fn rewrite(inner: &Inner, shards: i32, owner: &str, held: usize) -> Result
         DbBackend::Postgres => postgres.to_owned(),
         _ => other.to_owned(),
     };
+    if backend == DbBackend::Postgres {
+        // Each statement below must see what committed before it ran (the
+        // rows of inserts that waited for the layout lock included),
+        // whatever the server's default isolation.
+        txn.execute_unprepared("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .await
+            .db(WHAT)?;
+    }
     // First, the leases: renewed, and their rows locked until this commits
     // (on SQLite the write takes the database's write lock), so none of
     // them can be taken while the rows move. One lost lease: nothing done.

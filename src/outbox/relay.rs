@@ -437,6 +437,7 @@ async fn send_rows(inner: &Inner, rows: &[row::Model], watch: &Watch) -> Vec<Sen
         bound: send_timeout + SETTLE_MARGIN,
         unsettled: &inner.unsettled,
         lease: Some((watch, ttl, send_timeout)),
+        halt: &inner.halt,
     };
     for (i, r) in rows.iter().enumerate() {
         if inner.halt.is_cancelled() || !watch.may_send(ttl, send_timeout) {
@@ -478,6 +479,8 @@ struct InFlight<'o> {
     /// for room when the lease can no longer vouch for its delivery is not
     /// handed over.
     lease: Option<(&'o Watch, Duration, Duration)>,
+    /// Shutdown's deadline: a row still waiting for room is not handed over.
+    halt: &'o CancellationToken,
 }
 
 impl InFlight<'_> {
@@ -652,6 +655,9 @@ impl MakeRoom for &mut InFlight<'_> {
         if !self.settle_oldest().await {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        if self.halt.is_cancelled() {
+            return Err(LeaseLapsed);
+        }
         match self.lease {
             Some((watch, ttl, send_timeout)) if !watch.may_send(ttl, send_timeout) => {
                 Err(LeaseLapsed)
@@ -661,7 +667,8 @@ impl MakeRoom for &mut InFlight<'_> {
     }
 }
 
-/// A row waited for room until its lease could no longer vouch for it.
+/// A row waited for room until its lease could no longer vouch for it, or
+/// shutdown's deadline.
 #[derive(Debug)]
 pub(super) struct LeaseLapsed;
 
@@ -782,14 +789,20 @@ async fn send_one(
             return other.map(|_| false);
         }
     };
-    // Room in a full queue is waited for only until the commit's deadline.
+    // Room in a full queue is waited for only until the commit's deadline,
+    // and while the lease can still vouch for the delivery.
     let mut nothing: [Sent; 0] = [];
+    let watch = Watch {
+        lost: AtomicBool::new(false),
+        renewed: Mutex::new(held.renewed()),
+    };
     let mut room = InFlight {
         queue: VecDeque::new(),
         outcomes: &mut nothing,
         bound: sender.send_timeout + SETTLE_MARGIN,
         unsettled: &inner.unsettled,
-        lease: None,
+        lease: Some((&watch, ttl, sender.send_timeout)),
+        halt: &inner.halt,
     };
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
     let enqueued = enqueue(

@@ -102,7 +102,9 @@ impl Producer {
         // `delivery.timeout.ms`, wins over the typed setting).
         let queue_timeout = ["message.timeout.ms", "delivery.timeout.ms"]
             .iter()
-            .find_map(|name| config.get(name).and_then(|v| v.parse::<u64>().ok()))
+            .find_map(|name| config.get(name).and_then(|v| v.trim().parse::<u64>().ok()))
+            // 0 is librdkafka's "no timeout": wait as the default does.
+            .filter(|ms| *ms > 0)
             .map_or_else(|| settings.message_timeout(), Duration::from_millis);
         tracing::debug!(config = ?redacted(&config), "creating producer");
         let reach = Arc::new(Reach::default());
@@ -488,7 +490,8 @@ pub(crate) fn write_headers<T: Message, H: HeaderList>(
         }
     }
     for (name, v) in &options.headers {
-        if headers::RESERVED.contains(&name.as_str()) {
+        // The model's rule: reserved names (any case) and empty ones.
+        if kontext_names::validate_header_name(name).is_err() {
             return Err(Error::ReservedHeader {
                 topic: spec.topic().to_owned(),
                 header: name.clone(),
@@ -976,6 +979,11 @@ mod tests {
             .unwrap();
             assert_eq!(p.inner.queue_timeout, Duration::from_millis(1234), "{name}");
         }
+        // 0 is "no timeout", not "give up at once".
+        let mut settings = KafkaSettings::new();
+        settings.producer.librdkafka.set("message.timeout.ms", "0");
+        let p = Producer::new(&settings, "127.0.0.1:1", model, &ClientTracker::default()).unwrap();
+        assert_eq!(p.inner.queue_timeout, settings.message_timeout());
     }
 
     #[test]

@@ -200,7 +200,10 @@ impl KontextBuilder {
             // with no producer or consumer never talks to a broker.
             let relays = !self.writer_only && self.outbox.run_relay;
             let uses_broker = self.producer || !self.consumers.is_empty() || relays;
-            if postgres && uses_broker && settings.embedded_broker.is_none() {
+            // Meant when the settings the broker was made from, or these,
+            // say `embedded_broker = true`.
+            let meant = embedded.is_meant() || settings.embedded_broker == Some(true);
+            if postgres && uses_broker && !meant {
                 return Err(Error::config(format!(
                     "no bootstrap_servers configured, beside a PostgreSQL database: kontext would start an \
                      in-memory broker inside this process, and an outbox would relay its rows there and delete them. \
@@ -505,9 +508,10 @@ impl Kontext {
     /// handlers still running at `timeout` are dropped (their messages are
     /// delivered again later, see [`MessageContext::cancelled`](crate::consumer::MessageContext::cancelled)),
     /// and the relay and the flush get what is left of `timeout`, at least
-    /// half a second each. At its deadline the relay hands no more rows
-    /// over, settles those in flight (1 s at most) and releases its
-    /// leases; when `shutdown` returns, it has stopped.
+    /// half a second each while the 2 s last (less when the consumers took
+    /// most of them). At its deadline the relay hands no more rows over,
+    /// settles those in flight (1 s at most) and releases its leases; when
+    /// `shutdown` returns, it has stopped (or was aborted, see below).
     ///
     /// Returns [`Error::ShutdownIncomplete`] when a relay still waiting on
     /// the broker had to be aborted, saying what that leaves behind.

@@ -124,9 +124,10 @@ fn health_response<S>(state: &AppState<S>, check: Check) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     // Summaries only: this endpoint answers anyone. The error text behind
-    // a failed check (`h.details`) is logged, not served.
+    // a failed check (`h.details`) is logged (at debug: probes come every
+    // few seconds; kontext warns of the failures themselves), not served.
     if !ok {
-        tracing::warn!(details = ?h.details, "health check failed");
+        tracing::debug!(details = ?h.details, "health check failed");
     }
     (
         status,

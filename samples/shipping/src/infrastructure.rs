@@ -109,7 +109,9 @@ pub fn config_path() -> PathBuf {
 /// `kontext-sample-<uid>` in the temp directory, created with mode 0700,
 /// and refused if it exists with another owner or wider permissions (the
 /// temp directory is shared: another user could otherwise read the
-/// databases, or plant one).
+/// databases, or plant one). Linux only; elsewhere `kontext-sample` in the
+/// temp directory, unchecked.
+#[cfg(target_os = "linux")]
 pub fn private_dir() -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
     use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
     // The uid of this process, as the file system records it.
@@ -130,6 +132,14 @@ pub fn private_dir() -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
         )
         .into());
     }
+    Ok(dir)
+}
+
+/// See the Linux version.
+#[cfg(not(target_os = "linux"))]
+pub fn private_dir() -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+    let dir = std::env::temp_dir().join("kontext-sample");
+    std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
 
