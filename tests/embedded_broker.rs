@@ -15,7 +15,8 @@ fn model() -> Model {
     Model::builder().build().unwrap()
 }
 
-#[test]
+/// Runs first in the one test below: it sets environment variables, which
+/// must not change while another thread of this binary reads them.
 fn a_misspelt_variable_is_named_with_the_setting_meant() {
     figment::Jail::expect_with(|jail| {
         jail.set_env("KONTEXT_BOOTSTRAP_SERVER", "kafka-1:9092");
@@ -67,8 +68,12 @@ fn a_misspelt_variable_is_named_with_the_setting_meant() {
     });
 }
 
+/// One test in this binary, so the environment changes of the first part
+/// never race a read of the environment (kontext reads it when it starts
+/// an implicit broker, to name misspelt variables).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_implicit_broker_is_shown_in_health_and_refused_beside_postgres() {
+    a_misspelt_variable_is_named_with_the_setting_meant();
     init_tracing();
     let db = kontext::testing::database().await.unwrap();
     let postgres = db.get_database_backend() == sea_orm::DbBackend::Postgres;
