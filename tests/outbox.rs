@@ -1517,13 +1517,11 @@ async fn a_writer_and_a_relay_configured_with_different_shard_counts_send_every_
         .await
             >= 16
     );
-    let relay = start(&model, &broker, &db, fast()).await;
-    wait_pending_zero(&relay).await;
-    let records = read_topic(&broker, &topic, 201, Duration::from_secs(3))
-        .await
-        .unwrap();
-    assert_eq!(records.len(), 200, "every row sent once");
-    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        relay_all(&model, &broker, &db, &topic).await,
+        200,
+        "every row sent once"
+    );
     drop(writer);
 }
 
@@ -1536,17 +1534,7 @@ async fn a_process_with_another_explicit_shard_count_is_refused_at_start() {
     let topic = unique_name("shipping.shipment.created");
     let model = model(&topic, 1, OutboxMode::Background);
     let first = start(&model, &broker, &db, no_relay()).await;
-    let refused = Kontext::builder(model.clone())
-        .broker(broker.clone())
-        .database(db.clone())
-        .outbox_settings(OutboxSettings {
-            shards: Some(32),
-            ..fast()
-        })
-        .start()
-        .await
-        .unwrap_err()
-        .to_string();
+    let refused = refused_with_shards(&model, &broker, &db, 32).await;
     assert!(
         refused.contains("is 32 in this process's settings") && refused.contains("sharded 16 ways"),
         "{refused}"
@@ -1572,13 +1560,11 @@ async fn rows_in_a_shard_beyond_the_count_are_sent() {
     db.execute_unprepared("UPDATE kontext_outbox SET shard = 40 + shard")
         .await
         .unwrap();
-    let relay = start(&model, &broker, &db, fast()).await;
-    wait_pending_zero(&relay).await;
-    let records = read_topic(&broker, &topic, 51, Duration::from_secs(3))
-        .await
-        .unwrap();
-    assert_eq!(records.len(), 50, "every row sent once");
-    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(
+        relay_all(&model, &broker, &db, &topic).await,
+        50,
+        "every row sent once"
+    );
     drop(writer);
 }
 
@@ -1653,17 +1639,7 @@ async fn resharding_a_live_outbox_keeps_every_row_once_and_each_key_in_order() {
         "a lease row per shard of the new count: {leases}"
     );
 
-    let refused = Kontext::builder(model.clone())
-        .broker(broker.clone())
-        .database(db.clone())
-        .outbox_settings(OutboxSettings {
-            shards: Some(16),
-            ..fast()
-        })
-        .start()
-        .await
-        .unwrap_err()
-        .to_string();
+    let refused = refused_with_shards(&model, &broker, &db, 16).await;
     assert!(refused.contains("sharded 32 ways"), "{refused}");
     a.shutdown(Duration::from_secs(10)).await.unwrap();
     b.shutdown(Duration::from_secs(10)).await.unwrap();
@@ -1678,4 +1654,36 @@ async fn split_keys(db: &DatabaseConnection) -> i64 {
          GROUP BY key HAVING COUNT(DISTINCT shard) > 1) AS split",
     )
     .await
+}
+
+/// The error of starting an instance with an explicit count of `shards`.
+async fn refused_with_shards(
+    model: &Model,
+    broker: &Broker,
+    db: &DatabaseConnection,
+    shards: i32,
+) -> String {
+    Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .database(db.clone())
+        .outbox_settings(OutboxSettings {
+            shards: Some(shards),
+            ..fast()
+        })
+        .start()
+        .await
+        .unwrap_err()
+        .to_string()
+}
+
+/// Starts a relay, lets it send everything pending, stops it and returns
+/// how many records `topic` holds.
+async fn relay_all(model: &Model, broker: &Broker, db: &DatabaseConnection, topic: &str) -> usize {
+    let relay = start(model, broker, db, fast()).await;
+    wait_pending_zero(&relay).await;
+    relay.shutdown(Duration::from_secs(10)).await.unwrap();
+    read_topic(broker, topic, usize::MAX, Duration::from_secs(3))
+        .await
+        .unwrap()
+        .len()
 }

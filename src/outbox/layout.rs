@@ -161,7 +161,7 @@ async fn pause_outbox(db: &DatabaseConnection, owner: &str, pause: Duration) -> 
     const WHAT: &str = "pause the outbox to reshard";
     let backend = db.get_database_backend();
     let pause_ms = i64::try_from(pause.as_millis()).unwrap_or(i64::MAX);
-    let now = sql_now(backend);
+    let now = lease::db_now_sql(backend);
     let res = db
         .execute(Statement::from_sql_and_values(
             backend,
@@ -204,14 +204,6 @@ async fn resume_outbox(db: &DatabaseConnection, owner: &str) {
         .await
     {
         tracing::warn!(error = %e, "could not end the outbox's reshard pause; it ends by itself");
-    }
-}
-
-/// The database's clock in milliseconds, as SQL text.
-fn sql_now(backend: DbBackend) -> &'static str {
-    match backend {
-        DbBackend::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
-        _ => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
     }
 }
 
@@ -308,7 +300,7 @@ async fn rewrite(inner: &Inner, shards: i32, owner: &str, held: usize) -> Result
     // (on SQLite the write takes the database's write lock), so none of
     // them can be taken while the rows move. One lost lease: nothing done.
     let ttl_ms = i64::try_from(inner.settings.lease_ttl.as_millis()).unwrap_or(i64::MAX);
-    let now = sql_now(backend);
+    let now = lease::db_now_sql(backend);
     let renewed = txn
         .execute(Statement::from_sql_and_values(
             backend,

@@ -25,11 +25,16 @@ use crate::error::Result;
 
 /// The database's clock in milliseconds since the Unix epoch, as SQL.
 pub(super) fn db_now(backend: DbBackend) -> SimpleExpr {
-    Expr::cust(match backend {
+    Expr::cust(db_now_sql(backend))
+}
+
+/// [`db_now`] as SQL text, for statements written by hand.
+pub(super) fn db_now_sql(backend: DbBackend) -> &'static str {
+    match backend {
         DbBackend::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
         // julianday('now') has millisecond precision; 2440587.5 is 1970-01-01.
         _ => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
-    })
+    }
 }
 
 fn ms(d: Duration) -> i64 {
