@@ -692,3 +692,119 @@ async fn a_failed_start_leaves_no_member_running() {
     );
     b.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A record whose header name is not UTF-8 (any producer can write one)
+/// once panicked whoever read its headers: the poll thread on a topic of
+/// several types (the whole service failed, and failed again on the same
+/// record after a restart), a lane's worker on a topic of one type (the
+/// lane stopped silently). Now it is dead-lettered `bad-header` where
+/// kontext must read headers, and handled with its name shown lossily
+/// where it need not; the records after it flow either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_stops_nothing() {
+    let Orders {
+        broker,
+        topic,
+        alerts,
+        group,
+        model,
+        producer,
+    } = orders(1, |c| c).await;
+    let raw = rdkafka_producer(&broker);
+    let send = async |topic: &str, payload: &[u8]| {
+        let headers = kontext::testing::headers_with_raw_names(&[
+            (b"ce_type", Some(b"whatever")),
+            (b"bad\xff\xfe", Some(b"v")),
+        ]);
+        let record: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+            rdkafka::producer::FutureRecord::to(topic)
+                .headers(headers)
+                .key(&b"1"[..])
+                .partition(0)
+                .payload(payload);
+        raw.send(record, Duration::from_secs(10)).await.unwrap();
+    };
+    // Two types share `topic`: the router reads the headers.
+    send(&topic, br#"{"order":1,"seq":0}"#).await;
+    // `alerts` carries one type: an undecodable record, then a good one
+    // whose handler reads its headers.
+    send(&alerts, b"not json").await;
+    let good_alert = kontext::testing::headers_with_raw_names(&[(b"bad\xff\xfe", Some(b"v"))]);
+    let record: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+        rdkafka::producer::FutureRecord::to(&alerts)
+            .headers(good_alert)
+            .partition(0)
+            .payload(br#"{"n":1000}"#);
+    raw.send(record, Duration::from_secs(10)).await.unwrap();
+    let p = producer.producer().unwrap();
+    for order in 0..5u32 {
+        p.produce(&OrderCreated { order, seq: 1 }).await.unwrap();
+        p.produce(&Alert { n: order }).await.unwrap();
+    }
+    let seen = Seen::default();
+    let names: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (s1, s2, n) = (seen.clone(), seen.clone(), Arc::clone(&names));
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(s1.handler::<OrderCreated>("created", |e| (e.order, e.seq), None))
+                .ignore::<OrderPaid>()
+                .handler(move |e: Alert, ctx: MessageContext| {
+                    let (s, n) = (s2.clone(), Arc::clone(&n));
+                    async move {
+                        let names: Vec<String> = ctx.headers().map(|(k, _)| k.to_owned()).collect();
+                        n.lock().unwrap().extend(names);
+                        s.push("alert", e.n, 0, &ctx);
+                        Ok(())
+                    }
+                });
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(
+        seen.wait_for("created", 5, READ_TIMEOUT).await,
+        "{:?}",
+        seen.all()
+    );
+    assert!(
+        seen.wait_for("alert", 6, READ_TIMEOUT).await,
+        "{:?}",
+        seen.all()
+    );
+    let orders_dlq = read_topic(&broker, &format!("{topic}.dlq"), 1, READ_TIMEOUT)
+        .await
+        .unwrap();
+    let alerts_dlq = read_topic(&broker, &format!("{alerts}.dlq"), 1, READ_TIMEOUT)
+        .await
+        .unwrap();
+    for dlq in [&orders_dlq, &alerts_dlq] {
+        assert_eq!(dlq.len(), 1, "{dlq:?}");
+        let d = &dlq[0];
+        assert_eq!(d.header(dlq_headers::REASON), Some("bad-header"), "{d:?}");
+        let error = d.header(dlq_headers::ERROR).unwrap();
+        assert!(error.contains("bytes 62 61 64 ff fe"), "{error}");
+        // The original header travels with its bytes (read back lossily).
+        assert!(
+            d.headers.iter().any(|(k, _)| k.starts_with("bad\u{fffd}")),
+            "{d:?}"
+        );
+    }
+    // The handler that read the bad name saw it lossily.
+    assert!(
+        names
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|k| k.contains("bytes 62 61 64 ff fe")),
+        "{:?}",
+        names.lock().unwrap()
+    );
+    let health = consumer.health();
+    assert!(health.live && health.ready, "{health:?}");
+    for s in consumer.registry().services() {
+        assert_eq!(s.state, kontext::registry::ServiceState::Running, "{s:?}");
+    }
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

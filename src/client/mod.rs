@@ -1,9 +1,10 @@
 //! Client plumbing every role shares: the librdkafka client context that
-//! routes its logs and errors to `tracing`, and the tracker that counts live
-//! clients. The ground floor: producer, consumer, outbox and runtime use it;
+//! routes its logs and errors to `tracing`, the tracker that counts live
+//! clients, and headers read as bytes (`raw_headers`). The ground floor: producer, consumer, outbox and runtime use it;
 //! it uses none of them.
 
 mod context;
+pub(crate) mod raw_headers;
 mod reach;
 mod tracker;
 

@@ -13,10 +13,11 @@ use std::time::{Duration, SystemTime};
 
 use std::ops::Range;
 
-use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::client::raw_headers::{self, RawHeaders};
 use crate::consumer::lent::Polled;
 use crate::consumer::sync::lock;
 use crate::headers;
@@ -30,6 +31,8 @@ pub(crate) enum Rejection {
     /// A type of the model on this topic that this group neither consumes,
     /// ignores, nor leaves to another group.
     NotConsumed(String),
+    /// A header whose name is not UTF-8 (shown lossily, with its bytes).
+    BadHeader(String),
 }
 
 impl Rejection {
@@ -42,6 +45,9 @@ impl Rejection {
                 "type `{t}` is declared on this topic but this consumer group does not consume it; \
                  consume it, `ignore` it, or give it its own group in the model"
             ),
+            Rejection::BadHeader(name) => {
+                format!("header name `{name}` is not UTF-8 (Kafka header names are strings)")
+            }
         }
     }
 }
@@ -102,18 +108,21 @@ impl Record {
         self.message()?.payload()
     }
 
-    /// Headers in wire order (librdkafka parses them on the first call).
-    pub(crate) fn headers(&self) -> impl Iterator<Item = (&str, Option<&[u8]>)> {
-        self.message()
-            .and_then(|m| m.headers())
-            .into_iter()
-            .flat_map(|h| h.iter().map(|h| (h.key, h.value)))
+    /// Headers in wire order, names as bytes (librdkafka parses them on
+    /// the first call).
+    pub(crate) fn headers(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.message().map(RawHeaders::of).into_iter().flatten()
     }
 
     pub(crate) fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers()
-            .find(|(k, _)| *k == name)
+            .find(|(k, _)| *k == name.as_bytes())
             .and_then(|(_, v)| v)
+    }
+
+    /// The first header name that is not UTF-8, shown lossily.
+    pub(crate) fn bad_header(&self) -> Option<String> {
+        raw_headers::bad_name(self.headers())
     }
 }
 
@@ -155,9 +164,12 @@ impl Copied {
             c.key = Some(0..k.len() as u32);
         }
         let from = c.data.len() as u32;
-        if let Some(h) = m.headers() {
-            for h in h.iter() {
-                encode_header(&mut c.data, h.key, h.value);
+        for (name, value) in RawHeaders::of(m) {
+            // A name that is not UTF-8 reaches the handler lossily rather
+            // than not at all (see `raw_headers`).
+            match std::str::from_utf8(name) {
+                Ok(name) => encode_header(&mut c.data, name, value),
+                Err(_) => encode_header(&mut c.data, &raw_headers::lossy(name), value),
             }
         }
         c.headers = from..c.data.len() as u32;

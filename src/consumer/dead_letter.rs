@@ -7,13 +7,14 @@ use std::time::{Duration, SystemTime};
 
 use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::client::TracingContext;
+use crate::client::raw_headers;
 use crate::client::{ClientGuard, ClientKind, ClientTracker};
 use crate::config::KafkaSettings;
 use crate::consumer::context::Record;
@@ -66,6 +67,8 @@ pub(crate) enum FailureReason {
     Timeout,
     /// The handler failed on every attempt.
     RetriesExhausted,
+    /// A header name is not UTF-8.
+    BadHeader,
 }
 
 impl FailureReason {
@@ -81,6 +84,7 @@ impl FailureReason {
             FailureReason::Panic => "panic",
             FailureReason::Timeout => "timeout",
             FailureReason::RetriesExhausted => "retries-exhausted",
+            FailureReason::BadHeader => "bad-header",
         }
     }
 }
@@ -233,8 +237,10 @@ impl DeadLetters {
             let attempts = failure.attempts.to_string();
             let failed_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
             let mut headers = OwnedHeaders::new();
-            for (key, value) in record.headers() {
-                headers = headers.insert(Header { key, value });
+            for (name, value) in record.headers() {
+                // The original's names as they were; one that is not UTF-8
+                // (the `bad-header` reason) is copied as its bytes.
+                headers = raw_headers::add(headers, name, value);
             }
             for (key, value) in [
                 (dlq_headers::ORIGINAL_TOPIC, source),

@@ -690,7 +690,12 @@ impl Build<'_> {
                 lane_dead_letters,
             )),
         };
-        self.lane_workers.push(run);
+        let names: Vec<&str> = types.iter().map(|(d, _)| d.as_str()).collect();
+        self.lane_workers.push(Box::pin(worker::supervised(
+            run,
+            Arc::clone(shared),
+            format!("topic `{topic}` (types {})", names.join(", ")),
+        )));
         Ok(Lane {
             buffered: crate::telemetry::buffered(&topic, service),
             topic,

@@ -433,6 +433,14 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
     /// its `ce_type`, rather than reported as a decoding error.
     fn undecodable(&self, record: &Record, error: &CodecError, attempt: u32) -> Failed {
         // Not retried: the same bytes will not decode next time.
+        if let Some(name) = record.bad_header() {
+            return Failed {
+                reason: FailureReason::BadHeader,
+                error: Rejection::BadHeader(name).reason(),
+                attempts: 0,
+                action: Action::DeadLetter,
+            };
+        }
         match record.header(headers::MESSAGE_TYPE) {
             Some(t) if t != self.spec.type_name().as_bytes() => Failed {
                 reason: FailureReason::UnknownType,
@@ -653,6 +661,7 @@ pub(crate) async fn reject(
         Rejection::MissingType => FailureReason::MissingType,
         Rejection::UnknownType(_) => FailureReason::UnknownType,
         Rejection::NotConsumed(_) => FailureReason::NotConsumed,
+        Rejection::BadHeader(_) => FailureReason::BadHeader,
     };
     let failure = Failure {
         reason,
@@ -724,7 +733,10 @@ fn plan_failure(
 ) -> Plan {
     // A record of another type is not this type's failure: the router would
     // have rejected it had it read the headers, and rejections count nowhere.
-    let ours = failure.reason != FailureReason::UnknownType;
+    let ours = !matches!(
+        failure.reason,
+        FailureReason::UnknownType | FailureReason::BadHeader
+    );
     if ours {
         stats.failed.fetch_add(1, Ordering::Relaxed);
     }
@@ -853,6 +865,31 @@ async fn after_failure(
     }
 }
 
+/// A lane's task, watched: should it end while its service runs (a panic
+/// in kontext's own code: handlers' panics are caught per attempt), the
+/// service fails at once, naming the lane, instead of the lane filling up
+/// silently until the stall limit notices. A failed service is not live,
+/// and its poll thread leaves the group, so the partitions move to members
+/// that can handle them.
+pub(crate) async fn supervised(
+    run: futures::future::BoxFuture<'static, ()>,
+    shared: Arc<ServiceShared>,
+    lane: String,
+) {
+    use futures::FutureExt as _;
+    let ended = std::panic::AssertUnwindSafe(run).catch_unwind().await;
+    let why = match ended {
+        Ok(()) if shared.is_stopping() => return,
+        Ok(()) => format!("the worker of {lane} ended while its service was running"),
+        Err(panic) => format!(
+            "the worker of {lane} panicked: {}",
+            panic_text(&panic).trim_start_matches("handler panicked: ")
+        ),
+    };
+    tracing::error!(service = %shared.name, %lane, reason = %why, "a lane's worker died; its poll service fails");
+    shared.fail(why);
+}
+
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
     let msg = panic
         .downcast_ref::<&str>()
@@ -860,4 +897,37 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".to_owned());
     format!("handler panicked: {msg}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{ServiceProbe as _, ServiceState};
+
+    #[tokio::test]
+    async fn a_lane_worker_that_dies_fails_its_service_at_once_naming_the_lane() {
+        let shared = ServiceShared::new("shared-g".into(), "g".into(), false, true);
+        let dies: BoxFuture<'static, ()> = Box::pin(async { panic!("kontext bug") });
+        supervised(dies, Arc::clone(&shared), "topic `orders` (types a)".into()).await;
+        let status = shared.status();
+        match &status.state {
+            ServiceState::Failed(why) => {
+                assert!(why.contains("topic `orders`"), "{why}");
+                assert!(why.contains("kontext bug"), "{why}");
+            }
+            other => panic!("not failed: {other:?}"),
+        }
+        assert!(shared.must_stop_now(), "the poll loop is told to stop");
+        assert!(!status.is_healthy());
+
+        // A lane that ends because its service stops is no failure.
+        let shared = ServiceShared::new("shared-h".into(), "h".into(), false, true);
+        shared.drain();
+        supervised(Box::pin(async {}), Arc::clone(&shared), "l".into()).await;
+        assert_eq!(shared.state(), ServiceState::Running);
+        // One that ends while it runs is.
+        let shared = ServiceShared::new("shared-i".into(), "i".into(), false, true);
+        supervised(Box::pin(async {}), Arc::clone(&shared), "l".into()).await;
+        assert!(matches!(shared.state(), ServiceState::Failed(_)));
+    }
 }

@@ -8,6 +8,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use reader::{RecordedMessage, read_topic};
 
+/// Headers whose names are any bytes, for a test's own producer: records
+/// as a producer that does not check its header names writes them (Kafka
+/// header names are meant to be UTF-8; nothing enforces it), to test how
+/// a service meets them.
+pub fn headers_with_raw_names(
+    headers: &[(&[u8], Option<&[u8]>)],
+) -> rdkafka::message::OwnedHeaders {
+    headers
+        .iter()
+        .fold(rdkafka::message::OwnedHeaders::new(), |h, (name, value)| {
+            crate::client::raw_headers::add(h, name, *value)
+        })
+}
+
 use crate::broker::Broker;
 use crate::error::{DbContext as _, Result};
 

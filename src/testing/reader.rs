@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::broker::Broker;
+use crate::client::raw_headers::{self, RawHeaders};
 use crate::error::{Error, Result};
 
 /// One record as stored by the broker.
@@ -103,14 +104,11 @@ fn read_blocking(
     while out.len() < expected && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                // Names as text, lossily: a name that is not UTF-8 shows
+                // its bytes rather than failing the read.
+                let headers = RawHeaders::of(&m)
+                    .map(|(name, value)| (raw_headers::lossy(name), value.map(<[u8]>::to_vec)))
+                    .collect();
                 out.insert(
                     (m.partition(), m.offset()),
                     RecordedMessage {

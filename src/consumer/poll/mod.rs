@@ -21,9 +21,10 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::types::RDKafkaErrorCode;
 
+use crate::client::raw_headers::{self, RawHeaders};
 use crate::client::{ClientGuard, TracingContext};
 use crate::consumer::buffer::{LaneBuffer, TypeStats};
 use crate::consumer::context::{Record, Rejection};
@@ -139,11 +140,17 @@ impl LoopState {
         if lane.types.len() == 1 && lane.others.is_empty() && lane.unclaimed.is_empty() {
             return Routed::Type(0);
         }
-        let declared = m.headers().and_then(|h| {
-            h.iter()
-                .find(|h| h.key == headers::MESSAGE_TYPE)
-                .map(|h| h.value.unwrap_or_default())
-        });
+        // Read as bytes: a name that is not UTF-8 must not panic this
+        // thread (`raw_headers`); such a record is dead-lettered.
+        let mut declared = None;
+        for (name, value) in RawHeaders::of(m) {
+            if std::str::from_utf8(name).is_err() {
+                return Routed::Reject(Rejection::BadHeader(raw_headers::lossy(name)));
+            }
+            if declared.is_none() && name == headers::MESSAGE_TYPE.as_bytes() {
+                declared = Some(value.unwrap_or_default());
+            }
+        }
         match declared {
             Some(t) => {
                 if let Some(i) = lane.types.iter().position(|(d, _)| d.as_bytes() == t) {
@@ -174,6 +181,8 @@ pub(crate) fn run(plan: PollPlan) {
     // However the loop ended, nothing more reaches the workers: they stop.
     shared.stop_now();
     match result {
+        // A service a dead lane failed keeps saying why.
+        Ok(Ok(())) if shared.has_failed() => {}
         Ok(Ok(())) => shared.set_state(ServiceState::Stopped),
         Ok(Err(reason)) => {
             tracing::error!(service = %name, %reason, "poll service failed");

@@ -138,6 +138,18 @@ impl ServiceShared {
         *lock(&self.state) = state;
     }
 
+    /// Fails the service for `reason` (kept over the state its poll loop
+    /// would set when it ends) and stops it at once.
+    pub(crate) fn fail(&self, reason: String) {
+        self.set_state(ServiceState::Failed(reason));
+        self.stop_now();
+    }
+
+    /// Whether the service has failed.
+    pub(super) fn has_failed(&self) -> bool {
+        matches!(*lock(&self.state), ServiceState::Failed(_))
+    }
+
     /// Lets a `start_immediately(false)` service begin polling.
     pub(crate) fn start(&self) {
         let (flag, cv) = &self.started;
