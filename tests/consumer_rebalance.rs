@@ -696,3 +696,116 @@ async fn backpressure_through_many_rebalances_leaves_no_partition_paused() {
     a_handles_a_new_batch(p, &seen_a, last, PARTITIONS, state).await;
     a.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A revoke once waited behind a retry pause of a record of a partition
+/// the member keeps: the worker slept through the revocation while the
+/// poll thread waited for it inside the rebalance (up to
+/// `revoke_timeout_ms`), so the partition's next owner waited too, and
+/// health called the waiting poll loop hung. Here the pause and the revoke
+/// timeout are ten minutes: the partition that moves reaches its new owner
+/// long before either ends, and the old member stays live throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_does_not_wait_behind_a_retry_pause_of_another_partition() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(2).key(|e| e.order))
+        .build()
+        .unwrap();
+    let _provisioned = producer_for(&model, &broker).await;
+    let raw = rdkafka_producer(&broker);
+    let send = async |partition: i32, seq: u32| {
+        let payload = format!(r#"{{"order":{partition},"seq":{seq}}}"#);
+        let record: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+            rdkafka::producer::FutureRecord::to(&topic)
+                .partition(partition)
+                .key(&b"k"[..])
+                .payload(payload.as_bytes());
+        raw.send(record, Duration::from_secs(10)).await.unwrap();
+    };
+    let patient = |s: KafkaSettings| {
+        s.consumer(|c| {
+            c.revoke_timeout_ms = Some(600_000);
+        })
+    };
+    // A's first record fails with a ten-minute pause; every other record
+    // of A and B is handled.
+    let seen = Seen::default();
+    let stuck: Arc<std::sync::Mutex<Option<i32>>> = Arc::default();
+    let (s, st) = (seen.clone(), Arc::clone(&stuck));
+    let a = Kontext::builder(model.clone())
+        .settings(patient(settings(&group)))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let (s, st) = (s.clone(), Arc::clone(&st));
+                async move {
+                    if e.seq == 0 {
+                        *st.lock().unwrap() = Some(ctx.partition());
+                        return Err(HandlerError::retry_after(
+                            Duration::from_secs(600),
+                            "not yet",
+                        ));
+                    }
+                    s.push("a", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    wait_until("A to hold both partitions", async || {
+        let s = a.registry().service_of::<OrderCreated>().unwrap();
+        ready(s.assigned_partitions.len() == 2, || format!("{s:?}"))
+    })
+    .await;
+    // On partition 1: the sticky assignor moves partition 0 to a second
+    // member (asserted below), so A keeps the partition of its paused record.
+    send(1, 0).await;
+    wait_until("A's first record to fail", async || {
+        ready(stuck.lock().unwrap().is_some(), || "not yet".into())
+    })
+    .await;
+    // Records of both partitions behind it; A's worker holds them.
+    for seq in 1..=4 {
+        send(0, seq).await;
+        send(1, seq).await;
+    }
+    let b_seen = Seen::default();
+    let bs = b_seen.clone();
+    let b = Kontext::builder(model.clone())
+        .settings(patient(settings(&group)))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(bs.handler::<OrderCreated>("b", |e| (e.order, e.seq), None));
+        })
+        .start()
+        .await
+        .unwrap();
+    wait_until("B to handle records of the partition it got", async || {
+        let health = a.health();
+        assert!(
+            health.live,
+            "A waits inside the rebalance, not hung: {health:?}"
+        );
+        ready(b_seen.all().len() >= 4, || {
+            format!(
+                "B saw {:?}; A {:?}",
+                b_seen.all(),
+                a.registry().service_of::<OrderCreated>().unwrap()
+            )
+        })
+    })
+    .await;
+    let moved = b_seen.all()[0].3;
+    assert_eq!(
+        (moved, *stuck.lock().unwrap()),
+        (0, Some(1)),
+        "the revoked partition is not the paused record's"
+    );
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    // A's paused record holds its drain until the deadline: not this test's.
+    let _ = a.shutdown(Duration::from_secs(1)).await;
+}

@@ -230,7 +230,9 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         Err(failure) => failure,
                     };
                     let spent = failure.spent();
-                    let next = self.recover(env, lane, &record, failure, retries).await;
+                    let next = self
+                        .recover(env, lane, &record, failure, (retries, Some(&mut *batch)))
+                        .await;
                     kit.watch.restart();
                     match next {
                         Next::Retry => attempt += spent,
@@ -327,7 +329,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 Err(failure) => {
                     spent = failure.spent();
                     match self
-                        .recover(env, lane, &record, failure, Retries::HandBack)
+                        .recover(env, lane, &record, failure, (Retries::HandBack, None))
                         .await
                     {
                         Next::Finished(finished) => Step::Finished(finished),
@@ -378,7 +380,7 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
         lane: &'a LaneBuffer,
         record: &'a Record,
         failure: Failed,
-        retries: Retries,
+        retries: (Retries, Option<&'a mut VecDeque<Record>>),
     ) -> BoxFuture<'a, Next> {
         Box::pin(after_failure(
             env,
@@ -827,7 +829,8 @@ async fn dead_letter(
 /// Counts a failure and then retries after the policy's pause (waited out
 /// here or handed back, as `retries` says), skips, or dead-letters, as the
 /// handler asked and the retry budget allows. `topics`: the dead-letter
-/// topic and the record's own.
+/// topic and the record's own; `held`: the records the worker holds behind
+/// this one, when it waits out the pause in place.
 async fn after_failure(
     env: &WorkerEnv,
     lane: &LaneBuffer,
@@ -835,7 +838,7 @@ async fn after_failure(
     topics: (&str, &str),
     record: &Record,
     failure: Failed,
-    retries: Retries,
+    (retries, mut held): (Retries, Option<&mut VecDeque<Record>>),
 ) -> Next {
     match plan_failure(stats, retry, topics.1, record, failure) {
         Plan::Finished(finished) => Next::Finished(finished),
@@ -845,12 +848,19 @@ async fn after_failure(
             loop {
                 // A revocation of the record's partition ends the pause (the
                 // caller then lets the record go); one of another partition
-                // does not.
+                // does not, but is applied now: the poll thread waits inside
+                // the rebalance for it, and so does the partition's next
+                // owner, which must not wait out this record's pause.
                 let revoked = lane.revocation_signal();
                 tokio::pin!(revoked);
                 revoked.as_mut().enable();
                 if lane.is_revoked(record) {
                     return Next::Retry;
+                }
+                if lane.revocation_pending() {
+                    if let Some(held) = held.as_deref_mut() {
+                        lane.apply_revocations(held);
+                    }
                 }
                 tokio::select! {
                     () = tokio::time::sleep_until(until) => return Next::Retry,

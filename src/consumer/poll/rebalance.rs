@@ -222,6 +222,8 @@ impl LoopState {
                 tracing::warn!(service = %shared.name, ?timeout, "a handler of a revoked partition is still running; its record will be handled again by the next owner");
                 break;
             }
+            // Serving a rebalance is not a hung loop (health).
+            shared.mark_polled();
             std::thread::sleep(Duration::from_millis(1));
         }
         // What the workers gave back of the revoked partitions was handled
