@@ -287,7 +287,11 @@ async fn wait_out_a_database_restart(workers: Option<usize>) {
         .unwrap();
 
     let consumer = Kontext::builder(model)
-        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.clone())))
+        .settings(KafkaSettings::new().consumer(|c| {
+            c.group_id = Some(group.clone());
+            // An outage outlasts it below: waiting for the database is no stall.
+            c.stall_limit_ms = Some(2_000);
+        }))
         .broker(broker.clone())
         .database(db.clone())
         .consumers(|c| {
@@ -326,6 +330,27 @@ async fn wait_out_a_database_restart(workers: Option<usize>) {
         )
     })
     .await;
+    // Past the stall limit the consumer once said not live, and an
+    // orchestrator restarted it in the middle of the outage: it is not
+    // ready, with the reason, and live.
+    wait_until(
+        "the outage to outlast the stall limit, the consumer live but not ready",
+        async || {
+            let h = consumer.health();
+            assert!(h.live, "{h:?}");
+            let s = consumer.registry().service_of::<Shipment>().unwrap();
+            let waited = s.database_down_for.as_ref().map(|(d, _)| *d);
+            ready(
+                !h.ready
+                    && h.reasons
+                        .iter()
+                        .any(|r| r.contains("cannot reach its database"))
+                    && waited.is_some_and(|d| d > Duration::from_secs(3)),
+                || format!("{h:?}, waiting for the database for {waited:?}"),
+            )
+        },
+    )
+    .await;
     restart(&pg).await;
     wait_until("every record handled or dead-lettered", async || {
         let s = status();
@@ -333,6 +358,11 @@ async fn wait_out_a_database_restart(workers: Option<usize>) {
             s.handled + s.duplicates + s.dead_lettered >= u64::from(records),
             || format!("{s:?}"),
         )
+    })
+    .await;
+    wait_until("the consumer ready again", async || {
+        let h = consumer.health();
+        ready(h.ready && h.live, || format!("{h:?}"))
     })
     .await;
     let s = status();

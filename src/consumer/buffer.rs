@@ -95,6 +95,11 @@ pub(crate) struct LaneBuffer {
     /// Since when the lane holds records and finished none (a hung or very
     /// slow handler, a long retry pause); kept by the poll thread.
     stalled_since: Mutex<Option<Instant>>,
+    /// Since when its worker retries a record whose attempts cannot reach
+    /// the database, and the last such error: waiting out an outage, which
+    /// is not a stall (not ready, still live). Cleared by the poll thread
+    /// once a record finishes.
+    database_down: Mutex<Option<DatabaseDown>>,
     /// Whether the lane has a worker pool (see `consumer::pool`): its
     /// records finish out of order.
     parallel: bool,
@@ -145,6 +150,7 @@ impl LaneBuffer {
             ownership: Ownership::default(),
             sealed: AtomicBool::new(false),
             stalled_since: Mutex::new(None),
+            database_down: Mutex::new(None),
             parallel,
             workers: AtomicUsize::new(1),
             busy: AtomicUsize::new(0),
@@ -397,9 +403,25 @@ impl LaneBuffer {
     /// Poll thread: whether the worker got anywhere since it had given
     /// back `last` records; returns the new count. Marks the lane stalled
     /// from `now` when it holds records and finished none.
-    pub(crate) fn observe_progress(&self, last: u64, now: Instant) -> u64 {
+    ///
+    /// While the worker waits out its database the lane is not stalled;
+    /// that ends when a record finishes, or when no attempt has failed to
+    /// reach the database for `limit` (the worker is stuck on something
+    /// else, and the stall clock starts).
+    pub(crate) fn observe_progress(&self, last: u64, now: Instant, limit: Duration) -> u64 {
         let done = self.finished_count();
-        let stalled = done == last && self.len() > 0;
+        let waiting = {
+            let mut down = lock(&self.database_down);
+            if done != last
+                || down
+                    .as_ref()
+                    .is_some_and(|d| now.duration_since(d.last) > limit)
+            {
+                *down = None;
+            }
+            down.is_some()
+        };
+        let stalled = done == last && self.len() > 0 && !waiting;
         let mut since = lock(&self.stalled_since);
         match (stalled, since.is_some()) {
             (true, false) => *since = Some(now),
@@ -407,6 +429,33 @@ impl LaneBuffer {
             _ => {}
         }
         done
+    }
+
+    /// Worker: an attempt could not reach the database (`error`); the
+    /// record is retried until it can.
+    pub(crate) fn database_unreachable(&self, error: &str) {
+        let now = Instant::now();
+        let mut down = lock(&self.database_down);
+        match &mut *down {
+            Some(d) => {
+                d.last = now;
+                error.clone_into(&mut d.error);
+            }
+            None => {
+                *down = Some(DatabaseDown {
+                    since: now,
+                    last: now,
+                    error: error.to_owned(),
+                });
+            }
+        }
+    }
+
+    /// How long the worker has been waiting for its database, and why.
+    pub(crate) fn database_down(&self) -> Option<(Duration, String)> {
+        lock(&self.database_down)
+            .as_ref()
+            .map(|d| (d.since.elapsed(), d.error.clone()))
     }
 
     /// How long the lane has held records without finishing one.
@@ -437,6 +486,14 @@ impl LaneBuffer {
     }
 }
 
+/// A lane's worker waiting out its database: since when, its last failed
+/// attempt, and that attempt's error.
+struct DatabaseDown {
+    since: Instant,
+    last: Instant,
+    error: String,
+}
+
 /// While alive, the lane's worker counts as running.
 pub(crate) struct WorkerRunning(Arc<LaneBuffer>);
 
@@ -462,6 +519,10 @@ impl crate::registry::TypeProbe for LaneProbe {
         status.capacity = b.capacity();
         status.paused = b.paused.load(Ordering::Acquire);
         status.stalled_for = b.stalled_for();
+        if let Some((d, error)) = b.database_down() {
+            status.database_down_for = Some(d);
+            status.database_error = Some(error);
+        }
         status.workers = b.workers.load(Ordering::Relaxed);
         status.busy_workers = b.busy.load(Ordering::Relaxed);
         status.received = s.received.load(Ordering::Relaxed);

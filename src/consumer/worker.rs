@@ -840,6 +840,9 @@ async fn after_failure(
     failure: Failed,
     (retries, mut held): (Retries, Option<&mut VecDeque<Record>>),
 ) -> Next {
+    if failure.action == Action::Unreachable {
+        lane.database_unreachable(&failure.error);
+    }
     match plan_failure(stats, retry, topics.1, record, failure) {
         Plan::Finished(finished) => Next::Finished(finished),
         Plan::Pause(pause) if retries == Retries::HandBack => Next::HandBack(pause),

@@ -94,6 +94,15 @@ pub struct TypeStatus {
     /// without finishing one: a hung or very slow handler, a long retry
     /// pause. `None` while records finish (or none wait).
     pub stalled_for: Option<Duration>,
+    /// How long its lane's handler has been retrying a record whose
+    /// attempts cannot reach the database (retried every 500 ms without
+    /// spending attempts): the service is not ready meanwhile, but live, as
+    /// a restart would not bring the database back. `None` once a record
+    /// finishes.
+    pub database_down_for: Option<Duration>,
+    /// The last error of those attempts (connection errors carry no
+    /// password).
+    pub database_error: Option<String>,
     /// Handler invocations its topic may run at once: the worker pool's
     /// current size (it follows the lag under `workers_by_lag`), 1 without
     /// a pool.
@@ -164,6 +173,9 @@ pub struct ServiceStatus {
     pub brokers_down_for: Option<Duration>,
     /// The longest [`TypeStatus::stalled_for`] of its topics.
     pub stalled_for: Option<Duration>,
+    /// The longest [`TypeStatus::database_down_for`] of its topics, with
+    /// that topic's error.
+    pub database_down_for: Option<(Duration, String)>,
     /// How long a topic may stall before the service is unhealthy
     /// (`consumer.stall_limit_ms`, 120 s by default).
     pub stall_limit: Duration,
@@ -311,6 +323,14 @@ impl ServiceStatus {
                 health,
             );
         }
+        if let Some((d, error)) = &self.database_down_for {
+            health.not_ready_because(
+                format!(
+                    "poll service {name}: a handler cannot reach its database (for {d:?}); its record is retried until it can"
+                ),
+                error,
+            );
+        }
         if self.dead_letters_refused > 0 {
             not_ready(
                 format!(
@@ -386,8 +406,17 @@ impl Registry {
         let mut types: Vec<&'static str> = Vec::new();
         for e in self.types.iter().filter(|e| e.service == name) {
             types.push(e.rust_type);
-            let stalled = status_of(&e).stalled_for;
-            status.stalled_for = status.stalled_for.max(stalled);
+            let t = status_of(&e);
+            status.stalled_for = status.stalled_for.max(t.stalled_for);
+            if let (Some(d), Some(error)) = (t.database_down_for, t.database_error) {
+                if status
+                    .database_down_for
+                    .as_ref()
+                    .is_none_or(|(l, _)| d > *l)
+                {
+                    status.database_down_for = Some((d, error));
+                }
+            }
         }
         types.sort_unstable();
         status.types = types;
@@ -453,6 +482,8 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         capacity: 0,
         paused: false,
         stalled_for: None,
+        database_down_for: None,
+        database_error: None,
         workers: 0,
         busy_workers: 0,
         received: 0,

@@ -380,7 +380,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             st.store_offsets(&consumer);
             last_store = Instant::now();
             st.publish_tracked(&shared);
-            st.observe_progress(last_store);
+            st.observe_progress(last_store, shared.stall_limit());
             st.publish_metrics(&shared);
         }
     }

@@ -2,7 +2,7 @@
 //! and metrics see of the loop's progress.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::types::RDKafkaErrorCode;
@@ -15,9 +15,11 @@ use crate::consumer::sync::lock;
 impl LoopState {
     /// Notes, for the registry, which lanes hold records and finished none
     /// since the last look.
-    pub(super) fn observe_progress(&mut self, now: Instant) {
+    pub(super) fn observe_progress(&mut self, now: Instant, stall_limit: Duration) {
         for (lane, s) in self.lanes.iter().zip(&mut self.lane_state) {
-            s.last_finished = lane.buffer.observe_progress(s.last_finished, now);
+            s.last_finished = lane
+                .buffer
+                .observe_progress(s.last_finished, now, stall_limit);
         }
     }
 

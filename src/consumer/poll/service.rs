@@ -36,11 +36,8 @@ impl ServiceProbe for ServiceShared {
             dead_letters_refused: self.dead_letters_refused.load(Ordering::Relaxed),
             settings: self.settings.get().cloned().unwrap_or_default(),
             stalled_for: None,
-            stall_limit: self
-                .stall_limit
-                .get()
-                .copied()
-                .unwrap_or(Duration::from_secs(120)),
+            database_down_for: None,
+            stall_limit: self.stall_limit(),
         }
     }
 
@@ -136,6 +133,14 @@ impl ServiceShared {
 
     pub(super) fn set_state(&self, state: ServiceState) {
         *lock(&self.state) = state;
+    }
+
+    /// How long a lane may stall before the service is not live.
+    pub(crate) fn stall_limit(&self) -> Duration {
+        self.stall_limit
+            .get()
+            .copied()
+            .unwrap_or(Duration::from_secs(120))
     }
 
     /// Fails the service for `reason` (kept over the state its poll loop
