@@ -317,3 +317,113 @@ async fn the_outbox_backlog_gauges_follow_rows_waiting_for_a_broker() {
     .await;
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A member once kept exporting its last lag for a partition that had
+/// moved to another member (librdkafka stops reporting it after the
+/// revoke), so a dashboard taking the maximum across members showed lag
+/// that no longer existed. A, blocked, holds both partitions with lag on
+/// each; B (which exports no statistics, so every value seen is A's) joins
+/// and takes one: A's lag for it goes to 0 and its lag for the other stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_exports_lag_only_for_partitions_it_owns() {
+    init_tracing();
+    let rec = recording();
+    let broker = broker();
+    let (topic, group) = (unique_name("ticks"), unique_name("g"));
+    let t = topic.clone();
+    let model = Model::builder()
+        .topic::<Tick>(move |b| b.name(&t).partitions(2).key(|e| e.seq))
+        .build()
+        .unwrap();
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let ticks: Vec<Tick> = (0..40).map(|seq| Tick { seq }).collect();
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&ticks)
+        .await
+        .unwrap();
+    let member = |stats: &'static str, handled: Arc<Semaphore>| {
+        let g = group.clone();
+        Kontext::builder(model.clone())
+            .settings(KafkaSettings::new().consumer(move |c| {
+                c.group_id = Some(g.clone());
+                c.revoke_timeout_ms = Some(200);
+                c.librdkafka.set("statistics.interval.ms", stats);
+            }))
+            .broker(broker.clone())
+            .consumers(move |c| {
+                c.handler(move |_: Tick, _: MessageContext| {
+                    let h = handled.clone();
+                    async move {
+                        h.acquire().await.unwrap().forget();
+                        Ok(())
+                    }
+                });
+            })
+            .start()
+    };
+    // A handles the first 40 (librdkafka reports a partition's lag once an
+    // offset of it is stored), then nothing: its lag is the next 40.
+    let a = member("100", Arc::new(Semaphore::new(40))).await.unwrap();
+    let lag = |p: &'static str| {
+        rec.gauge(
+            telemetry::CONSUMER_LAG,
+            &[
+                ("topic", topic.as_str()),
+                ("group", group.as_str()),
+                ("partition", p),
+            ],
+        )
+    };
+    until("A's lag at 0 on both partitions", || {
+        lag("0") == Some(0.0) && lag("1") == Some(0.0)
+    })
+    .await;
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&ticks)
+        .await
+        .unwrap();
+    until("A's lag on both partitions", || {
+        lag("0").is_some_and(|l| l > 0.0) && lag("1").is_some_and(|l| l > 0.0)
+    })
+    .await;
+    let b = member("0", Arc::new(Semaphore::new(1_000))).await.unwrap();
+    wait_until("one partition to move to B", async || {
+        let s = b.registry().service_of::<Tick>().unwrap();
+        ready(s.assigned_partitions.len() == 1, || format!("{s:?}"))
+    })
+    .await;
+    let moved = b
+        .registry()
+        .service_of::<Tick>()
+        .unwrap()
+        .assigned_partitions[0]
+        .1;
+    let (moved, kept) = if moved == 0 { ("0", "1") } else { ("1", "0") };
+    until("A's lag for the partition it gave away to be 0", || {
+        lag(moved) == Some(0.0)
+    })
+    .await;
+    // Statistics keep coming for the partition A kept, and only for it.
+    let kept_lag = lag(kept);
+    assert!(kept_lag.is_some_and(|l| l > 0.0), "{kept_lag:?}");
+    for _ in 0..3 {
+        let seen = rec.gauge(
+            telemetry::CONSUMER_LAG,
+            &[("partition", moved), ("topic", topic.as_str())],
+        );
+        assert_eq!(seen, Some(0.0));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let _ = a.shutdown(Duration::from_secs(1)).await;
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -46,10 +46,21 @@ impl ClientContext for PollContext {
         if statistics.brokers.values().any(|b| b.state == "UP") {
             self.shared.reach.up();
         }
+        // Only partitions this member owns: statistics gathered before a
+        // revoke may be served after it, and a member's stale lag for a
+        // partition that moved would outlive the move on dashboards.
+        let state = lock(&self.state);
         for (name, topic) in &statistics.topics {
             for (&partition, p) in &topic.partitions {
                 // -1: not assigned here, or not known yet.
                 if partition < 0 || p.consumer_lag_stored < 0 {
+                    continue;
+                }
+                if !state
+                    .assignment
+                    .iter()
+                    .any(|(t, q)| *q == partition && **t == **name)
+                {
                     continue;
                 }
                 crate::telemetry::consumer_lag(name, partition, &self.shared.group_id)
@@ -247,6 +258,10 @@ impl LoopState {
         for (lane, partitions) in by_lane.iter().enumerate() {
             for &p in partitions {
                 self.tracker.forget((lane, p));
+                // Its lag is its next owner's to say (each member exports
+                // only what it owns).
+                crate::telemetry::consumer_lag(&self.lanes[lane].topic, p, &shared.group_id)
+                    .set(0.0);
             }
             if !partitions.is_empty() {
                 let state = &mut self.lane_state[lane];
