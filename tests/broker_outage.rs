@@ -403,8 +403,20 @@ async fn a_shutdown_during_a_broker_outage_returns_in_time_and_loses_nothing() {
     outage.down().await;
     let timeout = Duration::from_secs(3);
     let started = Instant::now();
-    first.shutdown(timeout).await.unwrap();
+    let stopped = first.shutdown(timeout).await;
     let took = started.elapsed();
+    // The caller learns that the final commit did not happen, and what
+    // the next member will handle again.
+    match &stopped {
+        Err(kontext::Error::ShutdownIncomplete { what }) => {
+            assert!(
+                what.contains("final commit did not happen") && what.contains(&format!("{topic}[")),
+                "{what}"
+            );
+            eprintln!("shutdown said: {what}");
+        }
+        other => panic!("a shutdown whose final commit cannot happen returned {other:?}"),
+    }
     // `shutdown` promises `timeout` plus a 2 s grace; the rest is slack for
     // a loaded machine, far below the 45 s a blocked commit would take.
     assert!(

@@ -809,3 +809,103 @@ async fn a_revoke_does_not_wait_behind_a_retry_pause_of_another_partition() {
     // A's paused record holds its drain until the deadline: not this test's.
     let _ = a.shutdown(Duration::from_secs(1)).await;
 }
+
+/// `shutdown` once returned `Ok` when its final commit could not happen
+/// (a broker outage), so a caller could not tell that the next member
+/// would handle records again, and the poll thread stayed behind in a
+/// commit that waited for a coordinator. Now the final commit is bounded
+/// by the shutdown and `shutdown` says which partitions and offsets it
+/// left uncommitted; those are what the group has committed afterwards:
+/// the next member starts before them. (On Apache Kafka:
+/// `broker_outage.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_whose_final_commit_cannot_happen_says_what_it_left_uncommitted() {
+    if external() {
+        return;
+    }
+    init_tracing();
+    let broker = Broker::embedded().unwrap();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(3).key(|e| e.order))
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&created_batch(0..300, 30))
+        .await
+        .unwrap();
+    let seen = Seen::default();
+    // Slow enough that records are still buffered when the broker goes; a
+    // session that outlasts the test's outage, as Kafka's default does.
+    let s = seen.clone();
+    let a = Kontext::builder(model.clone())
+        .settings(settings(&group).consumer(|c| {
+            c.librdkafka.set("session.timeout.ms", "30000");
+        }))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let s = s.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    s.push("created", e.order, e.seq, &ctx);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(seen.wait_for("created", 60, READ_TIMEOUT).await);
+    broker
+        .as_embedded()
+        .unwrap()
+        .set_broker_up(1, false)
+        .unwrap();
+    let timeout = Duration::from_secs(2);
+    let started = Instant::now();
+    let stopped = a.shutdown(timeout).await;
+    let took = started.elapsed();
+    let what = match stopped {
+        Err(kontext::Error::ShutdownIncomplete { what }) => what,
+        other => panic!("a final commit that cannot happen, yet {other:?}"),
+    };
+    assert!(what.contains("final commit did not happen"), "{what}");
+    // `shutdown` promises its timeout plus 2 s; the rest is slack for a
+    // loaded machine, far below a commit waiting for a coordinator.
+    assert!(took < timeout + Duration::from_secs(6), "took {took:?}");
+    let uncommitted: Vec<(i32, i64)> = what
+        .split("uncommitted: ")
+        .nth(1)
+        .unwrap()
+        .split(", ")
+        .map(|e| {
+            let (tp, o) = e.split_once(" at ").unwrap();
+            let p = tp.rsplit_once('[').unwrap().1.trim_end_matches(']');
+            (
+                p.parse().unwrap(),
+                o.trim_end_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert!(!uncommitted.is_empty(), "{what}");
+    broker
+        .as_embedded()
+        .unwrap()
+        .set_broker_up(1, true)
+        .unwrap();
+    let committed = committed_offsets(&broker, &group, &topic).await;
+    for (p, o) in &uncommitted {
+        assert!(
+            committed.get(p).is_none_or(|c| c < o),
+            "partition {p}: reported uncommitted at {o}, committed {committed:?}"
+        );
+    }
+    eprintln!("shutdown took {took:?} and said: {what}");
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

@@ -380,11 +380,19 @@ impl ConsumerRuntime {
     /// (a running handler's future is dropped; its message was not
     /// committed and is delivered again) and the poll threads get the grace
     /// to commit what finished and close.
-    pub(crate) async fn shutdown(mut self, timeout: Duration) {
+    ///
+    /// Returns what the stop left undone, one line per poll service: a
+    /// final commit that failed or found no coordinator in time (naming
+    /// the partitions and offsets left uncommitted), a poll thread still
+    /// closing its consumer.
+    pub(crate) async fn shutdown(mut self, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
         for s in &self.services {
+            // The poll thread's final commit and leave end within the grace.
+            s.shared
+                .close_by_at(deadline + SHUTDOWN_GRACE - CLOSE_MARGIN);
             s.shared.drain();
         }
-        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline && !self.all_threads_finished() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -407,15 +415,26 @@ impl ConsumerRuntime {
         }
         self.cancel.cancel();
         let _ = tokio::time::timeout_at(grace.into(), self.tasks.wait()).await;
+        let mut undone = Vec::new();
         for s in &mut self.services {
+            let name = &s.shared.name;
             if let Some(t) = s.thread.take() {
                 if t.is_finished() {
                     let _ = t.join();
                 } else {
-                    tracing::error!(service = %s.shared.name, "poll thread did not stop; leaving it detached");
+                    tracing::error!(service = %name, "poll thread did not stop; leaving it detached");
+                    undone.push(format!(
+                        "poll service {name}: its consumer was still closing at the deadline \
+                         (librdkafka waits for its group coordinator, up to session.timeout.ms); \
+                         it holds no records and is left to finish"
+                    ));
                 }
             }
+            if let Some(what) = s.shared.take_report() {
+                undone.push(format!("poll service {name}: {what}"));
+            }
         }
+        undone
     }
 
     fn all_threads_finished(&self) -> bool {
@@ -1110,6 +1129,9 @@ fn consumer_config(
 /// How long past its timeout a consumer shutdown may take: aborted workers
 /// let go of their records and poll threads commit and close.
 pub(crate) const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Of the grace, what the poll thread leaves for closing its consumer once
+/// its final commit and leave are over.
+const CLOSE_MARGIN: Duration = Duration::from_millis(150);
 
 /// `partition.assignment.strategy` unless the settings name one.
 pub(crate) const DEFAULT_ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";

@@ -513,13 +513,18 @@ impl Kontext {
     /// settles those in flight (1 s at most) and releases its leases; when
     /// `shutdown` returns, it has stopped (or was aborted, see below).
     ///
-    /// Returns [`Error::ShutdownIncomplete`] when a relay still waiting on
-    /// the broker had to be aborted, saying what that leaves behind.
+    /// Returns [`Error::ShutdownIncomplete`] when something was left
+    /// undone, saying what and what that leaves behind: a consumer's final
+    /// commit that failed or found no group coordinator in time (the
+    /// partitions and offsets left uncommitted: the next member handles
+    /// those records again), a consumer still closing at the deadline, a
+    /// relay still waiting on the broker that had to be aborted.
     pub async fn shutdown(mut self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
-        if let Some(c) = self.consumers.take() {
-            c.shutdown(timeout).await;
-        }
+        let mut undone = match self.consumers.take() {
+            Some(c) => c.shutdown(timeout).await,
+            None => Vec::new(),
+        };
         // The relay keeps sending (what handlers just wrote included, once
         // woken) until the deadline, then hands nothing more over, settles
         // what is in flight and releases its leases.
@@ -559,7 +564,9 @@ impl Kontext {
             }
             None => Ok(()),
         };
-        if let Some(what) = incomplete {
+        undone.extend(incomplete);
+        if !undone.is_empty() {
+            let what = undone.join("; ");
             tracing::warn!(%what, "kontext stopped, incompletely");
             return Err(Error::ShutdownIncomplete { what });
         }

@@ -36,11 +36,11 @@ use crate::registry::ServiceState;
 use crate::telemetry::{ServiceMetrics, TypeCounters};
 
 mod backpressure;
+mod close;
 mod progress;
 mod rebalance;
 mod service;
 
-use progress::commit_sync;
 use rebalance::PollContext;
 pub(crate) use service::ServiceShared;
 use service::{DRAIN, STOP_NOW};
@@ -125,6 +125,10 @@ struct LoopState {
     /// Partitions of an assignment in progress that librdkafka did not
     /// know yet when their pause state was set before it (`rebalance.rs`).
     unreached: Vec<(String, i32)>,
+    /// The last offset stored per partition it owns (`close.rs`).
+    stored: HashMap<(String, i32), i64>,
+    /// Rebalance callbacks served so far (`close.rs`).
+    rebalances: u64,
 }
 
 impl LoopState {
@@ -275,6 +279,8 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         tracker: OffsetTracker::default(),
         assignment: Vec::new(),
         unreached: Vec::new(),
+        stored: HashMap::new(),
+        rebalances: 0,
     }));
     let context = PollContext {
         tracing: TracingContext::new("consumer"),
@@ -395,9 +401,20 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
             tracing::info!(service = %shared.name, unfinished = st.tracker.pending(), "stopping with unfinished messages; they will be delivered again");
         }
     }
-    if shared.stop.load(Ordering::SeqCst) != STOP_NOW {
-        commit_sync(&consumer, &shared.name);
+    let (commit_by, leave_by) = close::deadlines(&shared);
+    // A shutdown commits what finished, also when its deadline cut the
+    // drain short (it gave the thread until `close_by`); a service that
+    // failed, or whose `Kontext` was dropped, does not.
+    if shared.stop.load(Ordering::SeqCst) != STOP_NOW || shared.close_by().is_some() {
+        if let Some(why) = close::final_commit(&consumer, &state, &shared, commit_by) {
+            tracing::warn!(service = %shared.name, %why, "stopping without the final commit; its records come again to the next member");
+            shared.report(why);
+        }
     }
+    // Workers stopped and buffers empty first: the revocation the leave
+    // brings then waits for nothing.
+    release(&shared, &state);
+    close::leave(&consumer, &state, &shared, leave_by);
     drop(consumer);
     tracing::info!(service = %shared.name, "poll service stopped");
     Ok(())

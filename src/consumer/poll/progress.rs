@@ -1,6 +1,7 @@
 //! Turning finished records into stored offsets, and what the registry
 //! and metrics see of the loop's progress.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -101,8 +102,9 @@ impl LoopState {
         // (The single-partition `store_offset` would add one to it.)
         let mut tpl = TopicPartitionList::with_capacity(ready.len());
         for ((lane, partition), offset) in ready {
-            let topic = &self.lanes[lane].topic;
-            let _ = tpl.add_partition_offset(topic, partition, Offset::Offset(offset));
+            let topic = Arc::clone(&self.lanes[lane].topic);
+            let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));
+            self.note_stored(&topic, partition, offset);
         }
         if let Err(e) = consumer.store_offsets(&tpl) {
             // A partition was revoked meanwhile; its next owner starts from

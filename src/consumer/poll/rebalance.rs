@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, TopicPartitionList};
 
@@ -71,7 +71,12 @@ impl ClientContext for PollContext {
 }
 
 impl ConsumerContext for PollContext {
+    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
+        super::close::Commits::record(&self.shared.commits, &result);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        lock(&self.state).rebalances += 1;
         if let Rebalance::Assign(tpl) = rebalance {
             // Before the assignment starts, not after: librdkafka discards
             // a pause or resume whose op it queues while the assignment's
@@ -103,6 +108,7 @@ impl ConsumerContext for PollContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        lock(&self.state).rebalances += 1;
         match rebalance {
             Rebalance::Assign(tpl) => {
                 self.shared.joined.store(true, Ordering::Release);
@@ -254,10 +260,14 @@ impl LoopState {
             }
         }
         self.store_offsets(consumer);
-        commit_sync(consumer, &shared.name);
+        // Leaving to close: the final commit is done (or failed) already.
+        if !shared.closing.load(Ordering::Acquire) {
+            commit_sync(consumer, &shared.name);
+        }
         for (lane, partitions) in by_lane.iter().enumerate() {
             for &p in partitions {
                 self.tracker.forget((lane, p));
+                self.stored.remove(&(self.lanes[lane].topic.to_string(), p));
                 // Its lag is its next owner's to say (each member exports
                 // only what it owns).
                 crate::telemetry::consumer_lag(&self.lanes[lane].topic, p, &shared.group_id)

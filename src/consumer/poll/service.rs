@@ -89,6 +89,16 @@ pub(crate) struct ServiceShared {
     pub(crate) assignments_lost: AtomicU64,
     /// Whether its consumer reaches a broker.
     pub(super) reach: Reach,
+    /// What its consumer's commits came to (`close.rs`).
+    pub(super) commits: Mutex<super::close::Commits>,
+    /// Set once the poll thread leaves its group to close: a revocation
+    /// then commits nothing (the final commit is done or failed).
+    pub(super) closing: AtomicBool,
+    /// When a shutdown wants the poll thread done with its final commit
+    /// and its leave.
+    close_by: Mutex<Option<Instant>>,
+    /// What a graceful stop did not do (its final commit), for `shutdown`.
+    report: Mutex<Option<String>>,
 }
 
 impl ServiceShared {
@@ -119,6 +129,10 @@ impl ServiceShared {
             joined: AtomicBool::new(false),
             assignments_lost: AtomicU64::new(0),
             reach: Reach::default(),
+            commits: Mutex::default(),
+            closing: AtomicBool::new(false),
+            close_by: Mutex::new(None),
+            report: Mutex::new(None),
         })
     }
 
@@ -133,6 +147,25 @@ impl ServiceShared {
 
     pub(super) fn set_state(&self, state: ServiceState) {
         *lock(&self.state) = state;
+    }
+
+    /// Asks the poll thread to be done with its final commit and its
+    /// leave by `at` (a shutdown's deadline).
+    pub(crate) fn close_by_at(&self, at: Instant) {
+        *lock(&self.close_by) = Some(at);
+    }
+
+    pub(super) fn close_by(&self) -> Option<Instant> {
+        *lock(&self.close_by)
+    }
+
+    pub(super) fn report(&self, what: String) {
+        *lock(&self.report) = Some(what);
+    }
+
+    /// What the stop left undone, once its poll thread has ended.
+    pub(crate) fn take_report(&self) -> Option<String> {
+        lock(&self.report).take()
     }
 
     /// How long a lane may stall before the service is not live.
