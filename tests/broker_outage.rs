@@ -405,12 +405,13 @@ async fn a_shutdown_during_a_broker_outage_returns_in_time_and_loses_nothing() {
     let started = Instant::now();
     let stopped = first.shutdown(timeout).await;
     let took = started.elapsed();
-    // The caller learns that the final commit did not happen, and what
+    // The caller learns that the final commit was not confirmed, and what
     // the next member will handle again.
     match &stopped {
         Err(kontext::Error::ShutdownIncomplete { what }) => {
             assert!(
-                what.contains("final commit did not happen") && what.contains(&format!("{topic}[")),
+                what.contains("final commit was not confirmed")
+                    && what.contains(&format!("{topic}[")),
                 "{what}"
             );
             eprintln!("shutdown said: {what}");

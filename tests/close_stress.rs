@@ -87,9 +87,17 @@ async fn members_stopped_while_their_group_rebalances_close_cleanly() {
             k.shutdown(Duration::from_secs(5)).await
         };
         let (x, y, z) = tokio::join!(stop(a, 0), stop(b, 1), stop(c, 2));
-        x.unwrap();
-        y.unwrap();
-        z.unwrap();
+        // Every stop returns, within its bound; a final commit the group
+        // refused while it rebalanced is reported, not an error here.
+        for stopped in [x, y, z] {
+            match stopped {
+                Ok(()) => {}
+                Err(kontext::Error::ShutdownIncomplete { what }) => {
+                    assert!(what.contains("final commit"), "{what}");
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
         eprintln!("round {round}: {} handled", seen.all().len());
     }
     producer.shutdown(Duration::from_secs(10)).await.unwrap();

@@ -64,6 +64,8 @@ impl<'m> Iterator for RawHeaders<'m> {
             return None;
         }
         self.next += 1;
+        // librdkafka hands names over NUL-terminated and without their
+        // length: a name with a NUL byte in it reads as its part before it.
         // SAFETY: librdkafka keeps each name NUL-terminated and each value
         // `size` bytes long, both inside the list, which lives for `'m`.
         let name = unsafe { CStr::from_ptr(name) }.to_bytes();
@@ -100,7 +102,9 @@ pub(crate) fn lossy(name: &[u8]) -> String {
 /// that does not check its names).
 pub(crate) fn add(headers: OwnedHeaders, name: &[u8], value: Option<&[u8]>) -> OwnedHeaders {
     // rdkafka keeps the list's pointer private; its `BorrowedHeaders` view
-    // is that pointer (a reference to a zero-sized type cast from it).
+    // is that pointer (a reference to a zero-sized type cast from it, as in
+    // rdkafka 0.39's own `as_native_ptr`; the unit test below counts what
+    // was added, so a change of that layout fails it).
     let list = headers.as_borrowed() as *const _ as *mut rdsys::rd_kafka_headers_t;
     let (value_ptr, value_len) = match value {
         Some(v) => (v.as_ptr().cast::<c_void>(), v.len() as isize),

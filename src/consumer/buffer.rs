@@ -371,7 +371,15 @@ impl LaneBuffer {
     /// holds in `batch` and tells the poll thread it did. (Every record it
     /// finished was given back already.)
     pub(crate) fn apply_revocations(&self, batch: &mut VecDeque<Record>) {
-        let n = self.ownership.announced.load(Ordering::SeqCst);
+        self.apply_revocations_upto(batch, self.announced());
+    }
+
+    /// [`LaneBuffer::apply_revocations`] up to revocation `n`. A worker
+    /// holding a record loads `n` ([`LaneBuffer::announced`]) before it
+    /// checks that record ([`LaneBuffer::is_revoked`]): a revocation of the
+    /// record's own partition announced in between is then never marked
+    /// applied while the worker still holds the record.
+    pub(crate) fn apply_revocations_upto(&self, batch: &mut VecDeque<Record>, n: u64) {
         let dropped = {
             let ended = lock(&self.ownership.ended);
             let before = batch.len();
@@ -413,6 +421,7 @@ impl LaneBuffer {
         let waiting = {
             let mut down = lock(&self.database_down);
             if done != last
+                || self.len() == 0
                 || down
                     .as_ref()
                     .is_some_and(|d| now.duration_since(d.last) > limit)
@@ -449,6 +458,12 @@ impl LaneBuffer {
                 });
             }
         }
+    }
+
+    /// Worker: an attempt failed for another reason; whatever it waits
+    /// for now, it is not the database.
+    pub(crate) fn database_reachable(&self) {
+        *lock(&self.database_down) = None;
     }
 
     /// How long the worker has been waiting for its database, and why.

@@ -425,8 +425,8 @@ impl ConsumerRuntime {
                     tracing::error!(service = %name, "poll thread did not stop; leaving it detached");
                     undone.push(format!(
                         "poll service {name}: its consumer was still closing at the deadline \
-                         (librdkafka waits for its group coordinator, up to session.timeout.ms); \
-                         it holds no records and is left to finish"
+                         (librdkafka waits for its group coordinator, up to session.timeout.ms, or a \
+                         handler that ignores cancellation still holds a record); it is left to finish"
                     ));
                 }
             }
@@ -448,10 +448,12 @@ impl Drop for ConsumerRuntime {
     /// Dropped without `shutdown`: stop at once, like a crash would, except
     /// that offsets already stored are still committed by librdkafka's close.
     fn drop(&mut self) {
-        self.cancel.cancel();
+        // Stopping first: a lane that ends on the cancellation must find
+        // its service stopping (`worker::supervised`).
         for s in &self.services {
             s.shared.stop_now();
         }
+        self.cancel.cancel();
         for w in &self.workers {
             w.abort();
         }

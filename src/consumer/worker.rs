@@ -181,6 +181,7 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 // `.await` of an async fn moves the callee's whole future into
                 // the caller's, once per record.
                 let mut attempt = 1;
+                let mut shrunk = false;
                 let finished = loop {
                     // Decoded, wrapped and awaited in one expression, so the
                     // handler's future is built where it is polled instead of
@@ -230,9 +231,13 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                         Err(failure) => failure,
                     };
                     let spent = failure.spent();
+                    let held = batch.len();
                     let next = self
                         .recover(env, lane, &record, failure, (retries, Some(&mut *batch)))
                         .await;
+                    // Revoked records left the batch: `n` no longer
+                    // counts this run (the caller works out the next one).
+                    shrunk |= batch.len() != held;
                     kit.watch.restart();
                     match next {
                         Next::Retry => attempt += spent,
@@ -246,16 +251,19 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                             });
                         }
                     }
+                    // Its partition went while it waited to retry: its
+                    // next owner handles it, this worker never again.
+                    let announced = lane.announced();
+                    if lane.is_revoked(&record) {
+                        lane.discard_revoked();
+                        drop(record);
+                        lane.apply_revocations_upto(batch, announced);
+                        return RunEnd::Finished;
+                    }
                     if lane.revocation_pending() {
-                        // Its partition went while it waited to retry: its
-                        // next owner handles it, this worker never again.
-                        if lane.is_revoked(&record) {
-                            lane.discard_revoked();
-                            drop(record);
-                            lane.apply_revocations(batch);
-                            return RunEnd::Finished;
-                        }
-                        lane.apply_revocations(batch);
+                        let held = batch.len();
+                        lane.apply_revocations_upto(batch, announced);
+                        shrunk |= batch.len() != held;
                     }
                 };
                 if !finished {
@@ -263,6 +271,9 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
                 }
                 let seq = record.seq;
                 lane.give_back(record);
+                if shrunk {
+                    return RunEnd::Finished;
+                }
                 // A busy lane may never wait on anything; without this it
                 // would hold its runtime thread (and the timers and tasks
                 // queued behind it) for as long as records keep coming.
@@ -842,6 +853,8 @@ async fn after_failure(
 ) -> Next {
     if failure.action == Action::Unreachable {
         lane.database_unreachable(&failure.error);
+    } else {
+        lane.database_reachable();
     }
     match plan_failure(stats, retry, topics.1, record, failure) {
         Plan::Finished(finished) => Next::Finished(finished),
@@ -857,12 +870,13 @@ async fn after_failure(
                 let revoked = lane.revocation_signal();
                 tokio::pin!(revoked);
                 revoked.as_mut().enable();
+                let announced = lane.announced();
                 if lane.is_revoked(record) {
                     return Next::Retry;
                 }
                 if lane.revocation_pending() {
                     if let Some(held) = held.as_deref_mut() {
-                        lane.apply_revocations(held);
+                        lane.apply_revocations_upto(held, announced);
                     }
                 }
                 tokio::select! {
@@ -878,7 +892,7 @@ async fn after_failure(
     }
 }
 
-/// A lane's task, watched: should it end while its service runs (a panic
+/// A lane's task, watched: should it die while its service runs (a panic
 /// in kontext's own code: handlers' panics are caught per attempt), the
 /// service fails at once, naming the lane, instead of the lane filling up
 /// silently until the stall limit notices. A failed service is not live,
@@ -893,7 +907,12 @@ pub(crate) async fn supervised(
     let ended = std::panic::AssertUnwindSafe(run).catch_unwind().await;
     let why = match ended {
         Ok(()) if shared.is_stopping() => return,
-        Ok(()) => format!("the worker of {lane} ended while its service was running"),
+        // The one way a lane ends while its service runs: a stream's
+        // receiver was dropped, which stops its delivery by design.
+        Ok(()) => {
+            tracing::warn!(service = %shared.name, %lane, "a lane stopped: a stream of it was dropped; its records are no longer handled by this member");
+            return;
+        }
         Err(panic) => format!(
             "the worker of {lane} panicked: {}",
             panic_text(&panic).trim_start_matches("handler panicked: ")
@@ -938,9 +957,9 @@ mod tests {
         shared.drain();
         supervised(Box::pin(async {}), Arc::clone(&shared), "l".into()).await;
         assert_eq!(shared.state(), ServiceState::Running);
-        // One that ends while it runs is.
+        // Nor one that ends because its stream was dropped.
         let shared = ServiceShared::new("shared-i".into(), "i".into(), false, true);
         supervised(Box::pin(async {}), Arc::clone(&shared), "l".into()).await;
-        assert!(matches!(shared.state(), ServiceState::Failed(_)));
+        assert_eq!(shared.state(), ServiceState::Running);
     }
 }

@@ -16,30 +16,39 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::KafkaResult;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::{Holder, LoopState, ServiceShared};
 use crate::consumer::sync::lock;
 
-/// Failed commits, from librdkafka's commit callback (automatic and
-/// explicit commits alike): the final commit fails early on one.
+/// What librdkafka's commit callback reported: the offsets its automatic
+/// commits confirmed. (An explicit asynchronous commit's own result never
+/// reaches the callback: rust-rdkafka sets no reply queue for it; the
+/// final commit reads its result back instead.)
 #[derive(Default)]
 pub(crate) struct Commits {
-    /// Callbacks so far.
-    seq: u64,
-    /// The last failed commit: its callback's number and the error.
-    failed: Option<(u64, String)>,
+    /// The highest offset confirmed committed per partition.
+    committed: HashMap<(String, i32), i64>,
 }
 
 impl Commits {
     /// Notes one commit callback.
-    pub(super) fn record(this: &Mutex<Commits>, result: &KafkaResult<()>) {
+    pub(super) fn record(
+        this: &Mutex<Commits>,
+        result: &KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        if result.is_err() {
+            return;
+        }
         let mut c = lock(this);
-        c.seq += 1;
-        if let Err(e) = result {
-            if e.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset) {
-                c.failed = Some((c.seq, e.to_string()));
+        for e in offsets.elements() {
+            if let (Offset::Offset(o), Ok(())) = (e.offset(), e.error()) {
+                let at = c
+                    .committed
+                    .entry((e.topic().to_owned(), e.partition()))
+                    .or_insert(o);
+                *at = (*at).max(o);
             }
         }
     }
@@ -52,9 +61,16 @@ const LEAVE_WITHOUT_DEADLINE: Duration = Duration::from_secs(2);
 const LEAVE_RESERVE: Duration = Duration::from_millis(300);
 /// Longest one read-back of the committed offsets waits.
 const READ_BACK_WAIT: Duration = Duration::from_millis(500);
-/// Polls in a row that must find nothing assigned and no rebalance served
-/// before the consumer counts as out of its group.
+/// Shortest: the one read-back made past the deadline.
+const MIN_READ_BACK_WAIT: Duration = Duration::from_millis(100);
+/// How often an unconfirmed final commit is sent again.
+const RESEND: Duration = Duration::from_millis(250);
+/// Polls in a row (10 ms each) that must find nothing assigned and no
+/// rebalance served before the consumer counts as out of its group, once
+/// it served a rebalance after its unsubscribe.
 const SETTLED_POLLS: u32 = 3;
+/// The same for a member that served none (it had nothing assigned).
+const SETTLED_POLLS_UNSEEN: u32 = 20;
 
 impl LoopState {
     /// Remembers the offsets handed to librdkafka, so that the final
@@ -64,87 +80,83 @@ impl LoopState {
     }
 }
 
-/// The final commit of a stopping service: sent, then read back from the
-/// group coordinator until it shows every offset stored, or until
-/// `deadline` (both calls are bounded, whatever the broker does). Returns
-/// why it did not happen, naming the partitions and offsets left
-/// uncommitted (their records come again to the next member), or `None`
-/// when everything stored is committed.
+/// The final commit of a stopping service: sent (again every
+/// [`RESEND`] while unconfirmed: a refused commit says nothing back), then
+/// read back from the group coordinator until every offset stored is
+/// confirmed, or until `deadline` (every call is bounded, whatever the
+/// broker does; one read-back happens even past it). Returns what stayed
+/// unconfirmed and why, naming the partitions and offsets (their records
+/// may come again to the next member), or `None`.
 ///
-/// Read back rather than awaited: librdkafka delivers an explicit commit's
-/// result only with a later event, and a synchronous commit waits for a
-/// coordinator as long as `session.timeout.ms`.
+/// Not a synchronous commit: that waits for a coordinator as long as
+/// `session.timeout.ms`.
 pub(super) fn final_commit(
     consumer: &Holder,
     state: &Mutex<LoopState>,
     shared: &ServiceShared,
     deadline: Instant,
 ) -> Option<String> {
-    let stored: HashMap<(String, i32), i64> = lock(state).stored.clone();
-    if stored.is_empty() {
-        return None;
-    }
-    let mut tpl = TopicPartitionList::with_capacity(stored.len());
-    for ((t, p), o) in &stored {
-        let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
-    }
-    let send = |why: &mut String| -> u64 {
-        let sent_at = lock(&shared.commits).seq;
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-            *why = format!("it could not be sent ({e})");
-        }
-        sent_at
-    };
+    let mut confirmed: HashMap<(String, i32), i64> = HashMap::new();
     let mut why = "the group coordinator did not confirm it in time".to_owned();
-    let mut sent_at = send(&mut why);
-    let mut left: Vec<String> = Vec::new();
-    while Instant::now() < deadline {
+    let mut sent: Option<Instant> = None;
+    let mut first = true;
+    loop {
+        // Re-read: a partition revoked meanwhile is not this member's.
+        let stored = lock(state).stored.clone();
+        for (k, o) in &lock(&shared.commits).committed {
+            let at = confirmed.entry(k.clone()).or_insert(*o);
+            *at = (*at).max(*o);
+        }
+        let mut left: Vec<((String, i32), i64)> = stored
+            .into_iter()
+            .filter(|(k, o)| confirmed.get(k).is_none_or(|c| c < o))
+            .collect();
+        if left.is_empty() {
+            return None;
+        }
+        if !first && Instant::now() >= deadline {
+            left.sort();
+            let named: Vec<String> = left
+                .iter()
+                .map(|((t, p), o)| format!("{t}[{p}] at {o}"))
+                .collect();
+            return Some(format!(
+                "the final commit was not confirmed: {why}; not confirmed committed (their records may come again to the next member): {}",
+                named.join(", ")
+            ));
+        }
+        first = false;
+        let mut tpl = TopicPartitionList::with_capacity(left.len());
+        for ((t, p), o) in &left {
+            let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
+        }
+        if sent.is_none_or(|at| at.elapsed() >= RESEND) {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                why = format!("it could not be sent ({e})");
+            }
+            sent = Some(Instant::now());
+        }
         // Serves callbacks; records polled now are dropped unhandled
         // (never stored: they come again).
         drop(consumer.poll(Duration::from_millis(5)));
         shared.mark_polled();
-        let failed = lock(&shared.commits)
-            .failed
-            .clone()
-            .filter(|(seq, _)| *seq > sent_at);
-        if let Some((_, error)) = failed {
-            // A rebalance in progress, a coordinator moving: sent again
-            // while there is time.
-            why = format!("it failed ({error})");
-            sent_at = send(&mut why);
-        }
         let wait = deadline
             .saturating_duration_since(Instant::now())
-            .min(READ_BACK_WAIT);
-        match consumer.committed_offsets(tpl.clone(), wait) {
+            .clamp(MIN_READ_BACK_WAIT, READ_BACK_WAIT);
+        match consumer.committed_offsets(tpl, wait) {
             Ok(committed) => {
-                left = stored
-                    .iter()
-                    .filter(|((t, p), o)| {
-                        committed
-                            .find_partition(t, *p)
-                            .is_none_or(|e| !matches!(e.offset(), Offset::Offset(c) if c >= **o))
-                    })
-                    .map(|((t, p), o)| format!("{t}[{p}] at {o}"))
-                    .collect();
-                if left.is_empty() {
-                    return None;
+                for e in committed.elements() {
+                    if let Offset::Offset(c) = e.offset() {
+                        let at = confirmed
+                            .entry((e.topic().to_owned(), e.partition()))
+                            .or_insert(c);
+                        *at = (*at).max(c);
+                    }
                 }
             }
             Err(e) => why = format!("the group coordinator could not be asked ({e})"),
         }
     }
-    if left.is_empty() {
-        left = stored
-            .iter()
-            .map(|((t, p), o)| format!("{t}[{p}] at {o}"))
-            .collect();
-    }
-    left.sort();
-    Some(format!(
-        "the final commit did not happen: {why}; uncommitted: {}",
-        left.join(", ")
-    ))
 }
 
 /// When the poll thread must be done with its final commit and its leave.
@@ -167,21 +179,34 @@ pub(super) fn leave(
     deadline: Instant,
 ) {
     shared.closing.store(true, Ordering::Release);
+    let before = lock(state).rebalances;
     consumer.unsubscribe();
-    let mut settled = 0;
-    while settled < SETTLED_POLLS && Instant::now() < deadline {
-        let before = lock(state).rebalances;
+    // librdkafka postpones the unsubscribe while a join is in flight and
+    // then revokes what that join assigned; a member that had partitions
+    // sees its revocation served. One that saw no rebalance since waits
+    // longer for a join it may not know about.
+    let mut quiet = 0;
+    loop {
+        let needed = if lock(state).rebalances > before {
+            SETTLED_POLLS
+        } else {
+            SETTLED_POLLS_UNSEEN
+        };
+        if quiet >= needed {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(service = %shared.name, "the consumer had not left its group by the shutdown deadline; closing anyway");
+            return;
+        }
+        let seen = lock(state).rebalances;
         drop(consumer.poll(Duration::from_millis(10)));
         shared.mark_polled();
         let assigned = consumer.assignment().map_or(0, |a| a.count());
-        let quiet = lock(state).rebalances == before;
-        settled = if assigned == 0 && quiet {
-            settled + 1
+        quiet = if assigned == 0 && lock(state).rebalances == seen {
+            quiet + 1
         } else {
             0
         };
-    }
-    if settled < SETTLED_POLLS {
-        tracing::warn!(service = %shared.name, "the consumer had not left its group by the shutdown deadline; closing anyway");
     }
 }

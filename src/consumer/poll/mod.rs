@@ -145,15 +145,23 @@ impl LoopState {
             return Routed::Type(0);
         }
         // Read as bytes: a name that is not UTF-8 must not panic this
-        // thread (`raw_headers`); such a record is dead-lettered.
+        // thread (`raw_headers`); such a record is dead-lettered, unless it
+        // is another group's to read.
         let mut declared = None;
+        let mut bad = None;
         for (name, value) in RawHeaders::of(m) {
-            if std::str::from_utf8(name).is_err() {
-                return Routed::Reject(Rejection::BadHeader(raw_headers::lossy(name)));
+            if bad.is_none() && std::str::from_utf8(name).is_err() {
+                bad = Some(raw_headers::lossy(name));
             }
             if declared.is_none() && name == headers::MESSAGE_TYPE.as_bytes() {
                 declared = Some(value.unwrap_or_default());
             }
+        }
+        if let Some(name) = bad {
+            if declared.is_some_and(|t| lane.others.iter().any(|d| d.as_bytes() == t)) {
+                return Routed::Skip;
+            }
+            return Routed::Reject(Rejection::BadHeader(name));
         }
         match declared {
             Some(t) => {

@@ -71,8 +71,8 @@ impl ClientContext for PollContext {
 }
 
 impl ConsumerContext for PollContext {
-    fn commit_callback(&self, result: KafkaResult<()>, _: &TopicPartitionList) {
-        super::close::Commits::record(&self.shared.commits, &result);
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        super::close::Commits::record(&self.shared.commits, &result, offsets);
     }
 
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
