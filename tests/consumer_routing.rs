@@ -808,3 +808,137 @@ async fn a_header_name_that_is_not_utf8_is_dead_lettered_and_stops_nothing() {
     }
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// A topic's `group` setting (`[kafka.topics.<name>] group = ".."`) was
+/// applied only to types that declared consumer settings in the model, so
+/// README's own model (no `.consumer(..)`) joined the default group and
+/// the setting was dropped without a word. It applies to every type now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_s_group_setting_applies_to_a_type_without_consumer_settings() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("from-settings"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(2).key(|e| e.order))
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    producer
+        .producer()
+        .unwrap()
+        .produce_batch(&created_batch(0..10, 5))
+        .await
+        .unwrap();
+    let seen = Seen::default();
+    let s = seen.clone();
+    let consumer = Kontext::builder(model)
+        .settings(
+            KafkaSettings::new()
+                .client_id(unique_name("svc"))
+                .topic(&topic, |t| t.group(&group)),
+        )
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(s.handler::<OrderCreated>("created", |e| (e.order, e.seq), None));
+        })
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(
+        consumer
+            .registry()
+            .service_of::<OrderCreated>()
+            .unwrap()
+            .group_id,
+        group
+    );
+    assert!(seen.wait_for("created", 10, READ_TIMEOUT).await);
+    wait_until(
+        "the offsets committed under the topic's group",
+        async || {
+            let committed = committed_offsets(&broker, &group, &topic).await;
+            ready(committed.values().sum::<i64>() == 10, || {
+                format!("{committed:?}")
+            })
+        },
+    )
+    .await;
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// DEDICATED_CONNECTIONS.md says a dedicated connection inherits what it
+/// does not set, and that raw librdkafka properties win; three places
+/// did not: the shared `auto_offset_reset` never reached a dedicated
+/// service (its own default, earliest, always applied), a dedicated
+/// `dead_letter_topic` was ignored, and on the embedded broker kontext's
+/// quick defaults overrode `[kafka.librdkafka]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedicated_connections_inherit_and_raw_properties_win() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = order_names();
+    let dlq = unique_name("alerts-dead");
+    let d = dlq.clone();
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).key(|e| e.order))
+        .topic::<Alert>(|t| {
+            t.name(&alerts).key(|e| e.n).consumer(move |c| {
+                c.dedicated(move |x| {
+                    x.group(unique_name("alerts-g"))
+                        .settings(|s| s.dead_letter_topic = Some(d.clone()))
+                })
+            })
+        })
+        .build()
+        .unwrap();
+    let mut s =
+        settings(&group).consumer(|c| c.auto_offset_reset = kontext::config::OffsetReset::Latest);
+    s.librdkafka.set("session.timeout.ms", "7000");
+    s.librdkafka.set("fetch.wait.max.ms", "25");
+    let consumer = Kontext::builder(model)
+        .settings(s)
+        .broker(broker.clone())
+        .consumers(|c| {
+            c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) })
+                .handler(|_: Alert, _: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap();
+    for service in consumer.registry().services() {
+        let get = |k: &str| {
+            service
+                .settings
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            get("auto.offset.reset").as_deref(),
+            Some("latest"),
+            "{}",
+            service.name
+        );
+        assert_eq!(
+            get("session.timeout.ms").as_deref(),
+            Some("7000"),
+            "{}",
+            service.name
+        );
+        assert_eq!(
+            get("fetch.wait.max.ms").as_deref(),
+            Some("25"),
+            "{}",
+            service.name
+        );
+    }
+    assert_eq!(
+        consumer
+            .registry()
+            .type_status::<Alert>()
+            .unwrap()
+            .dead_letter_topic,
+        dlq
+    );
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

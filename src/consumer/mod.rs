@@ -971,8 +971,15 @@ fn plan(
         let info = model.type_info(id).ok_or(Error::UnknownType {
             type_name: registration.rust_type,
         })?;
-        let dead_letter_topic =
-            info.dead_letter_topic(settings.consumer.dead_letter_topic.as_deref());
+        // A dedicated connection's own dead-letter topic, else the shared
+        // section's, unless the type names one.
+        let dedicated_dead_letters = info
+            .consumer
+            .and_then(|c| c.dedicated.as_ref())
+            .and_then(|d| d.settings.dead_letter_topic.as_deref());
+        let dead_letter_topic = info.dead_letter_topic(
+            dedicated_dead_letters.or(settings.consumer.dead_letter_topic.as_deref()),
+        );
         let spec = info.consumer.cloned().unwrap_or_default();
         let topic: Arc<str> = Arc::from(info.topic);
         let planned = PlannedType {
@@ -992,7 +999,15 @@ fn plan(
                         crate::model::name::short_type_name(info.rust_type)
                     ),
                     group,
-                    dedicated: Some(d.settings.clone()),
+                    dedicated: Some({
+                        // What the declaration leaves alone comes from the
+                        // shared section (DEDICATED_CONNECTIONS.md).
+                        let mut own = d.settings.clone();
+                        if !d.reset_chosen {
+                            own.auto_offset_reset = settings.consumer.auto_offset_reset;
+                        }
+                        own
+                    }),
                     start_immediately: d.start_immediately,
                     offset_reset: reset,
                     types: vec![planned],
@@ -1086,9 +1101,13 @@ fn consumer_config(
     offset_reset: Option<OffsetReset>,
 ) -> ClientConfig {
     let mut config = settings.client_config(broker.bootstrap_servers());
+    // The embedded broker's quick defaults yield to `[kafka.librdkafka]`
+    // (raw pass-through wins, as documented), which `client_config` set.
     if mock_cluster {
         for (k, v) in Broker::MOCK_CONSUMER_DEFAULTS {
-            config.set(*k, *v);
+            if config.get(k).is_none() {
+                config.set(*k, *v);
+            }
         }
     }
     // Stored offsets go to the broker every second instead of librdkafka's

@@ -488,9 +488,11 @@ impl<T: Message> ErasedSpec for TopicSpec<T> {
         let mut spec = self.clone();
         spec.topic = topic.into();
         spec.provisioning = provisioning;
-        // Deployment settings win over the code, as for topic names; a
+        // Deployment settings win over the code, as for topic names, also
+        // for a type that declares no consumer settings at all; a
         // dedicated connection keeps the group it declares.
-        if let (Some(c), Some(g)) = (spec.consumer.as_mut(), group) {
+        if let Some(g) = group {
+            let c = spec.consumer.get_or_insert_with(ConsumerSpec::default);
             if c.dedicated.is_none() {
                 c.group = Some(g.to_owned());
             }
