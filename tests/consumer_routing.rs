@@ -942,3 +942,157 @@ async fn dedicated_connections_inherit_and_raw_properties_win() {
     );
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// README, "Consume": types sharing a topic share its buffer, so the
+/// largest `max_buffered` applies, their backpressure modes must agree
+/// and so must their worker pools (`start()` fails naming both types);
+/// poll services are named `shared-<group>` and `dedicated-<Type>`, the
+/// names dashboards are told to watch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_sharing_a_topic_share_its_buffer_and_services_are_named_as_documented() {
+    init_tracing();
+    let broker = broker();
+    let (topic, alerts, group) = order_names();
+    let start = |created: fn(
+        kontext::consumer::ConsumerBuilder,
+    ) -> kontext::consumer::ConsumerBuilder,
+                 paid: fn(
+        kontext::consumer::ConsumerBuilder,
+    ) -> kontext::consumer::ConsumerBuilder| {
+        let dedicated = unique_name("alerts-g");
+        let model = Model::builder()
+            .topic::<OrderCreated>(|t| t.name(&topic).key(|e| e.order).consumer(created))
+            .topic::<OrderPaid>(|t| t.name(&topic).key(|e| e.order).consumer(paid))
+            .topic::<Alert>(|t| {
+                t.name(&alerts)
+                    .key(|e| e.n)
+                    .consumer(move |c| c.dedicated(move |d| d.group(dedicated.clone())))
+            })
+            .build()
+            .unwrap();
+        Kontext::builder(model)
+            .settings(settings(&group))
+            .broker(broker.clone())
+            .consumers(|c| {
+                c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) })
+                    .handler(|_: OrderPaid, _: MessageContext| async { Ok(()) })
+                    .handler(|_: Alert, _: MessageContext| async { Ok(()) });
+            })
+            .start()
+    };
+    let k = start(|c| c.max_buffered(10), |c| c.max_buffered(300))
+        .await
+        .unwrap();
+    let registry = k.registry();
+    assert_eq!(
+        registry.type_status::<OrderCreated>().unwrap().capacity,
+        300
+    );
+    assert_eq!(registry.type_status::<OrderPaid>().unwrap().capacity, 300);
+    let names: Vec<String> = registry.services().into_iter().map(|s| s.name).collect();
+    assert_eq!(
+        names,
+        ["dedicated-Alert".to_owned(), format!("shared-{group}")]
+    );
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    let refused = start(
+        |c| c.backpressure(Backpressure::Apply),
+        |c| c.backpressure(Backpressure::DropOldest),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains("OrderCreated")
+            && refused.contains("OrderPaid")
+            && refused.contains("backpressure"),
+        "{refused}"
+    );
+    let refused = start(|c| c.workers(2), |c| c.workers(4))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("OrderCreated")
+            && refused.contains("OrderPaid")
+            && refused.contains("worker pools"),
+        "{refused}"
+    );
+}
+
+/// A codec of the user's own: what it encodes is the record's payload,
+/// byte for byte, with its content type in `content-type`, and what the
+/// handler gets is what it decodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_codec_round_trips_with_its_content_type_and_bytes() {
+    struct Csv;
+    impl kontext::Codec<OrderCreated> for Csv {
+        fn content_type(&self) -> &'static str {
+            "text/csv"
+        }
+        fn encode(
+            &self,
+            v: &OrderCreated,
+            buf: &mut Vec<u8>,
+        ) -> Result<(), kontext::codec::CodecError> {
+            buf.extend_from_slice(format!("{},{}", v.order, v.seq).as_bytes());
+            Ok(())
+        }
+        fn decode(&self, bytes: &[u8]) -> Result<OrderCreated, kontext::codec::CodecError> {
+            let text = std::str::from_utf8(bytes)
+                .map_err(|e| kontext::codec::CodecError::from(e.to_string()))?;
+            let (o, s) = text
+                .split_once(',')
+                .ok_or_else(|| kontext::codec::CodecError::from("no comma".to_owned()))?;
+            let n = |x: &str| {
+                x.parse::<u32>()
+                    .map_err(|e| kontext::codec::CodecError::from(e.to_string()))
+            };
+            Ok(OrderCreated {
+                order: n(o)?,
+                seq: n(s)?,
+            })
+        }
+    }
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("csv"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(1).key(|e| e.order).codec(Csv))
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    for seq in 0..3 {
+        producer
+            .producer()
+            .unwrap()
+            .produce(&OrderCreated { order: 7, seq })
+            .await
+            .unwrap();
+    }
+    let raw = read_topic(&broker, &topic, 3, READ_TIMEOUT).await.unwrap();
+    let payloads: Vec<&[u8]> = raw.iter().map(|r| r.payload.as_deref().unwrap()).collect();
+    assert_eq!(payloads, [&b"7,0"[..], b"7,1", b"7,2"]);
+    assert!(
+        raw.iter()
+            .all(|r| r.header("content-type") == Some("text/csv")),
+        "{raw:?}"
+    );
+    let seen = Seen::default();
+    let s = seen.clone();
+    let consumer = Kontext::builder(model)
+        .settings(settings(&group))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(s.handler::<OrderCreated>("created", |e| (e.order, e.seq), None));
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(seen.wait_for("created", 3, READ_TIMEOUT).await);
+    let got: Vec<(u32, u32)> = seen.all().iter().map(|e| (e.1, e.2)).collect();
+    assert_eq!(got, [(7, 0), (7, 1), (7, 2)]);
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

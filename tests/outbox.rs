@@ -1687,3 +1687,35 @@ async fn relay_all(model: &Model, broker: &Broker, db: &DatabaseConnection, topi
         .unwrap()
         .len()
 }
+
+/// README: a commit wakes the relay of its own process at once, however
+/// long its polling interval (an hour here: only the wake-up can deliver
+/// within the test). The second commit comes after the relay has passed
+/// over the table at least once, so no start-up pass can deliver it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_wakes_the_relay_of_its_own_process() {
+    init_tracing();
+    let (broker, db) = (broker(), kontext::testing::database().await.unwrap());
+    let topic = unique_name("shipping.shipment.created");
+    let kontext = start(
+        &model(&topic, 2, OutboxMode::Background),
+        &broker,
+        &db,
+        OutboxSettings {
+            poll_interval: Duration::from_secs(3_600),
+            ..OutboxSettings::default()
+        },
+    )
+    .await;
+    for (round, seq) in [(1usize, 0u32), (2, 1)] {
+        let mut tx = kontext.outbox().unwrap().begin().await.unwrap();
+        tx.publish(&created(1, seq)).await.unwrap();
+        tx.commit().await.unwrap();
+        let records = read_topic(&broker, &topic, round, READ_TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(records.len(), round, "round {round}: the relay was woken");
+        wait_pending_zero(&kontext).await;
+    }
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
