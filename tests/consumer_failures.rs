@@ -569,3 +569,84 @@ async fn a_session_timeout_the_broker_refuses_fails_the_service_naming_the_setti
     assert!(!k.health().ready, "{:?}", k.health());
     k.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// README: a dead letter waits out a broker outage: its record stays
+/// unfinished (its partition does not move on past it) while the broker is
+/// away, nothing is given up (`dead_letters_refused` stays 0), and the dead
+/// letter arrives, once, when the broker is back. Embedded broker: the test
+/// takes it down and brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_waits_out_a_broker_outage_and_nothing_is_given_up() {
+    if external() {
+        return;
+    }
+    init_tracing();
+    let broker = Broker::embedded().unwrap();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(1).key(|e| e.order))
+        .build()
+        .unwrap();
+    let producer = producer_for(&model, &broker).await;
+    producer
+        .producer()
+        .unwrap()
+        .produce(&OrderCreated { order: 1, seq: 0 })
+        .await
+        .unwrap();
+    let gate = Arc::new(Semaphore::new(0));
+    let started = Arc::new(Semaphore::new(0));
+    let (g, s) = (gate.clone(), started.clone());
+    let consumer = Kontext::builder(model)
+        // A session that outlasts the outage: the partition stays here.
+        .settings(settings(&group).consumer(|c| c.librdkafka.set("session.timeout.ms", "60000")))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |_: OrderCreated, _: MessageContext| {
+                let (g, s) = (g.clone(), s.clone());
+                async move {
+                    s.add_permits(1);
+                    g.acquire().await.unwrap().forget();
+                    Err(HandlerError::dead_letter("not this one"))
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    started.acquire().await.unwrap().forget();
+    let embedded = broker.as_embedded().unwrap();
+    embedded.set_broker_up(1, false).unwrap();
+    gate.add_permits(1);
+    let status = || consumer.registry().type_status::<OrderCreated>().unwrap();
+    wait_until(
+        "the dead letter to wait on the broker past a second",
+        async || {
+            let s = status();
+            assert_eq!((s.dead_lettered, s.dead_letters_refused), (0, 0), "{s:?}");
+            ready(
+                s.stalled_for.is_some_and(|d| d > Duration::from_secs(1)),
+                || format!("{s:?}"),
+            )
+        },
+    )
+    .await;
+    embedded.set_broker_up(1, true).unwrap();
+    wait_until("the dead letter to be sent", async || {
+        let s = status();
+        ready(s.dead_lettered == 1, || format!("{s:?}"))
+    })
+    .await;
+    let s = status();
+    assert_eq!(s.dead_letters_refused, 0, "{s:?}");
+    let service = consumer.registry().service_of::<OrderCreated>().unwrap();
+    assert_eq!(service.dead_letters_refused, 0, "{service:?}");
+    // Sent once: a second would show within the read's two seconds.
+    let dlq = read_topic(&broker, &format!("{topic}.dlq"), 2, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    assert_eq!(dlq[0].header(dlq_headers::REASON), Some("handler"));
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+}

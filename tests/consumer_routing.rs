@@ -1096,3 +1096,56 @@ async fn a_custom_codec_round_trips_with_its_content_type_and_bytes() {
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     producer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// README: kontext warns at start when consumers run in the built-in
+/// `kontext` group (no `client_id`, no `consumer.group_id`), which every
+/// other unnamed service shares; a service with its own client id hears
+/// nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_in_the_built_in_group_are_warned_about_at_start() {
+    use tracing::instrument::WithSubscriber as _;
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let broker = broker();
+    let topic = unique_name("orders");
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).key(|e| e.order))
+        .build()
+        .unwrap();
+    let started = async |settings: KafkaSettings| {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_env_filter("kontext=warn")
+            .finish();
+        let k = Kontext::builder(model.clone())
+            .settings(settings)
+            .broker(broker.clone())
+            .consumers(|c| {
+                c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) });
+            })
+            .start()
+            .with_subscriber(subscriber)
+            .await
+            .unwrap();
+        k.shutdown(Duration::from_secs(10)).await.unwrap();
+        String::from_utf8(log.0.lock().unwrap().clone()).unwrap()
+    };
+    let unnamed = started(KafkaSettings::new()).await;
+    assert!(
+        unnamed.contains("built-in default group `kontext`"),
+        "{unnamed}"
+    );
+    let named = started(KafkaSettings::new().client_id(unique_name("svc"))).await;
+    assert!(!named.contains("built-in default group"), "{named}");
+}
