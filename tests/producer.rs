@@ -722,3 +722,34 @@ async fn an_unlimited_queue_lets_every_call_in_at_once() {
     assert_eq!(deliveries.len(), 200);
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// README: `shutdown` flushes what is queued. Messages whose produce calls
+/// were given up on after they were queued (the future dropped: that does
+/// not recall them) sit in librdkafka's queue, held there by a 5 s linger;
+/// all of them are on the topic once `shutdown` returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_messages_queued_but_not_yet_delivered() {
+    let topic = unique_name("orders");
+    let mut settings = KafkaSettings::new().client_id("orders-api");
+    settings.producer.linger_ms = 5_000;
+    let kontext = start_with(&topic, 2, settings).await;
+    let broker = kontext.broker().clone();
+    let p = kontext.producer().unwrap();
+    let n = 20u32;
+    for seq in 0..n {
+        let event = OrderCreated {
+            order_id: format!("order-{}", seq % 3),
+            seq,
+            tenant: "eu".into(),
+        };
+        // Queued on the first poll; the wait for its delivery is dropped.
+        let waited = tokio::time::timeout(Duration::from_millis(20), p.produce(&event)).await;
+        assert!(waited.is_err(), "delivered within the linger: {waited:?}");
+    }
+    assert_eq!(p.in_flight(), n as i32, "queued, not delivered");
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+    let records = read_topic(&broker, &topic, n as usize, READ_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(records.len(), n as usize);
+}
