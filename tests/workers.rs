@@ -778,3 +778,77 @@ async fn free_distribution_runs_one_keys_records_side_by_side() {
     let committed = committed_offsets(&s.broker, &s.group, &s.topic).await;
     assert_eq!(committed.get(&0), Some(&400));
 }
+
+/// README: in a pool distributing by key, records without a key keep
+/// their partition's order (they are ordered by partition instead). Four
+/// workers, handlers of uneven length: the keyless records of each
+/// partition are handled strictly in offset order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyless_records_in_a_by_key_pool_keep_partition_order() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("jobs"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<Job>(|t| {
+            t.name(&topic)
+                .partitions(2)
+                .key(|e| e.key)
+                .consumer(|c| c.workers(4))
+        })
+        .build()
+        .unwrap();
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let raw: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    let per_partition = 40u32;
+    for seq in 0..per_partition * 2 {
+        let payload = format!(r#"{{"key":{seq},"seq":{seq}}}"#);
+        let record: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+            rdkafka::producer::FutureRecord::to(&topic)
+                .partition((seq % 2) as i32)
+                .payload(payload.as_bytes());
+        raw.send(record, Duration::from_secs(10)).await.unwrap();
+    }
+    let seen: Arc<Mutex<Vec<(i32, i64)>>> = Arc::default();
+    let s = seen.clone();
+    let consumer = Kontext::builder(model)
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.clone())))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: Job, ctx: MessageContext| {
+                let s = s.clone();
+                async move {
+                    // Uneven: a pool that ran keyless records side by side
+                    // would finish them out of order.
+                    tokio::time::sleep(Duration::from_millis(u64::from(e.seq % 3) * 3)).await;
+                    s.lock().unwrap().push((ctx.partition(), ctx.offset()));
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    wait_until("every keyless record handled", async || {
+        let n = seen.lock().unwrap().len();
+        ready(n == (per_partition * 2) as usize, || format!("{n}"))
+    })
+    .await;
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    for p in 0..2 {
+        let offsets: Vec<i64> = seen.iter().filter(|e| e.0 == p).map(|e| e.1).collect();
+        let mut sorted = offsets.clone();
+        sorted.sort_unstable();
+        assert_eq!(offsets, sorted, "partition {p}");
+        assert_eq!(offsets.len(), per_partition as usize);
+    }
+}
