@@ -909,3 +909,78 @@ async fn a_shutdown_whose_final_commit_cannot_happen_says_what_it_left_uncommitt
     eprintln!("shutdown took {took:?} and said: {what}");
     producer.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+/// README's one exception to "handed over, not shared": a handler still
+/// running when `revoke_timeout_ms` runs out does not hold the rebalance
+/// up; its record is handled again by the partition's next owner, and the
+/// old member does not commit it when its handler finally returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_revoke_timeout_the_running_record_is_handled_again_by_the_next_owner() {
+    init_tracing();
+    let broker = broker();
+    let (topic, group) = (unique_name("orders"), unique_name("g"));
+    let model = Model::builder()
+        .topic::<OrderCreated>(|t| t.name(&topic).partitions(2).key(|e| e.order))
+        .build()
+        .unwrap();
+    let _provisioned = producer_for(&model, &broker).await;
+    let raw = rdkafka_producer(&broker);
+    let quick = |s: KafkaSettings| s.consumer(|c| c.revoke_timeout_ms = Some(300));
+    // A hangs on its first record (on partition 0, which the sticky
+    // assignor moves to a second member) until the test lets it go.
+    let release = Arc::new(Semaphore::new(0));
+    let a_seen = Seen::default();
+    let (r, s) = (release.clone(), a_seen.clone());
+    let a = Kontext::builder(model.clone())
+        .settings(quick(settings(&group)))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |e: OrderCreated, ctx: MessageContext| {
+                let (r, s) = (r.clone(), s.clone());
+                async move {
+                    s.push("started", e.order, e.seq, &ctx);
+                    if e.seq == 0 {
+                        r.acquire().await.unwrap().forget();
+                    }
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    wait_until("A to hold both partitions", async || {
+        let s = a.registry().service_of::<OrderCreated>().unwrap();
+        ready(s.assigned_partitions.len() == 2, || format!("{s:?}"))
+    })
+    .await;
+    let payload = br#"{"order":0,"seq":0}"#;
+    let record: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+        rdkafka::producer::FutureRecord::to(&topic)
+            .partition(0)
+            .payload(&payload[..]);
+    raw.send(record, Duration::from_secs(10)).await.unwrap();
+    assert!(a_seen.wait_for("started", 1, READ_TIMEOUT).await);
+    let b_seen = Seen::default();
+    let bs = b_seen.clone();
+    let b = Kontext::builder(model.clone())
+        .settings(quick(settings(&group)))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(bs.handler::<OrderCreated>("b", |e| (e.order, e.seq), None));
+        })
+        .start()
+        .await
+        .unwrap();
+    assert!(
+        b_seen.wait_for("b", 1, READ_TIMEOUT).await,
+        "the next owner handles the record A still runs"
+    );
+    assert_eq!((b_seen.all()[0].3, b_seen.all()[0].4), (0, 0));
+    // A's handler returns now; A must not commit the partition it lost.
+    release.add_permits(1);
+    b.shutdown(Duration::from_secs(10)).await.unwrap();
+    let _ = a.shutdown(Duration::from_secs(2)).await;
+    let committed = committed_offsets(&broker, &group, &topic).await;
+    assert_eq!(committed.get(&0), Some(&1), "{committed:?}");
+}
