@@ -56,7 +56,7 @@ fn file_section_with_env_overrides_gives_client_settings() {
         assert_eq!(s.producer.compression, Compression::Lz4);
         assert_eq!(s.producer.acks, Acks::All, "default kept");
         assert_eq!(s.consumer.group_id.as_deref(), Some("orders-worker"));
-        assert_eq!(s.consumer.auto_offset_reset, OffsetReset::Latest);
+        assert_eq!(s.consumer.auto_offset_reset, Some(OffsetReset::Latest));
         let orders = &s.topics["orders"];
         assert_eq!(orders.name.as_deref(), Some("orders-eu"));
         assert_eq!(orders.group.as_deref(), Some("order-processing"));

@@ -889,10 +889,20 @@ async fn dedicated_connections_inherit_and_raw_properties_win() {
                 })
             })
         })
+        // A dedicated connection that chooses the default explicitly keeps it.
+        .topic::<OrderPaid>(|t| {
+            t.name(unique_name("paid")).key(|e| e.order).consumer(|c| {
+                c.dedicated(|x| {
+                    x.group(unique_name("paid-g")).settings(|s| {
+                        s.auto_offset_reset = Some(kontext::config::OffsetReset::Earliest)
+                    })
+                })
+            })
+        })
         .build()
         .unwrap();
-    let mut s =
-        settings(&group).consumer(|c| c.auto_offset_reset = kontext::config::OffsetReset::Latest);
+    let mut s = settings(&group)
+        .consumer(|c| c.auto_offset_reset = Some(kontext::config::OffsetReset::Latest));
     s.librdkafka.set("session.timeout.ms", "7000");
     s.librdkafka.set("fetch.wait.max.ms", "25");
     let consumer = Kontext::builder(model)
@@ -900,12 +910,15 @@ async fn dedicated_connections_inherit_and_raw_properties_win() {
         .broker(broker.clone())
         .consumers(|c| {
             c.handler(|_: OrderCreated, _: MessageContext| async { Ok(()) })
-                .handler(|_: Alert, _: MessageContext| async { Ok(()) });
+                .handler(|_: Alert, _: MessageContext| async { Ok(()) })
+                .handler(|_: OrderPaid, _: MessageContext| async { Ok(()) });
         })
         .start()
         .await
         .unwrap();
-    for service in consumer.registry().services() {
+    let services = consumer.registry().services();
+    assert_eq!(services.len(), 3);
+    for service in services {
         let get = |k: &str| {
             service
                 .settings
@@ -913,9 +926,14 @@ async fn dedicated_connections_inherit_and_raw_properties_win() {
                 .find(|(key, _)| key == k)
                 .map(|(_, v)| v.clone())
         };
+        let reset = if service.name == "dedicated-OrderPaid" {
+            "earliest"
+        } else {
+            "latest"
+        };
         assert_eq!(
             get("auto.offset.reset").as_deref(),
-            Some("latest"),
+            Some(reset),
             "{}",
             service.name
         );

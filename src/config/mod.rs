@@ -278,8 +278,11 @@ pub struct ConsumerSettings {
     /// Default consumer group; topics may set their own.
     #[serde(deserialize_with = "secret::lenient_string")]
     pub group_id: Option<String>,
-    /// Defaults to [`OffsetReset::Earliest`].
-    pub auto_offset_reset: OffsetReset,
+    /// Where a group without committed offsets starts. Unset: the shared
+    /// section's value for a dedicated connection, else
+    /// [`OffsetReset::Earliest`] (unless `librdkafka` sets
+    /// `auto.offset.reset` itself).
+    pub auto_offset_reset: Option<OffsetReset>,
     /// `session.timeout.ms`; `None` keeps librdkafka's default (45 s).
     pub session_timeout_ms: Option<u64>,
     /// `heartbeat.interval.ms`; `None` keeps librdkafka's default (3 s).

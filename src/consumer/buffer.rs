@@ -566,6 +566,50 @@ mod tests {
     }
 
     #[test]
+    fn a_revocation_announced_after_the_worker_looked_is_not_marked_applied() {
+        let b = lane(8, Backpressure::Apply);
+        b.push((1..=4).map(|seq| Record::test((seq % 2) as i32, seq as i64, seq)));
+        let mut held = VecDeque::new();
+        b.take(&mut held, 4);
+        let in_hand = held.pop_front().unwrap(); // partition 1
+        // The worker loads the count, finds its record not revoked ...
+        let seen = b.announced();
+        assert!(!b.is_revoked(&in_hand));
+        // ... then the poll thread revokes both partitions ...
+        let (n, _) = b.revoke(&[0, 1], 4);
+        assert_eq!(n, seen + 1);
+        // ... and the worker applies what it had seen: the revocation of
+        // its own record's partition stays pending.
+        b.apply_revocations_upto(&mut held, seen);
+        assert!(b.revocation_pending());
+        assert!(b.is_revoked(&in_hand));
+    }
+
+    #[test]
+    fn a_wait_for_the_database_is_no_stall_and_clears_when_it_is_over() {
+        let b = lane(8, Backpressure::Apply);
+        let limit = Duration::from_secs(60);
+        b.push(std::iter::once(Record::test(0, 1, 1)));
+        let now = Instant::now();
+        b.database_unreachable("connection refused");
+        assert_eq!(b.observe_progress(0, now, limit), 0);
+        assert!(b.stalled_for().is_none(), "waiting for the database");
+        assert!(b.database_down().is_some());
+        // Another kind of failure: not the database any more.
+        b.database_reachable();
+        assert!(b.database_down().is_none());
+        b.observe_progress(0, now, limit);
+        assert!(b.stalled_for().is_some(), "now a stall");
+        // An empty lane waits for nothing.
+        b.database_unreachable("connection refused");
+        let mut taken = VecDeque::new();
+        b.take(&mut taken, 1);
+        b.give_back(taken.pop_front().unwrap());
+        b.observe_progress(0, now, limit);
+        assert!(b.database_down().is_none());
+    }
+
+    #[test]
     fn counts_records_until_the_worker_finishes_them() {
         let b = lane(4, Backpressure::Apply);
         b.push((1..=3).map(|seq| Record::test(0, seq as i64 + 10, seq)));

@@ -971,15 +971,8 @@ fn plan(
         let info = model.type_info(id).ok_or(Error::UnknownType {
             type_name: registration.rust_type,
         })?;
-        // A dedicated connection's own dead-letter topic, else the shared
-        // section's, unless the type names one.
-        let dedicated_dead_letters = info
-            .consumer
-            .and_then(|c| c.dedicated.as_ref())
-            .and_then(|d| d.settings.dead_letter_topic.as_deref());
-        let dead_letter_topic = info.dead_letter_topic(
-            dedicated_dead_letters.or(settings.consumer.dead_letter_topic.as_deref()),
-        );
+        let dead_letter_topic =
+            info.dead_letter_topic(settings.consumer.dead_letter_topic.as_deref());
         let spec = info.consumer.cloned().unwrap_or_default();
         let topic: Arc<str> = Arc::from(info.topic);
         let planned = PlannedType {
@@ -999,15 +992,9 @@ fn plan(
                         crate::model::name::short_type_name(info.rust_type)
                     ),
                     group,
-                    dedicated: Some({
-                        // What the declaration leaves alone comes from the
-                        // shared section (DEDICATED_CONNECTIONS.md).
-                        let mut own = d.settings.clone();
-                        if !d.reset_chosen {
-                            own.auto_offset_reset = settings.consumer.auto_offset_reset;
-                        }
-                        own
-                    }),
+                    // Applied over the shared section: what it leaves unset
+                    // is inherited (DEDICATED_CONNECTIONS.md).
+                    dedicated: Some(d.settings.clone()),
                     start_immediately: d.start_immediately,
                     offset_reset: reset,
                     types: vec![planned],
@@ -1123,6 +1110,11 @@ fn consumer_config(
     if let Some(r) = offset_reset {
         config.set("auto.offset.reset", r.as_property());
     }
+    // kontext's default, not librdkafka's (latest): a new group reads what
+    // is already there.
+    if config.get("auto.offset.reset").is_none() {
+        config.set("auto.offset.reset", OffsetReset::default().as_property());
+    }
     // Incremental rebalancing: a rebalance revokes only the partitions that
     // move, so the others keep flowing, and the revoke happens while the
     // group is stable, when the handed-over offsets can still be committed
@@ -1168,7 +1160,9 @@ const DEFAULT_REVOKE_TIMEOUT_MS: u64 = 10_000;
 pub(crate) const AUTO_COMMIT_INTERVAL_MS: &str = "1000";
 
 fn apply_consumer_settings(config: &mut ClientConfig, s: &ConsumerSettings) {
-    config.set("auto.offset.reset", s.auto_offset_reset.as_property());
+    if let Some(r) = s.auto_offset_reset {
+        config.set("auto.offset.reset", r.as_property());
+    }
     let optional = [
         ("session.timeout.ms", s.session_timeout_ms),
         ("heartbeat.interval.ms", s.heartbeat_interval_ms),

@@ -50,8 +50,10 @@ impl<T: fmt::Debug> fmt::Debug for Received<T> {
 /// The messages of one type, in partition order, one at a time: the next is
 /// delivered once the previous was acknowledged. Ends when kontext shuts down.
 ///
-/// Cancellation: dropping the stream stops delivery; unacknowledged messages
-/// are delivered again after a restart.
+/// Cancellation: dropping the stream stops delivery, for every type on its
+/// topic: its poll service fails (not live, and its member leaves the
+/// group, so other members take the partitions); unacknowledged messages
+/// are delivered again.
 pub struct MessageStream<T> {
     rx: mpsc::Receiver<Received<T>>,
 }

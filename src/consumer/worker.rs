@@ -892,9 +892,10 @@ async fn after_failure(
     }
 }
 
-/// A lane's task, watched: should it die while its service runs (a panic
-/// in kontext's own code: handlers' panics are caught per attempt), the
-/// service fails at once, naming the lane, instead of the lane filling up
+/// A lane's task, watched: should it end while its service runs (a panic
+/// in kontext's own code: handlers' panics are caught per attempt; a
+/// stream dropped by its reader), the service fails at once, naming the
+/// lane, instead of the lane filling up
 /// silently until the stall limit notices. A failed service is not live,
 /// and its poll thread leaves the group, so the partitions move to members
 /// that can handle them.
@@ -908,11 +909,12 @@ pub(crate) async fn supervised(
     let why = match ended {
         Ok(()) if shared.is_stopping() => return,
         // The one way a lane ends while its service runs: a stream's
-        // receiver was dropped, which stops its delivery by design.
-        Ok(()) => {
-            tracing::warn!(service = %shared.name, %lane, "a lane stopped: a stream of it was dropped; its records are no longer handled by this member");
-            return;
-        }
+        // receiver was dropped. Its topic's records (of every type on it)
+        // are no longer handled here, so the member steps out of its group
+        // rather than hold the partitions.
+        Ok(()) => format!(
+            "the stream of {lane} was dropped; the topic is no longer consumed by this member"
+        ),
         Err(panic) => format!(
             "the worker of {lane} panicked: {}",
             panic_text(&panic).trim_start_matches("handler panicked: ")
@@ -957,9 +959,11 @@ mod tests {
         shared.drain();
         supervised(Box::pin(async {}), Arc::clone(&shared), "l".into()).await;
         assert_eq!(shared.state(), ServiceState::Running);
-        // Nor one that ends because its stream was dropped.
+        // One that ends while it runs (its stream was dropped) is, saying so.
         let shared = ServiceShared::new("shared-i".into(), "i".into(), false, true);
         supervised(Box::pin(async {}), Arc::clone(&shared), "l".into()).await;
-        assert_eq!(shared.state(), ServiceState::Running);
+        assert!(
+            matches!(shared.state(), ServiceState::Failed(why) if why.contains("stream of l was dropped"))
+        );
     }
 }

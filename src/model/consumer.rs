@@ -278,9 +278,6 @@ pub struct DedicatedSpec {
     pub(crate) backpressure: Option<Backpressure>,
     /// Same shape as the shared consumer section; `group_id` is required.
     pub(crate) settings: ConsumerSettings,
-    /// Whether the declaration chose `auto_offset_reset`; otherwise the
-    /// shared section's applies (the field cannot say it was left alone).
-    pub(crate) reset_chosen: bool,
 }
 
 impl Default for DedicatedSpec {
@@ -290,7 +287,6 @@ impl Default for DedicatedSpec {
             max_buffered: None,
             backpressure: None,
             settings: ConsumerSettings::default(),
-            reset_chosen: false,
         }
     }
 }
@@ -323,8 +319,7 @@ impl DedicatedBuilder {
 
     /// Where a new group starts.
     pub fn auto_offset_reset(mut self, reset: OffsetReset) -> Self {
-        self.spec.settings.auto_offset_reset = reset;
-        self.spec.reset_chosen = true;
+        self.spec.settings.auto_offset_reset = Some(reset);
         self
     }
 
@@ -355,9 +350,7 @@ impl DedicatedBuilder {
 
     /// Edits all consumer settings at once, in the shape of the shared section.
     pub fn settings(mut self, f: impl FnOnce(&mut ConsumerSettings)) -> Self {
-        let reset = self.spec.settings.auto_offset_reset;
         f(&mut self.spec.settings);
-        self.spec.reset_chosen |= self.spec.settings.auto_offset_reset != reset;
         self
     }
 

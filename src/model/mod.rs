@@ -425,11 +425,18 @@ pub(crate) struct TypeInfo<'a> {
 
 impl TypeInfo<'_> {
     /// Where this type's consumers send dead letters: the consumer
-    /// declaration's topic, else `fallback` (the settings'
-    /// `consumer.dead_letter_topic`), else `<topic>.dlq`.
+    /// declaration's topic, else its dedicated connection's, else
+    /// `fallback` (the settings' `consumer.dead_letter_topic`), else
+    /// `<topic>.dlq`.
     pub(crate) fn dead_letter_topic(&self, fallback: Option<&str>) -> String {
-        self.consumer
-            .and_then(|c| c.dead_letter_topic.clone())
+        let declared = self.consumer.and_then(|c| {
+            c.dead_letter_topic.clone().or_else(|| {
+                c.dedicated
+                    .as_ref()
+                    .and_then(|d| d.settings.dead_letter_topic.clone())
+            })
+        });
+        declared
             .or_else(|| fallback.map(str::to_owned))
             .unwrap_or_else(|| format!("{}.dlq", self.topic))
     }

@@ -32,6 +32,12 @@ pub(crate) struct Commits {
 }
 
 impl Commits {
+    /// Forgets a partition's confirmations: it left this member, and what
+    /// was committed before says nothing of its next assignment here.
+    pub(super) fn forget(this: &Mutex<Commits>, topic: &str, partition: i32) {
+        lock(this).committed.remove(&(topic.to_owned(), partition));
+    }
+
     /// Notes one commit callback.
     pub(super) fn record(
         this: &Mutex<Commits>,
@@ -63,6 +69,8 @@ const LEAVE_RESERVE: Duration = Duration::from_millis(300);
 const READ_BACK_WAIT: Duration = Duration::from_millis(500);
 /// Shortest: the one read-back made past the deadline.
 const MIN_READ_BACK_WAIT: Duration = Duration::from_millis(100);
+/// Between read-backs (which answer fast when the group refuses commits).
+const READ_BACK_PAUSE: Duration = Duration::from_millis(25);
 /// How often an unconfirmed final commit is sent again.
 const RESEND: Duration = Duration::from_millis(250);
 /// Polls in a row (10 ms each) that must find nothing assigned and no
@@ -96,9 +104,14 @@ pub(super) fn final_commit(
     shared: &ServiceShared,
     deadline: Instant,
 ) -> Option<String> {
+    // A revocation served meanwhile commits nothing itself: a synchronous
+    // commit would wait for a coordinator past the deadline (librdkafka
+    // commits the partition's stored offset as it unassigns it).
+    shared.closing.store(true, Ordering::Release);
     let mut confirmed: HashMap<(String, i32), i64> = HashMap::new();
     let mut why = "the group coordinator did not confirm it in time".to_owned();
     let mut sent: Option<Instant> = None;
+    let mut unsent: Option<String> = None;
     let mut first = true;
     loop {
         // Re-read: a partition revoked meanwhile is not this member's.
@@ -121,7 +134,8 @@ pub(super) fn final_commit(
                 .map(|((t, p), o)| format!("{t}[{p}] at {o}"))
                 .collect();
             return Some(format!(
-                "the final commit was not confirmed: {why}; not confirmed committed (their records may come again to the next member): {}",
+                "the final commit was not confirmed: {why}{}; not confirmed committed (their records may come again to the next member): {}",
+                unsent.as_deref().unwrap_or_default(),
                 named.join(", ")
             ));
         }
@@ -131,20 +145,22 @@ pub(super) fn final_commit(
             let _ = tpl.add_partition_offset(t, *p, Offset::Offset(*o));
         }
         if sent.is_none_or(|at| at.elapsed() >= RESEND) {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                why = format!("it could not be sent ({e})");
-            }
+            unsent = consumer
+                .commit(&tpl, CommitMode::Async)
+                .err()
+                .map(|e| format!("; it could not be sent ({e})"));
             sent = Some(Instant::now());
         }
         // Serves callbacks; records polled now are dropped unhandled
         // (never stored: they come again).
-        drop(consumer.poll(Duration::from_millis(5)));
+        drop(consumer.poll(READ_BACK_PAUSE));
         shared.mark_polled();
         let wait = deadline
             .saturating_duration_since(Instant::now())
             .clamp(MIN_READ_BACK_WAIT, READ_BACK_WAIT);
         match consumer.committed_offsets(tpl, wait) {
             Ok(committed) => {
+                why = "the group coordinator did not confirm it in time".to_owned();
                 for e in committed.elements() {
                     if let Offset::Offset(c) = e.offset() {
                         let at = confirmed
@@ -196,7 +212,9 @@ pub(super) fn leave(
             return;
         }
         if Instant::now() >= deadline {
-            tracing::warn!(service = %shared.name, "the consumer had not left its group by the shutdown deadline; closing anyway");
+            if consumer.assignment().is_ok_and(|a| a.count() > 0) {
+                tracing::warn!(service = %shared.name, "the consumer still had partitions at the shutdown deadline; closing anyway");
+            }
             return;
         }
         let seen = lock(state).rebalances;

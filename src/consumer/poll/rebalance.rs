@@ -268,6 +268,7 @@ impl LoopState {
             for &p in partitions {
                 self.tracker.forget((lane, p));
                 self.stored.remove(&(self.lanes[lane].topic.to_string(), p));
+                super::close::Commits::forget(&shared.commits, &self.lanes[lane].topic, p);
                 // Its lag is its next owner's to say (each member exports
                 // only what it owns).
                 crate::telemetry::consumer_lag(&self.lanes[lane].topic, p, &shared.group_id)
