@@ -103,3 +103,84 @@ async fn a_derived_type_round_trips_with_its_topic_key_and_headers() {
     );
     assert_eq!(audit[0].header("r#type"), None);
 }
+
+/// What the derive expands to, checked where it compiles: every attribute
+/// (the `tests/ui` snapshots check what it refuses).
+mod expansion {
+    use kontext::{ModelBuilder, Topic};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize, Deserialize, Topic)]
+    #[topic(
+        name = "orders.order.created",
+        key = order_id,
+        header(region),
+        type_name = "OrderCreatedV2",
+        partitions = 6,
+        replication = 3
+    )]
+    struct OrderCreated {
+        order_id: u64,
+        region: String,
+        #[topic(header = "x-tenant")]
+        tenant: String,
+    }
+
+    #[derive(Serialize, Deserialize, Topic)]
+    struct ShipmentDelivered {
+        #[topic(key)]
+        id: uuid::Uuid,
+    }
+
+    #[test]
+    fn every_attribute_of_the_derive_expands_to_its_constants_key_and_headers() {
+        assert_eq!(OrderCreated::NAME, "orders.order.created");
+        assert_eq!(OrderCreated::TYPE_NAME, "OrderCreatedV2");
+        assert_eq!(OrderCreated::PARTITIONS, Some(6));
+        assert_eq!(ShipmentDelivered::NAME, "shipment-delivered");
+        assert_eq!(ShipmentDelivered::TYPE_NAME, "ShipmentDelivered");
+        let e = OrderCreated {
+            order_id: 7,
+            region: "eu".into(),
+            tenant: "t1".into(),
+        };
+        let mut key = Vec::new();
+        assert!(e.write_key(&mut key));
+        assert_eq!(key, b"7");
+        let mut headers = Vec::new();
+        e.headers(&mut headers);
+        assert_eq!(
+            headers,
+            vec![("region", "eu".to_owned()), ("x-tenant", "t1".to_owned())]
+        );
+        let model = ModelBuilder::new()
+            .topic::<OrderCreated>(|t| t)
+            .topic::<ShipmentDelivered>(|t| t)
+            .build()
+            .unwrap();
+        assert_eq!(
+            model.topic_of::<ShipmentDelivered>(),
+            Some("shipment-delivered")
+        );
+    }
+}
+
+/// A service that re-exports kontext under another path.
+mod reexported {
+    mod infra {
+        pub(super) use kontext as messaging;
+    }
+
+    use infra::messaging::Topic;
+
+    #[derive(serde::Serialize, serde::Deserialize, Topic)]
+    #[topic(crate = "infra::messaging", name = "audit.log")]
+    struct AuditLogged {
+        line: String,
+    }
+
+    #[test]
+    fn a_crate_that_reexports_kontext_names_it_with_crate() {
+        assert_eq!(<AuditLogged as infra::messaging::Topic>::NAME, "audit.log");
+    }
+}
