@@ -12,6 +12,7 @@
 //! too. See BENCHMARKS.md for what each scenario measures.
 
 mod consume;
+mod exactly_once;
 mod harness;
 mod isolation;
 mod memory;
@@ -21,6 +22,7 @@ mod produce;
 use kontext::prelude::*;
 
 use consume::{scenario_backpressure, scenario_consume, scenario_workers, scenario_workers_inbox};
+use exactly_once::scenario_exactly_once;
 use harness::*;
 use isolation::scenario_isolation;
 use memory::scenario_memory;
@@ -109,6 +111,9 @@ async fn main() -> Result<(), BoxError> {
     }
     if run("backpressure") {
         scenario_backpressure(&b, n / 2, rounds).await?;
+    }
+    if run("exactly-once") {
+        scenario_exactly_once(&b, n / 2, rounds).await?;
     }
     println!();
     println!("| scenario | result | |");

@@ -58,15 +58,15 @@ pub use broker::Broker;
 pub use codec::{Codec, Json};
 pub use config::KafkaSettings;
 pub use consumer::{
-    Backpressure, Distribution, Handler, HandlerError, MessageContext, MessageStream, RetryPolicy,
-    TransactionalHandler, UnitOfWork,
+    Backpressure, Distribution, ExactlyOnceHandler, Handler, HandlerError, MessageContext,
+    MessageStream, RetryPolicy, TransactionalHandler, UnitOfWork,
 };
-pub use error::{Error, Result};
+pub use error::{Error, Result, TransactionFailure};
 pub use headers::HeaderProfile;
 /// `#[derive(Topic)]`: see the [`Topic`](trait@Topic) trait.
 pub use kontext_macros::Topic;
 pub use model::{Message, Model, ModelBuilder, Topic, TopicBuilder};
-pub use producer::{Delivery, Producer};
+pub use producer::{Delivery, Producer, Sending, Transaction, TransactionalProducer};
 pub use runtime::{Kontext, KontextBuilder, shutdown_signal};
 
 /// What generated code needs, so users need not depend on it themselves.
@@ -78,9 +78,10 @@ pub mod __private {
 /// The names most services need: `use kontext::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Backpressure, Broker, Delivery, Distribution, Error, Handler, HandlerError, KafkaSettings,
-        Kontext, Message, MessageContext, MessageStream, Model, ModelBuilder, Producer, Result,
-        RetryPolicy, Topic, TransactionalHandler, UnitOfWork,
+        Backpressure, Broker, Delivery, Distribution, Error, ExactlyOnceHandler, Handler,
+        HandlerError, KafkaSettings, Kontext, Message, MessageContext, MessageStream, Model,
+        ModelBuilder, Producer, Result, RetryPolicy, Topic, Transaction, TransactionalHandler,
+        UnitOfWork,
     };
 }
 

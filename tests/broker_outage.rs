@@ -362,9 +362,12 @@ async fn a_member_rides_out_a_broker_restart_losing_nothing() {
 
     let handled = log.lock().unwrap().clone();
     let again = check(&handled, 3_000, &committed_before);
-    eprintln!(
-        "{} handlings of 3000 records; {handled_at_down} before the outage; {again} handled again",
-        handled.len()
+    figure(
+        "a_member_rides_out_a_broker_restart_losing_nothing",
+        format_args!(
+            "{} handlings of 3000 records; {handled_at_down} before the outage; {again} handled again",
+            handled.len()
+        ),
     );
     assert_eq!(
         committed_offsets(&broker, &group, &topic).await,
@@ -418,10 +421,11 @@ async fn a_shutdown_during_a_broker_outage_returns_in_time_and_loses_nothing() {
         }
         other => panic!("a shutdown whose final commit cannot happen returned {other:?}"),
     }
-    // `shutdown` promises `timeout` plus a 2 s grace; the rest is slack for
-    // a loaded machine, far below the 45 s a blocked commit would take.
+    // `shutdown` promises `timeout` plus at most 2 s (README); three seconds
+    // more are slack for a loaded machine, far below the 45 s a blocked
+    // commit would take (measured: 4.0 s for a 3 s timeout).
     assert!(
-        took < timeout + Duration::from_secs(10),
+        took < timeout + Duration::from_secs(5),
         "shutdown took {took:?} with the broker away"
     );
     let handled_by_first = log.lock().unwrap().len();
@@ -434,8 +438,11 @@ async fn a_shutdown_during_a_broker_outage_returns_in_time_and_loses_nothing() {
 
     let handled = log.lock().unwrap().clone();
     let again = check(&handled, 2_000, &committed_before);
-    eprintln!(
-        "shutdown took {took:?}; the first member handled {handled_by_first}, {again} handled again"
+    figure(
+        "a_shutdown_during_a_broker_outage_returns_in_time_and_loses_nothing",
+        format_args!(
+            "shutdown took {took:?}; the first member handled {handled_by_first}, {again} handled again"
+        ),
     );
     assert_eq!(
         committed_offsets(&broker, &group, &topic).await,
@@ -563,10 +570,13 @@ async fn the_relay_rides_out_a_broker_restart_sending_each_row_once_in_key_order
         let n: Note = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
         per_key.entry(n.key).or_default().push(n.seq);
     }
-    eprintln!(
-        "{} records on the topic for {total} rows ({at_down} written before the outage, {} during it)",
-        records.len(),
-        at_up - at_down
+    figure(
+        "the_relay_rides_out_a_broker_restart_sending_each_row_once_in_key_order",
+        format_args!(
+            "{} records on the topic for {total} rows ({at_down} written before the outage, {} during it)",
+            records.len(),
+            at_up - at_down
+        ),
     );
     for key in 0..NOTE_KEYS {
         let rows_of_key = (total + NOTE_KEYS - 1 - key) / NOTE_KEYS;
@@ -589,8 +599,7 @@ struct Recorded {
 /// follow-up through the outbox. Kafka delivers a good part of the stream
 /// again after the outage (the member's assignment was lost before it
 /// could commit), yet each record has exactly one business row and one
-/// follow-up on the topic. Without the inbox the same run wrote 3,864
-/// business rows for 3,000 records.
+/// follow-up on the topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn units_of_work_with_the_inbox_have_each_effect_once_across_a_broker_restart() {
     use sea_orm::ConnectionTrait;
@@ -689,10 +698,13 @@ async fn units_of_work_with_the_inbox_have_each_effect_once_across_a_broker_rest
         })
         .collect();
     seqs.sort_unstable();
-    eprintln!(
-        "{} redelivered records acknowledged by the inbox; {} follow-ups",
-        status.duplicates,
-        followed.len()
+    figure(
+        "units_of_work_with_the_inbox_have_each_effect_once_across_a_broker_restart",
+        format_args!(
+            "{} redelivered records acknowledged by the inbox; {} follow-ups",
+            status.duplicates,
+            followed.len()
+        ),
     );
     assert_eq!(effects().await, 3_000, "one business row per record");
     assert_eq!(

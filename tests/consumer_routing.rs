@@ -211,6 +211,9 @@ async fn dedicated_settings_reach_the_broker_and_waiting_services_wait() {
         .unwrap();
     let status = consumer.registry().service_of::<Alert>().unwrap();
     assert_eq!(status.state, kontext::consumer::ServiceState::Waiting);
+    // A service waiting for its start is ready (README, "Health").
+    let health = consumer.health();
+    assert!(health.live && health.ready, "{health:?}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(seen.count("alert"), 0, "nothing consumed before start");
 
@@ -904,6 +907,7 @@ async fn dedicated_connections_inherit_and_raw_properties_win() {
     let mut s = settings(&group)
         .consumer(|c| c.auto_offset_reset = Some(kontext::config::OffsetReset::Latest));
     s.librdkafka.set("session.timeout.ms", "7000");
+    s.librdkafka.set("heartbeat.interval.ms", "900");
     s.librdkafka.set("fetch.wait.max.ms", "25");
     let consumer = Kontext::builder(model)
         .settings(s)
@@ -946,6 +950,12 @@ async fn dedicated_connections_inherit_and_raw_properties_win() {
         assert_eq!(
             get("fetch.wait.max.ms").as_deref(),
             Some("25"),
+            "{}",
+            service.name
+        );
+        assert_eq!(
+            get("heartbeat.interval.ms").as_deref(),
+            Some("900"),
             "{}",
             service.name
         );

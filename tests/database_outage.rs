@@ -368,9 +368,16 @@ async fn wait_out_a_database_restart(workers: Option<usize>) {
     let s = status();
     consumer.shutdown(Duration::from_secs(10)).await.unwrap();
     producer.shutdown(Duration::from_secs(10)).await.unwrap();
-    eprintln!(
-        "{} attempts failed and were retried, {} dead-lettered, {} duplicates acknowledged",
-        s.retried, s.dead_lettered, s.duplicates
+    figure(
+        if workers.is_some() {
+            "a_worker_pool_of_units_of_work_waits_out_a_database_restart"
+        } else {
+            "units_of_work_wait_out_a_database_restart_and_dead_letter_nothing"
+        },
+        format_args!(
+            "{} attempts failed and were retried, {} dead-lettered, {} duplicates acknowledged",
+            s.retried, s.dead_lettered, s.duplicates
+        ),
     );
     assert_eq!(s.dead_lettered, 0, "records dead-lettered for an outage");
     assert_eq!(
@@ -479,9 +486,12 @@ async fn the_relay_rides_out_a_database_restart_within_its_duplicate_window() {
         per_key.entry(n.key).or_default().push(n.seq);
     }
     let again = records.len() - rows as usize;
-    eprintln!(
-        "{} records for {rows} rows: {again} sent again",
-        records.len()
+    figure(
+        "the_relay_rides_out_a_database_restart_within_its_duplicate_window",
+        format_args!(
+            "{} records for {rows} rows: {again} sent again",
+            records.len()
+        ),
     );
     for key in 0..keys {
         let seqs = per_key.remove(&key).unwrap_or_default();

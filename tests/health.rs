@@ -200,6 +200,78 @@ async fn a_producer_without_a_broker_past_its_delivery_timeout_is_not_ready() {
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 
+/// The outbox relay's own producer follows the producer's rule: with no
+/// broker reachable past its send timeout, the process is not ready, saying
+/// it is the relay's producer; a row written meanwhile goes out once the
+/// broker is back, and the process is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_whose_producer_reaches_no_broker_is_not_ready_and_recovers() {
+    use kontext::outbox::OutboxSettings;
+    init_tracing();
+    let broker = Broker::embedded().unwrap();
+    let topic = unique_name("pings");
+    let db = kontext::testing::database().await.unwrap();
+    let kontext = Kontext::builder(model(&topic))
+        .settings(KafkaSettings::new().producer(|p| {
+            p.message_timeout_ms = Some(1500);
+            p.librdkafka.set("statistics.interval.ms", "100");
+            p.librdkafka.set("reconnect.backoff.max.ms", "100");
+        }))
+        .broker(broker.clone())
+        .database(db)
+        .outbox_settings(OutboxSettings {
+            poll_interval: Duration::from_millis(50),
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+            max_attempts: 1_000,
+            ..OutboxSettings::default()
+        })
+        .start()
+        .await
+        .unwrap();
+    let outbox = kontext.outbox().unwrap();
+    let publish = async |n: u32| {
+        let mut tx = outbox.begin().await.unwrap();
+        tx.publish(&Ping { n }).await.unwrap();
+        tx.commit().await.unwrap();
+    };
+    publish(1).await;
+    let pending = async || outbox.pending().await.unwrap();
+    wait_until("the first row sent", async || {
+        let p = pending().await;
+        ready(p == 0, || format!("{p} pending"))
+    })
+    .await;
+    assert!(kontext.health().is_healthy(), "{:?}", kontext.health());
+
+    let embedded = broker.as_embedded().unwrap();
+    embedded.set_broker_up(1, false).unwrap();
+    publish(2).await;
+    until("not ready: the relay's producer", &kontext, |h| {
+        h.live && !h.ready && says(h, "outbox relay's producer: no broker reachable")
+    })
+    .await;
+
+    embedded.set_broker_up(1, true).unwrap();
+    until("ready again", &kontext, |h| h.is_healthy()).await;
+    wait_until("the row written during the outage sent", async || {
+        let p = pending().await;
+        ready(p == 0, || format!("{p} pending"))
+    })
+    .await;
+    let records = read_all(&broker, &topic).await;
+    let ns: Vec<u32> = records
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<Ping>(r.payload.as_deref().unwrap())
+                .unwrap()
+                .n
+        })
+        .collect();
+    assert_eq!(ns, vec![1, 2], "each row once");
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
 /// An outbox relay whose passes fail (its table is gone) past a lease's
 /// time is not ready, naming the database error; when the table is back,
 /// the relay recovers, the row written before goes out, and it is ready.
@@ -310,4 +382,81 @@ async fn a_member_dropped_by_its_group_is_counted_and_rejoins() {
     let ones = seen.iter().filter(|n| **n == 1).count();
     assert!((1..=2).contains(&ones), "{seen:?}");
     assert_eq!(seen.iter().filter(|n| **n == 2).count(), 1, "{seen:?}");
+}
+
+/// README: a broker back within the group session leaves the member its
+/// partitions: no assignment lost after a 3 s outage, the same partitions,
+/// and a record produced once it is back is handled by it and committed.
+/// Embedded broker: the test takes it down and brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_back_within_the_session_leaves_the_member_its_partitions() {
+    init_tracing();
+    let broker = Broker::embedded().unwrap();
+    let (topic, group) = (unique_name("pings"), unique_name("g"));
+    let producer = Kontext::builder(model(&topic))
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let handled = Arc::new(AtomicU32::new(0));
+    let h = handled.clone();
+    let consumer = Kontext::builder(model(&topic))
+        .settings(KafkaSettings::new().consumer(|c| {
+            c.group_id = Some(group.clone());
+            // A session far longer than the outage.
+            c.librdkafka.set("session.timeout.ms", "30000");
+        }))
+        .broker(broker.clone())
+        .consumers(move |c| {
+            c.handler(move |_: Ping, _: MessageContext| {
+                let h = h.clone();
+                async move {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    until("joined", &consumer, |h| h.is_healthy()).await;
+    let before = consumer.registry().services()[0].clone();
+    assert!(!before.assigned_partitions.is_empty(), "{before:?}");
+    let embedded = broker.as_embedded().unwrap();
+    embedded.set_broker_up(1, false).unwrap();
+    // Away for over 3 s: longer than a session of the embedded broker's
+    // quick defaults would allow, well within this member's 30 s.
+    wait_until("the broker to be away for 3 s", async || {
+        let s = consumer.registry().services()[0].clone();
+        ready(
+            s.brokers_down_for
+                .is_some_and(|d| d > Duration::from_secs(3)),
+            || format!("{s:?}"),
+        )
+    })
+    .await;
+    embedded.set_broker_up(1, true).unwrap();
+    producer
+        .producer()
+        .unwrap()
+        .produce(&Ping { n: 1 })
+        .await
+        .unwrap();
+    wait_until("the record produced after the outage handled", async || {
+        ready(handled.load(Ordering::SeqCst) > 0, || "not yet".to_owned())
+    })
+    .await;
+    let after = consumer.registry().services()[0].clone();
+    assert_eq!(after.assignments_lost, 0, "{after:?}");
+    assert_eq!(after.assigned_partitions, before.assigned_partitions);
+    // The commits go through: the record's offset is committed.
+    wait_until("the record committed", async || {
+        let committed = committed_offsets(&broker, &group, &topic).await;
+        ready(committed.get(&0) == Some(&1), || format!("{committed:?}"))
+    })
+    .await;
+    assert!(consumer.health().is_healthy(), "{:?}", consumer.health());
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
 }

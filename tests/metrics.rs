@@ -130,6 +130,10 @@ fn find<T>(map: &Mutex<HashMap<Id, Arc<T>>>, name: &str, with: &[(&str, &str)]) 
         .map(|(_, v)| Arc::clone(v))
 }
 
+/// The outbox gauges carry no labels: one process's relays share them, so
+/// the tests that read them take turns.
+static OUTBOX_GAUGES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     wait_until(what, async || ready(cond(), String::new)).await;
 }
@@ -158,6 +162,8 @@ async fn counters_histograms_and_lag_say_what_happened() {
                     initial_backoff: Duration::from_millis(10),
                     max_backoff: Duration::from_millis(10),
                 })
+                // A small buffer: the blocked backlog pauses the partition.
+                .max_buffered(2)
             })
         })
         .build()
@@ -226,14 +232,20 @@ async fn counters_histograms_and_lag_say_what_happened() {
         rec.counter(telemetry::HANDLED, &consumed) == 5
     })
     .await;
+    let paused = [("group", group.as_str())];
+    until("the partition paused behind the blocked handler", || {
+        rec.gauge(telemetry::PAUSED_PARTITIONS, &paused) == Some(1.0)
+    })
+    .await;
     gate.add_permits(1_000);
     until("everything handled", || {
         rec.counter(telemetry::HANDLED, &consumed) == 19
             && rec.counter(telemetry::DEAD_LETTERED, &consumed) == 1
     })
     .await;
-    until("the lag back to 0", || {
+    until("the lag back to 0, nothing paused", || {
         rec.gauge(telemetry::CONSUMER_LAG, &lag) == Some(0.0)
+            && rec.gauge(telemetry::PAUSED_PARTITIONS, &paused) == Some(0.0)
     })
     .await;
     assert_eq!(rec.counter(telemetry::CONSUMED, &consumed), 20);
@@ -263,6 +275,7 @@ async fn counters_histograms_and_lag_say_what_happened() {
 async fn the_outbox_backlog_gauges_follow_rows_waiting_for_a_broker() {
     init_tracing();
     let rec = recording();
+    let _gauges = OUTBOX_GAUGES.lock().await;
     let broker = Broker::embedded().unwrap();
     let db = kontext::testing::database().await.unwrap();
     let topic = unique_name("ticks-out");
@@ -297,14 +310,14 @@ async fn the_outbox_backlog_gauges_follow_rows_waiting_for_a_broker() {
         tx.publish(&Tick { seq }).await.unwrap();
         tx.commit().await.unwrap();
     }
-    until("a backlog of 5, ageing", || {
+    until("a backlog of 5, ageing, none failed", || {
         rec.gauge(telemetry::OUTBOX_BACKLOG, &[]) == Some(5.0)
             && rec
                 .gauge(telemetry::OUTBOX_OLDEST_AGE, &[])
                 .is_some_and(|a| a >= 0.5)
+            && rec.gauge(telemetry::OUTBOX_FAILED_ROWS, &[]) == Some(0.0)
     })
     .await;
-    assert_eq!(rec.gauge(telemetry::OUTBOX_FAILED_ROWS, &[]), Some(0.0));
     broker
         .as_embedded()
         .unwrap()
@@ -426,4 +439,223 @@ async fn a_member_exports_lag_only_for_partitions_it_owns() {
     let _ = a.shutdown(Duration::from_secs(1)).await;
     b.shutdown(Duration::from_secs(10)).await.unwrap();
     producer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Tock {
+    seq: u32,
+    blob: String,
+}
+
+/// The service-level counters README lists, with their `service` label:
+/// records of a type this process ignores are `skipped`, a tombstone no
+/// type can take is `rejected`; and a produce the broker side refuses
+/// (larger than `message.max.bytes`) counts in `produce_errors`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skipped_rejected_and_produce_errors_are_counted_per_service() {
+    init_tracing();
+    let rec = recording();
+    let broker = broker();
+    let (topic, group) = (unique_name("ticks"), unique_name("g"));
+    let (t1, t2) = (topic.clone(), topic.clone());
+    let model = Model::builder()
+        .topic::<Tick>(move |b| b.name(&t1).partitions(1).key(|e| e.seq))
+        .topic::<Tock>(move |b| b.name(&t2).key(|e| e.seq))
+        .build()
+        .unwrap();
+    let producer = Kontext::builder(model.clone())
+        .broker(broker.clone())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let p = producer.producer().unwrap();
+    for seq in 0..3 {
+        p.produce(&Tick { seq }).await.unwrap();
+        p.produce(&Tock {
+            seq,
+            blob: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    // Too large for the producer's `message.max.bytes` (1 MB): refused.
+    let huge = Tock {
+        seq: 9,
+        blob: "x".repeat(2 << 20),
+    };
+    assert!(p.produce(&huge).await.is_err());
+    assert_eq!(
+        rec.counter(
+            telemetry::PRODUCE_ERRORS,
+            &[("topic", topic.as_str()), ("type", "Tock")]
+        ),
+        1
+    );
+    let raw: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap_servers())
+        .create()
+        .unwrap();
+    let tombstone: rdkafka::producer::FutureRecord<'_, [u8], [u8]> =
+        rdkafka::producer::FutureRecord::to(&topic).key(&b"k"[..]);
+    raw.send(tombstone, Duration::from_secs(10)).await.unwrap();
+    let consumer = Kontext::builder(model)
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.clone())))
+        .broker(broker.clone())
+        .consumers(|c| {
+            c.handler(|_: Tick, _: MessageContext| async { Ok(()) })
+                .ignore::<Tock>();
+        })
+        .start()
+        .await
+        .unwrap();
+    let service = format!("shared-{group}");
+    let ours = [("group", group.as_str()), ("service", service.as_str())];
+    until("3 skipped, 1 rejected, 3 handled", || {
+        rec.counter(telemetry::SKIPPED, &ours) == 3
+            && rec.counter(telemetry::REJECTED, &ours) == 1
+            && rec.counter(
+                telemetry::HANDLED,
+                &[("topic", topic.as_str()), ("service", service.as_str())],
+            ) == 3
+    })
+    .await;
+    assert_eq!(rec.gauge(telemetry::PAUSED_PARTITIONS, &ours), Some(0.0));
+    consumer.shutdown(Duration::from_secs(10)).await.unwrap();
+    producer.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Visit {
+    visitor: u32,
+    blob: String,
+}
+
+/// The inbox's and the outbox's failure counters README lists: a record
+/// the inbox already knows is counted as a duplicate (not as handled
+/// twice), and every failed send of an outbox row is counted, with the row
+/// counted as failed for good once its attempts are used up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_duplicates_and_failed_outbox_sends_are_counted() {
+    init_tracing();
+    let rec = recording();
+    let _gauges = OUTBOX_GAUGES.lock().await;
+    let broker = broker();
+    let db = kontext::testing::database().await.unwrap();
+    let (topic, group) = (unique_name("visits"), unique_name("g"));
+    let t = topic.clone();
+    let model = Model::builder()
+        .topic::<Visit>(move |b| {
+            b.name(&t)
+                .partitions(1)
+                .key(|e| e.visitor)
+                // The visitor is the message's identity: a second record
+                // for the same visitor is a redelivery to the inbox.
+                .consumer(|c| c.inbox(|i| i.key_by(|e: &Visit| e.visitor.to_string())))
+        })
+        .build()
+        .unwrap();
+    let kontext = Kontext::builder(model)
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(group.clone())))
+        .broker(broker.clone())
+        .database(db)
+        .outbox_settings(kontext::outbox::OutboxSettings {
+            poll_interval: Duration::from_millis(100),
+            max_attempts: 2,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(20),
+            gauge_interval: Duration::from_millis(100),
+            ..Default::default()
+        })
+        .consumers(|c| {
+            c.transactional(|_: Visit, _: MessageContext, _: UnitOfWork| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap();
+    let p = kontext.producer().unwrap();
+    for visitor in [1, 2, 1] {
+        p.produce(&Visit {
+            visitor,
+            blob: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    let service = format!("shared-{group}");
+    let ours = [
+        ("topic", topic.as_str()),
+        ("type", "Visit"),
+        ("group", group.as_str()),
+        ("service", service.as_str()),
+    ];
+    until("2 handled, 1 duplicate", || {
+        rec.counter(telemetry::HANDLED, &ours) == 2
+            && rec.counter(telemetry::INBOX_DUPLICATES, &ours) == 1
+    })
+    .await;
+
+    // Larger than the broker accepts: each of its 2 attempts fails.
+    let mut tx = kontext.outbox().unwrap().begin().await.unwrap();
+    tx.publish(&Visit {
+        visitor: 3,
+        blob: "x".repeat(2 << 20),
+    })
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    until("2 failed sends, 1 row failed for good", || {
+        rec.counter(telemetry::OUTBOX_FAILED, &[("topic", topic.as_str())]) == 2
+            && rec.gauge(telemetry::OUTBOX_FAILED_ROWS, &[]) == Some(1.0)
+    })
+    .await;
+    assert_eq!(kontext.outbox().unwrap().failed().await.unwrap().len(), 1);
+    assert_eq!(
+        rec.counter(telemetry::HANDLED, &ours),
+        2,
+        "nothing handled twice"
+    );
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// Kafka transactions are counted by outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_are_counted_by_outcome() {
+    init_tracing();
+    let rec = recording();
+    let broker = Broker::embedded().unwrap();
+    let topic = unique_name("ticks-tx");
+    let t = topic.clone();
+    let model = Model::builder()
+        .topic::<Tick>(move |b| b.name(&t).key(|e| e.seq))
+        .build()
+        .unwrap();
+    let kontext = Kontext::builder(model)
+        .broker(broker)
+        .transactional_producer(unique_name("ticks-tx"))
+        .start()
+        .await
+        .unwrap();
+    let outcome = |o: &str| rec.counter(telemetry::TRANSACTIONS, &[("outcome", o)]);
+    let (committed, aborted) = (outcome("committed"), outcome("aborted"));
+    let tp = kontext.transactional_producer().unwrap();
+    tp.transaction(async |t| {
+        t.produce(&Tick { seq: 1 }).await?;
+        Ok::<_, kontext::Error>(())
+    })
+    .await
+    .unwrap();
+    let gave_up = tp
+        .transaction(async |t| {
+            t.produce(&Tick { seq: 2 }).await?;
+            Err::<(), _>(kontext::Error::Internal("changed its mind".into()))
+        })
+        .await;
+    assert!(gave_up.is_err());
+    // Other tests of this binary run no transactions.
+    assert_eq!(
+        (outcome("committed"), outcome("aborted")),
+        (committed + 1, aborted + 1)
+    );
+    kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -887,10 +887,13 @@ async fn four_relay_processes_send_50k_rows_exactly_once_in_key_order() {
     assert_eq!(ids.len(), total, "nothing lost");
     assert_eq!(records.len(), total, "nothing sent twice");
     assert_per_key_order(&decode(&records), ROWS_PER_KEY);
-    eprintln!(
-        "{total} rows written and relayed by {INSTANCES} processes in {:.1} s: {:.0} msg/s",
-        elapsed.as_secs_f64(),
-        total as f64 / elapsed.as_secs_f64()
+    figure(
+        "four_relay_processes_send_50k_rows_exactly_once_in_key_order",
+        format_args!(
+            "{total} rows written and relayed by {INSTANCES} processes in {:.1} s: {:.0} msg/s",
+            elapsed.as_secs_f64(),
+            total as f64 / elapsed.as_secs_f64()
+        ),
     );
     drop(setup);
 }
@@ -1710,12 +1713,441 @@ async fn a_commit_wakes_the_relay_of_its_own_process() {
     for (round, seq) in [(1usize, 0u32), (2, 1)] {
         let mut tx = kontext.outbox().unwrap().begin().await.unwrap();
         tx.publish(&created(1, seq)).await.unwrap();
+        let committed = Instant::now();
         tx.commit().await.unwrap();
+        // Without the wake-up the row would wait for the hourly poll:
+        // the read's deadline (a minute) cannot be met.
         let records = read_topic(&broker, &topic, round, READ_TIMEOUT)
             .await
             .unwrap();
         assert_eq!(records.len(), round, "round {round}: the relay was woken");
+        figure(
+            "a_commit_wakes_the_relay_of_its_own_process",
+            format_args!(
+                "round {round}: on the topic {:?} after the commit",
+                committed.elapsed()
+            ),
+        );
         wait_pending_zero(&kontext).await;
     }
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// The rows with failed send attempts, by message id: how many each had.
+async fn failed_attempts(db: &DatabaseConnection) -> BTreeMap<String, i64> {
+    let rows = db
+        .query_all(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT message_id, attempts FROM kontext_outbox WHERE attempts > 0",
+        ))
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r.try_get::<String>("", "message_id").unwrap(),
+                i64::from(r.try_get::<i32>("", "attempts").unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// README's duplicate window, case (a): a delivery that times out after the
+/// broker wrote it. The embedded broker answers late (it writes each record
+/// at once), so the relay's send times out and the row is retried. What goes
+/// out twice is bounded by the rows in flight: one batch of one key here (one
+/// shard, on SQLite and on PostgreSQL alike), each row at most once per
+/// failed attempt; nothing is lost, and the key's last copies are in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_times_out_after_the_broker_wrote_it_duplicates_at_most_one_batch() {
+    init_tracing();
+    // Needs a broker whose answers the test can delay: the embedded one.
+    let broker = Broker::embedded().unwrap();
+    let db = kontext::testing::database().await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 1, OutboxMode::Background);
+    const BATCH: u64 = 10;
+    let settings = OutboxSettings {
+        batch_size: BATCH,
+        // Long enough that the first relay makes one attempt before the
+        // test stops it (a second one would be counted, not a failure).
+        initial_backoff: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(5),
+        ..patient()
+    };
+    // A relay whose sends time out after 1 s.
+    let first = outage_instance(&model, &broker, &db, 1_000, settings.clone()).await;
+    let outbox = first.outbox().unwrap();
+    // Connected, with its producer id, before answers are delayed.
+    let mut tx = outbox.begin().await.unwrap();
+    tx.publish(&created(0, 0)).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_pending_zero(&first).await;
+
+    let embedded = broker.as_embedded().unwrap();
+    embedded
+        .set_round_trip_time(1, Duration::from_secs(3))
+        .unwrap();
+    let rows = 3 * BATCH as u32;
+    let mut tx = outbox.begin().await.unwrap();
+    for seq in 1..=rows {
+        tx.publish(&created(1, seq)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    wait_until("the first batch's sends to time out", async || {
+        let failed = failed_attempts(&db).await;
+        ready(!failed.is_empty(), || "no failed attempt yet".into())
+    })
+    .await;
+    first.shutdown(Duration::from_secs(10)).await.unwrap();
+    let failed = failed_attempts(&db).await;
+    embedded.set_round_trip_time(1, Duration::ZERO).unwrap();
+    let second = outage_instance(&model, &broker, &db, 10_000, settings).await;
+    wait_pending_zero(&second).await;
+
+    let total = rows as usize + 1;
+    let records = read_all(&broker, &topic).await;
+    let mut copies: BTreeMap<&str, i64> = BTreeMap::new();
+    for r in &records {
+        *copies.entry(r.header("ce_id").unwrap()).or_default() += 1;
+    }
+    assert_eq!(copies.len(), total, "nothing lost");
+    let twice: Vec<(&str, i64)> = copies
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, n)| (*id, *n))
+        .collect();
+    assert!(
+        !twice.is_empty(),
+        "the fault wrote records whose delivery failed ({} records)",
+        records.len()
+    );
+    assert!(
+        twice.len() as u64 <= BATCH,
+        "at most one batch goes out twice: {twice:?}"
+    );
+    for (id, n) in &twice {
+        let attempts = failed.get(*id).copied().unwrap_or(0);
+        assert!(
+            *n <= 1 + attempts,
+            "{id} went out {n} times after {attempts} failed attempts"
+        );
+    }
+    // The failed attempts' copies came first; then the key went out whole,
+    // in commit order, so its last record is its latest row.
+    let key: Vec<u32> = decode(&records)
+        .iter()
+        .filter(|e| e.shipment == 1)
+        .map(|e| e.seq)
+        .collect();
+    let (copied, whole) = key.split_at(key.len() - rows as usize);
+    assert_eq!(
+        whole,
+        (1..=rows).collect::<Vec<_>>(),
+        "the key in order after the copies"
+    );
+    assert!(
+        copied.windows(2).all(|w| w[0] < w[1]),
+        "the failed attempt's copies in order: {copied:?}"
+    );
+    figure_on(
+        "a_delivery_that_times_out_after_the_broker_wrote_it_duplicates_at_most_one_batch",
+        &broker,
+        format_args!(
+            "{} of {rows} rows went out twice (batch {BATCH}), {} records for {total} rows",
+            twice.len(),
+            records.len()
+        ),
+    );
+    second.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// README's duplicate window, case (b): a relay process frozen (SIGSTOP,
+/// by PID) for longer than its lease after it handed a batch to Kafka. The
+/// embedded broker writes the batch at once and holds back its answer, so
+/// the frozen relay has not settled it when another relay takes the shard
+/// over and sends every row. What goes out twice is the frozen relay's
+/// batch, no more; nothing is lost; the key's last copies are in order.
+/// PostgreSQL only: the test checks that the frozen process holds no
+/// transaction (a frozen lock holder would stall the other relay, which is
+/// not what this case is about).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_frozen_past_its_lease_duplicates_at_most_its_batch() {
+    init_tracing();
+    if kontext::testing::database_url().is_none_or(|u| !u.starts_with("postgres")) {
+        eprintln!("skipped: needs PostgreSQL (DATABASE_URL)");
+        return;
+    }
+    let broker = Broker::embedded().unwrap();
+    let url = kontext::testing::fresh_database_url().await.unwrap();
+    let db = kontext::db::connect(&url).await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 1, OutboxMode::Background);
+    let writer = start(&model, &broker, &db, no_relay()).await;
+    let rows = 3 * FROZEN_BATCH as u32;
+    let mut tx = writer.outbox().unwrap().begin().await.unwrap();
+    for seq in 0..rows {
+        tx.publish(&created(1, seq)).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    // The next produce request is written at once and answered in a minute.
+    let embedded = broker.as_embedded().unwrap();
+    embedded
+        .delay_requests(
+            1,
+            rdkafka::types::RDKafkaApiKey::Produce,
+            1,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = std::process::Command::new(&exe)
+        .args([
+            "--exact",
+            "frozen_relay_child_process",
+            "--ignored",
+            "--quiet",
+        ])
+        .env(CHILD_DB, &url)
+        .env(CHILD_TOPIC, &topic)
+        .env(CHILD_BOOTSTRAP, broker.bootstrap_servers())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    };
+    wait_until("the child's batch written", async || {
+        let n = records_on(&broker, &topic).await;
+        ready(n > 0, || "nothing on the topic yet".into())
+    })
+    .await;
+    // Frozen outside any transaction of its own.
+    let busy = async || {
+        count(
+            &db,
+            "SELECT COUNT(*) AS n FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND state <> 'idle'",
+        )
+        .await
+    };
+    wait_until("the child frozen outside a transaction", async || {
+        signal("-STOP");
+        let n = busy().await;
+        if n == 0 {
+            Ok(())
+        } else {
+            signal("-CONT");
+            Err(format!("{n} sessions busy"))
+        }
+    })
+    .await;
+    let written_by_the_frozen = records_on(&broker, &topic).await;
+
+    // Another relay takes the shard once the lease ran out, and sends all.
+    let other = start(&model, &broker, &db, frozen_relay_settings()).await;
+    wait_pending_zero(&other).await;
+    signal("-CONT");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let records = read_all(&broker, &topic).await;
+    let mut copies: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &records {
+        *copies.entry(r.header("ce_id").unwrap()).or_default() += 1;
+    }
+    assert_eq!(copies.len(), rows as usize, "nothing lost");
+    let twice = records.len() - rows as usize;
+    assert!(copies.values().all(|n| *n <= 2), "{copies:?}");
+    assert!(
+        (1..=FROZEN_BATCH as usize).contains(&twice),
+        "the frozen relay's batch ({written_by_the_frozen} records) and no more went out twice: {twice}"
+    );
+    let key: Vec<u32> = decode(&records).iter().map(|e| e.seq).collect();
+    let (_, whole) = key.split_at(key.len() - rows as usize);
+    assert_eq!(
+        whole,
+        (0..rows).collect::<Vec<_>>(),
+        "the key in order after the copies"
+    );
+    figure_on(
+        "a_relay_frozen_past_its_lease_duplicates_at_most_its_batch",
+        &broker,
+        format_args!("{twice} of {rows} rows went out twice (batch {FROZEN_BATCH})"),
+    );
+    other.shutdown(Duration::from_secs(10)).await.unwrap();
+    drop(writer);
+}
+
+const FROZEN_BATCH: u64 = 10;
+
+/// The relays of the frozen-relay test: a short lease, so the test is
+/// quick, still longer than a relay needs for a pass.
+fn frozen_relay_settings() -> OutboxSettings {
+    OutboxSettings {
+        batch_size: FROZEN_BATCH,
+        lease_ttl: Duration::from_secs(6),
+        poll_interval: Duration::from_millis(50),
+        ..patient()
+    }
+}
+
+/// The relay that the test above freezes, in a process of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a child process of a_relay_frozen_past_its_lease_duplicates_at_most_its_batch"]
+async fn frozen_relay_child_process() {
+    let url = std::env::var(CHILD_DB).expect("started by its parent test");
+    let topic = std::env::var(CHILD_TOPIC).unwrap();
+    let bootstrap = std::env::var(CHILD_BOOTSTRAP).unwrap();
+    let db = kontext::db::connect(&url).await.unwrap();
+    let _relay = Kontext::builder(model(&topic, 1, OutboxMode::Background))
+        .settings(KafkaSettings::new().provision_topics(false))
+        .broker(Broker::external(bootstrap))
+        .database(db)
+        .outbox_settings(frozen_relay_settings())
+        .start()
+        .await
+        .unwrap();
+    // Relays until its parent kills it.
+    tokio::time::sleep(Duration::from_secs(300)).await;
+}
+
+/// FNV-1a of a key's bytes modulo the default 16 shards: the shard the
+/// outbox gives the key (the test picks keys of different shards).
+fn default_shard_of(key: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.to_string().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % 16
+}
+
+/// README's duplicate window on PostgreSQL, where a relay works on four
+/// shards at once: the embedded broker answers late (writing each record at
+/// once), so the sends of four shards time out together. What goes out
+/// twice is bounded by four batches, each row at most once per failed
+/// attempt; nothing is lost and each key's last copies are in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_delivery_timeout_duplicates_at_most_four_batches() {
+    init_tracing();
+    if kontext::testing::database_url().is_none_or(|u| !u.starts_with("postgres")) {
+        eprintln!("skipped: four shards at once is PostgreSQL's (DATABASE_URL)");
+        return;
+    }
+    let broker = Broker::embedded().unwrap();
+    let db = kontext::testing::database().await.unwrap();
+    let topic = unique_name("shipping.shipment.created");
+    let model = model(&topic, 1, OutboxMode::Background);
+    const BATCH: u64 = 10;
+    let settings = OutboxSettings {
+        batch_size: BATCH,
+        initial_backoff: Duration::from_secs(5),
+        max_backoff: Duration::from_secs(5),
+        ..patient()
+    };
+    let first = outage_instance(&model, &broker, &db, 1_000, settings.clone()).await;
+    let outbox = first.outbox().unwrap();
+    let mut tx = outbox.begin().await.unwrap();
+    tx.publish(&created(1_000, 0)).await.unwrap();
+    tx.commit().await.unwrap();
+    wait_pending_zero(&first).await;
+
+    // Four keys of four different shards: what a relay takes at once. (With
+    // more, the relay would go on to other shards while the first are in
+    // backoff, each a fault of its own.)
+    let mut keys: Vec<u32> = Vec::new();
+    for k in 0.. {
+        if !keys
+            .iter()
+            .any(|x| default_shard_of(*x) == default_shard_of(k))
+        {
+            keys.push(k);
+        }
+        if keys.len() == 4 {
+            break;
+        }
+    }
+    let embedded = broker.as_embedded().unwrap();
+    embedded
+        .set_round_trip_time(1, Duration::from_secs(3))
+        .unwrap();
+    let per_key = 2 * BATCH as u32;
+    let mut tx = outbox.begin().await.unwrap();
+    for seq in 0..per_key {
+        for key in &keys {
+            tx.publish(&created(*key, seq)).await.unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    wait_until("the first sends to time out", async || {
+        let failed = failed_attempts(&db).await;
+        ready(!failed.is_empty(), || "no failed attempt yet".into())
+    })
+    .await;
+    // Settles what it has in flight (failed by now or soon) and stops.
+    first.shutdown(Duration::from_secs(10)).await.unwrap();
+    let failed = failed_attempts(&db).await;
+    embedded.set_round_trip_time(1, Duration::ZERO).unwrap();
+    let second = outage_instance(&model, &broker, &db, 10_000, settings).await;
+    wait_pending_zero(&second).await;
+
+    let records = read_all(&broker, &topic).await;
+    let mut copies: BTreeMap<&str, i64> = BTreeMap::new();
+    for r in &records {
+        *copies.entry(r.header("ce_id").unwrap()).or_default() += 1;
+    }
+    let rows = keys.len() * per_key as usize;
+    assert_eq!(copies.len(), rows + 1, "nothing lost");
+    let twice: Vec<(&str, i64)> = copies
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, n)| (*id, *n))
+        .collect();
+    assert!(
+        !twice.is_empty(),
+        "the fault wrote records whose delivery failed"
+    );
+    assert!(
+        twice.len() as u64 <= 4 * BATCH,
+        "at most four batches go out twice: {} rows",
+        twice.len()
+    );
+    for (id, n) in &twice {
+        let attempts = failed.get(*id).copied().unwrap_or(0);
+        assert!(
+            *n <= 1 + attempts,
+            "{id} went out {n} times after {attempts} failed attempts"
+        );
+    }
+    for key in &keys {
+        let seqs: Vec<u32> = decode(&records)
+            .iter()
+            .filter(|e| e.shipment == *key)
+            .map(|e| e.seq)
+            .collect();
+        let (_, whole) = seqs.split_at(seqs.len() - per_key as usize);
+        assert_eq!(
+            whole,
+            (0..per_key).collect::<Vec<_>>(),
+            "key {key} in order after the copies"
+        );
+    }
+    figure_on(
+        "on_postgres_a_delivery_timeout_duplicates_at_most_four_batches",
+        &broker,
+        format_args!(
+            "{} of {rows} rows of 4 shards went out twice (batch {BATCH})",
+            twice.len()
+        ),
+    );
+    second.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -309,3 +309,67 @@ pub(crate) fn expand(input: DeriveInput) -> syn::Result<TokenStream> {
         };
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use quote::ToTokens as _;
+
+    /// The compile-fail cases of `tests/ui/fail` on any toolchain: every
+    /// error the derive reports, in order, is the one its snapshot records.
+    /// The snapshots themselves (spans, notes, rendering) are checked by
+    /// `tests/ui.rs` on the toolchain they were recorded with only; this
+    /// keeps the messages checked when the compiler changes.
+    #[test]
+    fn the_snapshots_errors_are_the_derives_errors() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/ui/fail");
+        let mut cases = 0;
+        for entry in std::fs::read_dir(&dir).expect("tests/ui/fail") {
+            let path = entry.expect("a directory entry").path();
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).expect("a case");
+            let file = syn::parse_file(&source).expect("a case parses");
+            let mut ours = Vec::new();
+            for item in file.items {
+                let derives_topic = match &item {
+                    syn::Item::Struct(s) => derives(&s.attrs),
+                    syn::Item::Enum(e) => derives(&e.attrs),
+                    _ => false,
+                };
+                if !derives_topic {
+                    continue;
+                }
+                let input: syn::DeriveInput =
+                    syn::parse2(item.to_token_stream()).expect("a derive input");
+                if let Err(e) = super::expand(input) {
+                    ours.extend(e.into_iter().map(|e| e.to_string()));
+                }
+            }
+            let snapshot =
+                std::fs::read_to_string(path.with_extension("stderr")).expect("its snapshot");
+            let recorded: Vec<&str> = snapshot
+                .lines()
+                .filter_map(|l| l.strip_prefix("error: "))
+                .collect();
+            assert_eq!(ours, recorded, "{}", path.display());
+            assert!(!ours.is_empty(), "{} fails to compile", path.display());
+            cases += 1;
+        }
+        assert!(cases >= 5, "found {cases} cases in {}", dir.display());
+    }
+
+    fn derives(attrs: &[syn::Attribute]) -> bool {
+        attrs.iter().any(|a| {
+            a.path().is_ident("derive")
+                && a.parse_args_with(
+                    syn::punctuated::Punctuated::<syn::Path, syn::Token![,]>::parse_terminated,
+                )
+                .is_ok_and(|paths| {
+                    paths
+                        .iter()
+                        .any(|p| p.segments.last().is_some_and(|s| s.ident == "Topic"))
+                })
+        })
+    }
+}

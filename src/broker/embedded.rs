@@ -12,6 +12,7 @@
 #![allow(unsafe_code)]
 
 use std::fmt;
+use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer as _};
@@ -147,6 +148,35 @@ impl EmbeddedBroker {
             source,
         })
     }
+
+    /// Answers the next requests of kind `api` (of any client) with
+    /// `errors`, one each, in order: to test how a service handles a
+    /// broker's refusals (an abortable or fatal transaction error, a
+    /// coordinator that moved, an authorization failure).
+    pub fn fail_requests(
+        &self,
+        api: rdkafka::types::RDKafkaApiKey,
+        errors: &[rdkafka::types::RDKafkaRespErr],
+    ) -> Result<()> {
+        let cluster = self.cluster("fail requests")?;
+        cluster.request_errors(api, errors);
+        Ok(())
+    }
+
+    /// Delays every response of broker `broker_id` by `delay` (zero takes
+    /// the delay away). The broker still acts on each request at once: a
+    /// produce request is written to the log and only its answer is late,
+    /// so a client whose timeout is shorter sees a failure for a record the
+    /// topic holds, the case behind an outbox's duplicate window.
+    pub fn set_round_trip_time(&self, broker_id: i32, delay: Duration) -> Result<()> {
+        let cluster = self.cluster("set round-trip time")?;
+        cluster
+            .broker_round_trip_time(broker_id, delay)
+            .map_err(|source| Error::EmbeddedBroker {
+                operation: "set round-trip time",
+                source,
+            })
+    }
 }
 
 impl EmbeddedBroker {
@@ -176,6 +206,51 @@ impl EmbeddedBroker {
                 host.as_ptr(),
                 i32::from(port),
             );
+        }
+        Ok(())
+    }
+
+    /// Delays the answer to each of broker `broker_id`'s next `count`
+    /// requests of kind `api` by `delay`; the broker acts on each at once
+    /// (a produce request is written to the log, only its answer is late).
+    /// Other requests are answered as usual: a consumer still reads what a
+    /// delayed produce request wrote.
+    pub fn delay_requests(
+        &self,
+        broker_id: i32,
+        api: rdkafka::types::RDKafkaApiKey,
+        count: usize,
+        delay: Duration,
+    ) -> Result<()> {
+        let failed = |code| Error::EmbeddedBroker {
+            operation: "delay requests",
+            source: rdkafka::error::KafkaError::MockCluster(code),
+        };
+        let rtt_ms = std::ffi::c_int::try_from(delay.as_millis())
+            .map_err(|_| failed(RDKafkaErrorCode::InvalidArgument))?;
+        let handle = self.owner.client().native_ptr();
+        for _ in 0..count {
+            // SAFETY: as in `start`: `handle` belongs to `owner`, alive for
+            // this call; the cluster pointer is checked for null. The
+            // variadic arguments are one (error, rtt) pair, as `cnt` = 1
+            // says, of the C types librdkafka reads (an enum and an int).
+            let err = unsafe {
+                let mock = rdkafka::bindings::rd_kafka_handle_mock_cluster(handle);
+                if mock.is_null() {
+                    return Err(failed(RDKafkaErrorCode::Fail));
+                }
+                rdkafka::bindings::rd_kafka_mock_broker_push_request_error_rtts(
+                    mock,
+                    broker_id,
+                    api as i16,
+                    1,
+                    rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+                    rtt_ms,
+                )
+            };
+            if err != rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR {
+                return Err(failed(err.into()));
+            }
         }
         Ok(())
     }

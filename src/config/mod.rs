@@ -271,6 +271,29 @@ impl OffsetReset {
     }
 }
 
+/// Which records of transactions a consumer reads (`isolation.level`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsolationLevel {
+    /// Only records of committed transactions (and records written outside
+    /// transactions), up to the first open transaction: librdkafka's and
+    /// kontext's default.
+    #[default]
+    ReadCommitted,
+    /// Every record, aborted transactions' included.
+    ReadUncommitted,
+}
+
+impl IsolationLevel {
+    /// The librdkafka value.
+    pub fn as_property(self) -> &'static str {
+        match self {
+            IsolationLevel::ReadCommitted => "read_committed",
+            IsolationLevel::ReadUncommitted => "read_uncommitted",
+        }
+    }
+}
+
 /// Consumer client settings shared by the poll services.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -283,6 +306,11 @@ pub struct ConsumerSettings {
     /// [`OffsetReset::Earliest`] (unless `librdkafka` sets
     /// `auto.offset.reset` itself).
     pub auto_offset_reset: Option<OffsetReset>,
+    /// Which records of Kafka transactions are read. Unset: the shared
+    /// section's value for a dedicated connection, else
+    /// [`IsolationLevel::ReadCommitted`] (aborted transactions' records
+    /// are never handled).
+    pub isolation_level: Option<IsolationLevel>,
     /// `session.timeout.ms`; `None` keeps librdkafka's default (45 s).
     pub session_timeout_ms: Option<u64>,
     /// `heartbeat.interval.ms`; `None` keeps librdkafka's default (3 s).
@@ -300,6 +328,14 @@ pub struct ConsumerSettings {
     /// service reports unhealthy. `None` means 120 s. The registry shows
     /// the stall (`stalled_for`) from the first 100 ms on.
     pub stall_limit_ms: Option<u64>,
+    /// Exactly-once handlers: the most records one Kafka transaction
+    /// takes. `None` means 1000.
+    pub transaction_max_records: Option<usize>,
+    /// Exactly-once handlers: how long one Kafka transaction takes records
+    /// before it commits (it commits sooner when no record waits). `None`
+    /// means 100 ms. Longer transactions cost less per record and delay
+    /// what `read_committed` consumers see by as much.
+    pub transaction_interval_ms: Option<u64>,
     /// Dead-letter topic of consumers that do not name their own; `None`
     /// means `<topic>.dlq` per source topic.
     #[serde(deserialize_with = "secret::lenient_string")]

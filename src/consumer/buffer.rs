@@ -125,6 +125,9 @@ struct Ownership {
     signal: Notify,
     /// Whether the lane's worker runs (so a revocation waits for it).
     worker_running: AtomicBool,
+    /// The last revocation the poll thread stopped waiting for: its
+    /// partitions went on to their next owner whatever the worker holds.
+    given_up: AtomicU64,
 }
 
 impl LaneBuffer {
@@ -351,6 +354,20 @@ impl LaneBuffer {
     pub(crate) fn applied(&self, n: u64) -> bool {
         self.ownership.applied.load(Ordering::Acquire) >= n
             || !self.ownership.worker_running.load(Ordering::Acquire)
+    }
+
+    /// Poll thread: it stopped waiting for revocation `n` (its time ran
+    /// out); the partitions go on to their next owner.
+    pub(crate) fn give_up(&self, n: u64) {
+        self.ownership.given_up.fetch_max(n, Ordering::AcqRel);
+    }
+
+    /// Worker: whether a revocation it has not applied yet was given up on
+    /// by the poll thread. Records of revoked partitions it holds are then
+    /// its next owner's: an exactly-once lane must not commit them.
+    pub(crate) fn revocation_given_up(&self) -> bool {
+        self.ownership.given_up.load(Ordering::Acquire)
+            > self.ownership.applied.load(Ordering::Acquire)
     }
 
     /// Worker: whether a revocation waits to be applied. Checked before

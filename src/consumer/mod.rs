@@ -12,6 +12,7 @@
 pub(crate) mod buffer;
 mod context;
 mod dead_letter;
+mod exactly_once;
 mod handler;
 mod lent;
 mod offsets;
@@ -43,6 +44,7 @@ pub use crate::model::consumer::{
 pub use crate::registry::ServiceState;
 pub use context::MessageContext;
 pub use dead_letter::dlq_headers;
+pub use exactly_once::ExactlyOnceHandler;
 pub use handler::{Handler, HandlerError};
 pub use stream::{MessageStream, Received};
 pub use uow::{TransactionalHandler, UnitOfWork};
@@ -74,6 +76,8 @@ struct Registered {
     type_id: TypeId,
     rust_type: &'static str,
     stream: bool,
+    /// Handled in Kafka transactions ([`Consumers::exactly_once`]).
+    exactly_once: bool,
     build: Box<dyn Registration>,
 }
 
@@ -83,6 +87,7 @@ impl Registered {
             type_id: TypeId::of::<T>(),
             rust_type: std::any::type_name::<T>(),
             stream,
+            exactly_once: false,
             build: Box::new(build),
         }
     }
@@ -119,6 +124,37 @@ impl Consumers {
                 _type: PhantomData::<fn() -> T>,
             },
         ));
+        self
+    }
+
+    /// Handles every message of `T` exactly once from Kafka to Kafka: the
+    /// handler (an `async fn(T, MessageContext, Transaction) -> Result<(),
+    /// HandlerError>` or an [`ExactlyOnceHandler<T>`]) produces through a
+    /// Kafka [`Transaction`](crate::Transaction) that commits together with
+    /// the offsets of the messages it handled, in the consumer's group
+    /// generation (KIP-447). `read_committed` consumers (kontext's
+    /// default) see each message's output once, whatever crashes,
+    /// rebalances or retries happen; a zombie member's output is aborted.
+    ///
+    /// A transaction takes several messages: up to
+    /// `transaction_max_records` (1000) or `transaction_interval_ms`
+    /// (100 ms) of the consumer settings, and commits before the lane
+    /// waits for more, before its partitions are revoked and when the
+    /// service stops. Needs [`KontextBuilder::transactional_producer`](crate::KontextBuilder::transactional_producer)
+    /// (each lane's producer uses `<id>.<group>.<topic>`); `T` must be the
+    /// only type its poll service consumes from its topic, without a
+    /// worker pool. A failed message's dead letter is sent outside the
+    /// transaction (at least once).
+    pub fn exactly_once<T: Message>(&mut self, handler: impl ExactlyOnceHandler<T>) -> &mut Self {
+        let mut registered = Registered::of::<T>(
+            false,
+            ExactlyOnceRegistration {
+                handler,
+                _type: PhantomData::<fn() -> T>,
+            },
+        );
+        registered.exactly_once = true;
+        self.registrations.push(registered);
         self
     }
 
@@ -171,6 +207,15 @@ struct WorkerArgs<'a> {
     timings: crate::telemetry::TypeTimings,
     outbox: Option<&'a Outbox>,
     inbox: Option<Inbox>,
+    /// The lane's transactions, when its type is consumed exactly once.
+    exactly_once: Option<ExactlyOnceLane>,
+}
+
+/// What a lane in Kafka transactions is built with.
+struct ExactlyOnceLane {
+    producer: crate::producer::TransactionalProducer,
+    bounds: exactly_once::Bounds,
+    group_config: ClientConfig,
 }
 
 impl WorkerArgs<'_> {
@@ -255,6 +300,31 @@ impl<T: Message, H: TransactionalHandler<T>> Registration for TransactionalRegis
     }
 }
 
+struct ExactlyOnceRegistration<T, H> {
+    handler: H,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T: Message, H: ExactlyOnceHandler<T>> Registration for ExactlyOnceRegistration<T, H> {
+    fn build(self: Box<Self>, mut a: WorkerArgs<'_>) -> Result<Built> {
+        let rust_type = std::any::type_name::<T>();
+        a.refuse_inbox(rust_type)?;
+        let lane = a.exactly_once.take().ok_or_else(|| {
+            Error::Internal(format!(
+                "`{rust_type}` is consumed exactly once but its lane has no transactions"
+            ))
+        })?;
+        let worker = exactly_once::ExactlyOnce {
+            typed: a.typed(exactly_once::TransactionDispatch::new(self.handler))?,
+            producer: lane.producer,
+            bounds: lane.bounds,
+            group_config: lane.group_config,
+            state: tokio::sync::Mutex::default(),
+        };
+        Ok((Box::new(worker), None))
+    }
+}
+
 struct StreamRegistration<T> {
     _type: PhantomData<fn() -> T>,
 }
@@ -319,6 +389,7 @@ impl ConsumerRuntime {
         registry: &Registry,
         outbox: Option<&Outbox>,
         mock_cluster: bool,
+        transactional_id: Option<&str>,
     ) -> Result<ConsumerRuntime> {
         crate::telemetry::describe();
         let ignored = ignored_types(model, &consumers)?;
@@ -336,6 +407,7 @@ impl ConsumerRuntime {
             clients,
             registry,
             outbox,
+            transactional_id,
             ignored: &ignored,
             dead_letters: Arc::new(DeadLetters::new(
                 settings,
@@ -347,9 +419,17 @@ impl ConsumerRuntime {
             cleanup_every: None,
             lane_workers: Vec::new(),
             poll_plans: Vec::new(),
+            transactional_lanes: Vec::new(),
         };
         for planned in services {
             build.service(planned)?;
+        }
+        // Each exactly-once lane registers its transactional id before its
+        // consumer reads a committed offset: that aborts what a previous
+        // instance left open, whose pending offsets would otherwise hold
+        // the read up until `transaction.timeout.ms`.
+        for producer in &build.transactional_lanes {
+            producer.ensure_client().await?;
         }
         build.spawn()
     }
@@ -542,6 +622,9 @@ struct Build<'a> {
     clients: &'a ClientTracker,
     registry: &'a Registry,
     outbox: Option<&'a Outbox>,
+    /// `KontextBuilder::transactional_producer`'s id: the prefix of the
+    /// transactional ids of exactly-once lanes.
+    transactional_id: Option<&'a str>,
     ignored: &'a [TypeId],
     dead_letters: Arc<DeadLetters>,
     cancel: CancellationToken,
@@ -550,6 +633,8 @@ struct Build<'a> {
     cleanup_every: Option<Duration>,
     lane_workers: Vec<futures::future::BoxFuture<'static, ()>>,
     poll_plans: Vec<(String, Arc<ServiceShared>, PollPlan)>,
+    /// The transactional producers of exactly-once lanes.
+    transactional_lanes: Vec<crate::producer::TransactionalProducer>,
 }
 
 impl Build<'_> {
@@ -592,12 +677,27 @@ impl Build<'_> {
             |s| s.stall_limit_ms,
             DEFAULT_STALL_LIMIT_MS,
         ));
+        let bounds = exactly_once::Bounds {
+            max_records: planned
+                .dedicated
+                .as_ref()
+                .and_then(|d| d.transaction_max_records)
+                .or(self.settings.consumer.transaction_max_records)
+                .unwrap_or(DEFAULT_TRANSACTION_MAX_RECORDS)
+                .max(1),
+            interval: service_millis(
+                &planned,
+                self.settings,
+                |s| s.transaction_interval_ms,
+                DEFAULT_TRANSACTION_INTERVAL_MS,
+            ),
+        };
         let PlannedService {
             name, group, types, ..
         } = planned;
         let mut lanes = Vec::new();
         for lane_types in by_topic(types) {
-            lanes.push(self.lane(&name, &group, &env, lane_types)?);
+            lanes.push(self.lane(&name, &group, &env, lane_types, (bounds, &config))?);
         }
         let poll_plan = PollPlan {
             shared: Arc::clone(&shared),
@@ -620,11 +720,43 @@ impl Build<'_> {
         group: &str,
         env: &WorkerEnv,
         lane_types: Vec<PlannedType>,
+        (bounds, config): (exactly_once::Bounds, &ClientConfig),
     ) -> Result<Lane> {
         let shared = &env.shared;
         let topic = Arc::clone(&lane_types[0].topic);
         let (capacity, mode) = lane_settings(&lane_types)?;
         let pool = lane_workers_spec(&lane_types)?;
+        let rust_types: Vec<&'static str> = lane_types
+            .iter()
+            .map(|t| t.registration.rust_type)
+            .collect();
+        let flags: Vec<bool> = lane_types
+            .iter()
+            .map(|t| t.registration.exactly_once)
+            .collect();
+        let transactional =
+            exactly_once::check_lane(&rust_types, &flags, pool.is_some(), self.transactional_id)?;
+        let mut exactly_once = if transactional {
+            let id = format!(
+                "{}.{group}.{topic}",
+                self.transactional_id.unwrap_or_default()
+            );
+            let producer = crate::producer::TransactionalProducer::unconnected(
+                self.settings,
+                self.broker.bootstrap_servers(),
+                Arc::clone(self.model),
+                self.clients,
+                id,
+            )?;
+            self.transactional_lanes.push(producer.clone());
+            Some(ExactlyOnceLane {
+                producer,
+                bounds,
+                group_config: config.clone(),
+            })
+        } else {
+            None
+        };
         let buffer = LaneBuffer::new(
             Arc::clone(&topic),
             capacity,
@@ -685,6 +817,7 @@ impl Build<'_> {
                 timings: crate::telemetry::TypeTimings::new(&labels),
                 outbox: self.outbox,
                 inbox,
+                exactly_once: exactly_once.take(),
             })?;
             counters.push(crate::telemetry::TypeCounters::new(&labels));
             if let Some(s) = stream {
@@ -725,6 +858,9 @@ impl Build<'_> {
             others,
             unclaimed,
             counters,
+            // librdkafka's mock stores no offsets sent with a transaction:
+            // there the poll thread commits them as any lane's.
+            transactional: transactional && !self.mock_cluster,
         })
     }
 
@@ -861,6 +997,11 @@ fn thread_name(service: &str) -> String {
 
 /// A poll service's duration setting in milliseconds: its dedicated
 /// settings, else the shared consumer section, else `default`.
+/// Records one exactly-once transaction takes at most, by default.
+const DEFAULT_TRANSACTION_MAX_RECORDS: usize = 1000;
+/// How long one exactly-once transaction takes records, by default.
+const DEFAULT_TRANSACTION_INTERVAL_MS: u64 = 100;
+
 fn service_millis(
     planned: &PlannedService,
     settings: &KafkaSettings,
@@ -1162,6 +1303,9 @@ pub(crate) const AUTO_COMMIT_INTERVAL_MS: &str = "1000";
 fn apply_consumer_settings(config: &mut ClientConfig, s: &ConsumerSettings) {
     if let Some(r) = s.auto_offset_reset {
         config.set("auto.offset.reset", r.as_property());
+    }
+    if let Some(i) = s.isolation_level {
+        config.set("isolation.level", i.as_property());
     }
     let optional = [
         ("session.timeout.ms", s.session_timeout_ms),

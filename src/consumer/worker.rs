@@ -85,6 +85,25 @@ pub(crate) trait TypeWorker: Send + Sync {
         retries: Retries,
     ) -> BoxFuture<'a, RunEnd>;
 
+    /// Whether this worker holds records across runs ([`TypeWorker::settle`]).
+    fn settles(&self) -> bool {
+        false
+    }
+
+    /// Completes what the worker holds unfinished across runs (an
+    /// exactly-once lane's open transaction): called before its lane
+    /// applies a revocation, waits for records, or stops draining. Records
+    /// it could not complete go back to the front of `batch`. `false`: the
+    /// lane must stop.
+    fn settle<'a>(
+        &'a self,
+        _env: &'a WorkerEnv,
+        _lane: &'a LaneBuffer,
+        _batch: &'a mut VecDeque<Record>,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(async { true })
+    }
+
     /// One attempt at `record` for a worker pool: never waits out a retry
     /// pause (the pool parks the record instead, so it holds no worker).
     /// `lender`: the pool's lender for this attempt, handed back in
@@ -361,6 +380,48 @@ impl<T: Message, D: Dispatch<T>> TypeWorker for Typed<T, D> {
 }
 
 impl<T: Message, D: Dispatch<T>> Typed<T, D> {
+    /// One attempt at `record` on a lane, for a caller that decides what
+    /// follows a failure itself (a lane in Kafka transactions). Unlike
+    /// [`TypeWorker::handle_run`] it does not count the record handled:
+    /// that caller counts it once its transaction commits.
+    pub(super) async fn try_once(
+        &self,
+        lane: &LaneBuffer,
+        record: &mut Record,
+        attempt: u32,
+        kit: &mut LaneKit,
+    ) -> Result<bool, Failed> {
+        let message = match self
+            .spec
+            .codec()
+            .decode(record.payload().unwrap_or_default())
+        {
+            Ok(message) => message,
+            Err(e) => return Err(self.undecodable(record, &e, attempt)),
+        };
+        let lent = kit.lender.lend(record);
+        let ctx = MessageContext::new(Arc::clone(&lane.topic), record, lent.shared(), attempt);
+        let shared = lent.shared();
+        let span = self.span(&lane.topic, record, attempt, &*shared);
+        kit.handling.set(shared);
+        let guarded = Guarded {
+            span,
+            future: self.dispatch.dispatch(message, ctx),
+        };
+        let outcome = match self.handler_timeout {
+            None => Some(guarded.await),
+            Some(limit) => tokio::time::timeout(limit, guarded).await.ok(),
+        };
+        self.measure(record, kit.watch.lap(), &outcome);
+        kit.handling.clear();
+        kit.lender.take_back(lent, record);
+        match outcome {
+            Some(Ok(Outcome::Done)) => Ok(true),
+            Some(outcome) => self.outcome(outcome, attempt),
+            None => Err(self.timed_out(attempt)),
+        }
+    }
+
     /// Records an attempt's duration and, once handled, the record's age
     /// (`now_ms`: the wall clock when the attempt ended).
     fn measure(
@@ -385,7 +446,7 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
 
     /// [`after_failure`] for this type. Boxed: rare and large (a timer, a
     /// produce), so the per-record future stays small.
-    fn recover<'a>(
+    pub(super) fn recover<'a>(
         &'a self,
         env: &'a WorkerEnv,
         lane: &'a LaneBuffer,
@@ -576,14 +637,28 @@ pub(crate) async fn run_lane(
     let mut batch: VecDeque<Record> = VecDeque::with_capacity(TAKE);
     let mut kit = LaneKit::new(&env);
     let handling = Arc::clone(&kit.handling);
+    let settles = types.iter().any(|t| t.settles());
     trace::lane(handling, async move {
         loop {
             if buffer.revocation_pending() {
+                if settles && !settle(&types, &env, &buffer, &mut batch).await {
+                    break;
+                }
                 buffer.apply_revocations(&mut batch);
             }
             if batch.is_empty() {
                 buffer.take(&mut batch, TAKE);
                 kit.watch = Stopwatch::start();
+            }
+            if batch.is_empty() && settles {
+                // Complete before waiting: nothing may stay uncommitted
+                // while no record comes.
+                if !settle(&types, &env, &buffer, &mut batch).await {
+                    break;
+                }
+                if !batch.is_empty() {
+                    continue;
+                }
             }
             if batch.is_empty() {
                 // Draining ends when the poll thread holds nothing more for
@@ -661,6 +736,21 @@ pub(crate) fn front_run<'t>(
     Some((worker.as_ref(), run))
 }
 
+/// [`TypeWorker::settle`] for every type of a lane.
+async fn settle(
+    types: &[Box<dyn TypeWorker>],
+    env: &WorkerEnv,
+    lane: &LaneBuffer,
+    batch: &mut VecDeque<Record>,
+) -> bool {
+    for t in types {
+        if !t.settle(env, lane, batch).await {
+            return false;
+        }
+    }
+    true
+}
+
 /// Dead-letters a record the router could not give to a type.
 /// `topics`: the dead-letter topic and the record's own.
 pub(crate) async fn reject(
@@ -696,7 +786,7 @@ pub(crate) async fn reject(
 }
 
 /// A failed attempt, and what the handler asked for.
-struct Failed {
+pub(super) struct Failed {
     reason: FailureReason,
     error: String,
     attempts: u32,
@@ -704,9 +794,20 @@ struct Failed {
 }
 
 impl Failed {
+    /// An attempt whose Kafka transaction could not commit, again and
+    /// again with only its record in it: counted as the handler's failure.
+    pub(super) fn uncommitted(error: String, attempts: u32) -> Failed {
+        Failed {
+            reason: FailureReason::Handler,
+            error,
+            attempts,
+            action: Action::Retry,
+        }
+    }
+
     /// The attempts this failure spent of the retry policy's: none when the
     /// database could not be reached.
-    fn spent(&self) -> u32 {
+    pub(super) fn spent(&self) -> u32 {
         u32::from(self.action != Action::Unreachable)
     }
 }
@@ -716,7 +817,7 @@ impl Failed {
 const UNREACHABLE_PAUSE: Duration = Duration::from_millis(500);
 
 /// What to do after a failed attempt.
-enum Next {
+pub(super) enum Next {
     /// Its pause is over: attempt again.
     Retry,
     Finished(bool),

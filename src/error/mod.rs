@@ -203,10 +203,84 @@ pub enum Error {
         what: String,
     },
 
+    /// A Kafka transaction was not committed; `failure` says what that
+    /// leaves: nothing of an aborted one is visible to `read_committed`
+    /// consumers.
+    #[error("Kafka transaction of `{transactional_id}`: {operation} failed, {failure}: {cause}")]
+    KafkaTransaction {
+        /// The producer's transactional id.
+        transactional_id: String,
+        /// The call that failed: `init`, `begin`, `work` (it overran the
+        /// transaction's time) or `commit`.
+        operation: &'static str,
+        /// What the failure means for this transaction and the producer.
+        failure: TransactionFailure,
+        /// librdkafka's error.
+        cause: String,
+    },
+
     /// Something kontext relies on internally did not hold (a bug in
     /// kontext), or a helper task it ran panicked.
     #[error("kontext internal error: {0}")]
     Internal(String),
+}
+
+/// What a failed Kafka transaction call means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransactionFailure {
+    /// The transaction was aborted: none of its messages will be visible;
+    /// the producer goes on (run the transaction again).
+    Aborted,
+    /// Another producer registered the same transactional id: this one is
+    /// a zombie and refuses every transaction from now on.
+    Fenced,
+    /// The client hit a fatal error; the transaction was not committed and
+    /// the next one runs on a new client with the same transactional id.
+    Fatal,
+    /// The commit was sent but not confirmed in time: its messages may or
+    /// may not be visible. Nothing was aborted; the next transaction runs
+    /// on a new client. Running the work again may duplicate it.
+    InDoubt,
+}
+
+impl TransactionFailure {
+    /// A short name: `aborted`, `fenced`, `fatal`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransactionFailure::Aborted => "aborted",
+            TransactionFailure::Fenced => "fenced",
+            TransactionFailure::Fatal => "fatal",
+            TransactionFailure::InDoubt => "in_doubt",
+        }
+    }
+
+    /// The `outcome` label of `kontext_transactions_total`.
+    pub(crate) fn outcome(self) -> &'static str {
+        match self {
+            TransactionFailure::Aborted => "aborted",
+            TransactionFailure::Fenced => "fenced",
+            TransactionFailure::Fatal => "failed",
+            TransactionFailure::InDoubt => "in_doubt",
+        }
+    }
+}
+
+impl std::fmt::Display for TransactionFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransactionFailure::Aborted => "the transaction was aborted (none of its messages is visible)",
+            TransactionFailure::Fenced => {
+                "this producer was fenced: another one registered the same transactional id, and this one refuses every transaction from now on"
+            }
+            TransactionFailure::Fatal => {
+                "the client failed fatally and the transaction was not committed (the next one runs on a new client)"
+            }
+            TransactionFailure::InDoubt => {
+                "the commit was not confirmed in time: its messages may or may not be visible (the next transaction runs on a new client)"
+            }
+        })
+    }
 }
 
 impl Error {
@@ -222,6 +296,16 @@ impl Error {
                 source: Some(source),
                 ..
             } => kafka_error_is_retriable(source),
+            // Run again, an aborted transaction may commit. An in-doubt
+            // commit run again may duplicate; a fenced producer never
+            // commits; a client refused at init stays refused.
+            Error::KafkaTransaction {
+                failure, operation, ..
+            } => match failure {
+                TransactionFailure::Aborted => true,
+                TransactionFailure::Fatal => *operation != "init",
+                TransactionFailure::Fenced | TransactionFailure::InDoubt => false,
+            },
             // Connection trouble and lock conflicts pass; constraint and
             // syntax errors do not.
             Error::Database { source, .. } => {

@@ -243,6 +243,23 @@ impl Model {
         if settings.is_empty() {
             return Ok(self.clone());
         }
+        // A group setting a dedicated connection cannot take (its group is
+        // declared in code, `d.group(..)`) is refused, not dropped.
+        for spec in self.order.iter().filter_map(|id| self.by_type.get(id)) {
+            let group = settings.get(spec.topic()).and_then(|s| s.group.as_deref());
+            let dedicated = spec
+                .consumer()
+                .and_then(|c| c.dedicated.as_ref())
+                .and_then(|d| d.settings.group_id.as_deref());
+            if let (Some(group), Some(own)) = (group, dedicated) {
+                return Err(Error::config(format!(
+                    "`topics.{}.group = \"{group}\"` cannot apply to `{}`: it has a dedicated connection, whose group \
+                     (`{own}`) is declared in code with `d.group(..)`; remove the setting, or change the group in code",
+                    spec.topic(),
+                    spec.rust_type()
+                )));
+            }
+        }
         let specs = self
             .order
             .iter()

@@ -231,3 +231,29 @@ fn deployment_settings_rename_topics_and_are_checked() {
     );
     assert!(model.with_topic_settings(&bad).is_err());
 }
+
+/// A topic's `group` setting cannot move a type with a dedicated connection
+/// (its group is declared in code): refused, naming both, not dropped.
+#[test]
+fn a_group_setting_for_a_dedicated_type_is_refused() {
+    let model = ModelBuilder::new()
+        .topic::<OrderCreated>(|t| {
+            t.name("orders")
+                .consumer(|c| c.dedicated(|d| d.group("orders-dedicated")))
+        })
+        .build()
+        .unwrap();
+    let mut settings = BTreeMap::new();
+    settings.insert(
+        "orders".to_owned(),
+        TopicSettings::default().group("billing"),
+    );
+    let err = model
+        .with_topic_settings(&settings)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`topics.orders.group = \"billing\"`") && err.contains("`orders-dedicated`"),
+        "{err}"
+    );
+}

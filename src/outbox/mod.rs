@@ -760,6 +760,22 @@ mod tests {
         assert_ne!(key_lock_id("a", b"bc"), key_lock_id("ab", b"c"));
     }
 
+    /// README: the relay's task ending before shutdown makes the process
+    /// not live. Its task holds `Running` for its whole life, so it is
+    /// marked stopped however it ends, a panic included.
+    #[test]
+    fn a_relay_task_that_panics_is_marked_stopped() {
+        let state = std::sync::Arc::new(RelayState::default());
+        let s = std::sync::Arc::clone(&state);
+        let task = std::thread::spawn(move || {
+            let _running = Running::start(&s);
+            assert!(s.running.load(Ordering::Acquire));
+            panic!("a bug in the relay");
+        });
+        assert!(task.join().is_err());
+        assert!(!state.running.load(Ordering::Acquire));
+    }
+
     #[test]
     fn shards_are_stable_and_in_range() {
         let shard_of = |key: &[u8], shards| shard_of_hash(key_hash(key), shards);

@@ -1,6 +1,11 @@
 //! Typed producing: encode with the topic's codec, key and headers from the
 //! model, await the broker's acknowledgement.
 
+mod transaction;
+
+pub(crate) use transaction::Open;
+pub use transaction::{Sending, Transaction, TransactionalProducer};
+
 use std::any::TypeId;
 use std::convert::Infallible;
 use std::fmt;
@@ -352,7 +357,7 @@ impl Producer {
         )
     }
 
-    /// The client, for the outbox relay.
+    /// The client, for the outbox relay and the transaction calls.
     pub(crate) fn client(&self) -> &FutureProducer<TracingContext> {
         &self.inner.client
     }
@@ -782,6 +787,16 @@ impl<'a, T: Message> IntoFuture for Produce<'a, T> {
 }
 
 impl<'a, T: Message> Produce<'a, T> {
+    /// Hands the message to librdkafka, waiting only for room in its
+    /// queue, not for the broker: for a transaction, whose commit waits
+    /// for every message it sent and fails if one failed.
+    async fn queue(self) -> Result<()> {
+        match self.start()? {
+            State::Waiting(wait) => wait.await.map(drop),
+            State::Start(_) | State::InFlight(_) | State::Finished => Ok(()),
+        }
+    }
+
     /// Encodes the message and hands it to librdkafka when its queue has
     /// room; otherwise returns the boxed wait for room.
     fn start(self) -> Result<State<'a, T>> {

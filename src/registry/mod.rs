@@ -511,6 +511,53 @@ impl std::fmt::Debug for Registry {
 mod tests {
     use super::*;
 
+    fn running(since_last_poll: Duration) -> ServiceStatus {
+        ServiceStatus {
+            name: "shared-orders".into(),
+            group_id: "orders".into(),
+            dedicated: false,
+            state: ServiceState::Running,
+            assigned_partitions: Vec::new(),
+            paused_partitions: Vec::new(),
+            types: vec!["OrderCreated"],
+            since_last_poll: Some(since_last_poll),
+            tracked_entries: 0,
+            rejected: 0,
+            dead_letters_refused: 0,
+            joined: true,
+            assignments_lost: 0,
+            brokers_down_for: None,
+            stalled_for: None,
+            database_down_for: None,
+            stall_limit: Duration::from_secs(120),
+            settings: Vec::new(),
+        }
+    }
+
+    /// README: a running poll loop that has not polled for 10 s is hung
+    /// (not live); one that polled within them is healthy. A stopped
+    /// service is not judged by when it last polled.
+    #[test]
+    fn a_poll_loop_silent_past_10_s_is_not_live() {
+        let check = |s: ServiceStatus| {
+            let mut h = Health::new();
+            s.check(&mut h);
+            h
+        };
+        assert!(check(running(Duration::from_millis(9_900))).is_healthy());
+        let hung = check(running(Duration::from_millis(10_100)));
+        assert!(!hung.live, "{hung:?}");
+        assert!(
+            hung.reasons[0].starts_with("poll service shared-orders has not polled for 10.1"),
+            "{hung:?}"
+        );
+        let stopped = ServiceStatus {
+            state: ServiceState::Stopped,
+            ..running(Duration::from_secs(60))
+        };
+        assert!(check(stopped).live);
+    }
+
     /// A failed check's error text (a database's, a client's) goes to the
     /// details for logs and authenticated views; the reasons a public
     /// health endpoint shows carry only the summary.

@@ -16,7 +16,7 @@ use crate::consumer::{ConsumerRuntime, Consumers, MessageStream};
 use crate::error::{Error, Result};
 use crate::model::{Message, Model};
 use crate::outbox::{Outbox, OutboxSettings, RelayHealth, Sender};
-use crate::producer::Producer;
+use crate::producer::{Producer, TransactionalProducer};
 use crate::registry::Registry;
 use sea_orm::DatabaseConnection;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,8 @@ pub struct KontextBuilder {
     settings: KafkaSettings,
     broker: Option<Broker>,
     producer: bool,
+    /// The transactional producer's `transactional.id`, when registered.
+    transactional_id: Option<String>,
     consumers: Consumers,
     database: Option<DatabaseConnection>,
     /// Connected at `start()` when no connection was given.
@@ -132,6 +134,26 @@ impl KontextBuilder {
         self
     }
 
+    /// Registers a [`TransactionalProducer`]: messages produced all or
+    /// nothing in Kafka transactions (see
+    /// [`TransactionalProducer::transaction`]). It has a client of its own,
+    /// beside the producer role's.
+    ///
+    /// Choosing `transactional_id`: the same for the same instance across
+    /// restarts, and different between instances running at once. At
+    /// start the producer registers the id with the cluster, which aborts
+    /// what an earlier producer with that id left open and fences it: a
+    /// zombie of this instance (still running after it was replaced) can
+    /// no longer commit. Two live instances sharing an id fence each other
+    /// in turn, so derive it from something unique and stable per
+    /// instance: a StatefulSet pod's name, a host name with a slot number;
+    /// not a random value (a restart could not fence its predecessor) and
+    /// not the service's name alone (every replica would share it).
+    pub fn transactional_producer(mut self, transactional_id: impl Into<String>) -> Self {
+        self.transactional_id = Some(transactional_id.into());
+        self
+    }
+
     /// Registers the consumer role: a handler or a stream for each type this
     /// process consumes. Types without a registration are not consumed here,
     /// even if the model declares a consumer for them.
@@ -184,6 +206,29 @@ impl KontextBuilder {
             )?)
         } else {
             None
+        };
+        let transactional = match self.transactional_id {
+            Some(id) => {
+                if broker.as_embedded().is_some() {
+                    tracing::warn!(
+                        transactional_id = %id,
+                        "the embedded broker accepts Kafka transactions but does not enforce them: read_committed \
+                         consumers also see aborted messages, and offsets sent with a transaction are not stored; \
+                         test what transactions guarantee on Apache Kafka"
+                    );
+                }
+                Some(
+                    TransactionalProducer::start(
+                        &settings,
+                        broker.bootstrap_servers(),
+                        Arc::clone(&model),
+                        &clients,
+                        id,
+                    )
+                    .await?,
+                )
+            }
+            None => None,
         };
         let tasks = TaskTracker::new();
         let cancel = CancellationToken::new();
@@ -270,6 +315,9 @@ impl KontextBuilder {
                     // broker with provisioning off gets librdkafka's defaults.
                     broker.as_embedded().is_some()
                         || provisioned.as_ref().is_some_and(|r| r.mock_cluster),
+                    transactional
+                        .as_ref()
+                        .map(TransactionalProducer::transactional_id),
                 )
                 .await?,
             )
@@ -300,6 +348,7 @@ impl KontextBuilder {
             settings: Arc::new(settings),
             broker,
             producer,
+            transactional,
             clients,
             provisioned,
         })
@@ -347,6 +396,7 @@ pub struct Kontext {
     cancel: CancellationToken,
     registry: Registry,
     producer: Option<Producer>,
+    transactional: Option<TransactionalProducer>,
     clients: ClientTracker,
     model: Arc<Model>,
     settings: Arc<KafkaSettings>,
@@ -362,6 +412,7 @@ impl Kontext {
             settings: KafkaSettings::default(),
             broker: None,
             producer: false,
+            transactional_id: None,
             consumers: Consumers::default(),
             database: None,
             database_url: None,
@@ -393,6 +444,15 @@ impl Kontext {
         self.producer
             .as_ref()
             .ok_or(Error::RoleNotRegistered { role: "producer" })
+    }
+
+    /// The transactional producer, or [`Error::RoleNotRegistered`] if this
+    /// process did not register one
+    /// ([`KontextBuilder::transactional_producer`]).
+    pub fn transactional_producer(&self) -> Result<&TransactionalProducer> {
+        self.transactional.as_ref().ok_or(Error::RoleNotRegistered {
+            role: "transactional_producer",
+        })
     }
 
     /// The model with the deployment's topic settings applied.
@@ -450,6 +510,9 @@ impl Kontext {
         }
         if let Some(p) = &self.producer {
             producer_reach("producer", p, &mut health);
+        }
+        if let Some(why) = self.transactional.as_ref().and_then(|t| t.fenced()) {
+            health.not_ready_because("transactional producer fenced".into(), &why);
         }
         if let Some(o) = &self.outbox {
             let limit = o.relay_failure_limit();

@@ -16,6 +16,10 @@ use metrics::{Counter, Gauge, Histogram, Unit};
 pub const PRODUCED: &str = "kontext_produced_total";
 /// Messages a producer could not deliver.
 pub const PRODUCE_ERRORS: &str = "kontext_produce_errors_total";
+/// Kafka transactions ended, by `outcome`: `committed`, `aborted`,
+/// `fenced`, `failed` (a fatal client error), `in_doubt` (a commit not
+/// confirmed in time).
+pub const TRANSACTIONS: &str = "kontext_transactions_total";
 /// Enqueue to acknowledgement, per message.
 pub const PRODUCE_LATENCY: &str = "kontext_produce_latency_seconds";
 /// Records that reached a type's buffer (dropped ones included).
@@ -87,6 +91,7 @@ pub(crate) fn describe() {
         CONSUMER_LAG,
         "Records of a partition after the last one stored for commit"
     );
+    describe_counter!(TRANSACTIONS, "Kafka transactions ended, by outcome");
     describe_counter!(OUTBOX_PUBLISHED, "Outbox rows sent");
     describe_counter!(OUTBOX_FAILED, "Outbox send attempts that failed");
     describe_gauge!(OUTBOX_BACKLOG, "Outbox rows waiting to be sent");

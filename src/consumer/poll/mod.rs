@@ -63,6 +63,11 @@ pub(crate) struct Lane {
     /// The types' counters (same order as `types`) and the buffer's gauge.
     pub(crate) counters: Vec<TypeCounters>,
     pub(crate) buffered: metrics::Gauge,
+    /// Its offsets are committed by its worker's Kafka transactions: the
+    /// poll thread stores and commits none of them (a plain commit landing
+    /// between a transaction's offsets and its commit marker would undo
+    /// them at the group coordinator).
+    pub(crate) transactional: bool,
 }
 
 /// Everything a poll thread needs to start.

@@ -102,9 +102,15 @@ impl LoopState {
         // (The single-partition `store_offset` would add one to it.)
         let mut tpl = TopicPartitionList::with_capacity(ready.len());
         for ((lane, partition), offset) in ready {
+            if self.lanes[lane].transactional {
+                continue;
+            }
             let topic = Arc::clone(&self.lanes[lane].topic);
             let _ = tpl.add_partition_offset(&topic, partition, Offset::Offset(offset));
             self.note_stored(&topic, partition, offset);
+        }
+        if tpl.count() == 0 {
+            return;
         }
         if let Err(e) = consumer.store_offsets(&tpl) {
             // A partition was revoked meanwhile; its next owner starts from

@@ -91,7 +91,10 @@ impl ConsumerContext for PollContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             if consumer.assignment_lost() {
                 // Not a handover: the group went on without this member, so
-                // it is not a member until it joins again (not ready).
+                // it is not a member until it joins again (not ready). Its
+                // transactions get no group metadata meanwhile: librdkafka
+                // resets it (generation -1, no member id), which the
+                // coordinator would accept for any partition.
                 self.shared.joined.store(false, Ordering::Release);
                 self.shared.assignments_lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -101,6 +104,10 @@ impl ConsumerContext for PollContext {
                     "assignment lost: this member left its group (session or poll interval exceeded, or fenced); rejoining"
                 );
             }
+            // The generation the revocation belongs to (librdkafka takes it
+            // from the JoinGroup answer, before this callback): a lane
+            // completing its transaction now commits in it.
+            self.shared.refresh_group_metadata(consumer);
             let mut state = lock(&self.state);
             state.revoke(consumer, tpl, &self.shared, self.revoke_timeout);
             tracing::info!(service = %self.shared.name, revoked = tpl.count(), "partitions revoked");
@@ -138,6 +145,8 @@ impl ConsumerContext for PollContext {
                 tracing::warn!(service = %self.shared.name, error = %e, "rebalance error")
             }
         }
+        // A new generation: transactions commit offsets with it.
+        self.shared.refresh_group_metadata(consumer);
     }
 }
 
@@ -237,6 +246,11 @@ impl LoopState {
             }
             if Instant::now() >= deadline {
                 tracing::warn!(service = %shared.name, ?timeout, "a handler of a revoked partition is still running; its record will be handled again by the next owner");
+                for ((lane, applied), (_, n)) in settled.iter().zip(&announced) {
+                    if !applied {
+                        self.lanes[*lane].buffer.give_up(*n);
+                    }
+                }
                 break;
             }
             // Serving a rebalance is not a hung loop (health).

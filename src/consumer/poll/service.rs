@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::Reach;
@@ -99,6 +100,10 @@ pub(crate) struct ServiceShared {
     close_by: Mutex<Option<Instant>>,
     /// What a graceful stop did not do (its final commit), for `shutdown`.
     report: Mutex<Option<String>>,
+    /// The consumer's group metadata (member and generation), which a lane
+    /// committing offsets in Kafka transactions sends with them. The poll
+    /// thread reads it in its rebalance callbacks.
+    group_metadata: Mutex<Option<Arc<ConsumerGroupMetadata>>>,
 }
 
 impl ServiceShared {
@@ -133,7 +138,31 @@ impl ServiceShared {
             closing: AtomicBool::new(false),
             close_by: Mutex::new(None),
             report: Mutex::new(None),
+            group_metadata: Mutex::new(None),
         })
+    }
+
+    /// The group metadata to commit offsets in a transaction with, as the
+    /// poll thread last read it.
+    pub(crate) fn group_metadata(&self) -> Option<Arc<ConsumerGroupMetadata>> {
+        lock(&self.group_metadata).clone()
+    }
+
+    /// Poll thread, in a rebalance callback: reads the consumer's group
+    /// metadata again (a rebalance may change the generation; every
+    /// completed one calls back, with an empty assignment if need be).
+    /// Only there: librdkafka resets the metadata of a member that lost its
+    /// assignment (generation -1, no member id, which the coordinator
+    /// accepts for any partition) before it reports the loss.
+    pub(super) fn refresh_group_metadata(&self, consumer: &BaseConsumer<super::PollContext>) {
+        // Not a member (before the first assignment, or after losing it):
+        // no metadata, so no transaction commits offsets.
+        let member = self.joined.load(Ordering::Acquire);
+        *lock(&self.group_metadata) = if member {
+            consumer.group_metadata().map(Arc::new)
+        } else {
+            None
+        };
     }
 
     /// How long no broker has been reachable, if none is.
