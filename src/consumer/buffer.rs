@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 
 use crate::consumer::Backpressure;
 use crate::consumer::context::Record;
+use crate::consumer::dead_letter::FailureReason;
 use crate::consumer::sync::lock;
 
 /// Counters of one type, readable from the registry.
@@ -36,6 +37,8 @@ pub(crate) struct TypeStats {
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) dead_letters_refused: AtomicU64,
+    /// `dead_lettered` by reason, indexed by `FailureReason::index`.
+    pub(crate) dead_letter_reasons: [AtomicU64; FailureReason::COUNT],
     pub(crate) dropped: AtomicU64,
     pub(crate) duplicates: AtomicU64,
 }
@@ -563,6 +566,12 @@ impl crate::registry::TypeProbe for LaneProbe {
         status.retried = s.retried.load(Ordering::Relaxed);
         status.dead_lettered = s.dead_lettered.load(Ordering::Relaxed);
         status.dead_letters_refused = s.dead_letters_refused.load(Ordering::Relaxed);
+        status.dead_letter_reasons = FailureReason::ALL
+            .iter()
+            .zip(&s.dead_letter_reasons)
+            .map(|(r, n)| (r.as_str(), n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
         status.dropped = s.dropped.load(Ordering::Relaxed);
         status.duplicates = s.duplicates.load(Ordering::Relaxed);
     }

@@ -72,6 +72,27 @@ pub(crate) enum FailureReason {
 }
 
 impl FailureReason {
+    /// How many reasons there are.
+    pub(crate) const COUNT: usize = 10;
+    /// Every reason, in `index` order.
+    pub(crate) const ALL: [FailureReason; Self::COUNT] = [
+        FailureReason::Decode,
+        FailureReason::UnknownType,
+        FailureReason::MissingType,
+        FailureReason::Tombstone,
+        FailureReason::NotConsumed,
+        FailureReason::Handler,
+        FailureReason::Panic,
+        FailureReason::Timeout,
+        FailureReason::RetriesExhausted,
+        FailureReason::BadHeader,
+    ];
+
+    /// Its place in [`FailureReason::ALL`].
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
     /// The header value.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -309,6 +330,18 @@ impl DeadLetters {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FailureReason;
+
+    #[test]
+    fn every_reason_sits_at_its_index() {
+        for (i, reason) in FailureReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{}", reason.as_str());
         }
     }
 }

@@ -123,7 +123,7 @@ pub(crate) struct Bounds {
 
 /// The worker of an exactly-once type, alone on its lane.
 pub(crate) struct ExactlyOnce<T, H> {
-    pub(crate) typed: Typed<T, TransactionDispatch<H>>,
+    pub(crate) typed: Typed<T, super::Wrapped<TransactionDispatch<H>>>,
     pub(crate) producer: TransactionalProducer,
     pub(crate) bounds: Bounds,
     /// The poll service's client settings: a commit in doubt is settled by
@@ -339,9 +339,9 @@ impl<T: Message, H: ExactlyOnceHandler<T>> ExactlyOnce<T, H> {
                 }
             }
             let tx = st.open.as_ref().map(Open::transaction);
-            *lock(&self.typed.dispatch.current) = tx;
+            *lock(&super::unwrapped(&self.typed.dispatch).current) = tx;
             let result = self.typed.try_once(lane, &mut record, attempt, kit).await;
-            *lock(&self.typed.dispatch.current) = None;
+            *lock(&super::unwrapped(&self.typed.dispatch).current) = None;
             let failure = match result {
                 Ok(true) => {
                     st.ran = Some((record.seq, attempt));

@@ -13,6 +13,8 @@ pub(crate) mod buffer;
 mod context;
 mod dead_letter;
 mod exactly_once;
+#[cfg(feature = "testing")]
+pub(crate) mod fault;
 mod handler;
 mod lent;
 mod offsets;
@@ -69,6 +71,9 @@ pub struct Consumers {
     registrations: Vec<Registered>,
     /// Types this process's groups skip on purpose (see [`Consumers::ignore`]).
     ignored: Vec<(TypeId, &'static str)>,
+    /// Faults tests plan for the handlers (`testing::HandlerFault`).
+    #[cfg(feature = "testing")]
+    faults: fault::Faults,
 }
 
 /// A registration with what the runtime needs to know before building it.
@@ -209,6 +214,29 @@ struct WorkerArgs<'a> {
     inbox: Option<Inbox>,
     /// The lane's transactions, when its type is consumed exactly once.
     exactly_once: Option<ExactlyOnceLane>,
+    /// The faults tests plan for this type's handler.
+    #[cfg(feature = "testing")]
+    fault: Arc<fault::FaultCell>,
+}
+
+/// A handler's dispatch as its lane runs it: met by planned faults first
+/// when built for tests (feature `testing`).
+#[cfg(feature = "testing")]
+pub(crate) type Wrapped<D> = fault::Faulty<D>;
+/// A handler's dispatch as its lane runs it.
+#[cfg(not(feature = "testing"))]
+pub(crate) type Wrapped<D> = D;
+
+/// The handler's own dispatch inside its [`Wrapped`] one.
+#[cfg(feature = "testing")]
+pub(crate) fn unwrapped<D>(wrapped: &Wrapped<D>) -> &D {
+    &wrapped.inner
+}
+
+/// The handler's own dispatch inside its [`Wrapped`] one.
+#[cfg(not(feature = "testing"))]
+pub(crate) fn unwrapped<D>(wrapped: &Wrapped<D>) -> &D {
+    wrapped
 }
 
 /// What a lane in Kafka transactions is built with.
@@ -220,7 +248,12 @@ struct ExactlyOnceLane {
 
 impl WorkerArgs<'_> {
     /// The worker of `T` around `dispatch`.
-    fn typed<T: Message, D: Dispatch<T>>(self, dispatch: D) -> Result<Typed<T, D>> {
+    fn typed<T: Message, D: Dispatch<T>>(self, dispatch: D) -> Result<Typed<T, Wrapped<D>>> {
+        #[cfg(feature = "testing")]
+        let dispatch = fault::Faulty {
+            inner: dispatch,
+            cell: self.fault,
+        };
         Ok(Typed {
             spec: self.model.spec::<T>()?.clone(),
             retry: self.retry,
@@ -352,6 +385,8 @@ pub(crate) struct ConsumerRuntime {
     /// dropping a worker's future drops the handler's it is awaiting.
     workers: Vec<tokio::task::AbortHandle>,
     cancel: CancellationToken,
+    #[cfg(feature = "testing")]
+    faults: fault::Faults,
 }
 
 /// One type's place in a planned poll service.
@@ -392,6 +427,8 @@ impl ConsumerRuntime {
         transactional_id: Option<&str>,
     ) -> Result<ConsumerRuntime> {
         crate::telemetry::describe();
+        #[cfg(feature = "testing")]
+        let faults = consumers.faults.clone();
         let ignored = ignored_types(model, &consumers)?;
         let services = plan(model, settings, consumers)?;
         warn_on_builtin_group(settings, &services);
@@ -420,6 +457,8 @@ impl ConsumerRuntime {
             lane_workers: Vec::new(),
             poll_plans: Vec::new(),
             transactional_lanes: Vec::new(),
+            #[cfg(feature = "testing")]
+            faults,
         };
         for planned in services {
             build.service(planned)?;
@@ -432,6 +471,12 @@ impl ConsumerRuntime {
             producer.ensure_client().await?;
         }
         build.spawn()
+    }
+
+    /// The faults tests plan for the handlers.
+    #[cfg(feature = "testing")]
+    pub(crate) fn faults(&self) -> &fault::Faults {
+        &self.faults
     }
 
     pub(crate) fn take_stream<T: Message>(&self) -> Result<MessageStream<T>> {
@@ -635,6 +680,8 @@ struct Build<'a> {
     poll_plans: Vec<(String, Arc<ServiceShared>, PollPlan)>,
     /// The transactional producers of exactly-once lanes.
     transactional_lanes: Vec<crate::producer::TransactionalProducer>,
+    #[cfg(feature = "testing")]
+    faults: fault::Faults,
 }
 
 impl Build<'_> {
@@ -818,6 +865,8 @@ impl Build<'_> {
                 outbox: self.outbox,
                 inbox,
                 exactly_once: exactly_once.take(),
+                #[cfg(feature = "testing")]
+                fault: self.faults.cell(type_id),
             })?;
             counters.push(crate::telemetry::TypeCounters::new(&labels));
             if let Some(s) = stream {
@@ -874,6 +923,8 @@ impl Build<'_> {
             tasks: TaskTracker::new(),
             workers: Vec::new(),
             cancel: self.cancel,
+            #[cfg(feature = "testing")]
+            faults: self.faults,
         };
         for w in self.lane_workers {
             let handle = runtime.tasks.spawn(w);

@@ -905,6 +905,7 @@ async fn dead_letter(
     failure: Failed,
     ours: bool,
 ) -> bool {
+    let reason = failure.reason;
     let sent = env
         .dead_letters
         .publish(
@@ -925,6 +926,7 @@ async fn dead_letter(
     }
     match sent {
         Sent::Published => {
+            stats.dead_letter_reasons[reason.index()].fetch_add(1, Ordering::Relaxed);
             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
         Sent::Refused => {

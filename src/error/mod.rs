@@ -219,6 +219,18 @@ pub enum Error {
         cause: String,
     },
 
+    /// A wait of kontext's test helpers (`testing`) ended at its deadline
+    /// before what it waited for was done; `pending` says what was not.
+    #[error("{what} not done within {timeout:?}: {pending}")]
+    Pending {
+        /// What was waited for.
+        what: &'static str,
+        /// How long.
+        timeout: std::time::Duration,
+        /// What was still pending at the deadline.
+        pending: String,
+    },
+
     /// Something kontext relies on internally did not hold (a bug in
     /// kontext), or a helper task it ran panicked.
     #[error("kontext internal error: {0}")]

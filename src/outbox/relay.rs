@@ -595,12 +595,19 @@ fn sort_outcomes(
 
 /// Counts sent and failed rows per topic, once per topic per batch.
 fn count_by_topic(rows: &[row::Model], done: &[i64], failed: &[(&row::Model, String)]) {
-    let mut published: HashMap<&str, u64> = HashMap::new();
+    let mut published: HashMap<(&str, &str), u64> = HashMap::new();
     let done: HashSet<i64> = done.iter().copied().collect();
     for r in rows.iter().filter(|r| done.contains(&r.seq)) {
-        *published.entry(r.topic.as_str()).or_default() += 1;
+        *published
+            .entry((r.topic.as_str(), r.message_type.as_str()))
+            .or_default() += 1;
     }
-    for (topic, n) in published {
+    let mut by_topic: HashMap<&str, u64> = HashMap::new();
+    for ((topic, message_type), n) in published {
+        crate::telemetry::ledger::outbox_sent(topic, message_type, n);
+        *by_topic.entry(topic).or_default() += n;
+    }
+    for (topic, n) in by_topic {
         crate::telemetry::outbox_published(topic).increment(n);
     }
     let mut failures: HashMap<&str, u64> = HashMap::new();
@@ -825,6 +832,7 @@ async fn send_one(
         }
     };
     let topic = r.topic;
+    let message_type = r.message_type;
     let bound = room.bound;
     let settle_one = {
         let inner = Arc::clone(inner);
@@ -833,6 +841,7 @@ async fn send_one(
             let delivered = matches!(outcome(delivery, deadline, bound).await, Sent::Delivered);
             if delivered {
                 crate::telemetry::outbox_published(&topic).increment(1);
+                crate::telemetry::ledger::outbox_sent(&topic, &message_type, 1);
             }
             let result = if delivered {
                 row::Entity::delete_by_id(seq)

@@ -111,6 +111,9 @@ impl Producer {
             // 0 is librdkafka's "no timeout": wait as the default does.
             .filter(|ms| *ms > 0)
             .map_or_else(|| settings.message_timeout(), Duration::from_millis);
+        // A transactional client's records count as produced (for tracked
+        // tests, `telemetry::ledger`) once their transaction commits.
+        let transactional = config.get("transactional.id").is_some();
         tracing::debug!(config = ?redacted(&config), "creating producer");
         let reach = Arc::new(Reach::default());
         let context = TracingContext {
@@ -127,7 +130,9 @@ impl Producer {
         let mut metrics = FxHashMap::default();
         for topic in model.topics() {
             for (id, info) in model.types_on(topic.name()) {
-                metrics.insert(id, ProduceMetrics::new(info.topic, info.discriminator));
+                let mut m = ProduceMetrics::new(info.topic, info.discriminator);
+                m.tally_on_delivery = !transactional;
+                metrics.insert(id, m);
             }
         }
         Ok(Producer {
@@ -271,6 +276,12 @@ impl Producer {
     /// The measures of `T`'s messages.
     fn metrics_of<T: 'static>(&self) -> Option<&ProduceMetrics> {
         self.inner.metrics.get(&TypeId::of::<T>())
+    }
+
+    /// The process-wide tally of `T`'s records (see `telemetry::ledger`),
+    /// for a transaction to count them once committed.
+    pub(crate) fn tally_of<T: 'static>(&self) -> Option<Arc<crate::telemetry::ledger::Tally>> {
+        self.metrics_of::<T>().map(|m| Arc::clone(&m.tally))
     }
 
     /// How long the client has reached no broker, if it reaches none.
@@ -671,6 +682,9 @@ fn delivered<T>(
         match &report {
             Ok(Ok(_)) => {
                 m.produced.increment(1);
+                if m.tally_on_delivery {
+                    m.tally.produced.fetch_add(1, Ordering::Relaxed);
+                }
                 m.latency.record(sent.elapsed());
             }
             _ => m.errors.increment(1),

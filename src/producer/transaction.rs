@@ -269,6 +269,7 @@ impl TransactionalProducer {
         slot.open = true;
         Ok(Open {
             owner: self.clone(),
+            produced: Uncommitted::default(),
             slot,
             producer,
             begun,
@@ -529,6 +530,9 @@ fn retire_unless_kept(slot: &Slot, producer: Producer) {
 /// transaction aborts it first.
 pub(crate) struct Open {
     owner: TransactionalProducer,
+    /// What its `Transaction`s produced, per type: counted in the ledger
+    /// (`telemetry::ledger`) once the transaction commits.
+    produced: Uncommitted,
     slot: tokio::sync::OwnedMutexGuard<Slot>,
     producer: Producer,
     begun: Instant,
@@ -540,6 +544,7 @@ impl Open {
     pub(crate) fn transaction(&self) -> Transaction {
         Transaction {
             producer: self.producer.clone(),
+            produced: Arc::clone(&self.produced),
         }
     }
 
@@ -590,7 +595,15 @@ impl Open {
         while producer.client().in_flight_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        owner.commit(&mut self.slot, &producer, deadline).await
+        owner.commit(&mut self.slot, &producer, deadline).await?;
+        let produced =
+            std::mem::take(&mut *self.produced.lock().unwrap_or_else(PoisonError::into_inner));
+        for (tally, n) in produced {
+            tally
+                .produced
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Aborts: nothing produced in it becomes visible.
@@ -633,7 +646,11 @@ impl std::fmt::Debug for TransactionalProducer {
 #[derive(Clone)]
 pub struct Transaction {
     producer: Producer,
+    produced: Uncommitted,
 }
+
+/// Records produced in an open transaction, per type's tally.
+type Uncommitted = Arc<Mutex<Vec<(Arc<crate::telemetry::ledger::Tally>, u64)>>>;
 
 impl std::fmt::Debug for Transaction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -649,6 +666,7 @@ impl Transaction {
     /// in a transaction. Refine it as [`Producer::produce`]'s request:
     /// `.key(..)`, `.header(..)`, `.correlation_id(..)`.
     pub fn send<'a, T: Message>(&'a self, message: &'a T) -> Sending<'a, T> {
+        self.count::<T>(1);
         Sending(self.producer.produce(message))
     }
 
@@ -659,6 +677,7 @@ impl Transaction {
     /// `linger_ms`): prefer [`Transaction::send`] unless the delivery is
     /// needed.
     pub fn produce<'a, T: Message>(&'a self, message: &'a T) -> Produce<'a, T> {
+        self.count::<T>(1);
         self.producer.produce(message)
     }
 
@@ -669,7 +688,20 @@ impl Transaction {
         T: Message + 'a,
         I: IntoIterator<Item = &'a T>,
     {
+        let messages: Vec<&T> = messages.into_iter().collect();
+        self.count::<T>(messages.len() as u64);
         self.producer.produce_batch(messages).await
+    }
+
+    /// Notes `n` records of `T` for the ledger, counted if the transaction
+    /// commits (a record that fails to send fails the commit).
+    fn count<T: 'static>(&self, n: u64) {
+        if let Some(tally) = self.producer.tally_of::<T>() {
+            self.produced
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((tally, n));
+        }
     }
 }
 

@@ -123,6 +123,10 @@ pub struct TypeStatus {
     /// missing, not authorized, too large even cut down): given up on and
     /// logged with their coordinates, so their partition moved on.
     pub dead_letters_refused: u64,
+    /// Of those, how many for each `dlq-reason` (`handler`,
+    /// `retries-exhausted`, `decode`, `panic`, `timeout`...): the reasons
+    /// with a count above zero.
+    pub dead_letter_reasons: Vec<(&'static str, u64)>,
     /// Messages dropped by `DropOldest`/`DropNewest`.
     pub dropped: u64,
     /// Redelivered messages the inbox recognised and acknowledged unhandled.
@@ -158,6 +162,10 @@ pub struct ServiceStatus {
     /// Records none of its types could take (tombstones, missing or unknown
     /// `ce_type`): sent to the dead-letter topic, or given up on.
     pub rejected: u64,
+    /// Records of types its group leaves to another group or ignores
+    /// ([`Consumers::ignore`](crate::consumer::Consumers::ignore)),
+    /// committed unhandled.
+    pub skipped: u64,
     /// Dead letters the broker refused for good, over all its types (see
     /// [`TypeStatus::dead_letters_refused`]). Not zero means records were
     /// given up on: [`is_healthy`](Self::is_healthy) says `false`.
@@ -492,6 +500,7 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         retried: 0,
         dead_lettered: 0,
         dead_letters_refused: 0,
+        dead_letter_reasons: Vec::new(),
         dropped: 0,
         duplicates: 0,
     };
@@ -523,6 +532,7 @@ mod tests {
             since_last_poll: Some(since_last_poll),
             tracked_entries: 0,
             rejected: 0,
+            skipped: 0,
             dead_letters_refused: 0,
             joined: true,
             assignments_lost: 0,

@@ -480,6 +480,12 @@ impl Kontext {
         self.provisioned.as_ref()
     }
 
+    /// The faults tests plan for this instance's handlers.
+    #[cfg(feature = "testing")]
+    pub(crate) fn handler_faults(&self) -> Option<&crate::consumer::fault::Faults> {
+        self.consumers.as_ref().map(|c| c.faults())
+    }
+
     /// The keyed registry: which poll service serves each consumed type,
     /// buffer fill, counters, service states.
     pub fn registry(&self) -> &Registry {

@@ -6,6 +6,7 @@
 //! Labels are bounded by the model: topic, type, group, service and, for
 //! consumer lag, partition. Never a key or a message id.
 
+pub(crate) mod ledger;
 pub mod trace;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -205,6 +206,11 @@ pub(crate) struct ProduceMetrics {
     pub(crate) produced: Counter,
     pub(crate) errors: Counter,
     pub(crate) latency: Histogram,
+    /// The process-wide count of this (topic, type), for tracked tests.
+    pub(crate) tally: std::sync::Arc<ledger::Tally>,
+    /// Whether a delivery counts in `tally` (a transaction's records
+    /// count when it commits instead).
+    pub(crate) tally_on_delivery: bool,
 }
 
 impl ProduceMetrics {
@@ -217,6 +223,8 @@ impl ProduceMetrics {
             produced: metrics::counter!(PRODUCED, labels.iter()),
             errors: metrics::counter!(PRODUCE_ERRORS, labels.iter()),
             latency: metrics::histogram!(PRODUCE_LATENCY, labels.iter()),
+            tally: ledger::tally(topic, rust_type),
+            tally_on_delivery: true,
         }
     }
 }

@@ -1,12 +1,19 @@
 //! Helpers for tests of services built on kontext (feature `testing`):
+//! tracked sessions that wait until everything a test's action caused is
+//! done ([`track`]), fault injection into handlers, the embedded broker and
+//! the database ([`HandlerFault`], [`BrokerFault`], [`DatabaseFault`]),
 //! unique names, the broker and database chosen by the environment, and a
 //! reader that fetches what landed on a topic.
 
+mod faults;
 mod reader;
+mod session;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use faults::{BrokerFault, DatabaseFault, HandlerFault};
 pub use reader::{RecordedMessage, read_topic};
+pub use session::{Activity, Tracked, Tracker, TypeActivity, track};
 
 /// Headers whose names are any bytes, for a test's own producer: records
 /// as a producer that does not check its header names writes them (Kafka

@@ -119,8 +119,9 @@ enum Routed {
 }
 
 struct LoopState {
-    /// Records of types this group does not consume, committed unhandled.
-    skipped: u64,
+    /// Records of types this group does not consume, committed unhandled
+    /// (shared with the registry's view).
+    skipped: Arc<std::sync::atomic::AtomicU64>,
     metrics: ServiceMetrics,
     lanes: Vec<Lane>,
     lane_state: Vec<LaneState>,
@@ -284,7 +285,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         })
         .collect();
     let state = Arc::new(Mutex::new(LoopState {
-        skipped: 0,
+        skipped: Arc::clone(&shared.skipped),
         metrics: ServiceMetrics::new(&shared.group_id, &shared.name),
         lanes,
         lane_state,
@@ -501,7 +502,7 @@ impl LoopState {
         let state = &mut self.lane_state[lane];
         let (type_index, rejection) = match routed {
             Routed::Skip => {
-                self.skipped += 1;
+                self.skipped.fetch_add(1, Ordering::Relaxed);
                 self.tracker.finished(key, m.offset());
                 return;
             }

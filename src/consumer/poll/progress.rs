@@ -40,7 +40,9 @@ impl LoopState {
             }
             lane.buffered.set(lane.buffer.len() as f64);
         }
-        self.metrics.skipped.absolute(self.skipped);
+        self.metrics
+            .skipped
+            .absolute(self.skipped.load(Ordering::Relaxed));
         self.metrics
             .rejected
             .absolute(shared.rejected.load(Ordering::Relaxed));

@@ -34,6 +34,7 @@ impl ServiceProbe for ServiceShared {
             brokers_down_for: self.brokers_down_for(),
             tracked_entries: self.tracked.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
+            skipped: self.skipped.load(Ordering::Relaxed),
             dead_letters_refused: self.dead_letters_refused.load(Ordering::Relaxed),
             settings: self.settings.get().cloned().unwrap_or_default(),
             stalled_for: None,
@@ -75,6 +76,8 @@ pub(crate) struct ServiceShared {
     /// Records no consumed type could take (tombstones, missing or unknown
     /// `ce_type`), dead-lettered or given up on.
     pub(crate) rejected: AtomicU64,
+    /// Records of types its group leaves to others, committed unhandled.
+    pub(crate) skipped: Arc<AtomicU64>,
     /// Dead letters the broker refused for good, over all types.
     pub(crate) dead_letters_refused: AtomicU64,
     /// Its consumer's client configuration, secrets redacted.
@@ -128,6 +131,7 @@ impl ServiceShared {
             stopping: CancellationToken::new(),
             tracked: AtomicUsize::new(0),
             rejected: AtomicU64::new(0),
+            skipped: Arc::new(AtomicU64::new(0)),
             dead_letters_refused: AtomicU64::new(0),
             settings: std::sync::OnceLock::new(),
             stall_limit: std::sync::OnceLock::new(),

@@ -1,0 +1,120 @@
+//! Faults a test injects into a consumed type's handler (feature
+//! `testing`, through `testing::HandlerFault`): the next attempts fail,
+//! panic or hang, as a real handler's would, so the retry policy, dead
+//! letters, time limits and health meet them in the code path they take
+//! in production.
+//!
+//! Without the feature the handler is not wrapped: nothing here costs a
+//! production build anything.
+
+use std::any::TypeId;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use tokio::sync::watch;
+
+use crate::consumer::MessageContext;
+use crate::consumer::handler::HandlerError;
+use crate::consumer::sync::lock;
+use crate::consumer::worker::{Dispatch, Outcome};
+
+/// What an attempt that meets a fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// Fails with a retriable error (the retry policy decides what follows).
+    Fail,
+    /// Panics.
+    Panic,
+    /// Waits, without running the handler, until the faults of its type are
+    /// released; then runs the handler. Past the type's `handler_timeout`
+    /// the attempt times out instead.
+    Hang,
+}
+
+/// The faults planned for one type of one `Kontext`.
+#[derive(Debug)]
+pub(crate) struct FaultCell {
+    planned: Mutex<VecDeque<Fault>>,
+    /// Bumped by `release`: hanging attempts go on.
+    released: watch::Sender<u64>,
+    /// Attempts that met a fault, for the test to wait on.
+    met: Mutex<Vec<Fault>>,
+}
+
+impl Default for FaultCell {
+    fn default() -> Self {
+        FaultCell {
+            planned: Mutex::new(VecDeque::new()),
+            released: watch::Sender::new(0),
+            met: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl FaultCell {
+    /// The next `n` attempts meet `fault` (after those planned before).
+    pub(crate) fn plan(&self, fault: Fault, n: usize) {
+        lock(&self.planned).extend(std::iter::repeat_n(fault, n));
+    }
+
+    /// Forgets the faults not met yet and lets hanging attempts go on.
+    pub(crate) fn release(&self) {
+        lock(&self.planned).clear();
+        self.released.send_modify(|n| *n += 1);
+    }
+
+    /// The faults attempts met so far, in order.
+    pub(crate) fn met(&self) -> Vec<Fault> {
+        lock(&self.met).clone()
+    }
+
+    /// The fault of the attempt starting now, if one is planned.
+    fn take(&self) -> Option<Fault> {
+        let fault = lock(&self.planned).pop_front()?;
+        lock(&self.met).push(fault);
+        Some(fault)
+    }
+}
+
+/// Each consumed type's fault cell in one `Kontext`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Faults(Arc<DashMap<TypeId, Arc<FaultCell>>>);
+
+impl Faults {
+    /// The cell of `type_id`, made on first use (a test may plan faults
+    /// for a type before its lane is built).
+    pub(crate) fn cell(&self, type_id: TypeId) -> Arc<FaultCell> {
+        Arc::clone(&self.0.entry(type_id).or_default())
+    }
+}
+
+/// A dispatch that meets its type's planned faults first.
+pub(crate) struct Faulty<D> {
+    pub(crate) inner: D,
+    pub(crate) cell: Arc<FaultCell>,
+}
+
+impl<T: Send + 'static, D: Dispatch<T>> Dispatch<T> for Faulty<D> {
+    fn dispatch(&self, message: T, ctx: MessageContext) -> impl Future<Output = Outcome> + Send {
+        let fault = self.cell.take();
+        let mut released = self.cell.released.subscribe();
+        let handled = self.inner.dispatch(message, ctx);
+        async move {
+            match fault {
+                None => handled.await,
+                Some(Fault::Fail) => Outcome::Failed(HandlerError::retry("injected handler fault")),
+                // A panic is the fault asked for: the worker catches it as
+                // it catches a handler's own.
+                Some(Fault::Panic) => panic!("injected handler panic"),
+                Some(Fault::Hang) => {
+                    // The sender lives in the cell this future's dispatch
+                    // holds: `changed` ends only on a release.
+                    let _ = released.changed().await;
+                    handled.await
+                }
+            }
+        }
+    }
+}
