@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use cpu_time::ProcessTime;
 use kontext::prelude::*;
-use kontext::testing::unique_name;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
@@ -333,9 +332,10 @@ pub(crate) async fn scenario_workers_inbox(b: &Bench, n: u64) -> Result<(), BoxE
     writer.shutdown(Duration::from_secs(10)).await?;
     let mut rates = Vec::new();
     for workers in [None, Some(16)] {
-        let db = kontext::testing::database().await?;
-        db.execute_unprepared("CREATE TABLE bench_effect (id BIGINT NOT NULL)")
+        let db = bench_database().await?;
+        db.execute_unprepared("CREATE TABLE IF NOT EXISTS bench_effect (id BIGINT NOT NULL)")
             .await?;
+        db.execute_unprepared("DELETE FROM bench_effect").await?;
         let group = unique_name("bench-g");
         let model = Model::builder()
             .topic::<OrderPlaced>(|t| {

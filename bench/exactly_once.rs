@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use cpu_time::ProcessTime;
 use kontext::prelude::*;
-use kontext::testing::unique_name;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};

@@ -15,6 +15,31 @@ use serde::{Deserialize, Serialize};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A topic, group or file name no earlier run used. The bench builds
+/// kontext without its `testing` feature (whose fault hooks wrap every
+/// handler), so it measures what a service ships.
+pub(crate) fn unique_name(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!(
+        "{prefix}-{}-{n}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// `DATABASE_URL`'s database, or a new SQLite file when it is unset.
+pub(crate) async fn bench_database() -> Result<sea_orm::DatabaseConnection, BoxError> {
+    Ok(match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.trim().is_empty() => kontext::db::connect(&url).await?,
+        _ => {
+            let path = std::env::temp_dir().join(format!("{}.db", unique_name("kontext-bench")));
+            kontext::db::connect(&format!("sqlite://{}?mode=rwc", path.display())).await?
+        }
+    })
+}
+
 /// A ~200-byte JSON order event.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct OrderPlaced {

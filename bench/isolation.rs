@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kontext::prelude::*;
-use kontext::testing::unique_name;
 use serde::{Deserialize, Serialize};
 
 use crate::harness::*;

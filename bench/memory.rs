@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kontext::prelude::*;
-use kontext::testing::unique_name;
 use rdkafka::producer::FutureProducer;
 use serde::{Deserialize, Serialize};
 

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use kontext::outbox::OutboxSettings;
 use kontext::prelude::*;
-use kontext::testing::unique_name;
 use sea_orm::ConnectionTrait;
 
 use crate::harness::*;

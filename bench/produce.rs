@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kontext::prelude::*;
-use kontext::testing::unique_name;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 

@@ -10,6 +10,7 @@
 use std::any::TypeId;
 use std::collections::VecDeque;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -37,6 +38,9 @@ pub(crate) enum Fault {
 #[derive(Debug)]
 pub(crate) struct FaultCell {
     planned: Mutex<VecDeque<Fault>>,
+    /// How many faults `planned` holds: read without the lock by every
+    /// attempt, so a type with none planned costs one atomic load.
+    armed: AtomicUsize,
     /// Bumped by `release`: hanging attempts go on.
     released: watch::Sender<u64>,
     /// Attempts that met a fault, for the test to wait on.
@@ -47,6 +51,7 @@ impl Default for FaultCell {
     fn default() -> Self {
         FaultCell {
             planned: Mutex::new(VecDeque::new()),
+            armed: AtomicUsize::new(0),
             released: watch::Sender::new(0),
             met: Mutex::new(Vec::new()),
         }
@@ -56,12 +61,17 @@ impl Default for FaultCell {
 impl FaultCell {
     /// The next `n` attempts meet `fault` (after those planned before).
     pub(crate) fn plan(&self, fault: Fault, n: usize) {
-        lock(&self.planned).extend(std::iter::repeat_n(fault, n));
+        let mut planned = lock(&self.planned);
+        planned.extend(std::iter::repeat_n(fault, n));
+        self.armed.store(planned.len(), Ordering::Release);
     }
 
     /// Forgets the faults not met yet and lets hanging attempts go on.
     pub(crate) fn release(&self) {
-        lock(&self.planned).clear();
+        let mut planned = lock(&self.planned);
+        planned.clear();
+        self.armed.store(0, Ordering::Release);
+        drop(planned);
         self.released.send_modify(|n| *n += 1);
     }
 
@@ -72,7 +82,15 @@ impl FaultCell {
 
     /// The fault of the attempt starting now, if one is planned.
     fn take(&self) -> Option<Fault> {
-        let fault = lock(&self.planned).pop_front()?;
+        if self.armed.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let fault = {
+            let mut planned = lock(&self.planned);
+            let fault = planned.pop_front()?;
+            self.armed.store(planned.len(), Ordering::Release);
+            fault
+        };
         lock(&self.met).push(fault);
         Some(fault)
     }
@@ -99,7 +117,7 @@ pub(crate) struct Faulty<D> {
 impl<T: Send + 'static, D: Dispatch<T>> Dispatch<T> for Faulty<D> {
     fn dispatch(&self, message: T, ctx: MessageContext) -> impl Future<Output = Outcome> + Send {
         let fault = self.cell.take();
-        let mut released = self.cell.released.subscribe();
+        let released = (fault == Some(Fault::Hang)).then(|| self.cell.released.subscribe());
         let handled = self.inner.dispatch(message, ctx);
         async move {
             match fault {
@@ -111,7 +129,9 @@ impl<T: Send + 'static, D: Dispatch<T>> Dispatch<T> for Faulty<D> {
                 Some(Fault::Hang) => {
                     // The sender lives in the cell this future's dispatch
                     // holds: `changed` ends only on a release.
-                    let _ = released.changed().await;
+                    if let Some(mut released) = released {
+                        let _ = released.changed().await;
+                    }
                     handled.await
                 }
             }
