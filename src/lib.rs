@@ -33,8 +33,10 @@
 //! - [`db`]: kontext's tables as sea-orm entities and migrations.
 //! - [`headers`]: the standard headers on every message.
 //! - [`runtime`]: `Kontext`, which starts and stops the roles a process registers.
+//! - [`admin`]: operator controls on a running `Kontext` (dead-letter replay).
 //! - [`error`]: the one `Error` type.
 
+pub mod admin;
 mod backoff;
 pub mod broker;
 mod client;

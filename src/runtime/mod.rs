@@ -486,6 +486,34 @@ impl Kontext {
         self.consumers.as_ref().map(|c| c.faults())
     }
 
+    /// Sends the dead letters of `dead_letter_topic` that `filter` matches
+    /// back to their original topics (`dlq-original-topic`), with their
+    /// key, payload and headers as consumed, without the `dlq-*` headers,
+    /// and with [`REPLAYED_FROM`](crate::admin::REPLAYED_FROM) naming the
+    /// dead letter's topic, partition and offset. Reads the topic up to its
+    /// end when the replay began; a dead letter whose payload was cut to
+    /// fit (`dlq-truncated`) is counted, not replayed. A dry run counts.
+    ///
+    /// The dead letters stay on their topic: a replay that fails halfway
+    /// (the error says how many were not delivered) can be run again, at
+    /// the cost of sending the delivered ones twice.
+    pub async fn replay_dead_letters(
+        &self,
+        dead_letter_topic: &str,
+        filter: crate::admin::ReplayFilter,
+    ) -> Result<crate::admin::Replayed> {
+        let config = self.settings.client_config(self.broker.bootstrap_servers());
+        let topic = dead_letter_topic.to_owned();
+        tracing::info!(topic = %topic, filter = ?filter, "replaying dead letters");
+        let replayed = tokio::task::spawn_blocking(move || {
+            crate::admin::replay_blocking(&config, &topic, &filter)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the dead-letter replay did not finish: {e}")))??;
+        tracing::info!(topic = %dead_letter_topic, replayed = ?replayed, "dead letters replayed");
+        Ok(replayed)
+    }
+
     /// The keyed registry: which poll service serves each consumed type,
     /// buffer fill, counters, service states.
     pub fn registry(&self) -> &Registry {

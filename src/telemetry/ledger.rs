@@ -40,6 +40,14 @@ pub(crate) fn tally(topic: &str, message_type: &str) -> Arc<Tally> {
     )
 }
 
+/// Counts `n` records of `message_type` put on `topic` by a client that
+/// is not a `Producer` (a dead-letter replay).
+pub(crate) fn produced(topic: &str, message_type: &str, n: u64) {
+    tally(topic, message_type)
+        .produced
+        .fetch_add(n, Ordering::Relaxed);
+}
+
 /// Counts `n` outbox rows of `message_type` sent to `topic`.
 pub(crate) fn outbox_sent(topic: &str, message_type: &str, n: u64) {
     let t = tally(topic, message_type);
