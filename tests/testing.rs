@@ -281,20 +281,36 @@ async fn an_injected_handler_fault_retries_then_dead_letters() {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].header("dlq-reason"), Some("retries-exhausted"));
 
-    // A panic on the only attempt left: dead-lettered as a panic; the
-    // next job, with no fault left, is handled.
+    // A panic is retried like an error: one panic, then the handler runs.
     fault.panic_next(1);
+    let tracked = track([&k])
+        .run(|| async { k.producer().unwrap().produce(&Job { id: 2 }).await.unwrap() })
+        .await
+        .unwrap();
+    let job = tracked.activity.of::<Job>(&k).unwrap();
+    assert_eq!((job.failed, job.handled), (1, 1), "{job:?}");
+    assert_eq!(*done.lock().unwrap(), vec![2]);
+
+    // Panics on every attempt: dead-lettered as a panic; the job after it,
+    // with no fault left, is handled.
+    fault.panic_next(3);
     let tracked = track([&k])
         .run(|| async {
             let p = k.producer().unwrap();
-            p.produce(&Job { id: 2 }).await.unwrap();
+            p.produce(&Job { id: 3 }).await.unwrap();
+            p.produce(&Job { id: 4 }).await.unwrap();
         })
         .await
         .unwrap();
     let job = tracked.activity.of::<Job>(&k).unwrap();
-    // A panic is retried like an error: the second attempt ran the handler.
-    assert_eq!((job.failed, job.handled), (1, 1), "{job:?}");
-    assert_eq!(*done.lock().unwrap(), vec![2]);
+    assert_eq!(
+        (job.failed, job.handled, job.dead_lettered),
+        (3, 1, 1),
+        "{job:?}"
+    );
+    assert_eq!(job.dead_letter_reasons.get("panic"), Some(&1), "{job:?}");
+    assert_eq!(*done.lock().unwrap(), vec![2, 4]);
+    assert_eq!(fault.met(), 7);
     figure(
         "an_injected_handler_fault_retries_then_dead_letters",
         format_args!("wall time {:?}", started.elapsed()),
@@ -423,5 +439,58 @@ async fn a_database_cut_off_for_a_while_makes_a_unit_of_work_wait_and_retry() {
         "a_database_cut_off_for_a_while_makes_a_unit_of_work_wait_and_retry",
         format_args!("wall time {:?}, {} retries", started.elapsed(), job.retried),
     );
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tracked_session_waits_for_what_an_exactly_once_handler_produced() {
+    let model = chain_model("eo");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&seen);
+    let k = Kontext::builder(model)
+        .broker(broker())
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(unique_name("eo"))))
+        .producer()
+        .transactional_producer(unique_name("tracked-tx"))
+        .consumers(move |c| {
+            c.exactly_once(
+                |e: OrderPlaced,
+                 _: MessageContext,
+                 tx: Transaction|
+                 -> futures::future::BoxFuture<'static, Result<(), HandlerError>> {
+                    Box::pin(async move {
+                        tx.send(&Reserve { order: e.order }).await?;
+                        Ok(())
+                    })
+                },
+            )
+            .handler(move |e: Reserve, _: MessageContext| {
+                let recorded = Arc::clone(&recorded);
+                async move {
+                    recorded.lock().unwrap().push(e.order);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let tracked = track([&k])
+        .timeout(Duration::from_secs(30))
+        .run(|| async {
+            let p = k.producer().unwrap();
+            for order in 1..=3 {
+                p.produce(&OrderPlaced { order }).await.unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    // The transaction's output counts once it committed, and the session
+    // waited until it was handled.
+    let mut handled = seen.lock().unwrap().clone();
+    handled.sort_unstable();
+    assert_eq!(handled, vec![1, 2, 3]);
+    let reserve = tracked.activity.of::<Reserve>(&k).unwrap();
+    assert_eq!((reserve.produced, reserve.handled), (3, 3), "{reserve:?}");
     k.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -12,8 +12,8 @@ use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
 };
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::client::raw_headers::{self, RawHeaders};
 use crate::error::{Error, Result};
@@ -154,6 +154,7 @@ pub(crate) fn replay_blocking(
                 .map_err(client_err("consumer"))?;
         }
     }
+    let servers: Arc<str> = Arc::from(config.get("bootstrap.servers").unwrap_or_default());
     let mut out = Replayed::default();
     if ends.is_empty() {
         return Ok(out);
@@ -266,6 +267,7 @@ pub(crate) fn replay_blocking(
             Some(from.as_bytes()),
         );
         let counted = Box::new((
+            Arc::clone(&servers),
             original.clone(),
             text(header(headers::MESSAGE_TYPE.as_bytes())).map(|t| t.into_owned()),
         ));
@@ -320,8 +322,8 @@ pub(crate) fn replay_blocking(
     Ok(out)
 }
 
-/// A replayed record's original topic and type, for the ledger.
-type Counted = Box<(String, Option<String>)>;
+/// A replayed record's cluster, original topic and type, for the ledger.
+type Counted = Box<(Arc<str>, String, Option<String>)>;
 
 /// Counts what the replay's producer could not deliver; counts what it did
 /// in the ledger (`telemetry::ledger`), for tracked test sessions.
@@ -339,8 +341,8 @@ impl ProducerContext for Deliveries {
     fn delivery(&self, result: &DeliveryResult<'_>, counted: Counted) {
         match result {
             Ok(_) => {
-                if let (topic, Some(message_type)) = &*counted {
-                    crate::telemetry::ledger::produced(topic, message_type, 1);
+                if let (servers, topic, Some(message_type)) = &*counted {
+                    crate::telemetry::ledger::produced(servers, topic, message_type, 1);
                 }
             }
             Err((e, _)) => {

@@ -592,6 +592,7 @@ impl<T: Message, H: ExactlyOnceHandler<T>> ExactlyOnce<T, H> {
             match self.read_settled(lane, st).await {
                 Ok(done) => {
                     tracing::warn!(topic = %lane.topic, committed = done, "settled a transaction whose commit was in doubt");
+                    self.producer.settled(done);
                     if done {
                         self.committed(lane, st);
                     }

@@ -118,10 +118,11 @@ impl<T: Send + 'static, D: Dispatch<T>> Dispatch<T> for Faulty<D> {
     fn dispatch(&self, message: T, ctx: MessageContext) -> impl Future<Output = Outcome> + Send {
         let fault = self.cell.take();
         let released = (fault == Some(Fault::Hang)).then(|| self.cell.released.subscribe());
-        let handled = self.inner.dispatch(message, ctx);
+        // The handler is called (its closure runs) only when the attempt
+        // is to run it: not for a failure or a panic.
         async move {
             match fault {
-                None => handled.await,
+                None => self.inner.dispatch(message, ctx).await,
                 Some(Fault::Fail) => Outcome::Failed(HandlerError::retry("injected handler fault")),
                 // A panic is the fault asked for: the worker catches it as
                 // it catches a handler's own.
@@ -132,7 +133,7 @@ impl<T: Send + 'static, D: Dispatch<T>> Dispatch<T> for Faulty<D> {
                     if let Some(mut released) = released {
                         let _ = released.changed().await;
                     }
-                    handled.await
+                    self.inner.dispatch(message, ctx).await
                 }
             }
         }

@@ -538,7 +538,7 @@ async fn settle(
     mut lost: bool,
 ) -> Result<Batch> {
     let (done, failed) = sort_outcomes(rows, outcomes);
-    count_by_topic(rows, &done, &failed);
+    count_by_topic(inner, rows, &done, &failed);
     let mut sent = 0;
     for chunk in done.chunks(500) {
         let res = row::Entity::delete_many()
@@ -594,7 +594,12 @@ fn sort_outcomes(
 }
 
 /// Counts sent and failed rows per topic, once per topic per batch.
-fn count_by_topic(rows: &[row::Model], done: &[i64], failed: &[(&row::Model, String)]) {
+fn count_by_topic(
+    inner: &Inner,
+    rows: &[row::Model],
+    done: &[i64],
+    failed: &[(&row::Model, String)],
+) {
     let mut published: HashMap<(&str, &str), u64> = HashMap::new();
     let done: HashSet<i64> = done.iter().copied().collect();
     for r in rows.iter().filter(|r| done.contains(&r.seq)) {
@@ -604,7 +609,14 @@ fn count_by_topic(rows: &[row::Model], done: &[i64], failed: &[(&row::Model, Str
     }
     let mut by_topic: HashMap<&str, u64> = HashMap::new();
     for ((topic, message_type), n) in published {
-        crate::telemetry::ledger::outbox_sent(topic, message_type, n);
+        if let Some(sender) = &inner.sender {
+            crate::telemetry::ledger::outbox_sent(
+                sender.producer.servers(),
+                topic,
+                message_type,
+                n,
+            );
+        }
         *by_topic.entry(topic).or_default() += n;
     }
     for (topic, n) in by_topic {
@@ -841,7 +853,14 @@ async fn send_one(
             let delivered = matches!(outcome(delivery, deadline, bound).await, Sent::Delivered);
             if delivered {
                 crate::telemetry::outbox_published(&topic).increment(1);
-                crate::telemetry::ledger::outbox_sent(&topic, &message_type, 1);
+                if let Some(sender) = &inner.sender {
+                    crate::telemetry::ledger::outbox_sent(
+                        sender.producer.servers(),
+                        &topic,
+                        &message_type,
+                        1,
+                    );
+                }
             }
             let result = if delivered {
                 row::Entity::delete_by_id(seq)

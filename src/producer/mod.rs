@@ -76,6 +76,9 @@ struct Inner {
     metrics: FxHashMap<TypeId, ProduceMetrics>,
     /// Whether the client reaches a broker, for health.
     reach: Arc<Reach>,
+    /// The bootstrap servers it was made with: the cluster, for the
+    /// ledger of tracked tests (`telemetry::ledger`).
+    servers: Arc<str>,
     _guard: ClientGuard,
 }
 
@@ -130,7 +133,7 @@ impl Producer {
         let mut metrics = FxHashMap::default();
         for topic in model.topics() {
             for (id, info) in model.types_on(topic.name()) {
-                let mut m = ProduceMetrics::new(info.topic, info.discriminator);
+                let mut m = ProduceMetrics::new(bootstrap_servers, info.topic, info.discriminator);
                 m.tally_on_delivery = !transactional;
                 metrics.insert(id, m);
             }
@@ -146,6 +149,7 @@ impl Producer {
                 line: tokio::sync::Mutex::new(()),
                 waiting: AtomicUsize::new(0),
                 reach,
+                servers: Arc::from(bootstrap_servers),
                 _guard: clients.track(ClientKind::Producer),
             }),
         })
@@ -282,6 +286,11 @@ impl Producer {
     /// for a transaction to count them once committed.
     pub(crate) fn tally_of<T: 'static>(&self) -> Option<Arc<crate::telemetry::ledger::Tally>> {
         self.metrics_of::<T>().map(|m| Arc::clone(&m.tally))
+    }
+
+    /// The bootstrap servers it was made with.
+    pub(crate) fn servers(&self) -> &str {
+        &self.inner.servers
     }
 
     /// How long the client has reached no broker, if it reaches none.
@@ -683,7 +692,7 @@ fn delivered<T>(
             Ok(Ok(_)) => {
                 m.produced.increment(1);
                 if m.tally_on_delivery {
-                    m.tally.produced.fetch_add(1, Ordering::Relaxed);
+                    m.tally.produced(1);
                 }
                 m.latency.record(sent.elapsed());
             }

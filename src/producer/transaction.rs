@@ -66,6 +66,9 @@ struct Inner {
     slot: Arc<tokio::sync::Mutex<Slot>>,
     /// Why the producer was fenced, once it was: it stays so.
     fenced: Mutex<Option<String>>,
+    /// What the last transaction whose commit was in doubt produced, for
+    /// the ledger once its outcome is known ([`TransactionalProducer::settled`]).
+    in_doubt: Uncommitted,
 }
 
 #[derive(Default)]
@@ -153,9 +156,25 @@ impl TransactionalProducer {
                 timeout,
                 slot: Arc::new(tokio::sync::Mutex::new(Slot::default())),
                 fenced: Mutex::new(None),
+                in_doubt: Uncommitted::default(),
             }),
         };
         Ok(producer)
+    }
+
+    /// The outcome of the last transaction whose commit was in doubt, once
+    /// known: what it produced counts in the ledger if it committed.
+    pub(crate) fn settled(&self, committed: bool) {
+        let produced = std::mem::take(
+            &mut *self
+                .inner
+                .in_doubt
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if committed {
+            count(produced);
+        }
     }
 
     /// The transactional id this producer registered.
@@ -595,15 +614,25 @@ impl Open {
         while producer.client().in_flight_count() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        owner.commit(&mut self.slot, &producer, deadline).await?;
+        let committed = owner.commit(&mut self.slot, &producer, deadline).await;
         let produced =
             std::mem::take(&mut *self.produced.lock().unwrap_or_else(PoisonError::into_inner));
-        for (tally, n) in produced {
-            tally
-                .produced
-                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        match &committed {
+            Ok(()) => count(produced),
+            // Counted if the commit turns out to have happened.
+            Err(Error::KafkaTransaction {
+                failure: TransactionFailure::InDoubt,
+                ..
+            }) => {
+                *owner
+                    .inner
+                    .in_doubt
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = produced;
+            }
+            Err(_) => {}
         }
-        Ok(())
+        committed
     }
 
     /// Aborts: nothing produced in it becomes visible.
@@ -647,6 +676,13 @@ impl std::fmt::Debug for TransactionalProducer {
 pub struct Transaction {
     producer: Producer,
     produced: Uncommitted,
+}
+
+/// Counts a committed transaction's records in the ledger.
+fn count(produced: Vec<(Arc<crate::telemetry::ledger::Tally>, u64)>) {
+    for (tally, n) in produced {
+        tally.produced(n);
+    }
 }
 
 /// Records produced in an open transaction, per type's tally.

@@ -214,7 +214,9 @@ pub(crate) struct ProduceMetrics {
 }
 
 impl ProduceMetrics {
-    pub(crate) fn new(topic: &str, rust_type: &str) -> ProduceMetrics {
+    /// The measures of `rust_type` (its `ce_type`) on `topic` of the
+    /// cluster `servers`.
+    pub(crate) fn new(servers: &str, topic: &str, rust_type: &str) -> ProduceMetrics {
         let labels = [
             metrics::Label::new("topic", topic.to_owned()),
             metrics::Label::new("type", rust_type.to_owned()),
@@ -223,7 +225,7 @@ impl ProduceMetrics {
             produced: metrics::counter!(PRODUCED, labels.iter()),
             errors: metrics::counter!(PRODUCE_ERRORS, labels.iter()),
             latency: metrics::histogram!(PRODUCE_LATENCY, labels.iter()),
-            tally: ledger::tally(topic, rust_type),
+            tally: ledger::tally(servers, topic, rust_type),
             tally_on_delivery: true,
         }
     }

@@ -79,6 +79,18 @@ impl HandlerFault {
 /// Faults of the embedded broker (librdkafka's mock cluster), for the
 /// clients of every `Kontext` on it. Apache Kafka has no such hooks: stop
 /// its process instead (`scripts/kafka`).
+///
+/// ```no_run
+/// # async fn run(kontext: &kontext::Kontext) -> kontext::Result<()> {
+/// use kontext::testing::BrokerFault;
+/// use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+/// let broker = BrokerFault::of(kontext)?;
+/// // The next produce request is refused for good.
+/// broker.fail_next(RDKafkaApiKey::Produce, RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE, 1)?;
+/// broker.down()?; // connections refused until up()
+/// broker.up()?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct BrokerFault<'a> {
     broker: &'a EmbeddedBroker,
@@ -139,7 +151,20 @@ impl<'a> BrokerFault<'a> {
 /// owner or a superuser), and a test database of its own
 /// ([`fresh_database_url`](super::fresh_database_url)). SQLite has no
 /// connections to cut: its database is a file the process opens itself;
-/// test a database failure there with a [`HandlerFault`] instead.
+/// test a database failure there with a [`HandlerFault`] instead. A test
+/// that ends without [`restore`](Self::restore) leaves only its own
+/// database refusing connections.
+///
+/// ```no_run
+/// # async fn run() -> kontext::Result<()> {
+/// use kontext::testing::{DatabaseFault, fresh_database_url};
+/// let url = fresh_database_url().await?; // the database the service under test uses
+/// let fault = DatabaseFault::postgres(&url).await?;
+/// fault.cut().await?;
+/// // ... the service's units of work retry without spending attempts ...
+/// fault.restore().await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct DatabaseFault {
     admin: sea_orm::DatabaseConnection,

@@ -13,7 +13,6 @@
 //! outbox row between two reads is not missed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -35,7 +34,7 @@ const CHECK_EVERY: Duration = Duration::from_millis(5);
 /// # async fn run(api: &kontext::Kontext, worker: &kontext::Kontext) -> kontext::Result<()> {
 /// use kontext::testing::track;
 /// let tracked = track([api, worker])
-///     .run(|| api.producer().unwrap().produce(&OrderPlaced { id: 7 }))
+///     .run(|| async { api.producer()?.produce(&OrderPlaced { id: 7 }).await })
 ///     .await?;
 /// let delivery = tracked.value?;
 /// // Handled, and whatever its handler produced handled in turn.
@@ -179,42 +178,88 @@ impl Activity {
 
 /// The counters a session compares.
 struct Snapshot {
-    produced: HashMap<(String, String), ledger::Counts>,
-    /// Per instance: its poll services and consumed types.
-    instances: Vec<(Vec<ServiceStatus>, Vec<TypeStatus>)>,
+    /// The ledger, for the named instances' clusters only.
+    produced: HashMap<(String, String, String), ledger::Counts>,
+    /// Per instance: its cluster, client id, poll services and types.
+    instances: Vec<Instance>,
+}
+
+struct Instance {
+    cluster: String,
+    name: String,
+    services: Vec<ServiceStatus>,
+    types: Vec<TypeStatus>,
+}
+
+/// What one consumer group (of one cluster) must finish, per topic.
+#[derive(Default)]
+struct Group {
+    /// Per topic: records finished by its types, and their Rust names.
+    topics: BTreeMap<String, (u64, Vec<&'static str>)>,
+    /// Records its services finished without a type (rejected, skipped)
+    /// whose topic is not known (a service of several topics).
+    unplaced: u64,
+    /// Types that hold records, with how many.
+    holding: Vec<String>,
 }
 
 impl Snapshot {
     fn take(instances: &[&Kontext]) -> Snapshot {
+        let clusters: Vec<String> = instances
+            .iter()
+            .map(|k| k.broker().bootstrap_servers().to_owned())
+            .collect();
         Snapshot {
             produced: ledger::snapshot()
                 .into_iter()
-                .map(|(topic, t, c)| ((topic, t), c))
+                .filter(|((cluster, _, _), _)| clusters.contains(cluster))
                 .collect(),
             instances: instances
                 .iter()
-                .map(|k| (k.registry().services(), k.registry().types()))
+                .map(|k| Instance {
+                    cluster: k.broker().bootstrap_servers().to_owned(),
+                    name: k.settings().effective_client_id().to_owned(),
+                    services: k.registry().services(),
+                    types: k.registry().types(),
+                })
                 .collect(),
         }
     }
 
-    /// The counts that move while work goes on (not the clocks).
+    /// The counts that move while work goes on (not the clocks): what
+    /// was produced to the topics the named instances consume (not other
+    /// tests' topics), and what their consumers did.
     fn counts(&self) -> Vec<u64> {
-        let mut counts: Vec<u64> = self.produced.values().map(|c| c.produced).collect();
+        let consumed: Vec<(&str, &str)> = self
+            .instances
+            .iter()
+            .flat_map(|i| {
+                i.types
+                    .iter()
+                    .map(|t| (i.cluster.as_str(), t.topic.as_str()))
+            })
+            .collect();
+        let mut counts: Vec<u64> = self
+            .produced
+            .iter()
+            .filter(|((c, t, _), _)| consumed.contains(&(c.as_str(), t.as_str())))
+            .map(|(_, c)| c.produced)
+            .collect();
         counts.sort_unstable();
-        for (services, types) in &self.instances {
-            counts.extend(services.iter().map(|s| s.rejected + s.skipped));
-            for t in types {
+        for i in &self.instances {
+            counts.extend(i.services.iter().map(|s| s.rejected + s.skipped));
+            for t in &i.types {
                 counts.extend([finished(t), t.buffered as u64, t.failed, t.retried]);
             }
         }
         counts
     }
 
-    fn produced_since(&self, before: &Snapshot, topic: &str) -> u64 {
+    /// Records put on `topic` of `cluster` since `before`.
+    fn produced_since(&self, before: &Snapshot, cluster: &str, topic: &str) -> u64 {
         self.produced
             .iter()
-            .filter(|((t, _), _)| t == topic)
+            .filter(|((c, t, _), _)| c == cluster && t == topic)
             .map(|(key, c)| {
                 let was = before.produced.get(key).map_or(0, |c| c.produced);
                 c.produced.saturating_sub(was)
@@ -224,62 +269,63 @@ impl Snapshot {
 
     /// The type `t` of instance `i` as it was in `before`.
     fn type_before<'b>(before: &'b Snapshot, i: usize, t: &TypeStatus) -> Option<&'b TypeStatus> {
-        before.instances.get(i).and_then(|(_, types)| {
-            types
+        before.instances.get(i).and_then(|b| {
+            b.types
                 .iter()
                 .find(|b| b.service == t.service && b.rust_type == t.rust_type)
         })
     }
 
-    /// What is not done yet, one line each; empty when all is.
-    fn pending_since(&self, before: &Snapshot, outbox: &[(usize, Result<u64>)]) -> Vec<String> {
-        let mut pending = Vec::new();
-        for (i, rows) in outbox {
-            match rows {
-                Ok(0) => {}
-                Ok(n) => pending.push(format!("instance {i}: {n} outbox rows not sent yet")),
-                Err(e) => pending.push(format!("instance {i}: outbox not readable: {e}")),
-            }
-        }
-        // Per group: its topics, what it finished, what its types hold.
-        #[derive(Default)]
-        struct Group {
-            topics: Vec<String>,
-            finished: u64,
-            holding: Vec<String>,
-        }
-        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
-        for (i, (services, types)) in self.instances.iter().enumerate() {
-            let group_of = |service: &str| {
-                services
-                    .iter()
-                    .find(|s| s.name == service)
-                    .map(|s| s.group_id.clone())
-            };
-            for s in services {
+    /// Each consumer group's progress since `before`, by (cluster, group).
+    fn groups_since(&self, before: &Snapshot) -> BTreeMap<(String, String), Group> {
+        let mut groups: BTreeMap<(String, String), Group> = BTreeMap::new();
+        for (i, inst) in self.instances.iter().enumerate() {
+            for s in &inst.services {
                 let was = before
                     .instances
                     .get(i)
-                    .and_then(|(services, _)| services.iter().find(|b| b.name == s.name));
-                let g = groups.entry(s.group_id.clone()).or_default();
-                g.finished += (s.rejected + s.skipped)
+                    .and_then(|b| b.services.iter().find(|b| b.name == s.name));
+                let untyped = (s.rejected + s.skipped)
                     .saturating_sub(was.map_or(0, |b| b.rejected + b.skipped));
+                let topics: Vec<&str> = {
+                    let mut t: Vec<&str> = inst
+                        .types
+                        .iter()
+                        .filter(|t| t.service == s.name)
+                        .map(|t| t.topic.as_str())
+                        .collect();
+                    t.dedup();
+                    t
+                };
+                let g = groups
+                    .entry((inst.cluster.clone(), s.group_id.clone()))
+                    .or_default();
+                match topics.as_slice() {
+                    [topic] => {
+                        g.topics.entry((*topic).to_owned()).or_default().0 += untyped;
+                    }
+                    _ => g.unplaced += untyped,
+                }
             }
-            for t in types {
-                let Some(group) = group_of(&t.service) else {
+            for t in &inst.types {
+                let Some(s) = inst.services.iter().find(|s| s.name == t.service) else {
                     continue;
                 };
-                let g = groups.entry(group).or_default();
-                if !g.topics.contains(&t.topic) {
-                    g.topics.push(t.topic.clone());
-                }
+                let g = groups
+                    .entry((inst.cluster.clone(), s.group_id.clone()))
+                    .or_default();
                 let was = Self::type_before(before, i, t);
-                g.finished += finished(t).saturating_sub(was.map_or(0, finished));
+                let entry = g.topics.entry(t.topic.clone()).or_default();
+                entry.0 += finished(t).saturating_sub(was.map_or(0, finished));
+                if !entry.1.contains(&t.rust_type) {
+                    entry.1.push(t.rust_type);
+                }
                 if t.buffered > 0 {
                     g.holding.push(format!(
-                        "`{}` holds {} in instance {i}{}",
+                        "`{}` holds {} in `{}`{}",
                         t.rust_type,
                         t.buffered,
+                        inst.name,
                         match t.stalled_for {
                             Some(d) => format!(", unfinished for {d:?}"),
                             None => String::new(),
@@ -288,22 +334,45 @@ impl Snapshot {
                 }
             }
         }
-        for (name, g) in groups {
-            let produced: u64 = g
-                .topics
-                .iter()
-                .map(|t| self.produced_since(before, t))
-                .sum();
-            if g.finished < produced || !g.holding.is_empty() {
-                let mut line = format!(
-                    "group `{name}` finished {} of {produced} records produced to {}",
-                    g.finished,
-                    g.topics.join(", ")
-                );
-                for h in &g.holding {
-                    let _ = write!(line, "; {h}");
+        groups
+    }
+
+    /// What is not done yet, one line each; empty when all is.
+    fn pending_since(&self, before: &Snapshot, outbox: &[(usize, Result<u64>)]) -> Vec<String> {
+        let mut pending = Vec::new();
+        for (i, rows) in outbox {
+            let name = self
+                .instances
+                .get(*i)
+                .map_or("?", |inst| inst.name.as_str());
+            match rows {
+                Ok(0) => {}
+                Ok(n) => pending.push(format!("`{name}`: {n} outbox rows not sent yet")),
+                Err(e) => pending.push(format!("`{name}`: its outbox cannot be read: {e}")),
+            }
+        }
+        for ((cluster, group), g) in self.groups_since(before) {
+            let mut unplaced = g.unplaced;
+            for (topic, (finished, types)) in &g.topics {
+                let produced = self.produced_since(before, &cluster, topic);
+                let short = produced.saturating_sub(*finished);
+                // A record finished without its topic known covers one
+                // record of any of the group's topics.
+                let covered = short.min(unplaced);
+                unplaced -= covered;
+                if short > covered {
+                    pending.push(format!(
+                        "group `{group}` finished {finished} of {produced} records produced to `{topic}` since the action began (types {})",
+                        types
+                            .iter()
+                            .map(|t| format!("`{t}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
                 }
-                pending.push(line);
+            }
+            for h in g.holding {
+                pending.push(format!("group `{group}`: {h}"));
             }
         }
         pending
@@ -312,16 +381,19 @@ impl Snapshot {
     fn activity_since(&self, before: &Snapshot) -> Activity {
         let mut types: BTreeMap<(String, String), TypeActivity> = BTreeMap::new();
         for (key, c) in &self.produced {
+            let (_, topic, message_type) = key;
             let was = before.produced.get(key).copied().unwrap_or_default();
             let produced = c.produced.saturating_sub(was.produced);
             if produced > 0 {
-                let a = types.entry(key.clone()).or_default();
-                a.produced = produced;
-                a.outbox_sent = c.outbox_sent.saturating_sub(was.outbox_sent);
+                let a = types
+                    .entry((topic.clone(), message_type.clone()))
+                    .or_default();
+                a.produced += produced;
+                a.outbox_sent += c.outbox_sent.saturating_sub(was.outbox_sent);
             }
         }
-        for (i, (_, now)) in self.instances.iter().enumerate() {
-            for t in now {
+        for (i, inst) in self.instances.iter().enumerate() {
+            for t in &inst.types {
                 let was = Self::type_before(before, i, t);
                 let d = |f: fn(&TypeStatus) -> u64| f(t).saturating_sub(was.map_or(0, f));
                 let handled = d(|s| s.handled);
