@@ -114,3 +114,26 @@ async fn replayed_dead_letters_go_back_to_their_topic_marked_and_are_handled() {
     }
     k.shutdown(Duration::from_secs(10)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_replay_of_a_topic_that_does_not_exist_is_an_error() {
+    let model = Model::builder()
+        .topic::<Job>(|t| t.name(unique_name("replay-none")))
+        .build()
+        .unwrap();
+    let k = Kontext::builder(model)
+        .broker(broker())
+        .producer()
+        .start()
+        .await
+        .unwrap();
+    let missing = unique_name("no-such-dead-letters");
+    let result = k
+        .replay_dead_letters(&missing, ReplayFilter::all().dry_run())
+        .await;
+    let Err(e) = result else {
+        panic!("a replay of a missing topic must fail, got {result:?}");
+    };
+    assert!(e.to_string().contains(&missing), "{e}");
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+}

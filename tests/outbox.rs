@@ -404,6 +404,30 @@ async fn a_poison_row_fails_after_bounded_attempts_and_the_rest_go_on() {
     // Failed rows are visible and retryable (this one fails again).
     assert_eq!(outbox.retry_failed().await.unwrap(), 1);
     assert_eq!(outbox.failed().await.unwrap().len(), 0);
+    let poison = poison_id.to_string();
+    wait_until("the retried poison row to fail again", async || {
+        let failed = outbox.failed().await.unwrap();
+        ready(failed.len() == 1, || format!("failed: {failed:?}"))
+    })
+    .await;
+    // One by one: retried by id, failed again, then discarded by id. An id
+    // that names no failed row changes nothing.
+    assert_eq!(outbox.retry(&["no-such-id"]).await.unwrap(), 0);
+    assert_eq!(outbox.retry(&[poison.as_str()]).await.unwrap(), 1);
+    wait_until("the poison row to fail a third time", async || {
+        let failed = outbox.failed().await.unwrap();
+        ready(failed.len() == 1, || format!("failed: {failed:?}"))
+    })
+    .await;
+    assert_eq!(outbox.discard(&["no-such-id"]).await.unwrap(), 0);
+    assert_eq!(outbox.discard(&[poison.as_str()]).await.unwrap(), 1);
+    assert!(outbox.failed().await.unwrap().is_empty());
+    assert_eq!(outbox.pending().await.unwrap(), 0);
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) AS n FROM kontext_outbox").await,
+        0,
+        "the discarded row is gone"
+    );
     kontext.shutdown(Duration::from_secs(10)).await.unwrap();
 }
 

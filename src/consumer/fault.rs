@@ -80,6 +80,11 @@ impl FaultCell {
         lock(&self.met).clone()
     }
 
+    /// Whether a fault is planned.
+    fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::Acquire) > 0
+    }
+
     /// The fault of the attempt starting now, if one is planned.
     fn take(&self) -> Option<Fault> {
         if self.armed.load(Ordering::Acquire) == 0 {
@@ -116,8 +121,10 @@ pub(crate) struct Faulty<D> {
 
 impl<T: Send + 'static, D: Dispatch<T>> Dispatch<T> for Faulty<D> {
     fn dispatch(&self, message: T, ctx: MessageContext) -> impl Future<Output = Outcome> + Send {
+        // Subscribed before the fault is taken: a release between the two
+        // is not missed.
+        let released = self.cell.is_armed().then(|| self.cell.released.subscribe());
         let fault = self.cell.take();
-        let released = (fault == Some(Fault::Hang)).then(|| self.cell.released.subscribe());
         // The handler is called (its closure runs) only when the attempt
         // is to run it: not for a failure or a panic.
         async move {

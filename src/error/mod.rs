@@ -219,6 +219,22 @@ pub enum Error {
         cause: String,
     },
 
+    /// A dead-letter replay stopped before reading its topic to the end;
+    /// `replayed` records had been sent back (and delivered) by then. The
+    /// dead letters stay where they are: replaying again sends those
+    /// `replayed` records a second time.
+    #[error(
+        "replaying the dead letters of `{topic}` stopped after {replayed} records were sent back: {cause}"
+    )]
+    Replay {
+        /// The dead-letter topic.
+        topic: String,
+        /// Records sent back and delivered before it stopped.
+        replayed: u64,
+        /// Why it stopped.
+        cause: String,
+    },
+
     /// A wait of kontext's test helpers (`testing`) ended at its deadline
     /// before what it waited for was done; `pending` says what was not.
     #[error("{what} not done within {timeout:?}: {pending}")]

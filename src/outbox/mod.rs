@@ -562,6 +562,45 @@ impl Outbox {
         self.wake();
         Ok(res.rows_affected)
     }
+
+    /// Makes the failed rows with these message ids (`ce_id`, as
+    /// [`failed`](Self::failed) lists them) pending again with fresh
+    /// attempts. Returns how many; ids of rows that are not failed (sent,
+    /// pending, unknown) are left alone.
+    pub async fn retry(&self, message_ids: &[&str]) -> Result<u64> {
+        if message_ids.is_empty() {
+            return Ok(0);
+        }
+        let res = row::Entity::update_many()
+            .col_expr(row::Column::State, row::PENDING.into())
+            .col_expr(row::Column::Attempts, 0.into())
+            .col_expr(row::Column::NextAttemptAt, 0i64.into())
+            .filter(row::Column::State.eq(row::FAILED))
+            .filter(row::Column::MessageId.is_in(message_ids.iter().copied()))
+            .exec(&self.inner.db)
+            .await
+            .db("retry failed outbox rows")?;
+        tracing::info!(rows = res.rows_affected, ids = ?message_ids, "failed outbox rows made pending again");
+        self.wake();
+        Ok(res.rows_affected)
+    }
+
+    /// Deletes the failed rows with these message ids: their messages are
+    /// never sent. Returns how many; ids of rows that are not failed are
+    /// left alone (a pending row is never discarded).
+    pub async fn discard(&self, message_ids: &[&str]) -> Result<u64> {
+        if message_ids.is_empty() {
+            return Ok(0);
+        }
+        let res = row::Entity::delete_many()
+            .filter(row::Column::State.eq(row::FAILED))
+            .filter(row::Column::MessageId.is_in(message_ids.iter().copied()))
+            .exec(&self.inner.db)
+            .await
+            .db("discard failed outbox rows")?;
+        tracing::warn!(rows = res.rows_affected, ids = ?message_ids, "failed outbox rows discarded: their messages will not be sent");
+        Ok(res.rows_affected)
+    }
 }
 
 impl fmt::Debug for Outbox {

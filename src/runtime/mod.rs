@@ -502,11 +502,25 @@ impl Kontext {
         dead_letter_topic: &str,
         filter: crate::admin::ReplayFilter,
     ) -> Result<crate::admin::Replayed> {
-        let config = self.settings.client_config(self.broker.bootstrap_servers());
+        let servers = self.broker.bootstrap_servers().to_owned();
+        let config = self.settings.client_config(&servers);
         let topic = dead_letter_topic.to_owned();
         tracing::info!(topic = %topic, filter = ?filter, "replaying dead letters");
+        // The blocking scan stops (flushing what it sent) when this call's
+        // future is dropped or kontext shuts down.
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        struct OnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _guard = OnDrop(Arc::clone(&dropped));
+        let cancel = self.cancel.clone();
         let replayed = tokio::task::spawn_blocking(move || {
-            crate::admin::replay_blocking(&config, &topic, &filter)
+            let stopped =
+                || cancel.is_cancelled() || dropped.load(std::sync::atomic::Ordering::Acquire);
+            crate::admin::replay_blocking(&config, &servers, &topic, &filter, &stopped)
         })
         .await
         .map_err(|e| Error::Internal(format!("the dead-letter replay did not finish: {e}")))??;
