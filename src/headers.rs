@@ -21,6 +21,38 @@ pub const CORRELATION_ID: &str = "ce_correlationid";
 /// Media type of the payload, from the topic's codec.
 pub const CONTENT_TYPE: &str = "content-type";
 
+/// Header names on dead-lettered records (`consumer::dlq_headers`).
+pub mod dlq {
+    /// Prefix of every dead-letter header.
+    pub const PREFIX: &str = "dlq-";
+    /// Topic the message was consumed from.
+    pub const ORIGINAL_TOPIC: &str = "dlq-original-topic";
+    /// Its partition.
+    pub const ORIGINAL_PARTITION: &str = "dlq-original-partition";
+    /// Its offset.
+    pub const ORIGINAL_OFFSET: &str = "dlq-original-offset";
+    /// What went wrong: `decode`, `unknown-type`, `missing-type`, `tombstone`,
+    /// `not-consumed`, `handler`, `panic`, `timeout`, `retries-exhausted`.
+    pub const REASON: &str = "dlq-reason";
+    /// The error text.
+    pub const ERROR: &str = "dlq-error";
+    /// Handler attempts made (0 if the handler never ran).
+    pub const ATTEMPTS: &str = "dlq-attempts";
+    /// When it was dead-lettered, RFC 3339 UTC.
+    pub const FAILED_AT: &str = "dlq-failed-at";
+    /// The consumer group that gave up on it.
+    pub const GROUP: &str = "dlq-group";
+    /// Set when the broker refused the record for its size and the payload
+    /// was cut: `kept/original` bytes (the original is still at its
+    /// topic, partition and offset while retention keeps it).
+    pub const TRUNCATED: &str = "dlq-truncated";
+}
+
+/// On a record a dead-letter replay sent back to its topic:
+/// `<dead-letter topic>/<partition>/<offset>` of the dead letter it came
+/// from.
+pub const REPLAYED_FROM: &str = "kontext-replayed-from";
+
 /// Value of [`SPEC_VERSION`].
 pub const SPEC_VERSION_VALUE: &str = "1.0";
 

@@ -3,5 +3,6 @@
 
 mod replay;
 
+pub use crate::headers::REPLAYED_FROM;
 pub(crate) use replay::replay_blocking;
-pub use replay::{REPLAYED_FROM, ReplayFilter, Replayed};
+pub use replay::{ReplayFilter, Replayed};

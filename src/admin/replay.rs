@@ -19,12 +19,7 @@ use crate::client::raw_headers::{self, RawHeaders};
 use crate::error::{Error, Result};
 use crate::headers;
 
-/// Dead-letter headers (the same names as `consumer::dlq_headers`, which
-/// sits above this module).
-const ORIGINAL_TOPIC: &[u8] = b"dlq-original-topic";
-const REASON: &[u8] = b"dlq-reason";
-const TRUNCATED: &[u8] = b"dlq-truncated";
-const DLQ_PREFIX: &[u8] = b"dlq-";
+use crate::headers::{REPLAYED_FROM, dlq};
 
 /// Which dead letters to replay, and how fast. Every filter left `None`
 /// matches all.
@@ -128,10 +123,6 @@ pub struct Replayed {
     /// Replayed (or, on a dry run, replayable) records per original topic.
     pub by_topic: BTreeMap<String, u64>,
 }
-
-/// Header on a replayed record: `<dead-letter topic>/<partition>/<offset>`
-/// of the dead letter it came from.
-pub const REPLAYED_FROM: &str = "kontext-replayed-from";
 
 /// A scan that sees no record and no partition move on for this long
 /// gives up (saying how far it got).
@@ -345,7 +336,7 @@ fn scan(
             .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
         let message_type = text(header(headers::MESSAGE_TYPE.as_bytes()));
         if !filter.matches(
-            text(header(REASON)).as_deref(),
+            text(header(dlq::REASON.as_bytes())).as_deref(),
             message_type.as_deref(),
             m.key(),
             written_at,
@@ -353,8 +344,8 @@ fn scan(
             continue;
         }
         out.matched += 1;
-        let original = match text(header(ORIGINAL_TOPIC)) {
-            Some(t) if header(TRUNCATED).is_none() && !t.is_empty() => t,
+        let original = match text(header(dlq::ORIGINAL_TOPIC.as_bytes())) {
+            Some(t) if header(dlq::TRUNCATED.as_bytes()).is_none() && !t.is_empty() => t,
             _ => {
                 out.not_replayable += 1;
                 continue;
@@ -375,10 +366,9 @@ fn scan(
         // dead-letter ones (and an earlier replay's mark), and where this
         // replay comes from.
         let mut replay_headers = OwnedHeaders::new_with_capacity(headers.len() + 1);
-        for (name, value) in headers
-            .iter()
-            .filter(|(n, _)| !n.starts_with(DLQ_PREFIX) && *n != REPLAYED_FROM.as_bytes())
-        {
+        for (name, value) in headers.iter().filter(|(n, _)| {
+            !n.starts_with(dlq::PREFIX.as_bytes()) && *n != REPLAYED_FROM.as_bytes()
+        }) {
             replay_headers = raw_headers::add(replay_headers, name, *value);
         }
         let from = format!("{topic}/{partition}/{offset}");

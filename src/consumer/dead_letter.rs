@@ -21,30 +21,9 @@ use crate::consumer::context::Record;
 use crate::error::{Error, Result};
 use crate::headers::HeaderList as _;
 
-/// Header names on dead-lettered records.
-pub mod dlq_headers {
-    /// Topic the message was consumed from.
-    pub const ORIGINAL_TOPIC: &str = "dlq-original-topic";
-    /// Its partition.
-    pub const ORIGINAL_PARTITION: &str = "dlq-original-partition";
-    /// Its offset.
-    pub const ORIGINAL_OFFSET: &str = "dlq-original-offset";
-    /// What went wrong: `decode`, `unknown-type`, `missing-type`, `tombstone`,
-    /// `not-consumed`, `handler`, `panic`, `timeout`, `retries-exhausted`.
-    pub const REASON: &str = "dlq-reason";
-    /// The error text.
-    pub const ERROR: &str = "dlq-error";
-    /// Handler attempts made (0 if the handler never ran).
-    pub const ATTEMPTS: &str = "dlq-attempts";
-    /// When it was dead-lettered, RFC 3339 UTC.
-    pub const FAILED_AT: &str = "dlq-failed-at";
-    /// The consumer group that gave up on it.
-    pub const GROUP: &str = "dlq-group";
-    /// Set when the broker refused the record for its size and the payload
-    /// was cut: `kept/original` bytes (the original is still at its
-    /// topic, partition and offset while retention keeps it).
-    pub const TRUNCATED: &str = "dlq-truncated";
-}
+/// Header names on dead-lettered records (defined with the other
+/// standard headers, which the dead-letter replay reads too).
+pub use crate::headers::dlq as dlq_headers;
 
 /// Why a message could not be handled: the `dlq-reason` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
