@@ -33,7 +33,10 @@
 //! - [`db`]: kontext's tables as sea-orm entities and migrations.
 //! - [`headers`]: the standard headers on every message.
 //! - [`runtime`]: `Kontext`, which starts and stops the roles a process registers.
-//! - [`admin`]: operator controls on a running `Kontext` (dead-letter replay).
+//! - [`admin`]: operator controls on a running `Kontext`: pause, resume,
+//!   seek, dead-letter replay.
+//! - `http` (feature `http`): an axum `Router` with health probes, status,
+//!   operator commands and a status page, for the application to mount.
 //! - [`error`]: the one `Error` type.
 
 pub mod admin;
@@ -46,6 +49,8 @@ pub mod consumer;
 pub mod db;
 pub mod error;
 pub mod headers;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod inbox;
 pub mod model;
 pub mod outbox;

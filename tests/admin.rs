@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use kontext::admin::{REPLAYED_FROM, ReplayFilter};
+use kontext::admin::{ControlReport, Outcome, REPLAYED_FROM, ReplayFilter, SeekTo, Target};
 use kontext::prelude::*;
 use kontext::testing::{HandlerFault, track, unique_name};
 use serde::{Deserialize, Serialize};
@@ -135,5 +135,261 @@ async fn a_replay_of_a_topic_that_does_not_exist_is_an_error() {
         panic!("a replay of a missing topic must fail, got {result:?}");
     };
     assert!(e.to_string().contains(&missing), "{e}");
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Note {
+    id: u32,
+}
+
+/// Ids handled per type, in the order handled.
+#[derive(Default)]
+struct Handled {
+    jobs: Mutex<Vec<u32>>,
+    notes: Mutex<Vec<u32>>,
+}
+
+impl Handled {
+    fn jobs(&self) -> Vec<u32> {
+        self.jobs.lock().unwrap().clone()
+    }
+    fn notes(&self) -> Vec<u32> {
+        self.notes.lock().unwrap().clone()
+    }
+}
+
+fn jobs_and_notes(jobs: &str, notes: &str) -> Model {
+    Model::builder()
+        .topic::<Job>(|t| t.name(jobs).partitions(2).key(|j| j.id))
+        .topic::<Note>(|t| t.name(notes).partitions(2).key(|n| n.id))
+        .build()
+        .unwrap()
+}
+
+async fn start_recording(model: Model, group: &str, handled: &Arc<Handled>, jobs: bool) -> Kontext {
+    let (a, b) = (Arc::clone(handled), Arc::clone(handled));
+    let group = group.to_owned();
+    Kontext::builder(model)
+        .broker(broker())
+        .settings(KafkaSettings::new().consumer(move |c| c.group_id = Some(group.clone())))
+        .producer()
+        .consumers(move |c| {
+            if jobs {
+                c.handler(move |j: Job, _ctx: MessageContext| {
+                    let a = Arc::clone(&a);
+                    async move {
+                        a.jobs.lock().unwrap().push(j.id);
+                        Ok(())
+                    }
+                });
+            }
+            c.handler(move |n: Note, _ctx: MessageContext| {
+                let b = Arc::clone(&b);
+                async move {
+                    b.notes.lock().unwrap().push(n.id);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap()
+}
+
+fn applied(reports: &[ControlReport]) -> bool {
+    !reports.is_empty()
+        && reports
+            .iter()
+            .all(|r| matches!(r.outcome, Outcome::Applied { .. }))
+}
+
+#[tokio::test]
+async fn a_paused_type_stays_paused_through_a_rebalance_while_others_flow_and_resumes_losing_nothing()
+ {
+    let (jobs, notes) = (unique_name("pause-jobs"), unique_name("pause-notes"));
+    let group = unique_name("pause");
+    let handled = Arc::new(Handled::default());
+    let k = start_recording(jobs_and_notes(&jobs, &notes), &group, &handled, true).await;
+    let p = k.producer().unwrap();
+    for id in 1..=10 {
+        p.produce(&Job { id }).await.unwrap();
+    }
+    wait_until("the first ten jobs", async || {
+        let n = handled.jobs().len();
+        ready(n == 10, || format!("{n} handled"))
+    })
+    .await;
+
+    let reports = k.pause(Target::of::<Job>().by("test")).await.unwrap();
+    assert!(applied(&reports), "{reports:?}");
+    assert_eq!(reports[0].topic, jobs);
+    assert_eq!(reports[0].types, vec!["Job".to_owned()]);
+    let status = k.registry().type_status::<Job>().unwrap();
+    assert!(status.held, "{status:?}");
+    let service = k.registry().service_of::<Job>().unwrap();
+    assert_eq!(service.held_partitions.len(), 2, "{service:?}");
+    assert!(
+        k.health().is_healthy(),
+        "a pause is not unhealthy: {:?}",
+        k.health()
+    );
+
+    // Paused: new jobs wait, notes flow.
+    for id in 11..=20 {
+        p.produce(&Job { id }).await.unwrap();
+    }
+    for id in 1..=10 {
+        p.produce(&Note { id }).await.unwrap();
+    }
+    wait_until("the notes", async || {
+        let n = handled.notes().len();
+        ready(n == 10, || format!("{n} handled"))
+    })
+    .await;
+    assert_eq!(handled.jobs().len(), 10, "no job is handled while paused");
+
+    // A second member joins for the notes: the group rebalances, and the
+    // jobs' partitions (assigned again here) stay paused.
+    let other = Arc::new(Handled::default());
+    let notes_only = Model::builder()
+        .topic::<Note>(|t| t.name(notes.as_str()).partitions(2).key(|n| n.id))
+        .build()
+        .unwrap();
+    let k2 = start_recording(notes_only, &group, &other, false).await;
+    wait_until("the second member's partitions", async || {
+        let s = k2.registry().service_of::<Note>().unwrap();
+        ready(!s.assigned_partitions.is_empty(), || format!("{s:?}"))
+    })
+    .await;
+    for id in 11..=20 {
+        p.produce(&Note { id }).await.unwrap();
+    }
+    wait_until("the notes after the rebalance", async || {
+        let n = handled.notes().len() + other.notes().len();
+        ready(n >= 20, || format!("{n} handled"))
+    })
+    .await;
+    assert_eq!(handled.jobs().len(), 10, "still paused after the rebalance");
+    let status = k.registry().type_status::<Job>().unwrap();
+    assert!(status.held, "{status:?}");
+    k2.shutdown(Duration::from_secs(10)).await.unwrap();
+
+    // Resumed: every job arrives once, in order per key's partition.
+    let reports = k.resume(Target::of::<Job>().by("test")).await.unwrap();
+    assert!(applied(&reports), "{reports:?}");
+    wait_until("the held jobs", async || {
+        let n = handled.jobs().len();
+        ready(n >= 20, || format!("{n} handled"))
+    })
+    .await;
+    let mut seen = handled.jobs();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (1..=20).collect::<Vec<_>>(),
+        "nothing lost, nothing twice"
+    );
+    assert!(!k.registry().type_status::<Job>().unwrap().held);
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn seeks_move_the_group_to_the_beginning_or_a_time_and_commit_it() {
+    let topic = unique_name("seek-jobs");
+    let group = unique_name("seek");
+    let model = Model::builder()
+        .topic::<Job>(|t| t.name(topic.as_str()).partitions(1).key(|j| j.id))
+        .build()
+        .unwrap();
+    let handled: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let g = group.clone();
+    let k = Kontext::builder(model)
+        .broker(broker())
+        .settings(KafkaSettings::new().consumer(move |c| c.group_id = Some(g.clone())))
+        .producer()
+        .consumers(move |c| {
+            c.handler(move |j: Job, _ctx: MessageContext| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    seen.lock().unwrap().push(j.id);
+                    Ok(())
+                }
+            });
+        })
+        .start()
+        .await
+        .unwrap();
+    let p = k.producer().unwrap();
+    for id in 1..=5 {
+        p.produce(&Job { id }).await.unwrap();
+    }
+    let count = || handled.lock().unwrap().len();
+    wait_until("five jobs", async || {
+        ready(count() == 5, || format!("{}", count()))
+    })
+    .await;
+
+    // To the beginning: all five again, and offset 0 committed at once.
+    let reports = k
+        .seek(Target::of::<Job>(), SeekTo::Beginning)
+        .await
+        .unwrap();
+    let Outcome::Applied { positions, .. } = &reports[0].outcome else {
+        panic!("{reports:?}");
+    };
+    assert_eq!(positions, &vec![(0, 0)]);
+    wait_until("five jobs again", async || {
+        ready(count() == 10, || format!("{}", count()))
+    })
+    .await;
+    assert_eq!(*handled.lock().unwrap(), vec![1, 2, 3, 4, 5, 1, 2, 3, 4, 5]);
+
+    // To a time: the first record at or after it. The embedded broker
+    // cannot look offsets up by time, and says so.
+    let by_time = Target::topic(topic.as_str()).group(group.as_str());
+    let records = read_all(k.broker(), &topic).await;
+    let at = records[3].timestamp.unwrap();
+    if !external() {
+        let refused = k.seek(by_time, SeekTo::Timestamp(at)).await;
+        assert!(
+            matches!(&refused, Err(e) if e.to_string().contains("by time")),
+            "{refused:?}"
+        );
+    } else {
+        let first = records
+            .iter()
+            .find(|r| r.timestamp.unwrap() >= at)
+            .unwrap()
+            .offset;
+        let reports = k.seek(by_time, SeekTo::Timestamp(at)).await.unwrap();
+        let Outcome::Applied { positions, .. } = &reports[0].outcome else {
+            panic!("{reports:?}");
+        };
+        assert_eq!(positions, &vec![(0, first)]);
+        let expected = 10 + (5 - usize::try_from(first).unwrap());
+        wait_until("the jobs from the time", async || {
+            ready(count() == expected, || format!("{}", count()))
+        })
+        .await;
+    }
+    wait_until("the offsets committed", async || {
+        let c = committed_offsets(k.broker(), &group, &topic).await;
+        ready(c.get(&0) == Some(&5), || format!("{c:?}"))
+    })
+    .await;
+
+    // A partition another member owns (or none does) is reported so.
+    let reports = k
+        .seek(Target::of::<Job>().partitions([7]), SeekTo::End)
+        .await
+        .unwrap();
+    assert_eq!(
+        reports[0].outcome,
+        Outcome::NotOwned {
+            partitions: vec![7]
+        }
+    );
     k.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -1,8 +1,14 @@
-//! Operator controls on a running `Kontext`: dead letters replayed to
+//! Operator controls on a running `Kontext`: pause, resume and seek of
+//! consumed lanes ([`Kontext::pause`](crate::Kontext::pause),
+//! [`Kontext::resume`](crate::Kontext::resume),
+//! [`Kontext::seek`](crate::Kontext::seek)), and dead letters replayed to
 //! their original topics ([`Kontext::replay_dead_letters`](crate::Kontext::replay_dead_letters)).
 
+mod control;
 mod replay;
 
 pub use crate::headers::REPLAYED_FROM;
+pub(crate) use control::{Aim, Command};
+pub use control::{ControlReport, Outcome, SeekTo, Target};
 pub(crate) use replay::replay_blocking;
 pub use replay::{ReplayFilter, Replayed};

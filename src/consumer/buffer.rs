@@ -89,6 +89,9 @@ pub(crate) struct LaneBuffer {
     finished: AtomicU64,
     /// Whether the lane's partitions are paused because it is full.
     pub(crate) paused: AtomicBool,
+    /// Whether an operator holds some of its partitions paused
+    /// (`Kontext::pause`).
+    pub(crate) held: AtomicBool,
     dropped: AtomicU64,
     /// Partition ownership as the worker sees it; see [`LaneBuffer::revoke`].
     ownership: Ownership,
@@ -152,6 +155,7 @@ impl LaneBuffer {
             in_lane: AtomicUsize::new(0),
             finished: AtomicU64::new(0),
             paused: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             ownership: Ownership::default(),
             sealed: AtomicBool::new(false),
@@ -553,6 +557,7 @@ impl crate::registry::TypeProbe for LaneProbe {
         status.buffered = b.len();
         status.capacity = b.capacity();
         status.paused = b.paused.load(Ordering::Acquire);
+        status.held = b.held.load(Ordering::Acquire);
         status.stalled_for = b.stalled_for();
         if let Some((d, error)) = b.database_down() {
             status.database_down_for = Some(d);

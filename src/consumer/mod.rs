@@ -11,6 +11,7 @@
 
 pub(crate) mod buffer;
 mod context;
+mod control;
 mod dead_letter;
 mod exactly_once;
 #[cfg(feature = "testing")]
@@ -746,6 +747,9 @@ impl Build<'_> {
         for lane_types in by_topic(types) {
             lanes.push(self.lane(&name, &group, &env, lane_types, (bounds, &config))?);
         }
+        let _ = shared
+            .topics
+            .set(lanes.iter().map(|l| l.topic.to_string()).collect());
         let poll_plan = PollPlan {
             shared: Arc::clone(&shared),
             config,

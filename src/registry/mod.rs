@@ -90,6 +90,9 @@ pub struct TypeStatus {
     pub capacity: usize,
     /// Whether its partitions are paused because the buffer is full.
     pub paused: bool,
+    /// Whether an operator holds its lane (or some of its partitions)
+    /// paused ([`Kontext::pause`](crate::Kontext::pause)); not unhealthy.
+    pub held: bool,
     /// How long its lane (its topic in its poll service) has held records
     /// without finishing one: a hung or very slow handler, a long retry
     /// pause. `None` while records finish (or none wait).
@@ -147,8 +150,11 @@ pub struct ServiceStatus {
     pub state: ServiceState,
     /// Partitions assigned to it by its group.
     pub assigned_partitions: Vec<(String, i32)>,
-    /// Partitions paused by backpressure.
+    /// Partitions paused by backpressure or by an operator.
     pub paused_partitions: Vec<(String, i32)>,
+    /// Partitions an operator holds paused ([`Kontext::pause`](crate::Kontext::pause)),
+    /// owned here now.
+    pub held_partitions: Vec<(String, i32)>,
     /// Types it serves.
     pub types: Vec<&'static str>,
     /// Time since its loop last polled; `None` before the first poll.
@@ -460,6 +466,13 @@ impl Registry {
         health
     }
 
+    /// The topic and poll service of consumed type `id`.
+    pub(crate) fn lane_of(&self, id: TypeId) -> Option<(String, String)> {
+        self.types
+            .get(&id)
+            .map(|e| (e.topic.clone(), e.service.clone()))
+    }
+
     pub(crate) fn shared_of(
         &self,
         id: TypeId,
@@ -489,6 +502,7 @@ fn status_of(e: &TypeEntry) -> TypeStatus {
         buffered: 0,
         capacity: 0,
         paused: false,
+        held: false,
         stalled_for: None,
         database_down_for: None,
         database_error: None,
@@ -528,6 +542,7 @@ mod tests {
             state: ServiceState::Running,
             assigned_partitions: Vec::new(),
             paused_partitions: Vec::new(),
+            held_partitions: Vec::new(),
             types: vec!["OrderCreated"],
             since_last_poll: Some(since_last_poll),
             tracked_entries: 0,

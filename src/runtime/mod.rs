@@ -2,6 +2,7 @@
 //! the broker connection, the roles the process registered and everything
 //! they spawned.
 
+mod admin;
 mod signal;
 
 use std::sync::Arc;
@@ -484,48 +485,6 @@ impl Kontext {
     #[cfg(feature = "testing")]
     pub(crate) fn handler_faults(&self) -> Option<&crate::consumer::fault::Faults> {
         self.consumers.as_ref().map(|c| c.faults())
-    }
-
-    /// Sends the dead letters of `dead_letter_topic` that `filter` matches
-    /// back to their original topics (`dlq-original-topic`), with their
-    /// key, payload and headers as consumed, without the `dlq-*` headers,
-    /// and with [`REPLAYED_FROM`](crate::admin::REPLAYED_FROM) naming the
-    /// dead letter's topic, partition and offset. Reads the topic up to its
-    /// end when the replay began; a dead letter whose payload was cut to
-    /// fit (`dlq-truncated`) is counted, not replayed. A dry run counts.
-    ///
-    /// The dead letters stay on their topic: a replay that fails halfway
-    /// (the error says how many were not delivered) can be run again, at
-    /// the cost of sending the delivered ones twice.
-    pub async fn replay_dead_letters(
-        &self,
-        dead_letter_topic: &str,
-        filter: crate::admin::ReplayFilter,
-    ) -> Result<crate::admin::Replayed> {
-        let servers = self.broker.bootstrap_servers().to_owned();
-        let config = self.settings.client_config(&servers);
-        let topic = dead_letter_topic.to_owned();
-        tracing::info!(topic = %topic, filter = ?filter, "replaying dead letters");
-        // The blocking scan stops (flushing what it sent) when this call's
-        // future is dropped or kontext shuts down.
-        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        struct OnDrop(Arc<std::sync::atomic::AtomicBool>);
-        impl Drop for OnDrop {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::Release);
-            }
-        }
-        let _guard = OnDrop(Arc::clone(&dropped));
-        let cancel = self.cancel.clone();
-        let replayed = tokio::task::spawn_blocking(move || {
-            let stopped =
-                || cancel.is_cancelled() || dropped.load(std::sync::atomic::Ordering::Acquire);
-            crate::admin::replay_blocking(&config, &servers, &topic, &filter, &stopped)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("the dead-letter replay did not finish: {e}")))??;
-        tracing::info!(topic = %dead_letter_topic, replayed = ?replayed, "dead letters replayed");
-        Ok(replayed)
     }
 
     /// The keyed registry: which poll service serves each consumed type,

@@ -61,6 +61,9 @@ pub const OUTBOX_BACKLOG: &str = "kontext_outbox_backlog";
 pub const OUTBOX_OLDEST_AGE: &str = "kontext_outbox_oldest_age_seconds";
 /// Outbox rows that used up their attempts.
 pub const OUTBOX_FAILED_ROWS: &str = "kontext_outbox_failed_rows";
+/// Operator commands (pause, resume, seek, replay, outbox retry and
+/// discard), by command and by who issued them.
+pub const ADMIN_COMMANDS: &str = "kontext_admin_commands_total";
 
 /// Describes every metric to the recorder once (units and help texts).
 pub(crate) fn describe() {
@@ -105,6 +108,7 @@ pub(crate) fn describe() {
         OUTBOX_FAILED_ROWS,
         "Outbox rows that used up their attempts"
     );
+    describe_counter!(ADMIN_COMMANDS, "Operator commands, by command and issuer");
 }
 
 /// The counters of one consumed type, set from its statistics.
@@ -238,4 +242,10 @@ pub(crate) fn outbox_published(topic: &str) -> Counter {
 
 pub(crate) fn outbox_failed(topic: &str) -> Counter {
     metrics::counter!(OUTBOX_FAILED, "topic" => topic.to_owned())
+}
+
+/// Counts one operator command.
+pub(crate) fn admin_command(command: &'static str, issuer: &str) {
+    metrics::counter!(ADMIN_COMMANDS, "command" => command, "issuer" => issuer.to_owned())
+        .increment(1);
 }

@@ -164,7 +164,11 @@ impl LoopState {
                 changed = true;
                 let mut tpl = TopicPartitionList::new();
                 for (t, p) in &self.assignment {
-                    if *t == self.lanes[i].topic && !self.lane_state[i].held_back.contains(p) {
+                    let state = &self.lane_state[i];
+                    if *t == self.lanes[i].topic
+                        && !state.held_back.contains(p)
+                        && !state.hold.holds(*p)
+                    {
                         tpl.add_partition(t, *p);
                     }
                 }
@@ -213,8 +217,9 @@ impl LoopState {
                     pause.add_partition(t, *p);
                 } else if held && span <= bound / 2 {
                     self.lane_state[i].held_back.retain(|q| q != p);
-                    // A lane paused as a whole resumes it with the lane.
-                    if !self.lane_state[i].paused {
+                    // A lane paused as a whole resumes it with the lane;
+                    // one an operator holds, on the operator's resume.
+                    if !self.lane_state[i].paused && !self.lane_state[i].hold.holds(*p) {
                         resume.add_partition(t, *p);
                     }
                 }

@@ -37,10 +37,12 @@ use crate::telemetry::{ServiceMetrics, TypeCounters};
 
 mod backpressure;
 mod close;
+mod control;
 mod progress;
 mod rebalance;
 mod service;
 
+pub(crate) use control::Request;
 use rebalance::PollContext;
 pub(crate) use service::ServiceShared;
 use service::{DRAIN, STOP_NOW};
@@ -89,6 +91,10 @@ struct LaneState {
     returned: Vec<Record>,
     /// Records held while the lane is paused (`Backpressure::Apply`).
     overflow: VecDeque<Record>,
+    /// What an operator holds paused (`control.rs`), and the records of
+    /// those partitions polled before Kafka stopped fetching them.
+    hold: control::Hold,
+    parked: VecDeque<Record>,
     paused: bool,
     /// Sequence number given to the last record pushed into the lane.
     last_seq: u64,
@@ -321,6 +327,10 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         .map_err(|e| format!("could not subscribe to {topics:?}: {e}"))?;
     tracing::info!(service = %shared.name, group = %shared.group_id, ?topics, "poll service running");
 
+    // Commands sent before the thread ran wait in the channel.
+    let controls = lock(&shared.control_rx)
+        .take()
+        .ok_or_else(|| "the poll service's command channel was taken twice".to_owned())?;
     let mut last_store = Instant::now();
     let mut drain_started: Option<Instant> = None;
     loop {
@@ -358,6 +368,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
                 st.absorb_returned();
                 st.refill(&consumer, &shared);
                 st.hold_back(&consumer, &shared);
+                st.apply_controls(&controls, &consumer, &shared, revoke_timeout);
             }
             lock(&state).pause_blocked(&consumer, &shared);
         }
@@ -393,6 +404,7 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         st.absorb_returned();
         st.refill(&consumer, &shared);
         st.hold_back(&consumer, &shared);
+        st.apply_controls(&controls, &consumer, &shared, revoke_timeout);
         if drain_started.is_some() {
             st.seal_drained();
         }
@@ -474,6 +486,7 @@ fn release(shared: &ServiceShared, state: &Mutex<LoopState>) {
     for s in &mut st.lane_state {
         s.pending.clear();
         s.overflow.clear();
+        s.parked.clear();
         s.returned.clear();
     }
     for lane in &st.lanes {
@@ -528,6 +541,18 @@ impl LoopState {
             }
             let state = &mut self.lane_state[lane];
             let mut batch = std::mem::take(&mut state.pending);
+            if state.hold.is_active() {
+                let (hold, parked) = (&state.hold, &mut state.parked);
+                let mut kept = Vec::with_capacity(batch.len());
+                for r in batch.drain(..) {
+                    if hold.holds(r.partition) {
+                        parked.push_back(r);
+                    } else {
+                        kept.push(r);
+                    }
+                }
+                batch = kept;
+            }
             for (i, n) in state.received.iter_mut().enumerate() {
                 if *n > 0 {
                     if let Some((_, stats)) = self.lanes[lane].types.get(i) {

@@ -135,15 +135,24 @@ impl LoopState {
 
     pub(super) fn publish_paused(&self, shared: &ServiceShared) {
         let mut paused: Vec<(String, i32)> = Vec::new();
+        let mut held: Vec<(String, i32)> = Vec::new();
         for (i, s) in self.lane_state.iter().enumerate() {
             for (t, p) in &self.assignment {
-                if *t == self.lanes[i].topic && (s.paused || s.held_back.contains(p)) {
+                if *t != self.lanes[i].topic {
+                    continue;
+                }
+                if s.hold.holds(*p) {
+                    held.push((t.to_string(), *p));
+                }
+                if s.paused || s.held_back.contains(p) || s.hold.holds(*p) {
                     paused.push((t.to_string(), *p));
                 }
             }
         }
         paused.sort();
+        held.sort();
         *lock(&shared.paused) = paused;
+        *lock(&shared.held) = held;
         let mut assigned: Vec<(String, i32)> = self
             .assignment
             .iter()

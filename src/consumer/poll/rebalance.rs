@@ -168,7 +168,8 @@ impl LoopState {
         let mut resume = TopicPartitionList::new();
         for e in tpl.elements() {
             if let Some(&lane) = self.routes.get(e.topic()) {
-                let to = if self.lane_state[lane].paused {
+                let state = &self.lane_state[lane];
+                let to = if state.paused || state.hold.holds(e.partition()) {
                     &mut pause
                 } else {
                     &mut resume
@@ -219,6 +220,43 @@ impl LoopState {
             self.assignment
                 .retain(|(t, p)| !(&**t == e.topic() && *p == e.partition()));
         }
+        self.fence(&by_lane, shared, timeout);
+        self.store_offsets(consumer);
+        // Leaving to close: the final commit is done (or failed) already.
+        if !shared.closing.load(Ordering::Acquire) {
+            commit_sync(consumer, &shared.name);
+        }
+        for (lane, partitions) in by_lane.iter().enumerate() {
+            for &p in partitions {
+                self.tracker.forget((lane, p));
+                self.stored.remove(&(self.lanes[lane].topic.to_string(), p));
+                super::close::Commits::forget(&shared.commits, &self.lanes[lane].topic, p);
+                // Its lag is its next owner's to say (each member exports
+                // only what it owns).
+                crate::telemetry::consumer_lag(&self.lanes[lane].topic, p, &shared.group_id)
+                    .set(0.0);
+            }
+            if !partitions.is_empty() {
+                let state = &mut self.lane_state[lane];
+                state.held_back.retain(|p| !partitions.contains(p));
+            }
+        }
+        self.publish_paused(shared);
+    }
+
+    /// Ends this member's work on `by_lane`'s partitions (per lane): no
+    /// record of them is started any more, what waits here or in a lane's
+    /// queue goes, the one a worker is handling may finish (waiting up to
+    /// `timeout`), and what the workers finished is taken back into the
+    /// offset tracker. A record still held at the deadline is marked late:
+    /// never committed here, whenever it comes back. For a revoke and a
+    /// seek alike.
+    pub(super) fn fence(
+        &mut self,
+        by_lane: &[Vec<i32>],
+        shared: &ServiceShared,
+        timeout: Duration,
+    ) {
         // Stop handing them over: what waits here or in a lane's queue goes.
         let mut announced = Vec::new();
         for (lane, partitions) in by_lane.iter().enumerate() {
@@ -227,6 +265,7 @@ impl LoopState {
             }
             let s = &mut self.lane_state[lane];
             s.overflow.retain(|r| !partitions.contains(&r.partition));
+            s.parked.retain(|r| !partitions.contains(&r.partition));
             s.pending.retain(|r| !partitions.contains(&r.partition));
             let (n, purged) = self.lanes[lane].buffer.revoke(partitions, s.last_seq);
             drop(purged);
@@ -273,26 +312,5 @@ impl LoopState {
                 late.push((p, last));
             }
         }
-        self.store_offsets(consumer);
-        // Leaving to close: the final commit is done (or failed) already.
-        if !shared.closing.load(Ordering::Acquire) {
-            commit_sync(consumer, &shared.name);
-        }
-        for (lane, partitions) in by_lane.iter().enumerate() {
-            for &p in partitions {
-                self.tracker.forget((lane, p));
-                self.stored.remove(&(self.lanes[lane].topic.to_string(), p));
-                super::close::Commits::forget(&shared.commits, &self.lanes[lane].topic, p);
-                // Its lag is its next owner's to say (each member exports
-                // only what it owns).
-                crate::telemetry::consumer_lag(&self.lanes[lane].topic, p, &shared.group_id)
-                    .set(0.0);
-            }
-            if !partitions.is_empty() {
-                let state = &mut self.lane_state[lane];
-                state.held_back.retain(|p| !partitions.contains(p));
-            }
-        }
-        self.publish_paused(shared);
     }
 }

@@ -27,6 +27,7 @@ impl ServiceProbe for ServiceShared {
             state: self.state(),
             assigned_partitions: lock(&self.assigned).clone(),
             paused_partitions: lock(&self.paused).clone(),
+            held_partitions: lock(&self.held).clone(),
             types: Vec::new(),
             since_last_poll: self.since_last_poll(),
             joined: self.joined.load(Ordering::Acquire),
@@ -59,6 +60,14 @@ pub(crate) struct ServiceShared {
     pub(crate) dedicated: bool,
     pub(crate) state: Mutex<ServiceState>,
     pub(crate) paused: Mutex<Vec<(String, i32)>>,
+    /// Owned partitions an operator holds paused.
+    pub(crate) held: Mutex<Vec<(String, i32)>>,
+    /// Operator commands, drained by the poll thread between polls
+    /// (`control.rs`): an idle channel costs one check per poll round.
+    pub(crate) control: std::sync::mpsc::Sender<super::control::Request>,
+    pub(super) control_rx: Mutex<Option<std::sync::mpsc::Receiver<super::control::Request>>>,
+    /// The topics of its lanes, for addressing commands.
+    pub(crate) topics: std::sync::OnceLock<Vec<String>>,
     pub(crate) assigned: Mutex<Vec<(String, i32)>>,
     pub(super) stop: AtomicU8,
     pub(super) started: (Mutex<bool>, Condvar),
@@ -111,7 +120,12 @@ pub(crate) struct ServiceShared {
 
 impl ServiceShared {
     pub(crate) fn new(name: String, group_id: String, dedicated: bool, start: bool) -> Arc<Self> {
+        let (control, control_rx) = std::sync::mpsc::channel();
         Arc::new(ServiceShared {
+            held: Mutex::new(Vec::new()),
+            control,
+            control_rx: Mutex::new(Some(control_rx)),
+            topics: std::sync::OnceLock::new(),
             name,
             group_id,
             dedicated,

@@ -1,0 +1,368 @@
+//! Operator commands applied by the poll thread between two polls: pause
+//! and resume held across rebalances, and seek with the records in flight
+//! fenced as on a revoke. Being on the poll thread, a command never
+//! interleaves with a rebalance callback (they run inside `poll`).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{LoopState, PollContext, ServiceShared};
+use crate::admin::{Command, ControlReport, Outcome, SeekTo};
+
+/// Longest a seek waits for the broker to resolve a position (watermarks,
+/// offsets for a timestamp): the poll thread serves nothing meanwhile.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A command for one lane of a poll service, with where its answer goes.
+pub(crate) struct Request {
+    pub(crate) topic: String,
+    pub(crate) partitions: Option<Vec<i32>>,
+    pub(crate) command: Command,
+    pub(crate) reply: tokio::sync::oneshot::Sender<ControlReport>,
+}
+
+/// What an operator holds paused on a lane: all of it, or some partitions
+/// (owned here or not: a held partition that comes here stays paused).
+#[derive(Default, Debug)]
+pub(super) struct Hold {
+    all: bool,
+    partitions: BTreeSet<i32>,
+}
+
+impl Hold {
+    pub(super) fn holds(&self, partition: i32) -> bool {
+        self.all || self.partitions.contains(&partition)
+    }
+
+    pub(super) fn is_active(&self) -> bool {
+        self.all || !self.partitions.is_empty()
+    }
+}
+
+impl LoopState {
+    /// Applies every command waiting in `rx`; a stopping service refuses
+    /// them.
+    pub(super) fn apply_controls(
+        &mut self,
+        rx: &std::sync::mpsc::Receiver<Request>,
+        consumer: &BaseConsumer<PollContext>,
+        shared: &ServiceShared,
+        revoke_timeout: Duration,
+    ) {
+        while let Ok(request) = rx.try_recv() {
+            let Some(lane) = self.lanes.iter().position(|l| *l.topic == *request.topic) else {
+                let _ = request.reply.send(ControlReport {
+                    service: shared.name.clone(),
+                    group: shared.group_id.clone(),
+                    topic: request.topic,
+                    types: Vec::new(),
+                    outcome: Outcome::Refused {
+                        reason: "this poll service does not read the topic".into(),
+                    },
+                });
+                continue;
+            };
+            let partitions = request.partitions.as_deref();
+            let outcome = if shared.is_stopping() {
+                Outcome::Refused {
+                    reason: "the poll service is stopping".into(),
+                }
+            } else {
+                match request.command {
+                    Command::Pause => self.hold(lane, partitions, consumer, shared),
+                    Command::Resume => self.release_hold(lane, partitions, consumer, shared),
+                    Command::Seek(to) => {
+                        self.seek(lane, partitions, to, consumer, shared, revoke_timeout)
+                    }
+                }
+            };
+            tracing::info!(
+                service = %shared.name,
+                group = %shared.group_id,
+                topic = %request.topic,
+                command = request.command.name(),
+                partitions = ?partitions,
+                outcome = ?outcome,
+                "operator command applied"
+            );
+            let lane = &self.lanes[lane];
+            let _ = request.reply.send(ControlReport {
+                service: shared.name.clone(),
+                group: shared.group_id.clone(),
+                topic: lane.topic.to_string(),
+                types: lane.types.iter().map(|(d, _)| d.clone()).collect(),
+                outcome,
+            });
+        }
+    }
+
+    /// Owned partitions of lane `lane` that `pick` selects.
+    fn owned(&self, lane: usize, pick: impl Fn(i32) -> bool) -> Vec<i32> {
+        let topic = &self.lanes[lane].topic;
+        let mut owned: Vec<i32> = self
+            .assignment
+            .iter()
+            .filter(|(t, p)| t == topic && pick(*p))
+            .map(|(_, p)| *p)
+            .collect();
+        owned.sort_unstable();
+        owned
+    }
+
+    fn tpl(&self, lane: usize, partitions: &[i32]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&self.lanes[lane].topic, *p);
+        }
+        tpl
+    }
+
+    /// Holds the lane (or some partitions) paused: Kafka stops fetching
+    /// them, and records of them not yet handed to the worker wait here
+    /// (the ones in the lane's queue are handled).
+    fn hold(
+        &mut self,
+        lane: usize,
+        partitions: Option<&[i32]>,
+        consumer: &BaseConsumer<PollContext>,
+        shared: &ServiceShared,
+    ) -> Outcome {
+        let state = &mut self.lane_state[lane];
+        match partitions {
+            None => {
+                state.hold.all = true;
+                state.hold.partitions.clear();
+            }
+            Some(ps) if !state.hold.all => state.hold.partitions.extend(ps),
+            Some(_) => {}
+        }
+        let (hold, overflow, parked) = (&state.hold, &mut state.overflow, &mut state.parked);
+        let mut kept = std::collections::VecDeque::with_capacity(overflow.len());
+        for r in overflow.drain(..) {
+            if hold.holds(r.partition) {
+                parked.push_back(r);
+            } else {
+                kept.push_back(r);
+            }
+        }
+        *overflow = kept;
+        let owned = {
+            let hold = &self.lane_state[lane].hold;
+            self.owned(lane, |p| hold.holds(p))
+        };
+        if !owned.is_empty() {
+            if let Err(e) = consumer.pause(&self.tpl(lane, &owned)) {
+                tracing::warn!(service = %shared.name, error = %e, "could not pause partitions");
+            }
+        }
+        self.lanes[lane].buffer.held.store(true, Ordering::Release);
+        self.publish_paused(shared);
+        Outcome::Applied {
+            partitions: owned,
+            positions: Vec::new(),
+            held: true,
+        }
+    }
+
+    /// Lets held partitions flow again: their waiting records go first,
+    /// then Kafka fetches them again (unless backpressure holds them).
+    fn release_hold(
+        &mut self,
+        lane: usize,
+        partitions: Option<&[i32]>,
+        consumer: &BaseConsumer<PollContext>,
+        shared: &ServiceShared,
+    ) -> Outcome {
+        let before: Vec<i32> = {
+            let hold = &self.lane_state[lane].hold;
+            self.owned(lane, |p| hold.holds(p))
+        };
+        let state = &mut self.lane_state[lane];
+        match partitions {
+            None => state.hold = Hold::default(),
+            Some(_) if state.hold.all => {
+                return Outcome::Refused {
+                    reason: "the whole lane is paused: resume it without naming partitions".into(),
+                };
+            }
+            Some(ps) => {
+                for p in ps {
+                    state.hold.partitions.remove(p);
+                }
+            }
+        }
+        // Released records are older than anything held back for room.
+        let (hold, overflow, parked) = (&state.hold, &mut state.overflow, &mut state.parked);
+        let mut still = std::collections::VecDeque::new();
+        let mut released = Vec::new();
+        for r in parked.drain(..) {
+            if hold.holds(r.partition) {
+                still.push_back(r);
+            } else {
+                released.push(r);
+            }
+        }
+        *parked = still;
+        for r in released.into_iter().rev() {
+            overflow.push_front(r);
+        }
+        let active = state.hold.is_active();
+        let resumed: Vec<i32> = before
+            .into_iter()
+            .filter(|p| !self.lane_state[lane].hold.holds(*p))
+            .collect();
+        // A lane paused for room, or a partition held back in a pool,
+        // resumes by its own rule.
+        let state = &self.lane_state[lane];
+        let flowing: Vec<i32> = if state.paused {
+            Vec::new()
+        } else {
+            resumed
+                .iter()
+                .copied()
+                .filter(|p| !state.held_back.contains(p))
+                .collect()
+        };
+        if !flowing.is_empty() {
+            if let Err(e) = consumer.resume(&self.tpl(lane, &flowing)) {
+                tracing::warn!(service = %shared.name, error = %e, "could not resume partitions");
+            }
+        }
+        self.lanes[lane]
+            .buffer
+            .held
+            .store(active, Ordering::Release);
+        self.publish_paused(shared);
+        Outcome::Applied {
+            partitions: resumed,
+            positions: Vec::new(),
+            held: active,
+        }
+    }
+
+    /// Moves the group's position on owned partitions: records of them in
+    /// flight are fenced as on a revoke (a handler running may finish; its
+    /// offset is not committed), the consumer seeks, and the new position
+    /// is stored and committed, so a rebalance right after loses nothing.
+    fn seek(
+        &mut self,
+        lane: usize,
+        partitions: Option<&[i32]>,
+        to: SeekTo,
+        consumer: &BaseConsumer<PollContext>,
+        shared: &ServiceShared,
+        timeout: Duration,
+    ) -> Outcome {
+        if self.lanes[lane].transactional {
+            return Outcome::Refused {
+                reason: "the lane commits its offsets in Kafka transactions (exactly once); \
+                         stop it and reset the group's offsets instead"
+                    .into(),
+            };
+        }
+        let owned = self.owned(lane, |p| partitions.is_none_or(|ps| ps.contains(&p)));
+        if owned.is_empty() {
+            return Outcome::NotOwned {
+                partitions: partitions.map(<[i32]>::to_vec).unwrap_or_default(),
+            };
+        }
+        let topic = Arc::clone(&self.lanes[lane].topic);
+        let positions = match resolve(consumer, &topic, &owned, to, shared) {
+            Ok(p) => p,
+            Err(reason) => return Outcome::Refused { reason },
+        };
+        let mut by_lane = vec![Vec::new(); self.lanes.len()];
+        by_lane[lane] = owned.clone();
+        self.fence(&by_lane, shared, timeout);
+        let mut tpl = TopicPartitionList::new();
+        for &(p, offset) in &positions {
+            // Their finished, unstored records belong to the old position.
+            self.tracker.forget((lane, p));
+            if let Err(e) = consumer.seek(&topic, p, Offset::Offset(offset), RESOLVE_TIMEOUT) {
+                return Outcome::Refused {
+                    reason: format!("the consumer could not seek partition {p}: {e}"),
+                };
+            }
+            let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(offset));
+            self.note_stored(&topic, p, offset);
+        }
+        // Stored as well as committed: the auto-commit would otherwise send
+        // the old stored offset again.
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            tracing::warn!(service = %shared.name, error = %e, "could not store the positions sought");
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+            return Outcome::Refused {
+                reason: format!(
+                    "the consumer moved to {positions:?} but could not commit it (a rebalance \
+                     now would start from the last commit): {e}"
+                ),
+            };
+        }
+        let held = self.lane_state[lane].hold.is_active();
+        Outcome::Applied {
+            partitions: owned,
+            positions,
+            held,
+        }
+    }
+}
+
+/// The offset each partition moves to.
+fn resolve(
+    consumer: &BaseConsumer<PollContext>,
+    topic: &str,
+    partitions: &[i32],
+    to: SeekTo,
+    shared: &ServiceShared,
+) -> Result<Vec<(i32, i64)>, String> {
+    let mut bounds = Vec::with_capacity(partitions.len());
+    for &p in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, RESOLVE_TIMEOUT)
+            .map_err(|e| format!("could not read the bounds of partition {p}: {e}"))?;
+        shared.mark_polled();
+        bounds.push((p, low, high));
+    }
+    let by_time = match to {
+        SeekTo::Timestamp(ms) => {
+            let mut tpl = TopicPartitionList::new();
+            for &p in partitions {
+                let _ = tpl.add_partition_offset(topic, p, Offset::Offset(ms));
+            }
+            let found = consumer
+                .offsets_for_times(tpl, RESOLVE_TIMEOUT)
+                .map_err(|e| format!("could not look up offsets for time {ms}: {e}"))?;
+            shared.mark_polled();
+            Some(found)
+        }
+        _ => None,
+    };
+    bounds
+        .into_iter()
+        .map(|(p, low, high)| {
+            let offset = match to {
+                SeekTo::Beginning => low,
+                SeekTo::End => high,
+                SeekTo::Offset(o) => o.clamp(low, high),
+                SeekTo::Timestamp(_) => {
+                    match by_time
+                        .as_ref()
+                        .and_then(|t| t.find_partition(topic, p))
+                        .map(|e| e.offset())
+                    {
+                        Some(Offset::Offset(o)) => o.clamp(low, high),
+                        // No record at or after the time.
+                        _ => high,
+                    }
+                }
+            };
+            Ok((p, offset))
+        })
+        .collect()
+}

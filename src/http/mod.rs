@@ -1,0 +1,491 @@
+//! (Feature `http`.) An axum [`Router`] the application mounts in its own
+//! server (kontext never opens a port): health probes, a status document,
+//! operator commands and a page over them.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /health/live`, `GET /health/ready` | 200 or 503, with the reasons |
+//! | `GET /status` | services, partitions, lanes, counters, outbox (JSON) |
+//! | `GET /` | the status page, with pause, resume, seek and replay |
+//! | `POST /admin/pause`, `/admin/resume`, `/admin/seek`, `/admin/replay` | operator commands |
+//! | `GET /admin/outbox/failed`, `POST /admin/outbox/retry`, `/admin/outbox/discard` | failed outbox rows |
+//!
+//! Admin endpoints answer 404 unless [`HttpSettings::admin_token`] is set;
+//! then they need `Authorization: Bearer <token>` (compared in constant
+//! time, never logged) and answer 401 without it. Every command is logged
+//! with its issuer (`X-Kontext-Operator`, else `http`) and counted in
+//! `kontext_admin_commands_total`.
+
+mod page;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+
+use crate::Kontext;
+use crate::admin::{ReplayFilter, SeekTo, Target};
+use crate::config::Secret;
+use crate::registry::{ServiceState, ServiceStatus, TypeStatus};
+
+/// What the router allows.
+#[derive(Clone, Default)]
+pub struct HttpSettings {
+    admin_token: Option<Secret>,
+}
+
+impl HttpSettings {
+    /// Read-only: health, status and the page; no admin endpoint.
+    pub fn read_only() -> Self {
+        HttpSettings::default()
+    }
+
+    /// Turns the admin endpoints on, behind this bearer token. An empty
+    /// token leaves them off.
+    pub fn admin_token(mut self, token: impl Into<Secret>) -> Self {
+        let token = token.into();
+        self.admin_token = (!token.expose().is_empty()).then_some(token);
+        self
+    }
+}
+
+impl std::fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSettings")
+            .field("admin", &self.admin_token.is_some())
+            .finish()
+    }
+}
+
+struct App {
+    kontext: Arc<Kontext>,
+    settings: HttpSettings,
+}
+
+/// The router over `kontext`; mount it where the application wants it
+/// (`Router::nest("/kontext", kontext::http::router(..))`).
+pub fn router(kontext: Arc<Kontext>, settings: HttpSettings) -> Router {
+    let app = Arc::new(App { kontext, settings });
+    Router::new()
+        .route("/", get(page))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/status", get(status))
+        .route("/admin/pause", post(pause))
+        .route("/admin/resume", post(resume))
+        .route("/admin/seek", post(seek))
+        .route("/admin/replay", post(replay))
+        .route("/admin/outbox/failed", get(outbox_failed))
+        .route("/admin/outbox/retry", post(outbox_retry))
+        .route("/admin/outbox/discard", post(outbox_discard))
+        .with_state(app)
+}
+
+async fn page() -> Html<&'static str> {
+    Html(page::HTML)
+}
+
+fn health_json(kontext: &Kontext) -> (bool, bool, Value) {
+    let h = kontext.health();
+    let body = json!({
+        "live": h.live,
+        "ready": h.ready,
+        "reasons": h.reasons,
+        "details": h.details,
+        "notes": h.notes,
+    });
+    (h.live, h.ready, body)
+}
+
+fn code(ok: bool) -> StatusCode {
+    if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn live(State(app): State<Arc<App>>) -> Response {
+    let (live, _, body) = health_json(&app.kontext);
+    (code(live), Json(body)).into_response()
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let (_, ready, body) = health_json(&app.kontext);
+    (code(ready), Json(body)).into_response()
+}
+
+fn ms(d: Option<std::time::Duration>) -> Value {
+    d.map_or(Value::Null, |d| json!(d.as_millis() as u64))
+}
+
+fn state_name(state: &ServiceState) -> (String, Option<String>) {
+    match state {
+        ServiceState::Waiting => ("waiting".into(), None),
+        ServiceState::Running => ("running".into(), None),
+        ServiceState::Draining => ("draining".into(), None),
+        ServiceState::Stopped => ("stopped".into(), None),
+        ServiceState::Failed(why) => ("failed".into(), Some(why.clone())),
+        #[allow(unreachable_patterns)]
+        _ => ("unknown".into(), None),
+    }
+}
+
+fn partitions(list: &[(String, i32)]) -> Value {
+    json!(
+        list.iter()
+            .map(|(t, p)| json!({"topic": t, "partition": p}))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn service_json(s: &ServiceStatus) -> Value {
+    let (state, failure) = state_name(&s.state);
+    json!({
+        "name": s.name,
+        "group": s.group_id,
+        "dedicated": s.dedicated,
+        "state": state,
+        "failure": failure,
+        "joined": s.joined,
+        "types": s.types,
+        "assigned": partitions(&s.assigned_partitions),
+        "paused": partitions(&s.paused_partitions),
+        "held": partitions(&s.held_partitions),
+        "since_last_poll_ms": ms(s.since_last_poll),
+        "brokers_down_for_ms": ms(s.brokers_down_for),
+        "stalled_for_ms": ms(s.stalled_for),
+        "rejected": s.rejected,
+        "skipped": s.skipped,
+        "assignments_lost": s.assignments_lost,
+        "settings": s.settings.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+    })
+}
+
+fn type_json(t: &TypeStatus) -> Value {
+    json!({
+        "type": t.discriminator,
+        "rust_type": t.rust_type,
+        "topic": t.topic,
+        "service": t.service,
+        "dead_letter_topic": t.dead_letter_topic,
+        "buffered": t.buffered,
+        "capacity": t.capacity,
+        "paused": t.paused,
+        "held": t.held,
+        "workers": t.workers,
+        "busy_workers": t.busy_workers,
+        "received": t.received,
+        "handled": t.handled,
+        "failed": t.failed,
+        "retried": t.retried,
+        "dead_lettered": t.dead_lettered,
+        "dead_letter_reasons": t.dead_letter_reasons.iter().map(|(r, n)| json!([r, n])).collect::<Vec<_>>(),
+        "dropped": t.dropped,
+        "duplicates": t.duplicates,
+        "stalled_for_ms": ms(t.stalled_for),
+    })
+}
+
+async fn status(State(app): State<Arc<App>>) -> Json<Value> {
+    let k = &app.kontext;
+    let registry = k.registry();
+    let (live, ready, health) = health_json(k);
+    let outbox = match k.outbox() {
+        Ok(o) => {
+            let pending = o.pending().await.map_err(|e| e.to_string());
+            let failed = o.failed().await.map_err(|e| e.to_string());
+            json!({
+                "pending": pending.as_ref().ok(),
+                "failed": failed.as_ref().ok().map(Vec::len),
+                "error": pending.err().or(failed.err()),
+            })
+        }
+        Err(_) => Value::Null,
+    };
+    let topics: Vec<Value> = k
+        .model()
+        .topics()
+        .iter()
+        .map(|t| json!({"name": t.name(), "partitions": t.partitions()}))
+        .collect();
+    Json(json!({
+        "live": live,
+        "ready": ready,
+        "health": health,
+        "admin": app.settings.admin_token.is_some(),
+        "topics": topics,
+        "services": registry.services().iter().map(service_json).collect::<Vec<_>>(),
+        "types": registry.types().iter().map(type_json).collect::<Vec<_>>(),
+        "outbox": outbox,
+    }))
+}
+
+/// Who is allowed, and who they say they are: `Err` is the answer to
+/// give (404 with admin off, 401 without the token).
+fn authorize(app: &App, headers: &HeaderMap) -> Result<String, Response> {
+    let Some(token) = &app.settings.admin_token else {
+        return Err((
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "admin endpoints are off (no admin token configured)"})),
+        )
+            .into_response());
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok: bool = given.as_bytes().ct_eq(token.expose().as_bytes()).into();
+    if !ok {
+        tracing::warn!("admin request refused: missing or wrong bearer token");
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": "a bearer token is required"})),
+        )
+            .into_response());
+    }
+    let issuer = headers
+        .get("x-kontext-operator")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64)
+        .unwrap_or("http")
+        .to_owned();
+    Ok(issuer)
+}
+
+/// A lane addressed over HTTP: a consumed type (its `ce_type`) or a topic.
+#[derive(Debug, Deserialize)]
+struct Aimed {
+    #[serde(rename = "type")]
+    type_name: Option<String>,
+    topic: Option<String>,
+    group: Option<String>,
+    partitions: Option<Vec<i32>>,
+    to: Option<SeekTo>,
+}
+
+fn bad_request(why: impl Into<String>) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": why.into()}))).into_response()
+}
+
+fn target_of(k: &Kontext, aimed: &Aimed, issuer: String) -> Result<Target, Response> {
+    let (topic, group) = match (&aimed.type_name, &aimed.topic) {
+        (Some(name), _) => {
+            let t = k
+                .registry()
+                .types()
+                .into_iter()
+                .find(|t| &t.discriminator == name)
+                .ok_or_else(|| bad_request(format!("no consumed type `{name}`")))?;
+            let group = k.registry().service(&t.service).map(|s| s.group_id);
+            (t.topic, group)
+        }
+        (None, Some(topic)) => (topic.clone(), aimed.group.clone()),
+        (None, None) => return Err(bad_request("name a `type` or a `topic`")),
+    };
+    let mut target = Target::topic(topic).by(issuer);
+    if let Some(g) = group {
+        target = target.group(g);
+    }
+    if let Some(p) = &aimed.partitions {
+        target = target.partitions(p.iter().copied());
+    }
+    Ok(target)
+}
+
+fn answer<T: serde::Serialize>(result: crate::Result<T>) -> Response {
+    match result {
+        Ok(v) => Json(json!({"results": v})).into_response(),
+        Err(e) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn command(
+    app: &App,
+    headers: &HeaderMap,
+    body: Result<Json<Aimed>, axum::extract::rejection::JsonRejection>,
+    which: &str,
+) -> Response {
+    let issuer = match authorize(app, headers) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let Json(aimed) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let target = match target_of(&app.kontext, &aimed, issuer) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let k = &app.kontext;
+    match which {
+        "pause" => answer(k.pause(target).await),
+        "resume" => answer(k.resume(target).await),
+        _ => match aimed.to {
+            Some(to) => answer(k.seek(target, to).await),
+            None => bad_request(
+                "a seek needs `to`: \"beginning\", \"end\", {\"offset\": n} or {\"timestamp\": ms}",
+            ),
+        },
+    }
+}
+
+type Body = Result<Json<Aimed>, axum::extract::rejection::JsonRejection>;
+
+async fn pause(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    command(&app, &headers, body, "pause").await
+}
+
+async fn resume(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    command(&app, &headers, body, "resume").await
+}
+
+async fn seek(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
+    command(&app, &headers, body, "seek").await
+}
+
+#[derive(Debug, Deserialize)]
+struct ReplayBody {
+    dead_letter_topic: String,
+    reason: Option<String>,
+    #[serde(rename = "type")]
+    type_name: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+    per_second: Option<u32>,
+}
+
+async fn replay(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Json<ReplayBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let issuer = match authorize(&app, &headers) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let mut filter = ReplayFilter::all();
+    if let Some(r) = b.reason {
+        filter = filter.reason(r);
+    }
+    if let Some(t) = b.type_name {
+        filter = filter.message_type(t);
+    }
+    if let Some(n) = b.per_second {
+        filter = filter.per_second(n);
+    }
+    if b.dry_run {
+        filter = filter.dry_run();
+    }
+    tracing::info!(%issuer, topic = %b.dead_letter_topic, "dead-letter replay requested over http");
+    match app
+        .kontext
+        .replay_dead_letters(&b.dead_letter_topic, filter)
+        .await
+    {
+        Ok(r) => Json(json!({
+            "scanned": r.scanned,
+            "matched": r.matched,
+            "replayed": r.replayed,
+        }))
+        .into_response(),
+        Err(e) => answer::<()>(Err(e)),
+    }
+}
+
+async fn outbox_failed(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&app, &headers) {
+        return r;
+    }
+    let rows = match app.kontext.outbox() {
+        Ok(o) => o.failed().await,
+        Err(e) => Err(e),
+    };
+    match rows {
+        Ok(rows) => Json(json!({
+            "failed": rows.iter().map(|r| json!({
+                "message_id": r.message_id,
+                "topic": r.topic,
+                "attempts": r.attempts,
+                "last_error": r.last_error,
+            })).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(e) => answer::<()>(Err(e)),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Ids {
+    message_ids: Vec<String>,
+}
+
+async fn outbox_rows(
+    app: &App,
+    headers: &HeaderMap,
+    body: Result<Json<Ids>, axum::extract::rejection::JsonRejection>,
+    retry: bool,
+) -> Response {
+    let issuer = match authorize(app, headers) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let Json(ids) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let outbox = match app.kontext.outbox() {
+        Ok(o) => o,
+        Err(e) => return answer::<()>(Err(e)),
+    };
+    let ids: Vec<&str> = ids.message_ids.iter().map(String::as_str).collect();
+    let what = if retry {
+        "outbox-retry"
+    } else {
+        "outbox-discard"
+    };
+    crate::telemetry::admin_command(what, &issuer);
+    tracing::info!(%issuer, command = what, rows = ids.len(), "operator command");
+    let done = if retry {
+        outbox.retry(&ids).await
+    } else {
+        outbox.discard(&ids).await
+    };
+    match done {
+        Ok(n) => Json(json!({"rows": n})).into_response(),
+        Err(e) => answer::<()>(Err(e)),
+    }
+}
+
+async fn outbox_retry(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Json<Ids>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    outbox_rows(&app, &headers, body, true).await
+}
+
+async fn outbox_discard(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Result<Json<Ids>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    outbox_rows(&app, &headers, body, false).await
+}

@@ -1,0 +1,67 @@
+//! The status page: one HTML document that reads `status` and calls the
+//! admin endpoints (relative paths, so it works wherever it is mounted).
+//! The token is kept in the tab's session storage, never in the page.
+
+pub(super) const HTML: &str = r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>kontext</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:20px;margin:0 0 .3em} h2{font-size:16px;margin:1.4em 0 .4em}
+table{border-collapse:collapse;width:100%} th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f4f4f4} .ok{color:#176b2c} .bad{color:#b00020} .held{color:#a15c00;font-weight:bold}
+button{margin:0 2px} #msg{margin:.5em 0;min-height:1.2em} code{font-size:12px}
+</style></head><body>
+<h1>kontext</h1>
+<div id="health"></div>
+<div><label>Admin token <input id="token" type="password" size="24"></label>
+<label>Operator <input id="operator" size="12" value="page"></label></div>
+<div id="msg"></div>
+<h2>Consumed types</h2>
+<table id="types"><thead><tr><th>type</th><th>topic</th><th>service</th><th>buffer</th><th>handled</th><th>failed</th><th>dead letters</th><th>state</th><th>actions</th></tr></thead><tbody></tbody></table>
+<h2>Poll services</h2>
+<table id="services"><thead><tr><th>service</th><th>group</th><th>state</th><th>assigned</th><th>paused</th><th>held</th></tr></thead><tbody></tbody></table>
+<h2>Topics</h2>
+<table id="topics"><thead><tr><th>topic</th><th>partitions</th></tr></thead><tbody></tbody></table>
+<h2>Outbox</h2><div id="outbox"></div>
+<script>
+const $ = (id) => document.getElementById(id);
+$('token').value = sessionStorage.getItem('kontext-token') || '';
+$('token').addEventListener('change', () => sessionStorage.setItem('kontext-token', $('token').value));
+const esc = (s) => String(s ?? '').replace(/[&<>"']/g, (c) => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
+const parts = (l) => l.map((p) => p.topic + '/' + p.partition).join(', ');
+async function admin(path, body) {
+  const r = await fetch('admin/' + path, {method: 'POST', headers: {'content-type': 'application/json',
+    'authorization': 'Bearer ' + $('token').value, 'x-kontext-operator': $('operator').value}, body: JSON.stringify(body)});
+  const text = await r.text();
+  $('msg').textContent = path + ': ' + r.status + ' ' + text;
+  $('msg').className = r.ok ? 'ok' : 'bad';
+  refresh();
+}
+function seek(type) {
+  const to = prompt('Seek ' + type + ' to: beginning, end, an offset, or a time (ms since epoch, prefixed t)', 'beginning');
+  if (!to) return;
+  let target = to;
+  if (/^t\d+$/.test(to)) target = {timestamp: Number(to.slice(1))};
+  else if (/^\d+$/.test(to)) target = {offset: Number(to)};
+  admin('seek', {type, to: target});
+}
+async function refresh() {
+  const s = await (await fetch('status')).json();
+  $('health').innerHTML = '<span class="' + (s.live && s.ready ? 'ok' : 'bad') + '">live: ' + s.live + ', ready: ' + s.ready +
+    '</span> ' + esc(s.health.reasons.join('; ')) + (s.admin ? '' : ' <em>(admin endpoints off)</em>');
+  $('types').tBodies[0].innerHTML = s.types.map((t) => '<tr data-type="' + esc(t.type) + '"><td>' + esc(t.type) + '</td><td>' + esc(t.topic) +
+    '</td><td>' + esc(t.service) + '</td><td>' + t.buffered + '/' + t.capacity + '</td><td class="handled">' + t.handled + '</td><td>' + t.failed +
+    '</td><td class="dead">' + t.dead_lettered + '</td><td class="state">' + (t.held ? '<span class="held">paused</span>' : (t.paused ? 'backpressure' : 'flowing')) +
+    '</td><td><button class="pause" onclick="admin(\'pause\',{type:\'' + esc(t.type) + '\'})">pause</button>' +
+    '<button class="resume" onclick="admin(\'resume\',{type:\'' + esc(t.type) + '\'})">resume</button>' +
+    '<button class="seek" onclick="seek(\'' + esc(t.type) + '\')">seek</button>' +
+    '<button class="replay" onclick="admin(\'replay\',{dead_letter_topic:\'' + esc(t.dead_letter_topic) + '\',type:\'' + esc(t.type) + '\'})">replay dead letters</button></td></tr>').join('');
+  $('services').tBodies[0].innerHTML = s.services.map((v) => '<tr><td>' + esc(v.name) + '</td><td>' + esc(v.group) + '</td><td>' + esc(v.state) +
+    '</td><td class="assigned">' + esc(parts(v.assigned)) + '</td><td>' + esc(parts(v.paused)) + '</td><td>' + esc(parts(v.held)) + '</td></tr>').join('');
+  $('topics').tBodies[0].innerHTML = s.topics.map((t) => '<tr><td>' + esc(t.name) + '</td><td>' + t.partitions + '</td></tr>').join('');
+  $('outbox').textContent = s.outbox ? ('pending: ' + s.outbox.pending + ', failed: ' + s.outbox.failed) : 'no outbox in this process';
+}
+refresh(); setInterval(refresh, 1000);
+</script></body></html>
+"#;

@@ -1,0 +1,138 @@
+//! Operator controls on a running `Kontext`: pause, resume and seek of
+//! consumed lanes, dead-letter replay. Each is logged with who issued it
+//! and counted in `kontext_admin_commands_total`.
+
+use std::sync::Arc;
+
+use super::Kontext;
+use crate::admin::{Aim, Command, ControlReport, SeekTo, Target};
+use crate::error::{Error, Result};
+
+impl Kontext {
+    /// Holds `target`'s lane (or its named partitions) paused until
+    /// [`resume`](Self::resume), also across rebalances: a held partition
+    /// that comes to this member later starts paused. Kafka stops fetching
+    /// them at once; records already handed to the lane's worker (at most
+    /// its buffer) are still handled, later ones wait. A paused lane is not
+    /// unhealthy; the registry shows it (`TypeStatus::held`,
+    /// `ServiceStatus::held_partitions`).
+    pub async fn pause(&self, target: Target) -> Result<Vec<ControlReport>> {
+        self.control(target, Command::Pause).await
+    }
+
+    /// Lets what [`pause`](Self::pause) held flow again, from where it
+    /// stopped.
+    pub async fn resume(&self, target: Target) -> Result<Vec<ControlReport>> {
+        self.control(target, Command::Resume).await
+    }
+
+    /// Moves the group's position on `target`'s partitions owned here.
+    /// Records of them in flight are fenced as on a revoke (a handler
+    /// running may finish; its offset is not committed), consumption
+    /// restarts at the new position, and that position is committed, so a
+    /// rebalance right after does not lose it. A partition owned by another
+    /// member is reported [`NotOwned`](crate::admin::Outcome::NotOwned):
+    /// seek there (or, for a fleet, on every instance).
+    pub async fn seek(&self, target: Target, to: SeekTo) -> Result<Vec<ControlReport>> {
+        self.control(target, Command::Seek(to)).await
+    }
+
+    async fn control(&self, target: Target, command: Command) -> Result<Vec<ControlReport>> {
+        let consumers = self
+            .consumers
+            .as_ref()
+            .ok_or(Error::RoleNotRegistered { role: "consumers" })?;
+        let (topic, service) = match &target.what {
+            Aim::Type(id, type_name) => {
+                let (topic, service) = self
+                    .registry
+                    .lane_of(*id)
+                    .ok_or(Error::NotConsumed { type_name })?;
+                (topic, Some(service))
+            }
+            Aim::Topic(topic) => (topic.clone(), None),
+        };
+        // librdkafka's mock cluster answers every lookup by time with the
+        // end of the partition: refused rather than skipping everything.
+        let mock = self.broker.as_embedded().is_some()
+            || self.provisioned.as_ref().is_some_and(|r| r.mock_cluster);
+        if mock && matches!(command, Command::Seek(SeekTo::Timestamp(_))) {
+            return Err(Error::config(
+                "a seek to a time needs a Kafka broker: the embedded broker (librdkafka's mock \
+                 cluster) cannot look offsets up by time",
+            ));
+        }
+        crate::telemetry::admin_command(command.name(), &target.issuer);
+        tracing::info!(
+            command = command.name(),
+            issuer = %target.issuer,
+            %topic,
+            group = ?target.group,
+            partitions = ?target.partitions,
+            "operator command"
+        );
+        let reports = consumers
+            .control(
+                &topic,
+                target.group.as_deref(),
+                service.as_deref(),
+                target.partitions.as_deref(),
+                command,
+            )
+            .await;
+        if reports.is_empty() {
+            return Err(Error::config(format!(
+                "no poll service of this process reads topic `{topic}`{}",
+                target
+                    .group
+                    .as_deref()
+                    .map(|g| format!(" in group `{g}`"))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(reports)
+    }
+
+    /// Sends the dead letters of `dead_letter_topic` that `filter` matches
+    /// back to their original topics (`dlq-original-topic`), with their
+    /// key, payload and headers as consumed, without the `dlq-*` headers,
+    /// and with [`REPLAYED_FROM`](crate::admin::REPLAYED_FROM) naming the
+    /// dead letter's topic, partition and offset. Reads the topic up to its
+    /// end when the replay began; a dead letter whose payload was cut to
+    /// fit (`dlq-truncated`) is counted, not replayed. A dry run counts.
+    ///
+    /// The dead letters stay on their topic: a replay that fails halfway
+    /// (the error says how many were not delivered) can be run again, at
+    /// the cost of sending the delivered ones twice.
+    pub async fn replay_dead_letters(
+        &self,
+        dead_letter_topic: &str,
+        filter: crate::admin::ReplayFilter,
+    ) -> Result<crate::admin::Replayed> {
+        let servers = self.broker.bootstrap_servers().to_owned();
+        let config = self.settings.client_config(&servers);
+        let topic = dead_letter_topic.to_owned();
+        crate::telemetry::admin_command("replay", "api");
+        tracing::info!(topic = %topic, filter = ?filter, "replaying dead letters");
+        // The blocking scan stops (flushing what it sent) when this call's
+        // future is dropped or kontext shuts down.
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        struct OnDrop(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for OnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        let _guard = OnDrop(Arc::clone(&dropped));
+        let cancel = self.cancel.clone();
+        let replayed = tokio::task::spawn_blocking(move || {
+            let stopped =
+                || cancel.is_cancelled() || dropped.load(std::sync::atomic::Ordering::Acquire);
+            crate::admin::replay_blocking(&config, &servers, &topic, &filter, &stopped)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the dead-letter replay did not finish: {e}")))??;
+        tracing::info!(topic = %dead_letter_topic, replayed = ?replayed, "dead letters replayed");
+        Ok(replayed)
+    }
+}
