@@ -18,7 +18,7 @@
 
 mod page;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use axum::Json;
 use axum::Router;
@@ -64,15 +64,41 @@ impl std::fmt::Debug for HttpSettings {
     }
 }
 
+/// An answer refusing a request: its status and why.
+struct Refusal(StatusCode, &'static str);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
 struct App {
-    kontext: Arc<Kontext>,
+    /// Weak: the application keeps the last strong reference, so it can
+    /// shut kontext down by value once its server stopped.
+    kontext: Weak<Kontext>,
     settings: HttpSettings,
 }
 
+impl App {
+    /// Kontext, or the answer once it is gone (503).
+    fn kontext(&self) -> Result<Arc<Kontext>, Refusal> {
+        self.kontext.upgrade().ok_or(Refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "kontext has shut down",
+        ))
+    }
+}
+
 /// The router over `kontext`; mount it where the application wants it
-/// (`Router::nest("/kontext", kontext::http::router(..))`).
-pub fn router(kontext: Arc<Kontext>, settings: HttpSettings) -> Router {
-    let app = Arc::new(App { kontext, settings });
+/// (`Router::nest("/kontext", kontext::http::router(&kontext, ..))`). It
+/// holds `kontext` weakly: once the application dropped it, every endpoint
+/// answers 503.
+pub fn router(kontext: &Arc<Kontext>, settings: HttpSettings) -> Router {
+    let app = Arc::new(App {
+        kontext: Arc::downgrade(kontext),
+        settings,
+    });
     Router::new()
         .route("/", get(page))
         .route("/health/live", get(live))
@@ -113,12 +139,20 @@ fn code(ok: bool) -> StatusCode {
 }
 
 async fn live(State(app): State<Arc<App>>) -> Response {
-    let (live, _, body) = health_json(&app.kontext);
+    let k = match app.kontext() {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
+    let (live, _, body) = health_json(&k);
     (code(live), Json(body)).into_response()
 }
 
 async fn ready(State(app): State<Arc<App>>) -> Response {
-    let (_, ready, body) = health_json(&app.kontext);
+    let k = match app.kontext() {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
+    let (_, ready, body) = health_json(&k);
     (code(ready), Json(body)).into_response()
 }
 
@@ -194,8 +228,12 @@ fn type_json(t: &TypeStatus) -> Value {
     })
 }
 
-async fn status(State(app): State<Arc<App>>) -> Json<Value> {
-    let k = &app.kontext;
+async fn status(State(app): State<Arc<App>>) -> Response {
+    let k = match app.kontext() {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
+    let k = &k;
     let registry = k.registry();
     let (live, ready, health) = health_json(k);
     let outbox = match k.outbox() {
@@ -226,17 +264,17 @@ async fn status(State(app): State<Arc<App>>) -> Json<Value> {
         "types": registry.types().iter().map(type_json).collect::<Vec<_>>(),
         "outbox": outbox,
     }))
+    .into_response()
 }
 
 /// Who is allowed, and who they say they are: `Err` is the answer to
 /// give (404 with admin off, 401 without the token).
-fn authorize(app: &App, headers: &HeaderMap) -> Result<String, Response> {
+fn authorize(app: &App, headers: &HeaderMap) -> Result<String, Refusal> {
     let Some(token) = &app.settings.admin_token else {
-        return Err((
+        return Err(Refusal(
             StatusCode::NOT_FOUND,
-            Json(json!({"error": "admin endpoints are off (no admin token configured)"})),
-        )
-            .into_response());
+            "admin endpoints are off (no admin token configured)",
+        ));
     };
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -246,11 +284,10 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<String, Response> {
     let ok: bool = given.as_bytes().ct_eq(token.expose().as_bytes()).into();
     if !ok {
         tracing::warn!("admin request refused: missing or wrong bearer token");
-        return Err((
+        return Err(Refusal(
             StatusCode::UNAUTHORIZED,
-            Json(json!({"error": "a bearer token is required"})),
-        )
-            .into_response());
+            "a bearer token is required",
+        ));
     }
     let issuer = headers
         .get("x-kontext-operator")
@@ -276,7 +313,7 @@ fn bad_request(why: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"error": why.into()}))).into_response()
 }
 
-fn target_of(k: &Kontext, aimed: &Aimed, issuer: String) -> Result<Target, Response> {
+fn target_of(k: &Kontext, aimed: &Aimed, issuer: String) -> Result<Target, Refusal> {
     let (topic, group) = match (&aimed.type_name, &aimed.topic) {
         (Some(name), _) => {
             let t = k
@@ -284,12 +321,20 @@ fn target_of(k: &Kontext, aimed: &Aimed, issuer: String) -> Result<Target, Respo
                 .types()
                 .into_iter()
                 .find(|t| &t.discriminator == name)
-                .ok_or_else(|| bad_request(format!("no consumed type `{name}`")))?;
+                .ok_or(Refusal(
+                    StatusCode::BAD_REQUEST,
+                    "no consumed type of that name",
+                ))?;
             let group = k.registry().service(&t.service).map(|s| s.group_id);
             (t.topic, group)
         }
         (None, Some(topic)) => (topic.clone(), aimed.group.clone()),
-        (None, None) => return Err(bad_request("name a `type` or a `topic`")),
+        (None, None) => {
+            return Err(Refusal(
+                StatusCode::BAD_REQUEST,
+                "name a `type` or a `topic`",
+            ));
+        }
     };
     let mut target = Target::topic(topic).by(issuer);
     if let Some(g) = group {
@@ -320,17 +365,20 @@ async fn command(
 ) -> Response {
     let issuer = match authorize(app, headers) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Json(aimed) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(e.body_text()),
     };
-    let target = match target_of(&app.kontext, &aimed, issuer) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let k = match app.kontext() {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
     };
-    let k = &app.kontext;
+    let target = match target_of(&k, &aimed, issuer) {
+        Ok(t) => t,
+        Err(r) => return r.into_response(),
+    };
     match which {
         "pause" => answer(k.pause(target).await),
         "resume" => answer(k.resume(target).await),
@@ -375,7 +423,7 @@ async fn replay(
 ) -> Response {
     let issuer = match authorize(&app, &headers) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Json(b) = match body {
         Ok(b) => b,
@@ -394,12 +442,12 @@ async fn replay(
     if b.dry_run {
         filter = filter.dry_run();
     }
+    let k = match app.kontext() {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
     tracing::info!(%issuer, topic = %b.dead_letter_topic, "dead-letter replay requested over http");
-    match app
-        .kontext
-        .replay_dead_letters(&b.dead_letter_topic, filter)
-        .await
-    {
+    match k.replay_dead_letters(&b.dead_letter_topic, filter).await {
         Ok(r) => Json(json!({
             "scanned": r.scanned,
             "matched": r.matched,
@@ -412,9 +460,13 @@ async fn replay(
 
 async fn outbox_failed(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Err(r) = authorize(&app, &headers) {
-        return r;
+        return r.into_response();
     }
-    let rows = match app.kontext.outbox() {
+    let k = match app.kontext() {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
+    let rows = match k.outbox() {
         Ok(o) => o.failed().await,
         Err(e) => Err(e),
     };
@@ -445,13 +497,17 @@ async fn outbox_rows(
 ) -> Response {
     let issuer = match authorize(app, headers) {
         Ok(i) => i,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let Json(ids) = match body {
         Ok(b) => b,
         Err(e) => return bad_request(e.body_text()),
     };
-    let outbox = match app.kontext.outbox() {
+    let k = match app.kontext() {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
+    let outbox = match k.outbox() {
         Ok(o) => o,
         Err(e) => return answer::<()>(Err(e)),
     };

@@ -62,7 +62,16 @@ pub async fn serve_api(
     };
     let address = listener.local_addr()?;
     announce(&format!("shipping-api listening on http://{address}"));
-    axum::serve(listener, router(state, app.max_body_bytes))
+    // kontext's own page, status and operator commands next to the API;
+    // admin commands only with a token (`KONTEXT_ADMIN_TOKEN`).
+    let mut operations = kontext::http::HttpSettings::read_only();
+    if let Ok(token) = std::env::var("KONTEXT_ADMIN_TOKEN") {
+        operations = operations.admin_token(token);
+    }
+    let routes = router(state, app.max_body_bytes)
+        .nest("/kontext", kontext::http::router(&kontext, operations));
+    announce(&format!("kontext status page on http://{address}/kontext/"));
+    axum::serve(listener, routes)
         .with_graceful_shutdown(stop)
         .await?;
     tracing::info!("HTTP server stopped; stopping kontext");

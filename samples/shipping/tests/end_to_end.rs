@@ -245,6 +245,29 @@ async fn shipments_posted_over_http_are_recorded_once_across_a_worker_crash() {
     })
     .await;
 
+    // kontext's status page and document are mounted next to the API;
+    // its admin commands are off without a token.
+    let page = http.get(format!("{base}/kontext/")).send().await.unwrap();
+    assert_eq!(page.status(), reqwest::StatusCode::OK);
+    let status: serde_json::Value = http
+        .get(format!("{base}/kontext/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["admin"], serde_json::json!(false), "{status}");
+    assert!(status["outbox"]["pending"].is_u64(), "{status}");
+    let pause = http
+        .post(format!("{base}/kontext/admin/pause"))
+        .header("content-type", "application/json")
+        .body(r#"{"topic": "shipments"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pause.status(), reqwest::StatusCode::NOT_FOUND);
+
     // Bad requests: a JSON error each, nothing written.
     let post = |body: String| {
         http.post(format!("{base}/api/shipments"))

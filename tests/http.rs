@@ -1,0 +1,253 @@
+//! The `http` router: status codes and JSON of each endpoint, the admin
+//! endpoints off by default and behind a bearer token when on.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::*;
+use http_body_util::BodyExt;
+use kontext::http::{HttpSettings, router};
+use kontext::prelude::*;
+use kontext::testing::{track, unique_name};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Parcel {
+    id: u32,
+}
+
+async fn started(topic: &str) -> Arc<Kontext> {
+    let model = Model::builder()
+        .topic::<Parcel>(|t| t.name(topic).partitions(2).key(|p| p.id))
+        .build()
+        .unwrap();
+    let k = Kontext::builder(model)
+        .broker(broker())
+        .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(unique_name("http"))))
+        .producer()
+        .consumers(|c| {
+            c.handler(|_p: Parcel, _ctx: MessageContext| async { Ok(()) });
+        })
+        .start()
+        .await
+        .unwrap();
+    Arc::new(k)
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value, String) {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = match body {
+        Some(b) => req
+            .header("content-type", "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, json, text)
+}
+
+async fn shut(k: Arc<Kontext>) {
+    let k = Arc::into_inner(k).expect("the router was dropped");
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn read_only_router_serves_health_status_and_the_page_and_no_admin() {
+    let topic = unique_name("http-ro");
+    let k = started(&topic).await;
+    let app = router(&k, HttpSettings::read_only());
+
+    let (code, live, _) = call(&app, "GET", "/health/live", None, None).await;
+    assert_eq!(code, StatusCode::OK, "{live}");
+    assert_eq!(live["live"], json!(true));
+    // Ready once its consumer joined the group: 503 with the reason before.
+    wait_until("ready over http", async || {
+        let (code, body, _) = call(&app, "GET", "/health/ready", None, None).await;
+        match code {
+            StatusCode::OK => ready(body["ready"] == json!(true), || body.to_string()),
+            StatusCode::SERVICE_UNAVAILABLE if body["reasons"][0].is_string() => {
+                Err(body.to_string())
+            }
+            _ => panic!("{code}: {body}"),
+        }
+    })
+    .await;
+
+    let (code, status, _) = call(&app, "GET", "/status", None, None).await;
+    assert_eq!(code, StatusCode::OK);
+    assert_eq!(status["admin"], json!(false));
+    assert_eq!(status["types"][0]["type"], json!("Parcel"));
+    assert_eq!(status["types"][0]["topic"], json!(topic));
+    assert_eq!(status["topics"][0]["partitions"], json!(2));
+    assert_eq!(status["services"][0]["state"], json!("running"));
+    assert!(status["outbox"].is_null());
+
+    let (code, _, page) = call(&app, "GET", "/", None, None).await;
+    assert_eq!(code, StatusCode::OK);
+    assert!(page.contains("<title>kontext</title>"));
+
+    for path in [
+        "/admin/pause",
+        "/admin/resume",
+        "/admin/seek",
+        "/admin/replay",
+    ] {
+        let (code, body, _) = call(
+            &app,
+            "POST",
+            path,
+            Some("x"),
+            Some(json!({"type": "Parcel"})),
+        )
+        .await;
+        assert_eq!(code, StatusCode::NOT_FOUND, "{path}: {body}");
+    }
+    drop(app);
+    shut(k).await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_need_the_token_and_pause_resume_and_seek() {
+    let topic = unique_name("http-admin");
+    let k = started(&topic).await;
+    let token = "s3cret-token-for-tests";
+    let app = router(&k, HttpSettings::read_only().admin_token(token));
+
+    let pause = json!({"type": "Parcel"});
+    let (code, _, _) = call(&app, "POST", "/admin/pause", None, Some(pause.clone())).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, _, _) = call(
+        &app,
+        "POST",
+        "/admin/pause",
+        Some("wrong"),
+        Some(pause.clone()),
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, _, _) = call(&app, "GET", "/admin/outbox/failed", None, None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+
+    // Paused over HTTP: the status says so.
+    let (code, body, _) = call(&app, "POST", "/admin/pause", Some(token), Some(pause)).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["results"][0]["outcome"]["outcome"], json!("applied"));
+    let (_, status, _) = call(&app, "GET", "/status", None, None).await;
+    assert_eq!(status["types"][0]["held"], json!(true), "{status}");
+    assert_eq!(status["admin"], json!(true));
+
+    let (code, body, _) = call(
+        &app,
+        "POST",
+        "/admin/resume",
+        Some(token),
+        Some(json!({"type": "Parcel"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let (_, status, _) = call(&app, "GET", "/status", None, None).await;
+    assert_eq!(status["types"][0]["held"], json!(false), "{status}");
+
+    // A seek: records handled again from the beginning.
+    let sent = track([&*k])
+        .timeout(Duration::from_secs(30))
+        .run(|| async {
+            let p = k.producer().unwrap();
+            for id in 0..4 {
+                p.produce(&Parcel { id }).await.unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent.activity.of::<Parcel>(&k).unwrap().handled, 4);
+    let (code, body, _) = call(
+        &app,
+        "POST",
+        "/admin/seek",
+        Some(token),
+        Some(json!({"type": "Parcel"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "a seek needs `to`: {body}");
+    let (code, body, _) = call(
+        &app,
+        "POST",
+        "/admin/seek",
+        Some(token),
+        Some(json!({"topic": topic, "to": "beginning"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    wait_until("the parcels handled again", async || {
+        let handled = k.registry().type_status::<Parcel>().unwrap().handled;
+        ready(handled == 8, || format!("{handled} handled"))
+    })
+    .await;
+
+    // Unknown names and malformed bodies are the caller's error.
+    let (code, _, _) = call(
+        &app,
+        "POST",
+        "/admin/pause",
+        Some(token),
+        Some(json!({"type": "Nope"})),
+    )
+    .await;
+    assert_eq!(code, StatusCode::BAD_REQUEST);
+    let (code, _, _) = call(
+        &app,
+        "POST",
+        "/admin/pause",
+        Some(token),
+        Some(json!([1, 2])),
+    )
+    .await;
+    assert!(code.is_client_error(), "{code}");
+    // A dry-run replay of the (empty) dead-letter topic, and no outbox here.
+    let dlt = k
+        .registry()
+        .type_status::<Parcel>()
+        .unwrap()
+        .dead_letter_topic;
+    let (code, body, _) = call(
+        &app,
+        "POST",
+        "/admin/replay",
+        Some(token),
+        Some(json!({"dead_letter_topic": dlt, "dry_run": true})),
+    )
+    .await;
+    assert!(
+        code == StatusCode::OK || code == StatusCode::UNPROCESSABLE_ENTITY,
+        "{code}: {body}"
+    );
+    let (code, body, _) = call(&app, "GET", "/admin/outbox/failed", Some(token), None).await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+
+    // The token never shows in what the router serves.
+    let (_, _, status) = call(&app, "GET", "/status", None, None).await;
+    assert!(!status.contains(token));
+    drop(app);
+    shut(k).await;
+}
