@@ -26,12 +26,14 @@ button{margin:0 2px} #msg{margin:.5em 0;min-height:1.2em} code{font-size:12px}
 <h2>Outbox</h2><div id="outbox"></div>
 <script>
 const $ = (id) => document.getElementById(id);
+// Relative to where the router is mounted, with or without a final slash.
+const base = location.pathname.endsWith('/') ? '' : location.pathname.split('/').pop() + '/';
 $('token').value = sessionStorage.getItem('kontext-token') || '';
 $('token').addEventListener('change', () => sessionStorage.setItem('kontext-token', $('token').value));
 const esc = (s) => String(s ?? '').replace(/[&<>"']/g, (c) => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));
 const parts = (l) => l.map((p) => p.topic + '/' + p.partition).join(', ');
 async function admin(path, body) {
-  const r = await fetch('admin/' + path, {method: 'POST', headers: {'content-type': 'application/json',
+  const r = await fetch(base + 'admin/' + path, {method: 'POST', headers: {'content-type': 'application/json',
     'authorization': 'Bearer ' + $('token').value, 'x-kontext-operator': $('operator').value}, body: JSON.stringify(body)});
   const text = await r.text();
   $('msg').textContent = path + ': ' + r.status + ' ' + text;
@@ -47,7 +49,7 @@ function seek(type) {
   admin('seek', {type, to: target});
 }
 async function refresh() {
-  const s = await (await fetch('status')).json();
+  const s = await (await fetch(base + 'status')).json();
   $('health').innerHTML = '<span class="' + (s.live && s.ready ? 'ok' : 'bad') + '">live: ' + s.live + ', ready: ' + s.ready +
     '</span> ' + esc(s.health.reasons.join('; ')) + (s.admin ? '' : ' <em>(admin endpoints off)</em>');
   $('types').tBodies[0].innerHTML = s.types.map((t) => '<tr data-type="' + esc(t.type) + '"><td>' + esc(t.type) + '</td><td>' + esc(t.topic) +

@@ -70,7 +70,7 @@ pub async fn serve_api(
     }
     let routes = router(state, app.max_body_bytes)
         .nest("/kontext", kontext::http::router(&kontext, operations));
-    announce(&format!("kontext status page on http://{address}/kontext/"));
+    announce(&format!("kontext status page on http://{address}/kontext"));
     axum::serve(listener, routes)
         .with_graceful_shutdown(stop)
         .await?;

@@ -247,7 +247,7 @@ async fn shipments_posted_over_http_are_recorded_once_across_a_worker_crash() {
 
     // kontext's status page and document are mounted next to the API;
     // its admin commands are off without a token.
-    let page = http.get(format!("{base}/kontext/")).send().await.unwrap();
+    let page = http.get(format!("{base}/kontext")).send().await.unwrap();
     assert_eq!(page.status(), reqwest::StatusCode::OK);
     let status: serde_json::Value = http
         .get(format!("{base}/kontext/status"))
