@@ -88,7 +88,7 @@ pub enum SeekTo {
 }
 
 /// One poll service's answer to a command, for one of its lanes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct ControlReport {
     /// The poll service (`shared-<group>` or `dedicated-<Type>`).
@@ -104,7 +104,7 @@ pub struct ControlReport {
 }
 
 /// What a poll service did with a command.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Outcome {

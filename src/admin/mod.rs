@@ -5,10 +5,13 @@
 //! their original topics ([`Kontext::replay_dead_letters`](crate::Kontext::replay_dead_letters)).
 
 mod control;
+mod fleet;
 mod replay;
 
 pub use crate::headers::REPLAYED_FROM;
 pub(crate) use control::{Aim, Command};
 pub use control::{ControlReport, Outcome, SeekTo, Target};
+pub(crate) use fleet::{Envelope, FleetCommand, Op};
+pub use fleet::{FleetReport, FleetSettings};
 pub(crate) use replay::replay_blocking;
 pub use replay::{ReplayFilter, Replayed};

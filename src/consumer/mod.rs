@@ -61,6 +61,7 @@ use crate::model::{Message, Model};
 use crate::outbox::Outbox;
 use crate::registry::{Registry, TypeEntry};
 use buffer::{LaneBuffer, TypeStats};
+pub(crate) use control::{Controller, Standing};
 use dead_letter::DeadLetters;
 use poll::{Lane, PollPlan, ServiceShared};
 use worker::{ActiveWorker, Dispatch, Outcome, TypeWorker, Typed, WorkerEnv};
@@ -75,6 +76,10 @@ pub struct Consumers {
     /// Faults tests plan for the handlers (`testing::HandlerFault`).
     #[cfg(feature = "testing")]
     faults: fault::Faults,
+    /// Pauses standing in the fleet when this process starts
+    /// (`runtime/fleet.rs`): its poll services apply them before they
+    /// first poll.
+    pub(crate) standing: Vec<control::Standing>,
 }
 
 /// A registration with what the runtime needs to know before building it.
@@ -420,7 +425,7 @@ impl ConsumerRuntime {
         model: &Arc<Model>,
         settings: &KafkaSettings,
         broker: &Broker,
-        consumers: Consumers,
+        mut consumers: Consumers,
         clients: &ClientTracker,
         registry: &Registry,
         outbox: Option<&Outbox>,
@@ -431,6 +436,7 @@ impl ConsumerRuntime {
         #[cfg(feature = "testing")]
         let faults = consumers.faults.clone();
         let ignored = ignored_types(model, &consumers)?;
+        let standing = std::mem::take(&mut consumers.standing);
         let services = plan(model, settings, consumers)?;
         warn_on_builtin_group(settings, &services);
         check_client_settings(settings, broker, mock_cluster, &services)?;
@@ -470,6 +476,9 @@ impl ConsumerRuntime {
         // the read up until `transaction.timeout.ms`.
         for producer in &build.transactional_lanes {
             producer.ensure_client().await?;
+        }
+        for (_, shared, _) in &build.poll_plans {
+            control::queue_standing(shared, &standing);
         }
         build.spawn()
     }

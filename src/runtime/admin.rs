@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::Kontext;
-use crate::admin::{Aim, Command, ControlReport, SeekTo, Target};
+use crate::admin::{Aim, Command, ControlReport, FleetReport, SeekTo, Target};
 use crate::error::{Error, Result};
 
 impl Kontext {
@@ -35,6 +35,61 @@ impl Kontext {
     /// seek there (or, for a fleet, on every instance).
     pub async fn seek(&self, target: Target, to: SeekTo) -> Result<Vec<ControlReport>> {
         self.control(target, Command::Seek(to)).await
+    }
+
+    /// [`pause`](Self::pause) on every instance of the fleet (see
+    /// [`KontextBuilder::fleet`](crate::KontextBuilder::fleet)), held also
+    /// by instances that start later; the report lists each instance's
+    /// answers, and those that did not answer in time.
+    pub async fn fleet_pause(&self, target: Target) -> Result<FleetReport> {
+        self.fleet_command(target, Command::Pause).await
+    }
+
+    /// [`resume`](Self::resume) on every instance of the fleet.
+    pub async fn fleet_resume(&self, target: Target) -> Result<FleetReport> {
+        self.fleet_command(target, Command::Resume).await
+    }
+
+    /// [`seek`](Self::seek) on every instance of the fleet: each applies
+    /// it to the partitions it owns, so together they move the group.
+    pub async fn fleet_seek(&self, target: Target, to: SeekTo) -> Result<FleetReport> {
+        self.fleet_command(target, Command::Seek(to)).await
+    }
+
+    async fn fleet_command(&self, target: Target, command: Command) -> Result<FleetReport> {
+        let fleet = self.fleet.as_ref().ok_or_else(|| {
+            Error::config("this instance is in no fleet: start it with `KontextBuilder::fleet`")
+        })?;
+        // A type names its topic and its group here; the fleet shares the model.
+        let (topic, group) = match &target.what {
+            Aim::Type(id, type_name) => {
+                let (topic, service) = self
+                    .registry
+                    .lane_of(*id)
+                    .ok_or(Error::NotConsumed { type_name })?;
+                let group = self.registry.service(&service).map(|s| s.group_id);
+                (topic, target.group.clone().or(group))
+            }
+            Aim::Topic(topic) => (topic.clone(), target.group.clone()),
+        };
+        crate::telemetry::admin_command(command.name(), &target.issuer);
+        tracing::info!(
+            command = command.name(),
+            issuer = %target.issuer,
+            %topic,
+            group = ?group,
+            partitions = ?target.partitions,
+            "fleet command issued"
+        );
+        fleet
+            .issue(
+                &target.issuer,
+                topic,
+                group,
+                target.partitions.clone(),
+                &command,
+            )
+            .await
     }
 
     async fn control(&self, target: Target, command: Command) -> Result<Vec<ControlReport>> {
@@ -72,6 +127,7 @@ impl Kontext {
             "operator command"
         );
         let reports = consumers
+            .controller()
             .control(
                 &topic,
                 target.group.as_deref(),

@@ -3,6 +3,7 @@
 //! they spawned.
 
 mod admin;
+mod fleet;
 mod signal;
 
 use std::sync::Arc;
@@ -45,9 +46,21 @@ pub struct KontextBuilder {
     writer_only: bool,
     outbox: OutboxSettings,
     migrate: bool,
+    /// Fleet-wide commands over a control topic (`runtime/fleet.rs`).
+    fleet: Option<crate::admin::FleetSettings>,
 }
 
 impl KontextBuilder {
+    /// Joins a fleet: this instance reads the control topic, applies the
+    /// pauses standing there before its consumers first poll, and then
+    /// every command sent with [`Kontext::fleet_pause`],
+    /// [`fleet_resume`](Kontext::fleet_resume) or
+    /// [`fleet_seek`](Kontext::fleet_seek) by any instance.
+    pub fn fleet(mut self, settings: crate::admin::FleetSettings) -> Self {
+        self.fleet = Some(settings);
+        self
+    }
+
     /// Uses this database for the outbox, the inbox and consumer units of
     /// work. Registers the outbox (and with it the producer role, which its
     /// relay uses). kontext's tables are migrated at start unless
@@ -184,7 +197,7 @@ impl KontextBuilder {
 
     /// Validates the settings against the model, connects, provisions the
     /// topics (unless disabled) and starts the registered roles.
-    pub async fn start(self) -> Result<Kontext> {
+    pub async fn start(mut self) -> Result<Kontext> {
         let settings = self.settings;
         settings.validate()?;
         let model = Arc::new(self.model.with_topic_settings(&settings.topics)?);
@@ -300,6 +313,12 @@ impl KontextBuilder {
             None => None,
         };
         let registry = Registry::default();
+        let mut joining = None;
+        if let Some(fleet) = self.fleet {
+            let (joined, standing) = fleet::Fleet::join(fleet, &settings, &broker).await?;
+            self.consumers.standing = standing;
+            joining = Some(joined);
+        }
         let consumers = if self.consumers.is_empty() {
             None
         } else {
@@ -329,6 +348,13 @@ impl KontextBuilder {
         if let Some(o) = &outbox {
             o.start_relay(cancel.clone()).await?;
         }
+        let fleet = joining.map(|j| {
+            let controller = consumers
+                .as_ref()
+                .map(ConsumerRuntime::controller)
+                .unwrap_or_default();
+            j.run(controller, &tasks, cancel.clone())
+        });
         tracing::info!(
             bootstrap_servers = broker.bootstrap_servers(),
             embedded = broker.as_embedded().is_some(),
@@ -339,6 +365,7 @@ impl KontextBuilder {
             "kontext started"
         );
         Ok(Kontext {
+            fleet,
             consumers,
             outbox,
             database,
@@ -387,6 +414,7 @@ const FLUSH_RESERVE: Duration = Duration::from_millis(250);
 pub struct Kontext {
     // Fields drop in order: clients first, the (possibly embedded) broker
     // last, so no client outlives the cluster it talks to.
+    fleet: Option<Arc<fleet::Fleet>>,
     consumers: Option<ConsumerRuntime>,
     outbox: Option<Outbox>,
     database: Option<DatabaseConnection>,
@@ -418,6 +446,7 @@ impl Kontext {
             database: None,
             database_url: None,
             writer_only: false,
+            fleet: None,
             outbox: OutboxSettings::default(),
             migrate: true,
         }

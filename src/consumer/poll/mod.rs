@@ -327,10 +327,12 @@ fn poll_loop(plan: PollPlan) -> Result<(), String> {
         .map_err(|e| format!("could not subscribe to {topics:?}: {e}"))?;
     tracing::info!(service = %shared.name, group = %shared.group_id, ?topics, "poll service running");
 
-    // Commands sent before the thread ran wait in the channel.
+    // Commands sent before the thread ran wait in the channel: a pause
+    // standing in the fleet holds its lane before the first poll.
     let controls = lock(&shared.control_rx)
         .take()
         .ok_or_else(|| "the poll service's command channel was taken twice".to_owned())?;
+    lock(&state).apply_controls(&controls, &consumer, &shared, revoke_timeout);
     let mut last_store = Instant::now();
     let mut drain_started: Option<Instant> = None;
     loop {
