@@ -379,9 +379,12 @@ async fn unsigned_or_forged_commands_are_refused_and_nothing_crashes() {
     let sig = hex::encode(hmac::Mac::finalize(mac).into_bytes());
     let signed_nonsense =
         serde_json::json!({"kind": "command", "body": nonsense, "sig": sig}).to_string();
+    // Keyed: a compacted topic refuses records without a key.
     for payload in ["not json".to_owned(), unsigned, forged, signed_nonsense] {
         raw.send(
-            FutureRecord::<str, str>::to(&names.control).payload(&payload),
+            FutureRecord::<str, str>::to(&names.control)
+                .key("mallory")
+                .payload(&payload),
             Duration::from_secs(10),
         )
         .await
