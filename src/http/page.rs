@@ -53,7 +53,7 @@ async function refresh() {
   $('health').innerHTML = '<span class="' + (s.live && s.ready ? 'ok' : 'bad') + '">live: ' + s.live + ', ready: ' + s.ready +
     '</span> ' + esc(s.health.reasons.join('; ')) + (s.admin ? '' : ' <em>(admin endpoints off)</em>');
   $('types').tBodies[0].innerHTML = s.types.map((t) => '<tr data-type="' + esc(t.type) + '"><td>' + esc(t.type) + '</td><td>' + esc(t.topic) +
-    '</td><td>' + esc(t.service) + '</td><td>' + t.buffered + '/' + t.capacity + '</td><td class="handled">' + t.handled + '</td><td>' + t.failed +
+    '</td><td>' + esc(t.service) + '</td><td class="buffer">' + t.buffered + '/' + t.capacity + '</td><td class="handled">' + t.handled + '</td><td>' + t.failed +
     '</td><td class="dead">' + t.dead_lettered + '</td><td class="state">' + (t.held ? '<span class="held">paused</span>' : (t.paused ? 'backpressure' : 'flowing')) +
     '</td><td><button class="pause" onclick="admin(\'pause\',{type:\'' + esc(t.type) + '\'})">pause</button>' +
     '<button class="resume" onclick="admin(\'resume\',{type:\'' + esc(t.type) + '\'})">resume</button>' +
@@ -63,6 +63,7 @@ async function refresh() {
     '</td><td class="assigned">' + esc(parts(v.assigned)) + '</td><td>' + esc(parts(v.paused)) + '</td><td>' + esc(parts(v.held)) + '</td></tr>').join('');
   $('topics').tBodies[0].innerHTML = s.topics.map((t) => '<tr><td>' + esc(t.name) + '</td><td>' + t.partitions + '</td></tr>').join('');
   $('outbox').textContent = s.outbox ? ('pending: ' + s.outbox.pending + ', failed: ' + s.outbox.failed) : 'no outbox in this process';
+  window.kontextRefreshes = (window.kontextRefreshes || 0) + 1;
 }
 refresh(); setInterval(refresh, 1000);
 </script></body></html>
