@@ -331,7 +331,7 @@ async fn seeks_move_the_group_to_the_beginning_or_a_time_and_commit_it() {
     })
     .await;
 
-    // To the beginning: all five again, and offset 0 committed at once.
+    // To the beginning: all five again.
     let reports = k
         .seek(Target::of::<Job>(), SeekTo::Beginning)
         .await

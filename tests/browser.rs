@@ -70,6 +70,8 @@ async fn the_status_page_pauses_resumes_and_replays_in_a_real_browser() {
         .unwrap();
     // Parcel 3 fails the first time it comes: one dead letter to replay.
     let failed_once: Arc<Mutex<HashSet<u32>>> = Arc::default();
+    let second_try = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let replayed = Arc::clone(&second_try);
     let k = Kontext::builder(model)
         .broker(broker())
         .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(unique_name("browser"))))
@@ -77,10 +79,14 @@ async fn the_status_page_pauses_resumes_and_replays_in_a_real_browser() {
         .consumers(move |c| {
             c.handler(move |p: Parcel, _ctx: MessageContext| {
                 let failed_once = Arc::clone(&failed_once);
+                let second_try = Arc::clone(&second_try);
                 async move {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     if p.id == 3 && failed_once.lock().unwrap().insert(p.id) {
                         return Err(HandlerError::dead_letter("the first try of parcel 3 fails"));
+                    }
+                    if p.id == 3 {
+                        second_try.store(true, std::sync::atomic::Ordering::Release);
                     }
                     Ok(())
                 }
@@ -152,6 +158,11 @@ async fn the_status_page_pauses_resumes_and_replays_in_a_real_browser() {
     assert!(said.contains("browser test: ok"), "{said}");
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 10_000);
     // The replayed parcel was handled, not dead-lettered again.
+    wait_until("the replayed parcel handled", async || {
+        let done = replayed.load(std::sync::atomic::Ordering::Acquire);
+        ready(done, || "parcel 3 not handled again yet".into())
+    })
+    .await;
     let s = k.registry().type_status::<Parcel>().unwrap();
     assert_eq!(s.dead_lettered, 1, "{s:?}");
     stop.cancel();

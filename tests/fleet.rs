@@ -156,11 +156,18 @@ fn spawn(broker: &Broker, names: &Names, name: &str, dir: &Path) -> Child {
         log,
         process,
     };
-    let ready = std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .any(|l| l.contains("ready"));
-    assert!(ready, "child {} never said ready", child.name);
+    // Read on a thread of its own, so a child that hangs fails the test
+    // at the deadline instead of blocking it.
+    let (said, heard) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ready = std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("ready"));
+        let _ = said.send(ready);
+    });
+    let ready = heard.recv_timeout(READ_TIMEOUT);
+    assert_eq!(ready, Ok(true), "child {} never said ready", child.name);
     child
 }
 
@@ -259,11 +266,15 @@ async fn fleet_commands_reach_every_process() {
             .group(names.group.as_str())
             .by("test")
     };
-    let paused = wait_until("both children answering the pause", async || {
-        let report = k.fleet_pause(job()).await.unwrap();
-        all_applied(&report, &["a", "b"]).map(|()| report)
+    wait_until("the issuer hearing both children", async || {
+        let members = k.fleet_members().unwrap();
+        ready(members == ["a", "b", "issuer"], || format!("{members:?}"))
     })
     .await;
+    // One call reaches every instance.
+    let paused = k.fleet_pause(job()).await.unwrap();
+    all_applied(&paused, &["a", "b"]).unwrap();
+    assert!(paused.silent.is_empty(), "{paused:?}");
     assert!(paused.instances.contains_key("issuer"), "{paused:?}");
 
     // Jobs wait; notes flow in both.
@@ -301,13 +312,27 @@ async fn fleet_commands_reach_every_process() {
     );
 
     // Resumed across the fleet: every job arrives, once.
-    let started = Instant::now();
-    let resumed = wait_until("all three children answering the resume", async || {
-        let report = k.fleet_resume(job()).await.unwrap();
-        all_applied(&report, &["a", "b", "c"]).map(|()| report)
+    wait_until("the issuer hearing the third child", async || {
+        let members = k.fleet_members().unwrap();
+        ready(members == ["a", "b", "c", "issuer"], || {
+            format!("{members:?}")
+        })
     })
     .await;
+    let started = Instant::now();
+    let resumed = k.fleet_resume(job()).await.unwrap();
+    all_applied(&resumed, &["a", "b", "c"]).unwrap();
     assert!(resumed.silent.is_empty(), "{resumed:?}");
+    // The third child had job partitions, held since it started: its
+    // resume released them.
+    let released: Vec<i32> = resumed.instances["c"]
+        .iter()
+        .flat_map(|r| match &r.outcome {
+            Outcome::Applied { partitions, .. } => partitions.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert!(!released.is_empty(), "{resumed:?}");
     wait_until("every job", async || {
         let seen = ids(&[&a, &b, &c], "job");
         let want = usize::try_from(before + 20).unwrap();

@@ -79,8 +79,8 @@ pub enum SeekTo {
     Beginning,
     /// After the last record: only records produced from now on.
     End,
-    /// This offset (clamped by the broker's `auto.offset.reset` rule if
-    /// the partition no longer holds it).
+    /// This offset, clamped to what the partition holds (between its
+    /// first offset and its end).
     Offset(i64),
     /// The first record whose timestamp is at or after this many
     /// milliseconds since the Unix epoch (the end if there is none).
@@ -117,6 +117,11 @@ pub enum Outcome {
         partitions: Vec<i32>,
         /// New positions, for a seek.
         positions: Vec<(i32, i64)>,
+        /// Partitions named that it did not change: not owned by this
+        /// member now (a pause still holds them should they come here), or
+        /// a seek that failed (logged; the partition is fetched again from
+        /// its last stored position).
+        not_applied: Vec<i32>,
         /// Whether any partition of the lane is held paused afterwards.
         held: bool,
     },

@@ -55,16 +55,26 @@ async function refresh() {
   $('types').tBodies[0].innerHTML = s.types.map((t) => '<tr data-type="' + esc(t.type) + '"><td>' + esc(t.type) + '</td><td>' + esc(t.topic) +
     '</td><td>' + esc(t.service) + '</td><td class="buffer">' + t.buffered + '/' + t.capacity + '</td><td class="handled">' + t.handled + '</td><td>' + t.failed +
     '</td><td class="dead">' + t.dead_lettered + '</td><td class="state">' + (t.held ? '<span class="held">paused</span>' : (t.paused ? 'backpressure' : 'flowing')) +
-    '</td><td><button class="pause" onclick="admin(\'pause\',{type:\'' + esc(t.type) + '\'})">pause</button>' +
-    '<button class="resume" onclick="admin(\'resume\',{type:\'' + esc(t.type) + '\'})">resume</button>' +
-    '<button class="seek" onclick="seek(\'' + esc(t.type) + '\')">seek</button>' +
-    '<button class="replay" onclick="admin(\'replay\',{dead_letter_topic:\'' + esc(t.dead_letter_topic) + '\',type:\'' + esc(t.type) + '\'})">replay dead letters</button></td></tr>').join('');
+    '</td><td><button class="pause">pause</button><button class="resume">resume</button><button class="seek">seek</button>' +
+    '<button class="replay" data-dlt="' + esc(t.dead_letter_topic) + '">replay dead letters</button></td></tr>').join('');
   $('services').tBodies[0].innerHTML = s.services.map((v) => '<tr><td>' + esc(v.name) + '</td><td>' + esc(v.group) + '</td><td>' + esc(v.state) +
     '</td><td class="assigned">' + esc(parts(v.assigned)) + '</td><td>' + esc(parts(v.paused)) + '</td><td>' + esc(parts(v.held)) + '</td></tr>').join('');
   $('topics').tBodies[0].innerHTML = s.topics.map((t) => '<tr><td>' + esc(t.name) + '</td><td>' + t.partitions + '</td></tr>').join('');
   $('outbox').textContent = s.outbox ? ('pending: ' + s.outbox.pending + ', failed: ' + s.outbox.failed) : 'no outbox in this process';
   window.kontextRefreshes = (window.kontextRefreshes || 0) + 1;
 }
+// One listener, reading names from data attributes (escaped as HTML, never
+// spliced into script).
+$('types').addEventListener('click', (e) => {
+  const button = e.target.closest('button');
+  const row = e.target.closest('tr[data-type]');
+  if (!button || !row) return;
+  const type = row.dataset.type;
+  if (button.classList.contains('pause')) admin('pause', {type});
+  else if (button.classList.contains('resume')) admin('resume', {type});
+  else if (button.classList.contains('seek')) seek(type);
+  else if (button.classList.contains('replay')) admin('replay', {dead_letter_topic: button.dataset.dlt, type});
+});
 refresh(); setInterval(refresh, 1000);
 </script></body></html>
 "#;

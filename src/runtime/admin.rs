@@ -56,10 +56,36 @@ impl Kontext {
         self.fleet_command(target, Command::Seek(to)).await
     }
 
-    async fn fleet_command(&self, target: Target, command: Command) -> Result<FleetReport> {
-        let fleet = self.fleet.as_ref().ok_or_else(|| {
+    /// The fleet's instances this one heard from within three heartbeats
+    /// (itself included): those a fleet command waits for.
+    pub fn fleet_members(&self) -> Result<Vec<String>> {
+        Ok(self.fleet()?.members())
+    }
+
+    fn fleet(&self) -> Result<&super::fleet::Fleet> {
+        self.fleet.as_deref().ok_or_else(|| {
             Error::config("this instance is in no fleet: start it with `KontextBuilder::fleet`")
-        })?;
+        })
+    }
+
+    /// A seek to a time on librdkafka's mock cluster, which answers every
+    /// lookup by time with the end of the partition: refused rather than
+    /// skipping everything.
+    fn refuse_time_seek_on_mock(&self, command: &Command) -> Result<()> {
+        let mock = self.broker.as_embedded().is_some()
+            || self.provisioned.as_ref().is_some_and(|r| r.mock_cluster);
+        if mock && matches!(command, Command::Seek(SeekTo::Timestamp(_))) {
+            return Err(Error::config(
+                "a seek to a time needs a Kafka broker: the embedded broker (librdkafka's mock \
+                 cluster) cannot look offsets up by time",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn fleet_command(&self, target: Target, command: Command) -> Result<FleetReport> {
+        let fleet = self.fleet()?;
+        self.refuse_time_seek_on_mock(&command)?;
         // A type names its topic and its group here; the fleet shares the model.
         let (topic, group) = match &target.what {
             Aim::Type(id, type_name) => {
@@ -107,16 +133,7 @@ impl Kontext {
             }
             Aim::Topic(topic) => (topic.clone(), None),
         };
-        // librdkafka's mock cluster answers every lookup by time with the
-        // end of the partition: refused rather than skipping everything.
-        let mock = self.broker.as_embedded().is_some()
-            || self.provisioned.as_ref().is_some_and(|r| r.mock_cluster);
-        if mock && matches!(command, Command::Seek(SeekTo::Timestamp(_))) {
-            return Err(Error::config(
-                "a seek to a time needs a Kafka broker: the embedded broker (librdkafka's mock \
-                 cluster) cannot look offsets up by time",
-            ));
-        }
+        self.refuse_time_seek_on_mock(&command)?;
         crate::telemetry::admin_command(command.name(), &target.issuer);
         tracing::info!(
             command = command.name(),

@@ -108,9 +108,17 @@ impl Fleet {
     ) -> Result<(Joining, Vec<Standing>)> {
         if kafka.provisioning_enabled() {
             let mut topic = TopicToCreate::new(settings.topic.clone(), 1);
-            topic
-                .configs
-                .insert("cleanup.policy".into(), "compact".into());
+            // Compacted, with segments that roll hourly, so answers and
+            // heartbeats (tombstoned once read) do not pile up in the active
+            // segment that compaction never cleans.
+            for (k, v) in [
+                ("cleanup.policy", "compact"),
+                ("segment.ms", "3600000"),
+                ("min.cleanable.dirty.ratio", "0.1"),
+                ("delete.retention.ms", "86400000"),
+            ] {
+                topic.configs.insert(k.into(), v.into());
+            }
             crate::broker::provision(broker, kafka, &[topic]).await?;
         }
         let servers = broker.bootstrap_servers();
@@ -170,6 +178,10 @@ impl Fleet {
                 })?
                 .map_err(client_error("fleet reader"))?;
             next = m.offset() + 1;
+            if let Some(age) = fleet.alive_in(&m) {
+                fleet.heard_alive(age.0, age.1);
+                continue;
+            }
             if let Some(command) = fleet.command_in(m.payload()) {
                 if !seen.first(&command.id) {
                     continue;
@@ -200,6 +212,51 @@ impl Fleet {
         ))
     }
 
+    /// An instance's heartbeat in a record read at start, with its age.
+    fn alive_in(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Option<(String, Duration)> {
+        let Ok(Envelope::Alive { instance }) = serde_json::from_slice(m.payload()?) else {
+            return None;
+        };
+        let at = m.timestamp().to_millis()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_millis();
+        let age = u64::try_from(now.saturating_sub(u128::try_from(at.max(0)).ok()?)).ok()?;
+        Some((instance, Duration::from_millis(age)))
+    }
+
+    /// Notes `instance` alive as of `age` ago; forgets instances silent
+    /// for long (a restarted instance has a new name).
+    fn heard_alive(&self, instance: String, age: Duration) {
+        let Some(at) = Instant::now().checked_sub(age) else {
+            return;
+        };
+        let forget = self.settings.heartbeat * 10;
+        let mut alive = sync_lock(&self.heard.alive);
+        alive.retain(|_, seen| seen.elapsed() <= forget);
+        if age <= forget {
+            alive.insert(instance, at);
+        }
+        drop(alive);
+        self.heard.changed.notify_waiters();
+    }
+
+    /// Instances heard from within three heartbeats, this one included.
+    pub(crate) fn members(&self) -> Vec<String> {
+        let recent = self.settings.heartbeat * 3;
+        let mut e: Vec<String> = sync_lock(&self.heard.alive)
+            .iter()
+            .filter(|(_, at)| at.elapsed() <= recent)
+            .map(|(i, _)| i.clone())
+            .collect();
+        if !e.contains(&self.instance) {
+            e.push(self.instance.clone());
+        }
+        e.sort();
+        e
+    }
+
     /// The command in a control record, if it is one that opens: a
     /// malformed or badly signed one is logged and refused.
     fn command_in(&self, payload: Option<&[u8]>) -> Option<FleetCommand> {
@@ -226,13 +283,18 @@ impl Fleet {
     async fn send(&self, key: &str, envelope: &Envelope) -> Result<()> {
         let payload = serde_json::to_vec(envelope)
             .map_err(|e| Error::Internal(format!("a control record did not serialize: {e}")))?;
+        self.put(key, Some(&payload)).await
+    }
+
+    /// Writes `payload` under `key`; `None` is a tombstone, which the
+    /// compaction then removes with the key.
+    async fn put(&self, key: &str, payload: Option<&[u8]>) -> Result<()> {
+        let mut record = FutureRecord::<str, [u8]>::to(&self.settings.topic).key(key);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
         self.producer
-            .send(
-                FutureRecord::to(&self.settings.topic)
-                    .key(key)
-                    .payload(&payload),
-                self.settings.answer_wait,
-            )
+            .send(record, self.settings.answer_wait)
             .await
             .map_err(|(e, _)| Error::Client {
                 role: "fleet producer",
@@ -270,31 +332,30 @@ impl Fleet {
             return Err(e);
         }
         let deadline = tokio::time::Instant::now() + self.settings.answer_wait;
-        let recent = self.settings.heartbeat * 3;
+        // The instances to wait for: those alive when it was sent (one
+        // busy applying it may miss a heartbeat meanwhile).
+        let expected = self.members();
         loop {
             let changed = self.heard.changed.notified();
-            let expected: Vec<String> = {
-                let alive = sync_lock(&self.heard.alive);
-                let mut e: Vec<String> = alive
-                    .iter()
-                    .filter(|(_, at)| at.elapsed() <= recent)
-                    .map(|(i, _)| i.clone())
-                    .collect();
-                if !e.contains(&self.instance) {
-                    e.push(self.instance.clone());
-                }
-                e
-            };
             let got = sync_lock(&self.heard.answers)
                 .get(&c.id)
                 .cloned()
                 .unwrap_or_default();
             let silent: Vec<String> = expected
-                .into_iter()
-                .filter(|i| !got.contains_key(i))
+                .iter()
+                .filter(|i| !got.contains_key(*i))
+                .cloned()
                 .collect();
             if silent.is_empty() || tokio::time::Instant::now() >= deadline {
                 sync_lock(&self.heard.answers).remove(&c.id);
+                // Read: the answers (and a seek, which is one-off) leave
+                // the compacted topic.
+                for instance in got.keys() {
+                    let _ = self.put(&format!("answer/{}/{instance}", c.id), None).await;
+                }
+                if matches!(c.op, Op::Seek(_)) {
+                    let _ = self.put(&c.key(), None).await;
+                }
                 return Ok(FleetReport {
                     id: c.id,
                     instances: got,
@@ -321,16 +382,41 @@ impl Joining {
             mut seen,
         } = self;
         let fleet = Arc::new(fleet);
+        // Heartbeats on their own task: a reader busy applying a command
+        // (a seek waits for handlers) still says it is alive. The last one
+        // is a tombstone, so a stopped instance leaves the topic.
+        let beating = Arc::clone(&fleet);
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            let fleet = beating;
+            let key = format!("alive/{}", fleet.instance);
+            let alive = Envelope::Alive {
+                instance: fleet.instance.clone(),
+            };
+            let mut beat = tokio::time::interval(fleet.settings.heartbeat);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = beat.tick() => {}
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break,
+                    sent = fleet.send(&key, &alive) => if let Err(e) = sent {
+                        tracing::warn!(error = %e, "could not say this instance is alive on the control topic");
+                    }
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), fleet.put(&key, None)).await;
+        });
         let reader = Arc::clone(&fleet);
         tasks.spawn(async move {
             let fleet = reader;
-            let mut beat = tokio::time::interval(fleet.settings.heartbeat);
             loop {
                 let payload = tokio::select! {
                     _ = cancel.cancelled() => break,
-                    _ = beat.tick() => None,
                     m = consumer.recv() => match m {
-                        Ok(m) => Some(m.payload().map(<[u8]>::to_vec)),
+                        Ok(m) => m.payload().map(<[u8]>::to_vec),
                         Err(e) => {
                             tracing::warn!(error = %e, "reading the control topic");
                             continue;
@@ -339,28 +425,10 @@ impl Joining {
                 };
                 // Whatever it waits on (the broker, a poll thread), the work
                 // ends with the shutdown.
-                let work = async {
-                    match payload {
-                        None => {
-                            let alive = Envelope::Alive {
-                                instance: fleet.instance.clone(),
-                            };
-                            let key = format!("alive/{}", fleet.instance);
-                            if let Err(e) = fleet.send(&key, &alive).await {
-                                tracing::warn!(error = %e, "could not say this instance is alive on the control topic");
-                            }
-                        }
-                        Some(payload) => {
-                            fleet
-                                .handle(payload.as_deref(), &controller, &mut seen)
-                                .await
-                        }
-                    }
-                };
                 tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,
-                    _ = work => {}
+                    _ = fleet.handle(payload.as_deref(), &controller, &mut seen) => {}
                 }
             }
             drop(consumer);
@@ -373,10 +441,7 @@ impl Fleet {
     async fn handle(&self, payload: Option<&[u8]>, controller: &Controller, seen: &mut Seen) {
         let Some(bytes) = payload else { return };
         match serde_json::from_slice::<Envelope>(bytes) {
-            Ok(Envelope::Alive { instance }) => {
-                sync_lock(&self.heard.alive).insert(instance, Instant::now());
-                self.heard.changed.notify_waiters();
-            }
+            Ok(Envelope::Alive { instance }) => self.heard_alive(instance, Duration::ZERO),
             Ok(Envelope::Answer {
                 id,
                 instance,

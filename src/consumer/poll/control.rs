@@ -11,6 +11,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::close::Commits;
 use super::{LoopState, PollContext, ServiceShared};
 use crate::admin::{Command, ControlReport, Outcome, SeekTo};
 
@@ -160,12 +161,14 @@ impl LoopState {
                 tracing::warn!(service = %shared.name, error = %e, "could not pause partitions");
             }
         }
-        self.lanes[lane].buffer.held.store(true, Ordering::Release);
+        let held = self.lane_state[lane].hold.is_active();
+        self.lanes[lane].buffer.held.store(held, Ordering::Release);
         self.publish_paused(shared);
         Outcome::Applied {
+            not_applied: not_owned(partitions, &owned),
             partitions: owned,
             positions: Vec::new(),
-            held: true,
+            held,
         }
     }
 
@@ -239,6 +242,7 @@ impl LoopState {
             .store(active, Ordering::Release);
         self.publish_paused(shared);
         Outcome::Applied {
+            not_applied: not_owned(partitions, &resumed),
             partitions: resumed,
             positions: Vec::new(),
             held: active,
@@ -280,37 +284,83 @@ impl LoopState {
         by_lane[lane] = owned.clone();
         self.fence(&by_lane, shared, timeout);
         let mut tpl = TopicPartitionList::new();
+        let mut moved = Vec::with_capacity(positions.len());
+        let mut not_applied = not_owned(partitions, &owned);
         for &(p, offset) in &positions {
-            // Their finished, unstored records belong to the old position.
+            // Their finished, unstored records belong to the old position;
+            // so do the fenced ones, which it must fetch again if it stays.
             self.tracker.forget((lane, p));
+            Commits::forget(&shared.commits, &topic, p);
             if let Err(e) = consumer.seek(&topic, p, Offset::Offset(offset), RESOLVE_TIMEOUT) {
-                return Outcome::Refused {
-                    reason: format!("the consumer could not seek partition {p}: {e}"),
-                };
+                tracing::warn!(service = %shared.name, %topic, partition = p, error = %e, "seek failed; the partition goes back to its last stored position");
+                self.restart(consumer, &topic, p, shared);
+                not_applied.push(p);
+                continue;
             }
             let _ = tpl.add_partition_offset(&topic, p, Offset::Offset(offset));
             self.note_stored(&topic, p, offset);
+            moved.push((p, offset));
         }
-        // Stored as well as committed: the auto-commit would otherwise send
-        // the old stored offset again.
-        if let Err(e) = consumer.store_offsets(&tpl) {
-            tracing::warn!(service = %shared.name, error = %e, "could not store the positions sought");
+        let changed: Vec<i32> = moved.iter().map(|&(p, _)| p).collect();
+        if tpl.count() > 0 {
+            // Stored as well as committed: the auto-commit would otherwise
+            // send the old stored offset again.
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                tracing::warn!(service = %shared.name, error = %e, "could not store the positions sought");
+            }
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                return Outcome::Refused {
+                    reason: format!(
+                        "the consumer moved to {moved:?} but could not commit it (a rebalance \
+                         now would start from the last commit): {e}"
+                    ),
+                };
+            }
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-            return Outcome::Refused {
-                reason: format!(
-                    "the consumer moved to {positions:?} but could not commit it (a rebalance \
-                     now would start from the last commit): {e}"
-                ),
-            };
-        }
+        not_applied.sort_unstable();
         let held = self.lane_state[lane].hold.is_active();
         Outcome::Applied {
-            partitions: owned,
-            positions,
+            partitions: changed,
+            positions: moved,
+            not_applied,
             held,
         }
     }
+
+    /// After a failed seek: the fenced records of `partition` are fetched
+    /// again from its last stored position (or the group's commit), so
+    /// none is skipped (at the cost of handling finished ones again).
+    fn restart(
+        &mut self,
+        consumer: &BaseConsumer<PollContext>,
+        topic: &str,
+        partition: i32,
+        shared: &ServiceShared,
+    ) {
+        let stored = self.stored.get(&(topic.to_owned(), partition)).copied();
+        let from = stored.map(Offset::Offset).or_else(|| {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            let committed = consumer.committed_offsets(tpl, RESOLVE_TIMEOUT).ok()?;
+            let offset = committed.find_partition(topic, partition)?.offset();
+            matches!(offset, Offset::Offset(_)).then_some(offset)
+        });
+        let done =
+            from.is_some_and(|o| consumer.seek(topic, partition, o, RESOLVE_TIMEOUT).is_ok());
+        if !done {
+            tracing::error!(service = %shared.name, %topic, partition, "a partition could not be moved back after a failed seek: it stays stalled until the next rebalance");
+        }
+    }
+}
+
+/// The partitions asked for that this member does not own.
+fn not_owned(asked: Option<&[i32]>, owned: &[i32]) -> Vec<i32> {
+    asked
+        .unwrap_or_default()
+        .iter()
+        .copied()
+        .filter(|p| !owned.contains(p))
+        .collect()
 }
 
 /// The offset each partition moves to.
