@@ -205,6 +205,27 @@ async fn admin_endpoints_need_the_token_and_pause_resume_and_seek() {
     })
     .await;
 
+    // Each owned partition's committed offset, end and lag, from the
+    // consumer's statistics (every 5 s).
+    wait_until("the partitions' positions", async || {
+        let (_, status, _) = call(&app, "GET", "/status", None, None).await;
+        let parts = status["services"][0]["partitions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let sum = |f: &str| {
+            parts
+                .iter()
+                .map(|p| p[f].as_i64().unwrap_or(-1))
+                .sum::<i64>()
+        };
+        ready(
+            parts.len() == 2 && sum("committed") == 4 && sum("end") == 4 && sum("lag") == 0,
+            || status["services"][0]["partitions"].to_string(),
+        )
+    })
+    .await;
+
     // Unknown names and malformed bodies are the caller's error.
     let (code, _, _) = call(
         &app,

@@ -21,6 +21,8 @@ button{margin:0 2px} #msg{margin:.5em 0;min-height:1.2em} code{font-size:12px}
 <table id="types"><thead><tr><th>type</th><th>topic</th><th>service</th><th>buffer</th><th>handled</th><th>failed</th><th>dead letters</th><th>state</th><th>actions</th></tr></thead><tbody></tbody></table>
 <h2>Poll services</h2>
 <table id="services"><thead><tr><th>service</th><th>group</th><th>state</th><th>assigned</th><th>paused</th><th>held</th></tr></thead><tbody></tbody></table>
+<h2>Partitions</h2>
+<table id="partitions"><thead><tr><th>service</th><th>group</th><th>partition</th><th>committed</th><th>end</th><th>lag</th><th>state</th></tr></thead><tbody></tbody></table>
 <h2>Topics</h2>
 <table id="topics"><thead><tr><th>topic</th><th>partitions</th></tr></thead><tbody></tbody></table>
 <h2>Outbox</h2><div id="outbox"></div>
@@ -59,6 +61,9 @@ async function refresh() {
     '<button class="replay" data-dlt="' + esc(t.dead_letter_topic) + '">replay dead letters</button></td></tr>').join('');
   $('services').tBodies[0].innerHTML = s.services.map((v) => '<tr><td>' + esc(v.name) + '</td><td>' + esc(v.group) + '</td><td>' + esc(v.state) +
     '</td><td class="assigned">' + esc(parts(v.assigned)) + '</td><td>' + esc(parts(v.paused)) + '</td><td>' + esc(parts(v.held)) + '</td></tr>').join('');
+  $('partitions').tBodies[0].innerHTML = s.services.flatMap((v) => v.partitions.map((p) => '<tr><td>' + esc(v.name) + '</td><td>' + esc(v.group) +
+    '</td><td>' + esc(p.topic + '/' + p.partition) + '</td><td>' + esc(p.committed) + '</td><td>' + esc(p.end) + '</td><td>' + esc(p.lag) +
+    '</td><td>' + (p.held ? 'paused by operator' : (p.paused ? 'paused' : 'flowing')) + '</td></tr>')).join('');
   $('topics').tBodies[0].innerHTML = s.topics.map((t) => '<tr><td>' + esc(t.name) + '</td><td>' + t.partitions + '</td></tr>').join('');
   $('outbox').textContent = s.outbox ? ('pending: ' + s.outbox.pending + ', failed: ' + s.outbox.failed) : 'no outbox in this process';
   window.kontextRefreshes = (window.kontextRefreshes || 0) + 1;

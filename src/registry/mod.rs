@@ -36,6 +36,24 @@ pub(crate) trait TypeProbe: Send + Sync {
     fn fill(&self, status: &mut TypeStatus);
 }
 
+/// Where a consumer group stands on one partition, as its member here
+/// last saw it (librdkafka's statistics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PartitionStatus {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The group's committed offset, if it has one.
+    pub committed: Option<i64>,
+    /// The partition's end (high watermark), if known.
+    pub end: Option<i64>,
+    /// Records between the last offset stored for commit and the end:
+    /// records fetched but not finished count as lag.
+    pub lag: Option<i64>,
+}
+
 /// Lifecycle of a poll service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -155,6 +173,10 @@ pub struct ServiceStatus {
     /// Partitions an operator holds paused ([`Kontext::pause`](crate::Kontext::pause)),
     /// owned here now.
     pub held_partitions: Vec<(String, i32)>,
+    /// Positions of the partitions it owns, from librdkafka's statistics
+    /// (every `statistics.interval.ms`, 5 s by default): empty until the
+    /// first.
+    pub partitions: Vec<PartitionStatus>,
     /// Types it serves.
     pub types: Vec<&'static str>,
     /// Time since its loop last polled; `None` before the first poll.
@@ -543,6 +565,7 @@ mod tests {
             assigned_partitions: Vec::new(),
             paused_partitions: Vec::new(),
             held_partitions: Vec::new(),
+            partitions: Vec::new(),
             types: vec!["OrderCreated"],
             since_last_poll: Some(since_last_poll),
             tracked_entries: 0,

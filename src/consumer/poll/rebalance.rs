@@ -50,23 +50,37 @@ impl ClientContext for PollContext {
         // revoke may be served after it, and a member's stale lag for a
         // partition that moved would outlive the move on dashboards.
         let state = lock(&self.state);
+        let known = |v: i64| (v >= 0).then_some(v);
+        let mut positions = Vec::new();
         for (name, topic) in &statistics.topics {
             for (&partition, p) in &topic.partitions {
-                // -1: not assigned here, or not known yet.
-                if partition < 0 || p.consumer_lag_stored < 0 {
+                // -1: librdkafka's internal partition.
+                if partition < 0
+                    || !state
+                        .assignment
+                        .iter()
+                        .any(|(t, q)| *q == partition && **t == **name)
+                {
                     continue;
                 }
-                if !state
-                    .assignment
-                    .iter()
-                    .any(|(t, q)| *q == partition && **t == **name)
-                {
+                positions.push(crate::registry::PartitionStatus {
+                    topic: name.clone(),
+                    partition,
+                    committed: known(p.committed_offset),
+                    end: known(p.hi_offset),
+                    lag: known(p.consumer_lag_stored),
+                });
+                // -1: not known yet.
+                if p.consumer_lag_stored < 0 {
                     continue;
                 }
                 crate::telemetry::consumer_lag(name, partition, &self.shared.group_id)
                     .set(p.consumer_lag_stored as f64);
             }
         }
+        drop(state);
+        positions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        *lock(&self.shared.positions) = positions;
     }
 }
 

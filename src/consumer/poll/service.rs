@@ -28,6 +28,7 @@ impl ServiceProbe for ServiceShared {
             assigned_partitions: lock(&self.assigned).clone(),
             paused_partitions: lock(&self.paused).clone(),
             held_partitions: lock(&self.held).clone(),
+            partitions: lock(&self.positions).clone(),
             types: Vec::new(),
             since_last_poll: self.since_last_poll(),
             joined: self.joined.load(Ordering::Acquire),
@@ -62,6 +63,8 @@ pub(crate) struct ServiceShared {
     pub(crate) paused: Mutex<Vec<(String, i32)>>,
     /// Owned partitions an operator holds paused.
     pub(crate) held: Mutex<Vec<(String, i32)>>,
+    /// Positions of owned partitions, from the last statistics.
+    pub(crate) positions: Mutex<Vec<crate::registry::PartitionStatus>>,
     /// Operator commands, drained by the poll thread between polls
     /// (`control.rs`): an idle channel costs one check per poll round.
     pub(crate) control: std::sync::mpsc::Sender<super::control::Request>,
@@ -123,6 +126,7 @@ impl ServiceShared {
         let (control, control_rx) = std::sync::mpsc::channel();
         Arc::new(ServiceShared {
             held: Mutex::new(Vec::new()),
+            positions: Mutex::new(Vec::new()),
             control,
             control_rx: Mutex::new(Some(control_rx)),
             topics: std::sync::OnceLock::new(),
