@@ -22,6 +22,8 @@ try {
     const cells = [...document.querySelectorAll('#services td.assigned')];
     return cells.some((c) => c.textContent.includes('/'));
   }, null, { timeout: 30000 });
+  // Their positions (committed, end, lag), from the consumer's statistics.
+  await page.waitForFunction(() => document.querySelectorAll('#partitions tbody tr').length >= 2, null, { timeout: 30000 });
   await page.fill('#token', token);
   await page.dispatchEvent('#token', 'change');
   const handled = async () => Number(await row.locator('td.handled').textContent());
