@@ -49,7 +49,9 @@ fn fleet(control: &str, name: &str) -> FleetSettings {
         .topic(control)
         .secret(SECRET)
         .instance(name)
-        .heartbeat(Duration::from_millis(500))
+        // Members count as alive for three of these: 3 s, wide enough for
+        // a loaded machine's scheduling.
+        .heartbeat(Duration::from_secs(1))
 }
 
 /// A member of the group that logs `job <id>` or `note <id>` per record

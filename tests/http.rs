@@ -213,14 +213,13 @@ async fn admin_endpoints_need_the_token_and_pause_resume_and_seek() {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let sum = |f: &str| {
-            parts
-                .iter()
-                .map(|p| p[f].as_i64().unwrap_or(-1))
-                .sum::<i64>()
+        // Each partition caught up: committed at its end, no lag, all known.
+        let caught_up = |p: &Value| {
+            p["committed"].is_i64() && p["committed"] == p["end"] && p["lag"] == json!(0)
         };
+        let total: i64 = parts.iter().filter_map(|p| p["end"].as_i64()).sum();
         ready(
-            parts.len() == 2 && sum("committed") == 4 && sum("end") == 4 && sum("lag") == 0,
+            parts.len() == 2 && parts.iter().all(caught_up) && total == 4,
             || status["services"][0]["partitions"].to_string(),
         )
     })

@@ -69,10 +69,11 @@ impl FleetSettings {
         self
     }
 
-    /// How often an instance says it is alive; an issuer waits for the
-    /// answers of instances heard from within three of these.
+    /// How often an instance says it is alive (kept between 100 ms and a
+    /// minute); an issuer waits for the answers of instances heard from
+    /// within three of these.
     pub fn heartbeat(mut self, every: Duration) -> Self {
-        self.heartbeat = every;
+        self.heartbeat = every.clamp(Duration::from_millis(100), Duration::from_secs(60));
         self
     }
 

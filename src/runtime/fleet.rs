@@ -242,6 +242,12 @@ impl Fleet {
         self.heard.changed.notify_waiters();
     }
 
+    /// Forgets an instance that said it stopped.
+    fn heard_gone(&self, instance: &str) {
+        sync_lock(&self.heard.alive).remove(instance);
+        self.heard.changed.notify_waiters();
+    }
+
     /// Instances heard from within three heartbeats, this one included.
     pub(crate) fn members(&self) -> Vec<String> {
         let recent = self.settings.heartbeat * 3;
@@ -394,6 +400,8 @@ impl Joining {
                 instance: fleet.instance.clone(),
             };
             let mut beat = tokio::time::interval(fleet.settings.heartbeat);
+            // A slow send is not made up for with a burst.
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
@@ -416,7 +424,16 @@ impl Joining {
                 let payload = tokio::select! {
                     _ = cancel.cancelled() => break,
                     m = consumer.recv() => match m {
-                        Ok(m) => m.payload().map(<[u8]>::to_vec),
+                        Ok(m) => {
+                            // A stopped instance's heartbeat tombstone: it
+                            // is no longer waited for.
+                            if m.payload().is_none() {
+                                if let Some(gone) = m.key().and_then(|k| k.strip_prefix(b"alive/")) {
+                                    fleet.heard_gone(&String::from_utf8_lossy(gone));
+                                }
+                            }
+                            m.payload().map(<[u8]>::to_vec)
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "reading the control topic");
                             continue;

@@ -253,6 +253,10 @@ impl LoopState {
             if !partitions.is_empty() {
                 let state = &mut self.lane_state[lane];
                 state.held_back.retain(|p| !partitions.contains(p));
+                // Its positions are its next owner's to show.
+                let topic = &*self.lanes[lane].topic;
+                lock(&shared.positions)
+                    .retain(|s| !(s.topic == topic && partitions.contains(&s.partition)));
             }
         }
         self.publish_paused(shared);
