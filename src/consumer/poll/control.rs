@@ -14,6 +14,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::close::Commits;
 use super::{LoopState, PollContext, ServiceShared};
 use crate::admin::{Command, ControlReport, Outcome, SeekTo};
+use crate::consumer::context::Record;
 
 /// Longest a seek waits for the broker to resolve a position (watermarks,
 /// offsets for a timestamp): the poll thread serves nothing meanwhile.
@@ -42,6 +43,15 @@ impl Hold {
 
     pub(super) fn is_active(&self) -> bool {
         self.all || !self.partitions.is_empty()
+    }
+
+    /// `records` split into those of held partitions and the others, each
+    /// in its order.
+    pub(super) fn split(
+        &self,
+        records: impl Iterator<Item = Record>,
+    ) -> (Vec<Record>, Vec<Record>) {
+        records.partition(|r| self.holds(r.partition))
     }
 }
 
@@ -142,16 +152,9 @@ impl LoopState {
             Some(ps) if !state.hold.all => state.hold.partitions.extend(ps),
             Some(_) => {}
         }
-        let (hold, overflow, parked) = (&state.hold, &mut state.overflow, &mut state.parked);
-        let mut kept = std::collections::VecDeque::with_capacity(overflow.len());
-        for r in overflow.drain(..) {
-            if hold.holds(r.partition) {
-                parked.push_back(r);
-            } else {
-                kept.push_back(r);
-            }
-        }
-        *overflow = kept;
+        let (held, free) = state.hold.split(state.overflow.drain(..));
+        state.parked.extend(held);
+        state.overflow = free.into();
         let owned = {
             let hold = &self.lane_state[lane].hold;
             self.owned(lane, |p| hold.holds(p))
@@ -200,19 +203,10 @@ impl LoopState {
             }
         }
         // Released records are older than anything held back for room.
-        let (hold, overflow, parked) = (&state.hold, &mut state.overflow, &mut state.parked);
-        let mut still = std::collections::VecDeque::new();
-        let mut released = Vec::new();
-        for r in parked.drain(..) {
-            if hold.holds(r.partition) {
-                still.push_back(r);
-            } else {
-                released.push(r);
-            }
-        }
-        *parked = still;
+        let (still, released) = state.hold.split(state.parked.drain(..));
+        state.parked = still.into();
         for r in released.into_iter().rev() {
-            overflow.push_front(r);
+            state.overflow.push_front(r);
         }
         let active = state.hold.is_active();
         let resumed: Vec<i32> = before

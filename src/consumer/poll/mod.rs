@@ -544,16 +544,9 @@ impl LoopState {
             let state = &mut self.lane_state[lane];
             let mut batch = std::mem::take(&mut state.pending);
             if state.hold.is_active() {
-                let (hold, parked) = (&state.hold, &mut state.parked);
-                let mut kept = Vec::with_capacity(batch.len());
-                for r in batch.drain(..) {
-                    if hold.holds(r.partition) {
-                        parked.push_back(r);
-                    } else {
-                        kept.push(r);
-                    }
-                }
-                batch = kept;
+                let (held, free) = state.hold.split(batch.drain(..));
+                state.parked.extend(held);
+                batch = free;
             }
             for (i, n) in state.received.iter_mut().enumerate() {
                 if *n > 0 {
