@@ -2,7 +2,8 @@
 //! by `playwright-core` from npm; `.ci/run` installs both): it lists the
 //! running service and its partitions, pause shows the type paused and
 //! stops its handled counter, resume restarts it, and replay moves a dead
-//! letter back. Saves `target/status-page.png`. Skipped, saying so, where
+//! letter back, and the topic's recent messages show decoded with the
+//! sensitive field redacted. Saves `target/status-page.png`. Skipped, saying so, where
 //! the browser or the driver is missing, unless `KONTEXT_REQUIRE_BROWSER`
 //! is set (CI sets it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Parcel {
     id: u32,
+    recipient: String,
 }
 
 /// Where the driver and the browser are, or why the test cannot run.
@@ -64,6 +66,7 @@ async fn the_status_page_pauses_resumes_and_replays_in_a_real_browser() {
             t.name(topic.as_str())
                 .partitions(2)
                 .key(|p| p.id)
+                .sensitive(["recipient"])
                 .consumer(|c| c.retry(RetryPolicy::none()))
         })
         .build()
@@ -120,7 +123,8 @@ async fn the_status_page_pauses_resumes_and_replays_in_a_real_browser() {
             let p = k.producer().unwrap();
             let mut id = 1;
             while !stop.is_cancelled() {
-                p.produce(&Parcel { id }).await.unwrap();
+                let recipient = "Ada Lovelace".to_owned();
+                p.produce(&Parcel { id, recipient }).await.unwrap();
                 id += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -142,7 +146,7 @@ async fn the_status_page_pauses_resumes_and_replays_in_a_real_browser() {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("node")
             .arg(driver_dir.join("status_page.mjs"))
-            .args([url.as_str(), token, shot.to_str().unwrap()])
+            .args([url.as_str(), token, shot.to_str().unwrap(), "Ada Lovelace"])
             .current_dir(&driver_dir)
             .output()
             .unwrap()

@@ -271,3 +271,153 @@ async fn admin_endpoints_need_the_token_and_pause_resume_and_seek() {
     drop(app);
     shut(k).await;
 }
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Payment {
+    id: u32,
+    card_number: String,
+    login: Login,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Login {
+    user: String,
+    password: String,
+}
+
+#[tokio::test]
+async fn recent_messages_are_decoded_redacted_newest_first_and_behind_the_token() {
+    let topic = unique_name("http-recent");
+    let model = Model::builder()
+        .topic::<Payment>(|t| {
+            t.name(&topic)
+                .partitions(2)
+                .key(|p| p.id)
+                .header("x-api-key", "k-123-never-shown")
+                .header("region", "eu")
+                .sensitive(["card_number"])
+        })
+        .build()
+        .unwrap();
+    let k = Arc::new(
+        Kontext::builder(model)
+            .broker(broker())
+            .settings(KafkaSettings::new().consumer(|c| c.group_id = Some(unique_name("http"))))
+            .producer()
+            .consumers(|c| {
+                c.handler(|_p: Payment, _ctx: MessageContext| async { Ok(()) });
+            })
+            .start()
+            .await
+            .unwrap(),
+    );
+    let token = "another-s3cret-token";
+    let read_only = router(&k, HttpSettings::read_only());
+    let app = router(&k, HttpSettings::read_only().admin_token(token));
+    let path = |q: &str| format!("/admin/messages?topic={topic}{q}");
+
+    let sent = track([&*k])
+        .timeout(Duration::from_secs(30))
+        .run(|| async {
+            let p = k.producer().unwrap();
+            for id in 0..6 {
+                let payment = Payment {
+                    id,
+                    card_number: "4111111111111111".into(),
+                    login: Login {
+                        user: format!("user-{id}"),
+                        password: "hunter2".into(),
+                    },
+                };
+                p.produce(&payment).await.unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent.activity.of::<Payment>(&k).unwrap().handled, 6);
+
+    let (code, _, _) = call(&read_only, "GET", &path(""), Some(token), None).await;
+    assert_eq!(code, StatusCode::NOT_FOUND, "admin off: no message view");
+    let (code, _, _) = call(&app, "GET", &path(""), None, None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+
+    // All six, each decoded, sensitive fields and headers redacted.
+    let (code, body, text) = call(&app, "GET", &path("&limit=50"), Some(token), None).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    for secret in ["4111111111111111", "hunter2", "k-123-never-shown"] {
+        assert!(!text.contains(secret), "{secret} shown: {text}");
+    }
+    let records = body["records"].as_array().unwrap();
+    let mut ids: Vec<u64> = records
+        .iter()
+        .map(|r| r["value"]["id"].as_u64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4, 5], "{body}");
+    for r in records {
+        assert_eq!(r["message_type"], json!("Payment"), "{r}");
+        assert_eq!(r["value"]["card_number"], json!("<redacted>"), "{r}");
+        assert_eq!(r["value"]["login"]["password"], json!("<redacted>"), "{r}");
+        assert!(
+            r["value"]["login"]["user"]
+                .as_str()
+                .unwrap()
+                .starts_with("user-")
+        );
+        let header = |name: &str| {
+            r["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|h| h[0] == json!(name))
+                .map(|h| h[1].clone())
+        };
+        assert_eq!(header("x-api-key"), Some(json!("<redacted>")), "{r}");
+        assert_eq!(header("region"), Some(json!("eu")), "{r}");
+        assert_eq!(header("ce_type"), Some(json!("Payment")), "{r}");
+        assert_eq!(r["key"], json!(r["value"]["id"].to_string()), "{r}");
+    }
+    // Newest first.
+    let times: Vec<i64> = records
+        .iter()
+        .map(|r| r["timestamp_ms"].as_i64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] >= w[1]), "{times:?}");
+    let on_partition_one = records
+        .iter()
+        .filter(|r| r["partition"] == json!(1))
+        .count();
+
+    // A limit, and one partition.
+    let (code, body, _) = call(&app, "GET", &path("&limit=2"), Some(token), None).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body["records"].as_array().unwrap().len(), 2, "{body}");
+    let (code, body, _) = call(&app, "GET", &path("&partition=1"), Some(token), None).await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    let on_one = body["records"].as_array().unwrap();
+    assert!(on_one.iter().all(|r| r["partition"] == json!(1)), "{body}");
+    assert_eq!(on_one.len(), on_partition_one, "{body}");
+
+    // Only the model's topics (and dead-letter topics) can be read.
+    let (code, body, _) = call(
+        &app,
+        "GET",
+        "/admin/messages?topic=__consumer_offsets",
+        Some(token),
+        None,
+    )
+    .await;
+    assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (code, _, _) = call(&app, "GET", "/admin/messages", Some(token), None).await;
+    assert_eq!(code, StatusCode::BAD_REQUEST, "a topic is required");
+
+    // Lane rates appear once two status reads are a second apart.
+    wait_until("a handled rate", async || {
+        let (_, status, _) = call(&app, "GET", "/status", None, None).await;
+        let rate = status["types"][0]["handled_per_s"].clone();
+        ready(rate.is_number(), || rate.to_string())
+    })
+    .await;
+    drop((app, read_only));
+    shut(k).await;
+}

@@ -9,6 +9,7 @@
 //! | `GET /` | the status page, with pause, resume, seek and replay |
 //! | `POST /admin/pause`, `/admin/resume`, `/admin/seek`, `/admin/replay` | operator commands |
 //! | `GET /admin/outbox/failed`, `POST /admin/outbox/retry`, `/admin/outbox/discard` | failed outbox rows |
+//! | `GET /admin/messages?topic=..&partition=..&limit=..` | a topic's newest records, decoded, redacted |
 //!
 //! Admin endpoints answer 404 unless [`HttpSettings::admin_token`] is set;
 //! then they need `Authorization: Bearer <token>` (compared in constant
@@ -18,11 +19,13 @@
 
 mod page;
 
-use std::sync::{Arc, Weak};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -79,6 +82,57 @@ struct App {
     /// shut kontext down by value once its server stopped.
     kontext: Weak<Kontext>,
     settings: HttpSettings,
+    rates: Mutex<Rates>,
+}
+
+/// Each lane's received and handled counters as `/status` read them over
+/// the last [`Rates::WINDOW`]: rates without a timer of their own, and
+/// nothing added to the record path.
+#[derive(Default)]
+struct Rates {
+    samples: VecDeque<(Instant, Counts)>,
+}
+
+/// (received, handled) of each lane, by (topic, type).
+type Counts = HashMap<(String, String), (u64, u64)>;
+
+impl Rates {
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    /// Records this read and answers each lane's (received, handled) per
+    /// second since the oldest read of the window (none before a second
+    /// has passed).
+    fn observe(&mut self, now: Instant, counts: Counts) -> HashMap<(String, String), (f64, f64)> {
+        while self
+            .samples
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > Self::WINDOW)
+        {
+            self.samples.pop_front();
+        }
+        let mut rates = HashMap::new();
+        if let Some((at, then)) = self.samples.front() {
+            let secs = now.duration_since(*at).as_secs_f64();
+            if secs >= 1.0 {
+                for (lane, (received, handled)) in &counts {
+                    if let Some((r0, h0)) = then.get(lane) {
+                        let per_s =
+                            |now: u64, before: u64| now.saturating_sub(before) as f64 / secs;
+                        rates.insert(lane.clone(), (per_s(*received, *r0), per_s(*handled, *h0)));
+                    }
+                }
+            }
+        }
+        // Many readers polling fast keep one sample per 200 ms.
+        if self
+            .samples
+            .back()
+            .is_none_or(|(at, _)| now.duration_since(*at) >= Duration::from_millis(200))
+        {
+            self.samples.push_back((now, counts));
+        }
+        rates
+    }
 }
 
 impl App {
@@ -99,6 +153,7 @@ pub fn router(kontext: &Arc<Kontext>, settings: HttpSettings) -> Router {
     let app = Arc::new(App {
         kontext: Arc::downgrade(kontext),
         settings,
+        rates: Mutex::default(),
     });
     Router::new()
         .route("/", get(page))
@@ -112,6 +167,7 @@ pub fn router(kontext: &Arc<Kontext>, settings: HttpSettings) -> Router {
         .route("/admin/outbox/failed", get(outbox_failed))
         .route("/admin/outbox/retry", post(outbox_retry))
         .route("/admin/outbox/discard", post(outbox_discard))
+        .route("/admin/messages", get(messages))
         .with_state(app)
 }
 
@@ -213,7 +269,8 @@ fn service_json(s: &ServiceStatus) -> Value {
     })
 }
 
-fn type_json(t: &TypeStatus) -> Value {
+fn type_json(t: &TypeStatus, rates: Option<&(f64, f64)>) -> Value {
+    let rate = |r: Option<f64>| r.map_or(Value::Null, |r| json!((r * 10.0).round() / 10.0));
     json!({
         "type": t.discriminator,
         "rust_type": t.rust_type,
@@ -228,6 +285,8 @@ fn type_json(t: &TypeStatus) -> Value {
         "busy_workers": t.busy_workers,
         "received": t.received,
         "handled": t.handled,
+        "received_per_s": rate(rates.map(|r| r.0)),
+        "handled_per_s": rate(rates.map(|r| r.1)),
         "failed": t.failed,
         "retried": t.retried,
         "dead_lettered": t.dead_lettered,
@@ -246,6 +305,21 @@ async fn status(State(app): State<Arc<App>>) -> Response {
     let k = &k;
     let registry = k.registry();
     let (live, ready, health) = health_json(k);
+    let types = registry.types();
+    let rates = app
+        .rates
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .observe(
+            Instant::now(),
+            types
+                .iter()
+                .map(|t| {
+                    let lane = (t.topic.clone(), t.discriminator.clone());
+                    (lane, (t.received, t.handled))
+                })
+                .collect(),
+        );
     let outbox = match k.outbox() {
         Ok(o) => {
             let pending = o.pending().await.map_err(|e| e.to_string());
@@ -271,7 +345,10 @@ async fn status(State(app): State<Arc<App>>) -> Response {
         "admin": app.settings.admin_token.is_some(),
         "topics": topics,
         "services": registry.services().iter().map(service_json).collect::<Vec<_>>(),
-        "types": registry.types().iter().map(type_json).collect::<Vec<_>>(),
+        "types": types
+            .iter()
+            .map(|t| type_json(t, rates.get(&(t.topic.clone(), t.discriminator.clone()))))
+            .collect::<Vec<_>>(),
         "outbox": outbox,
     }))
     .into_response()
@@ -560,4 +637,68 @@ async fn outbox_discard(
     body: Result<Json<Ids>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     outbox_rows(&app, &headers, body, false).await
+}
+
+#[derive(Debug, Deserialize)]
+struct Look {
+    topic: String,
+    partition: Option<i32>,
+    limit: Option<usize>,
+}
+
+/// Behind the token: payloads are the business's data, not status.
+async fn messages(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    look: Result<Query<Look>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let issuer = match authorize(&app, &headers) {
+        Ok(i) => i,
+        Err(r) => return r.into_response(),
+    };
+    let Query(look) = match look {
+        Ok(q) => q,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let k = match app.kontext() {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
+    tracing::info!(%issuer, topic = %look.topic, "recent records read over http");
+    let limit = look.limit.unwrap_or(20);
+    match k.recent_messages(&look.topic, look.partition, limit).await {
+        Ok(records) => Json(json!({"topic": look.topic, "records": records})).into_response(),
+        Err(e) => answer::<()>(Err(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lane(received: u64, handled: u64) -> Counts {
+        let key = ("orders".to_owned(), "OrderPlaced".to_owned());
+        HashMap::from([(key, (received, handled))])
+    }
+
+    #[test]
+    fn rates_come_from_reads_at_least_a_second_apart_within_the_window() {
+        let mut rates = Rates::default();
+        let t0 = Instant::now();
+        let key = ("orders".to_owned(), "OrderPlaced".to_owned());
+        assert!(rates.observe(t0, lane(0, 0)).is_empty());
+        assert!(
+            rates
+                .observe(t0 + Duration::from_millis(500), lane(5, 5))
+                .is_empty()
+        );
+        let r = rates.observe(t0 + Duration::from_secs(2), lane(40, 20));
+        assert_eq!(r.get(&key), Some(&(20.0, 10.0)));
+        // Reads older than the window no longer count.
+        let r = rates.observe(t0 + Duration::from_secs(13), lane(40, 20));
+        assert!(
+            r.is_empty(),
+            "every earlier read is older than the window: {r:?}"
+        );
+    }
 }

@@ -18,13 +18,15 @@ button{margin:0 2px} #msg{margin:.5em 0;min-height:1.2em} code{font-size:12px}
 <label>Operator <input id="operator" size="12" value="page"></label></div>
 <div id="msg"></div>
 <h2>Consumed types</h2>
-<table id="types"><thead><tr><th>type</th><th>topic</th><th>service</th><th>buffer</th><th>handled</th><th>failed</th><th>dead letters</th><th>state</th><th>actions</th></tr></thead><tbody></tbody></table>
+<table id="types"><thead><tr><th>type</th><th>topic</th><th>service</th><th>buffer</th><th>handled</th><th>handled/s</th><th>failed</th><th>dead letters</th><th>state</th><th>actions</th></tr></thead><tbody></tbody></table>
 <h2>Poll services</h2>
 <table id="services"><thead><tr><th>service</th><th>group</th><th>state</th><th>assigned</th><th>paused</th><th>held</th></tr></thead><tbody></tbody></table>
 <h2>Partitions</h2>
 <table id="partitions"><thead><tr><th>service</th><th>group</th><th>partition</th><th>committed</th><th>end</th><th>lag</th><th>state</th></tr></thead><tbody></tbody></table>
 <h2>Topics</h2>
-<table id="topics"><thead><tr><th>topic</th><th>partitions</th></tr></thead><tbody></tbody></table>
+<table id="topics"><thead><tr><th>topic</th><th>partitions</th><th></th></tr></thead><tbody></tbody></table>
+<h2>Recent messages <span id="recent-topic"></span></h2>
+<table id="messages"><thead><tr><th>partition/offset</th><th>time</th><th>key</th><th>type</th><th>headers</th><th>payload</th></tr></thead><tbody></tbody></table>
 <h2>Outbox</h2><div id="outbox"></div>
 <script>
 const $ = (id) => document.getElementById(id);
@@ -55,7 +57,7 @@ async function refresh() {
   $('health').innerHTML = '<span class="' + (s.live && s.ready ? 'ok' : 'bad') + '">live: ' + s.live + ', ready: ' + s.ready +
     '</span> ' + esc(s.health.reasons.join('; ')) + (s.admin ? '' : ' <em>(admin endpoints off)</em>');
   $('types').tBodies[0].innerHTML = s.types.map((t) => '<tr data-type="' + esc(t.type) + '"><td>' + esc(t.type) + '</td><td>' + esc(t.topic) +
-    '</td><td>' + esc(t.service) + '</td><td class="buffer">' + t.buffered + '/' + t.capacity + '</td><td class="handled">' + t.handled + '</td><td>' + t.failed +
+    '</td><td>' + esc(t.service) + '</td><td class="buffer">' + t.buffered + '/' + t.capacity + '</td><td class="handled">' + t.handled + '</td><td class="rate">' + esc(t.handled_per_s ?? '') + '</td><td>' + t.failed +
     '</td><td class="dead">' + t.dead_lettered + '</td><td class="state">' + (t.held ? '<span class="held">paused</span>' : (t.paused ? 'backpressure' : 'flowing')) +
     '</td><td><button class="pause">pause</button><button class="resume">resume</button><button class="seek">seek</button>' +
     '<button class="replay" data-dlt="' + esc(t.dead_letter_topic) + '">replay dead letters</button></td></tr>').join('');
@@ -64,7 +66,10 @@ async function refresh() {
   $('partitions').tBodies[0].innerHTML = s.services.flatMap((v) => v.partitions.map((p) => '<tr><td>' + esc(v.name) + '</td><td>' + esc(v.group) +
     '</td><td>' + esc(p.topic + '/' + p.partition) + '</td><td>' + esc(p.committed) + '</td><td>' + esc(p.end) + '</td><td>' + esc(p.lag) +
     '</td><td>' + (p.held ? 'paused by operator' : (p.paused ? 'paused' : 'flowing')) + '</td></tr>')).join('');
-  $('topics').tBodies[0].innerHTML = s.topics.map((t) => '<tr><td>' + esc(t.name) + '</td><td>' + t.partitions + '</td></tr>').join('');
+  const dead = [...new Set(s.types.map((t) => t.dead_letter_topic))].filter((d) => !s.topics.some((t) => t.name === d));
+  $('topics').tBodies[0].innerHTML = s.topics.map((t) => [t.name, t.partitions]).concat(dead.map((d) => [d, 'dead letters']))
+    .map(([name, p]) => '<tr data-topic="' + esc(name) + '"><td>' + esc(name) + '</td><td>' + esc(p) +
+    '</td><td><button class="recent">recent messages</button></td></tr>').join('');
   $('outbox').textContent = s.outbox ? ('pending: ' + s.outbox.pending + ', failed: ' + s.outbox.failed) : 'no outbox in this process';
   window.kontextRefreshes = (window.kontextRefreshes || 0) + 1;
 }
@@ -79,6 +84,21 @@ $('types').addEventListener('click', (e) => {
   else if (button.classList.contains('resume')) admin('resume', {type});
   else if (button.classList.contains('seek')) seek(type);
   else if (button.classList.contains('replay')) admin('replay', {dead_letter_topic: button.dataset.dlt, type});
+});
+async function recent(topic) {
+  const r = await fetch(base + 'admin/messages?limit=10&topic=' + encodeURIComponent(topic),
+    {headers: {'authorization': 'Bearer ' + $('token').value, 'x-kontext-operator': $('operator').value}});
+  const body = await r.json();
+  if (!r.ok) { $('msg').textContent = 'recent messages: ' + r.status + ' ' + JSON.stringify(body); $('msg').className = 'bad'; return; }
+  $('recent-topic').textContent = 'of ' + topic;
+  $('messages').tBodies[0].innerHTML = body.records.map((m) => '<tr><td>' + m.partition + '/' + m.offset + '</td><td>' +
+    esc(m.timestamp_ms == null ? '' : new Date(m.timestamp_ms).toISOString()) + '</td><td>' + esc(m.key) + '</td><td>' + esc(m.message_type) +
+    '</td><td><code>' + esc(m.headers.map(([k, v]) => k + '=' + v).join('\n')).replace(/\n/g, '<br>') + '</code></td><td class="payload"><code>' +
+    esc(m.value == null ? '(' + m.not_decoded + ', ' + m.bytes + ' bytes)' : JSON.stringify(m.value)) + '</code></td></tr>').join('');
+}
+$('topics').addEventListener('click', (e) => {
+  const row = e.target.closest('tr[data-topic]');
+  if (e.target.closest('button.recent') && row) recent(row.dataset.topic);
 });
 refresh(); setInterval(refresh, 1000);
 </script></body></html>

@@ -195,6 +195,36 @@ impl Model {
         })
     }
 
+    /// A record's payload decoded for an operator's eyes, by the type its
+    /// `ce_type` names (on `topic` first: a dead-letter topic's records are
+    /// of another topic's types), or by the topic's only type when it
+    /// names none. `None` when no declared type matches.
+    pub(crate) fn decode_for_view(
+        &self,
+        topic: &str,
+        message_type: Option<&str>,
+        bytes: &[u8],
+    ) -> Option<Viewed<'_>> {
+        let specs = || self.order.iter().filter_map(|id| self.by_type.get(id));
+        let spec = match message_type {
+            Some(name) => specs()
+                .find(|s| s.topic() == topic && s.type_name() == name)
+                .or_else(|| specs().find(|s| s.type_name() == name)),
+            None => {
+                let mut on_topic = specs().filter(|s| s.topic() == topic);
+                match (on_topic.next(), on_topic.next()) {
+                    (Some(only), None) => Some(only),
+                    _ => None,
+                }
+            }
+        }?;
+        Some(Viewed {
+            message_type: spec.type_name(),
+            value: spec.decode_json(bytes),
+            sensitive: spec.sensitive(),
+        })
+    }
+
     /// Every declared type, in declaration order.
     pub(crate) fn type_infos(&self) -> impl Iterator<Item = TypeInfo<'_>> + '_ {
         self.order.iter().filter_map(|id| self.type_info(*id))
@@ -459,6 +489,15 @@ impl TypeInfo<'_> {
     }
 }
 
+/// A payload decoded by [`Model::decode_for_view`].
+pub(crate) struct Viewed<'a> {
+    pub(crate) message_type: &'a str,
+    /// The payload as JSON, or why it could not be decoded.
+    pub(crate) value: std::result::Result<serde_json::Value, String>,
+    /// Fields and headers the type declares sensitive.
+    pub(crate) sensitive: &'a [String],
+}
+
 /// A [`TopicSpec`] with its type erased, so the model can hold many types.
 trait ErasedSpec: Send + Sync + 'static {
     fn topic(&self) -> &str;
@@ -467,6 +506,9 @@ trait ErasedSpec: Send + Sync + 'static {
     fn provisioning(&self) -> &TopicProvisioning;
     fn header_names(&self) -> Vec<&str>;
     fn consumer(&self) -> Option<&ConsumerSpec>;
+    fn sensitive(&self) -> &[String];
+    /// A payload decoded with the type's codec, as JSON (for operators).
+    fn decode_json(&self, bytes: &[u8]) -> std::result::Result<serde_json::Value, String>;
     fn as_any(&self) -> &dyn Any;
     fn rebuilt(
         &self,
@@ -491,6 +533,13 @@ impl<T: Message> ErasedSpec for TopicSpec<T> {
     }
     fn consumer(&self) -> Option<&ConsumerSpec> {
         self.consumer.as_ref()
+    }
+    fn sensitive(&self) -> &[String] {
+        &self.sensitive
+    }
+    fn decode_json(&self, bytes: &[u8]) -> std::result::Result<serde_json::Value, String> {
+        let value = self.codec.decode(bytes).map_err(|e| e.to_string())?;
+        serde_json::to_value(&value).map_err(|e| e.to_string())
     }
     fn header_names(&self) -> Vec<&str> {
         // Derived header fields are named by the derive, which checks them.

@@ -135,6 +135,7 @@ pub struct TopicBuilder<T> {
     pub(crate) codec: Arc<dyn Codec<T>>,
     pub(crate) consumer: Option<ConsumerSpec>,
     pub(crate) outbox_mode: OutboxMode,
+    pub(crate) sensitive: Vec<String>,
 }
 
 /// Producer-side settings of a type; obtained in [`TopicBuilder::producer`].
@@ -164,6 +165,7 @@ impl<T: Message> TopicBuilder<T> {
             codec: Arc::new(Json),
             consumer: None,
             outbox_mode: OutboxMode::Background,
+            sensitive: Vec::new(),
         }
     }
 
@@ -264,6 +266,20 @@ impl<T: Message> TopicBuilder<T> {
         self
     }
 
+    /// Payload fields (at any depth) and headers whose values operators
+    /// never see: the status page's view of recent messages shows
+    /// `<redacted>` for them. Names that look like credentials (`password`,
+    /// `secret`, `token`, `authorization`, `api_key`, `cookie`,
+    /// `credential`) are redacted without being declared.
+    pub fn sensitive<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.sensitive.extend(names.into_iter().map(Into::into));
+        self
+    }
+
     /// The codec for this type. Defaults to [`Json`].
     pub fn codec(mut self, codec: impl Codec<T>) -> Self {
         self.codec = Arc::new(codec);
@@ -298,6 +314,7 @@ impl<T: Message> TopicBuilder<T> {
             codec: self.codec,
             consumer: self.consumer,
             outbox_mode: self.outbox_mode,
+            sensitive: self.sensitive,
         }
     }
 }
@@ -325,6 +342,7 @@ pub struct TopicSpec<T> {
     pub(crate) codec: Arc<dyn Codec<T>>,
     pub(crate) consumer: Option<ConsumerSpec>,
     pub(crate) outbox_mode: OutboxMode,
+    pub(crate) sensitive: Vec<String>,
 }
 
 impl<T> Clone for TopicSpec<T> {
@@ -340,6 +358,7 @@ impl<T> Clone for TopicSpec<T> {
             codec: Arc::clone(&self.codec),
             consumer: self.consumer.clone(),
             outbox_mode: self.outbox_mode,
+            sensitive: self.sensitive.clone(),
         }
     }
 }

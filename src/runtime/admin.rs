@@ -208,4 +208,45 @@ impl Kontext {
         tracing::info!(topic = %dead_letter_topic, replayed = ?replayed, "dead letters replayed");
         Ok(replayed)
     }
+
+    /// The newest `limit` records (at most [`MAX_RECENT`](crate::admin::MAX_RECENT))
+    /// of `topic`, or of one of its partitions, newest first: decoded with
+    /// the model's codec as JSON, with credentials and
+    /// [`sensitive`](crate::TopicBuilder::sensitive) fields and headers
+    /// redacted. Only the model's topics and its consumers' dead-letter
+    /// topics can be read. Reads with a consumer of its own that joins no
+    /// group and commits nothing; returns what it read within 10 s.
+    pub async fn recent_messages(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        limit: usize,
+    ) -> Result<Vec<crate::admin::RecentRecord>> {
+        let known = self.model.topics().iter().any(|t| t.name() == topic)
+            || self
+                .registry()
+                .types()
+                .iter()
+                .any(|t| t.dead_letter_topic == topic);
+        if !known {
+            return Err(Error::config(format!(
+                "`{topic}` is neither a topic of the model nor a dead-letter topic of its consumers"
+            )));
+        }
+        let limit = limit.clamp(1, crate::admin::MAX_RECENT);
+        let config = self.settings.client_config(self.broker.bootstrap_servers());
+        let owned = topic.to_owned();
+        let cancel = self.cancel.clone();
+        let raw = tokio::task::spawn_blocking(move || {
+            crate::admin::recent_blocking(&config, &owned, partition, limit, &|| {
+                cancel.is_cancelled()
+            })
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("reading recent records did not finish: {e}")))??;
+        Ok(raw
+            .into_iter()
+            .map(|r| crate::admin::view(&self.model, topic, r))
+            .collect())
+    }
 }

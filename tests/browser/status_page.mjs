@@ -1,10 +1,12 @@
 // Drives kontext's status page in headless Chromium (Debian's), through
 // playwright-core: lists services and partitions, pauses a type and sees
 // its handled counter stop, resumes it, replays a dead letter, and saves a
-// screenshot. Usage: node status_page.mjs <page url> <token> <screenshot>
+// screenshot, shows a topic's recent messages with a sensitive field
+// redacted. Usage:
+// node status_page.mjs <page url> <token> <screenshot> <a sensitive value>
 import { chromium } from 'playwright-core';
 
-const [url, token, screenshot] = process.argv.slice(2);
+const [url, token, screenshot, sensitive] = process.argv.slice(2);
 const executablePath = process.env.KONTEXT_CHROMIUM || '/usr/bin/chromium';
 const browser = await chromium.launch({ executablePath, args: ['--no-sandbox'] });
 const fail = async (why) => {
@@ -51,7 +53,16 @@ try {
   if (dead < 1) await fail('no dead letter to replay');
   await row.locator('button.replay').click();
   await page.waitForFunction(() => /replay: 200 .*"replayed":1/.test(document.querySelector('#msg').textContent), null, { timeout: 60000 });
-  console.log(`browser test: ok (handled ${paused} while paused, replayed 1)`);
+
+  // Recent messages of the topic: decoded, newest first, the sensitive
+  // field redacted.
+  await page.locator('#topics tr[data-topic] button.recent').first().click();
+  await page.waitForFunction(() => document.querySelectorAll('#messages tbody tr').length >= 5, null, { timeout: 30000 });
+  const payloads = await page.locator('#messages td.payload').allTextContents();
+  if (!payloads.every((p) => /"id":\d+/.test(p) && p.includes('"recipient":"<redacted>"'))) await fail('payloads not decoded and redacted: ' + payloads.join(' | '));
+  if ((await page.content()).includes(sensitive)) await fail('the sensitive value is on the page');
+  await page.screenshot({ path: screenshot, fullPage: true });
+  console.log(`browser test: ok (handled ${paused} while paused, replayed 1, ${payloads.length} recent messages)`);
   await browser.close();
 } catch (e) {
   await fail(String(e && e.stack || e));

@@ -1,0 +1,359 @@
+//! A topic's recent records for an operator's eyes: the last few of each
+//! partition, read by a short-lived consumer that joins no group and
+//! commits nothing, decoded with the model's codec, credentials redacted.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+/// The most records one look returns.
+pub const MAX_RECENT: usize = 200;
+
+/// How long one look may take before it returns what it read.
+const LOOK_LIMIT: Duration = Duration::from_secs(10);
+
+/// What a redacted value reads as.
+pub const REDACTED: &str = "<redacted>";
+
+/// Name fragments that mark a credential, redacted in every view whether
+/// declared [`sensitive`](crate::TopicBuilder::sensitive) or not.
+const CREDENTIAL_NAMES: [&str; 10] = [
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "authorization",
+    "api_key",
+    "apikey",
+    "cookie",
+    "credential",
+    "private_key",
+];
+
+/// One record as the status page shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RecentRecord {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its timestamp, ms since the epoch.
+    pub timestamp_ms: Option<i64>,
+    /// Its key, as UTF-8 (lossy).
+    pub key: Option<String>,
+    /// Its headers, as UTF-8 (lossy), credentials and declared sensitive
+    /// names redacted.
+    pub headers: Vec<(String, String)>,
+    /// The model type it decoded as (its `ce_type`).
+    pub message_type: Option<String>,
+    /// The payload decoded by its type's codec, as JSON, with credentials
+    /// and declared sensitive fields redacted; `None` when it could not be
+    /// decoded (the raw bytes are never shown: they could not be
+    /// redacted).
+    pub value: Option<Value>,
+    /// Why the payload is not shown, when it is not.
+    pub not_decoded: Option<String>,
+    /// The payload's size in bytes.
+    pub bytes: usize,
+}
+
+/// A record as read, before decoding.
+pub(crate) struct Raw {
+    partition: i32,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<Vec<u8>>,
+    headers: Vec<(String, Vec<u8>)>,
+    payload: Option<Vec<u8>>,
+}
+
+/// Reads up to `limit` of the newest records of `topic` (of `partition`
+/// only, when given), newest first. Blocking: run it off the async
+/// runtime's workers. `stopped` cuts it short.
+pub(crate) fn recent_blocking(
+    config: &ClientConfig,
+    topic: &str,
+    partition: Option<i32>,
+    limit: usize,
+    stopped: &dyn Fn() -> bool,
+) -> Result<Vec<Raw>> {
+    let client_err = |source| Error::Client {
+        role: "consumer",
+        source,
+    };
+    let mut consumer_config = config.clone();
+    // A group id is required to create a consumer; it never joins (assign)
+    // and never commits.
+    consumer_config
+        .set("group.id", format!("kontext-view-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = consumer_config.create().map_err(client_err)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(client_err)?;
+    let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Err(Error::config(format!("no topic `{topic}` on the cluster")));
+    };
+    if let Some(e) = t.error() {
+        return Err(Error::config(format!(
+            "topic `{topic}` cannot be read: {:?}",
+            rdkafka::types::RDKafkaErrorCode::from(e)
+        )));
+    }
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for p in t.partitions() {
+        if partition.is_some_and(|wanted| wanted != p.id()) {
+            continue;
+        }
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .map_err(client_err)?;
+        if high > low {
+            let from = low.max(high - limit as i64);
+            ends.insert(p.id(), high);
+            assignment
+                .add_partition_offset(topic, p.id(), Offset::Offset(from))
+                .map_err(client_err)?;
+        }
+    }
+    if let Some(wanted) = partition
+        && !t.partitions().iter().any(|p| p.id() == wanted)
+    {
+        return Err(Error::config(format!(
+            "topic `{topic}` has no partition {wanted}"
+        )));
+    }
+    let mut read = Vec::new();
+    if ends.is_empty() {
+        return Ok(read);
+    }
+    consumer.assign(&assignment).map_err(client_err)?;
+    let deadline = Instant::now() + LOOK_LIMIT;
+    while !ends.is_empty() && Instant::now() < deadline && !stopped() {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if ends
+                    .get(&m.partition())
+                    .is_some_and(|end| m.offset() + 1 >= *end)
+                {
+                    ends.remove(&m.partition());
+                }
+                read.push(Raw {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp_ms: m.timestamp().to_millis(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                });
+            }
+            // Transient; the deadline bounds the look.
+            Some(Err(e)) => tracing::debug!(topic, error = %e, "recent records: poll error"),
+            None => {
+                // Control records (transaction markers) end some
+                // partitions: the position passes the end with no record.
+                if let Ok(positions) = consumer.position() {
+                    for e in positions.elements_for_topic(topic) {
+                        if let Offset::Offset(at) = e.offset()
+                            && ends.get(&e.partition()).is_some_and(|end| at >= *end)
+                        {
+                            ends.remove(&e.partition());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Newest first, across partitions by time.
+    read.sort_by(|a, b| {
+        (b.timestamp_ms, b.partition, b.offset).cmp(&(a.timestamp_ms, a.partition, a.offset))
+    });
+    read.truncate(limit);
+    Ok(read)
+}
+
+/// `raw` decoded by `model` for `topic`, redacted.
+pub(crate) fn view(model: &Model, topic: &str, raw: Raw) -> RecentRecord {
+    let header = |name: &str| {
+        raw.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    };
+    let message_type = header(crate::headers::MESSAGE_TYPE).map(str::to_owned);
+    let bytes = raw.payload.as_ref().map_or(0, Vec::len);
+    let viewed = raw
+        .payload
+        .as_deref()
+        .and_then(|p| model.decode_for_view(topic, message_type.as_deref(), p));
+    let sensitive: &[String] = viewed.as_ref().map_or(&[], |v| v.sensitive);
+    let (value, not_decoded) = match (&raw.payload, viewed.as_ref().map(|v| &v.value)) {
+        (None, _) => (None, Some("no payload (a tombstone)".to_owned())),
+        (Some(_), None) => (None, Some("no type of the model matches it".to_owned())),
+        (Some(_), Some(Err(e))) => (None, Some(format!("the codec refused it: {e}"))),
+        (Some(_), Some(Ok(v))) => {
+            let mut v = v.clone();
+            redact(&mut v, sensitive);
+            (Some(v), None)
+        }
+    };
+    RecentRecord {
+        partition: raw.partition,
+        offset: raw.offset,
+        timestamp_ms: raw.timestamp_ms,
+        key: raw.key.map(|k| String::from_utf8_lossy(&k).into_owned()),
+        headers: raw
+            .headers
+            .into_iter()
+            .map(|(k, v)| {
+                let v = if is_sensitive(&k, sensitive) {
+                    REDACTED.to_owned()
+                } else {
+                    String::from_utf8_lossy(&v).into_owned()
+                };
+                (k, v)
+            })
+            .collect(),
+        message_type: viewed
+            .as_ref()
+            .map(|v| v.message_type.to_owned())
+            .or(message_type),
+        value,
+        not_decoded,
+        bytes,
+    }
+}
+
+/// Whether a field or header of this name is never shown.
+fn is_sensitive(name: &str, declared: &[String]) -> bool {
+    let lower = name.to_ascii_lowercase().replace('-', "_");
+    declared.iter().any(|d| d.eq_ignore_ascii_case(name))
+        || CREDENTIAL_NAMES.iter().any(|c| lower.contains(c))
+}
+
+/// Replaces the values of sensitive fields, at any depth.
+fn redact(value: &mut Value, declared: &[String]) {
+    match value {
+        Value::Object(fields) => {
+            for (name, v) in fields.iter_mut() {
+                if is_sensitive(name, declared) {
+                    *v = Value::String(REDACTED.to_owned());
+                } else {
+                    redact(v, declared);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| redact(v, declared)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn credentials_and_declared_fields_are_redacted_at_any_depth() {
+        let mut v = json!({
+            "order_id": 7,
+            "card": {"card_number": "4111", "holder": "A"},
+            "items": [{"api-key": "k", "sku": "s"}],
+            "refreshToken": "t",
+            "Password": "p",
+        });
+        redact(&mut v, &["card_number".to_owned()]);
+        assert_eq!(
+            v,
+            json!({
+                "order_id": 7,
+                "card": {"card_number": REDACTED, "holder": "A"},
+                "items": [{"api-key": REDACTED, "sku": "s"}],
+                "refreshToken": REDACTED,
+                "Password": REDACTED,
+            })
+        );
+    }
+
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Signup {
+        email: String,
+    }
+
+    fn raw(payload: Option<&[u8]>, headers: &[(&str, &str)]) -> Raw {
+        Raw {
+            partition: 0,
+            offset: 3,
+            timestamp_ms: Some(1),
+            key: Some(b"k".to_vec()),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+                .collect(),
+            payload: payload.map(<[u8]>::to_vec),
+        }
+    }
+
+    #[test]
+    fn a_record_is_decoded_by_its_type_and_undecodable_bytes_are_never_shown() {
+        let model = Model::builder()
+            .topic::<Signup>(|t| t.name("signups").sensitive(["email"]))
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let typed = [(crate::headers::MESSAGE_TYPE, "Signup"), ("email", "a@b")];
+        let shown = view(&model, "signups", raw(Some(br#"{"email":"a@b"}"#), &typed));
+        assert_eq!(shown.value, Some(serde_json::json!({"email": REDACTED})));
+        assert_eq!(shown.headers[1], ("email".to_owned(), REDACTED.to_owned()));
+        assert_eq!(shown.message_type.as_deref(), Some("Signup"));
+        // No ce_type: the topic's only type.
+        let shown = view(&model, "signups", raw(Some(br#"{"email":"x"}"#), &[]));
+        assert_eq!(shown.message_type.as_deref(), Some("Signup"));
+        // Bytes the codec refuses: why, and the size, never the bytes.
+        let shown = view(&model, "signups", raw(Some(b"password=hunter2"), &typed));
+        assert_eq!(shown.value, None);
+        assert!(
+            shown
+                .not_decoded
+                .is_some_and(|why| !why.contains("hunter2"))
+        );
+        assert_eq!(shown.bytes, 16);
+        let shown = view(&model, "signups", raw(None, &typed));
+        assert_eq!(
+            shown.not_decoded.as_deref(),
+            Some("no payload (a tombstone)")
+        );
+        let shown = view(&model, "other", raw(Some(b"{}"), &[]));
+        assert_eq!(
+            shown.not_decoded.as_deref(),
+            Some("no type of the model matches it")
+        );
+    }
+
+    #[test]
+    fn headers_are_redacted_by_name() {
+        assert!(is_sensitive("Authorization", &[]));
+        assert!(is_sensitive("x-api-key", &[]));
+        assert!(is_sensitive("customer-email", &["customer-email".into()]));
+        assert!(!is_sensitive("ce_type", &[]));
+        assert!(!is_sensitive("traceparent", &[]));
+    }
+}
