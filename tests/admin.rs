@@ -167,11 +167,19 @@ fn jobs_and_notes(jobs: &str, notes: &str) -> Model {
         .unwrap()
 }
 
-async fn start_recording(model: Model, group: &str, handled: &Arc<Handled>, jobs: bool) -> Kontext {
+/// A member of `group` on `on` (the embedded broker of the test's first
+/// member; `broker()` would start a cluster of its own).
+async fn start_recording(
+    model: Model,
+    on: Broker,
+    group: &str,
+    handled: &Arc<Handled>,
+    jobs: bool,
+) -> Kontext {
     let (a, b) = (Arc::clone(handled), Arc::clone(handled));
     let group = group.to_owned();
     Kontext::builder(model)
-        .broker(broker())
+        .broker(on)
         .settings(KafkaSettings::new().consumer(move |c| c.group_id = Some(group.clone())))
         .producer()
         .consumers(move |c| {
@@ -210,7 +218,14 @@ async fn a_paused_type_stays_paused_through_a_rebalance_while_others_flow_and_re
     let (jobs, notes) = (unique_name("pause-jobs"), unique_name("pause-notes"));
     let group = unique_name("pause");
     let handled = Arc::new(Handled::default());
-    let k = start_recording(jobs_and_notes(&jobs, &notes), &group, &handled, true).await;
+    let k = start_recording(
+        jobs_and_notes(&jobs, &notes),
+        broker(),
+        &group,
+        &handled,
+        true,
+    )
+    .await;
     let p = k.producer().unwrap();
     for id in 1..=10 {
         p.produce(&Job { id }).await.unwrap();
@@ -256,7 +271,7 @@ async fn a_paused_type_stays_paused_through_a_rebalance_while_others_flow_and_re
         .topic::<Note>(|t| t.name(notes.as_str()).partitions(2).key(|n| n.id))
         .build()
         .unwrap();
-    let k2 = start_recording(notes_only, &group, &other, false).await;
+    let k2 = start_recording(notes_only, k.broker().clone(), &group, &other, false).await;
     wait_until("the second member's partitions", async || {
         let s = k2.registry().service_of::<Note>().unwrap();
         ready(!s.assigned_partitions.is_empty(), || format!("{s:?}"))
@@ -391,5 +406,144 @@ async fn seeks_move_the_group_to_the_beginning_or_a_time_and_commit_it() {
             partitions: vec![7]
         }
     );
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// What one seek racing a rebalance reported, per partition.
+#[derive(Debug, Default)]
+struct Sought {
+    moved: Vec<i32>,
+    not_owned: Vec<i32>,
+    refused: bool,
+}
+
+fn sought(reports: &[ControlReport], all: &[i32]) -> Sought {
+    let mut s = Sought::default();
+    for r in reports {
+        match &r.outcome {
+            Outcome::Applied {
+                partitions,
+                not_applied,
+                ..
+            } => {
+                s.moved.extend(partitions);
+                s.not_owned.extend(not_applied);
+            }
+            Outcome::NotOwned { partitions } => s.not_owned.extend(partitions),
+            Outcome::Refused { reason } => {
+                // A commit refused mid-rebalance: reported, never silent.
+                assert!(reason.contains("seek again"), "{reason}");
+                s.refused = true;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut named: Vec<i32> = s.moved.iter().chain(&s.not_owned).copied().collect();
+    named.sort_unstable();
+    assert!(
+        s.refused || named == all,
+        "every partition asked for is reported, once: {reports:?}"
+    );
+    s
+}
+
+/// A seek issued while a member joins, then while one leaves: whatever
+/// the order the poll thread meets them in, each partition is reported
+/// moved or not owned, and what the report says holds: a moved partition's
+/// records are all handled again (the commit of the new position survives
+/// the hand-over), one not owned here is not, and nothing is lost.
+#[tokio::test]
+async fn a_seek_racing_a_rebalance_is_reported_per_partition_and_never_lost() {
+    let (jobs, notes) = (unique_name("race-jobs"), unique_name("race-notes"));
+    let group = unique_name("race");
+    let model = || {
+        Model::builder()
+            .topic::<Job>(|t| t.name(jobs.as_str()).partitions(4).key(|j| j.id))
+            .topic::<Note>(|t| t.name(notes.as_str()).partitions(1).key(|n| n.id))
+            .build()
+            .unwrap()
+    };
+    let handled = Arc::new(Handled::default());
+    let k = start_recording(model(), broker(), &group, &handled, true).await;
+    let p = k.producer().unwrap();
+    for id in 1..=40 {
+        p.produce(&Job { id }).await.unwrap();
+    }
+    let records = read_all(k.broker(), &jobs).await;
+    let mut partition_of = std::collections::BTreeMap::new();
+    let mut ends = std::collections::BTreeMap::new();
+    for r in &records {
+        let job: Job = serde_json::from_slice(r.payload.as_ref().unwrap()).unwrap();
+        partition_of.insert(job.id, r.partition);
+        *ends.entry(r.partition).or_insert(0i64) += 1;
+    }
+    let all: Vec<i32> = (0..4).collect();
+    let settled = async |what: &str| {
+        wait_until(what, async || {
+            let c = committed_offsets(k.broker(), &group, &jobs).await;
+            let caught_up = ends.iter().all(|(p, end)| c.get(p) == Some(end));
+            ready(caught_up, || format!("committed {c:?}, ends {ends:?}"))
+        })
+        .await;
+    };
+    let counts = || {
+        let mut by_id = std::collections::BTreeMap::<u32, usize>::new();
+        for id in handled.jobs() {
+            *by_id.entry(id).or_default() += 1;
+        }
+        by_id
+    };
+    settled("the first pass committed").await;
+    assert_eq!(counts().len(), 40);
+
+    let mut k2: Option<Kontext> = None;
+    for round in ["a member joins", "a member leaves"] {
+        let before = counts();
+        let target = Target::of::<Job>().partitions(all.clone()).by("race");
+        let reports = if k2.is_none() {
+            let (reports, joined) = tokio::join!(
+                k.seek(target, SeekTo::Beginning),
+                start_recording(model(), k.broker().clone(), &group, &handled, true)
+            );
+            k2 = Some(joined);
+            reports
+        } else {
+            let leaving = k2.take().unwrap();
+            let (reports, stopped) = tokio::join!(
+                k.seek(target, SeekTo::Beginning),
+                leaving.shutdown(Duration::from_secs(10))
+            );
+            stopped.unwrap();
+            reports
+        }
+        .unwrap();
+        let s = sought(&reports, &all);
+        eprintln!("{round}: {s:?}");
+        settled(round).await;
+        if let Some(joined) = &k2 {
+            // The next round's member leaves owning some of the jobs.
+            wait_until("the new member's job partitions", async || {
+                let s = joined.registry().service_of::<Job>().unwrap();
+                let owns = s.assigned_partitions.iter().any(|(t, _)| *t == jobs);
+                ready(owns, || format!("{s:?}"))
+            })
+            .await;
+        }
+        let after = counts();
+        for (id, p) in &partition_of {
+            let again = after[id] - before[id];
+            if s.moved.contains(p) {
+                assert!(
+                    again >= 1,
+                    "{round}: job {id} of moved partition {p} not handled again: {s:?}"
+                );
+            } else if s.not_owned.contains(p) {
+                assert_eq!(
+                    again, 0,
+                    "{round}: job {id} of partition {p} (not owned here) handled again: {s:?}"
+                );
+            }
+        }
+    }
     k.shutdown(Duration::from_secs(10)).await.unwrap();
 }

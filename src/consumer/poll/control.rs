@@ -305,8 +305,10 @@ impl LoopState {
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                 return Outcome::Refused {
                     reason: format!(
-                        "the consumer moved to {moved:?} but could not commit it (a rebalance \
-                         now would start from the last commit): {e}"
+                        "moved to {moved:?} here, but the group did not take the commit of it \
+                         ({e}): this member reads on from there while it keeps the partitions, \
+                         a member they move to starts from the last commit; seek again once \
+                         the group has settled"
                     ),
                 };
             }
