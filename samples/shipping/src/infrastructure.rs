@@ -29,6 +29,8 @@ pub fn model() -> kontext::Result<Model> {
         t.name("shipping.shipment.created")
             .partitions(3)
             .key_ref(|e| &e.shipment_id)
+            // Who the customer is stays off the status page's messages.
+            .sensitive(["user_id"])
             .consumer(|c| {
                 c.group(IDENTITY_WORKER)
                     // A shipment announced twice (a retried publish gets a
@@ -60,6 +62,11 @@ pub struct AppSettings {
     pub max_body_bytes: usize,
     /// How long a graceful stop may take, in seconds.
     pub shutdown_timeout_secs: u64,
+    /// Where a worker serves kontext's status page and operator endpoints
+    /// (under `/kontext`); none when unset. The API serves them next to
+    /// its routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_listen: Option<SocketAddr>,
 }
 
 impl Default for AppSettings {
@@ -68,6 +75,7 @@ impl Default for AppSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 16 * 1024,
             shutdown_timeout_secs: 10,
+            status_listen: None,
         }
     }
 }

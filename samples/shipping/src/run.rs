@@ -44,6 +44,39 @@ pub async fn bind(app: &AppSettings) -> Result<tokio::net::TcpListener, BoxError
         .map_err(|e| format!("cannot listen on {}: {e}", app.listen).into())
 }
 
+/// What kontext's router allows: admin commands only with a token
+/// (`KONTEXT_ADMIN_TOKEN`).
+fn operations() -> kontext::http::HttpSettings {
+    let settings = kontext::http::HttpSettings::read_only();
+    match std::env::var("KONTEXT_ADMIN_TOKEN") {
+        Ok(token) => settings.admin_token(token),
+        Err(_) => settings,
+    }
+}
+
+/// Runs a worker until `stop` completes, serving kontext's status page and
+/// operator endpoints on `listener` under `/kontext` meanwhile; then stops
+/// kontext within `timeout`.
+pub async fn serve_status(
+    kontext: Kontext,
+    listener: tokio::net::TcpListener,
+    timeout: std::time::Duration,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BoxError> {
+    let kontext = Arc::new(kontext);
+    let address = listener.local_addr()?;
+    let routes =
+        axum::Router::new().nest("/kontext", kontext::http::router(&kontext, operations()));
+    announce(&format!("worker status page on http://{address}/kontext"));
+    axum::serve(listener, routes)
+        .with_graceful_shutdown(stop)
+        .await?;
+    let kontext = Arc::try_unwrap(kontext)
+        .map_err(|_| "the status server still holds kontext after it stopped")?;
+    kontext.shutdown(timeout).await?;
+    Ok(())
+}
+
 /// Serves the shipping API on `listener` until `stop` completes, then stops
 /// kontext within the configured shutdown timeout.
 pub async fn serve_api(
@@ -62,14 +95,9 @@ pub async fn serve_api(
     };
     let address = listener.local_addr()?;
     announce(&format!("shipping-api listening on http://{address}"));
-    // kontext's own page, status and operator commands next to the API;
-    // admin commands only with a token (`KONTEXT_ADMIN_TOKEN`).
-    let mut operations = kontext::http::HttpSettings::read_only();
-    if let Ok(token) = std::env::var("KONTEXT_ADMIN_TOKEN") {
-        operations = operations.admin_token(token);
-    }
+    // kontext's own page, status and operator commands next to the API.
     let routes = router(state, app.max_body_bytes)
-        .nest("/kontext", kontext::http::router(&kontext, operations));
+        .nest("/kontext", kontext::http::router(&kontext, operations()));
     announce(&format!("kontext status page on http://{address}/kontext"));
     axum::serve(listener, routes)
         .with_graceful_shutdown(stop)

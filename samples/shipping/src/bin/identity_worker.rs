@@ -3,6 +3,9 @@
 //! `UserActivityRecorded` through its own outbox. Registers consumers only
 //! (and the outbox for its follow-up events).
 //!
+//! With `[identity-worker] status_listen` set it serves kontext's status
+//! page and operator endpoints there, under `/kontext`.
+//!
 //! `cargo run -p kontext-shipping --bin identity-worker [-- --config path]`
 
 use std::process::ExitCode;
@@ -10,7 +13,7 @@ use std::process::ExitCode;
 use kontext_shipping::infrastructure::{
     IDENTITY_WORKER, config_path, init_tracing, load, start_identity,
 };
-use kontext_shipping::run::{announce, exit_code};
+use kontext_shipping::run::{announce, exit_code, serve_status};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -28,8 +31,15 @@ async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         kontext.broker().bootstrap_servers()
     ));
     // Drains what it holds, commits its offsets, lets the relay finish.
-    kontext
-        .run_until(kontext::shutdown_signal(), timeout)
-        .await?;
-    Ok(())
+    match config.app.status_listen {
+        Some(at) => {
+            let listener = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|e| format!("cannot listen on {at}: {e}"))?;
+            serve_status(kontext, listener, timeout, kontext::shutdown_signal()).await
+        }
+        None => Ok(kontext
+            .run_until(kontext::shutdown_signal(), timeout)
+            .await?),
+    }
 }
