@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use kontext::admin::{FleetReport, FleetSettings, Outcome, Target};
+use kontext::admin::{FleetReport, FleetSettings, Outcome, SeekTo, Target};
 use kontext::prelude::*;
 use kontext::testing::unique_name;
 use serde::{Deserialize, Serialize};
@@ -346,6 +346,21 @@ async fn fleet_commands_reach_every_process() {
         (1..=before + 20).collect::<Vec<_>>(),
         "every job once"
     );
+    // A seek across the fleet: each job partition moved by the one
+    // instance that owns it, or reported unapplied; none by two.
+    let sought = k.fleet_seek(job(), SeekTo::End).await.unwrap();
+    let mut moved: Vec<i32> = sought
+        .instances
+        .values()
+        .flatten()
+        .flat_map(|r| match &r.outcome {
+            Outcome::Applied { partitions, .. } => partitions.clone(),
+            _ => Vec::new(),
+        })
+        .chain(sought.unapplied.iter().copied())
+        .collect();
+    moved.sort_unstable();
+    assert_eq!(moved, (0..PARTITIONS).collect::<Vec<_>>(), "{sought:?}");
     figure(
         "fleet_commands_reach_every_process",
         format_args!("resume answered by 4 instances in {:?}", started.elapsed()),

@@ -396,6 +396,7 @@ async fn recent_messages_are_decoded_redacted_newest_first_and_behind_the_token(
     assert_eq!(code, StatusCode::OK, "{body}");
     let on_one = body["records"].as_array().unwrap();
     assert!(on_one.iter().all(|r| r["partition"] == json!(1)), "{body}");
+    assert!(on_partition_one > 0, "six keys over two partitions: {body}");
     assert_eq!(on_one.len(), on_partition_one, "{body}");
 
     // Only the model's topics (and dead-letter topics) can be read.

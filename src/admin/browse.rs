@@ -17,26 +17,76 @@ use crate::model::Model;
 /// The most records one look returns.
 pub const MAX_RECENT: usize = 200;
 
-/// How long one look may take before it returns what it read.
-const LOOK_LIMIT: Duration = Duration::from_secs(10);
+/// How long one look may take, all in: it returns what it read by then.
+pub(crate) const LOOK_LIMIT: Duration = Duration::from_secs(10);
+
+/// Payload bytes one look reads at most, whatever the records' sizes.
+const LOOK_BYTES: usize = 8 << 20;
 
 /// What a redacted value reads as.
 pub const REDACTED: &str = "<redacted>";
 
 /// Name fragments that mark a credential, redacted in every view whether
-/// declared [`sensitive`](crate::TopicBuilder::sensitive) or not.
-const CREDENTIAL_NAMES: [&str; 10] = [
+/// declared [`sensitive`](crate::TopicBuilder::sensitive) or not (compared
+/// as [`normal`] names).
+const CREDENTIAL_NAMES: [&str; 9] = [
     "password",
     "passwd",
     "secret",
     "token",
     "authorization",
-    "api_key",
     "apikey",
     "cookie",
     "credential",
-    "private_key",
+    "privatekey",
 ];
+
+/// Which records [`Kontext::recent_messages`](crate::Kontext::recent_messages)
+/// reads: the newest of a topic, or of one of its partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Look {
+    /// The topic: one of the model's, or a dead-letter topic of its
+    /// consumers.
+    pub topic: String,
+    /// Only this partition.
+    pub partition: Option<i32>,
+    /// At most this many records (1 to [`MAX_RECENT`]; 20 by default).
+    pub limit: usize,
+    /// Who looks, for the log line and `kontext_admin_commands_total`
+    /// (`api` when unnamed).
+    pub issued_by: Option<String>,
+}
+
+impl Look {
+    /// The newest 20 records of `topic`.
+    pub fn topic(topic: impl Into<String>) -> Self {
+        Look {
+            topic: topic.into(),
+            partition: None,
+            limit: 20,
+            issued_by: None,
+        }
+    }
+
+    /// Only this partition's.
+    pub fn partition(mut self, partition: i32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+
+    /// At most `limit` records (clamped to 1 to [`MAX_RECENT`]).
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Names who looks (logged and counted).
+    pub fn by(mut self, issuer: impl Into<String>) -> Self {
+        self.issued_by = Some(issuer.into());
+        self
+    }
+}
 
 /// One record as the status page shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,7 +98,8 @@ pub struct RecentRecord {
     pub offset: i64,
     /// Its timestamp, ms since the epoch.
     pub timestamp_ms: Option<i64>,
-    /// Its key, as UTF-8 (lossy).
+    /// Its key, as UTF-8 (lossy); `<redacted>` for a type whose key is
+    /// [sensitive](crate::TopicBuilder::sensitive_key).
     pub key: Option<String>,
     /// Its headers, as UTF-8 (lossy), credentials and declared sensitive
     /// names redacted.
@@ -90,6 +141,11 @@ pub(crate) fn recent_blocking(
         role: "consumer",
         source,
     };
+    // One deadline for the whole look, the lookups included.
+    let deadline = Instant::now() + LOOK_LIMIT;
+    let left = || deadline.saturating_duration_since(Instant::now());
+    let out_of_time =
+        || Error::config(format!("reading `{topic}` took longer than {LOOK_LIMIT:?}"));
     let mut consumer_config = config.clone();
     // A group id is required to create a consumer; it never joins (assign)
     // and never commits.
@@ -97,10 +153,11 @@ pub(crate) fn recent_blocking(
         .set("group.id", format!("kontext-view-{}", uuid::Uuid::new_v4()))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("allow.auto.create.topics", "false");
     let consumer: BaseConsumer = consumer_config.create().map_err(client_err)?;
     let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .fetch_metadata(Some(topic), left())
         .map_err(client_err)?;
     let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
         return Err(Error::config(format!("no topic `{topic}` on the cluster")));
@@ -111,14 +168,24 @@ pub(crate) fn recent_blocking(
             rdkafka::types::RDKafkaErrorCode::from(e)
         )));
     }
+    if let Some(wanted) = partition
+        && !t.partitions().iter().any(|p| p.id() == wanted)
+    {
+        return Err(Error::config(format!(
+            "topic `{topic}` has no partition {wanted}"
+        )));
+    }
     let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
     let mut assignment = TopicPartitionList::new();
     for p in t.partitions() {
         if partition.is_some_and(|wanted| wanted != p.id()) {
             continue;
         }
+        if stopped() || left().is_zero() {
+            return Err(out_of_time());
+        }
         let (low, high) = consumer
-            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .fetch_watermarks(topic, p.id(), left())
             .map_err(client_err)?;
         if high > low {
             let from = low.max(high - limit as i64);
@@ -128,21 +195,14 @@ pub(crate) fn recent_blocking(
                 .map_err(client_err)?;
         }
     }
-    if let Some(wanted) = partition
-        && !t.partitions().iter().any(|p| p.id() == wanted)
-    {
-        return Err(Error::config(format!(
-            "topic `{topic}` has no partition {wanted}"
-        )));
-    }
     let mut read = Vec::new();
     if ends.is_empty() {
         return Ok(read);
     }
     consumer.assign(&assignment).map_err(client_err)?;
-    let deadline = Instant::now() + LOOK_LIMIT;
-    while !ends.is_empty() && Instant::now() < deadline && !stopped() {
-        match consumer.poll(Duration::from_millis(100)) {
+    let mut bytes = 0usize;
+    while !ends.is_empty() && !left().is_zero() && !stopped() && bytes < LOOK_BYTES {
+        match consumer.poll(left().min(Duration::from_millis(100))) {
             Some(Ok(m)) => {
                 if ends
                     .get(&m.partition())
@@ -150,6 +210,7 @@ pub(crate) fn recent_blocking(
                 {
                     ends.remove(&m.partition());
                 }
+                bytes += m.payload_len();
                 read.push(Raw {
                     partition: m.partition(),
                     offset: m.offset(),
@@ -199,59 +260,73 @@ pub(crate) fn view(model: &Model, topic: &str, raw: Raw) -> RecentRecord {
             .find(|(k, _)| k == name)
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     };
-    let message_type = header(crate::headers::MESSAGE_TYPE).map(str::to_owned);
-    let bytes = raw.payload.as_ref().map_or(0, Vec::len);
-    let viewed = raw
-        .payload
-        .as_deref()
-        .and_then(|p| model.decode_for_view(topic, message_type.as_deref(), p));
-    let sensitive: &[String] = viewed.as_ref().map_or(&[], |v| v.sensitive);
-    let (value, not_decoded) = match (&raw.payload, viewed.as_ref().map(|v| &v.value)) {
+    let named_type = header(crate::headers::MESSAGE_TYPE);
+    let viewed = model.decode_for_view(
+        topic,
+        header(crate::headers::dlq::ORIGINAL_TOPIC),
+        named_type,
+        raw.payload.as_deref(),
+    );
+    let sensitive = &viewed.sensitive;
+    let (value, not_decoded) = match (&raw.payload, viewed.value) {
         (None, _) => (None, Some("no payload (a tombstone)".to_owned())),
         (Some(_), None) => (None, Some("no type of the model matches it".to_owned())),
         (Some(_), Some(Err(e))) => (None, Some(format!("the codec refused it: {e}"))),
-        (Some(_), Some(Ok(v))) => {
-            let mut v = v.clone();
+        (Some(_), Some(Ok(mut v))) => {
             redact(&mut v, sensitive);
             (Some(v), None)
         }
     };
+    let key = raw.key.map(|k| {
+        if viewed.sensitive_key {
+            REDACTED.to_owned()
+        } else {
+            String::from_utf8_lossy(&k).into_owned()
+        }
+    });
     RecentRecord {
         partition: raw.partition,
         offset: raw.offset,
         timestamp_ms: raw.timestamp_ms,
-        key: raw.key.map(|k| String::from_utf8_lossy(&k).into_owned()),
+        key,
+        message_type: viewed.message_type.or(named_type).map(str::to_owned),
         headers: raw
             .headers
-            .into_iter()
+            .iter()
             .map(|(k, v)| {
-                let v = if is_sensitive(&k, sensitive) {
+                let v = if is_sensitive(k, sensitive) {
                     REDACTED.to_owned()
+                } else if k == crate::headers::dlq::ERROR {
+                    // A handler's error text may quote what it handled.
+                    crate::codec::elide_values(&String::from_utf8_lossy(v))
                 } else {
-                    String::from_utf8_lossy(&v).into_owned()
+                    String::from_utf8_lossy(v).into_owned()
                 };
-                (k, v)
+                (k.clone(), v)
             })
             .collect(),
-        message_type: viewed
-            .as_ref()
-            .map(|v| v.message_type.to_owned())
-            .or(message_type),
         value,
         not_decoded,
-        bytes,
+        bytes: raw.payload.as_ref().map_or(0, Vec::len),
     }
 }
 
+/// A name as names are compared: lower case, without `_` and `-`.
+fn normal(name: &str) -> String {
+    name.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .map(|c| c.to_ascii_lowercase())
+        .collect()
+}
+
 /// Whether a field or header of this name is never shown.
-fn is_sensitive(name: &str, declared: &[String]) -> bool {
-    let lower = name.to_ascii_lowercase().replace('-', "_");
-    declared.iter().any(|d| d.eq_ignore_ascii_case(name))
-        || CREDENTIAL_NAMES.iter().any(|c| lower.contains(c))
+fn is_sensitive(name: &str, declared: &[&str]) -> bool {
+    let name = normal(name);
+    declared.iter().any(|d| normal(d) == name) || CREDENTIAL_NAMES.iter().any(|c| name.contains(c))
 }
 
 /// Replaces the values of sensitive fields, at any depth.
-fn redact(value: &mut Value, declared: &[String]) {
+fn redact(value: &mut Value, declared: &[&str]) {
     match value {
         Value::Object(fields) => {
             for (name, v) in fields.iter_mut() {
@@ -281,7 +356,7 @@ mod tests {
             "refreshToken": "t",
             "Password": "p",
         });
-        redact(&mut v, &["card_number".to_owned()]);
+        redact(&mut v, &["card_number"]);
         assert_eq!(
             v,
             json!({
@@ -346,13 +421,53 @@ mod tests {
             shown.not_decoded.as_deref(),
             Some("no type of the model matches it")
         );
+        // A wrong-typed sensitive value: the codec's error does not echo it.
+        let wrong = raw(Some(br#"{"email": 987654321}"#), &typed);
+        let shown = view(&model, "signups", wrong);
+        let why = shown.not_decoded.unwrap_or_default();
+        assert!(
+            why.starts_with("the codec refused it") && !why.contains("987654321"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_is_viewed_as_its_original_topics_type_with_its_key_redacted() {
+        let model = Model::builder()
+            .topic::<Signup>(|t| t.name("signups").sensitive(["email"]).sensitive_key())
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let dead = [
+            (crate::headers::MESSAGE_TYPE, "Signup"),
+            (crate::headers::dlq::ORIGINAL_TOPIC, "signups"),
+            (
+                crate::headers::dlq::ERROR,
+                r#"handler said: "a@b" is taken"#,
+            ),
+        ];
+        let shown = view(
+            &model,
+            "signups.dlq",
+            raw(Some(br#"{"email":"a@b"}"#), &dead),
+        );
+        assert_eq!(shown.value, Some(serde_json::json!({"email": REDACTED})));
+        assert_eq!(shown.key.as_deref(), Some(REDACTED));
+        assert_eq!(shown.headers[2].1, r#"handler said: "…" is taken"#);
+        // No type matches: the topic's declared names are still redacted.
+        let unknown = [(crate::headers::MESSAGE_TYPE, "Other"), ("email", "a@b")];
+        let shown = view(&model, "signups", raw(Some(b"{}"), &unknown));
+        assert_eq!(shown.value, None);
+        assert_eq!(shown.headers[1].1, REDACTED);
+        assert_eq!(shown.key.as_deref(), Some(REDACTED));
     }
 
     #[test]
     fn headers_are_redacted_by_name() {
         assert!(is_sensitive("Authorization", &[]));
         assert!(is_sensitive("x-api-key", &[]));
-        assert!(is_sensitive("customer-email", &["customer-email".into()]));
+        assert!(is_sensitive("customer-email", &["customer-email"]));
+        assert!(is_sensitive("cardNumber", &["card_number"]));
+        assert!(is_sensitive("privateKey", &[]));
         assert!(!is_sensitive("ce_type", &[]));
         assert!(!is_sensitive("traceparent", &[]));
     }

@@ -110,7 +110,7 @@ pub struct ControlReport {
 pub enum Outcome {
     /// Done. `partitions` are the lane's partitions this member owns that
     /// the command changed; `positions` the offsets a seek moved them to
-    /// (committed). A pause also holds partitions owned elsewhere once they
+    /// (committed, unless `uncommitted` says why not). A pause also holds partitions owned elsewhere once they
     /// come here; `held` says whether the lane holds anything after it.
     Applied {
         /// Partitions owned here that it changed.
@@ -124,6 +124,14 @@ pub enum Outcome {
         not_applied: Vec<i32>,
         /// Whether any partition of the lane is held paused afterwards.
         held: bool,
+        /// For a seek whose commit the group did not take (a rebalance
+        /// under way): why. The member reads on from the new positions
+        /// while it keeps the partitions, and they stay stored, so the next
+        /// commit (periodic, or on their revoke) sends them; should that
+        /// fail too, a member they move to starts from the last commit.
+        /// Seek again once the group has settled to be sure.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        uncommitted: Option<String>,
     },
     /// None of the partitions it names is owned by this member now (a seek
     /// is the owner's to apply: send it there, or again after a rebalance).

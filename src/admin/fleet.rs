@@ -10,7 +10,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-use super::control::{Command, ControlReport, SeekTo};
+use super::control::{Command, ControlReport, Outcome, SeekTo};
 use crate::config::Secret;
 
 /// Where the fleet's commands travel, and who may send them.
@@ -108,6 +108,30 @@ pub struct FleetReport {
     pub instances: BTreeMap<String, Vec<ControlReport>>,
     /// Instances heard from lately that did not answer in time.
     pub silent: Vec<String>,
+    /// For a seek: the topic's partitions (those named, else all) that no
+    /// instance moved, because none that answered owned them when the
+    /// command arrived (a rebalance under way, or a silent instance's).
+    /// Seek them again. Empty for a pause or resume: a pause holds them for
+    /// whichever instance gets them.
+    pub unapplied: Vec<i32>,
+}
+
+impl FleetReport {
+    /// The partitions of `all` no answer says it moved.
+    pub(crate) fn unmoved(&self, all: &[i32]) -> Vec<i32> {
+        let moved: std::collections::BTreeSet<i32> = self
+            .instances
+            .values()
+            .flatten()
+            .filter_map(|r| match &r.outcome {
+                Outcome::Applied { partitions, .. } => Some(partitions),
+                _ => None,
+            })
+            .flatten()
+            .copied()
+            .collect();
+        all.iter().copied().filter(|p| !moved.contains(p)).collect()
+    }
 }
 
 /// A command as it travels.
@@ -238,6 +262,41 @@ mod tests {
             group: None,
             partitions: None,
         }
+    }
+
+    #[test]
+    fn a_seeks_unapplied_partitions_are_those_no_instance_moved() {
+        let answer = |outcome| ControlReport {
+            service: "shared-g".into(),
+            group: "g".into(),
+            topic: "jobs".into(),
+            types: vec!["Job".into()],
+            outcome,
+        };
+        let moved = |partitions: Vec<i32>| Outcome::Applied {
+            positions: partitions.iter().map(|p| (*p, 0)).collect(),
+            partitions,
+            not_applied: Vec::new(),
+            held: false,
+            uncommitted: None,
+        };
+        let report = FleetReport {
+            id: "1".into(),
+            instances: BTreeMap::from([
+                ("a".to_owned(), vec![answer(moved(vec![0, 2]))]),
+                (
+                    "b".to_owned(),
+                    vec![answer(Outcome::NotOwned {
+                        partitions: Vec::new(),
+                    })],
+                ),
+                ("c".to_owned(), vec![answer(moved(vec![3]))]),
+            ]),
+            silent: vec!["d".into()],
+            unapplied: Vec::new(),
+        };
+        assert_eq!(report.unmoved(&[0, 1, 2, 3]), vec![1]);
+        assert_eq!(report.unmoved(&[2, 3]), Vec::<i32>::new());
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod fleet;
 mod replay;
 
 pub use crate::headers::REPLAYED_FROM;
-pub use browse::{MAX_RECENT, REDACTED, RecentRecord};
+pub use browse::{Look, MAX_RECENT, REDACTED, RecentRecord};
 pub(crate) use browse::{recent_blocking, view};
 pub(crate) use control::{Aim, Command};
 pub use control::{ControlReport, Outcome, SeekTo, Target};

@@ -42,6 +42,9 @@ pub struct ReplayFilter {
     pub per_second: Option<u32>,
     /// Count what would be replayed, replaying nothing.
     pub dry_run: bool,
+    /// Who asked for the replay, for the log line and the
+    /// `kontext_admin_commands_total` metric (`api` when unnamed).
+    pub issued_by: Option<String>,
 }
 
 /// Shows a key's length, not its bytes: keys can be personal data, and
@@ -59,6 +62,7 @@ impl std::fmt::Debug for ReplayFilter {
             .field("until", &self.until)
             .field("per_second", &self.per_second)
             .field("dry_run", &self.dry_run)
+            .field("issued_by", &self.issued_by)
             .finish()
     }
 }
@@ -105,6 +109,12 @@ impl ReplayFilter {
         self.dry_run = true;
         self
     }
+
+    /// Names who asked for the replay (logged and counted).
+    pub fn by(mut self, issuer: impl Into<String>) -> Self {
+        self.issued_by = Some(issuer.into());
+        self
+    }
 }
 
 /// What a replay did.
@@ -118,7 +128,8 @@ pub struct Replayed {
     /// Of those, how many were sent back (0 on a dry run).
     pub replayed: u64,
     /// Matched but not replayed: their payload was cut to fit the
-    /// dead-letter topic (`dlq-truncated`), or they name no original topic.
+    /// dead-letter topic (`dlq-truncated`), or they name no original topic
+    /// of the model.
     pub not_replayable: u64,
     /// Replayed (or, on a dry run, replayable) records per original topic.
     pub by_topic: BTreeMap<String, u64>,
@@ -129,13 +140,15 @@ pub struct Replayed {
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
 
 /// Scans `topic` of the cluster `servers` and sends what `filter` matches
-/// back to its original topics. Blocking: run it off the async runtime's
-/// workers. Stops, flushing what it handed over, when `stopped` says so.
+/// back to its original topics, those of `originals` only. Blocking: run
+/// it off the async runtime's workers. Stops, flushing what it handed over,
+/// when `stopped` says so.
 pub(crate) fn replay_blocking(
     config: &ClientConfig,
     servers: &str,
     topic: &str,
     filter: &ReplayFilter,
+    originals: &[String],
     stopped: &dyn Fn() -> bool,
 ) -> Result<Replayed> {
     let client_err = |role: &'static str| move |source| Error::Client { role, source };
@@ -157,7 +170,7 @@ pub(crate) fn replay_blocking(
     let scanned = scan(
         &consumer,
         &mut ends,
-        (producer.as_ref(), &servers),
+        (producer.as_ref(), &servers, originals),
         topic,
         filter,
         stopped,
@@ -253,7 +266,7 @@ fn open_scan(config: &ClientConfig, topic: &str) -> Result<(BaseConsumer, BTreeM
 fn scan(
     consumer: &BaseConsumer,
     ends: &mut BTreeMap<i32, i64>,
-    (producer, servers): (Option<&ThreadedProducer<Deliveries>>, &Arc<str>),
+    (producer, servers, originals): (Option<&ThreadedProducer<Deliveries>>, &Arc<str>, &[String]),
     topic: &str,
     filter: &ReplayFilter,
     stopped: &dyn Fn() -> bool,
@@ -345,7 +358,7 @@ fn scan(
         }
         out.matched += 1;
         let original = match text(header(dlq::ORIGINAL_TOPIC.as_bytes())) {
-            Some(t) if header(dlq::TRUNCATED.as_bytes()).is_none() && !t.is_empty() => t,
+            Some(t) if header(dlq::TRUNCATED.as_bytes()).is_none() && originals.contains(&t) => t,
             _ => {
                 out.not_replayable += 1;
                 continue;

@@ -10,6 +10,41 @@ use serde::de::DeserializeOwned;
 /// The error a codec returns; boxed so codecs can use any error type.
 pub type CodecError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// A codec's error as text fit for logs, dead-letter headers and the
+/// status page: serde's messages repeat the offending input (`invalid type:
+/// string "4111…", expected i64`), which may be personal data or a secret,
+/// so every quoted or back-quoted span is elided, except the field names a
+/// type declares (`missing field `id``).
+pub(crate) fn describe(error: &CodecError) -> String {
+    elide_values(&error.to_string())
+}
+
+/// `text` with every quoted or back-quoted span elided (see [`describe`]).
+pub(crate) fn elide_values(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find(['"', '`']) {
+        let quote = rest[open..].chars().next().unwrap_or('"');
+        let (before, after) = rest.split_at(open);
+        out.push_str(before);
+        let Some(close) = after[1..].find(quote) else {
+            // Unbalanced: nothing after it can be told apart from input.
+            out.push(quote);
+            out.push('…');
+            return out;
+        };
+        let inner = &after[1..1 + close];
+        let declared =
+            quote == '`' && (out.ends_with("missing field ") || out.ends_with("duplicate field "));
+        out.push(quote);
+        out.push_str(if declared { inner } else { "…" });
+        out.push(quote);
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Encodes and decodes values of `T`.
 ///
 /// Implementations must be cheap to call concurrently: kontext shares one
@@ -51,6 +86,37 @@ where
 mod tests {
     use super::*;
     use serde::Deserialize;
+
+    #[test]
+    fn described_errors_keep_declared_field_names_and_lose_input_values() {
+        let wrong =
+            serde_json::from_str::<Paid>(r#"{"order_id": "4111-secret", "payment_id": "p"}"#);
+        let text = describe(
+            &wrong
+                .map_err(CodecError::from)
+                .err()
+                .unwrap_or_else(|| panic!("decoded")),
+        );
+        assert!(!text.contains("4111"), "{text}");
+        assert!(text.contains("invalid type: string \"…\""), "{text}");
+        let missing = serde_json::from_str::<Paid>(r#"{"order_id": 7}"#);
+        let text = describe(
+            &missing
+                .map_err(CodecError::from)
+                .err()
+                .unwrap_or_else(|| panic!("decoded")),
+        );
+        assert!(text.contains("missing field `payment_id`"), "{text}");
+        let number = serde_json::from_str::<String>("987654321");
+        let text = describe(
+            &number
+                .map_err(CodecError::from)
+                .err()
+                .unwrap_or_else(|| panic!("decoded")),
+        );
+        assert!(!text.contains("987654321"), "{text}");
+        assert_eq!(elide_values("odd \"quote"), "odd \"…");
+    }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Paid {

@@ -524,7 +524,11 @@ impl<T: Message, D: Dispatch<T>> Typed<T, D> {
             },
             _ => Failed {
                 reason: FailureReason::Decode,
-                error: format!("cannot decode as `{}`: {error}", self.spec.rust_type()),
+                error: format!(
+                    "cannot decode as `{}`: {}",
+                    self.spec.rust_type(),
+                    crate::codec::describe(error)
+                ),
                 attempts: attempt - 1,
                 action: Action::DeadLetter,
             },

@@ -35,7 +35,7 @@ use sha2::Digest as _;
 use subtle::ConstantTimeEq;
 
 use crate::Kontext;
-use crate::admin::{ReplayFilter, SeekTo, Target};
+use crate::admin::{Look, ReplayFilter, SeekTo, Target};
 use crate::config::Secret;
 use crate::registry::{ServiceState, ServiceStatus, TypeStatus};
 
@@ -43,6 +43,7 @@ use crate::registry::{ServiceState, ServiceStatus, TypeStatus};
 #[derive(Clone, Default)]
 pub struct HttpSettings {
     admin_token: Option<Secret>,
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl HttpSettings {
@@ -56,6 +57,18 @@ impl HttpSettings {
     pub fn admin_token(mut self, token: impl Into<Secret>) -> Self {
         let token = token.into();
         self.admin_token = (!token.expose().is_empty()).then_some(token);
+        self
+    }
+}
+
+impl HttpSettings {
+    /// Ends the long requests (a replay, a look at recent messages) once
+    /// `stopping` is cancelled, answering 503: cancel it when the server
+    /// begins its graceful shutdown, which would otherwise wait for them.
+    /// A replay stopped so has flushed what it sent; the answer says the
+    /// server is stopping, not how far it got (its log line does).
+    pub fn stop_on(mut self, stopping: tokio_util::sync::CancellationToken) -> Self {
+        self.stopping = stopping;
         self
     }
 }
@@ -83,7 +96,16 @@ struct App {
     kontext: Weak<Kontext>,
     settings: HttpSettings,
     rates: Mutex<Rates>,
+    /// Looks at recent messages running at once: each holds a consumer
+    /// of its own for up to 10 s.
+    looks: tokio::sync::Semaphore,
+    /// One replay at a time: a second click while one runs would send the
+    /// same dead letters twice.
+    replays: tokio::sync::Semaphore,
 }
+
+/// Looks at recent messages the router runs at once.
+const LOOKS_AT_ONCE: usize = 2;
 
 /// Each lane's received and handled counters as `/status` read them over
 /// the last [`Rates::WINDOW`]: rates without a timer of their own, and
@@ -154,6 +176,8 @@ pub fn router(kontext: &Arc<Kontext>, settings: HttpSettings) -> Router {
         kontext: Arc::downgrade(kontext),
         settings,
         rates: Mutex::default(),
+        looks: tokio::sync::Semaphore::new(LOOKS_AT_ONCE),
+        replays: tokio::sync::Semaphore::new(1),
     });
     Router::new()
         .route("/", get(page))
@@ -323,10 +347,10 @@ async fn status(State(app): State<Arc<App>>) -> Response {
     let outbox = match k.outbox() {
         Ok(o) => {
             let pending = o.pending().await.map_err(|e| e.to_string());
-            let failed = o.failed().await.map_err(|e| e.to_string());
+            let failed = o.failed_count().await.map_err(|e| e.to_string());
             json!({
                 "pending": pending.as_ref().ok(),
-                "failed": failed.as_ref().ok().map(Vec::len),
+                "failed": failed.as_ref().ok(),
                 "error": pending.err().or(failed.err()),
             })
         }
@@ -400,6 +424,11 @@ struct Aimed {
     group: Option<String>,
     partitions: Option<Vec<i32>>,
     to: Option<SeekTo>,
+}
+
+/// The answer to a long request the server's shutdown ended.
+fn stopping() -> Response {
+    Refusal(StatusCode::SERVICE_UNAVAILABLE, "the server is stopping").into_response()
 }
 
 fn bad_request(why: impl Into<String>) -> Response {
@@ -504,6 +533,12 @@ struct ReplayBody {
     reason: Option<String>,
     #[serde(rename = "type")]
     type_name: Option<String>,
+    /// Only records with this key (as UTF-8).
+    key: Option<String>,
+    /// Only dead letters written at or after this time (ms since the epoch).
+    from_ms: Option<u64>,
+    /// Only dead letters written before this time (ms since the epoch).
+    until_ms: Option<u64>,
     #[serde(default)]
     dry_run: bool,
     per_second: Option<u32>,
@@ -522,7 +557,11 @@ async fn replay(
         Ok(b) => b,
         Err(e) => return bad_request(e.body_text()),
     };
-    let mut filter = ReplayFilter::all();
+    let mut filter = ReplayFilter::all().by(issuer);
+    let at = |ms: u64| std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    filter.key = b.key.map(String::into_bytes);
+    filter.from = b.from_ms.map(at);
+    filter.until = b.until_ms.map(at);
     if let Some(r) = b.reason {
         filter = filter.reason(r);
     }
@@ -539,8 +578,18 @@ async fn replay(
         Ok(k) => k,
         Err(r) => return r.into_response(),
     };
-    tracing::info!(%issuer, topic = %b.dead_letter_topic, "dead-letter replay requested over http");
-    match k.replay_dead_letters(&b.dead_letter_topic, filter).await {
+    let Ok(_running) = app.replays.try_acquire() else {
+        return Refusal(
+            StatusCode::CONFLICT,
+            "a replay is running; wait for its answer",
+        )
+        .into_response();
+    };
+    let replayed = tokio::select! {
+        replayed = k.replay_dead_letters(&b.dead_letter_topic, filter) => replayed,
+        () = app.settings.stopping.cancelled() => return stopping(),
+    };
+    match replayed {
         Ok(r) => Json(json!({
             "scanned": r.scanned,
             "matched": r.matched,
@@ -640,7 +689,7 @@ async fn outbox_discard(
 }
 
 #[derive(Debug, Deserialize)]
-struct Look {
+struct LookQuery {
     topic: String,
     partition: Option<i32>,
     limit: Option<usize>,
@@ -650,7 +699,7 @@ struct Look {
 async fn messages(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    look: Result<Query<Look>, axum::extract::rejection::QueryRejection>,
+    look: Result<Query<LookQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let issuer = match authorize(&app, &headers) {
         Ok(i) => i,
@@ -664,9 +713,25 @@ async fn messages(
         Ok(k) => k,
         Err(r) => return r.into_response(),
     };
-    tracing::info!(%issuer, topic = %look.topic, "recent records read over http");
-    let limit = look.limit.unwrap_or(20);
-    match k.recent_messages(&look.topic, look.partition, limit).await {
+    let Ok(_running) = app.looks.try_acquire() else {
+        return Refusal(
+            StatusCode::TOO_MANY_REQUESTS,
+            "other looks at recent messages are running; try again",
+        )
+        .into_response();
+    };
+    let mut query = Look::topic(&look.topic).by(issuer);
+    if let Some(p) = look.partition {
+        query = query.partition(p);
+    }
+    if let Some(n) = look.limit {
+        query = query.limit(n);
+    }
+    let looked = tokio::select! {
+        looked = k.recent_messages(query) => looked,
+        () = app.settings.stopping.cancelled() => return stopping(),
+    };
+    match looked {
         Ok(records) => Json(json!({"topic": look.topic, "records": records})).into_response(),
         Err(e) => answer::<()>(Err(e)),
     }

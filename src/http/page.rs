@@ -28,6 +28,8 @@ button{margin:0 2px} #msg{margin:.5em 0;min-height:1.2em} code{font-size:12px} t
 <h2>Recent messages <span id="recent-topic"></span></h2>
 <table id="messages"><thead><tr><th>partition/offset</th><th>time</th><th>key</th><th>type</th><th>headers</th><th>payload</th></tr></thead><tbody></tbody></table>
 <h2>Outbox</h2><div id="outbox"></div>
+<h2>Configuration</h2>
+<table id="config"><thead><tr><th>service</th><th>setting</th><th>value</th></tr></thead><tbody></tbody></table>
 <script>
 const $ = (id) => document.getElementById(id);
 // Relative to where the router is mounted, with or without a final slash.
@@ -71,6 +73,12 @@ async function refresh() {
     .map(([name, p]) => '<tr data-topic="' + esc(name) + '"><td>' + esc(name) + '</td><td>' + esc(p) +
     '</td><td><button class="recent">recent messages</button></td></tr>').join('');
   $('outbox').textContent = s.outbox ? ('pending: ' + s.outbox.pending + ', failed: ' + s.outbox.failed) : 'no outbox in this process';
+  // The client settings (secrets redacted by kontext) change only with a
+  // restart: drawn once.
+  if (!$('config').tBodies[0].rows.length) {
+    $('config').tBodies[0].innerHTML = s.services.flatMap((v) => v.settings.map(([k, val]) => '<tr><td>' + esc(v.name) +
+      '</td><td><code>' + esc(k) + '</code></td><td><code>' + esc(val) + '</code></td></tr>')).join('');
+  }
   window.kontextRefreshes = (window.kontextRefreshes || 0) + 1;
 }
 // One listener, reading names from data attributes (escaped as HTML, never

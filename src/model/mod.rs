@@ -195,34 +195,42 @@ impl Model {
         })
     }
 
-    /// A record's payload decoded for an operator's eyes, by the type its
-    /// `ce_type` names (on `topic` first: a dead-letter topic's records are
-    /// of another topic's types), or by the topic's only type when it
-    /// names none. `None` when no declared type matches.
+    /// A record of `topic` decoded for an operator's eyes. Its type is the
+    /// one its `ce_type` names among the types of its home topic (the
+    /// original topic a dead letter names, else `topic`), or that topic's
+    /// only type when it names none. What is redacted is what any type of
+    /// the home topic declares (of the whole model when none is declared
+    /// there): a record of the wrong type, or of none, shows nothing a
+    /// type sharing its topic hides.
     pub(crate) fn decode_for_view(
         &self,
         topic: &str,
+        original_topic: Option<&str>,
         message_type: Option<&str>,
-        bytes: &[u8],
-    ) -> Option<Viewed<'_>> {
+        bytes: Option<&[u8]>,
+    ) -> Viewed<'_> {
+        let home = original_topic.unwrap_or(topic);
         let specs = || self.order.iter().filter_map(|id| self.by_type.get(id));
+        let on_home: Vec<&Arc<dyn ErasedSpec>> = specs().filter(|s| s.topic() == home).collect();
+        let candidates: Vec<&Arc<dyn ErasedSpec>> = if on_home.is_empty() {
+            specs().collect()
+        } else {
+            on_home.clone()
+        };
         let spec = match message_type {
-            Some(name) => specs()
-                .find(|s| s.topic() == topic && s.type_name() == name)
-                .or_else(|| specs().find(|s| s.type_name() == name)),
-            None => {
-                let mut on_topic = specs().filter(|s| s.topic() == topic);
-                match (on_topic.next(), on_topic.next()) {
-                    (Some(only), None) => Some(only),
-                    _ => None,
-                }
-            }
-        }?;
-        Some(Viewed {
-            message_type: spec.type_name(),
-            value: spec.decode_json(bytes),
-            sensitive: spec.sensitive(),
-        })
+            Some(name) => candidates.iter().find(|s| s.type_name() == name).copied(),
+            None if on_home.len() == 1 => Some(on_home[0]),
+            None => None,
+        };
+        Viewed {
+            message_type: spec.map(|s| s.type_name()),
+            value: spec.zip(bytes).map(|(s, b)| s.decode_json(b)),
+            sensitive: candidates
+                .iter()
+                .flat_map(|s| s.sensitive().iter().map(String::as_str))
+                .collect(),
+            sensitive_key: candidates.iter().any(|s| s.sensitive_key()),
+        }
     }
 
     /// Every declared type, in declaration order.
@@ -489,13 +497,17 @@ impl TypeInfo<'_> {
     }
 }
 
-/// A payload decoded by [`Model::decode_for_view`].
+/// A record decoded by [`Model::decode_for_view`].
 pub(crate) struct Viewed<'a> {
-    pub(crate) message_type: &'a str,
-    /// The payload as JSON, or why it could not be decoded.
-    pub(crate) value: std::result::Result<serde_json::Value, String>,
-    /// Fields and headers the type declares sensitive.
-    pub(crate) sensitive: &'a [String],
+    /// The type it decoded as, when one matched.
+    pub(crate) message_type: Option<&'a str>,
+    /// The payload as JSON, or why it could not be decoded (its values
+    /// elided); `None` when no type matched or it has no payload.
+    pub(crate) value: Option<std::result::Result<serde_json::Value, String>>,
+    /// Fields and headers to redact.
+    pub(crate) sensitive: Vec<&'a str>,
+    /// Whether to redact the key.
+    pub(crate) sensitive_key: bool,
 }
 
 /// A [`TopicSpec`] with its type erased, so the model can hold many types.
@@ -507,6 +519,7 @@ trait ErasedSpec: Send + Sync + 'static {
     fn header_names(&self) -> Vec<&str>;
     fn consumer(&self) -> Option<&ConsumerSpec>;
     fn sensitive(&self) -> &[String];
+    fn sensitive_key(&self) -> bool;
     /// A payload decoded with the type's codec, as JSON (for operators).
     fn decode_json(&self, bytes: &[u8]) -> std::result::Result<serde_json::Value, String>;
     fn as_any(&self) -> &dyn Any;
@@ -537,9 +550,15 @@ impl<T: Message> ErasedSpec for TopicSpec<T> {
     fn sensitive(&self) -> &[String] {
         &self.sensitive
     }
+    fn sensitive_key(&self) -> bool {
+        self.sensitive_key
+    }
     fn decode_json(&self, bytes: &[u8]) -> std::result::Result<serde_json::Value, String> {
-        let value = self.codec.decode(bytes).map_err(|e| e.to_string())?;
-        serde_json::to_value(&value).map_err(|e| e.to_string())
+        let value = self
+            .codec
+            .decode(bytes)
+            .map_err(|e| crate::codec::describe(&e))?;
+        serde_json::to_value(&value).map_err(|e| crate::codec::elide_values(&e.to_string()))
     }
     fn header_names(&self) -> Vec<&str> {
         // Derived header fields are named by the derive, which checks them.

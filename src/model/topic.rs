@@ -136,6 +136,7 @@ pub struct TopicBuilder<T> {
     pub(crate) consumer: Option<ConsumerSpec>,
     pub(crate) outbox_mode: OutboxMode,
     pub(crate) sensitive: Vec<String>,
+    pub(crate) sensitive_key: bool,
 }
 
 /// Producer-side settings of a type; obtained in [`TopicBuilder::producer`].
@@ -166,6 +167,7 @@ impl<T: Message> TopicBuilder<T> {
             consumer: None,
             outbox_mode: OutboxMode::Background,
             sensitive: Vec::new(),
+            sensitive_key: false,
         }
     }
 
@@ -266,17 +268,26 @@ impl<T: Message> TopicBuilder<T> {
         self
     }
 
-    /// Payload fields (at any depth) and headers whose values operators
-    /// never see: the status page's view of recent messages shows
-    /// `<redacted>` for them. Names that look like credentials (`password`,
-    /// `secret`, `token`, `authorization`, `api_key`, `cookie`,
-    /// `credential`) are redacted without being declared.
+    /// Payload fields (at any depth, by their serialized names) and
+    /// headers whose values operators never see: the status page's view of
+    /// recent messages shows `<redacted>` for them. Names compare ignoring
+    /// case, `_` and `-` (`card_number` also covers `cardNumber`). Names
+    /// that look like credentials (`password`, `secret`, `token`,
+    /// `authorization`, `api_key`, `cookie`, `credential`, `private_key`)
+    /// are redacted without being declared.
     pub fn sensitive<I, S>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
         self.sensitive.extend(names.into_iter().map(Into::into));
+        self
+    }
+
+    /// The message key is personal data (a customer id, an email): the
+    /// status page's view of recent messages shows `<redacted>` for it.
+    pub fn sensitive_key(mut self) -> Self {
+        self.sensitive_key = true;
         self
     }
 
@@ -315,6 +326,7 @@ impl<T: Message> TopicBuilder<T> {
             consumer: self.consumer,
             outbox_mode: self.outbox_mode,
             sensitive: self.sensitive,
+            sensitive_key: self.sensitive_key,
         }
     }
 }
@@ -343,6 +355,7 @@ pub struct TopicSpec<T> {
     pub(crate) consumer: Option<ConsumerSpec>,
     pub(crate) outbox_mode: OutboxMode,
     pub(crate) sensitive: Vec<String>,
+    pub(crate) sensitive_key: bool,
 }
 
 impl<T> Clone for TopicSpec<T> {
@@ -359,6 +372,7 @@ impl<T> Clone for TopicSpec<T> {
             consumer: self.consumer.clone(),
             outbox_mode: self.outbox_mode,
             sensitive: self.sensitive.clone(),
+            sensitive_key: self.sensitive_key,
         }
     }
 }

@@ -517,6 +517,15 @@ impl Outbox {
             .db("count pending outbox rows")
     }
 
+    /// How many rows used up their attempts.
+    pub async fn failed_count(&self) -> Result<u64> {
+        row::Entity::find()
+            .filter(row::Column::State.eq(row::FAILED))
+            .count(&self.inner.db)
+            .await
+            .db("count failed outbox rows")
+    }
+
     /// Rows that used up their attempts, oldest first.
     pub async fn failed(&self) -> Result<Vec<FailedMessage>> {
         let rows = row::Entity::find()

@@ -182,11 +182,22 @@ impl Kontext {
         dead_letter_topic: &str,
         filter: crate::admin::ReplayFilter,
     ) -> Result<crate::admin::Replayed> {
+        // Only this model's dead letters go back, to its own topics.
+        if !self
+            .dead_letter_topics()
+            .iter()
+            .any(|d| d == dead_letter_topic)
+        {
+            return Err(Error::config(format!(
+                "`{dead_letter_topic}` is not a dead-letter topic of this model's types"
+            )));
+        }
         let servers = self.broker.bootstrap_servers().to_owned();
         let config = self.settings.client_config(&servers);
         let topic = dead_letter_topic.to_owned();
-        crate::telemetry::admin_command("replay", "api");
-        tracing::info!(topic = %topic, filter = ?filter, "replaying dead letters");
+        let issuer = filter.issued_by.as_deref().unwrap_or("api");
+        crate::telemetry::admin_command("replay", issuer);
+        tracing::info!(topic = %topic, %issuer, filter = ?filter, "replaying dead letters");
         // The blocking scan stops (flushing what it sent) when this call's
         // future is dropped or kontext shuts down.
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -198,55 +209,94 @@ impl Kontext {
         }
         let _guard = OnDrop(Arc::clone(&dropped));
         let cancel = self.cancel.clone();
-        let replayed = tokio::task::spawn_blocking(move || {
-            let stopped =
-                || cancel.is_cancelled() || dropped.load(std::sync::atomic::Ordering::Acquire);
-            crate::admin::replay_blocking(&config, &servers, &topic, &filter, &stopped)
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("the dead-letter replay did not finish: {e}")))??;
+        let originals: Vec<String> = self
+            .model
+            .topics()
+            .iter()
+            .map(|t| t.name().to_owned())
+            .collect();
+        // Owned by kontext: its shutdown stops the scan and waits for it.
+        let replayed = self
+            .tasks
+            .spawn_blocking(move || {
+                let stopped =
+                    || cancel.is_cancelled() || dropped.load(std::sync::atomic::Ordering::Acquire);
+                crate::admin::replay_blocking(
+                    &config, &servers, &topic, &filter, &originals, &stopped,
+                )
+            })
+            .await
+            .map_err(|e| {
+                Error::Internal(format!("the dead-letter replay did not finish: {e}"))
+            })??;
         tracing::info!(topic = %dead_letter_topic, replayed = ?replayed, "dead letters replayed");
         Ok(replayed)
     }
 
-    /// The newest `limit` records (at most [`MAX_RECENT`](crate::admin::MAX_RECENT))
-    /// of `topic`, or of one of its partitions, newest first: decoded with
-    /// the model's codec as JSON, with credentials and
-    /// [`sensitive`](crate::TopicBuilder::sensitive) fields and headers
-    /// redacted. Only the model's topics and its consumers' dead-letter
-    /// topics can be read. Reads with a consumer of its own that joins no
-    /// group and commits nothing; returns what it read within 10 s.
+    /// The newest records of `look`'s topic (or partition), newest first,
+    /// at most [`MAX_RECENT`](crate::admin::MAX_RECENT): decoded with the
+    /// model's codec as JSON, with credentials and
+    /// [`sensitive`](crate::TopicBuilder::sensitive) fields, headers and
+    /// keys redacted, and a payload the codec refuses shown by why (its
+    /// values elided), never as bytes. Only the model's topics and its
+    /// consumers' dead-letter topics can be read. Reads with a consumer of
+    /// its own that joins no group and commits nothing, at most 8 MiB of
+    /// payloads, and returns what it read within 10 s (all lookups
+    /// included); [`shutdown`](Self::shutdown) waits for it and stops it.
     pub async fn recent_messages(
         &self,
-        topic: &str,
-        partition: Option<i32>,
-        limit: usize,
+        look: crate::admin::Look,
     ) -> Result<Vec<crate::admin::RecentRecord>> {
+        let topic = look.topic.as_str();
         let known = self.model.topics().iter().any(|t| t.name() == topic)
-            || self
-                .registry()
-                .types()
-                .iter()
-                .any(|t| t.dead_letter_topic == topic);
+            || self.dead_letter_topics().iter().any(|d| d == topic);
         if !known {
             return Err(Error::config(format!(
                 "`{topic}` is neither a topic of the model nor a dead-letter topic of its consumers"
             )));
         }
-        let limit = limit.clamp(1, crate::admin::MAX_RECENT);
+        let issuer = look.issued_by.as_deref().unwrap_or("api");
+        crate::telemetry::admin_command("messages", issuer);
+        tracing::info!(%topic, %issuer, partition = ?look.partition, "recent records read");
+        let limit = look.limit.clamp(1, crate::admin::MAX_RECENT);
         let config = self.settings.client_config(self.broker.bootstrap_servers());
-        let owned = topic.to_owned();
+        let (owned, partition) = (topic.to_owned(), look.partition);
         let cancel = self.cancel.clone();
-        let raw = tokio::task::spawn_blocking(move || {
-            crate::admin::recent_blocking(&config, &owned, partition, limit, &|| {
-                cancel.is_cancelled()
+        // Owned by kontext: its shutdown cancels the look and waits for it.
+        let raw = self
+            .tasks
+            .spawn_blocking(move || {
+                crate::admin::recent_blocking(&config, &owned, partition, limit, &|| {
+                    cancel.is_cancelled()
+                })
             })
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("reading recent records did not finish: {e}")))??;
+            .await
+            .map_err(|e| {
+                Error::Internal(format!("reading recent records did not finish: {e}"))
+            })??;
         Ok(raw
             .into_iter()
             .map(|r| crate::admin::view(&self.model, topic, r))
             .collect())
+    }
+
+    /// The dead-letter topics of the model's types (consumed here or not)
+    /// and of this process's consumers.
+    fn dead_letter_topics(&self) -> Vec<String> {
+        let fallback = self.settings.consumer.dead_letter_topic.as_deref();
+        let mut topics: Vec<String> = self
+            .model
+            .type_infos()
+            .map(|info| info.dead_letter_topic(fallback))
+            .chain(
+                self.registry()
+                    .types()
+                    .into_iter()
+                    .map(|t| t.dead_letter_topic),
+            )
+            .collect();
+        topics.sort_unstable();
+        topics.dedup();
+        topics
     }
 }

@@ -40,8 +40,15 @@ try {
   await page.waitForFunction((r) => document.querySelector(r + ' td.buffer').textContent.startsWith('0/'), rowOf, { timeout: 30000 });
   const paused = await handled();
   const seen = await refreshes();
+  // Records keep arriving meanwhile: the partitions' ends (librdkafka's
+  // statistics, every 5 s) move past where they were.
+  const ends = () => page.evaluate(() => [...document.querySelectorAll('#partitions tbody tr td:nth-child(5)')]
+    .reduce((sum, td) => sum + (Number(td.textContent) || 0), 0));
+  const endsAtPause = await ends();
   await page.waitForFunction((n) => window.kontextRefreshes >= n + 3, seen, { timeout: 30000 });
-  if ((await handled()) !== paused) await fail(`handled moved while paused: ${paused} -> ${await handled()}`);
+  await page.waitForFunction((before) => [...document.querySelectorAll('#partitions tbody tr td:nth-child(5)')]
+    .reduce((sum, td) => sum + (Number(td.textContent) || 0), 0) > before, endsAtPause, { timeout: 30000 });
+  if ((await handled()) !== paused) await fail(`handled moved while paused: ${paused} -> ${await handled()} (ends ${endsAtPause} -> ${await ends()})`);
   await page.screenshot({ path: screenshot, fullPage: true });
 
   // Resume: the counter moves again.
@@ -65,6 +72,15 @@ try {
   const decoded = payloads.filter((p) => p.startsWith('{'));
   if (decoded.length === 0 || !decoded.every((p) => p.includes('":"<redacted>"'))) await fail('payloads not decoded and redacted: ' + payloads.join(' | '));
   if ((await page.content()).includes(sensitive)) await fail('the sensitive value is on the page');
+  // Every topic's, dead letters included: the sensitive value nowhere.
+  const names = await page.locator('#topics tr[data-topic]').evaluateAll((rows) => rows.map((r) => r.dataset.topic));
+  for (const name of names) {
+    await page.locator(`#topics tr[data-topic="${name}"] button.recent`).click();
+    await page.waitForFunction((n) => document.querySelector('#recent-topic').textContent === 'of ' + n, name, { timeout: 30000 });
+    if ((await page.content()).includes(sensitive)) await fail(`the sensitive value is on the page, with ${name}'s messages`);
+  }
+  await page.locator('#topics tr[data-topic] button.recent').first().click();
+  await page.waitForFunction((n) => document.querySelector('#recent-topic').textContent === 'of ' + n, names[0], { timeout: 30000 });
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`browser test: ok (handled ${paused} while paused, replayed 1, ${payloads.length} recent messages)`);
   await browser.close();

@@ -45,6 +45,9 @@ pub fn model() -> kontext::Result<Model> {
         t.name("identity.user-activity.recorded")
             .partitions(3)
             .key(|e| e.user_id)
+            // Keyed by the customer: neither key nor field on the page.
+            .sensitive_key()
+            .sensitive(["user_id"])
     });
     Ok(m.build()?)
 }

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::sync::{Arc, Weak};
 
 use kontext::Kontext;
+use tokio_util::sync::CancellationToken;
 
 use crate::api::{AppState, router};
 use crate::application::ShipmentService;
@@ -45,13 +46,20 @@ pub async fn bind(app: &AppSettings) -> Result<tokio::net::TcpListener, BoxError
 }
 
 /// What kontext's router allows: admin commands only with a token
-/// (`KONTEXT_ADMIN_TOKEN`).
-fn operations() -> kontext::http::HttpSettings {
-    let settings = kontext::http::HttpSettings::read_only();
+/// (`KONTEXT_ADMIN_TOKEN`); its long requests (a replay) end when
+/// `stopping` is cancelled, so a graceful stop does not wait for them.
+fn operations(stopping: &CancellationToken) -> kontext::http::HttpSettings {
+    let settings = kontext::http::HttpSettings::read_only().stop_on(stopping.clone());
     match std::env::var("KONTEXT_ADMIN_TOKEN") {
         Ok(token) => settings.admin_token(token),
         Err(_) => settings,
     }
+}
+
+/// `stop`, cancelling `stopping` when it completes.
+async fn and_cancel(stop: impl Future<Output = ()>, stopping: CancellationToken) {
+    stop.await;
+    stopping.cancel();
 }
 
 /// Runs a worker until `stop` completes, serving kontext's status page and
@@ -65,11 +73,14 @@ pub async fn serve_status(
 ) -> Result<(), BoxError> {
     let kontext = Arc::new(kontext);
     let address = listener.local_addr()?;
-    let routes =
-        axum::Router::new().nest("/kontext", kontext::http::router(&kontext, operations()));
+    let stopping = CancellationToken::new();
+    let routes = axum::Router::new().nest(
+        "/kontext",
+        kontext::http::router(&kontext, operations(&stopping)),
+    );
     announce(&format!("worker status page on http://{address}/kontext"));
     axum::serve(listener, routes)
-        .with_graceful_shutdown(stop)
+        .with_graceful_shutdown(and_cancel(stop, stopping))
         .await?;
     let kontext = Arc::try_unwrap(kontext)
         .map_err(|_| "the status server still holds kontext after it stopped")?;
@@ -96,11 +107,14 @@ pub async fn serve_api(
     let address = listener.local_addr()?;
     announce(&format!("shipping-api listening on http://{address}"));
     // kontext's own page, status and operator commands next to the API.
-    let routes = router(state, app.max_body_bytes)
-        .nest("/kontext", kontext::http::router(&kontext, operations()));
+    let stopping = CancellationToken::new();
+    let routes = router(state, app.max_body_bytes).nest(
+        "/kontext",
+        kontext::http::router(&kontext, operations(&stopping)),
+    );
     announce(&format!("kontext status page on http://{address}/kontext"));
     axum::serve(listener, routes)
-        .with_graceful_shutdown(stop)
+        .with_graceful_shutdown(and_cancel(stop, stopping))
         .await?;
     tracing::info!("HTTP server stopped; stopping kontext");
     let kontext = Arc::try_unwrap(kontext)

@@ -75,7 +75,7 @@ async fn shipments_posted_over_http_are_recorded_once_across_a_worker_crash() {
     let created = unique_name("e2e.shipment.created");
     let recorded = unique_name("e2e.user-activity.recorded");
     let group = unique_name("e2e-identity");
-    let config = write_config(dir.path(), &created, &recorded, &group);
+    let config = write_config(dir.path(), &created, &recorded, &group, false);
 
     // The broker: Kafka when the environment names one, else the dev broker.
     let (_dev, bootstrap) = match std::env::var("KONTEXT_TEST_BOOTSTRAP") {

@@ -73,7 +73,7 @@ async fn the_running_samples_status_page_pauses_resumes_replays_and_redacts() {
     let created = unique_name("page.shipment.created");
     let recorded = unique_name("page.user-activity.recorded");
     let group = unique_name("page-identity");
-    let config = write_config(dir.path(), &created, &recorded, &group);
+    let config = write_config(dir.path(), &created, &recorded, &group, true);
     let (_dev, bootstrap) = match std::env::var("KONTEXT_TEST_BOOTSTRAP") {
         Ok(b) if !b.is_empty() => (None, b),
         _ => {

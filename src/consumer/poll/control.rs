@@ -172,6 +172,7 @@ impl LoopState {
             partitions: owned,
             positions: Vec::new(),
             held,
+            uncommitted: None,
         }
     }
 
@@ -240,6 +241,7 @@ impl LoopState {
             partitions: resumed,
             positions: Vec::new(),
             held: active,
+            uncommitted: None,
         }
     }
 
@@ -296,21 +298,21 @@ impl LoopState {
             moved.push((p, offset));
         }
         let changed: Vec<i32> = moved.iter().map(|&(p, _)| p).collect();
+        let mut uncommitted = None;
         if tpl.count() > 0 {
             // Stored as well as committed: the auto-commit would otherwise
-            // send the old stored offset again.
+            // send the old stored offset again, and the commit on a revoke
+            // sends the new one should this commit be refused.
             if let Err(e) = consumer.store_offsets(&tpl) {
                 tracing::warn!(service = %shared.name, error = %e, "could not store the positions sought");
             }
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                return Outcome::Refused {
-                    reason: format!(
-                        "moved to {moved:?} here, but the group did not take the commit of it \
-                         ({e}): this member reads on from there while it keeps the partitions, \
-                         a member they move to starts from the last commit; seek again once \
-                         the group has settled"
-                    ),
-                };
+                tracing::warn!(service = %shared.name, positions = ?moved, error = %e, "the group did not take the commit of the positions sought");
+                uncommitted = Some(format!(
+                    "the group did not take the commit of the new positions ({e}); they \
+                     stay stored and go with the next commit; seek again once the group \
+                     has settled to be sure"
+                ));
             }
         }
         not_applied.sort_unstable();
@@ -320,6 +322,7 @@ impl LoopState {
             positions: moved,
             not_applied,
             held,
+            uncommitted,
         }
     }
 

@@ -106,7 +106,20 @@ where
     }
 }
 
-pub(crate) fn write_config(dir: &Path, created: &str, recorded: &str, group: &str) -> String {
+/// `status`: the worker serves its status page on a port of its own (it
+/// runs until its signal otherwise, as `config.toml` ships).
+pub(crate) fn write_config(
+    dir: &Path,
+    created: &str,
+    recorded: &str,
+    group: &str,
+    status: bool,
+) -> String {
+    let status_listen = if status {
+        "status_listen = \"127.0.0.1:0\""
+    } else {
+        ""
+    };
     let path = dir.join("config.toml");
     std::fs::write(
         &path,
@@ -131,7 +144,7 @@ shutdown_timeout_secs = 10
 
 [identity-worker]
 shutdown_timeout_secs = 10
-status_listen = "127.0.0.1:0"
+{status_listen}
 "#
         ),
     )
