@@ -10,7 +10,7 @@ body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}
 h1{font-size:20px;margin:0 0 .3em} h2{font-size:16px;margin:1.4em 0 .4em}
 table{border-collapse:collapse;width:100%} th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f4f4f4} .ok{color:#176b2c} .bad{color:#b00020} .held{color:#a15c00;font-weight:bold}
-button{margin:0 2px} #msg{margin:.5em 0;min-height:1.2em} code{font-size:12px} td code{word-break:break-all}
+button{margin:0 2px} #msg{margin:.5em 0;min-height:1.2em} code{font-size:12px} td.payload code{word-break:break-all}
 </style></head><body>
 <h1>kontext</h1>
 <div id="health"></div>
