@@ -532,12 +532,19 @@ async fn a_seek_racing_a_rebalance_is_reported_per_partition_and_never_lost() {
             );
         }
         // A moved partition's records all come again (wherever it went);
-        // then the group commits to the ends.
+        // then the group commits to the ends. With its commit refused,
+        // that holds only if the commit on the revoke is taken: the
+        // refusal itself is tested on its own below.
+        let must_come_again: Vec<i32> = if s.uncommitted {
+            Vec::new()
+        } else {
+            s.moved.clone()
+        };
         wait_until(round, async || {
             let after = counts();
             let missing: Vec<u32> = partition_of
                 .iter()
-                .filter(|(id, p)| s.moved.contains(p) && after[*id] == before[*id])
+                .filter(|(id, p)| must_come_again.contains(p) && after[*id] == before[*id])
                 .map(|(id, _)| *id)
                 .collect();
             ready(missing.is_empty(), || {
@@ -556,14 +563,97 @@ async fn a_seek_racing_a_rebalance_is_reported_per_partition_and_never_lost() {
             }
         }
         if let Some(joined) = &k2 {
-            // The next rounds' member owns some of the jobs.
-            wait_until("the new member's job partitions", async || {
-                let s = joined.registry().service_of::<Job>().unwrap();
-                let owns = s.assigned_partitions.iter().any(|(t, _)| *t == jobs);
-                ready(owns, || format!("{s:?}"))
+            // The next rounds' members split the jobs, each owning some.
+            wait_until("the members' job partitions", async || {
+                let owned = |k: &Kontext| -> Vec<i32> {
+                    let s = k.registry().service_of::<Job>().unwrap();
+                    let mut ps: Vec<i32> = s
+                        .assigned_partitions
+                        .iter()
+                        .filter(|(t, _)| *t == jobs)
+                        .map(|(_, p)| *p)
+                        .collect();
+                    ps.sort_unstable();
+                    ps
+                };
+                let (a, b) = (owned(&k), owned(joined));
+                let mut both: Vec<i32> = a.iter().chain(&b).copied().collect();
+                both.sort_unstable();
+                ready(!a.is_empty() && !b.is_empty() && both == all, || {
+                    format!("{a:?} and {b:?}")
+                })
             })
             .await;
         }
     }
+    k.shutdown(Duration::from_secs(10)).await.unwrap();
+}
+
+/// A seek whose commit the group refuses (the embedded broker answers the
+/// commit with REBALANCE_IN_PROGRESS): reported `Applied` with why it is
+/// `uncommitted`; the member reads on from the new position (every job
+/// once more, none lost) and commits as it goes.
+#[tokio::test]
+async fn a_seek_whose_commit_is_refused_says_so_and_reads_on_from_its_position() {
+    if external() {
+        return; // Refusals are injected into the embedded broker.
+    }
+    let (jobs, notes) = (unique_name("refused-jobs"), unique_name("refused-notes"));
+    let group = unique_name("refused");
+    let handled = Arc::new(Handled::default());
+    let k = start_recording(
+        jobs_and_notes(&jobs, &notes),
+        broker(),
+        &group,
+        &handled,
+        true,
+    )
+    .await;
+    let p = k.producer().unwrap();
+    for id in 1..=10 {
+        p.produce(&Job { id }).await.unwrap();
+    }
+    let ends = |c: &std::collections::BTreeMap<i32, i64>| c.values().sum::<i64>();
+    wait_until("ten jobs committed", async || {
+        let c = committed_offsets(k.broker(), &group, &jobs).await;
+        ready(handled.jobs().len() == 10 && ends(&c) == 10, || {
+            format!("{c:?}")
+        })
+    })
+    .await;
+
+    k.broker()
+        .as_embedded()
+        .unwrap()
+        .fail_requests(
+            rdkafka::types::RDKafkaApiKey::OffsetCommit,
+            &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS],
+        )
+        .unwrap();
+    let reports = k
+        .seek(Target::of::<Job>(), SeekTo::Beginning)
+        .await
+        .unwrap();
+    let Outcome::Applied {
+        partitions,
+        uncommitted: Some(why),
+        ..
+    } = &reports[0].outcome
+    else {
+        panic!("{reports:?}");
+    };
+    assert_eq!(partitions.len(), 2, "{reports:?}");
+    assert!(why.contains("stay stored"), "{why}");
+    // It reads on from the beginning, and commits the ends again.
+    wait_until("the jobs again, committed", async || {
+        let c = committed_offsets(k.broker(), &group, &jobs).await;
+        let n = handled.jobs().len();
+        ready(n == 20 && ends(&c) == 10, || format!("{n} handled, {c:?}"))
+    })
+    .await;
+    let mut seen = handled.jobs();
+    seen.sort_unstable();
+    let twice: Vec<u32> = (1..=10).flat_map(|id| [id, id]).collect();
+    assert_eq!(seen, twice, "each job once more, none lost");
     k.shutdown(Duration::from_secs(10)).await.unwrap();
 }

@@ -154,7 +154,10 @@ pub(crate) fn recent_blocking(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
-        .set("allow.auto.create.topics", "false");
+        .set("allow.auto.create.topics", "false")
+        // What librdkafka fetches ahead stays near what the look keeps.
+        .set("queued.max.messages.kbytes", (LOOK_BYTES >> 10).to_string())
+        .set("fetch.max.bytes", LOOK_BYTES.to_string());
     let consumer: BaseConsumer = consumer_config.create().map_err(client_err)?;
     let metadata = consumer
         .fetch_metadata(Some(topic), left())
@@ -252,8 +255,10 @@ pub(crate) fn recent_blocking(
     Ok(read)
 }
 
-/// `raw` decoded by `model` for `topic`, redacted.
-pub(crate) fn view(model: &Model, topic: &str, raw: Raw) -> RecentRecord {
+/// `raw` decoded by `model` for `topic`, redacted; `dead_letters` when
+/// `topic` is a dead-letter topic (only then is the record's
+/// `dlq-original-topic` its home).
+pub(crate) fn view(model: &Model, topic: &str, dead_letters: bool, raw: Raw) -> RecentRecord {
     let header = |name: &str| {
         raw.headers
             .iter()
@@ -263,7 +268,7 @@ pub(crate) fn view(model: &Model, topic: &str, raw: Raw) -> RecentRecord {
     let named_type = header(crate::headers::MESSAGE_TYPE);
     let viewed = model.decode_for_view(
         topic,
-        header(crate::headers::dlq::ORIGINAL_TOPIC),
+        header(crate::headers::dlq::ORIGINAL_TOPIC).filter(|_| dead_letters),
         named_type,
         raw.payload.as_deref(),
     );
@@ -395,15 +400,30 @@ mod tests {
             .build()
             .unwrap_or_else(|e| panic!("{e}"));
         let typed = [(crate::headers::MESSAGE_TYPE, "Signup"), ("email", "a@b")];
-        let shown = view(&model, "signups", raw(Some(br#"{"email":"a@b"}"#), &typed));
+        let shown = view(
+            &model,
+            "signups",
+            false,
+            raw(Some(br#"{"email":"a@b"}"#), &typed),
+        );
         assert_eq!(shown.value, Some(serde_json::json!({"email": REDACTED})));
         assert_eq!(shown.headers[1], ("email".to_owned(), REDACTED.to_owned()));
         assert_eq!(shown.message_type.as_deref(), Some("Signup"));
         // No ce_type: the topic's only type.
-        let shown = view(&model, "signups", raw(Some(br#"{"email":"x"}"#), &[]));
+        let shown = view(
+            &model,
+            "signups",
+            false,
+            raw(Some(br#"{"email":"x"}"#), &[]),
+        );
         assert_eq!(shown.message_type.as_deref(), Some("Signup"));
         // Bytes the codec refuses: why, and the size, never the bytes.
-        let shown = view(&model, "signups", raw(Some(b"password=hunter2"), &typed));
+        let shown = view(
+            &model,
+            "signups",
+            false,
+            raw(Some(b"password=hunter2"), &typed),
+        );
         assert_eq!(shown.value, None);
         assert!(
             shown
@@ -411,19 +431,19 @@ mod tests {
                 .is_some_and(|why| !why.contains("hunter2"))
         );
         assert_eq!(shown.bytes, 16);
-        let shown = view(&model, "signups", raw(None, &typed));
+        let shown = view(&model, "signups", false, raw(None, &typed));
         assert_eq!(
             shown.not_decoded.as_deref(),
             Some("no payload (a tombstone)")
         );
-        let shown = view(&model, "other", raw(Some(b"{}"), &[]));
+        let shown = view(&model, "other", false, raw(Some(b"{}"), &[]));
         assert_eq!(
             shown.not_decoded.as_deref(),
             Some("no type of the model matches it")
         );
         // A wrong-typed sensitive value: the codec's error does not echo it.
         let wrong = raw(Some(br#"{"email": 987654321}"#), &typed);
-        let shown = view(&model, "signups", wrong);
+        let shown = view(&model, "signups", false, wrong);
         let why = shown.not_decoded.unwrap_or_default();
         assert!(
             why.starts_with("the codec refused it") && !why.contains("987654321"),
@@ -448,14 +468,25 @@ mod tests {
         let shown = view(
             &model,
             "signups.dlq",
+            true,
             raw(Some(br#"{"email":"a@b"}"#), &dead),
         );
         assert_eq!(shown.value, Some(serde_json::json!({"email": REDACTED})));
         assert_eq!(shown.key.as_deref(), Some(REDACTED));
         assert_eq!(shown.headers[2].1, r#"handler said: "…" is taken"#);
+        // On an ordinary topic the header is anyone's to write: ignored.
+        let forged = [(crate::headers::dlq::ORIGINAL_TOPIC, "elsewhere")];
+        let shown = view(
+            &model,
+            "signups",
+            false,
+            raw(Some(br#"{"email":"a@b"}"#), &forged),
+        );
+        assert_eq!(shown.value, Some(serde_json::json!({"email": REDACTED})));
+        assert_eq!(shown.key.as_deref(), Some(REDACTED));
         // No type matches: the topic's declared names are still redacted.
         let unknown = [(crate::headers::MESSAGE_TYPE, "Other"), ("email", "a@b")];
-        let shown = view(&model, "signups", raw(Some(b"{}"), &unknown));
+        let shown = view(&model, "signups", false, raw(Some(b"{}"), &unknown));
         assert_eq!(shown.value, None);
         assert_eq!(shown.headers[1].1, REDACTED);
         assert_eq!(shown.key.as_deref(), Some(REDACTED));

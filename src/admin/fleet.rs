@@ -108,29 +108,46 @@ pub struct FleetReport {
     pub instances: BTreeMap<String, Vec<ControlReport>>,
     /// Instances heard from lately that did not answer in time.
     pub silent: Vec<String>,
-    /// For a seek: the topic's partitions (those named, else all) that no
-    /// instance moved, because none that answered owned them when the
-    /// command arrived (a rebalance under way, or a silent instance's).
-    /// Seek them again. Empty for a pause or resume: a pause holds them for
-    /// whichever instance gets them.
-    pub unapplied: Vec<i32>,
+    /// For a seek, by consumer group: the partitions (those named, else
+    /// the topic's as the model declares them) no instance moved with its
+    /// commit taken: none that answered owned them when the command
+    /// arrived (a rebalance under way, or a silent instance's), or the
+    /// group refused the commit (`uncommitted`). Seek them again once the
+    /// group has settled. Empty for a pause or resume: a pause holds them
+    /// for whichever instance gets them.
+    pub unapplied: BTreeMap<String, Vec<i32>>,
 }
 
 impl FleetReport {
-    /// The partitions of `all` no answer says it moved.
-    pub(crate) fn unmoved(&self, all: &[i32]) -> Vec<i32> {
-        let moved: std::collections::BTreeSet<i32> = self
-            .instances
-            .values()
-            .flatten()
-            .filter_map(|r| match &r.outcome {
-                Outcome::Applied { partitions, .. } => Some(partitions),
-                _ => None,
+    /// Per group (those that answered, and `group` if given), the
+    /// partitions of `all` no answer says it moved and committed.
+    pub(crate) fn unmoved(&self, all: &[i32], group: Option<&str>) -> BTreeMap<String, Vec<i32>> {
+        let mut moved: BTreeMap<String, std::collections::BTreeSet<i32>> = BTreeMap::new();
+        if let Some(g) = group {
+            moved.entry(g.to_owned()).or_default();
+        }
+        for r in self.instances.values().flatten() {
+            if group.is_some_and(|g| g != r.group) {
+                continue;
+            }
+            let done = moved.entry(r.group.clone()).or_default();
+            if let Outcome::Applied {
+                partitions,
+                uncommitted: None,
+                ..
+            } = &r.outcome
+            {
+                done.extend(partitions);
+            }
+        }
+        moved
+            .into_iter()
+            .map(|(g, done)| {
+                let left: Vec<i32> = all.iter().copied().filter(|p| !done.contains(p)).collect();
+                (g, left)
             })
-            .flatten()
-            .copied()
-            .collect();
-        all.iter().copied().filter(|p| !moved.contains(p)).collect()
+            .filter(|(_, left)| !left.is_empty())
+            .collect()
     }
 }
 
@@ -293,10 +310,13 @@ mod tests {
                 ("c".to_owned(), vec![answer(moved(vec![3]))]),
             ]),
             silent: vec!["d".into()],
-            unapplied: Vec::new(),
+            unapplied: BTreeMap::new(),
         };
-        assert_eq!(report.unmoved(&[0, 1, 2, 3]), vec![1]);
-        assert_eq!(report.unmoved(&[2, 3]), Vec::<i32>::new());
+        let left = |g: &str, ps: Vec<i32>| BTreeMap::from([(g.to_owned(), ps)]);
+        assert_eq!(report.unmoved(&[0, 1, 2, 3], None), left("g", vec![1]));
+        assert_eq!(report.unmoved(&[2, 3], Some("g")), BTreeMap::new());
+        // Another group, which no instance answered for: nothing moved there.
+        assert_eq!(report.unmoved(&[2, 3], Some("h")), left("h", vec![2, 3]));
     }
 
     #[test]

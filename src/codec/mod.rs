@@ -20,26 +20,44 @@ pub(crate) fn describe(error: &CodecError) -> String {
 }
 
 /// `text` with every quoted or back-quoted span elided (see [`describe`]).
+/// A `"` span ends at the first unescaped `"` (serde prints strings with
+/// their escapes). A back-quoted span (a number, a map key, a variant from
+/// the input) can hold anything, back quotes included, so it is elided up
+/// to the next `, expected` (what the type wanted, its own words) or to the
+/// end; only the names after `missing field ` and `duplicate field ` come
+/// from the type and are kept.
 pub(crate) fn elide_values(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(open) = rest.find(['"', '`']) {
-        let quote = rest[open..].chars().next().unwrap_or('"');
         let (before, after) = rest.split_at(open);
         out.push_str(before);
-        let Some(close) = after[1..].find(quote) else {
-            // Unbalanced: nothing after it can be told apart from input.
-            out.push(quote);
-            out.push('…');
-            return out;
-        };
-        let inner = &after[1..1 + close];
-        let declared =
-            quote == '`' && (out.ends_with("missing field ") || out.ends_with("duplicate field "));
-        out.push(quote);
-        out.push_str(if declared { inner } else { "…" });
-        out.push(quote);
-        rest = &after[close + 2..];
+        if let Some(inside) = after.strip_prefix('"') {
+            let mut escaped = false;
+            let close = inside.char_indices().find_map(|(i, c)| {
+                let ends = c == '"' && !escaped;
+                escaped = c == '\\' && !escaped;
+                ends.then_some(i)
+            });
+            out.push_str("\"…\"");
+            match close {
+                Some(i) => rest = &inside[i + 1..],
+                // Unbalanced: nothing after it can be told from input.
+                None => return out,
+            }
+            continue;
+        }
+        let declared = out.ends_with("missing field ") || out.ends_with("duplicate field ");
+        if declared && let Some(i) = after[1..].find('`') {
+            out.push_str(&after[..i + 2]);
+            rest = &after[i + 2..];
+            continue;
+        }
+        out.push_str("`…`");
+        match after.find(", expected") {
+            Some(i) => rest = &after[i..],
+            None => return out,
+        }
     }
     out.push_str(rest);
     out
@@ -87,35 +105,49 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
+    fn described(json: &str) -> String {
+        let refused = serde_json::from_str::<Paid>(json)
+            .map(|_| ())
+            .map_err(CodecError::from);
+        describe(&refused.err().unwrap_or_else(|| panic!("{json} decoded")))
+    }
+
     #[test]
     fn described_errors_keep_declared_field_names_and_lose_input_values() {
-        let wrong =
-            serde_json::from_str::<Paid>(r#"{"order_id": "4111-secret", "payment_id": "p"}"#);
-        let text = describe(
-            &wrong
-                .map_err(CodecError::from)
-                .err()
-                .unwrap_or_else(|| panic!("decoded")),
-        );
+        let text = described(r#"{"order_id": "4111-secret", "payment_id": "p"}"#);
         assert!(!text.contains("4111"), "{text}");
-        assert!(text.contains("invalid type: string \"…\""), "{text}");
-        let missing = serde_json::from_str::<Paid>(r#"{"order_id": 7}"#);
-        let text = describe(
-            &missing
-                .map_err(CodecError::from)
-                .err()
-                .unwrap_or_else(|| panic!("decoded")),
+        assert!(
+            text.contains("invalid type: string \"…\", expected u64"),
+            "{text}"
         );
+        let text = described(r#"{"order_id": 7}"#);
         assert!(text.contains("missing field `payment_id`"), "{text}");
-        let number = serde_json::from_str::<String>("987654321");
-        let text = describe(
-            &number
-                .map_err(CodecError::from)
-                .err()
-                .unwrap_or_else(|| panic!("decoded")),
+        // Embedded JSON: escaped quotes do not end the span.
+        let text = described(r#"{"order_id": "{\"card\":\"4111\"}", "payment_id": "p"}"#);
+        assert!(!text.contains("4111") && !text.contains("card"), "{text}");
+        // A value ending in a backslash, and non-ASCII text.
+        let text = described(r#"{"order_id": "süß 4111\\", "payment_id": "p"}"#);
+        assert!(!text.contains("4111") && !text.contains("süß"), "{text}");
+        let number = serde_json::from_str::<String>("987654321").map_err(CodecError::from);
+        let text = describe(&number.err().unwrap_or_else(|| panic!("decoded")));
+        assert!(
+            !text.contains("987654321") && text.contains("expected a string"),
+            "{text}"
         );
-        assert!(!text.contains("987654321"), "{text}");
-        assert_eq!(elide_values("odd \"quote"), "odd \"…");
+    }
+
+    #[test]
+    fn back_quoted_input_is_elided_up_to_what_the_type_expected() {
+        assert_eq!(
+            elide_values("unknown field `a`4111`, expected one of `x`, `y`"),
+            "unknown field `…`, expected one of `…`"
+        );
+        assert_eq!(
+            elide_values("missing field `id` at line 1"),
+            "missing field `id` at line 1"
+        );
+        assert_eq!(elide_values("odd \"quote"), "odd \"…\"");
+        assert_eq!(elide_values("a `tick"), "a `…`");
     }
 
     #[derive(Debug, PartialEq, Serialize, Deserialize)]

@@ -809,7 +809,8 @@ pub(crate) fn redacted(config: &ClientConfig) -> Vec<(String, String)> {
             let shown = if is_sensitive_property(k) {
                 "<redacted>".to_owned()
             } else {
-                v.to_string()
+                // A URL property may carry credentials (`https://u:p@host`).
+                redact_url(v)
             };
             (k.to_string(), shown)
         })

@@ -209,6 +209,8 @@ pub fn is_sensitive_property(key: &str) -> bool {
         "sasl.oauthbearer.client.secret",
         "sasl.oauthbearer.assertion.private.key.passphrase",
         "sasl.oauthbearer.assertion.private.key.pem",
+        // Key=value pairs sent to the broker, tokens among them.
+        "sasl.oauthbearer.extensions",
     ];
     let key = key.to_ascii_lowercase();
     SENSITIVE.contains(&key.as_str())

@@ -65,8 +65,9 @@ impl HttpSettings {
     /// Ends the long requests (a replay, a look at recent messages) once
     /// `stopping` is cancelled, answering 503: cancel it when the server
     /// begins its graceful shutdown, which would otherwise wait for them.
-    /// A replay stopped so has flushed what it sent; the answer says the
-    /// server is stopping, not how far it got (its log line does).
+    /// A replay stopped so still flushes what it handed over (up to 30 s,
+    /// which kontext's shutdown waits for); the answer says the server is
+    /// stopping, not how far it got (its log line does).
     pub fn stop_on(mut self, stopping: tokio_util::sync::CancellationToken) -> Self {
         self.stopping = stopping;
         self

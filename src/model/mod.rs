@@ -222,14 +222,19 @@ impl Model {
             None if on_home.len() == 1 => Some(on_home[0]),
             None => None,
         };
+        // What the type the record names hides is hidden too, wherever
+        // that type lives.
+        let named = specs().filter(|s| message_type.is_some_and(|n| s.type_name() == n));
+        let redacting: Vec<&Arc<dyn ErasedSpec>> =
+            candidates.iter().copied().chain(named).collect();
         Viewed {
             message_type: spec.map(|s| s.type_name()),
             value: spec.zip(bytes).map(|(s, b)| s.decode_json(b)),
-            sensitive: candidates
+            sensitive: redacting
                 .iter()
                 .flat_map(|s| s.sensitive().iter().map(String::as_str))
                 .collect(),
-            sensitive_key: candidates.iter().any(|s| s.sensitive_key()),
+            sensitive_key: redacting.iter().any(|s| s.sensitive_key()),
         }
     }
 

@@ -107,15 +107,29 @@ impl Kontext {
             partitions = ?target.partitions,
             "fleet command issued"
         );
-        fleet
+        let seek = matches!(command, Command::Seek(_));
+        let mut report = fleet
             .issue(
                 &target.issuer,
-                topic,
-                group,
+                topic.clone(),
+                group.clone(),
                 target.partitions.clone(),
                 &command,
             )
-            .await
+            .await?;
+        if seek {
+            // The partitions named, else the topic's as the model declares
+            // them (a topic outside the model: those the answers name).
+            let all: Vec<i32> = match &target.partitions {
+                Some(named) => named.clone(),
+                None => match self.model.topics().iter().find(|t| t.name() == topic) {
+                    Some(t) => (0..t.partitions()).collect(),
+                    None => Vec::new(),
+                },
+            };
+            report.unapplied = report.unmoved(&all, group.as_deref());
+        }
+        Ok(report)
     }
 
     async fn control(&self, target: Target, command: Command) -> Result<Vec<ControlReport>> {
@@ -201,12 +215,6 @@ impl Kontext {
         // The blocking scan stops (flushing what it sent) when this call's
         // future is dropped or kontext shuts down.
         let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        struct OnDrop(Arc<std::sync::atomic::AtomicBool>);
-        impl Drop for OnDrop {
-            fn drop(&mut self) {
-                self.0.store(true, std::sync::atomic::Ordering::Release);
-            }
-        }
         let _guard = OnDrop(Arc::clone(&dropped));
         let cancel = self.cancel.clone();
         let originals: Vec<String> = self
@@ -262,21 +270,28 @@ impl Kontext {
         let config = self.settings.client_config(self.broker.bootstrap_servers());
         let (owned, partition) = (topic.to_owned(), look.partition);
         let cancel = self.cancel.clone();
+        // The look stops when this call's future is dropped (its caller
+        // went away) as when kontext shuts down.
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _guard = OnDrop(Arc::clone(&dropped));
         // Owned by kontext: its shutdown cancels the look and waits for it.
         let raw = self
             .tasks
             .spawn_blocking(move || {
-                crate::admin::recent_blocking(&config, &owned, partition, limit, &|| {
-                    cancel.is_cancelled()
-                })
+                let stopped =
+                    || cancel.is_cancelled() || dropped.load(std::sync::atomic::Ordering::Acquire);
+                crate::admin::recent_blocking(&config, &owned, partition, limit, &stopped)
             })
             .await
             .map_err(|e| {
                 Error::Internal(format!("reading recent records did not finish: {e}"))
             })??;
+        // Only a dead letter's `dlq-original-topic` is trusted: any
+        // producer can write that header on an ordinary topic.
+        let dead_letters = !self.model.topics().iter().any(|t| t.name() == topic);
         Ok(raw
             .into_iter()
-            .map(|r| crate::admin::view(&self.model, topic, r))
+            .map(|r| crate::admin::view(&self.model, topic, dead_letters, r))
             .collect())
     }
 
@@ -298,5 +313,15 @@ impl Kontext {
         topics.sort_unstable();
         topics.dedup();
         topics
+    }
+}
+
+/// Raises its flag when dropped: a blocking admin job sees that its
+/// caller's future went away.
+struct OnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
     }
 }

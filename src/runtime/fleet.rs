@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -309,32 +309,6 @@ impl Fleet {
         Ok(())
     }
 
-    /// The partitions `topic` has on the cluster.
-    async fn partitions_of(&self, topic: &str) -> Result<Vec<i32>> {
-        let producer = self.producer.clone();
-        let owned = topic.to_owned();
-        let wait = self.settings.answer_wait;
-        let metadata = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(Some(&owned), wait)
-        })
-        .await
-        .map_err(|e| {
-            Error::Internal(format!(
-                "reading the topic's partitions did not finish: {e}"
-            ))
-        })?
-        .map_err(|source| Error::Client {
-            role: "fleet producer",
-            source,
-        })?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect())
-    }
-
     /// Sends `command` to the fleet and gathers the answers of every
     /// instance heard from lately (this one included).
     pub(crate) async fn issue(
@@ -388,20 +362,12 @@ impl Fleet {
                 if matches!(c.op, Op::Seek(_)) {
                     let _ = self.put(&c.key(), None).await;
                 }
-                let mut report = FleetReport {
+                return Ok(FleetReport {
                     id: c.id,
                     instances: got,
                     silent,
-                    unapplied: Vec::new(),
-                };
-                if matches!(c.op, Op::Seek(_)) {
-                    let all = match c.partitions {
-                        Some(named) => named,
-                        None => self.partitions_of(&c.topic).await?,
-                    };
-                    report.unapplied = report.unmoved(&all);
-                }
-                return Ok(report);
+                    unapplied: BTreeMap::new(),
+                });
             }
             let _ = tokio::time::timeout_at(deadline, changed).await;
         }

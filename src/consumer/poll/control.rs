@@ -303,15 +303,20 @@ impl LoopState {
             // Stored as well as committed: the auto-commit would otherwise
             // send the old stored offset again, and the commit on a revoke
             // sends the new one should this commit be refused.
-            if let Err(e) = consumer.store_offsets(&tpl) {
+            let stored = consumer.store_offsets(&tpl);
+            if let Err(e) = &stored {
                 tracing::warn!(service = %shared.name, error = %e, "could not store the positions sought");
             }
             if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
                 tracing::warn!(service = %shared.name, positions = ?moved, error = %e, "the group did not take the commit of the positions sought");
+                let after = if stored.is_ok() {
+                    "they stay stored and go with the next commit"
+                } else {
+                    "nor could they be stored: a member they move to starts from the last commit"
+                };
                 uncommitted = Some(format!(
-                    "the group did not take the commit of the new positions ({e}); they \
-                     stay stored and go with the next commit; seek again once the group \
-                     has settled to be sure"
+                    "the group did not take the commit of the new positions ({e}); {after}; \
+                     seek again once the group has settled to be sure"
                 ));
             }
         }
