@@ -155,9 +155,9 @@ pub(crate) fn recent_blocking(
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "false")
         .set("allow.auto.create.topics", "false")
-        // What librdkafka fetches ahead stays near what the look keeps.
-        .set("queued.max.messages.kbytes", (LOOK_BYTES >> 10).to_string())
-        .set("fetch.max.bytes", LOOK_BYTES.to_string());
+        // What librdkafka fetches ahead stays near what the look keeps
+        // (its fetch size follows, never below `message.max.bytes`).
+        .set("queued.max.messages.kbytes", (LOOK_BYTES >> 10).to_string());
     let consumer: BaseConsumer = consumer_config.create().map_err(client_err)?;
     let metadata = consumer
         .fetch_metadata(Some(topic), left())

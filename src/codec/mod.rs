@@ -23,7 +23,7 @@ pub(crate) fn describe(error: &CodecError) -> String {
 /// A `"` span ends at the first unescaped `"` (serde prints strings with
 /// their escapes). A back-quoted span (a number, a map key, a variant from
 /// the input) can hold anything, back quotes included, so it is elided up
-/// to the next `, expected` (what the type wanted, its own words) or to the
+/// to the last `, expected` (what the type wanted, its own words) or to the
 /// end; only the names after `missing field ` and `duplicate field ` come
 /// from the type and are kept.
 pub(crate) fn elide_values(text: &str) -> String {
@@ -54,7 +54,7 @@ pub(crate) fn elide_values(text: &str) -> String {
             continue;
         }
         out.push_str("`…`");
-        match after.find(", expected") {
+        match after.rfind(", expected") {
             Some(i) => rest = &after[i..],
             None => return out,
         }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::Kontext;
-use crate::admin::{Aim, Command, ControlReport, FleetReport, SeekTo, Target};
+use crate::admin::{Aim, Command, ControlReport, FleetReport, Outcome, SeekTo, Target};
 use crate::error::{Error, Result};
 
 impl Kontext {
@@ -119,13 +119,35 @@ impl Kontext {
             .await?;
         if seek {
             // The partitions named, else the topic's as the model declares
-            // them (a topic outside the model: those the answers name).
+            // them and every one an answer names (a topic grown outside
+            // the model has more).
             let all: Vec<i32> = match &target.partitions {
                 Some(named) => named.clone(),
-                None => match self.model.topics().iter().find(|t| t.name() == topic) {
-                    Some(t) => (0..t.partitions()).collect(),
-                    None => Vec::new(),
-                },
+                None => {
+                    let declared = self
+                        .model
+                        .topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .map_or(0, |t| t.partitions());
+                    let mut all: Vec<i32> =
+                        (0..declared)
+                            .chain(report.instances.values().flatten().flat_map(
+                                |r| match &r.outcome {
+                                    Outcome::Applied {
+                                        partitions,
+                                        not_applied,
+                                        ..
+                                    } => partitions.iter().chain(not_applied).copied().collect(),
+                                    Outcome::NotOwned { partitions } => partitions.clone(),
+                                    _ => Vec::new(),
+                                },
+                            ))
+                            .collect();
+                    all.sort_unstable();
+                    all.dedup();
+                    all
+                }
             };
             report.unapplied = report.unmoved(&all, group.as_deref());
         }
@@ -288,7 +310,7 @@ impl Kontext {
             })??;
         // Only a dead letter's `dlq-original-topic` is trusted: any
         // producer can write that header on an ordinary topic.
-        let dead_letters = !self.model.topics().iter().any(|t| t.name() == topic);
+        let dead_letters = self.dead_letter_topics().iter().any(|d| d == topic);
         Ok(raw
             .into_iter()
             .map(|r| crate::admin::view(&self.model, topic, dead_letters, r))
